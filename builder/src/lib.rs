@@ -1,0 +1,2 @@
+//! airlock: builds immutable two-domain appliance images.
+pub mod qemu;

@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Installs every host tool the builder and the test suites need, on Debian 12
+# (bookworm). Idempotent; safe to run on every CI start. Prints plain lines.
+set -euo pipefail
+export DEBIAN_FRONTEND=noninteractive
+
+if [ "$(id -u)" != 0 ]; then
+  echo "install-host-deps: must run as root (apt-get)" >&2
+  exit 1
+fi
+
+# qemu-system-x86 must match the installed qemu-utils 10, which comes from
+# bookworm-backports.
+backports=/etc/apt/sources.list.d/airlock-bookworm-backports.sources
+if ! grep -rqs 'bookworm-backports' /etc/apt/sources.list /etc/apt/sources.list.d/; then
+  echo "install-host-deps: adding bookworm-backports"
+  cat >"$backports" <<'SRC'
+Types: deb
+URIs: http://deb.debian.org/debian
+Suites: bookworm-backports
+Components: main
+Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
+SRC
+fi
+
+packages=(
+  mmdebstrap erofs-utils cryptsetup-bin dosfstools mtools fdisk attr
+  ovmf systemd-container squashfs-tools zstd
+  rpm createrepo-c dnf
+  setools
+  python3
+)
+echo "install-host-deps: apt-get update"
+apt-get update -qq
+echo "install-host-deps: installing ${packages[*]}"
+apt-get install -y -qq --no-install-recommends "${packages[@]}" >/dev/null
+echo "install-host-deps: installing qemu-system-x86 from bookworm-backports"
+apt-get install -y -qq --no-install-recommends -t bookworm-backports qemu-system-x86 >/dev/null
+echo "install-host-deps: done"
