@@ -1,2 +1,3 @@
 //! airlock: builds immutable two-domain appliance images.
+pub mod manifest;
 pub mod qemu;
