@@ -1,1 +1,52 @@
-fn main() {}
+//! `cargo xtask`: airlock's acceptance suite and helpers. Parses the command
+//! line and calls the `xtask` library.
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(about = "airlock's acceptance suite (boots built images in QEMU) and helpers")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    Boot(xtask::try_boot::BootOptions),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match &cli.command {
+        Cmd::Boot(opts) => xtask::try_boot::boot(opts),
+    };
+    match result {
+        Ok(code) => ExitCode::from(u8::try_from(code).unwrap_or(1)),
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn boot_takes_a_guest_command_after_double_dash() {
+        let cli = Cli::try_parse_from(["xtask", "boot", "--disk", "a.raw", "--vga", "--", "systemctl", "is-system-running"]).unwrap();
+        let Cmd::Boot(opts) = cli.command;
+        assert_eq!(opts.disk, std::path::PathBuf::from("a.raw"));
+        assert!(opts.vga);
+        assert_eq!(opts.timeout, 600);
+        assert_eq!(opts.command, ["systemctl", "is-system-running"]);
+    }
+
+    #[test]
+    fn boot_needs_a_disk() {
+        assert!(Cli::try_parse_from(["xtask", "boot"]).is_err());
+    }
+}

@@ -1,0 +1,443 @@
+//! `airlock build`: the pipeline, as a flat list of named stages.
+//!
+//! Everything is made in a private scratch directory and a staging
+//! directory inside the output directory; only a complete build is renamed
+//! into place, so a failed build leaves nothing half-written behind.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use walkdir::WalkDir;
+use xshell::cmd;
+
+use crate::disk::{self, Content, Layout};
+use crate::doctor::{self, Need};
+use crate::exec::Runner;
+use crate::manifest::{Distro, Manifest};
+use crate::progress::{StageTiming, Stages};
+use crate::rootfs::{self, Cache};
+use crate::seal;
+use crate::tree::{self, BinarySpec};
+
+/// Which variant of the image to build.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Profile {
+    /// What ships to PCs.
+    Production,
+    /// Production plus the in-guest test agent (acceptance suite only).
+    Test,
+}
+
+/// Appliance binaries every image carries (the daemons arrive with later work).
+const APPLIANCE_BINARIES: &[BinarySpec] = &[];
+
+/// The test profile's additions.
+const TEST_BINARIES: &[BinarySpec] = &[BinarySpec {
+    package: "airlock-test-agent",
+    binary: "airlock-test-agent",
+    destination: "/usr/lib/airlock/airlock-test-agent",
+}];
+
+/// Where a profile's overlays, policy modules and binaries come from.
+pub struct ProfileInputs {
+    pub overlays: Vec<PathBuf>,
+    pub policy_dirs: Vec<PathBuf>,
+    pub binaries: Vec<BinarySpec>,
+}
+
+pub fn profile_inputs(source: &Path, profile: Profile) -> ProfileInputs {
+    let mut inputs = ProfileInputs {
+        overlays: vec![source.join("overlay")],
+        policy_dirs: vec![source.join("policy")],
+        binaries: APPLIANCE_BINARIES.to_vec(),
+    };
+    if profile == Profile::Test {
+        inputs.overlays.push(source.join("ci/test-agent/overlay"));
+        inputs.policy_dirs.push(source.join("ci/test-agent/policy"));
+        inputs.binaries.extend_from_slice(TEST_BINARIES);
+    }
+    inputs
+}
+
+/// Options of one build.
+#[derive(Debug, Clone)]
+pub struct BuildOptions {
+    pub manifest_path: PathBuf,
+    pub output: PathBuf,
+    pub cache: PathBuf,
+    /// The airlock source tree (overlay/, policy/, rootfs/, the workspace).
+    pub source: PathBuf,
+    pub profile: Profile,
+    /// Reuse cached package trees (default). `false` bootstraps afresh (the
+    /// package download cache is still used).
+    pub reuse_trees: bool,
+    /// Skip the build when the output already holds an image of the same inputs.
+    pub reuse_output: bool,
+    pub verbose: bool,
+}
+
+/// The build report, `<name>_<version>.report.json`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Report {
+    pub name: String,
+    pub version: String,
+    pub distro: String,
+    pub distro_release: String,
+    pub profile: Profile,
+    pub input_digest: String,
+    pub image: String,
+    pub image_sha256: String,
+    pub root_hash: String,
+    pub kernel_version: String,
+    pub kernel_cmdline: String,
+    pub selinux_policy: String,
+    pub selinux_modules: Vec<String>,
+    pub partitions: Vec<ReportPartition>,
+    pub packages: BTreeMap<String, String>,
+    pub labels: BTreeMap<String, usize>,
+    pub trees_reused: bool,
+    pub stages: Vec<StageTiming>,
+    pub total_seconds: f64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ReportPartition {
+    pub number: u32,
+    pub label: String,
+    pub type_uuid: String,
+    pub uuid: String,
+    pub offset: u64,
+    pub size: u64,
+    pub sha256: String,
+}
+
+/// Small summary written onto the ESP (`/airlock/build.json`) so that
+/// `airlock inspect` can describe a bare disk image.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct BuildInfo {
+    pub name: String,
+    pub version: String,
+    pub distro: String,
+    pub distro_release: String,
+    pub profile: Profile,
+    pub root_hash: String,
+    pub kernel_cmdline: String,
+    pub package_count: usize,
+}
+
+/// Output file names of a build.
+pub struct Outputs {
+    pub image: String,
+    pub report: String,
+    pub selinux_dir: String,
+}
+
+pub fn outputs(manifest: &Manifest) -> Outputs {
+    let stem = manifest.artifact_stem();
+    Outputs { image: format!("{stem}.raw"), report: format!("{stem}.report.json"), selinux_dir: format!("{stem}.selinux") }
+}
+
+/// Digest of every input of a build: manifest, profile, overlays, policy,
+/// package lists, and the builder itself.
+pub fn input_digest(opts: &BuildOptions, manifest_text: &str, inputs: &ProfileInputs) -> Result<String> {
+    let mut h = Sha256::new();
+    h.update(manifest_text);
+    h.update(format!("{:?}", opts.profile));
+    let mut dirs: Vec<PathBuf> = inputs.overlays.clone();
+    dirs.extend(inputs.policy_dirs.iter().cloned());
+    dirs.push(opts.source.join("rootfs"));
+    for b in &inputs.binaries {
+        dirs.push(opts.source.join("ci").join(b.package.trim_start_matches("airlock-")));
+    }
+    dirs.push(opts.source.join("appliance-daemon"));
+    for dir in dirs.iter().filter(|d| d.exists()) {
+        let mut files: Vec<PathBuf> = WalkDir::new(dir)
+            .into_iter()
+            .filter_map(|e| e.ok())
+            .filter(|e| !e.path().components().any(|c| c.as_os_str() == "target"))
+            .map(|e| e.into_path())
+            .collect();
+        files.sort();
+        for f in files {
+            h.update(f.strip_prefix(&opts.source).unwrap_or(&f).to_string_lossy().as_bytes());
+            let meta = std::fs::symlink_metadata(&f)?;
+            if meta.file_type().is_symlink() {
+                h.update(std::fs::read_link(&f)?.to_string_lossy().as_bytes());
+            } else if meta.is_file() {
+                h.update(std::fs::read(&f).with_context(|| format!("reading {}", f.display()))?);
+            }
+        }
+    }
+    if let Ok(exe) = std::env::current_exe() {
+        if let Ok(bytes) = std::fs::read(exe) {
+            h.update(bytes);
+        }
+    }
+    Ok(hex::encode(h.finalize()))
+}
+
+/// Free bytes on the filesystem holding `dir`.
+fn free_bytes(runner: &Runner, dir: &Path) -> Result<u64> {
+    let sh = runner.sh();
+    let out = runner.run("checking free space", cmd!(sh, "df --output=avail -B1 {dir}"))?;
+    out.lines().nth(1).and_then(|l| l.trim().parse().ok()).context("parsing df output")
+}
+
+/// Builds the image. Returns the report.
+pub fn build(opts: &BuildOptions) -> Result<Report> {
+    let manifest_text = std::fs::read_to_string(&opts.manifest_path)
+        .with_context(|| format!("reading manifest {}", opts.manifest_path.display()))?;
+    let manifest = crate::manifest::parse_manifest(&manifest_text, &opts.manifest_path.display().to_string())?;
+    let distro_need = match manifest.distro {
+        Distro::Debian { .. } => Need::Debian,
+        Distro::Fedora { .. } => Need::Fedora,
+    };
+    doctor::require(&[Need::Build, distro_need])?;
+    if !doctor::is_root() {
+        bail!("airlock build must run as root (mmdebstrap --mode=root and chroots need it)");
+    }
+    let inputs = profile_inputs(&opts.source, opts.profile);
+    let names = outputs(&manifest);
+    let digest = input_digest(opts, &manifest_text, &inputs)?;
+
+    if opts.reuse_output {
+        if let Some(report) = reusable_report(&opts.output, &names, &digest) {
+            println!("airlock: {} is up to date (inputs {}), not rebuilding", names.image, &digest[..12]);
+            return Ok(report);
+        }
+    }
+
+    let runner = Runner::new(opts.verbose)?;
+    // Output directory: must be creatable, writable, and have room.
+    std::fs::create_dir_all(&opts.output)
+        .with_context(|| format!("creating output directory {}", opts.output.display()))?;
+    let staging = tempfile::Builder::new()
+        .prefix(".airlock-staging-")
+        .tempdir_in(&opts.output)
+        .with_context(|| format!("output directory {} is not writable", opts.output.display()))?;
+    let p = &manifest.partitions;
+    let needed = (p.esp_mib + p.root_mib + p.root_verity_mib + p.data_mib) * 1024 * 1024;
+    let free = free_bytes(&runner, &opts.output)?;
+    if free < needed {
+        bail!(
+            "output directory {} has {} MiB free; the image needs up to {} MiB",
+            opts.output.display(),
+            free / 1024 / 1024,
+            needed / 1024 / 1024
+        );
+    }
+    std::fs::create_dir_all(&opts.cache).with_context(|| format!("creating cache directory {}", opts.cache.display()))?;
+    let scratch = tempfile::Builder::new()
+        .prefix("airlock-build-")
+        .tempdir_in(scratch_parent(&opts.cache))
+        .context("creating scratch directory")?;
+    let scratch = scratch.path();
+    runner.log_to(&staging.path().join("build.log"))?;
+    let cache = Cache { root: opts.cache.clone() };
+    let mut stages = Stages::new();
+    println!(
+        "airlock: building {} ({} profile, {}) into {}",
+        names.image,
+        match opts.profile {
+            Profile::Production => "production",
+            Profile::Test => "test",
+        },
+        manifest.distro_id(),
+        opts.output.display()
+    );
+
+    // rootfs
+    let sets = rootfs::load_package_sets(&opts.source.join("rootfs"), &manifest)?;
+    let trees = stages.run("rootfs", &format!("{} packages + {} build-only", sets.image.len(), sets.tools.len()), || {
+        rootfs::prepare_trees(&runner, &manifest, &sets, &cache, scratch, opts.reuse_trees)
+    })?;
+    let image_tree = scratch.join("tree");
+    stages.run("copy", "image tree from the base tree", || rootfs::copy_tree(&runner, &trees.image_base, &image_tree))?;
+    let packages = rootfs::installed_packages(&runner, &manifest, &image_tree)?;
+    let (kernel_version, kernel_image) = rootfs::find_kernel(&image_tree)?;
+
+    // overlay
+    stages.run("overlay", "overlay files, binaries, locked accounts", || {
+        tree::apply_overlays(&runner, &image_tree, &inputs.overlays)?;
+        tree::install_binaries(&runner, &opts.source, &image_tree, &inputs.binaries)?;
+        tree::lock_accounts(&image_tree)
+    })?;
+
+    // policy
+    let policy_name = tree::enforce_selinux(&image_tree)?;
+    let modules = stages.run("policy", "compile and install SELinux modules", || {
+        tree::install_policy(&runner, &trees.tools, &image_tree, scratch, &inputs.policy_dirs)
+    })?;
+
+    // label
+    let labels = stages.run("label", "label the tree and run the label gate", || {
+        tree::label_tree(&runner, &image_tree, &policy_name)?;
+        tree::label_gate(&image_tree)
+    })?;
+
+    // seal
+    let var_dir = scratch.join("var");
+    let root_img = scratch.join("root.erofs");
+    let verity_img = scratch.join("root.verity");
+    let root_hash = stages.run("seal", "erofs root + dm-verity", || {
+        seal::split_var(&image_tree, &var_dir)?;
+        seal::make_erofs(&runner, &manifest, &image_tree, &tree::file_contexts(&image_tree, &policy_name), &root_img)?;
+        seal::make_verity(&runner, &manifest, &root_img, &verity_img, scratch)
+    })?;
+    let cmdline = seal::kernel_cmdline(&root_hash, &manifest);
+    let os_release_path = image_tree.join("usr/lib/os-release");
+    let os_release = seal::image_os_release(
+        &std::fs::read_to_string(&os_release_path).with_context(|| format!("reading {}", os_release_path.display()))?,
+        &manifest,
+    );
+    let uki = stages.run("uki", "initrd + unified kernel image", || {
+        let cached_initrd = cache.trees(&rootfs::tree_key(&manifest, &sets)).join(format!("initrd-{}.img", seal::initrd_recipe_digest()));
+        seal::make_initrd(&runner, &trees.tools, scratch, &kernel_version, &cached_initrd)?;
+        seal::make_uki(&runner, &trees.tools, scratch, &kernel_image, &kernel_version, &cmdline, &os_release)
+    })?;
+
+    // disk
+    let layout = disk::plan_layout(&manifest, &root_hash)?;
+    let image_path = staging.path().join(&names.image);
+    let distro_release = match &manifest.distro {
+        Distro::Debian { suite, .. } => suite.clone(),
+        Distro::Fedora { release, .. } => release.to_string(),
+    };
+    let info = BuildInfo {
+        name: manifest.name.clone(),
+        version: manifest.version.clone(),
+        distro: manifest.distro_id().into(),
+        distro_release: distro_release.clone(),
+        profile: opts.profile,
+        root_hash: root_hash.clone(),
+        kernel_cmdline: cmdline.clone(),
+        package_count: packages.len(),
+    };
+    stages.run("disk", "ESP, data filesystem, GPT", || {
+        let esp_img = scratch.join("esp.img");
+        let data_img = scratch.join("data.img");
+        let boot_efi = trees.tools.join("usr/lib/systemd/boot/efi/systemd-bootx64.efi");
+        seal::make_esp(&runner, &manifest, p.esp_mib, &boot_efi, &uki, &serde_json::to_string_pretty(&info)?, scratch, &esp_img)?;
+        seal::make_data(&runner, &manifest, &var_dir, &data_img)?;
+        let part = |label: &str| layout.by_label(label).with_context(|| format!("layout has no partition {label}"));
+        let root_label = disk::labels::root(&manifest.artifact_stem());
+        let verity_label = disk::labels::verity(&manifest.artifact_stem());
+        disk::assemble(
+            &runner,
+            &layout,
+            &[
+                Content { partition: part(disk::labels::ESP)?, image: &esp_img },
+                Content { partition: part(&root_label)?, image: &root_img },
+                Content { partition: part(&verity_label)?, image: &verity_img },
+                Content { partition: part(disk::labels::DATA)?, image: &data_img },
+            ],
+            &image_path,
+        )
+    })?;
+
+    // report
+    let report = stages.run("report", "hashes, package list, SELinux policy", || {
+        let selinux_out = staging.path().join(&names.selinux_dir);
+        std::fs::create_dir_all(&selinux_out)?;
+        let policy_file = tree::find_policy_file(&image_tree, &policy_name)?;
+        std::fs::copy(&policy_file, selinux_out.join(policy_file.file_name().expect("name")))?;
+        std::fs::copy(tree::file_contexts(&image_tree, &policy_name), selinux_out.join("file_contexts"))?;
+        let partitions = report_partitions(&layout, &image_path)?;
+        let image_sha256 = disk::hash_range(&image_path, 0, layout.size)?;
+        Ok(Report {
+            name: manifest.name.clone(),
+            version: manifest.version.clone(),
+            distro: manifest.distro_id().into(),
+            distro_release: distro_release.clone(),
+            profile: opts.profile,
+            input_digest: digest.clone(),
+            image: names.image.clone(),
+            image_sha256,
+            root_hash: root_hash.clone(),
+            kernel_version: kernel_version.clone(),
+            kernel_cmdline: cmdline.clone(),
+            selinux_policy: policy_name.clone(),
+            selinux_modules: modules.clone(),
+            partitions,
+            packages: packages.iter().cloned().collect(),
+            labels: labels.clone(),
+            trees_reused: trees.reused,
+            stages: Vec::new(),
+            total_seconds: 0.0,
+        })
+    })?;
+    let mut report = report;
+    report.stages = stages.timings().to_vec();
+    report.total_seconds = (stages.total().as_secs_f64() * 1000.0).round() / 1000.0;
+    std::fs::write(staging.path().join(&names.report), serde_json::to_string_pretty(&report)? + "\n")?;
+    publish(&runner, staging.path(), &opts.output, &names, &report)?;
+    print_summary(&report, &opts.output);
+    Ok(report)
+}
+
+/// Scratch space: next to the cache (same filesystem, so copies of cached
+/// trees can be reflinks), never in /tmp (often a small tmpfs).
+fn scratch_parent(cache: &Path) -> PathBuf {
+    let dir = cache.join("scratch");
+    let _ = std::fs::create_dir_all(&dir);
+    dir
+}
+
+fn report_partitions(layout: &Layout, image: &Path) -> Result<Vec<ReportPartition>> {
+    layout
+        .partitions
+        .iter()
+        .map(|p| {
+            Ok(ReportPartition {
+                number: p.number,
+                label: p.label.clone(),
+                type_uuid: p.type_uuid.clone(),
+                uuid: p.uuid.clone(),
+                offset: p.offset,
+                size: p.size,
+                sha256: disk::hash_range(image, p.offset, p.size)?,
+            })
+        })
+        .collect()
+}
+
+/// Moves the finished build from staging into the output directory and
+/// writes `SHA256SUMS`.
+fn publish(runner: &Runner, staging: &Path, output: &Path, names: &Outputs, report: &Report) -> Result<()> {
+    let report_sha = hex::encode(Sha256::digest(std::fs::read(staging.join(&names.report))?));
+    std::fs::write(
+        staging.join("SHA256SUMS"),
+        format!("{}  {}\n{}  {}\n", report.image_sha256, names.image, report_sha, names.report),
+    )?;
+    let log_name = format!("{}.build.log", report.image.trim_end_matches(".raw"));
+    std::fs::rename(staging.join("build.log"), staging.join(&log_name))?;
+    for name in [names.image.as_str(), names.report.as_str(), names.selinux_dir.as_str(), "SHA256SUMS", log_name.as_str()] {
+        let target = output.join(name);
+        if target.is_dir() {
+            std::fs::remove_dir_all(&target)?;
+        }
+        std::fs::rename(staging.join(name), &target).with_context(|| format!("moving {name} into {}", output.display()))?;
+    }
+    runner.note("published");
+    Ok(())
+}
+
+/// The existing report, if the output already holds a build of these inputs.
+fn reusable_report(output: &Path, names: &Outputs, digest: &str) -> Option<Report> {
+    let text = std::fs::read_to_string(output.join(&names.report)).ok()?;
+    let report: Report = serde_json::from_str(&text).ok()?;
+    let image = std::fs::metadata(output.join(&names.image)).ok()?;
+    (report.input_digest == digest && image.is_file()).then_some(report)
+}
+
+fn print_summary(report: &Report, output: &Path) {
+    println!("airlock: built {} in {:.1}s", output.join(&report.image).display(), report.total_seconds);
+    println!("airlock:   root hash {}", report.root_hash);
+    println!("airlock:   {} packages, kernel {}, SELinux policy {} (enforcing)", report.packages.len(), report.kernel_version, report.selinux_policy);
+    let timings: Vec<String> = report.stages.iter().map(|s| format!("{} {:.1}s", s.stage, s.seconds)).collect();
+    println!("airlock:   stages: {}", timings.join(", "));
+}

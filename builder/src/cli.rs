@@ -1,0 +1,103 @@
+//! Command-line interface: one struct per subcommand; doc comments become `--help`.
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+use crate::build::Profile;
+
+/// Default package and tree cache (documented in the README).
+pub const DEFAULT_CACHE: &str = "/var/cache/airlock";
+
+/// airlock: build, inspect and boot immutable two-domain appliance images.
+#[derive(Debug, Parser)]
+#[command(name = "airlock", version)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    Build(BuildArgs),
+    Inspect(InspectArgs),
+    Qemu(QemuArgs),
+    Doctor,
+}
+
+/// Build a disk image from a TOML manifest.
+#[derive(Debug, clap::Args)]
+pub struct BuildArgs {
+    /// The manifest (see examples/debian.toml).
+    #[arg(long)]
+    pub manifest: PathBuf,
+    /// Where the image, its report, SHA256SUMS and its SELinux policy go.
+    #[arg(long)]
+    pub output: PathBuf,
+    /// Package and tree cache, reused across builds.
+    #[arg(long, default_value = DEFAULT_CACHE)]
+    pub cache_dir: PathBuf,
+    /// production (what ships) or test (adds the in-guest test agent).
+    #[arg(long, value_enum, default_value = "production")]
+    pub profile: Profile,
+    /// The airlock source tree (overlay/, policy/, rootfs/).
+    #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/.."))]
+    pub source: PathBuf,
+    /// Bootstrap the root tree afresh instead of reusing the cached one
+    /// (downloaded packages are still reused).
+    #[arg(long)]
+    pub fresh: bool,
+    /// Do nothing if the output already holds an image built from the same inputs.
+    #[arg(long)]
+    pub reuse: bool,
+    /// Print every command and its output.
+    #[arg(long, short)]
+    pub verbose: bool,
+}
+
+/// Describe a built disk image: partitions, root hash, command line, distro.
+#[derive(Debug, clap::Args)]
+pub struct InspectArgs {
+    pub image: PathBuf,
+    /// Machine-readable output.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Boot a disk image under QEMU with OVMF (KVM when it works, TCG otherwise).
+#[derive(Debug, clap::Args)]
+pub struct QemuArgs {
+    pub image: PathBuf,
+    /// Discard every write to the image.
+    #[arg(long)]
+    pub snapshot: bool,
+    /// Guest memory in MiB.
+    #[arg(long, default_value_t = 2048)]
+    pub memory: u32,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn build_needs_manifest_and_output() {
+        assert!(Cli::try_parse_from(["airlock", "build", "--output", "o"]).is_err());
+        let cli = Cli::try_parse_from(["airlock", "build", "--manifest", "m.toml", "--output", "o", "--profile", "test"]).unwrap();
+        match cli.command {
+            Command::Build(b) => {
+                assert_eq!(b.profile, Profile::Test);
+                assert_eq!(b.cache_dir, PathBuf::from(DEFAULT_CACHE));
+                assert!(!b.fresh && !b.reuse);
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn inspect_and_qemu_take_an_image() {
+        assert!(Cli::try_parse_from(["airlock", "inspect", "a.raw", "--json"]).is_ok());
+        assert!(Cli::try_parse_from(["airlock", "qemu", "a.raw", "--snapshot"]).is_ok());
+        assert!(Cli::try_parse_from(["airlock", "qemu"]).is_err());
+    }
+}

@@ -1,0 +1,285 @@
+//! Stages *overlay*, *policy* and *label*: everything done to the image tree
+//! before it is sealed.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use walkdir::WalkDir;
+use xshell::cmd;
+
+use crate::exec::Runner;
+
+/// Copies each overlay directory over the tree, in order. Symlinks are kept
+/// as symlinks (units are masked with `-> /dev/null` links).
+pub fn apply_overlays(runner: &Runner, tree: &Path, overlays: &[PathBuf]) -> Result<()> {
+    for dir in overlays {
+        if !dir.is_dir() {
+            bail!("overlay directory {} does not exist", dir.display());
+        }
+        let sh = runner.sh();
+        let src = format!("{}/.", dir.display());
+        // --no-preserve=ownership: files from the git checkout belong to root in the image.
+        runner.run("copying overlay", cmd!(sh, "cp -a --no-preserve=ownership {src} {tree}"))?;
+    }
+    Ok(())
+}
+
+/// A binary to install into the image.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BinarySpec {
+    /// Cargo package that builds it.
+    pub package: &'static str,
+    /// Name of the binary target.
+    pub binary: &'static str,
+    /// Absolute path inside the image.
+    pub destination: &'static str,
+}
+
+/// Builds `binaries` with cargo from `workspace` and installs them into `tree`.
+pub fn install_binaries(runner: &Runner, workspace: &Path, tree: &Path, binaries: &[BinarySpec]) -> Result<()> {
+    if binaries.is_empty() {
+        return Ok(());
+    }
+    let sh = runner.sh();
+    let _dir = sh.push_dir(workspace);
+    let mut args: Vec<String> = vec!["build".into(), "--release".into(), "--locked".into()];
+    for b in binaries {
+        args.push(format!("--package={}", b.package));
+        args.push(format!("--bin={}", b.binary));
+    }
+    runner.run("building appliance binaries (cargo)", cmd!(sh, "cargo {args...}"))?;
+    let target = std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| workspace.join("target"));
+    for b in binaries {
+        let built = target.join("release").join(b.binary);
+        let dest = tree.join(b.destination.trim_start_matches('/'));
+        std::fs::create_dir_all(dest.parent().expect("absolute destination"))?;
+        std::fs::copy(&built, &dest).with_context(|| format!("installing {} to {}", built.display(), b.destination))?;
+    }
+    Ok(())
+}
+
+/// Locks every account in a shadow file: the password field becomes `!*`
+/// (no password can ever match), so rescue and emergency mode give no shell.
+pub fn lock_all_accounts(shadow: &str) -> String {
+    shadow
+        .lines()
+        .map(|line| {
+            let mut fields: Vec<&str> = line.split(':').collect();
+            if fields.len() >= 2 {
+                fields[1] = "!*";
+            }
+            fields.join(":")
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+        + "\n"
+}
+
+/// Locks all accounts of the tree (`/etc/shadow`, and `/etc/shadow-`).
+pub fn lock_accounts(tree: &Path) -> Result<()> {
+    for name in ["etc/shadow", "etc/shadow-"] {
+        let path = tree.join(name);
+        if !path.exists() {
+            continue;
+        }
+        let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+        std::fs::write(&path, lock_all_accounts(&text)).with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(())
+}
+
+/// Sets `SELINUX=enforcing` in the tree's `/etc/selinux/config` and returns
+/// the policy name (`SELINUXTYPE`).
+pub fn enforce_selinux(tree: &Path) -> Result<String> {
+    let path = tree.join("etc/selinux/config");
+    let text = std::fs::read_to_string(&path)
+        .with_context(|| format!("reading {} (is the distro's SELinux policy installed?)", path.display()))?;
+    let mut policy = None;
+    let mut out = String::new();
+    for line in text.lines() {
+        if line.trim_start().starts_with("SELINUX=") {
+            out.push_str("SELINUX=enforcing\n");
+            continue;
+        }
+        if let Some(v) = line.trim_start().strip_prefix("SELINUXTYPE=") {
+            policy = Some(v.trim().to_string());
+        }
+        out.push_str(line);
+        out.push('\n');
+    }
+    if !out.contains("SELINUX=enforcing") {
+        out.push_str("SELINUX=enforcing\n");
+    }
+    let policy = policy.with_context(|| format!("{} has no SELINUXTYPE", path.display()))?;
+    std::fs::write(&path, out).with_context(|| format!("writing {}", path.display()))?;
+    Ok(policy)
+}
+
+/// Compiles every module (`NAME.te` with optional `.fc`/`.if`) found in
+/// `policy_dirs` inside the tools tree, against the image's own policy
+/// development files, then installs them and the booleans listed in each
+/// directory's `booleans` file into the image tree's policy store.
+pub fn install_policy(runner: &Runner, tools_tree: &Path, image_tree: &Path, scratch: &Path, policy_dirs: &[PathBuf]) -> Result<Vec<String>> {
+    let build = scratch.join("policy");
+    std::fs::create_dir_all(&build)?;
+    let mut modules = Vec::new();
+    let mut booleans = Vec::new();
+    for dir in policy_dirs {
+        for entry in std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
+            let path = entry?.path();
+            let name = path.file_name().unwrap_or_default().to_string_lossy().into_owned();
+            if ["te", "fc", "if"].iter().any(|ext| path.extension().is_some_and(|e| e == *ext)) {
+                std::fs::copy(&path, build.join(&name))?;
+                if name.ends_with(".te") {
+                    modules.push(name.trim_end_matches(".te").to_string());
+                }
+            } else if name == "booleans" {
+                let text = std::fs::read_to_string(&path)?;
+                booleans.extend(crate::rootfs::parse_package_list(&text));
+            }
+        }
+    }
+    modules.sort();
+    for module in &modules {
+        runner.in_tree(
+            &format!("compiling SELinux module {module}"),
+            tools_tree,
+            scratch,
+            ["make", "-C", "/run/airlock/policy", "-f", "/usr/share/selinux/devel/Makefile", &format!("{module}.pp")],
+        )?;
+    }
+    // semodule runs in the image tree (without mounts): it only rebuilds the
+    // tree's policy store, the binary policy and file_contexts.
+    let staging = image_tree.join("tmp/airlock-policy");
+    std::fs::create_dir_all(&staging)?;
+    let mut argv: Vec<String> = vec!["semodule".into(), "-n".into()];
+    for module in &modules {
+        std::fs::copy(build.join(format!("{module}.pp")), staging.join(format!("{module}.pp")))?;
+        argv.push("-i".into());
+        argv.push(format!("/tmp/airlock-policy/{module}.pp"));
+    }
+    if !modules.is_empty() {
+        // -n: rebuild the store, binary policy and file_contexts, but don't
+        // try to load anything into the (host's) kernel.
+        runner.in_tree_plain("installing SELinux modules (semodule)", image_tree, &argv)?;
+    }
+    if !booleans.is_empty() {
+        let mut argv: Vec<String> = vec!["setsebool".into(), "-P".into(), "-N".into()];
+        argv.extend(booleans.iter().cloned());
+        runner.in_tree_plain("setting SELinux booleans", image_tree, &argv)?;
+    }
+    std::fs::remove_dir_all(&staging)?;
+    Ok(modules)
+}
+
+/// Path of the tree's file_contexts for policy `policy`.
+pub fn file_contexts(tree: &Path, policy: &str) -> PathBuf {
+    tree.join("etc/selinux").join(policy).join("contexts/files/file_contexts")
+}
+
+/// Labels the tree on disk (xattrs) from its own file_contexts: the data
+/// partition keeps these, and the label gate reads them.
+pub fn label_tree(runner: &Runner, tree: &Path, policy: &str) -> Result<()> {
+    let fc = format!("/etc/selinux/{policy}/contexts/files/file_contexts");
+    // -F force, -m don't read mounts (none in a plain chroot anyway); the
+    // binary policy validates every context.
+    let policy_file = find_policy_file(tree, policy)?;
+    let policy_in_tree = format!("/{}", policy_file.strip_prefix(tree).expect("inside tree").display());
+    runner.in_tree_plain("labelling the tree (setfiles)", tree, ["setfiles", "-F", "-m", "-c", &policy_in_tree, &fc, "/"])?;
+    Ok(())
+}
+
+/// The compiled policy file (`policy.NN`) of the tree.
+pub fn find_policy_file(tree: &Path, policy: &str) -> Result<PathBuf> {
+    let dir = tree.join("etc/selinux").join(policy).join("policy");
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .with_context(|| format!("reading {}", dir.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("policy.")))
+        .collect();
+    files.sort();
+    files.pop().with_context(|| format!("no compiled policy in {}", dir.display()))
+}
+
+/// Mount points of API filesystems: mounted over at boot (their labels come
+/// from the mount), and setfiles leaves them alone. `/boot` stays out of the
+/// image.
+const GATE_SKIP: &[&str] = &["proc", "sys", "dev", "run", "tmp", "boot"];
+
+/// The label gate: every file of the tree must carry an SELinux label, and
+/// none may be `unlabeled_t`. Returns a count of labels per type.
+pub fn label_gate(tree: &Path) -> Result<BTreeMap<String, usize>> {
+    let mut counts = BTreeMap::new();
+    let mut problems = Vec::new();
+    let mut checked = 0usize;
+    let walker = WalkDir::new(tree).follow_links(false).into_iter().filter_entry(|e| {
+        let rel = e.path().strip_prefix(tree).unwrap_or(e.path());
+        match rel.components().next() {
+            Some(first) => !GATE_SKIP.contains(&first.as_os_str().to_string_lossy().as_ref()),
+            None => true,
+        }
+    });
+    for entry in walker {
+        let entry = entry.with_context(|| format!("walking {}", tree.display()))?;
+        checked += 1;
+        let rel = entry.path().strip_prefix(tree).unwrap_or(entry.path());
+        match xattr::get(entry.path(), "security.selinux") {
+            Ok(Some(raw)) => {
+                let label = String::from_utf8_lossy(&raw).trim_end_matches('\0').to_string();
+                let ty = label.split(':').nth(2).unwrap_or("").to_string();
+                if ty.is_empty() || ty == "unlabeled_t" {
+                    problems.push(format!("/{}: {label}", rel.display()));
+                }
+                *counts.entry(ty).or_insert(0) += 1;
+            }
+            Ok(None) => problems.push(format!("/{}: no label", rel.display())),
+            Err(e) => problems.push(format!("/{}: {e}", rel.display())),
+        }
+    }
+    if !problems.is_empty() {
+        let shown: Vec<&String> = problems.iter().take(20).collect();
+        bail!(
+            "label gate: {} of {checked} files are unlabelled or unlabeled_t (file_contexts has no rule for them):\n  {}",
+            problems.len(),
+            shown.iter().map(|s| s.as_str()).collect::<Vec<_>>().join("\n  ")
+        );
+    }
+    Ok(counts)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_account_is_locked() {
+        let shadow = "root:*:20000:0:99999:7:::\nsystemd-network:!*:20000::::::\nalice:$y$j9T$abc:20000:0:99999:7:::";
+        let locked = lock_all_accounts(shadow);
+        for line in locked.lines() {
+            assert_eq!(line.split(':').nth(1), Some("!*"), "{line}");
+        }
+        assert_eq!(locked.lines().count(), 3);
+        assert!(locked.starts_with("root:!*:20000:0:99999:7:::\n"));
+    }
+
+    #[test]
+    fn selinux_config_becomes_enforcing() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("etc/selinux")).unwrap();
+        std::fs::write(dir.path().join("etc/selinux/config"), "# c\nSELINUX=permissive\nSELINUXTYPE=default\n").unwrap();
+        assert_eq!(enforce_selinux(dir.path()).unwrap(), "default");
+        let text = std::fs::read_to_string(dir.path().join("etc/selinux/config")).unwrap();
+        assert!(text.contains("SELINUX=enforcing\n") && !text.contains("permissive"));
+    }
+
+    #[test]
+    fn label_gate_refuses_unlabelled_files() {
+        // Needs a filesystem with user xattrs; security.* needs root, so
+        // this checks the "no label" path, which needs neither.
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("file"), "x").unwrap();
+        let err = label_gate(dir.path()).unwrap_err().to_string();
+        assert!(err.contains("/file: no label"), "{err}");
+    }
+}

@@ -1,0 +1,69 @@
+//! A test machine: one disk image plus the state a real machine keeps across
+//! power cycles — its UEFI variable store (boot entries, the boot loader's
+//! boot counting) and its SMBIOS UUID (so the guest keeps its machine ID).
+//! Each [`Machine::boot`] is a fresh QEMU on that same state.
+
+use std::path::{Path, PathBuf};
+
+use airlock::qemu::{detect_accel, prepare_firmware, Accel, Firmware, VmConfig};
+use anyhow::{Context, Result};
+
+use crate::vm::{qemu_binary, Vm};
+
+/// A disk and its firmware state; see the module documentation.
+#[derive(Debug, Clone)]
+pub struct Machine {
+    disk: PathBuf,
+    firmware: Firmware,
+    accel: Accel,
+    uuid: String,
+}
+
+impl Machine {
+    /// A machine booting `disk`, with its UEFI variables in `vars`: copied
+    /// from OVMF's template if `vars` does not exist, used as it is if it
+    /// does (a later run continues where an earlier one left the firmware).
+    pub fn new(disk: &Path, vars: &Path) -> Result<Machine> {
+        let firmware = if vars.exists() {
+            // prepare_firmware finds OVMF but always copies a fresh template;
+            // let it copy to a scratch file and keep our variables.
+            let scratch = tempfile::tempdir().context("creating a scratch dir")?;
+            let found = prepare_firmware(&scratch.path().join("OVMF_VARS.fd"))?;
+            Firmware { code: found.code, vars: vars.to_owned() }
+        } else {
+            prepare_firmware(vars)?
+        };
+        let uuid = std::fs::read_to_string("/proc/sys/kernel/random/uuid")
+            .context("generating the machine's SMBIOS UUID")?
+            .trim()
+            .to_owned();
+        Ok(Machine { disk: disk.to_owned(), firmware, accel: detect_accel(&qemu_binary()), uuid })
+    }
+
+    pub fn disk(&self) -> &Path {
+        &self.disk
+    }
+
+    /// The UEFI variable store every boot of this machine uses.
+    pub fn vars(&self) -> &Path {
+        &self.firmware.vars
+    }
+
+    pub fn accel(&self) -> Accel {
+        self.accel
+    }
+
+    /// The configuration [`boot`](Self::boot) uses: persistent disk (no
+    /// snapshot), this machine's firmware and UUID, `VmConfig::new`'s
+    /// defaults otherwise. Adjust it and pass it to [`Vm::start`].
+    pub fn config(&self) -> VmConfig {
+        let mut cfg = VmConfig::new(self.disk.clone(), self.firmware.clone(), self.accel);
+        cfg.uuid = Some(self.uuid.clone());
+        cfg
+    }
+
+    /// Powers the machine on.
+    pub fn boot(&self) -> Result<Vm> {
+        Vm::start(self.config())
+    }
+}
