@@ -13,7 +13,7 @@ use sha2::{Digest, Sha256};
 use walkdir::WalkDir;
 use xshell::cmd;
 
-use crate::disk::{self, Content, Layout};
+use crate::disk::{self, Content};
 use crate::doctor::{self, Need};
 use crate::exec::Runner;
 use crate::manifest::{Distro, Manifest};
@@ -270,7 +270,8 @@ pub fn build(opts: &BuildOptions) -> Result<Report> {
     // policy
     let policy_name = tree::enforce_selinux(&image_tree)?;
     let modules = stages.run("policy", "compile and install SELinux modules", || {
-        tree::install_policy(&runner, &trees.tools, &image_tree, scratch, &inputs.policy_dirs)
+        let pp_cache = cache.trees(&rootfs::tree_key(&manifest, &sets)).join("policy");
+        tree::install_policy(&runner, &trees.tools, &image_tree, scratch, &inputs.policy_dirs, &pp_cache)
     })?;
 
     // label
@@ -317,26 +318,22 @@ pub fn build(opts: &BuildOptions) -> Result<Report> {
         kernel_cmdline: cmdline.clone(),
         package_count: packages.len(),
     };
+    let esp_img = scratch.join("esp.img");
+    let data_img = scratch.join("data.img");
+    let root_label = disk::labels::root(&manifest.artifact_stem());
+    let verity_label = disk::labels::verity(&manifest.artifact_stem());
+    let part = |label: &str| layout.by_label(label).with_context(|| format!("layout has no partition {label}"));
+    let contents = [
+        Content { partition: part(disk::labels::ESP)?, image: &esp_img },
+        Content { partition: part(&root_label)?, image: &root_img },
+        Content { partition: part(&verity_label)?, image: &verity_img },
+        Content { partition: part(disk::labels::DATA)?, image: &data_img },
+    ];
     stages.run("disk", "ESP, data filesystem, GPT", || {
-        let esp_img = scratch.join("esp.img");
-        let data_img = scratch.join("data.img");
         let boot_efi = trees.tools.join("usr/lib/systemd/boot/efi/systemd-bootx64.efi");
         seal::make_esp(&runner, &manifest, p.esp_mib, &boot_efi, &uki, &serde_json::to_string_pretty(&info)?, scratch, &esp_img)?;
         seal::make_data(&runner, &manifest, &var_dir, &data_img)?;
-        let part = |label: &str| layout.by_label(label).with_context(|| format!("layout has no partition {label}"));
-        let root_label = disk::labels::root(&manifest.artifact_stem());
-        let verity_label = disk::labels::verity(&manifest.artifact_stem());
-        disk::assemble(
-            &runner,
-            &layout,
-            &[
-                Content { partition: part(disk::labels::ESP)?, image: &esp_img },
-                Content { partition: part(&root_label)?, image: &root_img },
-                Content { partition: part(&verity_label)?, image: &verity_img },
-                Content { partition: part(disk::labels::DATA)?, image: &data_img },
-            ],
-            &image_path,
-        )
+        disk::assemble(&runner, &layout, &contents, &image_path)
     })?;
 
     // report
@@ -346,8 +343,21 @@ pub fn build(opts: &BuildOptions) -> Result<Report> {
         let policy_file = tree::find_policy_file(&image_tree, &policy_name)?;
         std::fs::copy(&policy_file, selinux_out.join(policy_file.file_name().expect("name")))?;
         std::fs::copy(tree::file_contexts(&image_tree, &policy_name), selinux_out.join("file_contexts"))?;
-        let partitions = report_partitions(&layout, &image_path)?;
-        let image_sha256 = disk::hash_range(&image_path, 0, layout.size)?;
+        let (image_sha256, partition_sha256) = disk::hash_image(&layout, &image_path, &contents)?;
+        let partitions = layout
+            .partitions
+            .iter()
+            .zip(partition_sha256)
+            .map(|(p, sha256)| ReportPartition {
+                number: p.number,
+                label: p.label.clone(),
+                type_uuid: p.type_uuid.clone(),
+                uuid: p.uuid.clone(),
+                offset: p.offset,
+                size: p.size,
+                sha256,
+            })
+            .collect();
         Ok(Report {
             name: manifest.name.clone(),
             version: manifest.version.clone(),
@@ -385,24 +395,6 @@ fn scratch_parent(cache: &Path) -> PathBuf {
     let dir = cache.join("scratch");
     let _ = std::fs::create_dir_all(&dir);
     dir
-}
-
-fn report_partitions(layout: &Layout, image: &Path) -> Result<Vec<ReportPartition>> {
-    layout
-        .partitions
-        .iter()
-        .map(|p| {
-            Ok(ReportPartition {
-                number: p.number,
-                label: p.label.clone(),
-                type_uuid: p.type_uuid.clone(),
-                uuid: p.uuid.clone(),
-                offset: p.offset,
-                size: p.size,
-                sha256: disk::hash_range(image, p.offset, p.size)?,
-            })
-        })
-        .collect()
 }
 
 /// Moves the finished build from staging into the output directory and

@@ -208,23 +208,59 @@ fn read_full(r: &mut impl Read, buf: &mut [u8]) -> std::io::Result<usize> {
     Ok(filled)
 }
 
-/// sha256 of `len` bytes of `file` from `offset` (partition hashes for the report).
-pub fn hash_range(file: &Path, offset: u64, len: u64) -> Result<String> {
-    let mut f = File::open(file).with_context(|| format!("opening {}", file.display()))?;
-    f.seek(SeekFrom::Start(offset))?;
-    let mut h = Sha256::new();
-    let mut remaining = len;
+/// sha256 of the whole image and of each partition, computed from what
+/// `assemble` wrote: the disk's own bytes outside the partitions (the GPT),
+/// each partition's content image, and zeros for the rest of each partition
+/// (the holes of the sparse file), without reading gigabytes of holes back.
+/// `SHA256SUMS` lets anyone check the result against the file itself.
+pub fn hash_image(layout: &Layout, image: &Path, contents: &[Content<'_>]) -> Result<(String, Vec<String>)> {
+    let mut disk = File::open(image).with_context(|| format!("opening {}", image.display()))?;
+    let mut whole = Sha256::new();
+    let mut part_hashes = Vec::new();
+    let mut pos = 0u64;
+    let zeros = vec![0u8; MIB as usize];
     let mut buf = vec![0u8; MIB as usize];
-    while remaining > 0 {
-        let want = remaining.min(buf.len() as u64) as usize;
-        let n = read_full(&mut f, &mut buf[..want])?;
-        if n == 0 {
-            bail!("{} ends before offset {}", file.display(), offset + len);
+    let mut feed_from = |file: &mut File, from: u64, len: u64, hashers: &mut [&mut Sha256]| -> Result<u64> {
+        file.seek(SeekFrom::Start(from))?;
+        let mut remaining = len;
+        while remaining > 0 {
+            let want = remaining.min(MIB) as usize;
+            let n = read_full(file, &mut buf[..want])?;
+            if n == 0 {
+                break;
+            }
+            for h in hashers.iter_mut() {
+                h.update(&buf[..n]);
+            }
+            remaining -= n as u64;
         }
-        h.update(&buf[..n]);
-        remaining -= n as u64;
+        Ok(len - remaining)
+    };
+    for p in &layout.partitions {
+        // Bytes between partitions (the primary GPT before the first one).
+        feed_from(&mut disk, pos, p.offset - pos, &mut [&mut whole])?;
+        let mut ph = Sha256::new();
+        let mut written = 0;
+        if let Some(c) = contents.iter().find(|c| c.partition.number == p.number) {
+            let mut f = File::open(c.image).with_context(|| format!("opening {}", c.image.display()))?;
+            written = feed_from(&mut f, 0, p.size, &mut [&mut whole, &mut ph])?;
+        }
+        let mut remaining = p.size - written;
+        while remaining > 0 {
+            let n = remaining.min(MIB) as usize;
+            whole.update(&zeros[..n]);
+            ph.update(&zeros[..n]);
+            remaining -= n as u64;
+        }
+        part_hashes.push(hex::encode(ph.finalize()));
+        pos = p.offset + p.size;
     }
-    Ok(hex::encode(h.finalize()))
+    // The backup GPT at the end.
+    let tail = feed_from(&mut disk, pos, layout.size - pos, &mut [&mut whole])?;
+    if pos + tail != layout.size {
+        bail!("{} is shorter than its layout ({} bytes)", image.display(), layout.size);
+    }
+    Ok((hex::encode(whole.finalize()), part_hashes))
 }
 
 #[cfg(test)]
@@ -270,6 +306,37 @@ mod tests {
         uuids.sort();
         uuids.dedup();
         assert_eq!(uuids.len(), n);
+    }
+
+    #[test]
+    fn image_hashes_match_the_bytes_on_disk() {
+        let runner = Runner::new(false).unwrap();
+        // A small layout: the shipped minimum sizes make a 500 MiB file.
+        let part = |number: u32, offset: u64, size: u64| Partition {
+            number,
+            label: format!("p{number}"),
+            type_uuid: types::ESP.into(),
+            uuid: derived_uuid(&manifest(), &number.to_string()).to_string(),
+            offset,
+            size,
+        };
+        let layout = Layout {
+            disk_uuid: derived_uuid(&manifest(), "d").to_string(),
+            size: 8 * MIB,
+            partitions: vec![part(1, MIB, 4 * MIB), part(2, 5 * MIB, 2 * MIB)],
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let esp = dir.path().join("esp");
+        std::fs::write(&esp, vec![5u8; 3 * MIB as usize + 17]).unwrap();
+        let disk = dir.path().join("disk");
+        let contents = [Content { partition: &layout.partitions[0], image: &esp }];
+        assemble(&runner, &layout, &contents, &disk).unwrap();
+        let (whole, parts) = hash_image(&layout, &disk, &contents).unwrap();
+        let bytes = std::fs::read(&disk).unwrap();
+        assert_eq!(whole, hex::encode(Sha256::digest(&bytes)));
+        for (p, h) in layout.partitions.iter().zip(&parts) {
+            assert_eq!(h, &hex::encode(Sha256::digest(&bytes[p.offset as usize..(p.offset + p.size) as usize])), "{}", p.label);
+        }
     }
 
     #[test]

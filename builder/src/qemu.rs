@@ -8,7 +8,7 @@
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 
 /// Name of the virtio-serial port the test agent listens on inside test images.
 pub const TEST_AGENT_PORT: &str = "org.airlock.test.0";
@@ -176,17 +176,30 @@ const OVMF_CANDIDATES: &[(&str, &str)] = &[
     ("/usr/share/OVMF/OVMF_CODE.fd", "/usr/share/OVMF/OVMF_VARS.fd"),
 ];
 
-/// Finds OVMF and copies its variable store to `vars_copy` (each VM needs its own).
-pub fn prepare_firmware(vars_copy: &Path) -> Result<Firmware> {
-    for (code, vars) in OVMF_CANDIDATES {
-        if Path::new(code).exists() && Path::new(vars).exists() {
-            std::fs::copy(vars, vars_copy)
-                .with_context(|| format!("copying OVMF variables {vars} to {}", vars_copy.display()))?;
-            return Ok(Firmware { code: code.into(), vars: vars_copy.to_path_buf() });
-        }
+/// The installed OVMF pair: (code, variable-store template).
+pub fn find_ovmf() -> Result<(PathBuf, PathBuf)> {
+    OVMF_CANDIDATES
+        .iter()
+        .find(|(code, vars)| Path::new(code).exists() && Path::new(vars).exists())
+        .map(|(code, vars)| (PathBuf::from(code), PathBuf::from(vars)))
+        .with_context(|| {
+            format!(
+                "no OVMF firmware found (looked for {}); install Debian package `ovmf` or Fedora package `edk2-ovmf`",
+                OVMF_CANDIDATES.iter().map(|c| c.0).collect::<Vec<_>>().join(", ")
+            )
+        })
+}
+
+/// Finds OVMF and gives `vars` a variable store: a fresh copy of the
+/// template, unless `vars` already exists (a machine booted before keeps its
+/// firmware variables, e.g. boot counting, across boots).
+pub fn prepare_firmware(vars: &Path) -> Result<Firmware> {
+    let (code, template) = find_ovmf()?;
+    if !vars.exists() {
+        std::fs::copy(&template, vars)
+            .with_context(|| format!("copying OVMF variables {} to {}", template.display(), vars.display()))?;
     }
-    bail!("no OVMF firmware found (looked for {}); install Debian package `ovmf` or Fedora package `edk2-ovmf`",
-        OVMF_CANDIDATES.iter().map(|c| c.0).collect::<Vec<_>>().join(", "))
+    Ok(Firmware { code, vars: vars.to_path_buf() })
 }
 
 /// A 64 KiB firmware image whose reset vector writes 0x2a to the
@@ -207,8 +220,10 @@ const PROBE_EXIT_STATUS: i32 = (0x2a << 1) | 1;
 /// KVM when it can really run a guest here, TCG otherwise.
 ///
 /// `/dev/kvm` existing is not enough (on the build machines it exists but
-/// fails with "KVM internal error"), so this boots a 7-instruction firmware
-/// under KVM and checks that it ran. `AIRLOCK_ACCEL=kvm|tcg` overrides.
+/// fails: "KVM internal error", or an MSR assertion with `-cpu host`), so
+/// this boots a 7-instruction firmware with the same accelerator and CPU
+/// model as a real boot and checks that it ran. `AIRLOCK_ACCEL=kvm|tcg`
+/// overrides.
 pub fn detect_accel(qemu: &Path) -> Accel {
     match std::env::var("AIRLOCK_ACCEL").as_deref() {
         Ok("kvm") => return Accel::Kvm,
@@ -224,7 +239,7 @@ pub fn detect_accel(qemu: &Path) -> Accel {
         return Accel::Tcg;
     }
     let status = std::process::Command::new(qemu)
-        .args(["-nodefaults", "-display", "none", "-accel", "kvm", "-machine", "pc", "-device", "isa-debug-exit,iobase=0x501,iosize=1", "-bios"])
+        .args(["-nodefaults", "-display", "none", "-accel", "kvm", "-cpu", "host", "-machine", "q35", "-device", "isa-debug-exit,iobase=0x501,iosize=1", "-bios"])
         .arg(&rom)
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())

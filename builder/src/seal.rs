@@ -41,6 +41,9 @@ pub fn kernel_cmdline(root_hash: &str, manifest: &Manifest) -> String {
 /// Builds the compressed erofs root from `tree`, labels written by mkfs
 /// from the tree's own file_contexts. `/boot` contents, `/var` contents and
 /// API filesystems stay out.
+///
+/// lz4 rather than lz4hc: measured here on the trixie root, lz4hc (level 9)
+/// takes ~40 s against ~6 s for a root only ~4 % smaller.
 pub fn make_erofs(runner: &Runner, manifest: &Manifest, tree: &Path, file_contexts: &Path, out: &Path) -> Result<()> {
     let epoch = source_date_epoch().to_string();
     let uuid = derived_uuid(manifest, "root-fs").to_string();
@@ -50,7 +53,7 @@ pub fn make_erofs(runner: &Runner, manifest: &Manifest, tree: &Path, file_contex
         "making the erofs root (mkfs.erofs)",
         cmd!(
             sh,
-            "mkfs.erofs --quiet -zlz4hc -T{epoch} -U{uuid} {fc}
+            "mkfs.erofs --quiet -zlz4 -T{epoch} -U{uuid} {fc}
              --exclude-regex=^(boot|var|tmp|run|proc|sys|dev)/.+
              {out} {tree}"
         ),

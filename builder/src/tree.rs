@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
+use sha2::{Digest, Sha256};
 use walkdir::WalkDir;
 use xshell::cmd;
 
@@ -120,7 +121,10 @@ pub fn enforce_selinux(tree: &Path) -> Result<String> {
 /// `policy_dirs` inside the tools tree, against the image's own policy
 /// development files, then installs them and the booleans listed in each
 /// directory's `booleans` file into the image tree's policy store.
-pub fn install_policy(runner: &Runner, tools_tree: &Path, image_tree: &Path, scratch: &Path, policy_dirs: &[PathBuf]) -> Result<Vec<String>> {
+///
+/// Compiled modules are cached in `pp_cache`, keyed by their sources (the
+/// tools tree is already fixed by the cache directory's own key).
+pub fn install_policy(runner: &Runner, tools_tree: &Path, image_tree: &Path, scratch: &Path, policy_dirs: &[PathBuf], pp_cache: &Path) -> Result<Vec<String>> {
     let build = scratch.join("policy");
     std::fs::create_dir_all(&build)?;
     let mut modules = Vec::new();
@@ -141,13 +145,29 @@ pub fn install_policy(runner: &Runner, tools_tree: &Path, image_tree: &Path, scr
         }
     }
     modules.sort();
+    std::fs::create_dir_all(pp_cache)?;
     for module in &modules {
+        let mut h = Sha256::new();
+        for ext in ["te", "fc", "if"] {
+            if let Ok(bytes) = std::fs::read(build.join(format!("{module}.{ext}"))) {
+                h.update(ext);
+                h.update(bytes.len().to_le_bytes());
+                h.update(bytes);
+            }
+        }
+        let cached = pp_cache.join(format!("{module}-{}.pp", &hex::encode(h.finalize())[..16]));
+        let pp = build.join(format!("{module}.pp"));
+        if cached.exists() {
+            std::fs::copy(&cached, &pp)?;
+            continue;
+        }
         runner.in_tree(
             &format!("compiling SELinux module {module}"),
             tools_tree,
             scratch,
             ["make", "-C", "/run/airlock/policy", "-f", "/usr/share/selinux/devel/Makefile", &format!("{module}.pp")],
         )?;
+        std::fs::copy(&pp, &cached)?;
     }
     // semodule runs in the image tree (without mounts): it only rebuilds the
     // tree's policy store, the binary policy and file_contexts.

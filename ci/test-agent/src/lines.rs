@@ -62,11 +62,6 @@ impl LineReader {
             }
         }
     }
-
-    /// The underlying socket (to write to it, or clone it).
-    pub fn get_ref(&self) -> &UnixStream {
-        &self.stream
-    }
 }
 
 #[cfg(test)]

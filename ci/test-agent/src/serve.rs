@@ -9,6 +9,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, BufRead, BufReader, Write};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::path::Path;
 use std::thread;
 use std::time::Duration;
@@ -24,7 +25,15 @@ const REOPEN_DELAY: Duration = Duration::from_millis(500);
 
 /// Announces readiness on `output`, then runs each request line from `input`
 /// and writes its reply, until end of input (host disconnected).
-pub fn serve(mut input: impl BufRead, mut output: impl Write, boot_id: &str) -> io::Result<()> {
+pub fn serve(input: impl BufRead, output: impl Write, boot_id: &str) -> io::Result<()> {
+    serve_port(input, output, boot_id, || false)
+}
+
+/// [`serve`], asking `host_left` before each reply whether the host went
+/// away while the command ran. If so the reply is dropped and this returns:
+/// writing it would block until some host connects and then hand that host
+/// a stale reply instead of the `ready` it waits for.
+fn serve_port(mut input: impl BufRead, mut output: impl Write, boot_id: &str, host_left: impl Fn() -> bool) -> io::Result<()> {
     // The leading newline ends any line a previous boot's agent left half written.
     let mut ready = b"\n".to_vec();
     ready.extend(wire::encode(&Event::Ready { boot_id: boot_id.to_owned() }));
@@ -42,7 +51,11 @@ pub fn serve(mut input: impl BufRead, mut output: impl Write, boot_id: &str) -> 
         if request.is_empty() {
             continue;
         }
-        output.write_all(&wire::encode_reply(&handle_line(request)))?;
+        let reply = wire::encode_reply(&handle_line(request));
+        if host_left() {
+            return Ok(());
+        }
+        output.write_all(&reply)?;
         output.flush()?;
     }
 }
@@ -70,7 +83,7 @@ pub fn run_forever(device: &Path) -> io::Result<()> {
     loop {
         let outcome = open_port(device).and_then(|port| {
             let input = BufReader::new(port.try_clone()?);
-            serve(input, &port, &boot_id)
+            serve_port(input, &port, &boot_id, || hung_up(port.as_fd()))
         });
         let message = match outcome {
             Ok(()) => "host disconnected".to_owned(),
@@ -87,6 +100,17 @@ pub fn run_forever(device: &Path) -> io::Result<()> {
 
 fn open_port(device: &Path) -> io::Result<File> {
     OpenOptions::new().read(true).write(true).open(device)
+}
+
+/// Whether `fd` reports POLLHUP right now: for a virtio port, no host is
+/// connected; for a socket, the peer closed it.
+#[allow(unsafe_code)]
+fn hung_up(fd: BorrowedFd<'_>) -> bool {
+    let mut pfd = libc::pollfd { fd: fd.as_raw_fd(), events: 0, revents: 0 };
+    // SAFETY: `pfd` is one valid, initialised pollfd that outlives the call,
+    // and `fd` is open for its duration (borrowed). Timeout 0: no blocking.
+    let ready = unsafe { libc::poll(&mut pfd, 1, 0) };
+    ready > 0 && pfd.revents & libc::POLLHUP != 0
 }
 
 #[cfg(test)]
@@ -132,6 +156,22 @@ mod tests {
         assert!(matches!(&messages[2], Message::Error(e) if e.id.is_none()));
         assert_eq!(response(&messages[3]).id, 2);
         assert_eq!(messages.len(), 4);
+    }
+
+    #[test]
+    fn hang_up_is_seen_on_a_closed_peer_only() {
+        let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
+        assert!(!hung_up(a.as_fd()));
+        drop(b);
+        assert!(hung_up(a.as_fd()));
+    }
+
+    #[test]
+    fn reply_is_dropped_when_the_host_left_during_the_command() {
+        let mut output = Vec::new();
+        let input = Cursor::new(b"{\"id\":1,\"argv\":[\"true\"]}\n{\"id\":2,\"argv\":[\"true\"]}\n".to_vec());
+        serve_port(input, &mut output, "b", || true).unwrap();
+        assert_eq!(output, b"\n{\"event\":\"ready\",\"boot_id\":\"b\"}\n", "no reply, and request 2 never ran");
     }
 
     #[test]

@@ -24,15 +24,7 @@ impl Machine {
     /// from OVMF's template if `vars` does not exist, used as it is if it
     /// does (a later run continues where an earlier one left the firmware).
     pub fn new(disk: &Path, vars: &Path) -> Result<Machine> {
-        let firmware = if vars.exists() {
-            // prepare_firmware finds OVMF but always copies a fresh template;
-            // let it copy to a scratch file and keep our variables.
-            let scratch = tempfile::tempdir().context("creating a scratch dir")?;
-            let found = prepare_firmware(&scratch.path().join("OVMF_VARS.fd"))?;
-            Firmware { code: found.code, vars: vars.to_owned() }
-        } else {
-            prepare_firmware(vars)?
-        };
+        let firmware = prepare_firmware(vars)?;
         let uuid = std::fs::read_to_string("/proc/sys/kernel/random/uuid")
             .context("generating the machine's SMBIOS UUID")?
             .trim()

@@ -37,6 +37,9 @@ const STARTUP_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long connecting to an existing socket may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// How long a QEMU that hung up on QMP at startup gets to finish exiting.
+const EXIT_SETTLE: Duration = Duration::from_secs(2);
+
 /// Pause between two looks at the serial log or at QEMU's state.
 const POLL: Duration = Duration::from_millis(100);
 
@@ -107,7 +110,11 @@ impl Vm {
             Accel::Kvm => " under KVM (AIRLOCK_ACCEL=tcg forces TCG)",
             Accel::Tcg => "",
         };
-        vm.connect_qmp().with_context(|| format!("starting QEMU{hint} for {}", cfg.disk.display()))?;
+        if let Err(e) = vm.connect_qmp() {
+            // The error points at the logs; keep them.
+            vm.dir.disable_cleanup(true);
+            return Err(e.context(format!("starting QEMU{hint} for {}", cfg.disk.display())));
+        }
         Ok(vm)
     }
 
@@ -115,9 +122,18 @@ impl Vm {
     fn connect_qmp(&mut self) -> Result<()> {
         let deadline = Instant::now() + STARTUP_TIMEOUT;
         let stream = self.connect_socket("qmp.sock", deadline)?;
-        let qmp = Qmp::handshake(stream, deadline).with_context(|| self.describe_state())?;
-        self.qmp = Some(qmp);
-        Ok(())
+        match Qmp::handshake(stream, deadline) {
+            Ok(qmp) => {
+                self.qmp = Some(qmp);
+                Ok(())
+            }
+            Err(e) => {
+                // QEMU hangs up when it fails to start; let it finish exiting
+                // so the error shows its status and last words.
+                let _ = self.wait_exit(EXIT_SETTLE);
+                Err(e.context(self.describe_state()))
+            }
+        }
     }
 
     /// Connects to the socket `name` in the VM's dir, retrying while QEMU

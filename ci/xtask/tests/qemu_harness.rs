@@ -162,6 +162,10 @@ fn qemu_startup_errors_are_reported_with_its_output() {
     cfg.disk = PathBuf::from("/nonexistent/disk.raw");
     let err = format!("{:#}", Vm::start(cfg).unwrap_err());
     assert!(err.contains("QEMU exited") && err.contains("/nonexistent/disk.raw"), "{err}");
+    // The VM's files are kept for a failed start; this test needs them no more.
+    let kept = err.split("VM files in ").nth(1).and_then(|rest| rest.split(';').next()).expect("names the VM dir");
+    assert!(Path::new(kept).join("qemu.log").exists(), "{kept}");
+    std::fs::remove_dir_all(kept).unwrap();
 }
 
 #[test]
