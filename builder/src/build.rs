@@ -219,8 +219,8 @@ pub fn build(opts: &BuildOptions) -> Result<Report> {
         .prefix(".airlock-staging-")
         .tempdir_in(&opts.output)
         .with_context(|| format!("output directory {} is not writable", opts.output.display()))?;
-    let p = &manifest.partitions;
-    let needed = (p.esp_mib + p.root_mib + p.root_verity_mib + p.data_mib) * 1024 * 1024;
+    let needed_p = &manifest.partitions;
+    let needed = (needed_p.esp_mib + needed_p.root_mib + needed_p.root_verity_mib + needed_p.data_mib) * 1024 * 1024;
     let free = free_bytes(&runner, &opts.output)?;
     if free < needed {
         bail!(
@@ -236,7 +236,31 @@ pub fn build(opts: &BuildOptions) -> Result<Report> {
         .tempdir_in(scratch_parent(&opts.cache))
         .context("creating scratch directory")?;
     let scratch = scratch.path();
-    runner.log_to(&staging.path().join("build.log"))?;
+    // The log lives in the cache while building, so it survives a failure.
+    let logs = opts.cache.join("logs");
+    std::fs::create_dir_all(&logs).with_context(|| format!("creating {}", logs.display()))?;
+    let log_path = logs.join(format!("{}.build.log", manifest.artifact_stem()));
+    runner.log_to(&log_path)?;
+    run_stages(opts, &manifest, &inputs, &names, &digest, &runner, staging.path(), scratch, &log_path)
+        .with_context(|| format!("build failed; every command and its output: {}", log_path.display()))
+}
+
+/// The stages proper, once the inputs are checked and the directories exist.
+#[allow(clippy::too_many_arguments)]
+fn run_stages(
+    opts: &BuildOptions,
+    manifest: &Manifest,
+    inputs: &ProfileInputs,
+    names: &Outputs,
+    digest: &str,
+    runner: &Runner,
+    staging: &Path,
+    scratch: &Path,
+    log_path: &Path,
+) -> Result<Report> {
+    let manifest = manifest.clone();
+    let digest = digest.to_string();
+    let p = &manifest.partitions;
     let cache = Cache { root: opts.cache.clone() };
     let mut stages = Stages::new();
     println!(
@@ -253,17 +277,17 @@ pub fn build(opts: &BuildOptions) -> Result<Report> {
     // rootfs
     let sets = rootfs::load_package_sets(&opts.source.join("rootfs"), &manifest)?;
     let trees = stages.run("rootfs", &format!("{} packages + {} build-only", sets.image.len(), sets.tools.len()), || {
-        rootfs::prepare_trees(&runner, &manifest, &sets, &cache, scratch, opts.reuse_trees)
+        rootfs::prepare_trees(runner, &manifest, &sets, &cache, scratch, opts.reuse_trees)
     })?;
     let image_tree = scratch.join("tree");
-    stages.run("copy", "image tree from the base tree", || rootfs::copy_tree(&runner, &trees.image_base, &image_tree))?;
-    let packages = rootfs::installed_packages(&runner, &manifest, &image_tree)?;
+    stages.run("copy", "image tree from the base tree", || rootfs::copy_tree(runner, &trees.image_base, &image_tree))?;
+    let packages = rootfs::installed_packages(runner, &manifest, &image_tree)?;
     let (kernel_version, kernel_image) = rootfs::find_kernel(&image_tree)?;
 
     // overlay
     stages.run("overlay", "overlay files, binaries, locked accounts", || {
-        tree::apply_overlays(&runner, &image_tree, &inputs.overlays)?;
-        tree::install_binaries(&runner, &opts.source, &image_tree, &inputs.binaries)?;
+        tree::apply_overlays(runner, &image_tree, &inputs.overlays)?;
+        tree::install_binaries(runner, &opts.source, &image_tree, &inputs.binaries)?;
         tree::lock_accounts(&image_tree)
     })?;
 
@@ -271,12 +295,17 @@ pub fn build(opts: &BuildOptions) -> Result<Report> {
     let policy_name = tree::enforce_selinux(&image_tree)?;
     let modules = stages.run("policy", "compile and install SELinux modules", || {
         let pp_cache = cache.trees(&rootfs::tree_key(&manifest, &sets)).join("policy");
-        tree::install_policy(&runner, &trees.tools, &image_tree, scratch, &inputs.policy_dirs, &pp_cache)
+        tree::install_policy(runner, &trees.tools, &image_tree, scratch, &inputs.policy_dirs, &pp_cache)
     })?;
 
     // label
     let labels = stages.run("label", "label the tree and run the label gate", || {
-        tree::label_tree(&runner, &image_tree, &policy_name)?;
+        // mkfs.ext4 would create /var's lost+found without a label; one that
+        // exists in the source (labelled here) is taken over as it is.
+        let lost_found = image_tree.join("var/lost+found");
+        std::fs::create_dir_all(&lost_found)?;
+        std::fs::set_permissions(&lost_found, std::os::unix::fs::PermissionsExt::from_mode(0o700))?;
+        tree::label_tree(runner, &image_tree, &policy_name)?;
         tree::label_gate(&image_tree)
     })?;
 
@@ -286,8 +315,8 @@ pub fn build(opts: &BuildOptions) -> Result<Report> {
     let verity_img = scratch.join("root.verity");
     let root_hash = stages.run("seal", "erofs root + dm-verity", || {
         seal::split_var(&image_tree, &var_dir)?;
-        seal::make_erofs(&runner, &manifest, &image_tree, &tree::file_contexts(&image_tree, &policy_name), &root_img)?;
-        seal::make_verity(&runner, &manifest, &root_img, &verity_img, scratch)
+        seal::make_erofs(runner, &manifest, &image_tree, &tree::file_contexts(&image_tree, &policy_name), &root_img)?;
+        seal::make_verity(runner, &manifest, &root_img, &verity_img, scratch)
     })?;
     let cmdline = seal::kernel_cmdline(&root_hash, &manifest);
     let os_release_path = image_tree.join("usr/lib/os-release");
@@ -297,13 +326,13 @@ pub fn build(opts: &BuildOptions) -> Result<Report> {
     );
     let uki = stages.run("uki", "initrd + unified kernel image", || {
         let cached_initrd = cache.trees(&rootfs::tree_key(&manifest, &sets)).join(format!("initrd-{}.img", seal::initrd_recipe_digest()));
-        seal::make_initrd(&runner, &trees.tools, scratch, &kernel_version, &cached_initrd)?;
-        seal::make_uki(&runner, &trees.tools, scratch, &kernel_image, &kernel_version, &cmdline, &os_release)
+        seal::make_initrd(runner, &trees.tools, scratch, &kernel_version, &cached_initrd)?;
+        seal::make_uki(runner, &trees.tools, scratch, &kernel_image, &kernel_version, &cmdline, &os_release)
     })?;
 
     // disk
     let layout = disk::plan_layout(&manifest, &root_hash)?;
-    let image_path = staging.path().join(&names.image);
+    let image_path = staging.join(&names.image);
     let distro_release = match &manifest.distro {
         Distro::Debian { suite, .. } => suite.clone(),
         Distro::Fedora { release, .. } => release.to_string(),
@@ -331,14 +360,14 @@ pub fn build(opts: &BuildOptions) -> Result<Report> {
     ];
     stages.run("disk", "ESP, data filesystem, GPT", || {
         let boot_efi = trees.tools.join("usr/lib/systemd/boot/efi/systemd-bootx64.efi");
-        seal::make_esp(&runner, &manifest, p.esp_mib, &boot_efi, &uki, &serde_json::to_string_pretty(&info)?, scratch, &esp_img)?;
-        seal::make_data(&runner, &manifest, &var_dir, &data_img)?;
-        disk::assemble(&runner, &layout, &contents, &image_path)
+        seal::make_esp(runner, &manifest, p.esp_mib, &boot_efi, &uki, &serde_json::to_string_pretty(&info)?, scratch, &esp_img)?;
+        seal::make_data(runner, &manifest, &var_dir, &data_img)?;
+        disk::assemble(runner, &layout, &contents, &image_path)
     })?;
 
     // report
     let report = stages.run("report", "hashes, package list, SELinux policy", || {
-        let selinux_out = staging.path().join(&names.selinux_dir);
+        let selinux_out = staging.join(&names.selinux_dir);
         std::fs::create_dir_all(&selinux_out)?;
         let policy_file = tree::find_policy_file(&image_tree, &policy_name)?;
         std::fs::copy(&policy_file, selinux_out.join(policy_file.file_name().expect("name")))?;
@@ -383,8 +412,8 @@ pub fn build(opts: &BuildOptions) -> Result<Report> {
     let mut report = report;
     report.stages = stages.timings().to_vec();
     report.total_seconds = (stages.total().as_secs_f64() * 1000.0).round() / 1000.0;
-    std::fs::write(staging.path().join(&names.report), serde_json::to_string_pretty(&report)? + "\n")?;
-    publish(&runner, staging.path(), &opts.output, &names, &report)?;
+    std::fs::write(staging.join(&names.report), serde_json::to_string_pretty(&report)? + "\n")?;
+    publish(staging, log_path, &opts.output, names, &report)?;
     print_summary(&report, &opts.output);
     Ok(report)
 }
@@ -399,14 +428,14 @@ fn scratch_parent(cache: &Path) -> PathBuf {
 
 /// Moves the finished build from staging into the output directory and
 /// writes `SHA256SUMS`.
-fn publish(runner: &Runner, staging: &Path, output: &Path, names: &Outputs, report: &Report) -> Result<()> {
+fn publish(staging: &Path, log: &Path, output: &Path, names: &Outputs, report: &Report) -> Result<()> {
     let report_sha = hex::encode(Sha256::digest(std::fs::read(staging.join(&names.report))?));
     std::fs::write(
         staging.join("SHA256SUMS"),
         format!("{}  {}\n{}  {}\n", report.image_sha256, names.image, report_sha, names.report),
     )?;
     let log_name = format!("{}.build.log", report.image.trim_end_matches(".raw"));
-    std::fs::rename(staging.join("build.log"), staging.join(&log_name))?;
+    std::fs::copy(log, staging.join(&log_name)).context("copying the build log")?;
     for name in [names.image.as_str(), names.report.as_str(), names.selinux_dir.as_str(), "SHA256SUMS", log_name.as_str()] {
         let target = output.join(name);
         if target.is_dir() {
@@ -414,7 +443,6 @@ fn publish(runner: &Runner, staging: &Path, output: &Path, names: &Outputs, repo
         }
         std::fs::rename(staging.join(name), &target).with_context(|| format!("moving {name} into {}", output.display()))?;
     }
-    runner.note("published");
     Ok(())
 }
 

@@ -283,10 +283,49 @@ fn fedora_install(runner: &Runner, release: u32, repositories: &[Repository], pa
             std::fs::remove_file(&path)?;
         }
     }
-    // dnf creates the cachedir's path inside the installroot too.
-    let stray = tree.join(cache.strip_prefix("/").unwrap_or(cache));
-    if stray.exists() {
-        std::fs::remove_dir_all(&stray)?;
+    remove_unowned_dnf_dirs(runner, tree, cache)?;
+    Ok(())
+}
+
+/// Directories dnf 4.14 makes in the installroot that no package may own:
+/// the cachedir's whole path (its persistor writes `expired_repos.json`
+/// there before `--setopt=cachedir` applies) and libdnf's empty
+/// `/etc/dnf/modules.d`. Removed unless a package owns them (an image with
+/// dnf in it owns `/etc/dnf`).
+fn remove_unowned_dnf_dirs(runner: &Runner, tree: &Path, cache: &Path) -> Result<()> {
+    let root = format!("--root={}", tree.display());
+    let sh = runner.sh();
+    let format = "[%{FILENAMES}\n]";
+    let out = runner.run(
+        "listing files owned by packages",
+        cmd!(sh, "rpm {root} --dbpath {RPM_DBPATH} -qa --queryformat {format}"),
+    )?;
+    let owned: std::collections::HashSet<&Path> = out.lines().map(Path::new).collect();
+    // The first component of the cachedir's path that no package owns holds
+    // nothing but dnf's file (the tree was empty before dnf ran).
+    let mut abs = PathBuf::from("/");
+    let relative = cache.strip_prefix("/").unwrap_or(Path::new(""));
+    for component in relative.components() {
+        if !matches!(component, std::path::Component::Normal(_)) {
+            break; // never step out of the tree
+        }
+        abs.push(component);
+        let path = tree.join(abs.strip_prefix("/").expect("absolute"));
+        // Stop at a symlink too: an absolute link would lead out of the tree.
+        if !path.symlink_metadata().is_ok_and(|m| m.is_dir()) {
+            break;
+        }
+        if !owned.contains(abs.as_path()) {
+            std::fs::remove_dir_all(&path).with_context(|| format!("removing {}", path.display()))?;
+            break;
+        }
+    }
+    for dir in ["/etc/dnf/modules.d", "/etc/dnf"] {
+        let path = tree.join(&dir[1..]);
+        if !owned.contains(Path::new(dir)) && path.is_dir() {
+            // Only when empty; anything inside came from a package.
+            let _ = std::fs::remove_dir(&path);
+        }
     }
     Ok(())
 }

@@ -33,6 +33,9 @@ pub fn kernel_cmdline(root_hash: &str, manifest: &Manifest) -> String {
         "rd.shell=0".into(),
         "rd.emergency=reboot".into(),
         "panic=10".into(),
+        // No blinking text cursor on the console: the screen stays still
+        // (and screendumps comparable) when nothing happens.
+        "vt.global_cursor_default=0".into(),
     ];
     args.extend(manifest.kernel.cmdline.iter().cloned());
     args.join(" ")

@@ -11,6 +11,7 @@
 //! Commands run in the guest through `airlock_test_agent::AgentClient`
 //! ([`vm::Vm::agent`]).
 
+pub mod acceptance;
 pub mod console;
 pub mod machine;
 pub mod qmp;

@@ -14,12 +14,16 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Cmd {
+    /// Build the images, boot them under QEMU, check what the appliance promises.
+    Acceptance(xtask::acceptance::AcceptanceOptions),
+    /// Boot a disk image by hand (see --help).
     Boot(xtask::try_boot::BootOptions),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match &cli.command {
+        Cmd::Acceptance(opts) => xtask::acceptance::run(opts).map(|ok| if ok { 0 } else { 1 }),
         Cmd::Boot(opts) => xtask::try_boot::boot(opts),
     };
     match result {
@@ -38,7 +42,7 @@ mod tests {
     #[test]
     fn boot_takes_a_guest_command_after_double_dash() {
         let cli = Cli::try_parse_from(["xtask", "boot", "--disk", "a.raw", "--vga", "--", "systemctl", "is-system-running"]).unwrap();
-        let Cmd::Boot(opts) = cli.command;
+        let Cmd::Boot(opts) = cli.command else { panic!("not boot") };
         assert_eq!(opts.disk, std::path::PathBuf::from("a.raw"));
         assert!(opts.vga);
         assert_eq!(opts.timeout, 600);

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Every test: unit and integration tests of the workspace, then the QEMU
+# acceptance suite (builds the images, boots them). Run as root on Debian 12.
+# Prints one line per stage with its duration.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export PATH="$HOME/.cargo/bin:$PATH"
+export CARGO_TERM_COLOR=never
+
+suite_start=$(date +%s)
+timings=()
+stage() {
+  local name=$1; shift
+  local start=$(date +%s)
+  echo "== stage $name: $*"
+  "$@"
+  local took=$(( $(date +%s) - start ))
+  timings+=("$name ${took}s")
+  echo "== stage $name: done in ${took}s"
+}
+
+stage host-deps ci/install-host-deps.sh
+stage build cargo build --release --locked --workspace --all-targets
+stage unit+integration cargo test --release --locked --workspace
+stage acceptance cargo xtask acceptance
+
+echo "== all stages passed in $(( $(date +%s) - suite_start ))s: ${timings[*]}"

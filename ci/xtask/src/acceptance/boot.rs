@@ -1,0 +1,240 @@
+//! Boots of the test image: every in-guest check through the test agent,
+//! then one reboot for what must survive it.
+
+use std::time::Duration;
+
+use anyhow::{bail, ensure, Context, Result};
+
+use super::images::{private_copy, Images};
+use super::{AcceptanceOptions, Suite};
+use crate::{Machine, Vm};
+
+/// Boot to the agent's "ready" under TCG (measured ~60 s; generous for a loaded CI machine).
+const BOOT_TIMEOUT: Duration = Duration::from_secs(300);
+const COMMAND_TIMEOUT: Duration = Duration::from_secs(120);
+
+const BOOT_TESTS: &[&str] = &[
+    "boot: reaches airlock.target with no failed units",
+    "boot: SELinux is enforcing",
+    "boot: zero AVC denials over the whole boot",
+    "boot: / is read-only erofs on dm-verity",
+    "boot: /usr and /etc cannot be written",
+    "boot: no file is unlabeled_t",
+    "boot: no listening TCP or UDP socket (P7)",
+    "boot: Magic SysRq is off",
+    "boot: every account is locked",
+    "boot: no getty, login or shell process runs",
+    "boot: the data partition is /var, labelled and writable",
+];
+
+const REBOOT_TESTS: &[&str] = &["reboot: journal of the first boot survives a reboot", "reboot: machine ID stays the same across boots"];
+
+/// Runs `script` with `sh -c` in the guest; its stdout, or an error with its stderr.
+pub fn sh(vm: &mut Vm, script: &str) -> Result<String> {
+    let out = vm
+        .agent()?
+        .run(&["sh", "-c", script], COMMAND_TIMEOUT)
+        .with_context(|| format!("running `{script}` in the guest"))?;
+    let out = out.check(script)?;
+    Ok(out.stdout)
+}
+
+pub fn test_image_boots(suite: &mut Suite, images: &Images, opts: &AcceptanceOptions) {
+    let all: Vec<&str> = BOOT_TESTS.iter().chain(REBOOT_TESTS).copied().collect();
+    if !suite.wants_any(&all) {
+        return;
+    }
+    let machine_and_vm = || -> Result<(Machine, Vm, String)> {
+        let dir = opts.work_dir.join("machines/test");
+        let disk = private_copy(&images.test, &dir, "disk.raw")?;
+        let vars = dir.join("OVMF_VARS.fd");
+        let _ = std::fs::remove_file(&vars);
+        let machine = Machine::new(&disk, &vars)?;
+        let mut vm = machine.boot()?;
+        let boot_id = vm.agent()?.wait_ready(BOOT_TIMEOUT).map_err(|e| {
+            anyhow::anyhow!("{e}; serial console ends with:\n{}", tail(&vm.serial_log(), 30))
+        })?;
+        Ok((machine, vm, boot_id))
+    };
+    let (machine, mut vm, first_boot) = match machine_and_vm() {
+        Ok(x) => x,
+        Err(e) => return suite.fail_all(&all, &e),
+    };
+    let _ = machine;
+    in_guest_checks(suite, &mut vm);
+    reboot_checks(suite, &mut vm, &first_boot);
+}
+
+fn in_guest_checks(suite: &mut Suite, vm: &mut Vm) {
+    suite.test(BOOT_TESTS[0], || {
+        let state = sh(vm, "systemctl is-system-running --wait || true")?;
+        let failed = sh(vm, "systemctl --failed --no-legend --plain")?;
+        let default = sh(vm, "systemctl get-default")?;
+        let active = sh(vm, "systemctl is-active airlock.target || true")?;
+        ensure!(default.trim() == "airlock.target", "default target is {}", default.trim());
+        ensure!(active.trim() == "active", "airlock.target is {}", active.trim());
+        ensure!(failed.trim().is_empty(), "failed units:\n{failed}");
+        ensure!(state.trim() == "running", "system state is {}", state.trim());
+        let time = sh(vm, "systemd-analyze time 2>&1 | head -1 || true")?;
+        Ok(format!("state running, default airlock.target; {}", time.trim()))
+    });
+    suite.test(BOOT_TESTS[1], || {
+        let enforce = sh(vm, "cat /sys/fs/selinux/enforce")?;
+        ensure!(enforce.trim() == "1", "/sys/fs/selinux/enforce is {enforce:?}");
+        let policy = sh(vm, "cat /sys/fs/selinux/policyvers; grep -o 'security=selinux enforcing=1' /proc/cmdline")?;
+        Ok(format!("enforce=1, policy version {}", policy.lines().next().unwrap_or("")))
+    });
+    suite.test(BOOT_TESTS[2], || {
+        // The kernel logs AVC denials as audit records into the journal
+        // (no auditd); the agent's own domain is unconfined, so anything
+        // found here comes from the appliance.
+        let denials = sh(vm, "journalctl -b -o cat --no-pager | grep 'avc:  denied' || true")?;
+        let count = denials.lines().count();
+        ensure!(count == 0, "{count} AVC denials:\n{}", denials.lines().take(15).collect::<Vec<_>>().join("\n"));
+        let lines = sh(vm, "journalctl -b -o cat --no-pager | wc -l")?;
+        Ok(format!("0 denials in {} journal lines of this boot", lines.trim()))
+    });
+    suite.test(BOOT_TESTS[3], || {
+        let mount = sh(vm, "findmnt -n -o SOURCE,FSTYPE,OPTIONS /")?;
+        let fields: Vec<&str> = mount.split_whitespace().collect();
+        ensure!(fields.len() == 3, "findmnt printed {mount:?}");
+        ensure!(fields[0] == "/dev/mapper/root", "/ is on {}", fields[0]);
+        ensure!(fields[1] == "erofs", "/ is {}", fields[1]);
+        ensure!(fields[2].split(',').any(|o| o == "ro"), "/ is mounted {}", fields[2]);
+        let uuid = sh(vm, "cat /sys/block/$(basename $(readlink -f /dev/mapper/root))/dm/uuid")?;
+        ensure!(uuid.starts_with("CRYPT-VERITY-"), "/dev/mapper/root is not a verity device (dm uuid {uuid:?})");
+        let table = sh(vm, "cat /proc/cmdline")?;
+        ensure!(table.contains("roothash="), "no roothash= on the command line");
+        Ok(format!("{} {} ro, dm uuid {}", fields[0], fields[1], uuid.trim()))
+    });
+    suite.test(BOOT_TESTS[4], || {
+        for (what, script) in [
+            ("create a file in /usr", "touch /usr/bin/airlock-write-probe"),
+            ("create a file in /etc", "touch /etc/airlock-write-probe"),
+            ("remount / read-write", "mount -o remount,rw /"),
+        ] {
+            let out = vm.agent()?.run(&["sh", "-c", script], COMMAND_TIMEOUT)?;
+            ensure!(!out.success(), "could {what} (`{script}` succeeded)");
+        }
+        Ok("writes to /usr and /etc and a read-write remount all refused".into())
+    });
+    suite.test(BOOT_TESTS[5], || {
+        let found = sh(vm, "find / /var -xdev -context '*:unlabeled_t:*' 2>/dev/null | head -20")?;
+        ensure!(found.trim().is_empty(), "unlabeled_t files:\n{found}");
+        let counted = sh(vm, "find / /var -xdev 2>/dev/null | wc -l")?;
+        Ok(format!("0 of {} files on / and /var", counted.trim()))
+    });
+    suite.test(BOOT_TESTS[6], || {
+        let tables = sh(vm, "for f in tcp tcp6 udp udp6 raw raw6; do echo \"# $f\"; cat /proc/net/$f; done")?;
+        let listening = listening_sockets(&tables);
+        ensure!(listening.is_empty(), "sockets:\n{}", listening.join("\n"));
+        Ok("no TCP socket in LISTEN, no bound UDP or raw socket".into())
+    });
+    suite.test(BOOT_TESTS[7], || {
+        let value = sh(vm, "cat /proc/sys/kernel/sysrq")?;
+        ensure!(value.trim() == "0", "kernel.sysrq = {}", value.trim());
+        Ok("kernel.sysrq = 0".into())
+    });
+    suite.test(BOOT_TESTS[8], || {
+        let shadow = sh(vm, "cat /etc/shadow")?;
+        let open: Vec<&str> = shadow
+            .lines()
+            .filter(|l| !l.split(':').nth(1).is_some_and(|p| p.starts_with('!') || p.starts_with('*')))
+            .collect();
+        ensure!(open.is_empty(), "accounts with a usable password: {open:?}");
+        Ok(format!("{} accounts, all locked", shadow.lines().count()))
+    });
+    suite.test(BOOT_TESTS[9], || {
+        let comms = sh(vm, "cat /proc/[0-9]*/comm 2>/dev/null | sort | uniq -c")?;
+        let bad: Vec<&str> = comms
+            .lines()
+            .filter(|l| {
+                let name = l.split_whitespace().nth(1).unwrap_or("");
+                ["agetty", "getty", "login", "sulogin", "bash"].contains(&name)
+            })
+            .collect();
+        ensure!(bad.is_empty(), "processes: {bad:?}");
+        let services = sh(vm, "systemctl list-units --type=service --state=running --no-legend --plain | awk '{print $1}'")?;
+        Ok(format!("running services: {}", services.split_whitespace().collect::<Vec<_>>().join(" ")))
+    });
+    suite.test(BOOT_TESTS[10], || {
+        let mount = sh(vm, "findmnt -n -o SOURCE,FSTYPE,OPTIONS /var")?;
+        ensure!(mount.contains("ext4") && mount.contains("rw"), "/var is {mount}");
+        let label = sh(vm, "ls -Zd /var | cut -d' ' -f1")?;
+        ensure!(label.contains(":var_t:"), "/var is labelled {label}");
+        sh(vm, "touch /var/lib/airlock-write-probe && rm /var/lib/airlock-write-probe")?;
+        Ok(format!("{} ({})", mount.trim(), label.trim()))
+    });
+}
+
+/// Entries of /proc/net tables (as `cat`ed with `# name` headers) that are
+/// listening TCP sockets or bound UDP/raw sockets.
+pub fn listening_sockets(tables: &str) -> Vec<String> {
+    let mut found = Vec::new();
+    let mut table = "";
+    for line in tables.lines() {
+        if let Some(name) = line.strip_prefix("# ") {
+            table = name;
+            continue;
+        }
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        if fields.len() < 4 || fields[0] == "sl" {
+            continue;
+        }
+        let state = fields[3];
+        let is_tcp = table.starts_with("tcp");
+        if (is_tcp && state == "0A") || !is_tcp {
+            found.push(format!("{table} local {} state {state}", fields[1]));
+        }
+    }
+    found
+}
+
+fn reboot_checks(suite: &mut Suite, vm: &mut Vm, first_boot: &str) {
+    let marker = format!("airlock-acceptance-marker-{first_boot}");
+    let machine_id = sh(vm, "cat /etc/machine-id").unwrap_or_default();
+    let rebooted = (|| -> Result<String> {
+        sh(vm, &format!("echo {marker} | systemd-cat -t airlock-acceptance && journalctl --flush"))?;
+        // The reply may or may not arrive before the agent is stopped.
+        let _ = vm.agent()?.run(&["systemctl", "reboot"], Duration::from_secs(20));
+        let second = vm.agent()?.wait_ready(BOOT_TIMEOUT).map_err(|e| anyhow::anyhow!("{e}; serial ends with:\n{}", tail(&vm.serial_log(), 30)))?;
+        if second == first_boot {
+            bail!("the agent reported the same boot id after the reboot");
+        }
+        Ok(second)
+    })();
+    let second = match rebooted {
+        Ok(id) => id,
+        Err(e) => return suite.fail_all(REBOOT_TESTS, &e.context("rebooting the test machine")),
+    };
+    suite.test(REBOOT_TESTS[0], || {
+        let boots = sh(vm, "journalctl --list-boots --no-pager --no-legend | wc -l")?;
+        ensure!(boots.trim().parse::<u32>().unwrap_or(0) >= 2, "journal knows {} boots", boots.trim());
+        let found = sh(vm, "journalctl -b -1 -t airlock-acceptance -o cat --no-pager || true")?;
+        ensure!(found.contains(&marker), "marker from the first boot not found in the previous boot's journal");
+        Ok(format!("{} boots in the journal; first boot's marker found (boot {} → {})", boots.trim(), &first_boot[..8], &second[..8]))
+    });
+    suite.test(REBOOT_TESTS[1], || {
+        let now = sh(vm, "cat /etc/machine-id")?;
+        ensure!(!machine_id.trim().is_empty() && now.trim() == machine_id.trim(), "machine ID {machine_id:?} became {now:?}");
+        Ok(format!("machine ID {}", now.trim()))
+    });
+}
+
+pub fn tail(text: &str, lines: usize) -> String {
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn listening_sockets_finds_tcp_listen_and_any_udp() {
+        let tables = "# tcp\n  sl  local_address rem_address   st tx_queue\n   0: 00000000:0016 00000000:0000 0A 00000000:00000000\n   1: 0100007F:0277 0100007F:D2C4 01 00000000:00000000\n# udp\n  sl  local_address rem_address   st\n   5: 00000000:0044 00000000:0000 07 00000000:00000000\n# raw\n  sl  local_address rem_address   st\n";
+        let found = listening_sockets(tables);
+        assert_eq!(found, vec!["tcp local 00000000:0016 state 0A", "udp local 00000000:0044 state 07"]);
+        assert!(listening_sockets("# tcp\n  sl  local_address rem_address   st\n").is_empty());
+    }
+}

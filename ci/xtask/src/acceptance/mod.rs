@@ -1,0 +1,129 @@
+//! `cargo xtask acceptance`: builds (or reuses) the images, boots them under
+//! QEMU and checks, each check its own named test, what the appliance
+//! promises. Pass/fail never comes from QEMU's exit code: results come from
+//! the in-guest agent (test image) or from what the suite observes (serial
+//! console, QMP events, screendumps, the image file).
+//!
+//! Scenarios share boots to keep the suite fast under TCG: one boot of the
+//! test image serves every in-guest check, then reboots once for the
+//! persistence checks.
+
+mod boot;
+mod images;
+mod lockdown;
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::Result;
+
+pub use images::Images;
+
+/// Options of one run.
+#[derive(Debug, Clone, clap::Args)]
+pub struct AcceptanceOptions {
+    /// Where images and per-run files go.
+    #[arg(long, default_value = "target/acceptance")]
+    pub work_dir: PathBuf,
+    /// Package and tree cache shared with `airlock build`.
+    #[arg(long, default_value = airlock::cli::DEFAULT_CACHE)]
+    pub cache_dir: PathBuf,
+    /// Run only tests whose name contains this text.
+    #[arg(long)]
+    pub filter: Option<String>,
+    /// Skip the second, fresh build that checks reproducibility (~2 min).
+    #[arg(long)]
+    pub skip_reproducibility: bool,
+}
+
+/// Outcome of one test.
+pub struct TestResult {
+    pub name: String,
+    pub passed: bool,
+    pub detail: String,
+    pub seconds: f64,
+}
+
+/// Collects results; prints them as they come and as a table at the end.
+pub struct Suite {
+    filter: Option<String>,
+    results: Vec<TestResult>,
+}
+
+impl Suite {
+    pub fn new(filter: Option<String>) -> Self {
+        Suite { filter, results: Vec::new() }
+    }
+
+    /// True when `name` is selected by the filter.
+    pub fn wants(&self, name: &str) -> bool {
+        self.filter.as_deref().is_none_or(|f| name.contains(f))
+    }
+
+    /// True when any of `names` is selected (to decide whether to boot at all).
+    pub fn wants_any(&self, names: &[&str]) -> bool {
+        names.iter().any(|n| self.wants(n))
+    }
+
+    /// Runs one test: `f` returns a one-line detail on success.
+    pub fn test(&mut self, name: &str, f: impl FnOnce() -> Result<String>) {
+        if !self.wants(name) {
+            return;
+        }
+        let start = Instant::now();
+        let outcome = f();
+        let seconds = start.elapsed().as_secs_f64();
+        let (passed, detail) = match outcome {
+            Ok(detail) => (true, detail),
+            Err(e) => (false, format!("{e:#}")),
+        };
+        println!("acceptance: {} {name} ({seconds:.1}s){}", if passed { "PASS" } else { "FAIL" }, indent_detail(&detail));
+        self.results.push(TestResult { name: name.into(), passed, detail, seconds });
+    }
+
+    /// Records `names` as failed because what they need (a boot) failed.
+    pub fn fail_all(&mut self, names: &[&str], why: &anyhow::Error) {
+        for name in names {
+            self.test(name, || Err(anyhow::anyhow!("not run: {why:#}")));
+        }
+    }
+
+    pub fn failed(&self) -> usize {
+        self.results.iter().filter(|r| !r.passed).count()
+    }
+
+    pub fn print_summary(&self) {
+        println!();
+        println!("{:<58} {:>6} {:>9}", "test", "result", "seconds");
+        for r in &self.results {
+            println!("{:<58} {:>6} {:>9.1}", r.name, if r.passed { "pass" } else { "FAIL" }, r.seconds);
+        }
+        let passed = self.results.len() - self.failed();
+        println!("\n{passed} passed, {} failed", self.failed());
+    }
+}
+
+fn indent_detail(detail: &str) -> String {
+    if detail.is_empty() {
+        String::new()
+    } else {
+        format!("\n    {}", detail.trim_end().replace('\n', "\n    "))
+    }
+}
+
+/// Runs the whole suite; Ok(true) when every selected test passed.
+pub fn run(opts: &AcceptanceOptions) -> Result<bool> {
+    let started = Instant::now();
+    let mut suite = Suite::new(opts.filter.clone());
+    let images = images::prepare(&mut suite, opts)?;
+    images::image_checks(&mut suite, &images, opts);
+    boot::test_image_boots(&mut suite, &images, opts);
+    lockdown::production_boot(&mut suite, &images, opts);
+    lockdown::tampered_root(&mut suite, &images, opts);
+    suite.print_summary();
+    println!("acceptance: total {:.0}s", started.elapsed().as_secs_f64());
+    if suite.results.is_empty() {
+        anyhow::bail!("no test matched the filter {:?}", opts.filter);
+    }
+    Ok(suite.failed() == 0)
+}
