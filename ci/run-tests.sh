@@ -22,6 +22,6 @@ stage() {
 stage host-deps ci/install-host-deps.sh
 stage build cargo build --release --locked --workspace --all-targets
 stage unit+integration cargo test --release --locked --workspace
-stage acceptance cargo xtask acceptance
+stage acceptance cargo xtask acceptance --cache-dir "${AIRLOCK_CACHE_DIR:-/var/cache/airlock}"
 
 echo "== all stages passed in $(( $(date +%s) - suite_start ))s: ${timings[*]}"

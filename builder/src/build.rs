@@ -92,6 +92,9 @@ pub struct Report {
     pub image: String,
     pub image_sha256: String,
     pub root_hash: String,
+    /// Size of the erofs root filesystem and of its verity hash tree.
+    pub root_fs_bytes: u64,
+    pub root_verity_bytes: u64,
     pub kernel_version: String,
     pub kernel_cmdline: String,
     pub selinux_policy: String,
@@ -260,7 +263,6 @@ fn run_stages(
 ) -> Result<Report> {
     let manifest = manifest.clone();
     let digest = digest.to_string();
-    let p = &manifest.partitions;
     let cache = Cache { root: opts.cache.clone() };
     let mut stages = Stages::new();
     println!(
@@ -360,7 +362,9 @@ fn run_stages(
     ];
     stages.run("disk", "ESP, data filesystem, GPT", || {
         let boot_efi = trees.tools.join("usr/lib/systemd/boot/efi/systemd-bootx64.efi");
-        seal::make_esp(runner, &manifest, p.esp_mib, &boot_efi, &uki, &serde_json::to_string_pretty(&info)?, scratch, &esp_img)?;
+        let build_info = serde_json::to_string_pretty(&info)?;
+        let esp = seal::EspContents { boot_efi: &boot_efi, uki: &uki, build_info: &build_info };
+        seal::make_esp(runner, &manifest, &esp, scratch, &esp_img)?;
         seal::make_data(runner, &manifest, &var_dir, &data_img)?;
         disk::assemble(runner, &layout, &contents, &image_path)
     })?;
@@ -397,6 +401,8 @@ fn run_stages(
             image: names.image.clone(),
             image_sha256,
             root_hash: root_hash.clone(),
+            root_fs_bytes: std::fs::metadata(&root_img)?.len(),
+            root_verity_bytes: std::fs::metadata(&verity_img)?.len(),
             kernel_version: kernel_version.clone(),
             kernel_cmdline: cmdline.clone(),
             selinux_policy: policy_name.clone(),
@@ -456,7 +462,12 @@ fn reusable_report(output: &Path, names: &Outputs, digest: &str) -> Option<Repor
 
 fn print_summary(report: &Report, output: &Path) {
     println!("airlock: built {} in {:.1}s", output.join(&report.image).display(), report.total_seconds);
-    println!("airlock:   root hash {}", report.root_hash);
+    println!(
+        "airlock:   root hash {} (root filesystem {} MiB + verity {} MiB)",
+        report.root_hash,
+        report.root_fs_bytes / 1024 / 1024,
+        report.root_verity_bytes / 1024 / 1024
+    );
     println!("airlock:   {} packages, kernel {}, SELinux policy {} (enforcing)", report.packages.len(), report.kernel_version, report.selinux_policy);
     let timings: Vec<String> = report.stages.iter().map(|s| format!("{} {:.1}s", s.stage, s.seconds)).collect();
     println!("airlock:   stages: {}", timings.join(", "));

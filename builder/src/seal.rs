@@ -162,8 +162,19 @@ pub fn uki_name(manifest: &Manifest) -> String {
     format!("{}.efi", manifest.artifact_stem())
 }
 
+/// What goes onto the ESP.
+pub struct EspContents<'a> {
+    /// systemd-boot, installed as the removable-media loader `BOOTX64.EFI`.
+    pub boot_efi: &'a Path,
+    pub uki: &'a Path,
+    /// `/airlock/build.json`, read by `airlock inspect`.
+    pub build_info: &'a str,
+}
+
 /// Makes the FAT32 ESP image (no mount: mkfs.vfat + mtools).
-pub fn make_esp(runner: &Runner, manifest: &Manifest, size_mib: u64, boot_efi: &Path, uki: &Path, build_info: &str, scratch: &Path, out: &Path) -> Result<()> {
+pub fn make_esp(runner: &Runner, manifest: &Manifest, contents: &EspContents<'_>, scratch: &Path, out: &Path) -> Result<()> {
+    let EspContents { boot_efi, uki, build_info } = contents;
+    let size_mib = manifest.partitions.esp_mib;
     let sh = runner.sh();
     let volume_id = &hex::encode(derived_uuid(manifest, "esp-volume").as_bytes())[..8];
     let kib = (size_mib * 1024).to_string();

@@ -27,7 +27,11 @@ const BOOT_TESTS: &[&str] = &[
     "boot: the data partition is /var, labelled and writable",
 ];
 
-const REBOOT_TESTS: &[&str] = &["reboot: journal of the first boot survives a reboot", "reboot: machine ID stays the same across boots"];
+const REBOOT_TESTS: &[&str] = &[
+    "reboot: journal of the first boot survives a reboot",
+    "reboot: machine ID stays the same across boots",
+    "reboot: zero AVC denials over the reboot and second boot",
+];
 
 /// Runs `script` with `sh -c` in the guest; its stdout, or an error with its stderr.
 pub fn sh(vm: &mut Vm, script: &str) -> Result<String> {
@@ -81,8 +85,10 @@ fn in_guest_checks(suite: &mut Suite, vm: &mut Vm) {
     suite.test(BOOT_TESTS[1], || {
         let enforce = sh(vm, "cat /sys/fs/selinux/enforce")?;
         ensure!(enforce.trim() == "1", "/sys/fs/selinux/enforce is {enforce:?}");
-        let policy = sh(vm, "cat /sys/fs/selinux/policyvers; grep -o 'security=selinux enforcing=1' /proc/cmdline")?;
-        Ok(format!("enforce=1, policy version {}", policy.lines().next().unwrap_or("")))
+        let version = sh(vm, "cat /sys/fs/selinux/policyvers")?;
+        let cmdline = sh(vm, "cat /proc/cmdline")?;
+        ensure!(cmdline.contains("security=selinux") && cmdline.contains("enforcing=1"), "command line lacks SELinux settings: {cmdline}");
+        Ok(format!("enforce=1, kernel policy version {}, security=selinux enforcing=1 on the command line", version.trim()))
     });
     suite.test(BOOT_TESTS[2], || {
         // The kernel logs AVC denials as audit records into the journal
@@ -183,7 +189,7 @@ pub fn listening_sockets(tables: &str) -> Vec<String> {
         }
         let state = fields[3];
         let is_tcp = table.starts_with("tcp");
-        if (is_tcp && state == "0A") || !is_tcp {
+        if !is_tcp || state == "0A" {
             found.push(format!("{table} local {} state {state}", fields[1]));
         }
     }
@@ -208,11 +214,19 @@ fn reboot_checks(suite: &mut Suite, vm: &mut Vm, first_boot: &str) {
         Err(e) => return suite.fail_all(REBOOT_TESTS, &e.context("rebooting the test machine")),
     };
     suite.test(REBOOT_TESTS[0], || {
-        let boots = sh(vm, "journalctl --list-boots --no-pager --no-legend | wc -l")?;
+        let boots = sh(vm, "journalctl --list-boots --no-pager | tail -n +2 | wc -l")?;
         ensure!(boots.trim().parse::<u32>().unwrap_or(0) >= 2, "journal knows {} boots", boots.trim());
         let found = sh(vm, "journalctl -b -1 -t airlock-acceptance -o cat --no-pager || true")?;
         ensure!(found.contains(&marker), "marker from the first boot not found in the previous boot's journal");
         Ok(format!("{} boots in the journal; first boot's marker found (boot {} → {})", boots.trim(), &first_boot[..8], &second[..8]))
+    });
+    suite.test(REBOOT_TESTS[2], || {
+        // Both the shutdown of the first boot and the whole second boot.
+        let denials = sh(vm, "journalctl -b 0 -o cat --no-pager | grep 'avc:  denied' || true")?;
+        let denials = format!("{denials}{}", sh(vm, "journalctl -b -1 -o cat --no-pager | grep 'avc:  denied' || true")?);
+        let count = denials.lines().count();
+        ensure!(count == 0, "{count} AVC denials:\n{}", denials.lines().take(15).collect::<Vec<_>>().join("\n"));
+        Ok("0 denials in the first boot's shutdown and the second boot".into())
     });
     suite.test(REBOOT_TESTS[1], || {
         let now = sh(vm, "cat /etc/machine-id")?;

@@ -54,7 +54,7 @@ pub fn prepare(suite: &mut Suite, opts: &AcceptanceOptions) -> Result<Images> {
         let name = format!("builder: {} image builds from {MANIFEST}", format!("{profile:?}").to_lowercase());
         let output = dir.join(format!("{profile:?}").to_lowercase());
         let mut result = None;
-        suite.test(&name, || {
+        suite.prerequisite(&name, || {
             let (report, seconds) = build(opts, profile, &output, false)?;
             let detail = format!("{} in {seconds:.1}s, root hash {}", report.image, &report.root_hash[..16]);
             result = Some((report, seconds));
@@ -93,7 +93,7 @@ pub fn image_checks(suite: &mut Suite, images: &Images, opts: &AcceptanceOptions
         let wrong = format!("--root-hash={}", "0".repeat(64));
         let refused = cmd!(sh, "systemd-dissect --json=short {wrong} {image}").quiet().ignore_stderr().read().is_err();
         ensure!(refused, "systemd-dissect accepted the image with a wrong root hash");
-        Ok(format!("root (erofs, verity), root-verity, esp; wrong hash refused"))
+        Ok("root (erofs, verity), root-verity, esp; wrong hash refused".into())
     });
     suite.test("image: sfdisk --verify finds no error", || {
         let sh = sh()?;

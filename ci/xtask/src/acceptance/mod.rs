@@ -81,6 +81,16 @@ impl Suite {
         self.results.push(TestResult { name: name.into(), passed, detail, seconds });
     }
 
+    /// Like `test`, but runs `f` even when the filter deselects `name`
+    /// (other tests need what it makes); recorded only when selected.
+    pub fn prerequisite(&mut self, name: &str, f: impl FnOnce() -> Result<String>) {
+        if self.wants(name) {
+            self.test(name, f);
+        } else if let Err(e) = f() {
+            println!("acceptance: prerequisite `{name}` failed: {e:#}");
+        }
+    }
+
     /// Records `names` as failed because what they need (a boot) failed.
     pub fn fail_all(&mut self, names: &[&str], why: &anyhow::Error) {
         for name in names {
