@@ -77,6 +77,8 @@ pub struct BuildOptions {
     pub reuse_trees: bool,
     /// Skip the build when the output already holds an image of the same inputs.
     pub reuse_output: bool,
+    /// Site-specific overlay directories, laid over after the profile's own.
+    pub extra_overlays: Vec<PathBuf>,
     pub verbose: bool,
 }
 
@@ -203,7 +205,8 @@ pub fn build(opts: &BuildOptions) -> Result<Report> {
     if !doctor::is_root() {
         bail!("airlock build must run as root (mmdebstrap --mode=root and chroots need it)");
     }
-    let inputs = profile_inputs(&opts.source, opts.profile);
+    let mut inputs = profile_inputs(&opts.source, opts.profile);
+    inputs.overlays.extend(opts.extra_overlays.iter().cloned());
     let names = outputs(&manifest);
     let digest = input_digest(opts, &manifest_text, &inputs)?;
 

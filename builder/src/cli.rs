@@ -50,6 +50,10 @@ pub struct BuildArgs {
     /// Do nothing if the output already holds an image built from the same inputs.
     #[arg(long)]
     pub reuse: bool,
+    /// A further overlay directory laid over the image after `overlay/`
+    /// (site-specific files); may be given several times.
+    #[arg(long = "extra-overlay")]
+    pub extra_overlays: Vec<PathBuf>,
     /// Print every command and its output.
     #[arg(long, short)]
     pub verbose: bool,

@@ -29,6 +29,7 @@ pub fn run(cli: cli::Cli) -> Result<()> {
                 profile: a.profile,
                 reuse_trees: !a.fresh,
                 reuse_output: a.reuse,
+                extra_overlays: a.extra_overlays,
                 verbose: a.verbose,
             })?;
             Ok(())

@@ -12,6 +12,7 @@
 //! ([`vm::Vm::agent`]).
 
 pub mod acceptance;
+pub mod bench;
 pub mod console;
 pub mod machine;
 pub mod qmp;

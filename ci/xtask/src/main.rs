@@ -16,14 +16,24 @@ struct Cli {
 enum Cmd {
     /// Build the images, boot them under QEMU, check what the appliance promises.
     Acceptance(xtask::acceptance::AcceptanceOptions),
+    /// Benchmarks that print figures (`bench boot`).
+    #[command(subcommand)]
+    Bench(BenchCmd),
     /// Boot a disk image by hand (see --help).
     Boot(xtask::try_boot::BootOptions),
+}
+
+#[derive(Debug, Subcommand)]
+enum BenchCmd {
+    /// Boot the test image several times and print boot-time medians.
+    Boot(xtask::bench::BenchBootOptions),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match &cli.command {
         Cmd::Acceptance(opts) => xtask::acceptance::run(opts).map(|ok| if ok { 0 } else { 1 }),
+        Cmd::Bench(BenchCmd::Boot(opts)) => xtask::bench::boot(opts).map(|()| 0),
         Cmd::Boot(opts) => xtask::try_boot::boot(opts),
     };
     match result {

@@ -31,6 +31,11 @@ fn source_dir() -> PathBuf {
 
 fn build(opts: &AcceptanceOptions, profile: Profile, output: &Path, fresh: bool) -> Result<(Report, f64)> {
     let start = Instant::now();
+    // A sabotaged run lays a flawed overlay over both images.
+    let extra_overlays = match &opts.sabotage {
+        Some(flaw) => vec![source_dir().join("ci/xtask/sabotage").join(flaw)],
+        None => Vec::new(),
+    };
     let report = airlock::build::build(&BuildOptions {
         manifest_path: source_dir().join(MANIFEST),
         output: output.to_path_buf(),
@@ -39,6 +44,7 @@ fn build(opts: &AcceptanceOptions, profile: Profile, output: &Path, fresh: bool)
         profile,
         reuse_trees: !fresh,
         reuse_output: !fresh,
+        extra_overlays,
         verbose: false,
     })
     .with_context(|| format!("building the {profile:?} image"))?;
@@ -52,7 +58,11 @@ pub fn prepare(suite: &mut Suite, opts: &AcceptanceOptions) -> Result<Images> {
     let mut built = Vec::new();
     for profile in [Profile::Test, Profile::Production] {
         let name = format!("builder: {} image builds from {MANIFEST}", format!("{profile:?}").to_lowercase());
-        let output = dir.join(format!("{profile:?}").to_lowercase());
+        let variant = match &opts.sabotage {
+            Some(flaw) => format!("{profile:?}-sabotage-{flaw}"),
+            None => format!("{profile:?}"),
+        };
+        let output = dir.join(variant.to_lowercase());
         let mut result = None;
         suite.prerequisite(&name, || {
             let (report, seconds) = build(opts, profile, &output, false)?;

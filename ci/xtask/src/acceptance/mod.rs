@@ -9,7 +9,7 @@
 //! persistence checks.
 
 mod boot;
-mod images;
+pub mod images;
 mod lockdown;
 
 use std::path::PathBuf;
@@ -34,6 +34,11 @@ pub struct AcceptanceOptions {
     /// Skip the second, fresh build that checks reproducibility (~2 min).
     #[arg(long)]
     pub skip_reproducibility: bool,
+    /// Build the production image with a deliberate flaw, to see the suite
+    /// catch it: `getty` (a serial getty enabled), `avc` (a unit whose start
+    /// is denied by SELinux). The suite must then fail.
+    #[arg(long, value_parser = ["getty", "avc"])]
+    pub sabotage: Option<String>,
 }
 
 /// Outcome of one test.
