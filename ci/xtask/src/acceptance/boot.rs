@@ -25,7 +25,11 @@ const BOOT_TESTS: &[&str] = &[
     "boot: every account is locked",
     "boot: no getty, login or shell process runs",
     "boot: the data partition is /var, labelled and writable",
+    "boot: the data partition grew to fill a larger disk",
 ];
+
+/// How much the suite enlarges the test machine's disk before its first boot.
+const DISK_GROWTH: u64 = 1024 * 1024 * 1024;
 
 const REBOOT_TESTS: &[&str] = &[
     "reboot: journal of the first boot survives a reboot",
@@ -51,6 +55,9 @@ pub fn test_image_boots(suite: &mut Suite, images: &Images, opts: &AcceptanceOpt
     let machine_and_vm = || -> Result<(Machine, Vm, String)> {
         let dir = opts.work_dir.join("machines/test");
         let disk = private_copy(&images.test, &dir, "disk.raw")?;
+        // As when an image is flashed onto a disk larger than itself.
+        let file = std::fs::OpenOptions::new().write(true).open(&disk)?;
+        file.set_len(file.metadata()?.len() + DISK_GROWTH)?;
         let vars = dir.join("OVMF_VARS.fd");
         let _ = std::fs::remove_file(&vars);
         let machine = Machine::new(&disk, &vars)?;
@@ -64,8 +71,20 @@ pub fn test_image_boots(suite: &mut Suite, images: &Images, opts: &AcceptanceOpt
         Ok(x) => x,
         Err(e) => return suite.fail_all(&all, &e),
     };
-    let _ = machine;
     in_guest_checks(suite, &mut vm);
+    suite.test(BOOT_TESTS[11], || {
+        let bytes = sh(&mut vm, "df -B1 --output=size /var | tail -1")?;
+        let bytes: u64 = bytes.trim().parse().with_context(|| format!("df printed {bytes:?}"))?;
+        let initial = images.test_report.partitions.last().map(|p| p.size).unwrap_or(0);
+        ensure!(bytes > initial + DISK_GROWTH / 2, "/var is {} MiB; the partition was {} MiB and the disk grew by {} MiB", bytes >> 20, initial >> 20, DISK_GROWTH >> 20);
+        let log = sh(&mut vm, "journalctl -b -u systemd-repart.service -o cat --no-pager | grep -i 'growing' || true")?;
+        // The backup GPT must have moved to the new end of the disk.
+        let sh_host = xshell::Shell::new()?;
+        let disk = machine.disk();
+        let verify = xshell::cmd!(sh_host, "sfdisk --verify {disk}").quiet().read()?;
+        ensure!(verify.contains("No errors detected"), "sfdisk --verify after growth:\n{verify}");
+        Ok(format!("/var {} MiB (partition was {} MiB); {}; sfdisk --verify clean", bytes >> 20, initial >> 20, log.trim()))
+    });
     reboot_checks(suite, &mut vm, &first_boot);
 }
 
@@ -85,10 +104,12 @@ fn in_guest_checks(suite: &mut Suite, vm: &mut Vm) {
     suite.test(BOOT_TESTS[1], || {
         let enforce = sh(vm, "cat /sys/fs/selinux/enforce")?;
         ensure!(enforce.trim() == "1", "/sys/fs/selinux/enforce is {enforce:?}");
+        let getenforce = sh(vm, "getenforce")?;
+        ensure!(getenforce.trim() == "Enforcing", "getenforce printed {getenforce:?}");
         let version = sh(vm, "cat /sys/fs/selinux/policyvers")?;
         let cmdline = sh(vm, "cat /proc/cmdline")?;
         ensure!(cmdline.contains("security=selinux") && cmdline.contains("enforcing=1"), "command line lacks SELinux settings: {cmdline}");
-        Ok(format!("enforce=1, kernel policy version {}, security=selinux enforcing=1 on the command line", version.trim()))
+        Ok(format!("getenforce: Enforcing, enforce=1, kernel policy version {}, security=selinux enforcing=1 on the command line", version.trim()))
     });
     suite.test(BOOT_TESTS[2], || {
         // The kernel logs AVC denials as audit records into the journal

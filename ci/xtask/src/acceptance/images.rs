@@ -105,6 +105,18 @@ pub fn image_checks(suite: &mut Suite, images: &Images, opts: &AcceptanceOptions
         ensure!(refused, "systemd-dissect accepted the image with a wrong root hash");
         Ok("root (erofs, verity), root-verity, esp; wrong hash refused".into())
     });
+    suite.test("image: airlock inspect reads name, distro, root hash and partitions back", || {
+        let found = airlock::inspect::inspect(&images.production)?;
+        let report = &images.production_report;
+        ensure!(found.build.root_hash == report.root_hash, "inspect says root hash {}, report {}", found.build.root_hash, report.root_hash);
+        ensure!(found.build.kernel_cmdline == report.kernel_cmdline, "command lines differ");
+        ensure!(found.build.package_count == report.packages.len(), "package counts differ");
+        ensure!(found.partitions.len() == report.partitions.len(), "partition counts differ");
+        for (a, b) in found.partitions.iter().zip(&report.partitions) {
+            ensure!(a.uuid == b.uuid && a.type_uuid == b.type_uuid && a.label == b.label, "partition {} differs: {a:?} vs {b:?}", b.number);
+        }
+        Ok(format!("{} {} {} {}, {} partitions", found.build.name, found.build.version, found.build.distro, found.build.distro_release, found.partitions.len()))
+    });
     suite.test("image: sfdisk --verify finds no error", || {
         let sh = sh()?;
         let mut out = String::new();
