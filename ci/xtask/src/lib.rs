@@ -15,6 +15,7 @@ pub mod acceptance;
 pub mod bench;
 pub mod console;
 pub mod machine;
+pub mod plain;
 pub mod qmp;
 pub mod screen;
 pub mod try_boot;

@@ -26,7 +26,17 @@ const BOOT_TESTS: &[&str] = &[
     "boot: no getty, login or shell process runs",
     "boot: the data partition is /var, labelled and writable",
     "boot: the data partition grew to fill a larger disk",
+    "boot: units of ours score MEDIUM exposure or better (systemd-analyze security)",
 ];
+
+/// Units of ours that are exempt from the exposure check, and why.
+const EXPOSURE_EXEMPT: &[&str] = &[
+    // Test images only: runs whatever the suite asks, unconfined by design.
+    "airlock-test-agent.service",
+];
+
+/// systemd-analyze security levels that pass.
+const ACCEPTABLE_EXPOSURE: &[&str] = &["SAFE", "OK", "MEDIUM"];
 
 /// How much the suite enlarges the test machine's disk before its first boot.
 const DISK_GROWTH: u64 = 1024 * 1024 * 1024;
@@ -72,6 +82,29 @@ pub fn test_image_boots(suite: &mut Suite, images: &Images, opts: &AcceptanceOpt
         Err(e) => return suite.fail_all(&all, &e),
     };
     in_guest_checks(suite, &mut vm);
+    suite.test(BOOT_TESTS[12], || {
+        // Ours: every service unit the image ships in /etc/systemd/system
+        // (the overlay) or as /usr/lib/systemd/system/airlock-*.
+        let units = sh(&mut vm, "for f in /etc/systemd/system/*.service /usr/lib/systemd/system/airlock-*.service; do [ -f \"$f\" ] && [ ! -L \"$f\" ] && basename \"$f\"; done; true")?;
+        let ours: Vec<&str> = units.lines().map(str::trim).filter(|u| !u.is_empty() && !EXPOSURE_EXEMPT.contains(u)).collect();
+        let running = sh(&mut vm, "systemctl list-units --type=service --state=running --no-legend --plain | awk '{print $1}'")?;
+        let mut table = Vec::new();
+        let mut bad = Vec::new();
+        for unit in ours.iter().copied().chain(running.split_whitespace()) {
+            let out = sh(&mut vm, &format!("systemd-analyze security --no-pager {unit} | tail -1"))?;
+            let (score, level) = parse_exposure(&out).with_context(|| format!("unexpected systemd-analyze output for {unit}: {out}"))?;
+            let is_ours = ours.contains(&unit);
+            if is_ours && !ACCEPTABLE_EXPOSURE.contains(&level.as_str()) {
+                bad.push(format!("{unit} {score} {level}"));
+            }
+            table.push(format!("{unit:<40} {score:>4} {level:<8} {}", if is_ours { "ours" } else { "distro" }));
+        }
+        table.sort();
+        table.dedup();
+        println!("    {:<40} {:>4} {:<8} owner\n    {}", "unit", "exp.", "level", table.join("\n    "));
+        ensure!(bad.is_empty(), "units of ours above MEDIUM exposure: {bad:?}");
+        Ok(format!("{} units of ours checked (exempt: {EXPOSURE_EXEMPT:?}); table above", ours.len()))
+    });
     suite.test(BOOT_TESTS[11], || {
         let bytes = sh(&mut vm, "df -B1 --output=size /var | tail -1")?;
         let bytes: u64 = bytes.trim().parse().with_context(|| format!("df printed {bytes:?}"))?;
@@ -256,6 +289,15 @@ fn reboot_checks(suite: &mut Suite, vm: &mut Vm, first_boot: &str) {
     });
 }
 
+/// `→ Overall exposure level for x.service: 9.6 UNSAFE 😨` → (9.6, "UNSAFE").
+pub fn parse_exposure(line: &str) -> Option<(f64, String)> {
+    let rest = line.rsplit_once(": ")?.1;
+    let mut words = rest.split_whitespace();
+    let score = words.next()?.parse().ok()?;
+    let level = words.next()?.to_string();
+    Some((score, level))
+}
+
 pub fn tail(text: &str, lines: usize) -> String {
     let all: Vec<&str> = text.lines().collect();
     all[all.len().saturating_sub(lines)..].join("\n")
@@ -264,6 +306,13 @@ pub fn tail(text: &str, lines: usize) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn exposure_line_parses() {
+        let line = "→ Overall exposure level for systemd-journald.service: 4.3 OK 🙂\n";
+        assert_eq!(parse_exposure(line), Some((4.3, "OK".to_string())));
+        assert_eq!(parse_exposure("garbage"), None);
+    }
 
     #[test]
     fn listening_sockets_finds_tcp_listen_and_any_udp() {
