@@ -5,7 +5,7 @@
 //! done, the command, its exit status and the tail of its stderr — so
 //! "mmdebstrap exited 1" arrives with apt's "E: Unable to locate package foo".
 
-use std::ffi::OsStr;
+use std::ffi::{OsStr, OsString};
 use std::fs::File;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -87,12 +87,11 @@ impl Runner {
         I: IntoIterator<Item = S>,
         S: AsRef<OsStr>,
     {
-        let argv: Vec<_> = argv.into_iter().map(|a| a.as_ref().to_os_string()).collect();
-        let epoch = source_date_epoch().to_string();
+        let command = in_clean_env(argv);
         let sh = &self.sh;
         let cmd = cmd!(
             sh,
-            "unshare --mount --fork --pid --mount-proc sh -euc {CHROOT_SCRIPT} airlock-chroot {tree} {work} env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin LANG=C.UTF-8 SOURCE_DATE_EPOCH={epoch} {argv...}"
+            "unshare --mount --fork --pid --mount-proc sh -euc {CHROOT_SCRIPT} airlock-chroot {tree} {work} {command...}"
         );
         self.run(what, cmd)
     }
@@ -105,15 +104,26 @@ impl Runner {
         I: IntoIterator<Item = S>,
         S: AsRef<OsStr>,
     {
-        let argv: Vec<_> = argv.into_iter().map(|a| a.as_ref().to_os_string()).collect();
-        let epoch = source_date_epoch().to_string();
+        let command = in_clean_env(argv);
         let sh = &self.sh;
-        let cmd = cmd!(
-            sh,
-            "chroot {tree} env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin LANG=C.UTF-8 SOURCE_DATE_EPOCH={epoch} {argv...}"
-        );
-        self.run(what, cmd)
+        self.run(what, cmd!(sh, "chroot {tree} {command...}"))
     }
+}
+
+/// `argv` prefixed with `env -i` and the only variables a chroot gets:
+/// PATH, LANG and SOURCE_DATE_EPOCH.
+fn in_clean_env<I, S>(argv: I) -> Vec<OsString>
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<OsStr>,
+{
+    let mut command: Vec<OsString> = ["env", "-i", "PATH=/usr/sbin:/usr/bin:/sbin:/bin", "LANG=C.UTF-8"]
+        .iter()
+        .map(OsString::from)
+        .collect();
+    command.push(format!("SOURCE_DATE_EPOCH={}", source_date_epoch()).into());
+    command.extend(argv.into_iter().map(|a| a.as_ref().to_os_string()));
+    command
 }
 
 /// Sets up the chroot's mounts inside a private mount namespace (they vanish
@@ -187,6 +197,15 @@ mod tests {
         let runner = Runner::new(false).unwrap();
         let sh = runner.sh();
         assert_eq!(runner.run("echo", cmd!(sh, "echo hi")).unwrap(), "hi\n");
+    }
+
+    #[test]
+    fn chroot_commands_get_a_clean_environment() {
+        let command = in_clean_env(["semodule", "-n"]);
+        let shown: Vec<String> = command.iter().map(|a| a.to_string_lossy().into_owned()).collect();
+        assert_eq!(&shown[..4], ["env", "-i", "PATH=/usr/sbin:/usr/bin:/sbin:/bin", "LANG=C.UTF-8"]);
+        assert!(shown[4].starts_with("SOURCE_DATE_EPOCH="));
+        assert_eq!(&shown[5..], ["semodule", "-n"]);
     }
 
     #[test]

@@ -276,12 +276,7 @@ fn fedora_install(runner: &Runner, release: u32, repositories: &[Repository], pa
         cmd!(sh, "env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin LC_ALL=C.UTF-8 HOME={home} KERNEL_INSTALL_BYPASS=1 dnf {args...}"),
     )?;
     for rel in DNF_LEFTOVERS {
-        let path = tree.join(rel);
-        if path.is_dir() {
-            std::fs::remove_dir_all(&path)?;
-        } else if path.exists() {
-            std::fs::remove_file(&path)?;
-        }
+        crate::tree::remove_if_present(&tree.join(rel))?;
     }
     remove_unowned_dnf_dirs(runner, tree, cache)?;
     Ok(())

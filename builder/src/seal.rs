@@ -213,12 +213,7 @@ pub fn split_var(tree: &Path, dest: &Path) -> Result<()> {
     std::fs::create_dir(&var)?;
     xattr::set(&var, "security.selinux", &label).context("labelling /var mount point")?;
     for rel in VAR_EXCLUDED {
-        let path = dest.join(rel);
-        if path.is_dir() {
-            std::fs::remove_dir_all(&path)?;
-        } else if path.exists() {
-            std::fs::remove_file(&path)?;
-        }
+        crate::tree::remove_if_present(&dest.join(rel))?;
     }
     Ok(())
 }

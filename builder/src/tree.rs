@@ -60,6 +60,17 @@ pub fn install_binaries(runner: &Runner, workspace: &Path, tree: &Path, binaries
     Ok(())
 }
 
+/// Removes a file or a directory tree; nothing to do if it is absent.
+pub fn remove_if_present(path: &Path) -> Result<()> {
+    let removed = match std::fs::symlink_metadata(path) {
+        Ok(meta) if meta.is_dir() => std::fs::remove_dir_all(path),
+        Ok(_) => std::fs::remove_file(path),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e),
+    };
+    removed.with_context(|| format!("removing {}", path.display()))
+}
+
 /// Locks every account in a shadow file: the password field becomes `!*`
 /// (no password can ever match), so rescue and emergency mode give no shell.
 pub fn lock_all_accounts(shadow: &str) -> String {
@@ -271,6 +282,19 @@ pub fn label_gate(tree: &Path) -> Result<BTreeMap<String, usize>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn remove_if_present_takes_files_dirs_and_absence() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("f");
+        let sub = dir.path().join("d/e");
+        std::fs::write(&file, "x").unwrap();
+        std::fs::create_dir_all(&sub).unwrap();
+        remove_if_present(&file).unwrap();
+        remove_if_present(&dir.path().join("d")).unwrap();
+        remove_if_present(&dir.path().join("missing")).unwrap();
+        assert!(!file.exists() && !dir.path().join("d").exists());
+    }
 
     #[test]
     fn every_account_is_locked() {
