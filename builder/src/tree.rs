@@ -72,14 +72,20 @@ pub fn remove_if_present(path: &Path) -> Result<()> {
 }
 
 /// Locks every account in a shadow file: the password field becomes `!*`
-/// (no password can ever match), so rescue and emergency mode give no shell.
-pub fn lock_all_accounts(shadow: &str) -> String {
+/// (no password can ever match), so rescue and emergency mode give no
+/// shell. The "last changed" day, which the bootstrap sets to the day it
+/// ran, becomes `last_change_day` so the same inputs give the same root.
+pub fn lock_all_accounts(shadow: &str, last_change_day: u64) -> String {
+    let day = last_change_day.to_string();
     shadow
         .lines()
         .map(|line| {
             let mut fields: Vec<&str> = line.split(':').collect();
             if fields.len() >= 2 {
                 fields[1] = "!*";
+            }
+            if fields.len() >= 3 && !fields[2].is_empty() {
+                fields[2] = &day;
             }
             fields.join(":")
         })
@@ -96,7 +102,8 @@ pub fn lock_accounts(tree: &Path) -> Result<()> {
             continue;
         }
         let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
-        std::fs::write(&path, lock_all_accounts(&text)).with_context(|| format!("writing {}", path.display()))?;
+        let day = crate::exec::source_date_epoch() / 86_400;
+        std::fs::write(&path, lock_all_accounts(&text, day)).with_context(|| format!("writing {}", path.display()))?;
     }
     Ok(())
 }
@@ -299,12 +306,13 @@ mod tests {
     #[test]
     fn every_account_is_locked() {
         let shadow = "root:*:20000:0:99999:7:::\nsystemd-network:!*:20000::::::\nalice:$y$j9T$abc:20000:0:99999:7:::";
-        let locked = lock_all_accounts(shadow);
+        let locked = lock_all_accounts(shadow, 20089);
         for line in locked.lines() {
             assert_eq!(line.split(':').nth(1), Some("!*"), "{line}");
+            assert_eq!(line.split(':').nth(2), Some("20089"), "{line}");
         }
         assert_eq!(locked.lines().count(), 3);
-        assert!(locked.starts_with("root:!*:20000:0:99999:7:::\n"));
+        assert!(locked.starts_with("root:!*:20089:0:99999:7:::\n"));
     }
 
     #[test]
