@@ -1,0 +1,1021 @@
+//! The appliance configuration: two guests (`[guest.classified]`,
+//! `[guest.general]`) and the supervisor's own settings (`[supervisor]`).
+//!
+//! Read in three stages: each file is parsed strictly into a raw layer
+//! (`deny_unknown_fields`, every value keeps its span), the shipped file
+//! (`/etc/airlock/appliance.toml`, read-only root) and the provisioning file
+//! (`/var/lib/airlock/provision/appliance.toml`, writable `/var`) are merged
+//! with the later one winning, and the result is validated into [`Config`].
+//! Every error names the file, the line and the key.
+//!
+//! The provisioning file sits on the writable data partition, so it may only
+//! set machine-specific values (disk, memory, vCPUs, limits, MAC address); it
+//! can never add a device, change the accelerator, the firmware, the user a
+//! guest runs as, or anything of the supervisor. Device allow-lists are
+//! refused, not filtered: the classified guest may never have a USB
+//! controller, CD/DVD drive, sound device (P11); no guest gets a floppy,
+//! parallel or serial port, or a shared folder.
+
+use std::ops::Range;
+use std::path::{Component, Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use toml::Spanned;
+
+/// The shipped configuration, on the read-only root.
+pub const SHIPPED_CONFIG: &str = "/etc/airlock/appliance.toml";
+/// Machine-specific values written at provisioning, on `/var`.
+pub const PROVISION_CONFIG: &str = "/var/lib/airlock/provision/appliance.toml";
+
+/// Longest path a unix socket address can hold (`sun_path` minus the NUL).
+const MAX_SOCKET_PATH: usize = 107;
+
+/// Memory QEMU itself needs above the guest's RAM; `memory_max_mib` must
+/// leave at least this much room or the guest is killed while booting.
+pub const QEMU_OVERHEAD_MIB: u64 = 64;
+/// Default headroom of the memory ceiling above the guest's RAM.
+const DEFAULT_MEMORY_HEADROOM_MIB: u64 = 512;
+
+/// Which of the two domains a guest belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, PartialOrd, Ord)]
+#[serde(rename_all = "lowercase")]
+pub enum Side {
+    Classified,
+    General,
+}
+
+impl Side {
+    pub const ALL: [Side; 2] = [Side::Classified, Side::General];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Side::Classified => "classified",
+            Side::General => "general",
+        }
+    }
+}
+
+impl std::fmt::Display for Side {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// A device a guest may be given (its allow-list names these).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Device {
+    /// Absolute pointer (`virtio-tablet-pci`); no USB involved.
+    Tablet,
+    /// A USB controller (`qemu-xhci`) with a USB tablet on it.
+    Usb,
+    /// An empty, read-only CD/DVD drive.
+    Cdrom,
+    /// Sound output (HD audio, playback only).
+    Sound,
+    /// Sound output and input (HD audio duplex).
+    SoundCapture,
+    Floppy,
+    Parallel,
+    /// A serial port (e.g. for a serial printer).
+    Serial,
+    /// A host folder shared into the guest.
+    SharedFolder,
+}
+
+impl Device {
+    pub fn name(self) -> &'static str {
+        match self {
+            Device::Tablet => "tablet",
+            Device::Usb => "usb",
+            Device::Cdrom => "cdrom",
+            Device::Sound => "sound",
+            Device::SoundCapture => "sound-capture",
+            Device::Floppy => "floppy",
+            Device::Parallel => "parallel",
+            Device::Serial => "serial",
+            Device::SharedFolder => "shared-folder",
+        }
+    }
+
+    /// Why `side` may not have this device, or `None` if it may.
+    pub fn refusal(self, side: Side) -> Option<&'static str> {
+        match (self, side) {
+            (Device::Floppy | Device::Parallel | Device::Serial, _) => {
+                Some("airlock gives no guest a floppy drive, parallel or serial port (removable media and printing stay outside)")
+            }
+            (Device::SharedFolder, _) => Some("airlock never shares a host folder with a guest (no file ever crosses)"),
+            (Device::Usb, Side::Classified) => Some("the classified guest may not have a USB controller (P11: no removable media)"),
+            (Device::Cdrom, Side::Classified) => Some("the classified guest may not have a CD/DVD drive (P11: no removable media)"),
+            (Device::Sound | Device::SoundCapture, Side::Classified) => {
+                Some("the classified guest may not have a sound device (P11: no sound capture)")
+            }
+            (Device::Tablet | Device::Usb | Device::Cdrom | Device::Sound | Device::SoundCapture, _) => None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Accel {
+    Kvm,
+    /// Emulation; only with `supervisor.test_mode` (the kiosk says so plainly
+    /// on a real PC without KVM instead of crawling).
+    Tcg,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DiskFormat {
+    Raw,
+    Qcow2,
+}
+
+impl DiskFormat {
+    pub fn name(self) -> &'static str {
+        match self {
+            DiskFormat::Raw => "raw",
+            DiskFormat::Qcow2 => "qcow2",
+        }
+    }
+}
+
+/// What the guest's real-time clock counts (Windows expects local time).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Rtc {
+    Localtime,
+    Utc,
+}
+
+// ---------------------------------------------------------------- raw layer
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFile {
+    supervisor: Option<RawSupervisor>,
+    guest: Option<RawGuests>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSupervisor {
+    run_dir: Option<Spanned<String>>,
+    state_dir: Option<Spanned<String>>,
+    log_dir: Option<Spanned<String>>,
+    qemu: Option<Spanned<String>>,
+    cgroup: Option<Spanned<String>>,
+    strict_limits: Option<Spanned<bool>>,
+    poweroff_command: Option<Spanned<Vec<String>>>,
+    shutdown_timeout_secs: Option<Spanned<u64>>,
+    control_group: Option<Spanned<String>>,
+    test_mode: Option<Spanned<bool>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawGuests {
+    classified: Option<RawGuest>,
+    general: Option<RawGuest>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawGuest {
+    disk: Option<Spanned<String>>,
+    disk_format: Option<Spanned<DiskFormat>>,
+    memory_mib: Option<Spanned<u64>>,
+    vcpus: Option<Spanned<u32>>,
+    accel: Option<Spanned<Accel>>,
+    user: Option<Spanned<String>>,
+    rtc: Option<Spanned<Rtc>>,
+    devices: Option<Spanned<Vec<Spanned<Device>>>>,
+    limits: Option<RawLimits>,
+    firmware: Option<RawFirmware>,
+    network: Option<RawNetwork>,
+    test_boot: Option<RawTestBoot>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLimits {
+    cpu_percent: Option<Spanned<u32>>,
+    memory_max_mib: Option<Spanned<u64>>,
+    io_read_bps: Option<Spanned<u64>>,
+    io_write_bps: Option<Spanned<u64>>,
+    io_read_iops: Option<Spanned<u64>>,
+    io_write_iops: Option<Spanned<u64>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFirmware {
+    code: Option<Spanned<String>>,
+    vars_template: Option<Spanned<String>>,
+    vars: Option<Spanned<String>>,
+    tpm: Option<Spanned<bool>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawNetwork {
+    enabled: Option<Spanned<bool>>,
+    tap: Option<Spanned<String>>,
+    bridge: Option<Spanned<String>>,
+    mac: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTestBoot {
+    kernel: Option<Spanned<String>>,
+    initrd: Option<Spanned<String>>,
+    append: Option<Spanned<String>>,
+}
+
+// ---------------------------------------------------------------- validated
+
+/// The validated configuration.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Config {
+    pub supervisor: Supervisor,
+    pub classified: Guest,
+    pub general: Guest,
+}
+
+impl Config {
+    pub fn guest(&self, side: Side) -> &Guest {
+        match side {
+            Side::Classified => &self.classified,
+            Side::General => &self.general,
+        }
+    }
+}
+
+/// Where the supervisor puts the guests' cgroups.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub enum CgroupRoot {
+    /// The supervisor's own (delegated) cgroup, from `/proc/self/cgroup`.
+    Auto,
+    /// An explicit cgroup v2 directory (tests).
+    Path(PathBuf),
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Supervisor {
+    pub run_dir: PathBuf,
+    pub state_dir: PathBuf,
+    pub log_dir: PathBuf,
+    pub qemu: PathBuf,
+    pub cgroup: CgroupRoot,
+    /// Refuse to start a guest whose configured limits cannot all be applied.
+    pub strict_limits: bool,
+    /// Run when both guests have powered themselves off.
+    pub poweroff_command: Vec<String>,
+    /// How long a host shutdown waits for the guests after ACPI power-down.
+    pub shutdown_timeout: Duration,
+    /// Group that may connect to the control socket (kiosk, update agent).
+    pub control_group: String,
+    /// Test images and host tests: TCG allowed, kernel boot allowed, a logged
+    /// serial console and the test agent port.
+    pub test_mode: bool,
+}
+
+impl Supervisor {
+    pub fn control_socket(&self) -> PathBuf {
+        self.run_dir.join("control.sock")
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Guest {
+    pub side: Side,
+    pub disk: PathBuf,
+    pub disk_format: DiskFormat,
+    pub memory_mib: u64,
+    pub vcpus: u32,
+    pub accel: Accel,
+    /// The unprivileged user QEMU runs as.
+    pub user: String,
+    pub rtc: Rtc,
+    /// The allow-list, in configuration order, without duplicates.
+    pub devices: Vec<Device>,
+    pub limits: Limits,
+    pub boot: Boot,
+    pub network: Option<Network>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Limits {
+    /// `cpu.max` quota as a percentage of one CPU (200 = two CPUs' worth).
+    pub cpu_percent: u32,
+    /// `memory.max`, MiB.
+    pub memory_max_mib: u64,
+    pub io: IoLimits,
+}
+
+/// Disk bandwidth (bytes/s) and operations per second; `None` = unlimited.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct IoLimits {
+    pub read_bps: Option<u64>,
+    pub write_bps: Option<u64>,
+    pub read_iops: Option<u64>,
+    pub write_iops: Option<u64>,
+}
+
+impl IoLimits {
+    pub fn is_unlimited(&self) -> bool {
+        *self == IoLimits::default()
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub enum Boot {
+    /// UEFI (OVMF) from the guest's disk: production.
+    Firmware(Firmware),
+    /// Direct kernel boot: test guests only.
+    Kernel { kernel: PathBuf, initrd: PathBuf, append: String },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Firmware {
+    pub code: PathBuf,
+    /// Copied to `vars` the first time the guest starts.
+    pub vars_template: PathBuf,
+    /// The guest's own UEFI variable store, next to its disk.
+    pub vars: PathBuf,
+    /// A vTPM (swtpm) for Windows 11.
+    pub tpm: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Network {
+    pub tap: String,
+    pub bridge: String,
+    pub mac: Option<String>,
+}
+
+// ---------------------------------------------------------------- errors
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("reading {file}: {source}")]
+    Read {
+        file: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// Syntax, an unknown key or a value of the wrong type; toml's message
+    /// already names the line, column and key.
+    #[error("{file}: {message}")]
+    Parse { file: String, message: String },
+    #[error("{file}, line {line}: `{key}`: {message}")]
+    Invalid { file: String, line: usize, key: String, message: String },
+    #[error("{file}: `{key}` is missing: {message}")]
+    Missing { file: String, key: String, message: String },
+}
+
+// ---------------------------------------------------------------- loading
+
+/// One parsed file.
+struct Layer {
+    file: String,
+    text: String,
+    raw: RawFile,
+    /// The provisioning layer (restricted keys).
+    provisioning: bool,
+}
+
+impl Layer {
+    fn parse(file: &str, text: &str, provisioning: bool) -> Result<Layer, ConfigError> {
+        let raw: RawFile = toml::from_str(text)
+            .map_err(|e| ConfigError::Parse { file: file.to_owned(), message: e.to_string().trim_end().to_owned() })?;
+        Ok(Layer { file: file.to_owned(), text: text.to_owned(), raw, provisioning })
+    }
+
+    fn line(&self, span: &Range<usize>) -> usize {
+        self.text[..span.start.min(self.text.len())].matches('\n').count() + 1
+    }
+
+    /// The span of the line that opens table `header` (e.g. `supervisor`,
+    /// `guest.general.firmware`), or of its first dotted key.
+    fn table_span(&self, header: &str) -> Range<usize> {
+        let mut offset = 0;
+        for line in self.text.split_inclusive('\n') {
+            let t = line.trim_start();
+            let table = t.strip_prefix('[').map(|r| r.trim_start_matches('[').trim_start());
+            let hit = match table {
+                Some(rest) => rest.starts_with(header) && rest[header.len()..].starts_with([']', '.', ' ']),
+                None => t.starts_with(header) && t[header.len()..].starts_with(['.', ' ', '=']),
+            };
+            if hit {
+                return offset..offset;
+            }
+            offset += line.len();
+        }
+        0..0
+    }
+
+    fn invalid(&self, span: &Range<usize>, key: &str, message: impl Into<String>) -> ConfigError {
+        ConfigError::Invalid { file: self.file.clone(), line: self.line(span), key: key.to_owned(), message: message.into() }
+    }
+
+    fn guest(&self, side: Side) -> Option<&RawGuest> {
+        let guests = self.raw.guest.as_ref()?;
+        match side {
+            Side::Classified => guests.classified.as_ref(),
+            Side::General => guests.general.as_ref(),
+        }
+    }
+}
+
+/// A value and the layer it came from.
+struct Found<'a, T> {
+    value: &'a T,
+    layer: &'a Layer,
+    span: Range<usize>,
+}
+
+impl<T> Found<'_, T> {
+    fn invalid(&self, key: &str, message: impl Into<String>) -> ConfigError {
+        self.layer.invalid(&self.span, key, message)
+    }
+}
+
+/// The last layer that sets a value wins.
+fn pick<'a, T: 'a>(layers: &'a [Layer], get: impl Fn(&'a Layer) -> Option<&'a Spanned<T>>) -> Option<Found<'a, T>> {
+    layers.iter().rev().find_map(|layer| get(layer).map(|s| Found { value: s.get_ref(), layer, span: s.span() }))
+}
+
+/// Reads the shipped configuration and, if it exists, the provisioning file.
+pub fn load(shipped: &Path, provisioning: Option<&Path>) -> Result<Config, ConfigError> {
+    let read = |path: &Path| {
+        std::fs::read_to_string(path).map_err(|source| ConfigError::Read { file: path.display().to_string(), source })
+    };
+    let shipped_text = read(shipped)?;
+    let mut texts = vec![(shipped.display().to_string(), shipped_text, false)];
+    if let Some(path) = provisioning {
+        match std::fs::read_to_string(path) {
+            Ok(text) => texts.push((path.display().to_string(), text, true)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(source) => return Err(ConfigError::Read { file: path.display().to_string(), source }),
+        }
+    }
+    let refs: Vec<(&str, &str, bool)> = texts.iter().map(|(f, t, p)| (f.as_str(), t.as_str(), *p)).collect();
+    parse_layers(&refs)
+}
+
+/// Parses and validates a single configuration text (no provisioning layer).
+pub fn parse(file: &str, text: &str) -> Result<Config, ConfigError> {
+    parse_layers(&[(file, text, false)])
+}
+
+/// Parses and validates layers `(file name, text, is_provisioning)`, later
+/// layers overriding earlier ones.
+pub fn parse_layers(texts: &[(&str, &str, bool)]) -> Result<Config, ConfigError> {
+    let layers = texts.iter().map(|(f, t, p)| Layer::parse(f, t, *p)).collect::<Result<Vec<_>, _>>()?;
+    for layer in layers.iter().filter(|l| l.provisioning) {
+        check_provisioning_keys(layer)?;
+    }
+    let supervisor = resolve_supervisor(&layers)?;
+    let classified = resolve_guest(&layers, Side::Classified, &supervisor)?;
+    let general = resolve_guest(&layers, Side::General, &supervisor)?;
+    if !supervisor.test_mode && classified.user == general.user {
+        let found = pick(&layers, |l| l.guest(Side::General)?.user.as_ref());
+        let message = "both guests would run as the same user; each side needs its own";
+        return Err(match found {
+            Some(f) => f.invalid("guest.general.user", message),
+            None => ConfigError::Missing { file: layers[0].file.clone(), key: "guest.general.user".into(), message: message.into() },
+        });
+    }
+    Ok(Config { supervisor, classified, general })
+}
+
+/// The provisioning file may only set machine-specific values.
+fn check_provisioning_keys(layer: &Layer) -> Result<(), ConfigError> {
+    let only_shipped = "may only be set in the shipped configuration (the provisioning file on /var may set disk, disk_format, memory_mib, vcpus, limits and network.mac)";
+    if let Some(s) = &layer.raw.supervisor {
+        let _ = s;
+        return Err(layer.invalid(&layer.table_span("supervisor"), "supervisor", only_shipped));
+    }
+    for side in Side::ALL {
+        let Some(g) = layer.guest(side) else { continue };
+        let p = |k: &str| format!("guest.{side}.{k}");
+        let spans: [(&str, Option<Range<usize>>); 7] = [
+            ("accel", g.accel.as_ref().map(Spanned::span)),
+            ("user", g.user.as_ref().map(Spanned::span)),
+            ("rtc", g.rtc.as_ref().map(Spanned::span)),
+            ("devices", g.devices.as_ref().map(Spanned::span)),
+            ("firmware", g.firmware.as_ref().map(|_| layer.table_span(&p("firmware")))),
+            ("test_boot", g.test_boot.as_ref().map(|_| layer.table_span(&p("test_boot")))),
+            ("network", None),
+        ];
+        for (key, span) in spans {
+            if let Some(span) = span {
+                return Err(layer.invalid(&span, &p(key), only_shipped));
+            }
+        }
+        if let Some(net) = &g.network {
+            for (key, span) in [
+                ("enabled", net.enabled.as_ref().map(Spanned::span)),
+                ("tap", net.tap.as_ref().map(Spanned::span)),
+                ("bridge", net.bridge.as_ref().map(Spanned::span)),
+            ] {
+                if let Some(span) = span {
+                    return Err(layer.invalid(&span, &p(&format!("network.{key}")), only_shipped));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+fn resolve_supervisor(layers: &[Layer]) -> Result<Supervisor, ConfigError> {
+    fn sup(l: &Layer) -> Option<&RawSupervisor> {
+        l.raw.supervisor.as_ref()
+    }
+    let dir = |key: &'static str, default: &str, get: fn(&RawSupervisor) -> Option<&Spanned<String>>| {
+        match pick(layers, |l| sup(l).and_then(get)) {
+            Some(f) => absolute_path(&f, &format!("supervisor.{key}")),
+            None => Ok(PathBuf::from(default)),
+        }
+    };
+    let run_dir = dir("run_dir", "/run/airlock", |s| s.run_dir.as_ref())?;
+    let state_dir = dir("state_dir", "/var/lib/airlock", |s| s.state_dir.as_ref())?;
+    let log_dir = dir("log_dir", "/var/log/airlock", |s| s.log_dir.as_ref())?;
+    let qemu = dir("qemu", "/usr/bin/qemu-system-x86_64", |s| s.qemu.as_ref())?;
+    let cgroup = match pick(layers, |l| sup(l)?.cgroup.as_ref()) {
+        None => CgroupRoot::Auto,
+        Some(f) if f.value == "auto" => CgroupRoot::Auto,
+        Some(f) => {
+            let path = absolute_path(&f, "supervisor.cgroup")?;
+            if !path.starts_with("/sys/fs/cgroup") {
+                return Err(f.invalid("supervisor.cgroup", "must be \"auto\" or a directory under /sys/fs/cgroup"));
+            }
+            CgroupRoot::Path(path)
+        }
+    };
+    let strict_limits = !pick(layers, |l| sup(l)?.strict_limits.as_ref()).is_some_and(|f| !*f.value);
+    let poweroff_command = match pick(layers, |l| sup(l)?.poweroff_command.as_ref()) {
+        None => vec!["/usr/bin/systemctl".to_owned(), "poweroff".to_owned()],
+        Some(f) => {
+            match f.value.first() {
+                None => return Err(f.invalid("supervisor.poweroff_command", "must name a program")),
+                Some(p) if !p.starts_with('/') => {
+                    return Err(f.invalid("supervisor.poweroff_command", format!("{p:?}: the program must be an absolute path")))
+                }
+                Some(_) => {}
+            }
+            f.value.clone()
+        }
+    };
+    let shutdown_timeout = match pick(layers, |l| sup(l)?.shutdown_timeout_secs.as_ref()) {
+        None => Duration::from_secs(90),
+        Some(f) if !(1..=3600).contains(f.value) => {
+            return Err(f.invalid("supervisor.shutdown_timeout_secs", format!("{} is outside 1..=3600", f.value)))
+        }
+        Some(f) => Duration::from_secs(*f.value),
+    };
+    let control_group = match pick(layers, |l| sup(l)?.control_group.as_ref()) {
+        None => "airlock-control".to_owned(),
+        Some(f) => {
+            check_name(f.value).map_err(|why| f.invalid("supervisor.control_group", why))?;
+            f.value.clone()
+        }
+    };
+    let test_mode = pick(layers, |l| sup(l)?.test_mode.as_ref()).is_some_and(|f| *f.value);
+    let supervisor = Supervisor {
+        run_dir,
+        state_dir,
+        log_dir,
+        qemu,
+        cgroup,
+        strict_limits,
+        poweroff_command,
+        shutdown_timeout,
+        control_group,
+        test_mode,
+    };
+    // Longest socket path: <run_dir>/classified/vdagent.sock.
+    let longest = supervisor.run_dir.join("classified").join("display.sock");
+    if longest.as_os_str().len() > MAX_SOCKET_PATH {
+        let f = pick(layers, |l| sup(l)?.run_dir.as_ref()).expect("the default run_dir is short");
+        return Err(f.invalid("supervisor.run_dir", format!("too long: {} exceeds a unix socket's {MAX_SOCKET_PATH} bytes", longest.display())));
+    }
+    Ok(supervisor)
+}
+
+fn resolve_guest(layers: &[Layer], side: Side, sup: &Supervisor) -> Result<Guest, ConfigError> {
+    let key = |k: &str| format!("guest.{side}.{k}");
+    if !layers.iter().any(|l| l.guest(side).is_some()) {
+        return Err(ConfigError::Missing {
+            file: layers[0].file.clone(),
+            key: format!("guest.{side}"),
+            message: "the appliance runs exactly two guests, [guest.classified] and [guest.general]".into(),
+        });
+    }
+    let disk_dir = sup.state_dir.join(side.name()).join("disk");
+
+    let disk = match pick(layers, |l| l.guest(side)?.disk.as_ref()) {
+        Some(f) => {
+            let path = absolute_path(&f, &key("disk"))?;
+            if !path.starts_with(&disk_dir) || path == disk_dir {
+                return Err(f.invalid(&key("disk"), format!("{} is not inside {}", path.display(), disk_dir.display())));
+            }
+            path
+        }
+        None => {
+            return Err(ConfigError::Missing {
+                file: layers[0].file.clone(),
+                key: key("disk"),
+                message: format!("the guest's disk image, inside {}", disk_dir.display()),
+            })
+        }
+    };
+    let disk_format = pick(layers, |l| l.guest(side)?.disk_format.as_ref()).map_or(DiskFormat::Qcow2, |f| *f.value);
+
+    let memory_mib = match pick(layers, |l| l.guest(side)?.memory_mib.as_ref()) {
+        None => 4096,
+        Some(f) if !(64..=1_048_576).contains(f.value) => {
+            return Err(f.invalid(&key("memory_mib"), format!("{} MiB is outside 64..=1048576", f.value)))
+        }
+        Some(f) => *f.value,
+    };
+    let vcpus = match pick(layers, |l| l.guest(side)?.vcpus.as_ref()) {
+        None => 2,
+        Some(f) if !(1..=256).contains(f.value) => return Err(f.invalid(&key("vcpus"), format!("{} is outside 1..=256", f.value))),
+        Some(f) => *f.value,
+    };
+    let accel = match pick(layers, |l| l.guest(side)?.accel.as_ref()) {
+        None => Accel::Kvm,
+        Some(f) if *f.value == Accel::Tcg && !sup.test_mode => {
+            return Err(f.invalid(&key("accel"), "\"tcg\" is only allowed with supervisor.test_mode = true"))
+        }
+        Some(f) => *f.value,
+    };
+    let user = match pick(layers, |l| l.guest(side)?.user.as_ref()) {
+        None => format!("airlock-{side}"),
+        Some(f) => {
+            check_name(f.value).map_err(|why| f.invalid(&key("user"), why))?;
+            if f.value == "root" {
+                return Err(f.invalid(&key("user"), "QEMU never runs as root"));
+            }
+            f.value.clone()
+        }
+    };
+    let rtc = pick(layers, |l| l.guest(side)?.rtc.as_ref()).map_or(Rtc::Localtime, |f| *f.value);
+
+    let mut devices = Vec::new();
+    if let Some(f) = pick(layers, |l| l.guest(side)?.devices.as_ref()) {
+        for entry in f.value {
+            let device = *entry.get_ref();
+            if let Some(why) = device.refusal(side) {
+                return Err(f.layer.invalid(&entry.span(), &key("devices"), format!("\"{}\": {why}", device.name())));
+            }
+            if devices.contains(&device) {
+                return Err(f.layer.invalid(&entry.span(), &key("devices"), format!("\"{}\" is listed twice", device.name())));
+            }
+            devices.push(device);
+        }
+    }
+
+    fn lim(l: &Layer, side: Side) -> Option<&RawLimits> {
+        l.guest(side)?.limits.as_ref()
+    }
+    let cpu_percent = match pick(layers, |l| lim(l, side)?.cpu_percent.as_ref()) {
+        None => 100 * vcpus,
+        Some(f) if !(1..=25_600).contains(f.value) => {
+            return Err(f.invalid(&key("limits.cpu_percent"), format!("{} is outside 1..=25600 (percent of one CPU)", f.value)))
+        }
+        Some(f) => *f.value,
+    };
+    let memory_max_mib = match pick(layers, |l| lim(l, side)?.memory_max_mib.as_ref()) {
+        None => memory_mib + DEFAULT_MEMORY_HEADROOM_MIB,
+        Some(f) if *f.value < memory_mib + QEMU_OVERHEAD_MIB => {
+            return Err(f.invalid(
+                &key("limits.memory_max_mib"),
+                format!("{} MiB leaves QEMU no room above the guest's {memory_mib} MiB (needs at least {})", f.value, memory_mib + QEMU_OVERHEAD_MIB),
+            ))
+        }
+        Some(f) => *f.value,
+    };
+    let io_limit = |name: &str, get: fn(&RawLimits) -> Option<&Spanned<u64>>| -> Result<Option<u64>, ConfigError> {
+        match pick(layers, |l| get(lim(l, side)?)) {
+            None => Ok(None),
+            Some(f) if *f.value == 0 => Err(f.invalid(&key(&format!("limits.{name}")), "must be positive (leave it out for no limit)")),
+            Some(f) => Ok(Some(*f.value)),
+        }
+    };
+    let io = IoLimits {
+        read_bps: io_limit("io_read_bps", |l| l.io_read_bps.as_ref())?,
+        write_bps: io_limit("io_write_bps", |l| l.io_write_bps.as_ref())?,
+        read_iops: io_limit("io_read_iops", |l| l.io_read_iops.as_ref())?,
+        write_iops: io_limit("io_write_iops", |l| l.io_write_iops.as_ref())?,
+    };
+
+    fn fw(l: &Layer, side: Side) -> Option<&RawFirmware> {
+        l.guest(side)?.firmware.as_ref()
+    }
+    let test_boot = layers.iter().rev().find_map(|l| l.guest(side)?.test_boot.as_ref().map(|tb| (l, tb)));
+    let boot = match test_boot {
+        Some((layer, _)) if !sup.test_mode => {
+            let span = layer.table_span(&key("test_boot"));
+            return Err(layer.invalid(&span, &key("test_boot"), "direct kernel boot is only allowed with supervisor.test_mode = true"));
+        }
+        Some((layer, tb)) => {
+            let need = |name: &str, v: &Option<Spanned<String>>| -> Result<PathBuf, ConfigError> {
+                match v {
+                    Some(s) => absolute_path(&Found { value: s.get_ref(), layer, span: s.span() }, &key(&format!("test_boot.{name}"))),
+                    None => Err(layer.invalid(&layer.table_span(&key("test_boot")), &key(&format!("test_boot.{name}")), "is missing")),
+                }
+            };
+            Boot::Kernel {
+                kernel: need("kernel", &tb.kernel)?,
+                initrd: need("initrd", &tb.initrd)?,
+                append: tb.append.as_ref().map_or_else(String::new, |s| s.get_ref().clone()),
+            }
+        }
+        None => {
+            let path = |name: &str, default: PathBuf, get: fn(&RawFirmware) -> Option<&Spanned<String>>| {
+                match pick(layers, |l| get(fw(l, side)?)) {
+                    Some(f) => absolute_path(&f, &key(&format!("firmware.{name}"))),
+                    None => Ok(default),
+                }
+            };
+            let code = path("code", "/usr/share/OVMF/OVMF_CODE_4M.fd".into(), |f| f.code.as_ref())?;
+            let vars_template = path("vars_template", "/usr/share/OVMF/OVMF_VARS_4M.fd".into(), |f| f.vars_template.as_ref())?;
+            let vars = path("vars", disk_dir.join("OVMF_VARS.fd"), |f| f.vars.as_ref())?;
+            if !vars.starts_with(&disk_dir) {
+                let f = pick(layers, |l| fw(l, side)?.vars.as_ref()).expect("the default is inside");
+                return Err(f.invalid(&key("firmware.vars"), format!("{} is not inside {}", vars.display(), disk_dir.display())));
+            }
+            let tpm = pick(layers, |l| fw(l, side)?.tpm.as_ref()).is_some_and(|f| *f.value);
+            Boot::Firmware(Firmware { code, vars_template, vars, tpm })
+        }
+    };
+
+    fn net(l: &Layer, side: Side) -> Option<&RawNetwork> {
+        l.guest(side)?.network.as_ref()
+    }
+    let network = if pick(layers, |l| net(l, side)?.enabled.as_ref()).is_some_and(|f| !*f.value) {
+        None
+    } else {
+        let name = |field: &str, default: String, get: fn(&RawNetwork) -> Option<&Spanned<String>>| match pick(layers, |l| get(net(l, side)?)) {
+            None => Ok(default),
+            Some(f) => {
+                check_ifname(f.value).map_err(|why| f.invalid(&key(&format!("network.{field}")), why))?;
+                Ok(f.value.clone())
+            }
+        };
+        let tap = name("tap", format!("tap-{side}"), |n| n.tap.as_ref())?;
+        let bridge = name("bridge", format!("br-{side}"), |n| n.bridge.as_ref())?;
+        let mac = match pick(layers, |l| net(l, side)?.mac.as_ref()) {
+            None => None,
+            Some(f) => {
+                check_mac(f.value).map_err(|why| f.invalid(&key("network.mac"), why))?;
+                Some(f.value.to_ascii_lowercase())
+            }
+        };
+        Some(Network { tap, bridge, mac })
+    };
+
+    Ok(Guest {
+        side,
+        disk,
+        disk_format,
+        memory_mib,
+        vcpus,
+        accel,
+        user,
+        rtc,
+        devices,
+        limits: Limits { cpu_percent, memory_max_mib, io },
+        boot,
+        network,
+    })
+}
+
+/// An absolute, normalised path QEMU's option parser can take (no commas).
+fn absolute_path(f: &Found<'_, String>, key: &str) -> Result<PathBuf, ConfigError> {
+    let path = Path::new(f.value.as_str());
+    if !path.is_absolute() {
+        return Err(f.invalid(key, format!("{:?} must be an absolute path", f.value)));
+    }
+    if path.components().any(|c| matches!(c, Component::ParentDir | Component::CurDir)) {
+        return Err(f.invalid(key, format!("{:?} may not contain `.` or `..`", f.value)));
+    }
+    if f.value.contains(',') || f.value.chars().any(char::is_control) {
+        return Err(f.invalid(key, format!("{:?} may not contain commas or control characters", f.value)));
+    }
+    Ok(path.components().collect())
+}
+
+/// A user or group name.
+fn check_name(name: &str) -> Result<(), String> {
+    let ok = !name.is_empty()
+        && name.len() <= 32
+        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
+        && !name.starts_with('-');
+    if ok {
+        Ok(())
+    } else {
+        Err(format!("{name:?} is not a valid user or group name"))
+    }
+}
+
+/// A network interface name (at most 15 bytes).
+fn check_ifname(name: &str) -> Result<(), String> {
+    let ok = !name.is_empty()
+        && name.len() <= 15
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.');
+    if ok {
+        Ok(())
+    } else {
+        Err(format!("{name:?} is not a valid interface name (1-15 of A-Z a-z 0-9 - _ .)"))
+    }
+}
+
+/// A unicast MAC address `xx:xx:xx:xx:xx:xx`.
+fn check_mac(mac: &str) -> Result<(), String> {
+    let parts: Vec<&str> = mac.split(':').collect();
+    let hex = parts.len() == 6 && parts.iter().all(|p| p.len() == 2 && p.bytes().all(|b| b.is_ascii_hexdigit()));
+    if !hex {
+        return Err(format!("{mac:?} is not a MAC address (xx:xx:xx:xx:xx:xx)"));
+    }
+    let first = u8::from_str_radix(parts[0], 16).expect("checked hex");
+    if first & 1 != 0 {
+        return Err(format!("{mac:?} is a multicast address"));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    pub(crate) const MINIMAL: &str = r#"
+[guest.classified]
+disk = "/var/lib/airlock/classified/disk/windows.qcow2"
+
+[guest.general]
+disk = "/var/lib/airlock/general/disk/windows.qcow2"
+"#;
+
+    #[test]
+    fn minimal_config_gets_safe_defaults() {
+        let c = parse("t.toml", MINIMAL).unwrap();
+        assert_eq!(c.supervisor.run_dir, Path::new("/run/airlock"));
+        assert!(!c.supervisor.test_mode);
+        assert!(c.supervisor.strict_limits);
+        assert_eq!(c.supervisor.poweroff_command, ["/usr/bin/systemctl", "poweroff"]);
+        for side in Side::ALL {
+            let g = c.guest(side);
+            assert_eq!(g.accel, Accel::Kvm);
+            assert!(g.devices.is_empty(), "no device unless the allow-list names it");
+            assert_eq!(g.user, format!("airlock-{side}"));
+            assert_eq!(g.limits.cpu_percent, 200);
+            assert_eq!(g.limits.memory_max_mib, 4096 + 512);
+            assert_eq!(g.network.as_ref().unwrap().tap, format!("tap-{side}"));
+            match &g.boot {
+                Boot::Firmware(fw) => assert_eq!(fw.vars, Path::new(&format!("/var/lib/airlock/{side}/disk/OVMF_VARS.fd"))),
+                Boot::Kernel { .. } => panic!("kernel boot by default"),
+            }
+        }
+    }
+
+    #[test]
+    fn shipped_example_is_valid() {
+        let c = parse("appliance.toml", include_str!("../appliance.toml")).unwrap();
+        assert!(c.classified.devices.iter().all(|d| d.refusal(Side::Classified).is_none()));
+        assert!(!c.supervisor.test_mode);
+    }
+
+    /// Each bad configuration, and the words its error must contain (the
+    /// key, the line, and why).
+    #[test]
+    fn bad_configs_name_key_and_line() {
+        let g = |extra_c: &str, extra_g: &str| {
+            format!(
+                "[guest.classified]\ndisk = \"/var/lib/airlock/classified/disk/w.qcow2\"\n{extra_c}\n[guest.general]\ndisk = \"/var/lib/airlock/general/disk/w.qcow2\"\n{extra_g}\n"
+            )
+        };
+        let cases: Vec<(String, Vec<&str>)> = vec![
+            (g("colour = \"red\"", ""), vec!["colour", "line 3"]),
+            (g("memory_mib = \"lots\"", ""), vec!["memory_mib", "line 3"]),
+            (g("devices = [\"usb\"]", ""), vec!["guest.classified.devices", "line 3", "USB"]),
+            (g("devices = [\"tablet\", \"cdrom\"]", ""), vec!["guest.classified.devices", "line 3", "CD/DVD"]),
+            (g("devices = [\"sound\"]", ""), vec!["guest.classified.devices", "sound"]),
+            (g("devices = [\"sound-capture\"]", ""), vec!["guest.classified.devices", "sound"]),
+            (g("", "devices = [\"floppy\"]"), vec!["guest.general.devices", "line 6", "floppy"]),
+            (g("", "devices = [\"parallel\"]"), vec!["guest.general.devices", "parallel"]),
+            (g("", "devices = [\"serial\"]"), vec!["guest.general.devices", "serial"]),
+            (g("", "devices = [\"shared-folder\"]"), vec!["guest.general.devices", "shared"]),
+            (g("", "devices = [\"usb\", \"usb\"]"), vec!["guest.general.devices", "twice"]),
+            (g("", "devices = [\"usb3\"]"), vec!["usb3", "line 6"]),
+            (g("memory_mib = 8", ""), vec!["guest.classified.memory_mib", "line 3"]),
+            (g("vcpus = 0", ""), vec!["guest.classified.vcpus", "line 3"]),
+            (g("accel = \"tcg\"", ""), vec!["guest.classified.accel", "test_mode"]),
+            (g("user = \"root\"", ""), vec!["guest.classified.user", "root"]),
+            (g("", "user = \"airlock-classified\""), vec!["guest.general.user", "line 6", "same user"]),
+            (g("[guest.classified.limits]\nmemory_max_mib = 4100", ""), vec!["guest.classified.limits.memory_max_mib", "line 4", "room"]),
+            (g("[guest.classified.limits]\ncpu_percent = 0", ""), vec!["guest.classified.limits.cpu_percent", "line 4"]),
+            (g("[guest.classified.limits]\nio_read_bps = 0", ""), vec!["guest.classified.limits.io_read_bps", "line 4"]),
+            (g("[guest.classified.limits]\niops = 5", ""), vec!["iops", "line 4"]),
+            (g("[guest.classified.network]\ntap = \"tap-classified-toolong\"", ""), vec!["guest.classified.network.tap", "line 4"]),
+            (g("[guest.classified.network]\nmac = \"01:00:00:00:00:01\"", ""), vec!["guest.classified.network.mac", "multicast"]),
+            (g("[guest.classified.firmware]\ncode = \"OVMF.fd\"", ""), vec!["guest.classified.firmware.code", "absolute"]),
+            (g("[guest.classified.firmware]\nvars = \"/tmp/vars.fd\"", ""), vec!["guest.classified.firmware.vars", "not inside"]),
+            (g("[guest.classified.test_boot]\nkernel = \"/boot/vmlinuz\"\ninitrd = \"/i\"", ""), vec!["guest.classified.test_boot", "test_mode"]),
+            (
+                "[guest.classified]\ndisk = \"/var/lib/airlock/general/disk/w.qcow2\"\n[guest.general]\ndisk = \"/var/lib/airlock/general/disk/x\"\n".into(),
+                vec!["guest.classified.disk", "line 2", "not inside"],
+            ),
+            (
+                "[guest.classified]\ndisk = \"/var/lib/airlock/classified/disk/../../general/disk/w\"\n[guest.general]\ndisk = \"/var/lib/airlock/general/disk/x\"\n".into(),
+                vec!["guest.classified.disk", "line 2", ".."],
+            ),
+            (
+                "[guest.classified]\ndisk = \"/var/lib/airlock/classified/disk/a,b\"\n[guest.general]\ndisk = \"/var/lib/airlock/general/disk/x\"\n".into(),
+                vec!["guest.classified.disk", "commas"],
+            ),
+            ("[guest.classified]\ndisk = \"/var/lib/airlock/classified/disk/w\"\n".into(), vec!["guest.general", "missing"]),
+            ("[guest.classified]\nmemory_mib = 1024\n[guest.general]\ndisk = \"/var/lib/airlock/general/disk/x\"\n".into(), vec!["guest.classified.disk", "missing"]),
+            ("[guest.secret]\n".into(), vec!["secret", "line 1"]),
+            (format!("[supervisor]\npoweroff_command = [\"poweroff\"]\n{}", g("", "")), vec!["supervisor.poweroff_command", "line 2", "absolute"]),
+            (format!("[supervisor]\ncgroup = \"/tmp/x\"\n{}", g("", "")), vec!["supervisor.cgroup", "line 2"]),
+            (format!("[supervisor]\nshutdown_timeout_secs = 0\n{}", g("", "")), vec!["supervisor.shutdown_timeout_secs", "line 2"]),
+            (format!("[supervisor]\nrun_dir = \"/{}\"\n{}", "x".repeat(100), g("", "")), vec!["supervisor.run_dir", "line 2", "socket"]),
+        ];
+        for (text, words) in &cases {
+            let err = match parse("appliance.toml", text) {
+                Ok(_) => panic!("accepted:\n{text}"),
+                Err(e) => e.to_string(),
+            };
+            for word in words {
+                assert!(err.contains(word), "error for\n{text}\nis {err:?}, lacks {word:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn provisioning_overrides_machine_values_only() {
+        let over = "[guest.general]\nmemory_mib = 8192\n[guest.general.limits]\nmemory_max_mib = 9000\ncpu_percent = 150\n[guest.classified.network]\nmac = \"52:54:00:AA:BB:CC\"\n";
+        let c = parse_layers(&[("shipped", MINIMAL, false), ("prov", over, true)]).unwrap();
+        assert_eq!(c.general.memory_mib, 8192);
+        assert_eq!(c.general.limits.memory_max_mib, 9000);
+        assert_eq!(c.general.limits.cpu_percent, 150);
+        assert_eq!(c.classified.memory_mib, 4096);
+        assert_eq!(c.classified.network.as_ref().unwrap().mac.as_deref(), Some("52:54:00:aa:bb:cc"));
+
+        for (over, words) in [
+            ("[guest.classified]\ndevices = [\"tablet\"]\n", ["guest.classified.devices", "prov, line 2"]),
+            ("[supervisor]\ntest_mode = true\n", ["supervisor", "prov, line 1"]),
+            ("\n[guest.general]\naccel = \"kvm\"\n", ["guest.general.accel", "prov, line 3"]),
+            ("[guest.general.firmware]\ntpm = true\n", ["guest.general.firmware", "prov, line 1"]),
+            ("[guest.general.network]\ntap = \"tap-x\"\n", ["guest.general.network.tap", "prov, line 2"]),
+            ("[guest.general]\nuser = \"nobody\"\n", ["guest.general.user", "prov, line 2"]),
+        ] {
+            let err = parse_layers(&[("shipped", MINIMAL, false), ("prov", over, true)]).unwrap_err().to_string();
+            assert!(err.contains("shipped configuration"), "{err}");
+            for w in words {
+                assert!(err.contains(w), "{err:?} lacks {w:?}");
+            }
+        }
+        // A provisioning value is validated like a shipped one, and blamed on its own file.
+        let err = parse_layers(&[("shipped", MINIMAL, false), ("prov", "[guest.general]\nvcpus = 1000\n", true)]).unwrap_err();
+        assert!(err.to_string().starts_with("prov, line 2: `guest.general.vcpus`"), "{err}");
+    }
+
+    #[test]
+    fn missing_provisioning_file_is_fine_and_missing_shipped_is_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let shipped = dir.path().join("a.toml");
+        std::fs::write(&shipped, MINIMAL).unwrap();
+        load(&shipped, Some(&dir.path().join("absent.toml"))).unwrap();
+        let err = load(&dir.path().join("nope.toml"), None).unwrap_err().to_string();
+        assert!(err.contains("nope.toml"), "{err}");
+    }
+
+    #[test]
+    fn test_mode_allows_tcg_and_kernel_boot() {
+        let text = r#"
+[supervisor]
+test_mode = true
+[guest.classified]
+disk = "/var/lib/airlock/classified/disk/d.raw"
+accel = "tcg"
+user = "nobody"
+[guest.classified.test_boot]
+kernel = "/boot/vmlinuz"
+initrd = "/tmp/initrd"
+append = "console=ttyS0"
+[guest.general]
+disk = "/var/lib/airlock/general/disk/d.raw"
+user = "nobody"
+"#;
+        let c = parse("t", text).unwrap();
+        assert_eq!(c.classified.accel, Accel::Tcg);
+        assert!(matches!(&c.classified.boot, Boot::Kernel { append, .. } if append == "console=ttyS0"));
+    }
+}

@@ -1,0 +1,20 @@
+//! `airlockd`, the guest supervisor (see `../README.md` and `../../README.md`).
+//!
+//! Pure decisions live in their own modules and are unit-tested: the
+//! configuration ([`config`]), the QEMU command line ([`qemu`]), cgroup limit
+//! values ([`cgroup`]), how a QEMU exit is read and the restart back-off
+//! ([`lifecycle`]), the control socket's messages ([`control`]). The code
+//! that acts on them ([`launch`], [`supervisor`]) is thin and covered by the
+//! host integration test (`tests/supervisor.rs`).
+
+pub mod cgroup;
+pub mod config;
+pub mod control;
+pub mod launch;
+pub mod lifecycle;
+pub mod log;
+pub mod qemu;
+pub mod qmp;
+pub mod signals;
+pub mod supervisor;
+pub mod users;

@@ -1,0 +1,506 @@
+//! The guest lifecycle (P5): both guests start at start-up; a crashed guest
+//! is restarted with back-off; a guest that powered itself off stays off;
+//! when both are off the power-off action runs; SIGTERM presses both ACPI
+//! power buttons, waits (bounded), then pulls the plug.
+//!
+//! One thread per guest ([`runner`]) starts its QEMU, watches it and decides
+//! what its exit means; the main thread ([`run`]) owns the state table,
+//! publishes it on the control socket and handles signals. They talk over
+//! one channel of [`Msg`].
+
+use std::collections::BTreeMap;
+use std::fs::{self, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::process::Child;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{self, RecvTimeoutError, Sender};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+
+use crate::cgroup;
+use crate::config::{Boot, Config, Guest, Side, Supervisor};
+use crate::control::{self, GuestStatus, Phase};
+use crate::launch::{self, Spec};
+use crate::lifecycle::{self, ExitKind, GuestState};
+use crate::log;
+use crate::qemu::{self, GuestPaths};
+use crate::qmp::{Commander, Session, Shutdown};
+use crate::signals;
+use crate::users::{self, Ids};
+
+/// How long a started QEMU may take to answer QMP.
+const QMP_TIMEOUT: Duration = Duration::from_secs(30);
+/// How often a runner looks whether its QEMU has exited.
+const POLL: Duration = Duration::from_millis(100);
+/// After the shutdown timeout, how long killed QEMUs get to be reaped.
+const KILL_GRACE: Duration = Duration::from_secs(10);
+/// How long the power-off action may run.
+const POWEROFF_TIMEOUT: Duration = Duration::from_secs(60);
+/// Lines of QEMU's log quoted when it fails.
+const LOG_TAIL: usize = 4;
+
+/// Runner → main thread.
+enum Msg {
+    State(Side, GuestState),
+    Restarted(Side),
+    Signal(i32),
+}
+
+/// Shared between the main thread and the runners.
+#[derive(Default)]
+struct Shared {
+    stopping: AtomicBool,
+    kill_now: AtomicBool,
+    wake: (Mutex<()>, Condvar),
+    commanders: Mutex<BTreeMap<Side, Commander>>,
+}
+
+impl Shared {
+    fn stopping(&self) -> bool {
+        self.stopping.load(Ordering::SeqCst)
+    }
+
+    /// Sleeps up to `delay`; returns early when a host shutdown begins.
+    fn sleep(&self, delay: Duration) {
+        let deadline = Instant::now() + delay;
+        let mut guard = self.wake.0.lock().unwrap_or_else(|p| p.into_inner());
+        while !self.stopping() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return;
+            }
+            guard = self.wake.1.wait_timeout(guard, left).unwrap_or_else(|p| p.into_inner()).0;
+        }
+    }
+
+    fn begin_stop(&self) {
+        self.stopping.store(true, Ordering::SeqCst);
+        let _guard = self.wake.0.lock().unwrap_or_else(|p| p.into_inner());
+        self.wake.1.notify_all();
+    }
+
+    fn power_down(&self, side: Side) {
+        if let Some(c) = self.commanders.lock().unwrap_or_else(|p| p.into_inner()).get_mut(&side) {
+            match c.system_powerdown() {
+                Ok(()) => log::info(format!("{side}: ACPI power-down sent")),
+                Err(e) => log::warn(format!("{side}: sending ACPI power-down: {e}")),
+            }
+        }
+    }
+}
+
+/// What a runner needs that the main thread worked out once.
+#[derive(Clone)]
+struct RunnerContext {
+    tx: Sender<Msg>,
+    shared: Arc<Shared>,
+    sup: Supervisor,
+    user: Option<Ids>,
+    selinux: bool,
+    cgroup_root: Option<PathBuf>,
+}
+
+/// Runs the supervisor until the host powers off or it is told to stop.
+/// Returns after the power-off action ran (both guests off) or after a
+/// host shutdown (SIGTERM) stopped both guests.
+pub fn run(config: Config) -> Result<()> {
+    signals::block();
+    let sup = config.supervisor.clone();
+    let root = users::is_root();
+    if !root {
+        log::warn("not running as root: QEMU runs as the supervisor's own user");
+    }
+    let selinux = launch::selinux_enabled();
+    if selinux {
+        log::info("SELinux enabled: each QEMU runs in system_u:system_r:airlock_vm_<side>_t:s0");
+    } else {
+        log::warn("SELinux is not enabled: QEMU runs without an SELinux domain transition");
+    }
+    let cgroup_root = match cgroup::prepare_root(&sup.cgroup) {
+        Ok(dir) => {
+            log::info(format!("guest cgroups under {}", dir.display()));
+            Some(dir)
+        }
+        Err(e) if sup.strict_limits => return Err(e.context("setting up cgroups (strict_limits is on)")),
+        Err(e) => {
+            log::warn(format!("guests run without their own cgroups and limits: {e:#}"));
+            None
+        }
+    };
+
+    fs::create_dir_all(&sup.run_dir).with_context(|| format!("creating {}", sup.run_dir.display()))?;
+    fs::set_permissions(&sup.run_dir, fs::Permissions::from_mode(0o755))?;
+    let mut users_by_side = BTreeMap::new();
+    for side in Side::ALL {
+        let guest = config.guest(side);
+        let user = if root { Some(users::lookup_user(&guest.user)?) } else { None };
+        prepare_guest_files(guest, &sup, user)?;
+        users_by_side.insert(side, user);
+    }
+
+    let control_gid = match users::lookup_group(&sup.control_group) {
+        Ok(gid) => gid,
+        Err(e) => {
+            log::warn(format!("control socket stays root-only: {e:#}"));
+            None
+        }
+    };
+    if control_gid.is_none() {
+        log::warn(format!("group {:?} does not exist: the control socket is root-only", sup.control_group));
+    }
+    let control = control::Server::bind(&sup.control_socket(), control_gid)?;
+
+    let (tx, rx) = mpsc::channel();
+    signals::forward(tx.clone(), Msg::Signal);
+    let shared = Arc::new(Shared::default());
+    let mut runners = Vec::new();
+    let mut states: BTreeMap<Side, GuestStatus> =
+        Side::ALL.iter().map(|s| (*s, GuestStatus { state: GuestState::Starting, restarts: 0 })).collect();
+    for side in Side::ALL {
+        let ctx = RunnerContext {
+            tx: tx.clone(),
+            shared: shared.clone(),
+            sup: sup.clone(),
+            user: users_by_side[&side],
+            selinux,
+            cgroup_root: cgroup_root.clone(),
+        };
+        let guest = config.guest(side).clone();
+        runners.push(thread::Builder::new().name(format!("guest-{side}")).spawn(move || runner(guest, ctx))?);
+    }
+    drop(tx);
+    let mut phase = Phase::Running;
+    control.publish(&control::status(phase, &states));
+    sd_notify("READY=1\nSTATUS=starting both guests");
+
+    let mut deadline: Option<Instant> = None;
+    let result = loop {
+        let msg = match deadline {
+            None => rx.recv().map_err(|_| RecvTimeoutError::Disconnected),
+            Some(d) => rx.recv_timeout(d.saturating_duration_since(Instant::now())),
+        };
+        match msg {
+            Ok(Msg::State(side, state)) => {
+                let entry = states.get_mut(&side).expect("both sides");
+                entry.state = state;
+                let status = control::status(phase, &states);
+                control.publish(&status);
+                sd_notify(&format!("STATUS={}", describe(&states)));
+                if phase == Phase::Running && status.both_off {
+                    phase = Phase::PoweringOff;
+                    control.publish(&control::status(phase, &states));
+                    log::info("both guests have powered off: powering the host off");
+                    break run_poweroff(&sup.poweroff_command);
+                }
+                if phase == Phase::Stopping
+                    && states.values().all(|g| matches!(g.state, GuestState::Stopped | GuestState::Off))
+                {
+                    log::info("both guests are stopped");
+                    break Ok(());
+                }
+            }
+            Ok(Msg::Restarted(side)) => states.get_mut(&side).expect("both sides").restarts += 1,
+            Ok(Msg::Signal(signal)) if phase == Phase::Running => {
+                log::info(format!("signal {signal}: host shutdown, powering both guests down (up to {:?})", sup.shutdown_timeout));
+                phase = Phase::Stopping;
+                shared.begin_stop();
+                for side in Side::ALL {
+                    shared.power_down(side);
+                }
+                deadline = Some(Instant::now() + sup.shutdown_timeout);
+                control.publish(&control::status(phase, &states));
+                sd_notify("STOPPING=1");
+            }
+            Ok(Msg::Signal(signal)) => {
+                log::warn(format!("signal {signal} again: killing the guests now"));
+                shared.begin_stop();
+                shared.kill_now.store(true, Ordering::SeqCst);
+                deadline = Some(Instant::now() + KILL_GRACE);
+            }
+            Err(RecvTimeoutError::Timeout) if !shared.kill_now.load(Ordering::SeqCst) => {
+                log::warn(format!("guests still running {:?} after ACPI power-down: killing them", sup.shutdown_timeout));
+                shared.kill_now.store(true, Ordering::SeqCst);
+                deadline = Some(Instant::now() + KILL_GRACE);
+            }
+            Err(RecvTimeoutError::Timeout) => break Err(anyhow::anyhow!("killed guests were not reaped within {KILL_GRACE:?}")),
+            Err(RecvTimeoutError::Disconnected) => break Ok(()),
+        }
+    };
+    // Only the host-shutdown path waits for its runners; after the power-off
+    // action the host goes down around us.
+    if phase == Phase::Stopping {
+        for r in runners {
+            let _ = r.join();
+        }
+        if let Some(root) = &cgroup_root {
+            for side in Side::ALL {
+                let _ = fs::remove_dir(root.join(format!("guest-{side}")));
+            }
+        }
+    }
+    result
+}
+
+/// `classified: running, general: off`.
+fn describe(states: &BTreeMap<Side, GuestStatus>) -> String {
+    states
+        .iter()
+        .map(|(side, g)| {
+            let s = serde_json::to_value(&g.state).ok().and_then(|v| v["state"].as_str().map(str::to_owned)).unwrap_or_default();
+            format!("{side}: {s}")
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// The side's run and log directories, and the UEFI variable store.
+fn prepare_guest_files(guest: &Guest, sup: &Supervisor, user: Option<Ids>) -> Result<()> {
+    let paths = GuestPaths::new(sup, guest.side);
+    for dir in [&paths.run_dir, &paths.config_dir, &paths.log_dir] {
+        fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    // QEMU creates its sockets in the run dir; the kiosk and the gateway
+    // reach them through the side's group.
+    fs::set_permissions(&paths.run_dir, fs::Permissions::from_mode(0o750))?;
+    fs::set_permissions(&paths.config_dir, fs::Permissions::from_mode(0o750))?;
+    fs::set_permissions(&paths.log_dir, fs::Permissions::from_mode(0o750))?;
+    if let Some(ids) = user {
+        launch::chown(&paths.run_dir, ids)?;
+        launch::chown(&paths.config_dir, Ids { uid: 0, gid: ids.gid })?;
+    }
+    if sup.test_mode {
+        // QEMU opens the serial log itself.
+        let log = OpenOptions::new().create(true).append(true).mode(0o640).open(&paths.serial_log)
+            .with_context(|| format!("creating {}", paths.serial_log.display()))?;
+        drop(log);
+        if let Some(ids) = user {
+            launch::chown(&paths.serial_log, ids)?;
+        }
+    }
+    if let Boot::Firmware(fw) = &guest.boot {
+        if !fw.vars.exists() {
+            fs::copy(&fw.vars_template, &fw.vars)
+                .with_context(|| format!("copying UEFI variables {} to {}", fw.vars_template.display(), fw.vars.display()))?;
+            fs::set_permissions(&fw.vars, fs::Permissions::from_mode(0o600))?;
+            if let Some(ids) = user {
+                launch::chown(&fw.vars, ids)?;
+            }
+            log::info(format!("{}: new UEFI variable store {}", guest.side, fw.vars.display()));
+        }
+        if fw.tpm {
+            bail!("{}: firmware.tpm is configured but starting swtpm is not implemented yet", guest.side);
+        }
+    }
+    Ok(())
+}
+
+/// One guest's life: start, watch, restart or stay off.
+fn runner(guest: Guest, ctx: RunnerContext) {
+    let side = guest.side;
+    let send = |state: GuestState| {
+        let _ = ctx.tx.send(Msg::State(side, state));
+    };
+    let mut crashes = 0u32;
+    loop {
+        if ctx.shared.stopping() {
+            send(GuestState::Stopped);
+            return;
+        }
+        send(GuestState::Starting);
+        let started = Instant::now();
+        let outcome = run_once(&guest, &ctx).unwrap_or_else(|e| ExitKind::Crashed(format!("{e:#}")));
+        if ctx.shared.stopping() {
+            log::info(format!("{side}: QEMU ended during host shutdown"));
+            send(GuestState::Stopped);
+            return;
+        }
+        match outcome {
+            ExitKind::PoweredOff => {
+                log::info(format!("{side}: the guest powered itself off; it stays off"));
+                send(GuestState::Off);
+                return;
+            }
+            ExitKind::Rebooted => {
+                log::info(format!("{side}: the guest rebooted; starting it again"));
+                crashes = 0;
+            }
+            ExitKind::Crashed(reason) => {
+                if started.elapsed() >= lifecycle::STABLE_RUN {
+                    crashes = 0;
+                }
+                crashes += 1;
+                let delay = lifecycle::backoff(crashes);
+                log::error(format!("{side}: guest crashed: {reason}; restart {crashes} in a row, in {delay:?}"));
+                let _ = ctx.tx.send(Msg::Restarted(side));
+                send(GuestState::Restarting { delay_ms: delay.as_millis() as u64, reason });
+                ctx.shared.sleep(delay);
+            }
+        }
+    }
+}
+
+/// Starts QEMU once and waits for it to end.
+fn run_once(guest: &Guest, ctx: &RunnerContext) -> Result<ExitKind> {
+    let side = guest.side;
+    let paths = GuestPaths::new(&ctx.sup, side);
+    let args = qemu::command_line(guest, &ctx.sup)?;
+
+    let cgroup_procs = match &ctx.cgroup_root {
+        Some(root) => {
+            let cg = cgroup::prepare_guest(root, side, &guest.limits, &guest.disk)?;
+            log::info(format!("{side}: {}", cg.summary()));
+            if ctx.sup.strict_limits && !cg.all_applied() {
+                bail!("not every configured limit could be applied and strict_limits is on");
+            }
+            Some(cg.procs_file())
+        }
+        None => None,
+    };
+    for sock in [&paths.qmp, &paths.display, &paths.vdagent, &paths.test] {
+        let _ = fs::remove_file(sock);
+    }
+    let shown = format!("{} {}\n", ctx.sup.qemu.display(), args.join(" "));
+    fs::write(paths.config_dir.join("cmdline"), &shown).with_context(|| format!("writing {}", paths.config_dir.display()))?;
+    let mut log_file = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o640)
+        .open(&paths.qemu_log)
+        .with_context(|| format!("opening {}", paths.qemu_log.display()))?;
+    let log_start = log_file.metadata().map(|m| m.len()).unwrap_or(0);
+    writeln!(log_file, "airlockd: starting {side}: {}", shown.trim_end())?;
+
+    let context = ctx.selinux.then(|| launch::vm_context(side));
+    let child = launch::spawn(Spec {
+        program: ctx.sup.qemu.clone(),
+        args,
+        cgroup_procs,
+        selinux_context: context,
+        user: ctx.user,
+        log: log_file,
+    })?;
+    let pid = child.id();
+    log::info(format!("{side}: QEMU started, pid {pid}"));
+    let child = std::cell::RefCell::new(child);
+
+    let session = Session::connect(&paths.qmp, QMP_TIMEOUT, || matches!(child.borrow_mut().try_wait(), Ok(None)));
+    let mut session = match session {
+        Ok(s) => s,
+        Err(e) => {
+            let mut child = child.into_inner();
+            let _ = child.kill();
+            let status = child.wait()?;
+            let tail = log_tail(&paths.qemu_log, log_start);
+            bail!("QMP did not come up ({e:#}); QEMU {}; its log ends: {tail}", describe_status(status));
+        }
+    };
+    let commander = session.commander()?;
+    ctx.shared.commanders.lock().unwrap_or_else(|p| p.into_inner()).insert(side, commander);
+    if ctx.shared.stopping() {
+        ctx.shared.power_down(side);
+    }
+    let last_shutdown: Arc<Mutex<Option<Shutdown>>> = Arc::default();
+    let reader = {
+        let last_shutdown = last_shutdown.clone();
+        thread::Builder::new().name(format!("qmp-{side}")).spawn(move || {
+            while let Some(event) = session.next_event() {
+                if let Some(s) = event.shutdown() {
+                    log::info(format!("{side}: QMP SHUTDOWN (guest: {}, reason: {})", s.guest, s.reason));
+                    *last_shutdown.lock().unwrap_or_else(|p| p.into_inner()) = Some(s);
+                } else if matches!(event.name.as_str(), "POWERDOWN" | "RESET" | "GUEST_PANICKED" | "STOP") {
+                    log::info(format!("{side}: QMP {}", event.name));
+                }
+            }
+        })?
+    };
+    let _ = ctx.tx.send(Msg::State(side, GuestState::Running { pid }));
+
+    let mut child: Child = child.into_inner();
+    let status = loop {
+        if let Some(status) = child.try_wait()? {
+            break status;
+        }
+        if ctx.shared.kill_now.load(Ordering::SeqCst) {
+            let _ = child.kill();
+        }
+        thread::sleep(POLL);
+    };
+    let _ = reader.join();
+    ctx.shared.commanders.lock().unwrap_or_else(|p| p.into_inner()).remove(&side);
+    let shutdown = last_shutdown.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    log::info(format!("{side}: QEMU (pid {pid}) {}", describe_status(status)));
+    let kind = lifecycle::classify(status.code(), status.signal(), shutdown.as_ref());
+    Ok(match kind {
+        ExitKind::Crashed(reason) if status.code().is_some_and(|c| c != 0) => {
+            ExitKind::Crashed(format!("{reason}; its log ends: {}", log_tail(&paths.qemu_log, log_start)))
+        }
+        other => other,
+    })
+}
+
+fn describe_status(status: std::process::ExitStatus) -> String {
+    match (status.code(), status.signal()) {
+        (Some(c), _) => format!("exited with status {c}"),
+        (None, Some(s)) => format!("was killed by signal {s}"),
+        _ => status.to_string(),
+    }
+}
+
+/// The last lines QEMU wrote to its log since `from`.
+fn log_tail(path: &Path, from: u64) -> String {
+    let text = fs::read(path).unwrap_or_default();
+    let text = String::from_utf8_lossy(text.get(from as usize..).unwrap_or_default()).into_owned();
+    let lines: Vec<&str> = text.lines().filter(|l| !l.starts_with("airlockd: ")).collect();
+    let tail = &lines[lines.len().saturating_sub(LOG_TAIL)..];
+    if tail.is_empty() {
+        "(nothing)".into()
+    } else {
+        tail.join(" | ")
+    }
+}
+
+/// Runs the power-off action and waits (bounded) for it.
+fn run_poweroff(command: &[String]) -> Result<()> {
+    log::info(format!("running {}", command.join(" ")));
+    let mut child = std::process::Command::new(&command[0])
+        .args(&command[1..])
+        .stdin(std::process::Stdio::null())
+        .spawn()
+        .with_context(|| format!("starting the power-off action {}", command.join(" ")))?;
+    let deadline = Instant::now() + POWEROFF_TIMEOUT;
+    loop {
+        if let Some(status) = child.try_wait()? {
+            if status.success() {
+                return Ok(());
+            }
+            bail!("the power-off action {} {}", command.join(" "), describe_status(status));
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            bail!("the power-off action {} did not finish within {POWEROFF_TIMEOUT:?}", command.join(" "));
+        }
+        thread::sleep(POLL);
+    }
+}
+
+/// Tells systemd about readiness and status (`Type=notify`); a no-op
+/// outside systemd.
+fn sd_notify(message: &str) {
+    use std::os::linux::net::SocketAddrExt;
+    use std::os::unix::net::{SocketAddr, UnixDatagram};
+    let Some(target) = std::env::var_os("NOTIFY_SOCKET") else { return };
+    let target = target.to_string_lossy().into_owned();
+    let addr = match target.strip_prefix('@') {
+        Some(name) => SocketAddr::from_abstract_name(name.as_bytes()),
+        None => SocketAddr::from_pathname(&target),
+    };
+    if let (Ok(addr), Ok(sock)) = (addr, UnixDatagram::unbound()) {
+        let _ = sock.send_to_addr(message.as_bytes(), &addr);
+    }
+}
