@@ -36,11 +36,11 @@ pub enum Profile {
 const APPLIANCE_BINARIES: &[BinarySpec] = &[];
 
 /// The test profile's additions.
-const TEST_BINARIES: &[BinarySpec] = &[BinarySpec {
-    package: "airlock-test-agent",
-    binary: "airlock-test-agent",
-    destination: "/usr/lib/airlock/airlock-test-agent",
-}];
+const TEST_BINARIES: &[BinarySpec] = &[
+    BinarySpec { package: "airlock-test-agent", binary: "airlock-test-agent", destination: "/usr/lib/airlock/airlock-test-agent" },
+    // Started in a guest's QEMU domain by the suite's attack tests.
+    BinarySpec { package: "airlock-test-agent", binary: "airlock-test-attack", destination: "/usr/lib/airlock/airlock-test-attack" },
+];
 
 /// Where a profile's overlays, policy modules and binaries come from.
 pub struct ProfileInputs {
@@ -79,6 +79,8 @@ pub struct BuildOptions {
     pub reuse_output: bool,
     /// Site-specific overlay directories, laid over after the profile's own.
     pub extra_overlays: Vec<PathBuf>,
+    /// Further SELinux module directories, installed after the profile's.
+    pub extra_policy_dirs: Vec<PathBuf>,
     pub verbose: bool,
 }
 
@@ -207,6 +209,7 @@ pub fn build(opts: &BuildOptions) -> Result<Report> {
     }
     let mut inputs = profile_inputs(&opts.source, opts.profile);
     inputs.overlays.extend(opts.extra_overlays.iter().cloned());
+    inputs.policy_dirs.extend(opts.extra_policy_dirs.iter().cloned());
     let names = outputs(&manifest);
     let digest = input_digest(opts, &manifest_text, &inputs)?;
 

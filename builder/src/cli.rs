@@ -54,6 +54,11 @@ pub struct BuildArgs {
     /// (site-specific files); may be given several times.
     #[arg(long = "extra-overlay")]
     pub extra_overlays: Vec<PathBuf>,
+    /// A further directory of SELinux modules (`.te`/`.fc`/`.if`) installed
+    /// after `policy/`; may be given several times. Its rules must satisfy
+    /// the neverallow rules of `policy/`, or the build fails.
+    #[arg(long = "extra-policy")]
+    pub extra_policy_dirs: Vec<PathBuf>,
     /// Print every command and its output.
     #[arg(long, short)]
     pub verbose: bool,

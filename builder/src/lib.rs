@@ -9,6 +9,7 @@ pub mod doctor;
 pub mod exec;
 pub mod inspect;
 pub mod manifest;
+pub mod policy_query;
 pub mod progress;
 pub mod qemu;
 pub mod rootfs;
@@ -30,6 +31,7 @@ pub fn run(cli: cli::Cli) -> Result<()> {
                 reuse_trees: !a.fresh,
                 reuse_output: a.reuse,
                 extra_overlays: a.extra_overlays,
+                extra_policy_dirs: a.extra_policy_dirs,
                 verbose: a.verbose,
             })?;
             Ok(())

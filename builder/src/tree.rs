@@ -198,9 +198,14 @@ pub fn install_policy(runner: &Runner, tools_tree: &Path, image_tree: &Path, scr
         argv.push(format!("/tmp/airlock-policy/{module}.pp"));
     }
     if !modules.is_empty() {
+        require_neverallow_checks(image_tree)?;
         // -n: rebuild the store, binary policy and file_contexts, but don't
         // try to load anything into the (host's) kernel.
-        runner.in_tree_plain("installing SELinux modules (semodule)", image_tree, &argv)?;
+        runner.in_tree_plain("installing SELinux modules (semodule)", image_tree, &argv).context(
+            "the SELinux modules were not installed; if the output above says 'neverallow check failed', \
+             it names the rule (policy/airlock.te states the isolation promises as neverallow rules) \
+             and the module whose allow rule breaks it",
+        )?;
     }
     if !booleans.is_empty() {
         let mut argv: Vec<String> = vec!["setsebool".into(), "-P".into(), "-N".into()];
@@ -209,6 +214,21 @@ pub fn install_policy(runner: &Runner, tools_tree: &Path, image_tree: &Path, scr
     }
     std::fs::remove_dir_all(&staging)?;
     Ok(modules)
+}
+
+/// Makes semodule check every neverallow rule when it links the policy.
+/// Distros ship `expand-check=0` (faster module installs); airlock's
+/// isolation promises are neverallow rules, so a build must never skip them.
+pub fn require_neverallow_checks(tree: &Path) -> Result<()> {
+    let path = tree.join("etc/selinux/semanage.conf");
+    let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    let mut out: String = text
+        .lines()
+        .filter(|line| !line.trim_start().starts_with("expand-check"))
+        .flat_map(|line| [line, "\n"])
+        .collect();
+    out.push_str("# airlock: neverallow rules are the isolation promises; always check them.\nexpand-check=1\n");
+    std::fs::write(&path, out).with_context(|| format!("writing {}", path.display()))
 }
 
 /// Path of the tree's file_contexts for policy `policy`.
@@ -289,6 +309,20 @@ pub fn label_gate(tree: &Path) -> Result<BTreeMap<String, usize>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn neverallow_checks_are_switched_on_whatever_the_distro_ships() {
+        for shipped in ["module-store = direct\nexpand-check=0\n", "module-store = direct\n", "expand-check = 0\nexpand-check=1\n"] {
+            let dir = tempfile::tempdir().unwrap();
+            std::fs::create_dir_all(dir.path().join("etc/selinux")).unwrap();
+            std::fs::write(dir.path().join("etc/selinux/semanage.conf"), shipped).unwrap();
+            require_neverallow_checks(dir.path()).unwrap();
+            let text = std::fs::read_to_string(dir.path().join("etc/selinux/semanage.conf")).unwrap();
+            let settings: Vec<&str> = text.lines().filter(|l| l.trim_start().starts_with("expand-check")).collect();
+            assert_eq!(settings, ["expand-check=1"], "from {shipped:?}");
+            assert_eq!(text.contains("module-store"), shipped.contains("module-store"));
+        }
+    }
 
     #[test]
     fn remove_if_present_takes_files_dirs_and_absence() {

@@ -58,7 +58,7 @@ pub fn sh(vm: &mut Vm, script: &str) -> Result<String> {
 }
 
 pub fn test_image_boots(suite: &mut Suite, images: &Images, opts: &AcceptanceOptions) {
-    let all: Vec<&str> = BOOT_TESTS.iter().chain(REBOOT_TESTS).copied().collect();
+    let all: Vec<&str> = BOOT_TESTS.iter().chain(REBOOT_TESTS).chain(super::attacks::TESTS).copied().collect();
     if !suite.wants_any(&all) {
         return;
     }
@@ -126,6 +126,8 @@ pub fn test_image_boots(suite: &mut Suite, images: &Images, opts: &AcceptanceOpt
         Ok(format!("/var {} MiB (partition was {} MiB); {}; sfdisk --verify clean", bytes >> 20, initial >> 20, log.trim()))
     });
     reboot_checks(suite, &mut vm, &first_boot);
+    // Last: the attacks leave AVC denials behind on purpose.
+    super::attacks::attack_checks(suite, &mut vm);
 }
 
 fn in_guest_checks(suite: &mut Suite, vm: &mut Vm) {

@@ -25,7 +25,7 @@ pub struct Images {
     pub build_seconds: Vec<(String, f64)>,
 }
 
-fn source_dir() -> PathBuf {
+pub fn source_dir() -> PathBuf {
     PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../.."))
 }
 
@@ -45,6 +45,7 @@ fn build(opts: &AcceptanceOptions, profile: Profile, output: &Path, fresh: bool)
         reuse_trees: !fresh,
         reuse_output: !fresh,
         extra_overlays,
+        extra_policy_dirs: Vec::new(),
         verbose: false,
     })
     .with_context(|| format!("building the {profile:?} image"))?;

@@ -8,8 +8,10 @@
 //! test image serves every in-guest check, then reboots once for the
 //! persistence checks.
 
+mod attacks;
 mod boot;
 pub mod images;
+pub mod policy;
 mod lockdown;
 
 use std::path::PathBuf;
@@ -132,6 +134,7 @@ pub fn run(opts: &AcceptanceOptions) -> Result<bool> {
     let mut suite = Suite::new(opts.filter.clone());
     let images = images::prepare(&mut suite, opts)?;
     images::image_checks(&mut suite, &images, opts);
+    policy::policy_checks(&mut suite, &images, opts);
     boot::test_image_boots(&mut suite, &images, opts);
     lockdown::production_boot(&mut suite, &images, opts);
     lockdown::tampered_root(&mut suite, &images, opts);
