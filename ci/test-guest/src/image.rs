@@ -1,0 +1,64 @@
+//! Putting the test guest together on the host: build the static `/init`
+//! with cargo, pick a kernel, write the initramfs.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use crate::initramfs;
+use crate::kernel::{self, Kernel};
+
+/// Modules `/init` loads so that an ACPI power-button press reaches it.
+pub const POWER_BUTTON_MODULES: &[&str] = &["kernel/drivers/acpi/button.ko.xz", "kernel/drivers/input/evdev.ko.xz"];
+
+/// A kernel and an initramfs ready for `-kernel` / `-initrd`.
+#[derive(Debug, Clone)]
+pub struct GuestImage {
+    pub kernel: Kernel,
+    pub initrd: PathBuf,
+    /// Modules that were put in the initramfs (empty: no power button).
+    pub modules: Vec<String>,
+}
+
+/// The workspace root (this crate is `ci/test-guest`).
+fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+/// Builds `/init` as a static executable (glibc, `crt-static`; no other
+/// target needs installing) into its own target directory, so it never
+/// waits on the lock of the cargo that runs the tests. Returns its path.
+pub fn build_init() -> Result<PathBuf, String> {
+    let target_dir = workspace().join("target/test-guest");
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let output = Command::new(&cargo)
+        .current_dir(workspace())
+        .args(["build", "--release", "--quiet", "-p", "airlock-test-guest", "--bin", "airlock-test-guest", "--target", "x86_64-unknown-linux-gnu", "--target-dir"])
+        .arg(&target_dir)
+        .env("RUSTFLAGS", "-C target-feature=+crt-static")
+        .output()
+        .map_err(|e| format!("running {}: {e}", Path::new(&cargo).display()))?;
+    if !output.status.success() {
+        return Err(format!("building the test guest's /init failed ({}): {}", output.status, String::from_utf8_lossy(&output.stderr)));
+    }
+    Ok(target_dir.join("x86_64-unknown-linux-gnu/release/airlock-test-guest"))
+}
+
+/// Builds `/init`, finds a kernel and writes `dir/initrd.cpio`.
+pub fn prepare(dir: &Path) -> Result<GuestImage, String> {
+    let kernel = kernel::find().ok_or_else(|| format!("no kernel for the test guest; looked at {}", kernel::SEARCHED))?;
+    let init = build_init()?;
+    let init = std::fs::read(&init).map_err(|e| format!("reading {}: {e}", init.display()))?;
+    let mut modules = Vec::new();
+    for relative in POWER_BUTTON_MODULES {
+        if let Some(path) = kernel.module(relative) {
+            let data = std::fs::read(&path).map_err(|e| format!("reading {}: {e}", path.display()))?;
+            let name = Path::new(relative).file_name().expect("has a name").to_string_lossy().into_owned();
+            modules.push((name, data));
+        }
+    }
+    let initrd = dir.join("initrd.cpio");
+    initramfs::test_guest(&init, &modules)
+        .write_to(&initrd)
+        .map_err(|e| format!("writing {}: {e}", initrd.display()))?;
+    Ok(GuestImage { kernel, initrd, modules: modules.into_iter().map(|(n, _)| n).collect() })
+}

@@ -1,0 +1,206 @@
+//! `/init` of the test guest (static; see `lib.rs`). As PID 1 it mounts
+//! `/dev`, `/proc`, `/sys`, loads the modules listed in
+//! `/lib/modules/order` (the ACPI power button and evdev, so QMP
+//! `system_powerdown` powers it off like a Windows guest), prints the
+//! alive banner on the console, and serves commands on the virtio-serial
+//! port `org.airlock.test.0` (protocol in `lib.rs`). Refuses to run as any
+//! other PID: its `poweroff` would power off whatever runs it.
+
+use std::ffi::CString;
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use airlock_test_guest::protocol::{self, bench_work};
+
+fn main() {
+    if std::process::id() != 1 {
+        eprintln!("airlock-test-guest: this is a test guest's /init; refusing to run as pid {}", std::process::id());
+        std::process::exit(2);
+    }
+    mount("devtmpfs", "/dev", "devtmpfs");
+    mount("proc", "/proc", "proc");
+    mount("sysfs", "/sys", "sysfs");
+    load_modules();
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    println!("{} (kernel {})", protocol::ALIVE_BANNER, release.trim());
+    std::thread::spawn(watch_power_button);
+    loop {
+        match find_port(protocol::PORT_NAME) {
+            Some(port) => serve(&port),
+            None => println!("airlock-test-guest: port {} not found yet", protocol::PORT_NAME),
+        }
+        std::thread::sleep(Duration::from_secs(1));
+    }
+}
+
+fn cstr(s: &str) -> CString {
+    CString::new(s).expect("no NUL")
+}
+
+#[allow(unsafe_code)]
+fn mount(source: &str, target: &str, fstype: &str) {
+    let _ = std::fs::create_dir_all(target);
+    // SAFETY: valid NUL-terminated strings; no data argument.
+    let rc = unsafe { libc::mount(cstr(source).as_ptr(), cstr(target).as_ptr(), cstr(fstype).as_ptr(), 0, std::ptr::null()) };
+    if rc != 0 {
+        println!("airlock-test-guest: mount {target}: {}", std::io::Error::last_os_error());
+    }
+}
+
+/// `finit_module` each module named in `/lib/modules/order`.
+#[allow(unsafe_code)]
+fn load_modules() {
+    const MODULE_INIT_COMPRESSED_FILE: libc::c_int = 4;
+    let order = std::fs::read_to_string("/lib/modules/order").unwrap_or_default();
+    for name in order.lines().filter(|l| !l.is_empty()) {
+        let path = format!("/lib/modules/{name}");
+        let Ok(file) = File::open(&path) else {
+            println!("airlock-test-guest: {path} missing");
+            continue;
+        };
+        let flags = if name.ends_with(".xz") || name.ends_with(".zst") || name.ends_with(".gz") { MODULE_INIT_COMPRESSED_FILE } else { 0 };
+        use std::os::fd::AsRawFd;
+        let empty = cstr("");
+        // SAFETY: a valid open descriptor and NUL-terminated parameters.
+        let rc = unsafe { libc::syscall(libc::SYS_finit_module, file.as_raw_fd(), empty.as_ptr(), flags) };
+        if rc != 0 {
+            println!("airlock-test-guest: loading {name}: {}", std::io::Error::last_os_error());
+        }
+    }
+}
+
+/// `/dev/vportNpM` whose `/sys/class/virtio-ports/*/name` is `name`.
+fn find_port(name: &str) -> Option<PathBuf> {
+    for entry in std::fs::read_dir("/sys/class/virtio-ports").ok()?.flatten() {
+        let port_name = std::fs::read_to_string(entry.path().join("name")).unwrap_or_default();
+        if port_name.trim() == name {
+            return Some(Path::new("/dev").join(entry.file_name()));
+        }
+    }
+    None
+}
+
+/// Reads command lines from the port and answers each.
+fn serve(port: &Path) {
+    let Ok(mut dev) = OpenOptions::new().read(true).write(true).open(port) else {
+        println!("airlock-test-guest: cannot open {}", port.display());
+        return;
+    };
+    println!("airlock-test-guest: serving on {}", port.display());
+    let mut pending = Vec::new();
+    let mut buf = [0u8; 512];
+    loop {
+        match dev.read(&mut buf) {
+            // The host side is not connected: nothing to read yet.
+            Ok(0) => std::thread::sleep(Duration::from_millis(100)),
+            Ok(n) => {
+                pending.extend_from_slice(&buf[..n]);
+                while let Some(end) = pending.iter().position(|b| *b == b'\n') {
+                    let line: Vec<u8> = pending.drain(..=end).collect();
+                    let line = String::from_utf8_lossy(&line).trim().to_owned();
+                    let reply = handle(&line);
+                    let _ = dev.write_all(format!("{reply}\n").as_bytes());
+                    if line == protocol::POWEROFF {
+                        power_off();
+                    }
+                }
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(100)),
+        }
+    }
+}
+
+fn handle(line: &str) -> String {
+    let mut words = line.split_whitespace();
+    match words.next() {
+        Some(protocol::PING) => {
+            let uptime = std::fs::read_to_string("/proc/uptime").unwrap_or_default();
+            let secs: f64 = uptime.split_whitespace().next().and_then(|s| s.parse().ok()).unwrap_or(0.0);
+            format!("pong uptime_ms={}", (secs * 1000.0) as u64)
+        }
+        Some(protocol::POWEROFF) => "ok powering off".into(),
+        Some(protocol::BENCH) => {
+            let iterations: u64 = words.next().and_then(|w| w.parse().ok()).unwrap_or(50_000_000);
+            let start = Instant::now();
+            let result = bench_work(iterations);
+            format!("bench iterations={iterations} elapsed_us={} result={result:x}", start.elapsed().as_micros())
+        }
+        Some(protocol::HOG) => {
+            let n = |w: Option<&str>, d: u64| w.and_then(|w| w.parse().ok()).unwrap_or(d);
+            let threads = n(words.next(), 1);
+            let mib = n(words.next(), 0);
+            let secs = n(words.next(), 10);
+            hog(threads, mib, Duration::from_secs(secs));
+            format!("ok hog threads={threads} mib={mib} seconds={secs}")
+        }
+        _ => format!("error unknown command {line:?}"),
+    }
+}
+
+/// Busy threads and touched memory for `duration`, in the background.
+fn hog(threads: u64, mib: u64, duration: Duration) {
+    let end = Instant::now() + duration;
+    for i in 0..threads {
+        std::thread::spawn(move || {
+            let mut memory = if i == 0 { vec![0u8; (mib * 1024 * 1024) as usize] } else { Vec::new() };
+            let mut x = i;
+            while Instant::now() < end {
+                x = std::hint::black_box(bench_work(100_000).wrapping_add(x));
+                // Keep every page of the hog's memory in use.
+                for page in memory.chunks_mut(4096) {
+                    page[0] = page[0].wrapping_add(x as u8);
+                }
+            }
+        });
+    }
+}
+
+/// Waits for a press of the ACPI power button (QMP `system_powerdown`) on
+/// any input device and powers off.
+fn watch_power_button() {
+    // struct input_event on x86-64: timeval (16 bytes), type u16, code u16, value i32.
+    const EV_KEY: u16 = 1;
+    const KEY_POWER: u16 = 116;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut watched = Vec::new();
+    while Instant::now() < deadline {
+        for entry in std::fs::read_dir("/dev/input").into_iter().flatten().flatten() {
+            let path = entry.path();
+            if !entry.file_name().to_string_lossy().starts_with("event") || watched.contains(&path) {
+                continue;
+            }
+            watched.push(path.clone());
+            std::thread::spawn(move || {
+                let Ok(mut dev) = File::open(&path) else { return };
+                let mut ev = [0u8; 24];
+                while dev.read_exact(&mut ev).is_ok() {
+                    let kind = u16::from_ne_bytes([ev[16], ev[17]]);
+                    let code = u16::from_ne_bytes([ev[18], ev[19]]);
+                    let value = i32::from_ne_bytes([ev[20], ev[21], ev[22], ev[23]]);
+                    if kind == EV_KEY && code == KEY_POWER && value == 1 {
+                        println!("airlock-test-guest: power button pressed");
+                        power_off();
+                    }
+                }
+            });
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+#[allow(unsafe_code)]
+fn power_off() -> ! {
+    println!("airlock-test-guest: powering off");
+    // SAFETY: sync and reboot take no pointers; we are PID 1 in a guest.
+    unsafe {
+        libc::sync();
+        libc::reboot(libc::LINUX_REBOOT_CMD_POWER_OFF);
+    }
+    // reboot() only returns on failure.
+    println!("airlock-test-guest: power-off failed: {}", std::io::Error::last_os_error());
+    loop {
+        std::thread::sleep(Duration::from_secs(3600));
+    }
+}
