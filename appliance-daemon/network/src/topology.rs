@@ -17,10 +17,9 @@ use crate::config::{NetworkConfig, Side, Uplinks};
 pub enum StepKind {
     /// A sysctl (IPv6 off, no redirects, forwarding on).
     Sysctl,
-    /// Create a bridge.
+    /// Create a bridge, or put a port on it.
     Bridge,
-    /// Create a guest's persistent tap, owned by the side's user, and
-    /// enslave it to the bridge.
+    /// Create a guest's persistent tap, owned by the side's QEMU user.
     Tap,
     /// Address an interface or bring it up.
     Link,
@@ -75,7 +74,7 @@ pub fn render_topology(cfg: &NetworkConfig) -> Vec<Step> {
         let (br, tap) = (side.bridge(), side.tap());
         s.push(step(Bridge, &format!("ip link add name {br} type bridge stp_state 0 mcast_snooping 0")));
         s.push(step(Tap, &format!("ip tuntap add dev {tap} mode tap user {}", side.user())));
-        s.push(step(Tap, &format!("ip link set dev {tap} master {br}")));
+        s.push(step(Bridge, &format!("ip link set dev {tap} master {br}")));
         s.push(step(Link, &format!("ip address add {} dev {br}", seg.host_address)));
         s.push(step(Link, &format!("ip link set dev {br} up")));
         s.push(step(Link, &format!("ip link set dev {tap} up")));

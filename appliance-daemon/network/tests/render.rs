@@ -155,7 +155,7 @@ fn general_rate_limits_come_before_any_accept() {
     let fwd = block(&r, "inet airlock", "chain forward").join("\n");
     let first_accept = fwd.find("accept").unwrap();
     for limit in [
-        "iifname \"br-general\" limit rate over 6250 kbytes/second burst 625 kbytes counter drop",
+        "iifname \"br-general\" limit rate over 2500 kbytes/second burst 250 kbytes counter drop",
         "oifname \"br-general\" limit rate over 10000 kbytes/second burst 1000 kbytes counter drop",
         "iifname \"br-general\" ct state new limit rate over 20/second burst 40 packets counter drop",
         "iifname \"br-general\" ct state new ct count over 256 counter drop",
