@@ -21,13 +21,17 @@ pub struct Gateway {
 
 impl Gateway {
     pub fn start(dir: &Path, extra: &[&str]) -> Gateway {
+        Self::start_with_sockets(dir, &dir.join("general.sock"), &dir.join("classified.sock"), extra)
+    }
+
+    pub fn start_with_sockets(dir: &Path, general: &Path, classified: &Path, extra: &[&str]) -> Gateway {
         let log = dir.join("gateway.stderr");
         let audit = dir.join("clipboard.log");
         let child = Command::new(env!("CARGO_BIN_EXE_airlock-gateway"))
             .arg("--classified")
-            .arg(dir.join("classified.sock"))
+            .arg(classified)
             .arg("--general")
-            .arg(dir.join("general.sock"))
+            .arg(general)
             .arg("--audit-log")
             .arg(&audit)
             .arg("--sanitiser")
