@@ -104,6 +104,10 @@ impl std::fmt::Display for Probe {
     }
 }
 
+/// How long a probe waits for an answer. Probes run in parallel, so the
+/// matrix takes about this long; generous, for a loaded 2-core CI machine.
+const PATIENCE: Duration = Duration::from_secs(2);
+
 const Y: Option<bool> = Some(true);
 const N: Option<bool> = Some(false);
 const SKIP: Option<bool> = None;
@@ -451,13 +455,13 @@ impl World {
     fn probe(&self, from: Who, to: Ipv4Addr, probe: Probe) -> bool {
         let src = self.ns(from);
         match probe {
-            Probe::Icmp => src.succeeds(&format!("ping -n -q -c 1 -W 1 {to}")),
+            Probe::Icmp => src.succeeds(&format!("ping -n -q -c 1 -i 0.5 -w 2 {to}")),
             Probe::Tcp(port) => {
                 let token = self.token("tcp");
                 let path = src.path();
                 std::thread::spawn(move || -> Result<bool> {
                     enter(&path)?;
-                    let Ok(mut s) = TcpStream::connect_timeout(&SocketAddr::from((to, port)), Duration::from_millis(800)) else {
+                    let Ok(mut s) = TcpStream::connect_timeout(&SocketAddr::from((to, port)), PATIENCE) else {
                         return Ok(false);
                     };
                     s.set_read_timeout(Some(Duration::from_secs(2)))?;
@@ -484,9 +488,9 @@ impl World {
                         Some(a) => spoofing_udp_socket(a)?,
                         None => UdpSocket::bind(("0.0.0.0", 0))?,
                     };
-                    for _ in 0..2 {
+                    for _ in 0..3 {
                         s.send_to(t.as_bytes(), (to, port))?;
-                        std::thread::sleep(Duration::from_millis(30));
+                        std::thread::sleep(Duration::from_millis(200));
                     }
                     Ok(())
                 })
@@ -495,7 +499,7 @@ impl World {
                 if let Err(e) = sent {
                     panic!("udp probe from {from:?} could not send: {e:#}");
                 }
-                let deadline = Instant::now() + Duration::from_millis(700);
+                let deadline = Instant::now() + PATIENCE;
                 while Instant::now() < deadline {
                     if self.listeners.udp_seen.lock().unwrap().contains(&token) {
                         return true;
@@ -561,8 +565,9 @@ fn check_mac_spoofing(w: &World) {
     ] {
         let gw = w.cfg.segment(if who == Who::Gen { airlock_network::Side::General } else { airlock_network::Side::Classified }).host_address.addr;
         let br_mac = w.host.exec(&format!("cat /sys/class/net/{br}/address")).unwrap();
-        ns.exec(&format!("ip neigh replace {gw} lladdr {} dev eth0 nud permanent", br_mac.trim())).unwrap();
+        // (A MAC change flushes the neighbour table, so pin after it.)
         ns.exec(&format!("ip link set dev eth0 address {fake_mac}")).unwrap();
+        ns.exec(&format!("ip neigh replace {gw} lladdr {} dev eth0 nud permanent", br_mac.trim())).unwrap();
         let spoofed = w.probe(who, Ipv4Addr::from(to), Probe::Udp(5000));
         ns.exec(&format!("ip link set dev eth0 address {own_mac}")).unwrap();
         ns.exec(&format!("ip neigh replace {gw} lladdr {} dev eth0 nud permanent", br_mac.trim())).unwrap();
