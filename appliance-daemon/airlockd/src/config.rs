@@ -556,7 +556,7 @@ fn resolve_supervisor(layers: &[Layer]) -> Result<Supervisor, ConfigError> {
             CgroupRoot::Path(path)
         }
     };
-    let strict_limits = !pick(layers, |l| sup(l)?.strict_limits.as_ref()).is_some_and(|f| !*f.value);
+    let strict_limits = pick(layers, |l| sup(l)?.strict_limits.as_ref()).is_none_or(|f| *f.value);
     let poweroff_command = match pick(layers, |l| sup(l)?.poweroff_command.as_ref()) {
         None => vec!["/usr/bin/systemctl".to_owned(), "poweroff".to_owned()],
         Some(f) => {

@@ -189,12 +189,12 @@ pub fn run(config: Config) -> Result<()> {
             Ok(Msg::State(side, state)) => {
                 let entry = states.get_mut(&side).expect("both sides");
                 entry.state = state;
-                let status = control::status(phase, &states);
-                control.publish(&status);
-                sd_notify(&format!("STATUS={}", describe(&states)));
-                if phase == Phase::Running && status.both_off {
+                if phase == Phase::Running && control::status(phase, &states).both_off {
                     phase = Phase::PoweringOff;
-                    control.publish(&control::status(phase, &states));
+                }
+                control.publish(&control::status(phase, &states));
+                sd_notify(&format!("STATUS={}", describe(&states)));
+                if phase == Phase::PoweringOff {
                     log::info("both guests have powered off: powering the host off");
                     break run_poweroff(&sup.poweroff_command);
                 }
@@ -272,7 +272,10 @@ fn prepare_guest_files(guest: &Guest, sup: &Supervisor, user: Option<Ids>) -> Re
     fs::set_permissions(&paths.log_dir, fs::Permissions::from_mode(0o750))?;
     if let Some(ids) = user {
         launch::chown(&paths.run_dir, ids)?;
+        // QEMU may read its command line and reach the serial log; the
+        // directories stay root's.
         launch::chown(&paths.config_dir, Ids { uid: 0, gid: ids.gid })?;
+        launch::chown(&paths.log_dir, Ids { uid: 0, gid: ids.gid })?;
     }
     if sup.test_mode {
         // QEMU opens the serial log itself.

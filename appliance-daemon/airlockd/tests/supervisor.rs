@@ -1,0 +1,393 @@
+//! Host integration test (root; QEMU under TCG): `airlockd run` supervises
+//! two real tiny guests (`ci/test-guest`: a Debian kernel and our static
+//! `/init`) through the production launch path, in test mode.
+//!
+//! - `crash_restart_and_power_off`: both guests come up as an unprivileged
+//!   user, in their own cgroups, with the sandbox on; killing one QEMU gets
+//!   it restarted (with a new pid, counted on the control socket); a guest
+//!   that powers itself off stays off; when both have, the power-off hook
+//!   runs and the supervisor exits 0.
+//! - `sigterm_powers_guests_down`: SIGTERM presses both guests' ACPI power
+//!   buttons; the guests power off by themselves before the timeout, the
+//!   hook does not run (the host is already going down), exit 0.
+//!
+//! The two tests take turns (four TCG guests at once on two cores would
+//! only measure contention).
+
+use std::fs;
+use std::io::{BufRead, BufReader};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::UnixStream;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use airlock_test_guest::client::Client;
+use airlock_test_guest::image::{self, GuestImage};
+use serde_json::Value;
+
+static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+
+/// How long two TCG guests on two cores may take to answer.
+const BOOT_TIMEOUT: Duration = Duration::from_secs(120);
+const USER: &str = "nobody";
+
+fn require_root() {
+    assert!(airlockd::users::is_root(), "the supervisor integration test needs root (QEMU runs as {USER}, cgroups); CI runs it as root");
+}
+
+/// A cgroup v2 directory for this test: the unified hierarchy wherever it is mounted.
+fn test_cgroup(name: &str) -> PathBuf {
+    for base in ["/sys/fs/cgroup", "/sys/fs/cgroup/unified"] {
+        if Path::new(base).join("cgroup.controllers").exists() {
+            return Path::new(base).join(name);
+        }
+    }
+    panic!("no cgroup v2 hierarchy at /sys/fs/cgroup or /sys/fs/cgroup/unified");
+}
+
+struct Harness {
+    dir: tempfile::TempDir,
+    child: Child,
+    run_dir: PathBuf,
+    cgroup: PathBuf,
+    hook_file: PathBuf,
+    log_file: PathBuf,
+}
+
+impl Harness {
+    fn start(name: &str, img: &GuestImage) -> Harness {
+        let dir = tempfile::Builder::new().prefix("airlockd-it-").tempdir().unwrap();
+        fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
+        let nobody = airlockd::users::lookup_user(USER).unwrap();
+        let state = dir.path().join("state");
+        for side in ["classified", "general"] {
+            let disk_dir = state.join(side).join("disk");
+            fs::create_dir_all(&disk_dir).unwrap();
+            let disk = disk_dir.join("disk.raw");
+            fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
+            std::os::unix::fs::chown(&disk, Some(nobody.uid), Some(nobody.gid)).unwrap();
+        }
+        // The initramfs must be readable by the guests' user.
+        let initrd = dir.path().join("initrd.cpio");
+        fs::copy(&img.initrd, &initrd).unwrap();
+        fs::set_permissions(&initrd, fs::Permissions::from_mode(0o644)).unwrap();
+        let run_dir = dir.path().join("run");
+        let cgroup = test_cgroup(&format!("airlockd-it-{name}-{}", std::process::id()));
+        let hook_file = dir.path().join("host-powered-off");
+        let guest = |side: &str| {
+            format!(
+                r#"
+[guest.{side}]
+disk = "{state}/{side}/disk/disk.raw"
+disk_format = "raw"
+memory_mib = 192
+vcpus = 1
+accel = "tcg"
+user = "{USER}"
+devices = ["tablet"]
+[guest.{side}.limits]
+cpu_percent = 100
+memory_max_mib = 512
+io_write_bps = 10485760
+[guest.{side}.network]
+enabled = false
+[guest.{side}.test_boot]
+kernel = "{kernel}"
+initrd = "{initrd}"
+append = "console=ttyS0 panic=-1 quiet"
+"#,
+                state = state.display(),
+                kernel = img.kernel.vmlinuz.display(),
+                initrd = initrd.display(),
+            )
+        };
+        let config = format!(
+            r#"
+[supervisor]
+test_mode = true
+run_dir = "{run}"
+state_dir = "{state}"
+log_dir = "{log}"
+cgroup = "{cgroup}"
+strict_limits = false
+poweroff_command = ["/usr/bin/touch", "{hook}"]
+shutdown_timeout_secs = 60
+{classified}
+{general}
+"#,
+            run = run_dir.display(),
+            state = state.display(),
+            log = dir.path().join("log").display(),
+            cgroup = cgroup.display(),
+            hook = hook_file.display(),
+            classified = guest("classified"),
+            general = guest("general"),
+        );
+        let config_path = dir.path().join("appliance.toml");
+        fs::write(&config_path, config).unwrap();
+        let log_file = dir.path().join("airlockd.log");
+        let child = Command::new(env!("CARGO_BIN_EXE_airlockd"))
+            .args(["run", "--config"])
+            .arg(&config_path)
+            .arg("--provision")
+            .arg(dir.path().join("no-provisioning.toml"))
+            .stdin(Stdio::null())
+            .stdout(fs::File::create(dir.path().join("airlockd.out")).unwrap())
+            .stderr(fs::File::create(&log_file).unwrap())
+            .process_group(0)
+            .spawn()
+            .unwrap();
+        Harness { dir, child, run_dir, cgroup, hook_file, log_file }
+    }
+
+    fn log(&self) -> String {
+        fs::read_to_string(&self.log_file).unwrap_or_default()
+    }
+
+    fn fail(&self, what: impl std::fmt::Display) -> ! {
+        let serial = |side: &str| fs::read_to_string(self.dir.path().join("log").join(side).join("serial.log")).unwrap_or_default();
+        let qemu = |side: &str| fs::read_to_string(self.dir.path().join("log").join(side).join("qemu.log")).unwrap_or_default();
+        panic!(
+            "{what}\n--- airlockd log:\n{}\n--- classified qemu.log:\n{}\n--- general qemu.log:\n{}\n--- classified serial (tail):\n{}\n--- general serial (tail):\n{}",
+            self.log(),
+            tail(&qemu("classified")),
+            tail(&qemu("general")),
+            tail(&serial("classified")),
+            tail(&serial("general"))
+        );
+    }
+
+    fn control(&self) -> Control {
+        let path = self.run_dir.join("control.sock");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            match UnixStream::connect(&path) {
+                Ok(s) => return Control { reader: BufReader::new(s), last: Value::Null },
+                Err(e) if Instant::now() > deadline => self.fail(format!("control socket {}: {e}", path.display())),
+                Err(_) => std::thread::sleep(Duration::from_millis(100)),
+            }
+        }
+    }
+
+    fn test_port(&self, side: &str) -> Client {
+        Client::connect(&self.run_dir.join(side).join("test.sock"), Duration::from_secs(20))
+            .unwrap_or_else(|e| self.fail(format!("{side} test port: {e}")))
+    }
+
+    fn wait_alive(&self, side: &str) -> Client {
+        let mut client = self.test_port(side);
+        if let Err(e) = client.wait_alive(BOOT_TIMEOUT) {
+            self.fail(format!("{side} guest not alive: {e}"));
+        }
+        client
+    }
+
+    /// Waits for the supervisor to exit; its status.
+    fn wait_exit(&mut self, timeout: Duration) -> std::process::ExitStatus {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            if Instant::now() > deadline {
+                self.fail(format!("airlockd still runs after {timeout:?}"));
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+impl Drop for Harness {
+    fn drop(&mut self) {
+        // The supervisor, and the QEMUs in its process group and cgroups.
+        #[allow(unsafe_code)]
+        // SAFETY: killpg has no memory-safety preconditions; the group is ours.
+        unsafe {
+            libc::killpg(self.child.id() as i32, libc::SIGKILL);
+        }
+        let _ = self.child.wait();
+        for side in ["classified", "general"] {
+            let dir = self.cgroup.join(format!("guest-{side}"));
+            let _ = fs::write(dir.join("cgroup.kill"), "1");
+        }
+        std::thread::sleep(Duration::from_millis(300));
+        for side in ["classified", "general"] {
+            let _ = fs::remove_dir(self.cgroup.join(format!("guest-{side}")));
+        }
+        let _ = fs::remove_dir(&self.cgroup);
+        if std::thread::panicking() {
+            self.dir.disable_cleanup(true);
+            eprintln!("test files kept in {}", self.dir.path().display());
+        }
+    }
+}
+
+fn tail(text: &str) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(15)..].join("\n")
+}
+
+/// The control socket, read line by line.
+struct Control {
+    reader: BufReader<UnixStream>,
+    last: Value,
+}
+
+impl Control {
+    /// Reads status lines until `want` holds for one; returns it.
+    fn wait(&mut self, h: &Harness, what: &str, timeout: Duration, want: impl Fn(&Value) -> bool) -> Value {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if want(&self.last) {
+                return self.last.clone();
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                h.fail(format!("timed out after {timeout:?} waiting for {what}; last status {}", self.last));
+            }
+            self.reader.get_ref().set_read_timeout(Some(left)).unwrap();
+            let mut line = String::new();
+            match self.reader.read_line(&mut line) {
+                Ok(0) => h.fail(format!("control socket closed waiting for {what}; last status {}", self.last)),
+                Ok(_) => self.last = serde_json::from_str(&line).unwrap_or_else(|e| h.fail(format!("bad status line {line:?}: {e}"))),
+                Err(e) => h.fail(format!("waiting for {what}: {e}; last status {}", self.last)),
+            }
+        }
+    }
+}
+
+fn state(status: &Value, side: &str) -> String {
+    status["guests"][side]["state"].as_str().unwrap_or_default().to_owned()
+}
+
+fn pid(status: &Value, side: &str) -> i32 {
+    status["guests"][side]["pid"].as_i64().expect("running guest has a pid") as i32
+}
+
+fn prepare_image() -> (tempfile::TempDir, GuestImage) {
+    let dir = tempfile::tempdir().unwrap();
+    let img = image::prepare(dir.path()).unwrap_or_else(|e| panic!("{e}"));
+    eprintln!(
+        "test guest kernel: {} (from {}); power-button modules: {:?}",
+        img.kernel.vmlinuz.display(),
+        img.kernel.source,
+        img.modules
+    );
+    (dir, img)
+}
+
+/// `Uid:` of a process (real uid).
+fn uid_of(pid: i32) -> u32 {
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("Uid:")).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+#[test]
+fn crash_restart_and_power_off() {
+    require_root();
+    let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let (_img_dir, img) = prepare_image();
+    let started = Instant::now();
+    let mut h = Harness::start("crash", &img);
+    let mut control = h.control();
+    let ready = control.wait(&h, "both guests running", Duration::from_secs(60), |s| s["ready"] == true);
+    let mut classified = h.wait_alive("classified");
+    let _general = h.wait_alive("general");
+    eprintln!("both guests alive {:.1} s after the supervisor started", started.elapsed().as_secs_f64());
+
+    // Launched as the contract says: unprivileged, own cgroup, sandboxed.
+    let nobody = airlockd::users::lookup_user(USER).unwrap();
+    for side in ["classified", "general"] {
+        let pid = pid(&ready, side);
+        assert_eq!(uid_of(pid), nobody.uid, "{side} QEMU runs as {USER}");
+        let procs = fs::read_to_string(h.cgroup.join(format!("guest-{side}/cgroup.procs"))).unwrap();
+        assert!(procs.split_whitespace().any(|p| p == pid.to_string()), "{side} QEMU {pid} not in its cgroup: {procs:?}");
+        let cmdline = fs::read(format!("/proc/{pid}/cmdline")).unwrap();
+        let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+        assert!(cmdline.contains("-sandbox on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"), "{cmdline}");
+        assert!(cmdline.contains("throttling.bps-write=10485760"), "{cmdline}");
+        assert!(h.log().contains(&format!("{side}: cgroup {}", h.cgroup.join(format!("guest-{side}")).display())), "limits are logged");
+    }
+    let log = h.log();
+    assert!(log.contains("limits applied:") && log.contains("not applied:"), "{log}");
+    for line in log.lines().filter(|l| l.contains("limits applied:")) {
+        eprintln!("{line}");
+    }
+    let rss = fs::read_to_string(format!("/proc/{}/status", h.child.id())).unwrap();
+    eprintln!("supervisor {}", rss.lines().find(|l| l.starts_with("VmRSS:")).unwrap().split_whitespace().collect::<Vec<_>>().join(" "));
+
+    // A crash: kill the general guest's QEMU.
+    let old = pid(&ready, "general");
+    airlockd::launch::kill(old);
+    let restarting = control.wait(&h, "general restarting", Duration::from_secs(20), |s| state(s, "general") == "restarting");
+    assert!(restarting["guests"]["general"]["reason"].as_str().unwrap().contains("signal 9"), "{restarting}");
+    assert_eq!(state(&restarting, "classified"), "running", "the other guest is untouched");
+    let back = control.wait(&h, "general running again", Duration::from_secs(30), |s| state(s, "general") == "running");
+    assert_ne!(pid(&back, "general"), old);
+    assert_eq!(back["guests"]["general"]["restarts"], 1);
+    let mut general = h.wait_alive("general");
+    eprintln!("general guest restarted and alive {:.1} s after the supervisor started", started.elapsed().as_secs_f64());
+
+    // The classified guest powers itself off: it stays off, the host does not.
+    assert_eq!(classified.command("poweroff", Duration::from_secs(10)).unwrap(), "ok powering off");
+    let one_off = control.wait(&h, "classified off", Duration::from_secs(30), |s| state(s, "classified") == "off");
+    assert_eq!(one_off["both_off"], false);
+    assert_eq!(one_off["ready"], false);
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(state(&control.last, "classified"), "off", "a guest that powered off is not restarted");
+    assert!(!h.hook_file.exists(), "the host must not power off while the general guest runs");
+
+    // Then the general guest: both off, the power-off hook runs.
+    let off_at = Instant::now();
+    assert_eq!(general.command("poweroff", Duration::from_secs(10)).unwrap(), "ok powering off");
+    let both = control.wait(&h, "both off", Duration::from_secs(30), |s| s["both_off"] == true);
+    assert_eq!(both["phase"], "powering-off");
+    let status = h.wait_exit(Duration::from_secs(30));
+    assert!(status.success(), "airlockd exited with {status}");
+    assert!(h.hook_file.exists(), "the power-off hook did not run:\n{}", h.log());
+    eprintln!(
+        "power-off hook ran {:.1} s after the second guest's poweroff; whole test {:.1} s",
+        off_at.elapsed().as_secs_f64(),
+        started.elapsed().as_secs_f64()
+    );
+    let log = h.log();
+    assert!(log.contains("classified: the guest powered itself off; it stays off"), "{log}");
+    assert!(log.contains("general: guest crashed: QEMU was killed by signal 9"), "{log}");
+}
+
+#[test]
+fn sigterm_powers_guests_down() {
+    require_root();
+    let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let (_img_dir, img) = prepare_image();
+    assert!(
+        img.modules.len() == 2,
+        "the kernel's tree lacks button.ko.xz/evdev.ko.xz, so the guest cannot see an ACPI power-button press"
+    );
+    let mut h = Harness::start("sigterm", &img);
+    let mut control = h.control();
+    control.wait(&h, "both guests running", Duration::from_secs(60), |s| s["ready"] == true);
+    h.wait_alive("classified");
+    h.wait_alive("general");
+    // The guest's /init watches input devices for the first seconds after boot.
+    let stop_at = Instant::now();
+    #[allow(unsafe_code)]
+    // SAFETY: kill has no memory-safety preconditions.
+    unsafe {
+        libc::kill(h.child.id() as i32, libc::SIGTERM);
+    }
+    let status = h.wait_exit(Duration::from_secs(90));
+    assert!(status.success(), "airlockd exited with {status}");
+    let log = h.log();
+    eprintln!("both guests powered down {:.1} s after SIGTERM", stop_at.elapsed().as_secs_f64());
+    for side in ["classified", "general"] {
+        assert!(log.contains(&format!("{side}: ACPI power-down sent")), "{log}");
+        assert!(log.contains(&format!("{side}: QMP SHUTDOWN (guest: true, reason: guest-shutdown)")), "{side} did not power itself down:\n{log}");
+    }
+    assert!(!log.contains("killing them"), "the guests had to be killed:\n{log}");
+    assert!(!h.hook_file.exists(), "a host shutdown must not run the power-off action");
+}
