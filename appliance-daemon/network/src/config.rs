@@ -337,6 +337,10 @@ pub struct RateLimit {
     pub max_connections: u32,
 }
 
+/// Largest accepted byte rate limit, Mbit/s, and packet or connection limit.
+pub const MAX_MBIT: u32 = 100_000;
+pub const MAX_PER_SECOND: u32 = 1_000_000;
+
 impl RateLimit {
     pub const DEFAULT: RateLimit = RateLimit {
         egress_mbit: 100,
@@ -674,8 +678,17 @@ impl TryFrom<RawNetwork> for NetworkConfig {
                 return Err(invalid(format!("network.general.rate_limit.{k}"), "0 would cut the general side off; give a positive limit"));
             }
         }
-        if rate_limit.egress_mbit > 1_000_000 || rate_limit.ingress_mbit > 1_000_000 {
-            return Err(invalid("network.general.rate_limit", "more than 1000000 Mbit/s"));
+        // The kernel's limit expression overflows (EOVERFLOW at load) from
+        // about 140 Gbit/s; past these the ruleset would not load at boot.
+        for (k, v, max) in [
+            ("egress_mbit", rate_limit.egress_mbit, MAX_MBIT),
+            ("ingress_mbit", rate_limit.ingress_mbit, MAX_MBIT),
+            ("new_connections_per_second", rate_limit.new_connections_per_second, MAX_PER_SECOND),
+            ("max_connections", rate_limit.max_connections, MAX_PER_SECOND),
+        ] {
+            if v > max {
+                return Err(invalid(format!("network.general.rate_limit.{k}"), format!("{v} is more than {max}")));
+            }
         }
 
         Ok(NetworkConfig {

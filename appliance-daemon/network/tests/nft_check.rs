@@ -41,6 +41,24 @@ fn every_shape_passes_nft_check_and_loads() {
     }
 }
 
+/// The largest limits the configuration accepts still load (the kernel's
+/// limit expression overflows past them).
+#[test]
+fn the_largest_accepted_limits_load() {
+    require_root();
+    let text = format!(
+        "{}\n[general.rate_limit]\negress_mbit = {max}\ningress_mbit = {max}\nnew_connections_per_second = {pps}\nmax_connections = {pps}\n",
+        FIXTURES[0].1,
+        max = airlock_network::config::MAX_MBIT,
+        pps = airlock_network::config::MAX_PER_SECOND
+    );
+    let ruleset = render(&NetworkConfig::from_toml(&text).unwrap());
+    let ns = Netns::new("nftmax").unwrap();
+    nft_file(&ns, "", &ruleset).unwrap_or_else(|e| panic!("largest limits do not load: {e:#}"));
+    let over = text.replace(&format!("egress_mbit = {}", airlock_network::config::MAX_MBIT), "egress_mbit = 100001");
+    assert!(NetworkConfig::from_toml(&over).unwrap_err().to_string().contains("network.general.rate_limit.egress_mbit: 100001 is more than 100000"));
+}
+
 #[test]
 fn a_broken_ruleset_fails_the_check_and_keeps_the_old_one() {
     require_root();
