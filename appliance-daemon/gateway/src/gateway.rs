@@ -414,7 +414,7 @@ impl Core {
 
     fn sanitised(&mut self, transfer: u64, ty: ClipboardType, size_in: usize, outcome: Outcome) {
         let rss = outcome.peak_rss_kib.map_or("?".into(), |k| k.to_string());
-        log!("info", "transfer {transfer}: sanitiser took {} ms, children peak RSS {rss} KiB", outcome.elapsed.as_millis());
+        log!("info", "transfer {transfer}: sanitiser took {} ms, sanitiser peak RSS {rss} KiB", outcome.elapsed.as_millis());
         match outcome.result {
             Err(why) => self.reject(transfer, Direction::GeneralToClassified, &ty.name(), size_in, &why),
             Ok(_) if transfer < self.latest_applied => self.reject(

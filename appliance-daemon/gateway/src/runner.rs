@@ -29,7 +29,7 @@ pub struct Runner {
 pub struct Outcome {
     pub result: Result<Clean, String>,
     pub elapsed: Duration,
-    /// Peak resident set of the sanitiser, KiB (from `wait4`'s rusage).
+    /// Peak resident set of the sanitiser, KiB (its `VmHWM`).
     pub peak_rss_kib: Option<u64>,
 }
 
@@ -93,23 +93,22 @@ impl Runner {
         let mut stdin = child.stdin.take().expect("piped stdin");
         let mut stdout = child.stdout.take().expect("piped stdout");
         let input = data.to_vec();
-        let writer = std::thread::spawn(move || {
-            let r = ipc::write_request(&mut stdin, ty, &input);
-            drop(stdin);
-            r
-        });
+        // The writer hands stdin back: the sanitiser waits for its EOF
+        // after replying, which gives us a moment to read its peak RSS.
+        let writer = std::thread::spawn(move || ipc::write_request(&mut stdin, ty, &input).map(|()| stdin));
         let max_out = self.limits.max_text_bytes.max(self.limits.max_image_bytes.saturating_mul(4));
         let reply = ipc::read_reply(&mut stdout, max_out);
+        let peak_rss_kib = if reply.is_ok() { vm_hwm_kib(pid) } else { None };
         drop(stdout);
-        let _ = writer.join();
+        drop(writer.join());
         let status = {
             let mut reaped = reaped.lock().unwrap_or_else(|p| p.into_inner());
             *reaped = true;
             let _ = done_tx.send(());
-            wait_with_rusage(&mut child)
+            child.wait()
         };
         let timed_out = watchdog.join().unwrap_or(false);
-        let (status, rss) = status.map_err(|e| format!("waiting for sanitiser: {e}"))?;
+        let status = status.map_err(|e| format!("waiting for sanitiser: {e}"))?;
         if timed_out {
             return Err(format!("sanitiser killed after {} ms", self.timeout.as_millis()));
         }
@@ -120,7 +119,7 @@ impl Runner {
         if !status.success() {
             return Err(format!("sanitiser {status}"));
         }
-        Ok((check_reply(reply, &self.limits), rss))
+        Ok((check_reply(reply, &self.limits), peak_rss_kib))
     }
 }
 
@@ -136,27 +135,11 @@ fn check_reply(reply: Reply, limits: &Limits) -> Result<Clean, String> {
     }
 }
 
-/// `wait` that also returns the child's peak RSS (KiB).
-fn wait_with_rusage(child: &mut std::process::Child) -> std::io::Result<(std::process::ExitStatus, Option<u64>)> {
-    let status = child.wait()?;
-    // After the wait the child's usage is folded into RUSAGE_CHILDREN: its
-    // ru_maxrss is the largest of all children so far, which for a
-    // gateway that runs one sanitiser at a time is the figure we want
-    // (the benchmark reads it after each transfer).
-    Ok((status, children_max_rss_kib()))
-}
-
-/// `getrusage(RUSAGE_CHILDREN).ru_maxrss` (KiB); rustix has no wrapper.
-#[allow(unsafe_code)]
-fn children_max_rss_kib() -> Option<u64> {
-    let mut usage = std::mem::MaybeUninit::<libc::rusage>::zeroed();
-    // SAFETY: getrusage writes one `struct rusage` to the pointer, which
-    // points to a zeroed, properly aligned `rusage` we own.
-    let rc = unsafe { libc::getrusage(libc::RUSAGE_CHILDREN, usage.as_mut_ptr()) };
-    if rc != 0 {
-        return None;
-    }
-    // SAFETY: zero-initialised and filled by a successful getrusage.
-    let usage = unsafe { usage.assume_init() };
-    u64::try_from(usage.ru_maxrss).ok()
+/// `VmHWM` of a live process, KiB: the peak resident set of its current
+/// image (unlike `getrusage`, not inflated by the parent's memory it was
+/// spawned from).
+fn vm_hwm_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    line.trim_start_matches("VmHWM:").trim().trim_end_matches("kB").trim().parse().ok()
 }

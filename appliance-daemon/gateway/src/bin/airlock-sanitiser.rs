@@ -18,11 +18,13 @@ fn main() -> anyhow::Result<()> {
         anyhow::bail!("probe: open(2) was not blocked");
     }
     let (ty, data) = ipc::read_request(&mut stdin, max_in)?;
-    // No more input is expected; anything further is ignored.
-    let _ = stdin.read(&mut [0u8; 0]);
     let result = sanitise::sanitise(ty, &data, &limits);
     drop(data);
     ipc::write_reply(&mut stdout, &result)?;
     stdout.flush()?;
+    // Stay until the gateway closes our stdin (it reads our peak memory
+    // meanwhile); anything it sends is ignored.
+    let mut sink = [0u8; 64];
+    while matches!(stdin.read(&mut sink), Ok(n) if n > 0) {}
     Ok(())
 }
