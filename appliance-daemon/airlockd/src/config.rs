@@ -156,6 +156,8 @@ pub enum Rtc {
 struct RawFile {
     supervisor: Option<RawSupervisor>,
     guest: Option<RawGuests>,
+    /// Validated by `airlock_network` (after merging the layers).
+    network: Option<toml::Value>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -242,6 +244,9 @@ pub struct Config {
     pub supervisor: Supervisor,
     pub classified: Guest,
     pub general: Guest,
+    /// The `[network]` section (`airlock_network`), if configured.
+    #[serde(skip)]
+    pub network: Option<airlock_network::NetworkConfig>,
 }
 
 impl Config {
@@ -417,6 +422,25 @@ impl Layer {
         0..0
     }
 
+    /// The span of the line that sets dotted key `key` (found under its
+    /// table's header), or of the table's header.
+    fn key_span(&self, key: &str) -> Range<usize> {
+        let Some((table, leaf)) = key.rsplit_once('.') else { return self.table_span(key) };
+        let start = self.table_span(table).start;
+        let mut offset = start;
+        for (i, line) in self.text[start..].split_inclusive('\n').enumerate() {
+            let t = line.trim_start();
+            if i > 0 && t.starts_with('[') {
+                break;
+            }
+            if t.starts_with(leaf) && t[leaf.len()..].trim_start().starts_with('=') {
+                return offset..offset;
+            }
+            offset += line.len();
+        }
+        start..start
+    }
+
     fn invalid(&self, span: &Range<usize>, key: &str, message: impl Into<String>) -> ConfigError {
         ConfigError::Invalid { file: self.file.clone(), line: self.line(span), key: key.to_owned(), message: message.into() }
     }
@@ -479,8 +503,14 @@ pub fn parse_layers(texts: &[(&str, &str, bool)]) -> Result<Config, ConfigError>
         check_provisioning_keys(layer)?;
     }
     let supervisor = resolve_supervisor(&layers)?;
-    let classified = resolve_guest(&layers, Side::Classified, &supervisor)?;
-    let general = resolve_guest(&layers, Side::General, &supervisor)?;
+    let mut classified = resolve_guest(&layers, Side::Classified, &supervisor)?;
+    let mut general = resolve_guest(&layers, Side::General, &supervisor)?;
+    let network = resolve_network(&layers)?;
+    if let Some(net) = &network {
+        for guest in [&mut classified, &mut general] {
+            match_network(&layers, guest, net)?;
+        }
+    }
     if !supervisor.test_mode && classified.user == general.user {
         let found = pick(&layers, |l| l.guest(Side::General)?.user.as_ref());
         let message = "both guests would run as the same user; each side needs its own";
@@ -489,12 +519,116 @@ pub fn parse_layers(texts: &[(&str, &str, bool)]) -> Result<Config, ConfigError>
             None => ConfigError::Missing { file: layers[0].file.clone(), key: "guest.general.user".into(), message: message.into() },
         });
     }
-    Ok(Config { supervisor, classified, general })
+    Ok(Config { supervisor, classified, general, network })
+}
+
+/// The `[network]` section: parsed straight from its file when only one
+/// layer has it (so syntax errors keep their line), else from the merged
+/// tables (the provisioning file may only add uplinks).
+fn resolve_network(layers: &[Layer]) -> Result<Option<airlock_network::NetworkConfig>, ConfigError> {
+    use airlock_network::ConfigError as NetError;
+    let with: Vec<&Layer> = layers.iter().filter(|l| l.raw.network.is_some()).collect();
+    let map_err = |layer: &Layer, e: NetError| match e {
+        NetError::Syntax(message) => ConfigError::Parse { file: layer.file.clone(), message },
+        NetError::Invalid { key, message } => {
+            let key = if key.starts_with("network.") { key } else { format!("network.{key}") };
+            ConfigError::Invalid { file: layer.file.clone(), line: layer.line(&layer.key_span(&key)), key, message }
+        }
+    };
+    match with.as_slice() {
+        [] => Ok(None),
+        [layer] => airlock_network::NetworkConfig::from_appliance_toml(&layer.text).map(Some).map_err(|e| map_err(layer, e)),
+        _ => {
+            let mut merged = toml::Value::Table(Default::default());
+            for layer in &with {
+                merge(&mut merged, layer.raw.network.clone().expect("filtered"));
+            }
+            let last = with.last().expect("two or more");
+            let mut doc = toml::map::Map::new();
+            doc.insert("network".into(), merged);
+            let text = toml::to_string(&toml::Value::Table(doc)).map_err(|e| ConfigError::Parse { file: last.file.clone(), message: e.to_string() })?;
+            airlock_network::NetworkConfig::from_appliance_toml(&text).map(Some).map_err(|e| {
+                let files = with.iter().map(|l| l.file.as_str()).collect::<Vec<_>>().join(" + ");
+                match e {
+                    NetError::Syntax(message) => ConfigError::Parse { file: files, message },
+                    NetError::Invalid { key, message } => ConfigError::Missing { file: files, key, message },
+                }
+            })
+        }
+    }
+}
+
+/// Deep merge of TOML tables; `over` wins.
+fn merge(base: &mut toml::Value, over: toml::Value) {
+    match (base, over) {
+        (toml::Value::Table(b), toml::Value::Table(o)) => {
+            for (k, v) in o {
+                match b.get_mut(&k) {
+                    Some(existing) => merge(existing, v),
+                    None => {
+                        b.insert(k, v);
+                    }
+                }
+            }
+        }
+        (b, o) => *b = o,
+    }
+}
+
+/// With a `[network]` section, the guest's NIC is the tap the topology
+/// creates and carries the MAC address the ruleset allows.
+fn match_network(layers: &[Layer], guest: &mut Guest, net: &airlock_network::NetworkConfig) -> Result<(), ConfigError> {
+    let side = guest.side;
+    let Some(nic) = &mut guest.network else { return Ok(()) };
+    let net_side = match side {
+        Side::Classified => airlock_network::Side::Classified,
+        Side::General => airlock_network::Side::General,
+    };
+    let fail = |field: &str, message: String| {
+        let key = format!("guest.{side}.network.{field}");
+        match layers.iter().rev().find(|l| l.guest(side).and_then(|g| g.network.as_ref()).is_some()) {
+            Some(layer) => layer.invalid(&layer.key_span(&key), &key, message),
+            None => ConfigError::Missing { file: layers[0].file.clone(), key, message },
+        }
+    };
+    if nic.tap != net_side.tap() {
+        return Err(fail("tap", format!("{:?}: with [network] configured the guest's tap is {:?}", nic.tap, net_side.tap())));
+    }
+    if nic.bridge != net_side.bridge() {
+        return Err(fail("bridge", format!("{:?}: with [network] configured the side's bridge is {:?}", nic.bridge, net_side.bridge())));
+    }
+    let mac = net.segment(net_side).guest_mac.to_string();
+    match &nic.mac {
+        Some(m) if *m != mac => {
+            return Err(fail("mac", format!("{m} differs from network.{side}.guest_mac {mac}, the only address the ruleset lets through")))
+        }
+        _ => nic.mac = Some(mac),
+    }
+    Ok(())
 }
 
 /// The provisioning file may only set machine-specific values.
 fn check_provisioning_keys(layer: &Layer) -> Result<(), ConfigError> {
-    let only_shipped = "may only be set in the shipped configuration (the provisioning file on /var may set disk, disk_format, memory_mib, vcpus, limits and network.mac)";
+    let only_shipped = "may only be set in the shipped configuration (the provisioning file on /var may set a guest's disk, disk_format, memory_mib, vcpus, limits and network.mac, and the network uplinks)";
+    if let Some(toml::Value::Table(net)) = &layer.raw.network {
+        for (key, value) in net {
+            let allowed = match (key.as_str(), value) {
+                ("uplink", _) => true,
+                ("classified" | "general", toml::Value::Table(t)) => {
+                    if let Some(k) = t.keys().find(|k| *k != "uplink") {
+                        let dotted = format!("network.{key}.{k}");
+                        return Err(layer.invalid(&layer.key_span(&dotted), &dotted, only_shipped));
+                    }
+                    true
+                }
+                _ => false,
+            };
+            if !allowed {
+                let dotted = format!("network.{key}");
+                return Err(layer.invalid(&layer.key_span(&dotted), &dotted, only_shipped));
+            }
+        }
+    }
     if let Some(s) = &layer.raw.supervisor {
         let _ = s;
         return Err(layer.invalid(&layer.table_span("supervisor"), "supervisor", only_shipped));
@@ -995,6 +1129,69 @@ disk = "/var/lib/airlock/general/disk/windows.qcow2"
         load(&shipped, Some(&dir.path().join("absent.toml"))).unwrap();
         let err = load(&dir.path().join("nope.toml"), None).unwrap_err().to_string();
         assert!(err.contains("nope.toml"), "{err}");
+    }
+
+    /// A `[network]` section (the network crate's shared-uplink fixture).
+    fn with_network() -> String {
+        let net = include_str!("../../network/tests/fixtures/shared.toml");
+        let mut doc = String::from(MINIMAL);
+        for line in net.lines() {
+            let line = match line.strip_prefix("[[") {
+                Some(rest) => format!("[[network.{rest}"),
+                None => match line.strip_prefix('[') {
+                    Some(rest) => format!("[network.{rest}"),
+                    None => line.to_owned(),
+                },
+            };
+            doc.push_str(&line);
+            doc.push('\n');
+        }
+        doc.replacen("\n[network.", "\n[network]\n[network.", 1)
+    }
+
+    #[test]
+    fn network_section_sets_the_guest_macs() {
+        let text = with_network();
+        let c = parse("a.toml", &text).unwrap_or_else(|e| panic!("{e}\n{text}"));
+        let net = c.network.as_ref().unwrap();
+        assert_eq!(c.classified.network.as_ref().unwrap().mac.as_deref(), Some(net.classified.segment.guest_mac.to_string().as_str()));
+        assert_eq!(c.general.network.as_ref().unwrap().mac.as_deref(), Some(net.general.segment.guest_mac.to_string().as_str()));
+        assert!(parse("a.toml", MINIMAL).unwrap().network.is_none());
+    }
+
+    #[test]
+    fn network_section_errors_name_key_and_line() {
+        let text = with_network();
+        let mac_line = text.lines().position(|l| l.starts_with("guest_mac")).unwrap() + 1;
+        let bad = text.replacen("guest_mac = \"", "guest_mac = \"zz", 1);
+        let err = parse("a.toml", &bad).unwrap_err().to_string();
+        assert!(err.contains("guest_mac") && err.contains(&format!("line {mac_line}")), "{err}");
+        // A guest MAC that the ruleset would not let through.
+        let bad = text.replacen("[guest.general]\n", "[guest.general.network]\nmac = \"52:54:00:00:00:09\"\n[guest.general]\n", 1);
+        let err = parse("a.toml", &bad).unwrap_err().to_string();
+        assert!(err.contains("guest.general.network.mac") && err.contains("line 6"), "{err}");
+        // An unknown key inside [network].
+        let bad = text.replacen("[network]\n", "[network]\ncolour = 1\n", 1);
+        assert!(parse("a.toml", &bad).unwrap_err().to_string().contains("colour"));
+    }
+
+    #[test]
+    fn provisioning_may_set_uplinks_only() {
+        let text = with_network();
+        let over = "[network.uplink]\ninterface = \"enp9s0\"\naddress = \"198.51.100.77/24\"\ngateway = \"198.51.100.1\"\n";
+        let c = parse_layers(&[("shipped", &text, false), ("prov", over, true)]).unwrap();
+        match &c.network.unwrap().uplinks {
+            airlock_network::config::Uplinks::Shared(u) => assert_eq!(u.interface, "enp9s0"),
+            other => panic!("{other:?}"),
+        }
+        for (over, key) in [
+            ("[[network.classified.servers]]\naddress = \"10.0.0.0/8\"\nprotocol = \"tcp\"\nports = [1]\n", "network.classified.servers"),
+            ("[network.general]\ndeny = []\n", "network.general.deny"),
+            ("[network]\nfoo = 1\n", "network.foo"),
+        ] {
+            let err = parse_layers(&[("shipped", &text, false), ("prov", over, true)]).unwrap_err().to_string();
+            assert!(err.contains(key) && err.contains("shipped configuration"), "{err}");
+        }
     }
 
     #[test]

@@ -21,7 +21,7 @@ use std::process::{Child, Command, Stdio};
 
 use anyhow::{Context, Result};
 
-use crate::users::Ids;
+use crate::users::{Account, Ids};
 
 /// Where SELinux is mounted when it is enabled.
 const SELINUXFS_ENFORCE: &str = "/sys/fs/selinux/enforce";
@@ -45,8 +45,8 @@ pub struct Spec {
     pub cgroup_procs: Option<PathBuf>,
     /// SELinux context for the exec (`None` when SELinux is disabled).
     pub selinux_context: Option<String>,
-    /// Switch to this user (only when running as root).
-    pub user: Option<Ids>,
+    /// Switch to this user and its groups (only when running as root).
+    pub user: Option<Account>,
     /// Appended stdout and stderr.
     pub log: File,
 }
@@ -56,6 +56,7 @@ struct Prepared {
     cgroup_procs: Option<CString>,
     selinux_context: Option<CString>,
     user: Option<Ids>,
+    groups: Vec<libc::gid_t>,
     parent: libc::pid_t,
 }
 
@@ -65,7 +66,8 @@ pub fn spawn(spec: Spec) -> Result<Child> {
     let prepared = Prepared {
         cgroup_procs: spec.cgroup_procs.as_ref().map(|p| CString::new(p.as_os_str().as_bytes())).transpose()?,
         selinux_context: spec.selinux_context.as_ref().map(|c| CString::new(c.as_bytes())).transpose()?,
-        user: spec.user,
+        user: spec.user.as_ref().map(|a| a.ids),
+        groups: spec.user.as_ref().map(|a| a.groups.clone()).unwrap_or_default(),
         // SAFETY: getpid has no preconditions.
         #[allow(unsafe_code)]
         parent: unsafe { libc::getpid() },
@@ -87,11 +89,11 @@ pub fn spawn(spec: Spec) -> Result<Child> {
     unsafe {
         command.pre_exec(move || child_setup(&prepared));
     }
-    let steps = describe(&spec.cgroup_procs, &spec.selinux_context, spec.user);
+    let steps = describe(&spec.cgroup_procs, &spec.selinux_context, spec.user.as_ref());
     command.spawn().with_context(|| format!("starting {} ({steps})", spec.program.display()))
 }
 
-fn describe(cgroup: &Option<PathBuf>, context: &Option<String>, user: Option<Ids>) -> String {
+fn describe(cgroup: &Option<PathBuf>, context: &Option<String>, user: Option<&Account>) -> String {
     let mut steps = Vec::new();
     if let Some(c) = cgroup {
         steps.push(format!("joining {}", c.display()));
@@ -100,7 +102,7 @@ fn describe(cgroup: &Option<PathBuf>, context: &Option<String>, user: Option<Ids
         steps.push(format!("SELinux exec context {c}"));
     }
     if let Some(u) = user {
-        steps.push(format!("uid {} gid {}", u.uid, u.gid));
+        steps.push(format!("user {} (uid {} gid {} groups {:?})", u.name, u.ids.uid, u.ids.gid, u.groups));
     }
     if steps.is_empty() {
         "as the supervisor's user".into()
@@ -155,7 +157,7 @@ fn child_setup(p: &Prepared) -> io::Result<()> {
     // SAFETY: plain system calls with valid arguments.
     unsafe {
         if let Some(ids) = p.user {
-            if libc::setgroups(0, std::ptr::null()) != 0
+            if libc::setgroups(p.groups.len(), p.groups.as_ptr()) != 0
                 || libc::setresgid(ids.gid, ids.gid, ids.gid) != 0
                 || libc::setresuid(ids.uid, ids.uid, ids.uid) != 0
             {

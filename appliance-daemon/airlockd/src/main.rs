@@ -1,6 +1,6 @@
 //! `airlockd`: see `lib.rs` and `../README.md`.
 
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Write};
 use std::path::PathBuf;
 
 use airlockd::config::{self, Side};
@@ -45,11 +45,24 @@ enum Command {
         #[arg(long, value_parser = parse_side)]
         side: Side,
     },
+    /// The host network (`[network]`): print the nftables ruleset or the topology steps.
+    Net {
+        #[command(subcommand)]
+        what: NetCommand,
+    },
     /// Print the supervisor's current status (one JSON line from the control socket).
     Status {
         #[arg(long, default_value = "/run/airlock/control.sock")]
         socket: PathBuf,
     },
+}
+
+#[derive(Debug, Subcommand)]
+enum NetCommand {
+    /// The nftables ruleset (`nft -f` input).
+    Render(ConfigArgs),
+    /// The topology steps (bridges, taps, routing) as a shell script, for review.
+    Topology(ConfigArgs),
 }
 
 fn parse_side(s: &str) -> Result<Side, String> {
@@ -74,22 +87,37 @@ fn real_main(cli: Cli) -> Result<()> {
         Command::Run(args) => airlockd::supervisor::run(args.load()?),
         Command::Check(args) => {
             let cfg = args.load()?;
-            println!("{}", serde_json::to_string_pretty(&cfg)?);
-            Ok(())
+            out(&format!("{}\n", serde_json::to_string_pretty(&cfg)?))
         }
         Command::Cmdline { config, side } => {
             let cfg = config.load()?;
             let args = airlockd::qemu::command_line(cfg.guest(side), &cfg.supervisor)?;
-            println!("{} {}", cfg.supervisor.qemu.display(), args.join(" "));
-            Ok(())
+            out(&format!("{} {}\n", cfg.supervisor.qemu.display(), args.join(" ")))
+        }
+        Command::Net { what } => {
+            let (args, ruleset) = match &what {
+                NetCommand::Render(a) => (a, true),
+                NetCommand::Topology(a) => (a, false),
+            };
+            let cfg = args.load()?;
+            let net = cfg.network.as_ref().with_context(|| format!("{} has no [network] section", args.config.display()))?;
+            let text = if ruleset { airlock_network::render(net) } else { airlock_network::render_topology_script(net) };
+            out(&text)
         }
         Command::Status { socket } => {
             let stream = std::os::unix::net::UnixStream::connect(&socket).with_context(|| format!("connecting to {}", socket.display()))?;
             let mut line = String::new();
             BufReader::new(stream).read_line(&mut line).context("reading the status")?;
-            print!("{line}");
-            Ok(())
+            out(&line)
         }
+    }
+}
+
+/// Writes to stdout; a reader that went away (`| head`) is not an error.
+fn out(text: &str) -> Result<()> {
+    match std::io::stdout().lock().write_all(text.as_bytes()) {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        other => other.context("writing to stdout"),
     }
 }
 
@@ -102,6 +130,8 @@ mod tests {
         let cli = Cli::try_parse_from(["airlockd", "cmdline", "--side", "general", "--config", "/x.toml"]).unwrap();
         assert!(matches!(cli.command, Command::Cmdline { side: Side::General, .. }));
         assert!(Cli::try_parse_from(["airlockd", "cmdline", "--side", "secret"]).is_err());
+        let cli = Cli::try_parse_from(["airlockd", "net", "render", "--config", "/a.toml"]).unwrap();
+        assert!(matches!(cli.command, Command::Net { what: NetCommand::Render(_) }));
         let cli = Cli::try_parse_from(["airlockd", "run"]).unwrap();
         match cli.command {
             Command::Run(a) => assert_eq!(a.config, PathBuf::from("/etc/airlock/appliance.toml")),

@@ -32,7 +32,7 @@ use crate::log;
 use crate::qemu::{self, GuestPaths};
 use crate::qmp::{Commander, Session, Shutdown};
 use crate::signals;
-use crate::users::{self, Ids};
+use crate::users::{self, Account, Ids};
 
 /// How long a started QEMU may take to answer QMP.
 const QMP_TIMEOUT: Duration = Duration::from_secs(30);
@@ -101,7 +101,7 @@ struct RunnerContext {
     tx: Sender<Msg>,
     shared: Arc<Shared>,
     sup: Supervisor,
-    user: Option<Ids>,
+    user: Option<Account>,
     selinux: bool,
     cgroup_root: Option<PathBuf>,
 }
@@ -139,8 +139,8 @@ pub fn run(config: Config) -> Result<()> {
     let mut users_by_side = BTreeMap::new();
     for side in Side::ALL {
         let guest = config.guest(side);
-        let user = if root { Some(users::lookup_user(&guest.user)?) } else { None };
-        prepare_guest_files(guest, &sup, user)?;
+        let user = if root { Some(users::lookup_account(&guest.user)?) } else { None };
+        prepare_guest_files(guest, &sup, user.as_ref().map(|a| a.ids))?;
         users_by_side.insert(side, user);
     }
 
@@ -167,7 +167,7 @@ pub fn run(config: Config) -> Result<()> {
             tx: tx.clone(),
             shared: shared.clone(),
             sup: sup.clone(),
-            user: users_by_side[&side],
+            user: users_by_side[&side].clone(),
             selinux,
             cgroup_root: cgroup_root.clone(),
         };
@@ -385,7 +385,7 @@ fn run_once(guest: &Guest, ctx: &RunnerContext) -> Result<ExitKind> {
         args,
         cgroup_procs,
         selinux_context: context,
-        user: ctx.user,
+        user: ctx.user.clone(),
         log: log_file,
     })?;
     let pid = child.id();

@@ -12,6 +12,14 @@ pub struct Ids {
     pub gid: u32,
 }
 
+/// A user to switch to: ids and supplementary groups (e.g. `kvm`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Account {
+    pub name: String,
+    pub ids: Ids,
+    pub groups: Vec<u32>,
+}
+
 /// `name:x:uid:gid:...` lines: the uid and primary gid of `name`.
 pub fn parse_passwd(text: &str, name: &str) -> Option<Ids> {
     text.lines().find_map(|line| {
@@ -36,6 +44,23 @@ pub fn parse_group(text: &str, name: &str) -> Option<u32> {
         let _password = f.next()?;
         f.next()?.parse().ok()
     })
+}
+
+/// Groups that list `name` as a member.
+pub fn parse_member_groups(text: &str, name: &str) -> Vec<u32> {
+    text.lines()
+        .filter_map(|line| {
+            let f: Vec<&str> = line.split(':').collect();
+            (f.len() == 4 && f[3].split(',').any(|m| m == name)).then(|| f[2].parse().ok()).flatten()
+        })
+        .collect()
+}
+
+/// System user `name` with its supplementary groups.
+pub fn lookup_account(name: &str) -> Result<Account> {
+    let ids = lookup_user(name)?;
+    let text = std::fs::read_to_string("/etc/group").context("reading /etc/group")?;
+    Ok(Account { name: name.to_owned(), ids, groups: parse_member_groups(&text, name) })
 }
 
 /// The uid and gid of system user `name`.
@@ -71,5 +96,8 @@ mod tests {
         assert_eq!(parse_passwd(passwd, "airlock"), None);
         assert_eq!(parse_group("wheel:x:10:a,b\nairlock-control:x:991:\n", "airlock-control"), Some(991));
         assert_eq!(parse_group("wheel:x:10:\n", "airlock-control"), None);
+        let group = "kvm:x:104:airlock-general,airlock-classified\nrender:x:105:airlock-generalx\naudio:x:29:\n";
+        assert_eq!(parse_member_groups(group, "airlock-general"), vec![104]);
+        assert!(parse_member_groups(group, "nobody").is_empty());
     }
 }
