@@ -22,7 +22,10 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let parsed = if text.lines().any(|l| l.trim() == "[network]" || l.trim_start().starts_with("[network.")) {
+    let parsed = if text
+        .lines()
+        .any(|l| l.trim() == "[network]" || l.trim_start().starts_with("[network."))
+    {
         airlock_network::NetworkConfig::from_appliance_toml(&text)
     } else {
         airlock_network::NetworkConfig::from_toml(&text)

@@ -26,7 +26,10 @@ pub enum ConfigError {
 }
 
 fn invalid(key: impl Into<String>, message: impl Into<String>) -> ConfigError {
-    ConfigError::Invalid { key: key.into(), message: message.into() }
+    ConfigError::Invalid {
+        key: key.into(),
+        message: message.into(),
+    }
 }
 
 /// The two sides. Names are part of the run-time contract (`br-<side>`,
@@ -90,7 +93,10 @@ impl Ipv4Cidr {
         }
     }
     pub fn network(self) -> Ipv4Cidr {
-        Ipv4Cidr { addr: Ipv4Addr::from(u32::from(self.addr) & self.mask()), len: self.len }
+        Ipv4Cidr {
+            addr: Ipv4Addr::from(u32::from(self.addr) & self.mask()),
+            len: self.len,
+        }
     }
     pub fn broadcast(self) -> Ipv4Addr {
         Ipv4Addr::from(u32::from(self.addr) | !self.mask())
@@ -100,7 +106,10 @@ impl Ipv4Cidr {
     }
     pub fn overlaps(self, other: Ipv4Cidr) -> bool {
         let len = self.len.min(other.len);
-        let a = Ipv4Cidr { addr: self.addr, len };
+        let a = Ipv4Cidr {
+            addr: self.addr,
+            len,
+        };
         a.contains(other.addr)
     }
     fn host(addr: Ipv4Addr) -> Ipv4Cidr {
@@ -122,7 +131,9 @@ impl FromStr for Ipv4Cidr {
             Some((a, l)) => (a, Some(l)),
             None => (s, None),
         };
-        let addr: Ipv4Addr = a.parse().map_err(|_| format!("{s:?} is not an IPv4 address or prefix"))?;
+        let addr: Ipv4Addr = a
+            .parse()
+            .map_err(|_| format!("{s:?} is not an IPv4 address or prefix"))?;
         let len = match l {
             None => 32,
             Some(l) => match l.parse::<u8>() {
@@ -141,7 +152,11 @@ pub struct MacAddr(pub [u8; 6]);
 impl fmt::Display for MacAddr {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let b = self.0;
-        write!(f, "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}", b[0], b[1], b[2], b[3], b[4], b[5])
+        write!(
+            f,
+            "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+            b[0], b[1], b[2], b[3], b[4], b[5]
+        )
     }
 }
 
@@ -161,7 +176,9 @@ impl FromStr for MacAddr {
             *o = u8::from_str_radix(p, 16).map_err(|_| bad())?;
         }
         if out[0] & 1 == 1 {
-            return Err(format!("{s} is a multicast MAC address; a guest needs a unicast one"));
+            return Err(format!(
+                "{s} is a multicast MAC address; a guest needs a unicast one"
+            ));
         }
         if out == [0; 6] {
             return Err(format!("{s} is the all-zero MAC address"));
@@ -367,14 +384,20 @@ pub struct Wireguard {
 /// Private, link-local and shared address space: the default for
 /// `general.deny`, so that "general reaches the internet" does not include
 /// the organisation's own networks.
-pub const DEFAULT_GENERAL_DENY: [&str; 5] =
-    ["10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "100.64.0.0/10", "169.254.0.0/16"];
+pub const DEFAULT_GENERAL_DENY: [&str; 5] = [
+    "10.0.0.0/8",
+    "172.16.0.0/12",
+    "192.168.0.0/16",
+    "100.64.0.0/10",
+    "169.254.0.0/16",
+];
 
 impl NetworkConfig {
     /// Parses the body of the `[network]` table (a TOML document whose root
     /// is the network section).
     pub fn from_toml(text: &str) -> Result<NetworkConfig, ConfigError> {
-        let raw: RawNetwork = toml::from_str(text).map_err(|e| ConfigError::Syntax(e.to_string()))?;
+        let raw: RawNetwork =
+            toml::from_str(text).map_err(|e| ConfigError::Syntax(e.to_string()))?;
         NetworkConfig::try_from(raw)
     }
 
@@ -429,7 +452,9 @@ fn parse<T: FromStr<Err = String>>(key: &str, value: &str) -> Result<T, ConfigEr
 fn interface_name(key: &str, name: &str) -> Result<String, ConfigError> {
     let ok = !name.is_empty()
         && name.len() <= 15
-        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
         && name != "."
         && name != "..";
     if !ok {
@@ -439,7 +464,10 @@ fn interface_name(key: &str, name: &str) -> Result<String, ConfigError> {
         ));
     }
     if name == "lo" || name.starts_with("br-") || name.starts_with("tap-") {
-        return Err(invalid(key, format!("{name:?} is reserved (loopback, or the appliance's own bridges and taps)")));
+        return Err(invalid(
+            key,
+            format!("{name:?} is reserved (loopback, or the appliance's own bridges and taps)"),
+        ));
     }
     Ok(name.to_string())
 }
@@ -447,30 +475,51 @@ fn interface_name(key: &str, name: &str) -> Result<String, ConfigError> {
 fn uplink(key: &str, raw: RawUplink) -> Result<Uplink, ConfigError> {
     let interface = interface_name(&format!("{key}.interface"), &raw.interface)?;
     let address: Ipv4Cidr = parse(&format!("{key}.address"), &raw.address)?;
-    let gateway: Ipv4Addr = raw
-        .gateway
-        .parse()
-        .map_err(|_| invalid(format!("{key}.gateway"), format!("{:?} is not an IPv4 address", raw.gateway)))?;
+    let gateway: Ipv4Addr = raw.gateway.parse().map_err(|_| {
+        invalid(
+            format!("{key}.gateway"),
+            format!("{:?} is not an IPv4 address", raw.gateway),
+        )
+    })?;
     if address.len == 32 || address.len < 8 {
-        return Err(invalid(format!("{key}.address"), format!("{address} needs the link's prefix length (8..=31)")));
+        return Err(invalid(
+            format!("{key}.address"),
+            format!("{address} needs the link's prefix length (8..=31)"),
+        ));
     }
     if !address.contains(gateway) || gateway == address.addr {
-        return Err(invalid(format!("{key}.gateway"), format!("{gateway} is not another address on {}", address.network())));
+        return Err(invalid(
+            format!("{key}.gateway"),
+            format!("{gateway} is not another address on {}", address.network()),
+        ));
     }
-    Ok(Uplink { interface, address, gateway })
+    Ok(Uplink {
+        interface,
+        address,
+        gateway,
+    })
 }
 
 fn segment(key: &str, raw: RawSegment) -> Result<Segment, ConfigError> {
     let host_address: Ipv4Cidr = parse(&format!("{key}.host_address"), &raw.host_address)?;
     if !(8..=30).contains(&host_address.len) {
-        return Err(invalid(format!("{key}.host_address"), format!("{host_address} needs a prefix length of 8..=30")));
+        return Err(invalid(
+            format!("{key}.host_address"),
+            format!("{host_address} needs a prefix length of 8..=30"),
+        ));
     }
     let net = host_address.network();
     if host_address.addr == net.addr || host_address.addr == net.broadcast() {
-        return Err(invalid(format!("{key}.host_address"), format!("{host_address} is the network or broadcast address")));
+        return Err(invalid(
+            format!("{key}.host_address"),
+            format!("{host_address} is the network or broadcast address"),
+        ));
     }
     let guest_address: Ipv4Addr = raw.guest_address.parse().map_err(|_| {
-        invalid(format!("{key}.guest_address"), format!("{:?} is not an IPv4 address", raw.guest_address))
+        invalid(
+            format!("{key}.guest_address"),
+            format!("{:?} is not an IPv4 address", raw.guest_address),
+        )
     })?;
     if !net.contains(guest_address)
         || guest_address == net.addr
@@ -479,19 +528,36 @@ fn segment(key: &str, raw: RawSegment) -> Result<Segment, ConfigError> {
     {
         return Err(invalid(
             format!("{key}.guest_address"),
-            format!("{guest_address} is not a free host address on {net} (the host has {})", host_address.addr),
+            format!(
+                "{guest_address} is not a free host address on {net} (the host has {})",
+                host_address.addr
+            ),
         ));
     }
     let guest_mac = parse(&format!("{key}.guest_mac"), &raw.guest_mac)?;
-    Ok(Segment { host_address, guest_address, guest_mac })
+    Ok(Segment {
+        host_address,
+        guest_address,
+        guest_mac,
+    })
 }
 
 fn wireguard(raw: RawWireguard) -> Result<Wireguard, ConfigError> {
     const K: &str = "network.classified.wireguard";
-    let interface = interface_name(&format!("{K}.interface"), raw.interface.as_deref().unwrap_or("wg-classified"))?;
+    let interface = interface_name(
+        &format!("{K}.interface"),
+        raw.interface.as_deref().unwrap_or("wg-classified"),
+    )?;
     let address: Ipv4Cidr = parse(&format!("{K}.address"), &raw.address)?;
-    if !raw.private_key_file.starts_with('/') || raw.private_key_file.contains(char::is_whitespace) {
-        return Err(invalid(format!("{K}.private_key_file"), format!("{:?} is not an absolute path without spaces", raw.private_key_file)));
+    if !raw.private_key_file.starts_with('/') || raw.private_key_file.contains(char::is_whitespace)
+    {
+        return Err(invalid(
+            format!("{K}.private_key_file"),
+            format!(
+                "{:?} is not an absolute path without spaces",
+                raw.private_key_file
+            ),
+        ));
     }
     if raw.listen_port == 0 {
         return Err(invalid(format!("{K}.listen_port"), "0 is not a port"));
@@ -500,10 +566,16 @@ fn wireguard(raw: RawWireguard) -> Result<Wireguard, ConfigError> {
     let k = &raw.peer_public_key;
     let b64 = |c: char| c.is_ascii_alphanumeric() || c == '+' || c == '/';
     if k.len() != 44 || !k.ends_with('=') || !k[..43].chars().all(b64) {
-        return Err(invalid(format!("{K}.peer_public_key"), format!("{k:?} is not a WireGuard public key (44 characters of base64)")));
+        return Err(invalid(
+            format!("{K}.peer_public_key"),
+            format!("{k:?} is not a WireGuard public key (44 characters of base64)"),
+        ));
     }
     let peer_endpoint: SocketAddrV4 = raw.peer_endpoint.parse().map_err(|_| {
-        invalid(format!("{K}.peer_endpoint"), format!("{:?} is not an IPv4 address and port", raw.peer_endpoint))
+        invalid(
+            format!("{K}.peer_endpoint"),
+            format!("{:?} is not an IPv4 address and port", raw.peer_endpoint),
+        )
     })?;
     if peer_endpoint.port() == 0 {
         return Err(invalid(format!("{K}.peer_endpoint"), "port 0"));
@@ -551,58 +623,118 @@ impl TryFrom<RawNetwork> for NetworkConfig {
         let c = &raw.classified;
         let cseg = segment(
             "network.classified",
-            RawSegment { host_address: c.host_address.clone(), guest_address: c.guest_address.clone(), guest_mac: c.guest_mac.clone() },
+            RawSegment {
+                host_address: c.host_address.clone(),
+                guest_address: c.guest_address.clone(),
+                guest_mac: c.guest_mac.clone(),
+            },
         )?;
         let g = &raw.general;
         let gseg = segment(
             "network.general",
-            RawSegment { host_address: g.host_address.clone(), guest_address: g.guest_address.clone(), guest_mac: g.guest_mac.clone() },
+            RawSegment {
+                host_address: g.host_address.clone(),
+                guest_address: g.guest_address.clone(),
+                guest_mac: g.guest_mac.clone(),
+            },
         )?;
         if cseg.host_address.overlaps(gseg.host_address) {
-            return Err(invalid("network.general.host_address", format!("{} overlaps the classified segment {}", gseg.host_address.network(), cseg.host_address.network())));
+            return Err(invalid(
+                "network.general.host_address",
+                format!(
+                    "{} overlaps the classified segment {}",
+                    gseg.host_address.network(),
+                    cseg.host_address.network()
+                ),
+            ));
         }
         if cseg.guest_mac == gseg.guest_mac {
-            return Err(invalid("network.general.guest_mac", format!("{} is also the classified guest's MAC", gseg.guest_mac)));
+            return Err(invalid(
+                "network.general.guest_mac",
+                format!("{} is also the classified guest's MAC", gseg.guest_mac),
+            ));
         }
         let uplink_list: Vec<(&str, &Uplink)> = match &uplinks {
             Uplinks::Shared(u) => vec![("network.uplink", u)],
-            Uplinks::PerSide { classified, general } => {
+            Uplinks::PerSide {
+                classified,
+                general,
+            } => {
                 if classified.address.overlaps(general.address) {
-                    return Err(invalid("network.general.uplink.address", format!("{} overlaps the classified uplink's network", general.address.network())));
+                    return Err(invalid(
+                        "network.general.uplink.address",
+                        format!(
+                            "{} overlaps the classified uplink's network",
+                            general.address.network()
+                        ),
+                    ));
                 }
-                vec![("network.classified.uplink", classified), ("network.general.uplink", general)]
+                vec![
+                    ("network.classified.uplink", classified),
+                    ("network.general.uplink", general),
+                ]
             }
         };
         for (key, u) in &uplink_list {
             for (side, seg) in [("classified", &cseg), ("general", &gseg)] {
                 if u.address.overlaps(seg.host_address) {
-                    return Err(invalid(format!("{key}.address"), format!("{} overlaps the {side} segment {}", u.address.network(), seg.host_address.network())));
+                    return Err(invalid(
+                        format!("{key}.address"),
+                        format!(
+                            "{} overlaps the {side} segment {}",
+                            u.address.network(),
+                            seg.host_address.network()
+                        ),
+                    ));
                 }
             }
         }
 
         let mut dns = Vec::new();
         for (i, d) in raw.classified.dns.iter().enumerate() {
-            let a: Ipv4Addr = d.parse().map_err(|_| invalid(format!("network.classified.dns[{i}]"), format!("{d:?} is not an IPv4 address")))?;
+            let a: Ipv4Addr = d.parse().map_err(|_| {
+                invalid(
+                    format!("network.classified.dns[{i}]"),
+                    format!("{d:?} is not an IPv4 address"),
+                )
+            })?;
             dns.push(a);
         }
         let mut servers = Vec::new();
-        for (i, s) in std::mem::take(&mut raw.classified.servers).into_iter().enumerate() {
+        for (i, s) in std::mem::take(&mut raw.classified.servers)
+            .into_iter()
+            .enumerate()
+        {
             let key = format!("network.classified.servers[{i}]");
             let address: Ipv4Cidr = parse(&format!("{key}.address"), &s.address)?;
             if address.network() != address {
-                return Err(invalid(format!("{key}.address"), format!("{address} has host bits set; write {}", address.network())));
+                return Err(invalid(
+                    format!("{key}.address"),
+                    format!("{address} has host bits set; write {}", address.network()),
+                ));
             }
             if address.len < 8 {
-                return Err(invalid(format!("{key}.address"), format!("{address} is wider than a /8; list the servers")));
+                return Err(invalid(
+                    format!("{key}.address"),
+                    format!("{address} is wider than a /8; list the servers"),
+                ));
             }
             for seg in [&cseg, &gseg] {
                 if address.overlaps(seg.host_address) {
-                    return Err(invalid(format!("{key}.address"), format!("{address} overlaps a guest segment ({})", seg.host_address.network())));
+                    return Err(invalid(
+                        format!("{key}.address"),
+                        format!(
+                            "{address} overlaps a guest segment ({})",
+                            seg.host_address.network()
+                        ),
+                    ));
                 }
             }
             if s.ports.is_empty() {
-                return Err(invalid(format!("{key}.ports"), "empty: list at least one port"));
+                return Err(invalid(
+                    format!("{key}.ports"),
+                    "empty: list at least one port",
+                ));
             }
             let mut seen = BTreeSet::new();
             for p in &s.ports {
@@ -613,10 +745,17 @@ impl TryFrom<RawNetwork> for NetworkConfig {
                     return Err(invalid(format!("{key}.ports"), "port 53 (DNS) is allowed through network.classified.dns, not as a server port"));
                 }
                 if !seen.insert(*p) {
-                    return Err(invalid(format!("{key}.ports"), format!("port {p} is listed twice")));
+                    return Err(invalid(
+                        format!("{key}.ports"),
+                        format!("port {p} is listed twice"),
+                    ));
                 }
             }
-            servers.push(Server { address, protocol: s.protocol, ports: s.ports });
+            servers.push(Server {
+                address,
+                protocol: s.protocol,
+                ports: s.ports,
+            });
         }
         for (i, a) in servers.iter().enumerate() {
             for (j, b) in servers.iter().enumerate().skip(i + 1) {
@@ -624,7 +763,12 @@ impl TryFrom<RawNetwork> for NetworkConfig {
                     if let Some(p) = a.ports.iter().find(|p| b.ports.contains(p)) {
                         return Err(invalid(
                             format!("network.classified.servers[{j}]"),
-                            format!("{} {} port {p} is already allowed by servers[{i}] ({})", b.address, b.protocol.name(), a.address),
+                            format!(
+                                "{} {} port {p} is already allowed by servers[{i}] ({})",
+                                b.address,
+                                b.protocol.name(),
+                                a.address
+                            ),
                         ));
                     }
                 }
@@ -632,23 +776,39 @@ impl TryFrom<RawNetwork> for NetworkConfig {
         }
         for (i, a) in dns.iter().enumerate() {
             if dns[..i].contains(a) {
-                return Err(invalid(format!("network.classified.dns[{i}]"), format!("{a} is listed twice")));
+                return Err(invalid(
+                    format!("network.classified.dns[{i}]"),
+                    format!("{a} is listed twice"),
+                ));
             }
         }
         let wireguard = raw.classified.wireguard.take().map(wireguard).transpose()?;
         if let Some(wg) = &wireguard {
             if uplink_list.iter().any(|(_, u)| u.interface == wg.interface) {
-                return Err(invalid("network.classified.wireguard.interface", format!("{:?} is an uplink", wg.interface)));
+                return Err(invalid(
+                    "network.classified.wireguard.interface",
+                    format!("{:?} is an uplink", wg.interface),
+                ));
             }
             for seg in [&cseg, &gseg] {
                 if wg.address.overlaps(seg.host_address) {
-                    return Err(invalid("network.classified.wireguard.address", format!("{} overlaps a guest segment ({})", wg.address, seg.host_address.network())));
+                    return Err(invalid(
+                        "network.classified.wireguard.address",
+                        format!(
+                            "{} overlaps a guest segment ({})",
+                            wg.address,
+                            seg.host_address.network()
+                        ),
+                    ));
                 }
             }
         }
 
         let deny = match raw.general.deny {
-            None => DEFAULT_GENERAL_DENY.iter().map(|s| s.parse().expect("constant prefix")).collect(),
+            None => DEFAULT_GENERAL_DENY
+                .iter()
+                .map(|s| s.parse().expect("constant prefix"))
+                .collect(),
             Some(list) => {
                 let mut out = Vec::new();
                 for (i, d) in list.iter().enumerate() {
@@ -664,18 +824,26 @@ impl TryFrom<RawNetwork> for NetworkConfig {
             Some(r) => RateLimit {
                 egress_mbit: r.egress_mbit.unwrap_or(d.egress_mbit),
                 ingress_mbit: r.ingress_mbit.unwrap_or(d.ingress_mbit),
-                new_connections_per_second: r.new_connections_per_second.unwrap_or(d.new_connections_per_second),
+                new_connections_per_second: r
+                    .new_connections_per_second
+                    .unwrap_or(d.new_connections_per_second),
                 max_connections: r.max_connections.unwrap_or(d.max_connections),
             },
         };
         for (k, v) in [
             ("egress_mbit", rate_limit.egress_mbit),
             ("ingress_mbit", rate_limit.ingress_mbit),
-            ("new_connections_per_second", rate_limit.new_connections_per_second),
+            (
+                "new_connections_per_second",
+                rate_limit.new_connections_per_second,
+            ),
             ("max_connections", rate_limit.max_connections),
         ] {
             if v == 0 {
-                return Err(invalid(format!("network.general.rate_limit.{k}"), "0 would cut the general side off; give a positive limit"));
+                return Err(invalid(
+                    format!("network.general.rate_limit.{k}"),
+                    "0 would cut the general side off; give a positive limit",
+                ));
             }
         }
         // The kernel's limit expression overflows (EOVERFLOW at load) from
@@ -683,18 +851,38 @@ impl TryFrom<RawNetwork> for NetworkConfig {
         for (k, v, max) in [
             ("egress_mbit", rate_limit.egress_mbit, MAX_MBIT),
             ("ingress_mbit", rate_limit.ingress_mbit, MAX_MBIT),
-            ("new_connections_per_second", rate_limit.new_connections_per_second, MAX_PER_SECOND),
-            ("max_connections", rate_limit.max_connections, MAX_PER_SECOND),
+            (
+                "new_connections_per_second",
+                rate_limit.new_connections_per_second,
+                MAX_PER_SECOND,
+            ),
+            (
+                "max_connections",
+                rate_limit.max_connections,
+                MAX_PER_SECOND,
+            ),
         ] {
             if v > max {
-                return Err(invalid(format!("network.general.rate_limit.{k}"), format!("{v} is more than {max}")));
+                return Err(invalid(
+                    format!("network.general.rate_limit.{k}"),
+                    format!("{v} is more than {max}"),
+                ));
             }
         }
 
         Ok(NetworkConfig {
             uplinks,
-            classified: Classified { segment: cseg, dns, servers, wireguard },
-            general: General { segment: gseg, deny, rate_limit },
+            classified: Classified {
+                segment: cseg,
+                dns,
+                servers,
+                wireguard,
+            },
+            general: General {
+                segment: gseg,
+                deny,
+                rate_limit,
+            },
         })
     }
 }

@@ -31,17 +31,31 @@ pub fn render(cfg: &NetworkConfig) -> String {
     let cup = &cfg.uplink(Side::Classified).interface;
     let gup = &cfg.uplink(Side::General).interface;
     // Where classified traffic leaves the host: the tunnel if there is one.
-    let cout = c.wireguard.as_ref().map_or(cup.as_str(), |w| w.interface.as_str());
+    let cout = c
+        .wireguard
+        .as_ref()
+        .map_or(cup.as_str(), |w| w.interface.as_str());
 
-    let _ = writeln!(o, "# airlock network ruleset, rendered by airlock-network from [network].");
-    let _ = writeln!(o, "# One transaction: load with `nft -f`; it replaces the whole ruleset.");
+    let _ = writeln!(
+        o,
+        "# airlock network ruleset, rendered by airlock-network from [network]."
+    );
+    let _ = writeln!(
+        o,
+        "# One transaction: load with `nft -f`; it replaces the whole ruleset."
+    );
     let _ = writeln!(
         o,
         "# Uplinks: {}.",
         match &cfg.uplinks {
             Uplinks::Shared(u) => format!("one shared NIC {}", u.interface),
-            Uplinks::PerSide { classified, general } =>
-                format!("classified {}, general {}", classified.interface, general.interface),
+            Uplinks::PerSide {
+                classified,
+                general,
+            } => format!(
+                "classified {}, general {}",
+                classified.interface, general.interface
+            ),
         }
     );
     o.push_str("flush ruleset\n\n");
@@ -58,7 +72,10 @@ pub fn render(cfg: &NetworkConfig) -> String {
             // P14: a flood of broadcasts costs the host, not only the wire.
             let _ = writeln!(o, "\t\tiifname \"{tap}\" ether type arp limit rate over 50/second burst 50 packets counter drop");
         }
-        let _ = writeln!(o, "\t\tiifname \"{tap}\" ether saddr {mac} ip saddr {ip} accept");
+        let _ = writeln!(
+            o,
+            "\t\tiifname \"{tap}\" ether saddr {mac} ip saddr {ip} accept"
+        );
         let _ = writeln!(
             o,
             "\t\tiifname \"{tap}\" ether saddr {mac} arp htype 1 arp ptype ip arp hlen 6 arp plen 4 \
@@ -67,7 +84,9 @@ pub fn render(cfg: &NetworkConfig) -> String {
     }
     o.push_str("\t\tcounter drop comment \"spoofed or not IPv4\"\n\t}\n\n");
     o.push_str("\t# One guest per bridge: a bridge never forwards between its ports.\n");
-    o.push_str("\tchain forward {\n\t\ttype filter hook forward priority filter; policy drop;\n\t}\n");
+    o.push_str(
+        "\tchain forward {\n\t\ttype filter hook forward priority filter; policy drop;\n\t}\n",
+    );
     o.push_str("}\n\n");
 
     // ------------------------------------------------------------ layer 3
@@ -88,7 +107,11 @@ pub fn render(cfg: &NetworkConfig) -> String {
     elements(&mut o, &allow);
     o.push_str("\t}\n\n");
 
-    let mut denied: Vec<String> = cfg.classified_destinations().into_iter().map(cidr).collect();
+    let mut denied: Vec<String> = cfg
+        .classified_destinations()
+        .into_iter()
+        .map(cidr)
+        .collect();
     denied.extend(g.deny.iter().map(|d| cidr(*d)));
     denied.extend(["224.0.0.0/4".to_string(), "255.255.255.255".to_string()]);
     denied.sort();
@@ -144,12 +167,20 @@ pub fn render(cfg: &NetworkConfig) -> String {
         rl.new_connections_per_second,
         rl.new_connections_per_second.saturating_mul(2)
     );
-    let _ = writeln!(o, "\t\tiifname \"{gbr}\" ct state new ct count over {} counter drop", rl.max_connections);
+    let _ = writeln!(
+        o,
+        "\t\tiifname \"{gbr}\" ct state new ct count over {} counter drop",
+        rl.max_connections
+    );
 
     let cip = c.segment.guest_address;
     let gip = g.segment.guest_address;
     o.push_str("\t\t# P9: classified guest to its allow-listed servers");
-    o.push_str(if c.wireguard.is_some() { ", through the tunnel only.\n" } else { ".\n" });
+    o.push_str(if c.wireguard.is_some() {
+        ", through the tunnel only.\n"
+    } else {
+        ".\n"
+    });
     let _ = writeln!(o, "\t\tiifname \"{cbr}\" oifname \"{cout}\" ip saddr {cip} ct state established,related accept");
     let _ = writeln!(o, "\t\tiifname \"{cout}\" oifname \"{cbr}\" ip daddr {cip} ct state established,related accept");
     let _ = writeln!(
@@ -160,30 +191,50 @@ pub fn render(cfg: &NetworkConfig) -> String {
     let _ = writeln!(o, "\t\tiifname \"{gbr}\" oifname \"{gup}\" ip saddr {gip} ip daddr @general_denied counter drop");
     let _ = writeln!(o, "\t\tiifname \"{gbr}\" oifname \"{gup}\" ip saddr {gip} ct state established,related accept");
     let _ = writeln!(o, "\t\tiifname \"{gup}\" oifname \"{gbr}\" ip daddr {gip} ct state established,related accept");
-    let _ = writeln!(o, "\t\tiifname \"{gbr}\" oifname \"{gup}\" ip saddr {gip} ct state new accept");
+    let _ = writeln!(
+        o,
+        "\t\tiifname \"{gbr}\" oifname \"{gup}\" ip saddr {gip} ct state new accept"
+    );
     o.push_str("\t\tcounter comment \"default drop\"\n");
     o.push_str("\t}\n\n");
 
     // output
     o.push_str("\t# The host starts nothing towards a guest; errors about their flows pass.\n");
     o.push_str("\tchain output {\n\t\ttype filter hook output priority filter; policy accept;\n");
-    let _ = writeln!(o, "\t\toifname {{ \"{cbr}\", \"{gbr}\" }} ct state established,related accept");
+    let _ = writeln!(
+        o,
+        "\t\toifname {{ \"{cbr}\", \"{gbr}\" }} ct state established,related accept"
+    );
     let _ = writeln!(o, "\t\toifname {{ \"{cbr}\", \"{gbr}\" }} counter drop");
     if let Some(w) = &c.wireguard {
         // The tunnel itself must leave by the classified uplink.
         let ep = w.peer_endpoint;
-        let _ = writeln!(o, "\t\tip daddr {} udp dport {} oifname != \"{cup}\" counter drop", ep.ip(), ep.port());
+        let _ = writeln!(
+            o,
+            "\t\tip daddr {} udp dport {} oifname != \"{cup}\" counter drop",
+            ep.ip(),
+            ep.port()
+        );
     }
     o.push_str("\t}\n\n");
 
     // NAT
-    o.push_str("\tchain postrouting {\n\t\ttype nat hook postrouting priority srcnat; policy accept;\n");
+    o.push_str(
+        "\tchain postrouting {\n\t\ttype nat hook postrouting priority srcnat; policy accept;\n",
+    );
     let csnat = match &c.wireguard {
         Some(w) => w.address.addr,
         None => cfg.uplink(Side::Classified).address.addr,
     };
-    let _ = writeln!(o, "\t\toifname \"{cout}\" ip saddr {cip} snat ip to {csnat}");
-    let _ = writeln!(o, "\t\toifname \"{gup}\" ip saddr {gip} snat ip to {}", cfg.uplink(Side::General).address.addr);
+    let _ = writeln!(
+        o,
+        "\t\toifname \"{cout}\" ip saddr {cip} snat ip to {csnat}"
+    );
+    let _ = writeln!(
+        o,
+        "\t\toifname \"{gup}\" ip saddr {gip} snat ip to {}",
+        cfg.uplink(Side::General).address.addr
+    );
     o.push_str("\t}\n}\n");
     o
 }

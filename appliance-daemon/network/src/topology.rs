@@ -45,7 +45,10 @@ impl fmt::Display for Step {
 }
 
 fn step(kind: StepKind, line: &str) -> Step {
-    Step { kind, argv: line.split_whitespace().map(str::to_string).collect() }
+    Step {
+        kind,
+        argv: line.split_whitespace().map(str::to_string).collect(),
+    }
 }
 
 /// Renders the set-up commands, in order.
@@ -55,27 +58,51 @@ pub fn render_topology(cfg: &NetworkConfig) -> Vec<Step> {
     // The design is IPv4 only: with IPv6 off no interface answers neighbour
     // discovery or takes router advertisements (P7).
     for key in ["all", "default"] {
-        s.push(step(Sysctl, &format!("sysctl -q -w net.ipv6.conf.{key}.disable_ipv6=1")));
-        s.push(step(Sysctl, &format!("sysctl -q -w net.ipv4.conf.{key}.send_redirects=0")));
-        s.push(step(Sysctl, &format!("sysctl -q -w net.ipv4.conf.{key}.accept_redirects=0")));
+        s.push(step(
+            Sysctl,
+            &format!("sysctl -q -w net.ipv6.conf.{key}.disable_ipv6=1"),
+        ));
+        s.push(step(
+            Sysctl,
+            &format!("sysctl -q -w net.ipv4.conf.{key}.send_redirects=0"),
+        ));
+        s.push(step(
+            Sysctl,
+            &format!("sysctl -q -w net.ipv4.conf.{key}.accept_redirects=0"),
+        ));
     }
 
     let uplinks: Vec<&crate::config::Uplink> = match &cfg.uplinks {
         Uplinks::Shared(u) => vec![u],
-        Uplinks::PerSide { classified, general } => vec![classified, general],
+        Uplinks::PerSide {
+            classified,
+            general,
+        } => vec![classified, general],
     };
     for u in &uplinks {
-        s.push(step(Link, &format!("ip address replace {} dev {}", u.address, u.interface)));
+        s.push(step(
+            Link,
+            &format!("ip address replace {} dev {}", u.address, u.interface),
+        ));
         s.push(step(Link, &format!("ip link set dev {} up", u.interface)));
     }
 
     for side in Side::ALL {
         let seg = cfg.segment(side);
         let (br, tap) = (side.bridge(), side.tap());
-        s.push(step(Bridge, &format!("ip link add name {br} type bridge stp_state 0 mcast_snooping 0")));
-        s.push(step(Tap, &format!("ip tuntap add dev {tap} mode tap user {}", side.user())));
+        s.push(step(
+            Bridge,
+            &format!("ip link add name {br} type bridge stp_state 0 mcast_snooping 0"),
+        ));
+        s.push(step(
+            Tap,
+            &format!("ip tuntap add dev {tap} mode tap user {}", side.user()),
+        ));
         s.push(step(Bridge, &format!("ip link set dev {tap} master {br}")));
-        s.push(step(Link, &format!("ip address add {} dev {br}", seg.host_address)));
+        s.push(step(
+            Link,
+            &format!("ip address add {} dev {br}", seg.host_address),
+        ));
         s.push(step(Link, &format!("ip link set dev {br} up")));
         s.push(step(Link, &format!("ip link set dev {tap} up")));
     }
@@ -85,8 +112,19 @@ pub fn render_topology(cfg: &NetworkConfig) -> Vec<Step> {
     if let Some(w) = &c.wireguard {
         let ep = w.peer_endpoint;
         // The tunnel's outer packets go to the peer by the classified uplink.
-        s.push(step(Route, &format!("ip route replace {}/32 via {} dev {}", ep.ip(), cup.gateway, cup.interface)));
-        s.push(step(Wireguard, &format!("ip link add name {} type wireguard", w.interface)));
+        s.push(step(
+            Route,
+            &format!(
+                "ip route replace {}/32 via {} dev {}",
+                ep.ip(),
+                cup.gateway,
+                cup.interface
+            ),
+        ));
+        s.push(step(
+            Wireguard,
+            &format!("ip link add name {} type wireguard", w.interface),
+        ));
         let mut allowed: Vec<String> = c.servers.iter().map(|x| x.address.to_string()).collect();
         allowed.extend(c.dns.iter().map(|d| format!("{d}/32")));
         if allowed.is_empty() {
@@ -106,7 +144,10 @@ pub fn render_topology(cfg: &NetworkConfig) -> Vec<Step> {
             wg.push_str(&format!(" persistent-keepalive {k}"));
         }
         s.push(step(Wireguard, &wg));
-        s.push(step(Link, &format!("ip address add {} dev {}", w.address, w.interface)));
+        s.push(step(
+            Link,
+            &format!("ip address add {} dev {}", w.address, w.interface),
+        ));
         s.push(step(Link, &format!("ip link set dev {} up", w.interface)));
     }
 
@@ -125,15 +166,34 @@ pub fn render_topology(cfg: &NetworkConfig) -> Vec<Step> {
             Some(w) => format!("dev {}", w.interface),
             None => format!("via {} dev {}", cup.gateway, cup.interface),
         };
-        s.push(step(Route, &format!("ip route replace {d} {via} table {ct}")));
+        s.push(step(
+            Route,
+            &format!("ip route replace {d} {via} table {ct}"),
+        ));
     }
-    s.push(step(Route, &format!("ip route replace blackhole default table {ct}")));
+    s.push(step(
+        Route,
+        &format!("ip route replace blackhole default table {ct}"),
+    ));
     let gup = cfg.uplink(Side::General);
     let gt = Side::General.route_table();
-    s.push(step(Route, &format!("ip route replace default via {} dev {} table {gt}", gup.gateway, gup.interface)));
+    s.push(step(
+        Route,
+        &format!(
+            "ip route replace default via {} dev {} table {gt}",
+            gup.gateway, gup.interface
+        ),
+    ));
     for side in Side::ALL {
         let t = side.route_table();
-        s.push(step(Route, &format!("ip rule add iif {} lookup {t} priority {}", side.bridge(), 1000 + t)));
+        s.push(step(
+            Route,
+            &format!(
+                "ip rule add iif {} lookup {t} priority {}",
+                side.bridge(),
+                1000 + t
+            ),
+        ));
     }
     s.push(step(Sysctl, "sysctl -q -w net.ipv4.ip_forward=1"));
     s
@@ -141,7 +201,8 @@ pub fn render_topology(cfg: &NetworkConfig) -> Vec<Step> {
 
 /// The steps as a script, one command a line, for people and for logs.
 pub fn render_topology_script(cfg: &NetworkConfig) -> String {
-    let mut o = String::from("# airlock network topology, rendered by airlock-network from [network].\n");
+    let mut o =
+        String::from("# airlock network topology, rendered by airlock-network from [network].\n");
     o.push_str("# Run in order after loading the ruleset, before starting the guests.\n");
     for st in render_topology(cfg) {
         o.push_str(&st.to_string());

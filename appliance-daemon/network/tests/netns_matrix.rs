@@ -202,7 +202,11 @@ struct Listeners {
 
 impl Listeners {
     fn new() -> Listeners {
-        Listeners { stop: Arc::new(AtomicBool::new(false)), threads: Vec::new(), udp_seen: Arc::default() }
+        Listeners {
+            stop: Arc::new(AtomicBool::new(false)),
+            threads: Vec::new(),
+            udp_seen: Arc::default(),
+        }
     }
 
     fn tcp(&mut self, ns: &Netns, port: u16) -> Result<()> {
@@ -232,7 +236,8 @@ impl Listeners {
                 }
             }
         }));
-        rx.recv()?.with_context(|| format!("tcp listener on {port} in {}", ns.name))
+        rx.recv()?
+            .with_context(|| format!("tcp listener on {port} in {}", ns.name))
     }
 
     fn udp(&mut self, ns: &Netns, port: u16) -> Result<()> {
@@ -256,11 +261,14 @@ impl Listeners {
             let mut buf = [0u8; 512];
             while !stop.load(Ordering::Relaxed) {
                 if let Ok((n, _)) = s.recv_from(&mut buf) {
-                    seen.lock().unwrap().insert(String::from_utf8_lossy(&buf[..n]).into_owned());
+                    seen.lock()
+                        .unwrap()
+                        .insert(String::from_utf8_lossy(&buf[..n]).into_owned());
                 }
             }
         }));
-        rx.recv()?.with_context(|| format!("udp listener on {port} in {}", ns.name))
+        rx.recv()?
+            .with_context(|| format!("udp listener on {port} in {}", ns.name))
     }
 }
 
@@ -366,10 +374,25 @@ impl World {
         // The uplinks: the host's "physical NICs" with the router's ends.
         let ups: Vec<(&str, &str, &str, &str)> = match shape {
             Shape::PerSide => vec![
-                ("up-cls", "w-cls", "198.51.100.1/24", "10.10.1.0/24 via 198.51.100.2"),
-                ("up-gen", "w-gen", "198.51.101.1/24", "10.10.2.0/24 via 198.51.101.2"),
+                (
+                    "up-cls",
+                    "w-cls",
+                    "198.51.100.1/24",
+                    "10.10.1.0/24 via 198.51.100.2",
+                ),
+                (
+                    "up-gen",
+                    "w-gen",
+                    "198.51.101.1/24",
+                    "10.10.2.0/24 via 198.51.101.2",
+                ),
             ],
-            Shape::Shared | Shape::SharedWireguard => vec![("up0", "w-up0", "198.51.100.1/24", "10.10.0.0/16 via 198.51.100.2")],
+            Shape::Shared | Shape::SharedWireguard => vec![(
+                "up0",
+                "w-up0",
+                "198.51.100.1/24",
+                "10.10.0.0/16 via 198.51.100.2",
+            )],
         };
         for (hif, wif, waddr, back) in ups {
             veth(h, hif, wd, wif)?;
@@ -380,12 +403,21 @@ impl World {
         }
 
         // The guests, on veths named as the taps QEMU would get.
-        for (side_ns, tap, seg) in [(&w.cls, "tap-classified", &w.cfg.classified.segment), (&w.gen, "tap-general", &w.cfg.general.segment)] {
+        for (side_ns, tap, seg) in [
+            (&w.cls, "tap-classified", &w.cfg.classified.segment),
+            (&w.gen, "tap-general", &w.cfg.general.segment),
+        ] {
             veth(h, tap, side_ns, "eth0")?;
             side_ns.exec(&format!("ip link set dev eth0 address {}", seg.guest_mac))?;
-            side_ns.exec(&format!("ip address add {}/{} dev eth0", seg.guest_address, seg.host_address.len))?;
+            side_ns.exec(&format!(
+                "ip address add {}/{} dev eth0",
+                seg.guest_address, seg.host_address.len
+            ))?;
             side_ns.exec("ip link set dev eth0 up")?;
-            side_ns.exec(&format!("ip route add default via {}", seg.host_address.addr))?;
+            side_ns.exec(&format!(
+                "ip route add default via {}",
+                seg.host_address.addr
+            ))?;
         }
 
         // The tunnel's stand-in. WireGuard is a layer-3 device (no ARP);
@@ -406,7 +438,8 @@ impl World {
             match step.kind {
                 StepKind::Tap | StepKind::Wireguard => continue,
                 _ => {
-                    h.exec_argv(&step.argv).with_context(|| format!("topology step {step}"))?;
+                    h.exec_argv(&step.argv)
+                        .with_context(|| format!("topology step {step}"))?;
                 }
             }
         }
@@ -448,7 +481,11 @@ impl World {
     }
 
     fn token(&self, what: &str) -> String {
-        format!("{:?}-{}-{what}", self.shape, self.token.fetch_add(1, Ordering::SeqCst))
+        format!(
+            "{:?}-{}-{what}",
+            self.shape,
+            self.token.fetch_add(1, Ordering::SeqCst)
+        )
     }
 
     /// Sends one probe; true if it got through.
@@ -461,7 +498,9 @@ impl World {
                 let path = src.path();
                 std::thread::spawn(move || -> Result<bool> {
                     enter(&path)?;
-                    let Ok(mut s) = TcpStream::connect_timeout(&SocketAddr::from((to, port)), PATIENCE) else {
+                    let Ok(mut s) =
+                        TcpStream::connect_timeout(&SocketAddr::from((to, port)), PATIENCE)
+                    else {
                         return Ok(false);
                     };
                     s.set_read_timeout(Some(Duration::from_secs(2)))?;
@@ -517,7 +556,9 @@ fn run_matrix(w: &World, rows: &[&Row]) -> Vec<bool> {
     std::thread::scope(|s| {
         let handles: Vec<_> = rows
             .iter()
-            .map(|(from, to, probe, _)| s.spawn(move || w.probe(*from, Ipv4Addr::from(*to), *probe)))
+            .map(|(from, to, probe, _)| {
+                s.spawn(move || w.probe(*from, Ipv4Addr::from(*to), *probe))
+            })
             .collect();
         handles.into_iter().map(|h| h.join().unwrap()).collect()
     })
@@ -529,7 +570,12 @@ fn check_matrix(w: &mut World) {
 
     // P7: before the test starts any listener, nothing listens on the host.
     let ss = w.host.exec("ss -l -n -H -A inet,unix,packet").unwrap();
-    assert_eq!(ss.trim(), "", "{:?}: something listens in the host namespace:\n{ss}", w.shape);
+    assert_eq!(
+        ss.trim(),
+        "",
+        "{:?}: something listens in the host namespace:\n{ss}",
+        w.shape
+    );
 
     w.listen(&rows).unwrap();
     let got = run_matrix(w, &rows);
@@ -551,8 +597,16 @@ fn check_matrix(w: &mut World) {
             if *got { "reachable" } else { "unreachable" }
         ));
     }
-    eprintln!("{:?} reachability matrix ({} probes):\n{report}", w.shape, rows.len());
-    assert_eq!(wrong, 0, "{:?}: {wrong} probes differ from the matrix:\n{report}", w.shape);
+    eprintln!(
+        "{:?} reachability matrix ({} probes):\n{report}",
+        w.shape,
+        rows.len()
+    );
+    assert_eq!(
+        wrong, 0,
+        "{:?}: {wrong} probes differ from the matrix:\n{report}",
+        w.shape
+    );
 }
 
 /// A guest that changes its MAC (keeping its address) gets nothing through;
@@ -560,33 +614,88 @@ fn check_matrix(w: &mut World) {
 /// tests the IPv4 frame itself, not a failed ARP.
 fn check_mac_spoofing(w: &World) {
     for (who, ns, to, br, own_mac, fake_mac) in [
-        (Who::Gen, &w.gen, [203, 0, 113, 10], "br-general", w.cfg.general.segment.guest_mac, "52:54:00:b2:00:99"),
-        (Who::Cls, &w.cls, [192, 0, 2, 10], "br-classified", w.cfg.classified.segment.guest_mac, "52:54:00:a1:00:99"),
+        (
+            Who::Gen,
+            &w.gen,
+            [203, 0, 113, 10],
+            "br-general",
+            w.cfg.general.segment.guest_mac,
+            "52:54:00:b2:00:99",
+        ),
+        (
+            Who::Cls,
+            &w.cls,
+            [192, 0, 2, 10],
+            "br-classified",
+            w.cfg.classified.segment.guest_mac,
+            "52:54:00:a1:00:99",
+        ),
     ] {
-        let gw = w.cfg.segment(if who == Who::Gen { airlock_network::Side::General } else { airlock_network::Side::Classified }).host_address.addr;
-        let br_mac = w.host.exec(&format!("cat /sys/class/net/{br}/address")).unwrap();
+        let gw = w
+            .cfg
+            .segment(if who == Who::Gen {
+                airlock_network::Side::General
+            } else {
+                airlock_network::Side::Classified
+            })
+            .host_address
+            .addr;
+        let br_mac = w
+            .host
+            .exec(&format!("cat /sys/class/net/{br}/address"))
+            .unwrap();
         // (A MAC change flushes the neighbour table, so pin after it.)
-        ns.exec(&format!("ip link set dev eth0 address {fake_mac}")).unwrap();
-        ns.exec(&format!("ip neigh replace {gw} lladdr {} dev eth0 nud permanent", br_mac.trim())).unwrap();
+        ns.exec(&format!("ip link set dev eth0 address {fake_mac}"))
+            .unwrap();
+        ns.exec(&format!(
+            "ip neigh replace {gw} lladdr {} dev eth0 nud permanent",
+            br_mac.trim()
+        ))
+        .unwrap();
         let spoofed = w.probe(who, Ipv4Addr::from(to), Probe::Udp(5000));
-        ns.exec(&format!("ip link set dev eth0 address {own_mac}")).unwrap();
-        ns.exec(&format!("ip neigh replace {gw} lladdr {} dev eth0 nud permanent", br_mac.trim())).unwrap();
+        ns.exec(&format!("ip link set dev eth0 address {own_mac}"))
+            .unwrap();
+        ns.exec(&format!(
+            "ip neigh replace {gw} lladdr {} dev eth0 nud permanent",
+            br_mac.trim()
+        ))
+        .unwrap();
         let real = w.probe(who, Ipv4Addr::from(to), Probe::Udp(5000));
-        assert!(!spoofed, "{:?}: {who:?} with MAC {fake_mac} reached {:?}", w.shape, to);
-        assert!(real, "{:?}: {who:?} with its own MAC did not reach {:?} (control)", w.shape, to);
+        assert!(
+            !spoofed,
+            "{:?}: {who:?} with MAC {fake_mac} reached {:?}",
+            w.shape, to
+        );
+        assert!(
+            real,
+            "{:?}: {who:?} with its own MAC did not reach {:?} (control)",
+            w.shape, to
+        );
     }
 }
 
 /// ARP: a guest resolves its gateway from its own address, but an ARP
 /// request that claims another address gets no answer.
 fn check_arp_spoofing(w: &World) {
-    for (ns, seg, fake) in [(&w.gen, &w.cfg.general.segment, "10.10.2.3"), (&w.cls, &w.cfg.classified.segment, "10.10.1.3")] {
+    for (ns, seg, fake) in [
+        (&w.gen, &w.cfg.general.segment, "10.10.2.3"),
+        (&w.cls, &w.cfg.classified.segment, "10.10.1.3"),
+    ] {
         let gw = seg.host_address.addr;
-        let real = ns.succeeds(&format!("arping -q -c 2 -w 2 -I eth0 -s {} {gw}", seg.guest_address));
-        ns.exec(&format!("ip address add {fake}/32 dev eth0")).unwrap();
+        let real = ns.succeeds(&format!(
+            "arping -q -c 2 -w 2 -I eth0 -s {} {gw}",
+            seg.guest_address
+        ));
+        ns.exec(&format!("ip address add {fake}/32 dev eth0"))
+            .unwrap();
         let spoofed = ns.succeeds(&format!("arping -q -c 2 -w 2 -I eth0 -s {fake} {gw}"));
-        ns.exec(&format!("ip address del {fake}/32 dev eth0")).unwrap();
-        assert!(real, "{:?}: ARP from the guest's own address got no reply (control)", w.shape);
+        ns.exec(&format!("ip address del {fake}/32 dev eth0"))
+            .unwrap();
+        assert!(
+            real,
+            "{:?}: ARP from the guest's own address got no reply (control)",
+            w.shape
+        );
         assert!(!spoofed, "{:?}: ARP claiming {fake} was answered", w.shape);
     }
 }
@@ -621,22 +730,38 @@ fn shared_uplink_wireguard_matrix_and_no_leak_outside_the_tunnel() {
     // (a routing mistake, or a tunnel that went away): it must not leave.
     let srv = Ipv4Addr::new(192, 0, 2, 10);
     let dropped_before = default_drops(&w);
-    w.host.exec("ip route replace 192.0.2.10/32 via 198.51.100.1 dev up0 table 101").unwrap();
+    w.host
+        .exec("ip route replace 192.0.2.10/32 via 198.51.100.1 dev up0 table 101")
+        .unwrap();
     let leaked = w.probe(Who::Cls, srv, Probe::Tcp(445));
     let leaked_udp = w.probe(Who::Cls, srv, Probe::Udp(5000));
-    w.host.exec("ip route replace 192.0.2.10/32 dev wg-classified table 101").unwrap();
+    w.host
+        .exec("ip route replace 192.0.2.10/32 dev wg-classified table 101")
+        .unwrap();
     let tunnelled = w.probe(Who::Cls, srv, Probe::Tcp(445));
-    assert!(!leaked && !leaked_udp, "classified traffic left by the uplink instead of the tunnel");
-    assert!(tunnelled, "back through the tunnel the server is reachable again (control)");
+    assert!(
+        !leaked && !leaked_udp,
+        "classified traffic left by the uplink instead of the tunnel"
+    );
+    assert!(
+        tunnelled,
+        "back through the tunnel the server is reachable again (control)"
+    );
     // It was the ruleset's default drop that stopped them.
     let dropped_after = default_drops(&w);
-    assert!(dropped_after > dropped_before, "forward default-drop counter {dropped_before} -> {dropped_after}");
+    assert!(
+        dropped_after > dropped_before,
+        "forward default-drop counter {dropped_before} -> {dropped_after}"
+    );
 }
 
 /// Packets counted by the forward chain's final `counter comment "default drop"`.
 fn default_drops(w: &World) -> u64 {
     let fwd = w.host.exec("nft list chain inet airlock forward").unwrap();
-    let line = fwd.lines().find(|l| l.contains("comment \"default drop\"")).unwrap_or_else(|| panic!("{fwd}"));
+    let line = fwd
+        .lines()
+        .find(|l| l.contains("comment \"default drop\""))
+        .unwrap_or_else(|| panic!("{fwd}"));
     let words: Vec<&str> = line.split_whitespace().collect();
     let at = words.iter().position(|w| *w == "packets").expect("counter");
     words[at + 1].parse().unwrap()
@@ -648,7 +773,11 @@ fn default_drops(w: &World) -> u64 {
 fn general_rate_limits_hold() {
     let mut w = world(Shape::PerSide);
     let rl = w.cfg.general.rate_limit;
-    assert_eq!((rl.new_connections_per_second, rl.egress_mbit), (20, 20), "fixture changed");
+    assert_eq!(
+        (rl.new_connections_per_second, rl.egress_mbit),
+        (20, 20),
+        "fixture changed"
+    );
     let rows: Vec<&Row> = vec![
         &(Who::Gen, [203, 0, 113, 10], Probe::Tcp(80), [Y, Y, Y]),
         &(Who::Cls, [192, 0, 2, 10], Probe::Tcp(443), [Y, Y, Y]),
@@ -665,21 +794,32 @@ fn general_rate_limits_hold() {
                 let path = path.clone();
                 s.spawn(move || {
                     enter(&path).unwrap();
-                    TcpStream::connect_timeout(&SocketAddr::from(([203, 0, 113, 10], 80)), Duration::from_millis(700)).is_ok()
+                    TcpStream::connect_timeout(
+                        &SocketAddr::from(([203, 0, 113, 10], 80)),
+                        Duration::from_millis(700),
+                    )
+                    .is_ok()
                 })
             })
             .collect();
-        hs.into_iter().map(|h| h.join().unwrap_or(false)).filter(|ok| *ok).count()
+        hs.into_iter()
+            .map(|h| h.join().unwrap_or(false))
+            .filter(|ok| *ok)
+            .count()
     });
     eprintln!("general: {ok} of 100 simultaneous connections admitted (limit 20/s, burst 40)");
-    assert!((10..=70).contains(&ok), "{ok} of 100 connections got through a 20/s, burst 40 limit");
+    assert!(
+        (10..=70).contains(&ok),
+        "{ok} of 100 connections got through a 20/s, burst 40 limit"
+    );
 
     std::thread::sleep(Duration::from_millis(1500));
     let bulk = |who: Who, to: [u8; 4], port: u16| -> f64 {
         let path = w.ns(who).path();
         std::thread::spawn(move || -> Result<f64> {
             enter(&path)?;
-            let mut s = TcpStream::connect_timeout(&SocketAddr::from((to, port)), Duration::from_secs(2))?;
+            let mut s =
+                TcpStream::connect_timeout(&SocketAddr::from((to, port)), Duration::from_secs(2))?;
             s.set_read_timeout(Some(Duration::from_secs(60)))?;
             writeln!(s, "bulk")?;
             let mut r = BufReader::new(s.try_clone()?);
@@ -709,7 +849,10 @@ fn general_rate_limits_hold() {
     // nftables' byte bucket holds one second at the rate plus the burst
     // (2.5 + 0.25 MB here), so 16 MiB take at least (16.8 - 2.75) / 2.5 s:
     // at most 24 Mbit/s on average.
-    assert!(general <= 26.0, "general uploaded at {general:.1} Mbit/s through a 20 Mbit/s limit");
+    assert!(
+        general <= 26.0,
+        "general uploaded at {general:.1} Mbit/s through a 20 Mbit/s limit"
+    );
     assert!(classified > general * 2.0, "the unlimited path ({classified:.1}) should be far faster than the limited one ({general:.1})");
 }
 
@@ -725,13 +868,29 @@ fn probes_detect_open_paths_without_the_ruleset() {
         &(Who::Gen, [10, 10, 2, 1], Probe::Udp(67), [Y, Y, Y]),
         // Out by the uplink and back in through the hostile upstream.
         &(Who::Gen, [10, 10, 1, 2], Probe::Udp(5000), [Y, Y, Y]),
-        &(Who::Gen, [192, 0, 2, 10], Probe::UdpFrom(5000, [10, 10, 1, 2]), [Y, Y, Y]),
-        &(Who::Gen, [203, 0, 113, 10], Probe::UdpFrom(5000, [10, 10, 2, 3]), [Y, Y, Y]),
+        &(
+            Who::Gen,
+            [192, 0, 2, 10],
+            Probe::UdpFrom(5000, [10, 10, 1, 2]),
+            [Y, Y, Y],
+        ),
+        &(
+            Who::Gen,
+            [203, 0, 113, 10],
+            Probe::UdpFrom(5000, [10, 10, 2, 3]),
+            [Y, Y, Y],
+        ),
         &(Who::Inet, [10, 10, 2, 2], Probe::Tcp(445), [Y, Y, Y]),
     ];
     w.listen(&rows).unwrap();
     let got = run_matrix(&w, &rows);
     for (row, got) in rows.iter().zip(got) {
-        assert!(got, "without a ruleset {:?} -> {} {} should get through", row.0, Ipv4Addr::from(row.1), row.2);
+        assert!(
+            got,
+            "without a ruleset {:?} -> {} {} should get through",
+            row.0,
+            Ipv4Addr::from(row.1),
+            row.2
+        );
     }
 }

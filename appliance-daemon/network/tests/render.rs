@@ -15,11 +15,15 @@ fn cfg(text: &str) -> NetworkConfig {
 
 /// The lines inside `chain NAME` or `set NAME` of `table TABLE`, trimmed.
 fn block<'a>(text: &'a str, table: &str, item: &str) -> Vec<&'a str> {
-    let t = text.find(&format!("table {table} {{\n")).unwrap_or_else(|| panic!("no table {table} in:\n{text}"));
+    let t = text
+        .find(&format!("table {table} {{\n"))
+        .unwrap_or_else(|| panic!("no table {table} in:\n{text}"));
     let text = &text[t..];
     let t_end = text.find("\n}\n").expect("table end");
     let text = &text[..t_end];
-    let start = text.find(&format!("\t{item} {{\n")).unwrap_or_else(|| panic!("no {item} in table {table}:\n{text}"));
+    let start = text
+        .find(&format!("\t{item} {{\n"))
+        .unwrap_or_else(|| panic!("no {item} in table {table}:\n{text}"));
     let rest = &text[start..];
     let end = rest.find("\n\t}").expect("block end");
     rest[..end].lines().skip(1).map(str::trim).collect()
@@ -29,7 +33,10 @@ fn block<'a>(text: &'a str, table: &str, item: &str) -> Vec<&'a str> {
 fn every_ruleset_replaces_the_whole_ruleset_in_one_transaction() {
     for text in [SHARED, PER_SIDE, SHARED_WG, PER_SIDE_WG] {
         let r = render(&cfg(text));
-        let first_rule = r.lines().find(|l| !l.starts_with('#') && !l.trim().is_empty()).unwrap();
+        let first_rule = r
+            .lines()
+            .find(|l| !l.starts_with('#') && !l.trim().is_empty())
+            .unwrap();
         assert_eq!(first_rule, "flush ruleset");
         assert_eq!(r.matches("flush ruleset").count(), 1);
         // default drop on every filter base chain that sees guest traffic
@@ -51,19 +58,29 @@ fn the_sides_never_forward_to_each_other() {
     // No accept rule names both bridges.
     for l in &fwd {
         if l.ends_with("accept") {
-            assert!(!(l.contains("br-classified") && l.contains("br-general")), "{l}");
+            assert!(
+                !(l.contains("br-classified") && l.contains("br-general")),
+                "{l}"
+            );
         }
     }
     // And the bridges never forward at layer 2.
     let l2 = block(&r, "bridge airlock_l2", "chain forward");
-    assert_eq!(l2, ["type filter hook forward priority filter; policy drop;"]);
+    assert_eq!(
+        l2,
+        ["type filter hook forward priority filter; policy drop;"]
+    );
 }
 
 #[test]
 fn classified_reaches_only_allow_listed_servers_and_dns_only_when_listed() {
     let with_dns = render(&cfg(PER_SIDE));
     let set = block(&with_dns, "inet airlock", "set classified_allowed");
-    let elems: Vec<&str> = set.iter().filter(|l| l.contains(" . ") && !l.starts_with("type")).map(|l| l.trim_end_matches(',')).collect();
+    let elems: Vec<&str> = set
+        .iter()
+        .filter(|l| l.contains(" . ") && !l.starts_with("type"))
+        .map(|l| l.trim_end_matches(','))
+        .collect();
     assert_eq!(
         elems,
         [
@@ -80,24 +97,45 @@ fn classified_reaches_only_allow_listed_servers_and_dns_only_when_listed() {
     // The only new-connection accept for the classified side is the allow-list.
     let accepts: Vec<&str> = with_dns
         .lines()
-        .filter(|l| l.contains("iifname \"br-classified\"") && l.contains("ct state new") && l.ends_with("accept"))
+        .filter(|l| {
+            l.contains("iifname \"br-classified\"")
+                && l.contains("ct state new")
+                && l.ends_with("accept")
+        })
         .collect();
     assert_eq!(accepts.len(), 1, "{accepts:?}");
 
     let without_dns = render(&cfg(SHARED));
-    assert!(!without_dns.contains(". 53"), "no DNS without classified.dns:\n{without_dns}");
+    assert!(
+        !without_dns.contains(". 53"),
+        "no DNS without classified.dns:\n{without_dns}"
+    );
 }
 
 #[test]
 fn general_is_nat_to_the_internet_but_never_the_classified_side() {
     let r = render(&cfg(PER_SIDE));
     let denied = block(&r, "inet airlock", "set general_denied");
-    for must in ["10.0.0.0/8", "192.0.2.10", "192.0.2.53", "198.51.100.0/24", "224.0.0.0/4", "255.255.255.255"] {
-        assert!(denied.iter().any(|l| l.trim_end_matches(',') == must), "{must} not in {denied:?}");
+    for must in [
+        "10.0.0.0/8",
+        "192.0.2.10",
+        "192.0.2.53",
+        "198.51.100.0/24",
+        "224.0.0.0/4",
+        "255.255.255.255",
+    ] {
+        assert!(
+            denied.iter().any(|l| l.trim_end_matches(',') == must),
+            "{must} not in {denied:?}"
+        );
     }
     let deny_rule = "iifname \"br-general\" oifname \"up-gen\" ip saddr 10.10.2.2 ip daddr @general_denied counter drop";
-    let new_rule = "iifname \"br-general\" oifname \"up-gen\" ip saddr 10.10.2.2 ct state new accept";
-    let (d, n) = (r.find(deny_rule).expect("deny rule"), r.find(new_rule).expect("accept rule"));
+    let new_rule =
+        "iifname \"br-general\" oifname \"up-gen\" ip saddr 10.10.2.2 ct state new accept";
+    let (d, n) = (
+        r.find(deny_rule).expect("deny rule"),
+        r.find(new_rule).expect("accept rule"),
+    );
     assert!(d < n, "the deny set is checked before general's accept");
     assert!(r.contains("oifname \"up-gen\" ip saddr 10.10.2.2 snat ip to 198.51.101.2"));
     assert!(r.contains("oifname \"up-cls\" ip saddr 10.10.1.2 snat ip to 198.51.100.2"));
@@ -111,8 +149,18 @@ fn default_general_deny_is_the_private_ranges_plus_the_classified_side() {
     );
     let r = render(&cfg(&text));
     let denied = block(&r, "inet airlock", "set general_denied");
-    for must in ["10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "100.64.0.0/10", "169.254.0.0/16", "192.0.2.10"] {
-        assert!(denied.iter().any(|l| l.trim_end_matches(',') == must), "{must} not in {denied:?}");
+    for must in [
+        "10.0.0.0/8",
+        "172.16.0.0/12",
+        "192.168.0.0/16",
+        "100.64.0.0/10",
+        "169.254.0.0/16",
+        "192.0.2.10",
+    ] {
+        assert!(
+            denied.iter().any(|l| l.trim_end_matches(',') == must),
+            "{must} not in {denied:?}"
+        );
     }
     assert!(!denied.iter().any(|l| l.starts_with("198.51.100.0/24")));
 }
@@ -142,11 +190,22 @@ fn anti_spoofing_allows_only_the_guests_own_mac_and_address() {
     let accepts: Vec<&&str> = l2.iter().filter(|l| l.ends_with("accept")).collect();
     assert_eq!(accepts.len(), 4, "{l2:?}");
     for a in &accepts {
-        let ok = (a.contains("\"tap-classified\" ether saddr 52:54:00:a1:00:02") && (a.contains("ip saddr 10.10.1.2 ") || a.contains("arp saddr ether 52:54:00:a1:00:02 arp saddr ip { 0.0.0.0, 10.10.1.2 }")))
-            || (a.contains("\"tap-general\" ether saddr 52:54:00:b2:00:02") && (a.contains("ip saddr 10.10.2.2 ") || a.contains("arp saddr ether 52:54:00:b2:00:02 arp saddr ip { 0.0.0.0, 10.10.2.2 }")));
+        let ok = (a.contains("\"tap-classified\" ether saddr 52:54:00:a1:00:02")
+            && (a.contains("ip saddr 10.10.1.2 ")
+                || a.contains(
+                    "arp saddr ether 52:54:00:a1:00:02 arp saddr ip { 0.0.0.0, 10.10.1.2 }",
+                )))
+            || (a.contains("\"tap-general\" ether saddr 52:54:00:b2:00:02")
+                && (a.contains("ip saddr 10.10.2.2 ")
+                    || a.contains(
+                        "arp saddr ether 52:54:00:b2:00:02 arp saddr ip { 0.0.0.0, 10.10.2.2 }",
+                    )));
         assert!(ok, "unexpected layer-2 accept: {a}");
     }
-    assert_eq!(l2.last(), Some(&"counter drop comment \"spoofed or not IPv4\""));
+    assert_eq!(
+        l2.last(),
+        Some(&"counter drop comment \"spoofed or not IPv4\"")
+    );
 }
 
 #[test]
@@ -171,7 +230,10 @@ fn general_rate_limits_come_before_any_accept() {
 
 #[test]
 fn with_wireguard_classified_traffic_leaves_only_by_the_tunnel() {
-    for (text, wg, up) in [(SHARED_WG, "wg-classified", "up0"), (PER_SIDE_WG, "wg0", "up-cls")] {
+    for (text, wg, up) in [
+        (SHARED_WG, "wg-classified", "up0"),
+        (PER_SIDE_WG, "wg0", "up-cls"),
+    ] {
         let r = render(&cfg(text));
         let classified_accepts: Vec<&str> = block(&r, "inet airlock", "chain forward")
             .into_iter()
@@ -179,12 +241,21 @@ fn with_wireguard_classified_traffic_leaves_only_by_the_tunnel() {
             .collect();
         assert_eq!(classified_accepts.len(), 3, "{classified_accepts:?}");
         for l in &classified_accepts {
-            assert!(l.contains(&format!("\"{wg}\"")), "classified accept not via the tunnel: {l}");
+            assert!(
+                l.contains(&format!("\"{wg}\"")),
+                "classified accept not via the tunnel: {l}"
+            );
             assert!(!l.contains(&format!("\"{up}\"")), "{l}");
         }
-        assert!(r.contains(&format!("oifname \"{wg}\" ip saddr 10.10.1.2 snat ip to 10.99.0.2")));
-        assert!(r.contains(&format!("iifname \"{up}\" ip saddr 198.51.100.7 udp sport 51820 udp dport 51820 accept")));
-        assert!(r.contains(&format!("ip daddr 198.51.100.7 udp dport 51820 oifname != \"{up}\" counter drop")));
+        assert!(r.contains(&format!(
+            "oifname \"{wg}\" ip saddr 10.10.1.2 snat ip to 10.99.0.2"
+        )));
+        assert!(r.contains(&format!(
+            "iifname \"{up}\" ip saddr 198.51.100.7 udp sport 51820 udp dport 51820 accept"
+        )));
+        assert!(r.contains(&format!(
+            "ip daddr 198.51.100.7 udp dport 51820 oifname != \"{up}\" counter drop"
+        )));
     }
     // Without a tunnel the classified side leaves by its uplink.
     let r = render(&cfg(SHARED));
@@ -203,26 +274,48 @@ fn rendering_is_deterministic() {
 fn topology_per_side_and_shared() {
     let shared = render_topology(&cfg(SHARED));
     let s: Vec<String> = shared.iter().map(|s| s.to_string()).collect();
-    assert_eq!(s.iter().filter(|l| l.starts_with("ip address replace 198.51.100.2/24 dev up0")).count(), 1);
-    assert!(s.contains(&"ip tuntap add dev tap-classified mode tap user airlock-classified".to_string()));
+    assert_eq!(
+        s.iter()
+            .filter(|l| l.starts_with("ip address replace 198.51.100.2/24 dev up0"))
+            .count(),
+        1
+    );
+    assert!(s.contains(
+        &"ip tuntap add dev tap-classified mode tap user airlock-classified".to_string()
+    ));
     assert!(s.contains(&"ip tuntap add dev tap-general mode tap user airlock-general".to_string()));
-    assert!(s.contains(&"ip route replace 192.0.2.10/32 via 198.51.100.1 dev up0 table 101".to_string()));
+    assert!(s.contains(
+        &"ip route replace 192.0.2.10/32 via 198.51.100.1 dev up0 table 101".to_string()
+    ));
     assert!(s.contains(&"ip route replace blackhole default table 101".to_string()));
     assert!(s.contains(&"ip route replace default via 198.51.100.1 dev up0 table 102".to_string()));
-    assert_eq!(s.last().unwrap(), "sysctl -q -w net.ipv4.ip_forward=1", "forwarding goes on last");
+    assert_eq!(
+        s.last().unwrap(),
+        "sysctl -q -w net.ipv4.ip_forward=1",
+        "forwarding goes on last"
+    );
     assert!(!shared.iter().any(|s| s.kind == StepKind::Wireguard));
 
     let per = render_topology(&cfg(PER_SIDE));
     let p: Vec<String> = per.iter().map(|s| s.to_string()).collect();
-    assert!(p.contains(&"ip route replace 192.0.2.53/32 via 198.51.100.1 dev up-cls table 101".to_string()));
-    assert!(p.contains(&"ip route replace default via 198.51.101.1 dev up-gen table 102".to_string()));
+    assert!(p.contains(
+        &"ip route replace 192.0.2.53/32 via 198.51.100.1 dev up-cls table 101".to_string()
+    ));
+    assert!(
+        p.contains(&"ip route replace default via 198.51.101.1 dev up-gen table 102".to_string())
+    );
 }
 
 #[test]
 fn topology_with_wireguard_routes_servers_into_the_tunnel() {
     let steps = render_topology(&cfg(SHARED_WG));
     let s: Vec<String> = steps.iter().map(|s| s.to_string()).collect();
-    let wg: Vec<&String> = steps.iter().zip(&s).filter(|(st, _)| st.kind == StepKind::Wireguard).map(|(_, l)| l).collect();
+    let wg: Vec<&String> = steps
+        .iter()
+        .zip(&s)
+        .filter(|(st, _)| st.kind == StepKind::Wireguard)
+        .map(|(_, l)| l)
+        .collect();
     assert_eq!(
         wg,
         [
@@ -232,7 +325,9 @@ fn topology_with_wireguard_routes_servers_into_the_tunnel() {
     );
     assert!(s.contains(&"ip route replace 192.0.2.10/32 dev wg-classified table 101".to_string()));
     assert!(s.contains(&"ip route replace 198.51.100.7/32 via 198.51.100.1 dev up0".to_string()));
-    assert!(!s.iter().any(|l| l.contains("table 101") && l.contains("via 198.51.100.1")));
+    assert!(!s
+        .iter()
+        .any(|l| l.contains("table 101") && l.contains("via 198.51.100.1")));
 }
 
 #[test]
@@ -246,7 +341,12 @@ fn config_embeds_in_the_appliance_file() {
         "[supervisor]\nwhatever = 1\n\n{}",
         SHARED
             .lines()
-            .map(|l| if l.starts_with('[') { l.replacen('[', "[network.", 1).replace("[network.[", "[[network.") } else { l.to_string() })
+            .map(|l| if l.starts_with('[') {
+                l.replacen('[', "[network.", 1)
+                    .replace("[network.[", "[[network.")
+            } else {
+                l.to_string()
+            })
             .collect::<Vec<_>>()
             .join("\n")
     );
@@ -254,9 +354,18 @@ fn config_embeds_in_the_appliance_file() {
     assert_eq!(c, cfg(SHARED));
     let embedded: Appliance = toml::from_str(&doc).unwrap();
     assert_eq!(embedded.network, c);
-    let bad = doc.replace("guest_mac = \"52:54:00:a1:00:02\"", "guest_mac = \"ff:ff:ff:ff:ff:ff\"");
-    let e = toml::from_str::<Appliance>(&bad).err().expect("embedded config is validated");
-    assert!(e.to_string().contains("network.classified.guest_mac: ff:ff:ff:ff:ff:ff is a multicast"), "{e}");
+    let bad = doc.replace(
+        "guest_mac = \"52:54:00:a1:00:02\"",
+        "guest_mac = \"ff:ff:ff:ff:ff:ff\"",
+    );
+    let e = toml::from_str::<Appliance>(&bad)
+        .err()
+        .expect("embedded config is validated");
+    assert!(
+        e.to_string()
+            .contains("network.classified.guest_mac: ff:ff:ff:ff:ff:ff is a multicast"),
+        "{e}"
+    );
     assert!(matches!(c.uplinks, Uplinks::Shared(_)));
 }
 
@@ -294,7 +403,10 @@ fn invalid_configurations_name_the_key() {
         let text = SHARED.replacen(from, to, 1);
         let err = NetworkConfig::from_toml(&text).expect_err(&format!("accepted: {to}"));
         let msg = err.to_string();
-        assert!(msg.contains(want), "for {to:?}:\n  got  {msg}\n  want {want}");
+        assert!(
+            msg.contains(want),
+            "for {to:?}:\n  got  {msg}\n  want {want}"
+        );
     }
 }
 
@@ -303,27 +415,61 @@ fn uplink_shape_errors() {
     // Both a shared uplink and a per-side one.
     let both = format!("[uplink]\ninterface = \"x0\"\naddress = \"198.51.102.2/24\"\ngateway = \"198.51.102.1\"\n{PER_SIDE}");
     let e = NetworkConfig::from_toml(&both).unwrap_err();
-    assert!(e.to_string().starts_with("network.uplink: give either"), "{e}");
+    assert!(
+        e.to_string().starts_with("network.uplink: give either"),
+        "{e}"
+    );
     // Only one side's uplink.
     let one = PER_SIDE.replace("[general.uplink]\ninterface = \"up-gen\"\naddress = \"198.51.101.2/24\"\ngateway = \"198.51.101.1\"\n", "");
     let e = NetworkConfig::from_toml(&one).unwrap_err();
-    assert!(e.to_string().starts_with("network.general.uplink: missing"), "{e}");
+    assert!(
+        e.to_string().starts_with("network.general.uplink: missing"),
+        "{e}"
+    );
     // The same NIC named twice.
     let same = PER_SIDE.replace("interface = \"up-gen\"", "interface = \"up-cls\"");
     let e = NetworkConfig::from_toml(&same).unwrap_err();
-    assert!(e.to_string().contains("network.general.uplink.interface: \"up-cls\" is also the classified uplink"), "{e}");
+    assert!(
+        e.to_string()
+            .contains("network.general.uplink.interface: \"up-cls\" is also the classified uplink"),
+        "{e}"
+    );
     assert!(matches!(e, ConfigError::Invalid { .. }));
 }
 
 #[test]
 fn wireguard_errors_name_the_key() {
     let cases = [
-        ("peer_public_key = \"xTIBA5rboUvnH4htodjb6e697QjLERt1NAB4mZqp8Dg=\"", "peer_public_key = \"not-a-key\"", "network.classified.wireguard.peer_public_key"),
-        ("peer_endpoint = \"198.51.100.7:51820\"", "peer_endpoint = \"wg.example:51820\"", "network.classified.wireguard.peer_endpoint"),
-        ("private_key_file = \"/var/lib/airlock/provision/wg-classified.key\"", "private_key_file = \"wg.key\"", "network.classified.wireguard.private_key_file"),
-        ("listen_port = 51820", "listen_port = 0", "network.classified.wireguard.listen_port"),
-        ("address = \"10.99.0.2/24\"", "address = \"10.10.1.9/24\"", "network.classified.wireguard.address"),
-        ("listen_port = 51820", "listen_port = 51820\npreshared_key = \"x\"", "unknown field `preshared_key`"),
+        (
+            "peer_public_key = \"xTIBA5rboUvnH4htodjb6e697QjLERt1NAB4mZqp8Dg=\"",
+            "peer_public_key = \"not-a-key\"",
+            "network.classified.wireguard.peer_public_key",
+        ),
+        (
+            "peer_endpoint = \"198.51.100.7:51820\"",
+            "peer_endpoint = \"wg.example:51820\"",
+            "network.classified.wireguard.peer_endpoint",
+        ),
+        (
+            "private_key_file = \"/var/lib/airlock/provision/wg-classified.key\"",
+            "private_key_file = \"wg.key\"",
+            "network.classified.wireguard.private_key_file",
+        ),
+        (
+            "listen_port = 51820",
+            "listen_port = 0",
+            "network.classified.wireguard.listen_port",
+        ),
+        (
+            "address = \"10.99.0.2/24\"",
+            "address = \"10.10.1.9/24\"",
+            "network.classified.wireguard.address",
+        ),
+        (
+            "listen_port = 51820",
+            "listen_port = 51820\npreshared_key = \"x\"",
+            "unknown field `preshared_key`",
+        ),
     ];
     for (from, to, want) in cases {
         assert!(SHARED_WG.contains(from), "fixture lacks {from:?}");

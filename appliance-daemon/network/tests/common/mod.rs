@@ -28,7 +28,10 @@ pub fn require_root() {
         let found = std::env::var_os("PATH")
             .map(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file()))
             .unwrap_or(false);
-        assert!(found, "{tool} is not installed (see ci/install-host-deps.sh)");
+        assert!(
+            found,
+            "{tool} is not installed (see ci/install-host-deps.sh)"
+        );
     }
 }
 
@@ -42,7 +45,12 @@ pub fn run(argv: &[&str]) -> Result<String> {
         let err = String::from_utf8_lossy(&out.stderr);
         let tail: Vec<&str> = err.lines().rev().take(8).collect();
         let tail: Vec<&str> = tail.into_iter().rev().collect();
-        bail!("{} exited {}: {}", argv.join(" "), out.status, tail.join(" | "));
+        bail!(
+            "{} exited {}: {}",
+            argv.join(" "),
+            out.status,
+            tail.join(" | ")
+        );
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
@@ -119,7 +127,10 @@ pub fn enter(ns_path: &str) -> Result<()> {
 
 /// A veth pair between two namespaces, with the given names.
 pub fn veth(a: &Netns, a_if: &str, b: &Netns, b_if: &str) -> Result<()> {
-    run(&["ip", "-n", &a.name, "link", "add", a_if, "type", "veth", "peer", "name", b_if, "netns", &b.name])?;
+    run(&[
+        "ip", "-n", &a.name, "link", "add", a_if, "type", "veth", "peer", "name", b_if, "netns",
+        &b.name,
+    ])?;
     Ok(())
 }
 
@@ -146,12 +157,17 @@ pub fn spoofing_udp_socket(src: std::net::Ipv4Addr) -> Result<std::net::UdpSocke
             std::mem::size_of::<libc::c_int>() as libc::socklen_t,
         );
         if rc != 0 {
-            bail!("setsockopt IP_TRANSPARENT: {}", std::io::Error::last_os_error());
+            bail!(
+                "setsockopt IP_TRANSPARENT: {}",
+                std::io::Error::last_os_error()
+            );
         }
         let addr = libc::sockaddr_in {
             sin_family: libc::AF_INET as libc::sa_family_t,
             sin_port: 0,
-            sin_addr: libc::in_addr { s_addr: u32::from(src).to_be() },
+            sin_addr: libc::in_addr {
+                s_addr: u32::from(src).to_be(),
+            },
             sin_zero: [0; 8],
         };
         let rc = libc::bind(
