@@ -43,6 +43,8 @@ pub struct GuestPaths {
     pub vdagent: PathBuf,
     /// Test agent port socket (test mode).
     pub test: PathBuf,
+    /// A second QMP monitor for tests to inspect the VM (test mode).
+    pub qmp_test: PathBuf,
     pub swtpm: PathBuf,
     /// `/run/airlock/<side>/config/`: the command line, for audit.
     pub config_dir: PathBuf,
@@ -63,6 +65,7 @@ impl GuestPaths {
             display: run_dir.join("display.sock"),
             vdagent: run_dir.join("vdagent.sock"),
             test: run_dir.join("test.sock"),
+            qmp_test: run_dir.join("qmp-test.sock"),
             swtpm: run_dir.join("swtpm.sock"),
             config_dir: run_dir.join("config"),
             qemu_log: log_dir.join("qemu.log"),
@@ -192,6 +195,8 @@ pub fn command_line(guest: &Guest, sup: &Supervisor) -> Result<Vec<String>, Comm
     if sup.test_mode {
         push(&["-chardev", &format!("socket,id=test,path={},server=on,wait=off", p(&paths.test))]);
         push(&["-device", &format!("virtserialport,bus=vser0.0,chardev=test,name={TEST_PORT}")]);
+        push(&["-chardev", &format!("socket,id=qmptest,path={},server=on,wait=off", p(&paths.qmp_test))]);
+        push(&["-mon", "chardev=qmptest,mode=control"]);
     }
 
     for device in &guest.devices {
@@ -309,10 +314,11 @@ mod tests {
             ] {
                 assert!(line.contains(needle), "{side}: {needle:?} missing from {line}");
             }
-            for never in ["readline", "mux=on", "stdio", "-runas", "-daemonize", "tcp:", "telnet", "qemu-vdagent", "spicevmc", TEST_PORT, "-kernel"] {
+            for never in ["readline", "mux=on", "stdio", "-runas", "-daemonize", "tcp:", "telnet", "qemu-vdagent", "spicevmc", TEST_PORT, "qmp-test", "-kernel"] {
                 assert!(!line.contains(never), "{side}: {never:?} in {line}");
             }
             assert_eq!(args.iter().filter(|a| *a == "-serial").count(), 1);
+            assert_eq!(args.iter().filter(|a| *a == "-mon").count(), 1, "one QMP monitor, the supervisor's");
         }
     }
 
@@ -377,6 +383,7 @@ user = "nobody"
         assert!(line.contains("-chardev file,id=serial0,append=on,path=/tmp/t/log/classified/serial.log -serial chardev:serial0"), "{line}");
         assert!(!line.contains("-serial none"));
         assert!(line.contains("name=org.airlock.test.0"));
+        assert!(line.contains("path=/tmp/t/run/classified/qmp-test.sock,server=on,wait=off -mon chardev=qmptest,mode=control"));
         assert!(line.contains("-accel tcg -cpu max") && line.contains("-kernel /k/vmlinuz -initrd /k/initrd -append console=ttyS0 panic=-1"));
         assert!(!line.contains("pflash") && !line.contains("-netdev"), "{line}");
         // The same guest outside test mode is refused, not quietly changed.

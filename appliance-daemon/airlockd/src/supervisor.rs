@@ -365,7 +365,7 @@ fn run_once(guest: &Guest, ctx: &RunnerContext) -> Result<ExitKind> {
         }
         None => None,
     };
-    for sock in [&paths.qmp, &paths.display, &paths.vdagent, &paths.test] {
+    for sock in [&paths.qmp, &paths.display, &paths.vdagent, &paths.test, &paths.qmp_test] {
         let _ = fs::remove_file(sock);
     }
     let shown = format!("{} {}\n", ctx.sup.qemu.display(), args.join(" "));

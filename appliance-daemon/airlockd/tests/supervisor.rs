@@ -87,7 +87,7 @@ memory_mib = 192
 vcpus = 1
 accel = "tcg"
 user = "{USER}"
-devices = ["tablet"]
+devices = {devices}
 [guest.{side}.limits]
 cpu_percent = 100
 memory_max_mib = 512
@@ -100,6 +100,9 @@ initrd = "{initrd}"
 append = "console=ttyS0 panic=-1 quiet"
 "#,
                 state = state.display(),
+                // The general guest gets what the classified one may not, so
+                // the device checks below are seen to find them.
+                devices = if side == "general" { r#"["tablet", "usb", "cdrom", "sound"]"# } else { r#"["tablet"]"# },
                 kernel = img.kernel.vmlinuz.display(),
                 initrd = initrd.display(),
             )
@@ -259,6 +262,56 @@ impl Control {
     }
 }
 
+/// One QMP command on the test-mode monitor (`qmp-test.sock`).
+fn qmp_test(h: &Harness, side: &str, command: &str) -> Value {
+    use std::io::Write;
+    let path = h.run_dir.join(side).join("qmp-test.sock");
+    let stream = UnixStream::connect(&path).unwrap_or_else(|e| h.fail(format!("{}: {e}", path.display())));
+    stream.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let mut writer = stream.try_clone().unwrap();
+    let mut reader = BufReader::new(stream);
+    let mut read = || {
+        let mut line = String::new();
+        reader.read_line(&mut line).unwrap();
+        serde_json::from_str::<Value>(&line).unwrap_or_else(|e| h.fail(format!("QMP said {line:?}: {e}")))
+    };
+    read(); // greeting
+    writer.write_all(b"{\"execute\":\"qmp_capabilities\"}\n").unwrap();
+    while read().get("return").is_none() {}
+    writer.write_all(format!("{{\"execute\":\"{command}\"}}\n").as_bytes()).unwrap();
+    loop {
+        let v = read();
+        if let Some(r) = v.get("return") {
+            return r.clone();
+        }
+        if v.get("error").is_some() {
+            h.fail(format!("QMP {command}: {v}"));
+        }
+    }
+}
+
+/// PCI class codes (class << 8 | subclass) of every device QEMU emulates.
+fn pci_classes(h: &Harness, side: &str) -> Vec<(u64, String)> {
+    let buses = qmp_test(h, side, "query-pci");
+    let mut out = Vec::new();
+    for bus in buses.as_array().unwrap() {
+        for dev in bus["devices"].as_array().unwrap() {
+            let id = format!("{:04x}:{:04x}", dev["id"]["vendor"].as_u64().unwrap(), dev["id"]["device"].as_u64().unwrap());
+            out.push((dev["class_info"]["class"].as_u64().unwrap(), id));
+        }
+    }
+    out
+}
+
+/// Block devices QEMU gives the guest (`query-block` device names).
+fn block_devices(h: &Harness, side: &str) -> Vec<String> {
+    qmp_test(h, side, "query-block").as_array().unwrap().iter().map(|b| b["device"].as_str().unwrap_or_default().to_owned()).collect()
+}
+
+/// USB controllers (0x0c03), audio (0x0401, 0x0403), IDE (0x0101), floppy (0x0102).
+const CLASS_USB: u64 = 0x0c03;
+const REMOVABLE_OR_SOUND: [u64; 5] = [CLASS_USB, 0x0401, 0x0403, 0x0101, 0x0102];
+
 fn state(status: &Value, side: &str) -> String {
     status["guests"][side]["state"].as_str().unwrap_or_default().to_owned()
 }
@@ -312,6 +365,27 @@ fn crash_restart_and_power_off() {
         assert!(cmdline.contains("throttling.bps-write=10485760"), "{cmdline}");
         assert!(h.log().contains(&format!("{side}: cgroup {}", h.cgroup.join(format!("guest-{side}")).display())), "limits are logged");
     }
+    // What QEMU really emulates (QMP on the test monitor): the classified
+    // guest has its disk and nothing removable, USB or sound; the general
+    // guest, given them, shows each, so the check can see them.
+    let classified_pci = pci_classes(&h, "classified");
+    eprintln!("classified PCI (class, vendor:device): {classified_pci:04x?}");
+    for (class, id) in &classified_pci {
+        assert!(!REMOVABLE_OR_SOUND.contains(class), "classified guest has PCI device {id} of class {class:#06x}");
+        // Mass storage: only the virtio disk, and q35's built-in AHCI controller (no drive on it).
+        if class >> 8 == 0x01 {
+            assert!(id == "1af4:1001" || id == "1af4:1042" || id == "8086:2922", "classified storage controller {id}");
+        }
+    }
+    assert_eq!(block_devices(&h, "classified"), ["disk0"], "classified block devices");
+    let general_pci = pci_classes(&h, "general");
+    assert!(general_pci.iter().any(|(c, _)| *c == CLASS_USB), "general guest lacks its USB controller: {general_pci:04x?}");
+    assert!(general_pci.iter().any(|(c, _)| *c == 0x0403), "general guest lacks its sound device: {general_pci:04x?}");
+    assert!(block_devices(&h, "general").contains(&"cd0".to_owned()), "general guest lacks its CD drive");
+    // The guest's own view agrees.
+    let seen = classified.command("pci", Duration::from_secs(10)).unwrap();
+    assert!(seen.starts_with("pci ") && !seen.contains(" 0c03") && !seen.contains(" 0403"), "{seen}");
+
     let log = h.log();
     assert!(log.contains("limits applied:") && log.contains("not applied:"), "{log}");
     for line in log.lines().filter(|l| l.contains("limits applied:")) {

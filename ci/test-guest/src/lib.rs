@@ -30,6 +30,9 @@ pub mod protocol {
     /// `bench <iterations>` → `bench iterations=<n> elapsed_us=<n>`: a fixed
     /// integer workload on one vCPU.
     pub const BENCH: &str = "bench";
+    /// `pci` → `pci <class>:<vendor>:<device> ...` (hex, from sysfs): what
+    /// hardware the guest sees.
+    pub const PCI: &str = "pci";
     /// `hog <threads> <mib> <seconds>` → `ok hog ...` at once; then keeps
     /// `threads` vCPUs busy and `mib` MiB of memory touched for `seconds`.
     pub const HOG: &str = "hog";

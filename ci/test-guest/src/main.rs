@@ -121,6 +121,20 @@ fn handle(line: &str) -> String {
             format!("pong uptime_ms={}", (secs * 1000.0) as u64)
         }
         Some(protocol::POWEROFF) => "ok powering off".into(),
+        Some(protocol::PCI) => {
+            let mut found: Vec<String> = std::fs::read_dir("/sys/bus/pci/devices")
+                .into_iter()
+                .flatten()
+                .flatten()
+                .map(|e| {
+                    let read = |f: &str| std::fs::read_to_string(e.path().join(f)).unwrap_or_default().trim().trim_start_matches("0x").to_owned();
+                    format!("{}:{}:{}", read("class"), read("vendor"), read("device"))
+                })
+                .collect();
+            found.sort();
+            format!("pci {}", found.join(" "))
+        }
+
         Some(protocol::BENCH) => {
             let iterations: u64 = words.next().and_then(|w| w.parse().ok()).unwrap_or(50_000_000);
             let start = Instant::now();
