@@ -127,6 +127,8 @@ pub fn render_topology(cfg: &NetworkConfig) -> Vec<Step> {
         ));
         let mut allowed: Vec<String> = c.servers.iter().map(|x| x.address.to_string()).collect();
         allowed.extend(c.dns.iter().map(|d| format!("{d}/32")));
+        allowed.sort();
+        allowed.dedup();
         if allowed.is_empty() {
             // wg needs a list; this admits nothing that the ruleset allows.
             allowed.push(w.address.network().to_string());

@@ -10,12 +10,12 @@
 //! an assertion fails. No traffic leaves them.
 //!
 //! What runs in the host namespace is the crate's own output: the ruleset
-//! (`nft -f`) and every topology step except the two that need devices a
-//! namespace cannot have — the QEMU taps (a veth named `tap-<side>` with its
-//! peer in the guest namespace stands in) and the WireGuard device (a veth
-//! with the tunnel's name, its peer in `world`, stands in: the kernel here
-//! has no wireguard module, so the tunnel's encryption is not exercised,
-//! only that classified traffic leaves by that interface and no other).
+//! (`nft -f`) and every topology step, with one stand-in: the QEMU taps are
+//! veths named `tap-<side>` with their peers in the guest namespaces. The
+//! WireGuard shape runs a real tunnel, with keys made for the run: the
+//! rendered `ip link add … type wireguard` where the kernel has WireGuard,
+//! else the same interface from `wireguard-go` (userspace, same `wg`
+//! configuration); the tunnel's far end is in `world`.
 
 mod common;
 
@@ -29,7 +29,7 @@ use std::time::{Duration, Instant};
 
 use airlock_network::{render, render_topology, NetworkConfig, StepKind};
 use anyhow::{Context, Result};
-use common::{enter, require_root, spoofing_udp_socket, veth, Netns};
+use common::{enter, require_root, run, run_with_input, spoofing_udp_socket, veth, Daemon, Netns};
 
 // ------------------------------------------------------------------ shapes
 
@@ -311,8 +311,9 @@ fn serve_tcp(s: TcpStream) {
 struct World {
     shape: Shape,
     cfg: NetworkConfig,
-    // Listeners first: they stop before the namespaces go.
+    // Listeners and daemons first: they stop before the namespaces go.
     listeners: Listeners,
+    daemons: Vec<Daemon>,
     host: Netns,
     cls: Netns,
     gen: Netns,
@@ -335,9 +336,31 @@ impl World {
     }
 
     fn build(shape: Shape) -> Result<World> {
-        let cfg = NetworkConfig::from_toml(shape.fixture())?;
-        let w = World {
+        // Tunnel keys for this run, in files as on the appliance.
+        let keys = tempfile::tempdir()?;
+        let mut text = shape.fixture().to_string();
+        let mut peer_key_file = None;
+        let mut host_public = String::new();
+        if text.contains("[classified.wireguard]") {
+            let key = |name: &str| -> Result<(String, String)> {
+                let private = run(&["wg", "genkey"])?;
+                let public = run_with_input(&["wg", "pubkey"], &private)?;
+                let path = keys.path().join(name);
+                std::fs::write(&path, &private)?;
+                Ok((path.display().to_string(), public.trim().to_string()))
+            };
+            let (host_file, host_pub) = key("host.key")?;
+            let (peer_file, peer_pub) = key("peer.key")?;
+            text = text
+                .replace("/var/lib/airlock/provision/wg-classified.key", &host_file)
+                .replace("xTIBA5rboUvnH4htodjb6e697QjLERt1NAB4mZqp8Dg=", &peer_pub);
+            peer_key_file = Some(peer_file);
+            host_public = host_pub;
+        }
+        let cfg = NetworkConfig::from_toml(&text)?;
+        let mut w = World {
             shape,
+            daemons: Vec::new(),
             listeners: Listeners::new(),
             host: Netns::new("host")?,
             cls: Netns::new("cls")?,
@@ -420,30 +443,76 @@ impl World {
             ))?;
         }
 
-        // The tunnel's stand-in. WireGuard is a layer-3 device (no ARP);
-        // the veth is not, so its far end answers ARP for what it routes.
-        if let Some(wg) = &w.cfg.classified.wireguard {
-            veth(h, &wg.interface, wd, "w-wg")?;
-            wd.exec("ip address add 10.99.0.1/24 dev w-wg")?;
-            wd.exec("sysctl -q -w net.ipv4.conf.w-wg.proxy_arp=1")?;
-            wd.exec("ip link set dev w-wg up")?;
+        // The tunnel's far end, at the configured endpoint behind the uplink.
+        if let Some(wg) = w.cfg.classified.wireguard.clone() {
+            let ep = wg.peer_endpoint;
+            wd.exec(&format!("ip address add {}/24 dev w-up0", ep.ip()))?;
+            w.wireguard_device(Who::World, "wg-peer")?;
+            let peer_key = peer_key_file.as_deref().expect("peer key");
+            let wd = &w.world;
+            wd.exec(&format!(
+                "wg set wg-peer private-key {peer_key} listen-port {} peer {host_public} allowed-ips {}/32",
+                ep.port(),
+                wg.address.addr
+            ))?;
+            wd.exec("ip address add 10.99.0.1/24 dev wg-peer")?;
+            wd.exec("ip link set dev wg-peer up")?;
         }
 
         // As at boot: the ruleset first, then the topology steps.
         let dir = tempfile::tempdir()?;
         let rules = dir.path().join("ruleset.nft");
         std::fs::write(&rules, render(&w.cfg))?;
-        h.exec(&format!("nft -f {}", rules.display()))?;
+        w.host.exec(&format!("nft -f {}", rules.display()))?;
         for step in render_topology(&w.cfg) {
             match step.kind {
-                StepKind::Tap | StepKind::Wireguard => continue,
+                StepKind::Tap => continue,
+                StepKind::Wireguard if step.argv[0] == "ip" => {
+                    // ip link add name NAME type wireguard
+                    assert_eq!(step.argv[..4], ["ip", "link", "add", "name"]);
+                    let name = step.argv[4].clone();
+                    w.wireguard_device(Who::Host, &name)?;
+                }
                 _ => {
-                    h.exec_argv(&step.argv)
+                    w.host
+                        .exec_argv(&step.argv)
                         .with_context(|| format!("topology step {step}"))?;
                 }
             }
         }
+        drop(keys);
         Ok(w)
+    }
+
+    /// Creates a WireGuard interface: the kernel's if it has WireGuard,
+    /// else wireguard-go's (a TUN device configured by the same `wg`).
+    fn wireguard_device(&mut self, who: Who, name: &str) -> Result<()> {
+        let ns = self.ns(who);
+        if ns
+            .exec(&format!("ip link add name {name} type wireguard"))
+            .is_ok()
+        {
+            return Ok(());
+        }
+        // wireguard-go's configuration socket is named after the interface
+        // in one directory for all namespaces: clear a stale one first.
+        let sock = std::path::PathBuf::from(format!("/var/run/wireguard/{name}.sock"));
+        let _ = std::fs::remove_file(&sock);
+        let mut d = Daemon::start(ns, &["wireguard-go", "-f", name], &[("LOG_LEVEL", "error")])
+            .context("no kernel WireGuard; starting wireguard-go (package wireguard-go)")?;
+        d.leaves = Some(sock.clone());
+        let deadline = Instant::now() + Duration::from_secs(5);
+        // Ready when its configuration socket exists (after the TUN device).
+        while !(ns.succeeds(&format!("ip link show dev {name}")) && sock.exists()) {
+            d.check_running()?;
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "wireguard-go made no {name} in 5 s"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        self.daemons.push(d);
+        Ok(())
     }
 
     /// Starts a listener for every (namespace, protocol, port) the matrix
@@ -568,14 +637,41 @@ fn check_matrix(w: &mut World) {
     let col = w.shape.column();
     let rows: Vec<&Row> = MATRIX.iter().filter(|r| r.3[col].is_some()).collect();
 
-    // P7: before the test starts any listener, nothing listens on the host.
+    // P7: before the test starts any listener, nothing listens on the host
+    // but the tunnel's own UDP port (which the ruleset opens to the peer
+    // only) and, with wireguard-go, its configuration socket.
     let ss = w.host.exec("ss -l -n -H -A inet,unix,packet").unwrap();
-    assert_eq!(
-        ss.trim(),
-        "",
-        "{:?}: something listens in the host namespace:\n{ss}",
+    let wg_port = w
+        .cfg
+        .classified
+        .wireguard
+        .as_ref()
+        .map(|wg| format!("0.0.0.0:{} ", wg.listen_port));
+    let unexpected: Vec<&str> = ss
+        .lines()
+        .filter(|l| {
+            let v6 = wg_port.as_ref().map(|p| p.replace("0.0.0.0:", "[::]:"));
+            let tunnel = wg_port.as_ref().is_some_and(|p| {
+                l.starts_with("udp")
+                    && (l.contains(p.as_str()) || l.contains(v6.as_deref().unwrap_or(p)))
+            }) || (wg_port.is_some()
+                && l.starts_with("u_str")
+                && l.contains(" /var/run/wireguard/"));
+            !tunnel
+        })
+        .collect();
+    assert!(
+        unexpected.is_empty(),
+        "{:?}: something listens in the host namespace: {unexpected:#?}\n(all of ss -l:\n{ss})",
         w.shape
     );
+    if let Some(p) = &wg_port {
+        assert!(
+            ss.contains(p.as_str()),
+            "{:?}: the tunnel does not listen on {p}:\n{ss}",
+            w.shape
+        );
+    }
 
     w.listen(&rows).unwrap();
     let got = run_matrix(w, &rows);
@@ -725,6 +821,17 @@ fn shared_uplink_matrix() {
 fn shared_uplink_wireguard_matrix_and_no_leak_outside_the_tunnel() {
     let mut w = world(Shape::SharedWireguard);
     check_matrix(&mut w);
+    // The classified rows above went through a real tunnel.
+    let hs = w
+        .host
+        .exec("wg show wg-classified latest-handshakes")
+        .unwrap();
+    let when: u64 = hs
+        .split_whitespace()
+        .nth(1)
+        .and_then(|t| t.parse().ok())
+        .unwrap_or(0);
+    assert!(when > 0, "no WireGuard handshake with the peer: {hs:?}");
     check_mac_spoofing(&w);
     // P15: route the server out of the plain uplink instead of the tunnel
     // (a routing mistake, or a tunnel that went away): it must not leave.

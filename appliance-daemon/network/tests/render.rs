@@ -320,7 +320,7 @@ fn topology_with_wireguard_routes_servers_into_the_tunnel() {
         wg,
         [
             "ip link add name wg-classified type wireguard",
-            "wg set wg-classified private-key /var/lib/airlock/provision/wg-classified.key listen-port 51820 peer xTIBA5rboUvnH4htodjb6e697QjLERt1NAB4mZqp8Dg= endpoint 198.51.100.7:51820 allowed-ips 192.0.2.10/32,192.0.2.10/32,192.0.2.53/32 persistent-keepalive 25",
+            "wg set wg-classified private-key /var/lib/airlock/provision/wg-classified.key listen-port 51820 peer xTIBA5rboUvnH4htodjb6e697QjLERt1NAB4mZqp8Dg= endpoint 198.51.100.7:51820 allowed-ips 192.0.2.10/32,192.0.2.53/32 persistent-keepalive 25",
         ]
     );
     assert!(s.contains(&"ip route replace 192.0.2.10/32 dev wg-classified table 101".to_string()));

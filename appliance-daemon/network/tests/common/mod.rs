@@ -181,3 +181,79 @@ pub fn spoofing_udp_socket(src: std::net::Ipv4Addr) -> Result<std::net::UdpSocke
         Ok(sock)
     }
 }
+
+/// Runs argv with `input` on its standard input; returns standard output.
+pub fn run_with_input(argv: &[&str], input: &str) -> Result<String> {
+    use std::io::Write;
+    use std::process::Stdio;
+    let mut child = Command::new(argv[0])
+        .args(&argv[1..])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("starting {}", argv.join(" ")))?;
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(input.as_bytes())?;
+    let out = child.wait_with_output()?;
+    if !out.status.success() {
+        bail!(
+            "{} exited {}: {}",
+            argv.join(" "),
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// A background process this test started, killed (by its own pid) on drop.
+pub struct Daemon {
+    child: std::process::Child,
+    what: String,
+    /// A file the process leaves behind when killed, removed after it.
+    pub leaves: Option<std::path::PathBuf>,
+}
+
+impl Daemon {
+    pub fn start(ns: &Netns, argv: &[&str], envs: &[(&str, &str)]) -> Result<Daemon> {
+        use std::process::Stdio;
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &ns.name])
+            .args(argv)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        for (k, v) in envs {
+            cmd.env(k, v);
+        }
+        let what = format!("{} in {}", argv.join(" "), ns.name);
+        let child = cmd.spawn().with_context(|| format!("starting {what}"))?;
+        Ok(Daemon {
+            child,
+            what,
+            leaves: None,
+        })
+    }
+
+    /// Fails if the process has already exited.
+    pub fn check_running(&mut self) -> Result<()> {
+        if let Some(status) = self.child.try_wait()? {
+            bail!("{} exited early: {status}", self.what);
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if let Some(f) = &self.leaves {
+            let _ = std::fs::remove_file(f);
+        }
+    }
+}
