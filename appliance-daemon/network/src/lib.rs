@@ -51,6 +51,14 @@
 //!   only by the tunnel interface (ruleset) and the classified routing table
 //!   sends the servers there (routing): traffic that would leave by the
 //!   uplink is dropped, P15.
+//! * **What the classified servers see (P9 "servers accept only the
+//!   classified guest").** Without a tunnel they see the classified uplink's
+//!   address, which with a shared NIC is also the general side's NAT
+//!   address: the host alone keeps the general guest away from them. With
+//!   the tunnel they see only the tunnel address, which nothing of the
+//!   general side can use, so the servers (or the tunnel's far end) can
+//!   admit exactly that. The tunnel's UDP port is the one thing that listens
+//!   on the host; the ruleset admits it from the peer's endpoint only.
 //! * **Rate limits (P14) are nftables policing** of the general side in
 //!   the forward chain (bytes each way, new connections a second,
 //!   concurrent connections) plus an ARP rate limit on its tap. Policing

@@ -477,3 +477,17 @@ fn wireguard_errors_name_the_key() {
         assert!(e.to_string().contains(want), "for {to:?}: {e}");
     }
 }
+
+/// The example in README.md is a valid configuration, and renders.
+#[test]
+fn readme_example_is_valid() {
+    let readme = include_str!("../README.md");
+    let start = readme.find("```toml\n").expect("toml block") + "```toml\n".len();
+    let end = start + readme[start..].find("```").expect("block end");
+    let c = NetworkConfig::from_appliance_toml(&readme[start..end])
+        .unwrap_or_else(|e| panic!("README example: {e}"));
+    assert!(c.classified.wireguard.is_some());
+    assert!(
+        render(&c).contains("oifname \"wg-classified\" ip saddr 10.10.1.2 snat ip to 10.99.0.2")
+    );
+}
