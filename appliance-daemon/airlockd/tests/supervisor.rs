@@ -30,6 +30,13 @@ use serde_json::Value;
 
 static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
 
+/// The capabilities the systemd unit gives the supervisor
+/// (`dist/airlockd.service`, `CapabilityBoundingSet=`); the test runs it
+/// with exactly these, so a missing one fails here. (Without dac_override
+/// root cannot enter the side's run directory, which belongs to the side's
+/// user, to reach QMP.)
+const CAPABILITIES: &str = "-all,+setuid,+setgid,+chown,+fowner,+dac_override,+kill";
+
 /// How long two TCG guests on two cores may take to answer.
 const BOOT_TIMEOUT: Duration = Duration::from_secs(120);
 const USER: &str = "nobody";
@@ -132,7 +139,9 @@ shutdown_timeout_secs = 60
         let config_path = dir.path().join("appliance.toml");
         fs::write(&config_path, config).unwrap();
         let log_file = dir.path().join("airlockd.log");
-        let child = Command::new(env!("CARGO_BIN_EXE_airlockd"))
+        let child = Command::new("setpriv")
+            .args(["--bounding-set", CAPABILITIES, "--inh-caps", "-all", "--"])
+            .arg(env!("CARGO_BIN_EXE_airlockd"))
             .args(["run", "--config"])
             .arg(&config_path)
             .arg("--provision")
@@ -392,6 +401,8 @@ fn crash_restart_and_power_off() {
         eprintln!("{line}");
     }
     let rss = fs::read_to_string(format!("/proc/{}/status", h.child.id())).unwrap();
+    // chown 0, dac_override 1, fowner 3, kill 5, setgid 6, setuid 7.
+    assert!(rss.contains("CapBnd:\t00000000000000eb"), "the supervisor runs with the unit's capabilities only:\n{rss}");
     eprintln!("supervisor {}", rss.lines().find(|l| l.starts_with("VmRSS:")).unwrap().split_whitespace().collect::<Vec<_>>().join(" "));
 
     // A crash: kill the general guest's QEMU.
