@@ -335,10 +335,11 @@ impl World {
         }
     }
 
-    fn build(shape: Shape) -> Result<World> {
+    /// Builds the world for a shape's fixture, edited by `edit`.
+    fn build(shape: Shape, edit: impl Fn(&str) -> String) -> Result<World> {
         // Tunnel keys for this run, in files as on the appliance.
         let keys = tempfile::tempdir()?;
-        let mut text = shape.fixture().to_string();
+        let mut text = edit(shape.fixture());
         let mut peer_key_file = None;
         let mut host_public = String::new();
         if text.contains("[classified.wireguard]") {
@@ -797,8 +798,12 @@ fn check_arp_spoofing(w: &World) {
 }
 
 fn world(shape: Shape) -> World {
+    world_edited(shape, str::to_string)
+}
+
+fn world_edited(shape: Shape, edit: impl Fn(&str) -> String) -> World {
     require_root();
-    World::build(shape).unwrap_or_else(|e| panic!("{shape:?}: setting up namespaces: {e:#}"))
+    World::build(shape, edit).unwrap_or_else(|e| panic!("{shape:?}: setting up namespaces: {e:#}"))
 }
 
 #[test]
@@ -1000,4 +1005,54 @@ fn probes_detect_open_paths_without_the_ruleset() {
             row.2
         );
     }
+}
+
+/// P14: the general guest holds at most `max_connections` connections at
+/// once; a closed one frees its place.
+#[test]
+fn general_concurrent_connections_are_capped() {
+    let mut w = world_edited(Shape::PerSide, |t| {
+        t.replace("max_connections = 256", "max_connections = 10")
+    });
+    assert_eq!(
+        w.cfg.general.rate_limit.max_connections, 10,
+        "fixture changed"
+    );
+    w.listen(&[&(Who::Gen, [203, 0, 113, 10], Probe::Tcp(80), [Y, Y, Y])])
+        .unwrap();
+    let path = w.gen.path();
+    let connect = move |n: usize| -> Vec<Option<TcpStream>> {
+        let path = path.clone();
+        std::thread::spawn(move || {
+            enter(&path).unwrap();
+            (0..n)
+                .map(|_| {
+                    TcpStream::connect_timeout(
+                        &SocketAddr::from(([203, 0, 113, 10], 80)),
+                        Duration::from_millis(1500),
+                    )
+                    .ok()
+                })
+                .collect()
+        })
+        .join()
+        .unwrap()
+    };
+    let held = connect(10);
+    assert!(
+        held.iter().all(Option::is_some),
+        "the first 10 connections must open"
+    );
+    let over = connect(3);
+    assert!(
+        over.iter().all(Option::is_none),
+        "an 11th concurrent connection opened"
+    );
+    drop(held);
+    std::thread::sleep(Duration::from_millis(300));
+    let again = connect(1);
+    assert!(
+        again[0].is_some(),
+        "closing connections must free their places"
+    );
 }
