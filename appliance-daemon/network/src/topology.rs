@@ -10,7 +10,7 @@
 
 use std::fmt;
 
-use crate::config::{NetworkConfig, Side, Uplinks};
+use crate::config::{Ipv4Cidr, NetworkConfig, Side, Uplink, Uplinks};
 
 /// What a step sets up.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -72,7 +72,7 @@ pub fn render_topology(cfg: &NetworkConfig) -> Vec<Step> {
         ));
     }
 
-    let uplinks: Vec<&crate::config::Uplink> = match &cfg.uplinks {
+    let uplinks: Vec<&Uplink> = match &cfg.uplinks {
         Uplinks::Shared(u) => vec![u],
         Uplinks::PerSide {
             classified,
@@ -112,14 +112,13 @@ pub fn render_topology(cfg: &NetworkConfig) -> Vec<Step> {
     if let Some(w) = &c.wireguard {
         let ep = w.peer_endpoint;
         // The tunnel's outer packets go to the peer by the classified uplink.
+        let ep_host = Ipv4Cidr {
+            addr: *ep.ip(),
+            len: 32,
+        };
         s.push(step(
             Route,
-            &format!(
-                "ip route replace {}/32 via {} dev {}",
-                ep.ip(),
-                cup.gateway,
-                cup.interface
-            ),
+            &format!("ip route replace {ep_host} {}", next_hop(cup, ep_host)),
         ));
         s.push(step(
             Wireguard,
@@ -159,14 +158,14 @@ pub fn render_topology(cfg: &NetworkConfig) -> Vec<Step> {
     // route by the general uplink. Host addresses stay in `local`, which is
     // looked up first, so the ruleset's input chain decides about them.
     let ct = Side::Classified.route_table();
-    let mut dests: Vec<String> = c.servers.iter().map(|x| x.address.to_string()).collect();
-    dests.extend(c.dns.iter().map(|d| format!("{d}/32")));
+    let mut dests: Vec<Ipv4Cidr> = c.servers.iter().map(|x| x.address).collect();
+    dests.extend(c.dns.iter().map(|d| Ipv4Cidr { addr: *d, len: 32 }));
     dests.sort();
     dests.dedup();
     for d in &dests {
         let via = match &c.wireguard {
             Some(w) => format!("dev {}", w.interface),
-            None => format!("via {} dev {}", cup.gateway, cup.interface),
+            None => next_hop(cup, *d),
         };
         s.push(step(
             Route,
@@ -199,6 +198,17 @@ pub fn render_topology(cfg: &NetworkConfig) -> Vec<Step> {
     }
     s.push(step(Sysctl, "sysctl -q -w net.ipv4.ip_forward=1"));
     s
+}
+
+/// How to reach `dest` by an uplink: directly if it is on the uplink's own
+/// network, else by its gateway.
+fn next_hop(up: &Uplink, dest: Ipv4Cidr) -> String {
+    let net = up.address.network();
+    if dest.len >= net.len && net.contains(dest.addr) {
+        format!("dev {}", up.interface)
+    } else {
+        format!("via {} dev {}", up.gateway, up.interface)
+    }
 }
 
 /// The steps as a script, one command a line, for people and for logs.

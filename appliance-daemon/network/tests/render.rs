@@ -307,6 +307,21 @@ fn topology_per_side_and_shared() {
 }
 
 #[test]
+fn topology_reaches_on_link_servers_directly() {
+    // A server on the uplink's own network is not routed by the gateway.
+    let text = SHARED.replacen("address = \"192.0.2.10\"", "address = \"198.51.100.40\"", 2);
+    let s: Vec<String> = render_topology(&cfg(&text))
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    assert!(
+        s.contains(&"ip route replace 198.51.100.40/32 dev up0 table 101".to_string()),
+        "{s:#?}"
+    );
+    assert!(!s.iter().any(|l| l.contains("198.51.100.40/32 via")));
+}
+
+#[test]
 fn topology_with_wireguard_routes_servers_into_the_tunnel() {
     let steps = render_topology(&cfg(SHARED_WG));
     let s: Vec<String> = steps.iter().map(|s| s.to_string()).collect();
@@ -324,7 +339,7 @@ fn topology_with_wireguard_routes_servers_into_the_tunnel() {
         ]
     );
     assert!(s.contains(&"ip route replace 192.0.2.10/32 dev wg-classified table 101".to_string()));
-    assert!(s.contains(&"ip route replace 198.51.100.7/32 via 198.51.100.1 dev up0".to_string()));
+    assert!(s.contains(&"ip route replace 198.51.100.7/32 dev up0".to_string()));
     assert!(!s
         .iter()
         .any(|l| l.contains("table 101") && l.contains("via 198.51.100.1")));
