@@ -167,6 +167,7 @@ struct RawSupervisor {
     state_dir: Option<Spanned<String>>,
     log_dir: Option<Spanned<String>>,
     qemu: Option<Spanned<String>>,
+    swtpm: Option<Spanned<String>>,
     cgroup: Option<Spanned<String>>,
     strict_limits: Option<Spanned<bool>>,
     poweroff_command: Option<Spanned<Vec<String>>>,
@@ -273,6 +274,7 @@ pub struct Supervisor {
     pub state_dir: PathBuf,
     pub log_dir: PathBuf,
     pub qemu: PathBuf,
+    pub swtpm: PathBuf,
     pub cgroup: CgroupRoot,
     /// Refuse to start a guest whose configured limits cannot all be applied.
     pub strict_limits: bool,
@@ -308,6 +310,8 @@ pub struct Guest {
     pub devices: Vec<Device>,
     pub limits: Limits,
     pub boot: Boot,
+    /// A vTPM (swtpm, state in the disk directory) for Windows 11.
+    pub tpm: bool,
     pub network: Option<Network>,
 }
 
@@ -350,8 +354,6 @@ pub struct Firmware {
     pub vars_template: PathBuf,
     /// The guest's own UEFI variable store, next to its disk.
     pub vars: PathBuf,
-    /// A vTPM (swtpm) for Windows 11.
-    pub tpm: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -679,6 +681,7 @@ fn resolve_supervisor(layers: &[Layer]) -> Result<Supervisor, ConfigError> {
     let state_dir = dir("state_dir", "/var/lib/airlock", |s| s.state_dir.as_ref())?;
     let log_dir = dir("log_dir", "/var/log/airlock", |s| s.log_dir.as_ref())?;
     let qemu = dir("qemu", "/usr/bin/qemu-system-x86_64", |s| s.qemu.as_ref())?;
+    let swtpm = dir("swtpm", "/usr/bin/swtpm", |s| s.swtpm.as_ref())?;
     let cgroup = match pick(layers, |l| sup(l)?.cgroup.as_ref()) {
         None => CgroupRoot::Auto,
         Some(f) if f.value == "auto" => CgroupRoot::Auto,
@@ -724,6 +727,7 @@ fn resolve_supervisor(layers: &[Layer]) -> Result<Supervisor, ConfigError> {
         state_dir,
         log_dir,
         qemu,
+        swtpm,
         cgroup,
         strict_limits,
         poweroff_command,
@@ -884,10 +888,11 @@ fn resolve_guest(layers: &[Layer], side: Side, sup: &Supervisor) -> Result<Guest
                 let f = pick(layers, |l| fw(l, side)?.vars.as_ref()).expect("the default is inside");
                 return Err(f.invalid(&key("firmware.vars"), format!("{} is not inside {}", vars.display(), disk_dir.display())));
             }
-            let tpm = pick(layers, |l| fw(l, side)?.tpm.as_ref()).is_some_and(|f| *f.value);
-            Boot::Firmware(Firmware { code, vars_template, vars, tpm })
+            Boot::Firmware(Firmware { code, vars_template, vars })
         }
     };
+
+    let tpm = pick(layers, |l| fw(l, side)?.tpm.as_ref()).is_some_and(|f| *f.value);
 
     fn net(l: &Layer, side: Side) -> Option<&RawNetwork> {
         l.guest(side)?.network.as_ref()
@@ -926,6 +931,7 @@ fn resolve_guest(layers: &[Layer], side: Side, sup: &Supervisor) -> Result<Guest
         devices,
         limits: Limits { cpu_percent, memory_max_mib, io },
         boot,
+        tpm,
         network,
     })
 }

@@ -46,6 +46,10 @@ pub struct GuestPaths {
     /// A second QMP monitor for tests to inspect the VM (test mode).
     pub qmp_test: PathBuf,
     pub swtpm: PathBuf,
+    /// swtpm's state, next to the disk (`/var/lib/airlock/<side>/disk/tpm/`).
+    pub tpm_state: PathBuf,
+    /// swtpm's stdout and stderr.
+    pub swtpm_log: PathBuf,
     /// `/run/airlock/<side>/config/`: the command line, for audit.
     pub config_dir: PathBuf,
     /// `/var/log/airlock/<side>/`.
@@ -69,6 +73,8 @@ impl GuestPaths {
             swtpm: run_dir.join("swtpm.sock"),
             config_dir: run_dir.join("config"),
             qemu_log: log_dir.join("qemu.log"),
+            swtpm_log: log_dir.join("swtpm.log"),
+            tpm_state: sup.state_dir.join(side.name()).join("disk").join("tpm"),
             serial_log: log_dir.join("serial.log"),
             run_dir,
             log_dir,
@@ -87,6 +93,22 @@ pub enum CommandLineError {
 fn p(path: &Path) -> String {
     // Paths were validated as UTF-8 without commas by the configuration.
     path.to_string_lossy().into_owned()
+}
+
+/// swtpm's arguments: TPM 2.0, state in the side's disk directory, control
+/// socket for QEMU, exits when QEMU goes away.
+pub fn swtpm_command_line(paths: &GuestPaths) -> Vec<String> {
+    vec![
+        "socket".into(),
+        "--tpm2".into(),
+        "--tpmstate".into(),
+        format!("dir={},mode=0600", p(&paths.tpm_state)),
+        "--ctrl".into(),
+        format!("type=unixio,path={},mode=0600", p(&paths.swtpm)),
+        "--terminate".into(),
+        "--seccomp".into(),
+        "action=kill".into(),
+    ]
 }
 
 /// The argument list (without the program) for `qemu-system-x86_64`.
@@ -141,14 +163,16 @@ pub fn command_line(guest: &Guest, sup: &Supervisor) -> Result<Vec<String>, Comm
         Boot::Firmware(fw) => {
             push(&["-drive", &format!("if=pflash,format=raw,unit=0,readonly=on,file={}", p(&fw.code))]);
             push(&["-drive", &format!("if=pflash,format=raw,unit=1,file={}", p(&fw.vars))]);
-            if fw.tpm {
-                push(&["-chardev", &format!("socket,id=swtpm,path={}", p(&paths.swtpm))]);
-                push(&["-tpmdev", "emulator,id=tpm0,chardev=swtpm", "-device", "tpm-crb,tpmdev=tpm0"]);
-            }
         }
         Boot::Kernel { kernel, initrd, append } => {
             push(&["-kernel", &p(kernel), "-initrd", &p(initrd), "-append", append]);
         }
+    }
+
+    if guest.tpm {
+        // swtpm, started by the supervisor just before QEMU.
+        push(&["-chardev", &format!("socket,id=swtpm,path={}", p(&paths.swtpm))]);
+        push(&["-tpmdev", "emulator,id=tpm0,chardev=swtpm", "-device", "tpm-crb,tpmdev=tpm0"]);
     }
 
     // The disk, throttled by QEMU itself (the cgroup's io.max is the limit
@@ -397,9 +421,7 @@ user = "nobody"
         let cfg = shipped();
         assert!(!joined(&cfg.classified, &cfg.supervisor).contains("tpm"));
         let mut g = cfg.classified.clone();
-        if let Boot::Firmware(fw) = &mut g.boot {
-            fw.tpm = true;
-        }
+        g.tpm = true;
         assert!(joined(&g, &cfg.supervisor).contains("-tpmdev emulator,id=tpm0,chardev=swtpm -device tpm-crb,tpmdev=tpm0"));
     }
 }

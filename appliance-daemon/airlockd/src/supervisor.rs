@@ -34,6 +34,8 @@ use crate::qmp::{Commander, Session, Shutdown};
 use crate::signals;
 use crate::users::{self, Account, Ids};
 
+/// How long swtpm may take to create its control socket.
+const SWTPM_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a started QEMU may take to answer QMP.
 const QMP_TIMEOUT: Duration = Duration::from_secs(30);
 /// How often a runner looks whether its QEMU has exited.
@@ -296,8 +298,12 @@ fn prepare_guest_files(guest: &Guest, sup: &Supervisor, user: Option<Ids>) -> Re
             }
             log::info(format!("{}: new UEFI variable store {}", guest.side, fw.vars.display()));
         }
-        if fw.tpm {
-            bail!("{}: firmware.tpm is configured but starting swtpm is not implemented yet", guest.side);
+    }
+    if guest.tpm {
+        fs::create_dir_all(&paths.tpm_state).with_context(|| format!("creating {}", paths.tpm_state.display()))?;
+        fs::set_permissions(&paths.tpm_state, fs::Permissions::from_mode(0o700))?;
+        if let Some(ids) = user {
+            launch::chown(&paths.tpm_state, ids)?;
         }
     }
     Ok(())
@@ -365,7 +371,7 @@ fn run_once(guest: &Guest, ctx: &RunnerContext) -> Result<ExitKind> {
         }
         None => None,
     };
-    for sock in [&paths.qmp, &paths.display, &paths.vdagent, &paths.test, &paths.qmp_test] {
+    for sock in [&paths.qmp, &paths.display, &paths.vdagent, &paths.test, &paths.qmp_test, &paths.swtpm] {
         let _ = fs::remove_file(sock);
     }
     let shown = format!("{} {}\n", ctx.sup.qemu.display(), args.join(" "));
@@ -380,6 +386,36 @@ fn run_once(guest: &Guest, ctx: &RunnerContext) -> Result<ExitKind> {
     writeln!(log_file, "airlockd: starting {side}: {}", shown.trim_end())?;
 
     let context = ctx.selinux.then(|| launch::vm_context(side));
+    // The vTPM first: QEMU connects to it at start-up. It dies with QEMU
+    // (--terminate), and is killed if it outlives it.
+    let swtpm = if guest.tpm {
+        let log = OpenOptions::new().create(true).append(true).mode(0o640).open(&paths.swtpm_log)
+            .with_context(|| format!("opening {}", paths.swtpm_log.display()))?;
+        let mut child = launch::spawn(Spec {
+            program: ctx.sup.swtpm.clone(),
+            args: qemu::swtpm_command_line(&paths),
+            cgroup_procs: cgroup_procs.clone(),
+            selinux_context: context.clone(),
+            user: ctx.user.clone(),
+            log,
+        })?;
+        let deadline = Instant::now() + SWTPM_TIMEOUT;
+        while !paths.swtpm.exists() {
+            if let Some(status) = child.try_wait()? {
+                bail!("swtpm {} before creating {}; see {}", describe_status(status), paths.swtpm.display(), paths.swtpm_log.display());
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                bail!("swtpm did not create {} within {SWTPM_TIMEOUT:?}", paths.swtpm.display());
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+        log::info(format!("{side}: swtpm started, pid {}", child.id()));
+        Some(KillOnDrop(child))
+    } else {
+        None
+    };
     let child = launch::spawn(Spec {
         program: ctx.sup.qemu.clone(),
         args,
@@ -435,6 +471,7 @@ fn run_once(guest: &Guest, ctx: &RunnerContext) -> Result<ExitKind> {
         thread::sleep(POLL);
     };
     let _ = reader.join();
+    drop(swtpm);
     ctx.shared.commanders.lock().unwrap_or_else(|p| p.into_inner()).remove(&side);
     let shutdown = last_shutdown.lock().unwrap_or_else(|p| p.into_inner()).clone();
     log::info(format!("{side}: QEMU (pid {pid}) {}", describe_status(status)));
@@ -445,6 +482,18 @@ fn run_once(guest: &Guest, ctx: &RunnerContext) -> Result<ExitKind> {
         }
         other => other,
     })
+}
+
+/// A helper process (swtpm) that must not outlive its QEMU.
+struct KillOnDrop(Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if matches!(self.0.try_wait(), Ok(None)) {
+            let _ = self.0.kill();
+        }
+        let _ = self.0.wait();
+    }
 }
 
 fn describe_status(status: std::process::ExitStatus) -> String {

@@ -43,6 +43,7 @@ const USER: &str = "nobody";
 
 fn require_root() {
     assert!(airlockd::users::is_root(), "the supervisor integration test needs root (QEMU runs as {USER}, cgroups); CI runs it as root");
+    assert!(Path::new("/usr/bin/swtpm").exists(), "the supervisor integration test needs swtpm (Debian package swtpm) for the general guest's vTPM");
 }
 
 /// A cgroup v2 directory for this test: the unified hierarchy wherever it is mounted.
@@ -101,6 +102,8 @@ memory_max_mib = 512
 io_write_bps = 10485760
 [guest.{side}.network]
 enabled = false
+[guest.{side}.firmware]
+tpm = {tpm}
 [guest.{side}.test_boot]
 kernel = "{kernel}"
 initrd = "{initrd}"
@@ -110,6 +113,8 @@ append = "console=ttyS0 panic=-1 quiet"
                 // The general guest gets what the classified one may not, so
                 // the device checks below are seen to find them.
                 devices = if side == "general" { r#"["tablet", "usb", "cdrom", "sound"]"# } else { r#"["tablet"]"# },
+                // The general guest also gets a vTPM (swtpm), restarted with it.
+                tpm = side == "general",
                 kernel = img.kernel.vmlinuz.display(),
                 initrd = initrd.display(),
             )
@@ -321,6 +326,33 @@ fn block_devices(h: &Harness, side: &str) -> Vec<String> {
 const CLASS_USB: u64 = 0x0c03;
 const REMOVABLE_OR_SOUND: [u64; 5] = [CLASS_USB, 0x0401, 0x0403, 0x0101, 0x0102];
 
+/// The pids in a guest's cgroup, by command name.
+fn cgroup_comms(h: &Harness, side: &str) -> Vec<(i32, String)> {
+    let procs = fs::read_to_string(h.cgroup.join(format!("guest-{side}/cgroup.procs"))).unwrap_or_default();
+    procs
+        .split_whitespace()
+        .filter_map(|p| p.parse::<i32>().ok())
+        .map(|pid| (pid, fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default().trim().to_owned()))
+        .collect()
+}
+
+/// The general guest's vTPM: QEMU has it, swtpm runs as the guest's user in
+/// the guest's cgroup, and keeps its state next to the disk. Returns swtpm's pid.
+fn check_vtpm(h: &Harness, uid: u32) -> i32 {
+    let tpm = qmp_test(h, "general", "query-tpm");
+    assert_eq!(tpm[0]["model"], "tpm-crb", "{tpm}");
+    assert_eq!(tpm[0]["options"]["type"], "emulator", "{tpm}");
+    let comms = cgroup_comms(h, "general");
+    let swtpm: Vec<i32> = comms.iter().filter(|(_, c)| c == "swtpm").map(|(p, _)| *p).collect();
+    assert_eq!(swtpm.len(), 1, "one swtpm in the general guest's cgroup: {comms:?}");
+    assert_eq!(uid_of(swtpm[0]), uid, "swtpm runs as {USER}");
+    assert!(cgroup_comms(h, "classified").iter().all(|(_, c)| c != "swtpm"), "the classified guest has no vTPM");
+    let state = h.dir.path().join("state/general/disk/tpm");
+    let files: Vec<String> = fs::read_dir(&state).unwrap().flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect();
+    assert!(files.iter().any(|f| f.starts_with("tpm2-")), "no TPM state in {}: {files:?}", state.display());
+    swtpm[0]
+}
+
 fn state(status: &Value, side: &str) -> String {
     status["guests"][side]["state"].as_str().unwrap_or_default().to_owned()
 }
@@ -391,6 +423,8 @@ fn crash_restart_and_power_off() {
     assert!(general_pci.iter().any(|(c, _)| *c == CLASS_USB), "general guest lacks its USB controller: {general_pci:04x?}");
     assert!(general_pci.iter().any(|(c, _)| *c == 0x0403), "general guest lacks its sound device: {general_pci:04x?}");
     assert!(block_devices(&h, "general").contains(&"cd0".to_owned()), "general guest lacks its CD drive");
+    let old_swtpm = check_vtpm(&h, nobody.uid);
+    assert!(qmp_test(&h, "classified", "query-tpm").as_array().unwrap().is_empty(), "classified has no TPM");
     // The guest's own view agrees.
     let seen = classified.command("pci", Duration::from_secs(10)).unwrap();
     assert!(seen.starts_with("pci ") && !seen.contains(" 0c03") && !seen.contains(" 0403"), "{seen}");
@@ -415,6 +449,9 @@ fn crash_restart_and_power_off() {
     assert_ne!(pid(&back, "general"), old);
     assert_eq!(back["guests"]["general"]["restarts"], 1);
     let mut general = h.wait_alive("general");
+    let new_swtpm = check_vtpm(&h, nobody.uid);
+    assert_ne!(new_swtpm, old_swtpm, "the vTPM restarts with its guest");
+    assert!(!Path::new(&format!("/proc/{old_swtpm}")).exists(), "the crashed guest's swtpm is gone");
     eprintln!("general guest restarted and alive {:.1} s after the supervisor started", started.elapsed().as_secs_f64());
 
     // The classified guest powers itself off: it stays off, the host does not.
