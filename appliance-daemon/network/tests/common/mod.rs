@@ -22,7 +22,7 @@ pub fn require_root() {
     assert_eq!(
         euid, "0",
         "this test creates network namespaces and loads nftables rulesets: run it as root (CI does); \
-         it needs iproute2, nftables, iputils-ping and iputils-arping"
+         it needs iproute2, nftables, iputils-ping, iputils-arping, wireguard-tools and (without kernel WireGuard) wireguard-go"
     );
     for tool in ["ip", "nft", "ping", "arping", "ss"] {
         let found = std::env::var_os("PATH")
