@@ -1,9 +1,9 @@
 //! Network isolation on the appliance host (P7–P10, P14, P15 in
 //! ARCHITECTURE.md): the `[network]` configuration section, the host
 //! topology, and the nftables ruleset, as pure functions of the
-//! configuration. The supervisor (`airlockd net render`) prints them and, at
-//! boot, loads the ruleset (`nft -f`), then runs the topology steps, then
-//! starts the guests.
+//! configuration. `airlockd net render` prints them; at boot, [`boot_plan`]
+//! is run step by step (the ruleset with `nft -f -`, then the topology)
+//! before the guests start.
 //!
 //! # Shape
 //!
@@ -73,4 +73,4 @@ pub mod topology;
 
 pub use config::{ConfigError, NetworkConfig, Side};
 pub use ruleset::render;
-pub use topology::{render_topology, render_topology_script, Step, StepKind};
+pub use topology::{boot_plan, render_topology, render_topology_script, Step, StepKind};

@@ -1,8 +1,10 @@
 //! The host's network topology as a list of commands (`ip`, `sysctl`, `wg`),
-//! each an argv with no shell, a pure function of the configuration. The
-//! supervisor runs them in order at boot, right **after** loading the
-//! ruleset ([`crate::render`]) and before starting any guest; forwarding is
-//! switched on by the last step, so it is never on without the ruleset.
+//! each an argv with no shell, a pure function of the configuration. At boot
+//! they run in order right **after** loading the ruleset ([`crate::render`])
+//! and before any guest starts; forwarding is switched on by the last step,
+//! so it is never on without the ruleset. [`boot_plan`] is that whole
+//! sequence, ruleset first: the program that applies it only runs each
+//! step's argv (with its `stdin`, if any) and stops at the first failure.
 //!
 //! Steps carry a [`StepKind`], so a test can leave out the ones that need
 //! real devices (taps for QEMU, a WireGuard device) and put stand-ins in
@@ -15,6 +17,8 @@ use crate::config::{Ipv4Cidr, NetworkConfig, Side, Uplink, Uplinks};
 /// What a step sets up.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum StepKind {
+    /// Load the nftables ruleset: `nft -f -`, the ruleset on standard input.
+    Ruleset,
     /// A sysctl (IPv6 off, no redirects, forwarding on).
     Sysctl,
     /// Create a bridge, or put a port on it.
@@ -34,6 +38,8 @@ pub enum StepKind {
 pub struct Step {
     pub kind: StepKind,
     pub argv: Vec<String>,
+    /// What to write to the command's standard input (the ruleset).
+    pub stdin: Option<String>,
 }
 
 impl fmt::Display for Step {
@@ -48,7 +54,20 @@ fn step(kind: StepKind, line: &str) -> Step {
     Step {
         kind,
         argv: line.split_whitespace().map(str::to_string).collect(),
+        stdin: None,
     }
+}
+
+/// Everything to run at boot before the guests start, in order: the
+/// ruleset, then the topology.
+pub fn boot_plan(cfg: &NetworkConfig) -> Vec<Step> {
+    let mut plan = vec![Step {
+        kind: StepKind::Ruleset,
+        argv: ["nft", "-f", "-"].map(String::from).to_vec(),
+        stdin: Some(crate::render(cfg)),
+    }];
+    plan.extend(render_topology(cfg));
+    plan
 }
 
 /// Renders the set-up commands, in order.

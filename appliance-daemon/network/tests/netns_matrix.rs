@@ -27,7 +27,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use airlock_network::{render, render_topology, NetworkConfig, StepKind};
+use airlock_network::{boot_plan, NetworkConfig, StepKind};
 use anyhow::{Context, Result};
 use common::{enter, require_root, run, run_with_input, spoofing_udp_socket, veth, Daemon, Netns};
 
@@ -460,12 +460,8 @@ impl World {
             wd.exec("ip link set dev wg-peer up")?;
         }
 
-        // As at boot: the ruleset first, then the topology steps.
-        let dir = tempfile::tempdir()?;
-        let rules = dir.path().join("ruleset.nft");
-        std::fs::write(&rules, render(&w.cfg))?;
-        w.host.exec(&format!("nft -f {}", rules.display()))?;
-        for step in render_topology(&w.cfg) {
+        // As at boot: the boot plan, ruleset first, then the topology.
+        for step in boot_plan(&w.cfg) {
             match step.kind {
                 StepKind::Tap => continue,
                 StepKind::Wireguard if step.argv[0] == "ip" => {
@@ -475,9 +471,13 @@ impl World {
                     w.wireguard_device(Who::Host, &name)?;
                 }
                 _ => {
-                    w.host
-                        .exec_argv(&step.argv)
-                        .with_context(|| format!("topology step {step}"))?;
+                    let mut argv = vec!["ip", "netns", "exec", &w.host.name];
+                    argv.extend(step.argv.iter().map(String::as_str));
+                    let done = match &step.stdin {
+                        Some(input) => run_with_input(&argv, input),
+                        None => run(&argv),
+                    };
+                    done.with_context(|| format!("boot step {step}"))?;
                 }
             }
         }

@@ -2,7 +2,7 @@
 //! and topology text for each configuration shape. No root, no processes.
 
 use airlock_network::config::Uplinks;
-use airlock_network::{render, render_topology, ConfigError, NetworkConfig, StepKind};
+use airlock_network::{boot_plan, render, render_topology, ConfigError, NetworkConfig, StepKind};
 
 const SHARED: &str = include_str!("fixtures/shared.toml");
 const PER_SIDE: &str = include_str!("fixtures/per-side.toml");
@@ -504,5 +504,22 @@ fn readme_example_is_valid() {
     assert!(c.classified.wireguard.is_some());
     assert!(
         render(&c).contains("oifname \"wg-classified\" ip saddr 10.10.1.2 snat ip to 10.99.0.2")
+    );
+}
+
+#[test]
+fn boot_plan_loads_the_ruleset_first_and_enables_forwarding_last() {
+    let c = cfg(PER_SIDE);
+    let plan = boot_plan(&c);
+    assert_eq!(plan[0].kind, StepKind::Ruleset);
+    assert_eq!(plan[0].argv, ["nft", "-f", "-"]);
+    assert_eq!(plan[0].stdin.as_deref(), Some(render(&c).as_str()));
+    assert!(plan[1..]
+        .iter()
+        .all(|s| s.stdin.is_none() && s.kind != StepKind::Ruleset));
+    assert_eq!(plan[1..], render_topology(&c)[..]);
+    assert_eq!(
+        plan.last().unwrap().to_string(),
+        "sysctl -q -w net.ipv4.ip_forward=1"
     );
 }
