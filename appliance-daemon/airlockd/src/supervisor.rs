@@ -234,16 +234,17 @@ pub fn run(config: Config) -> Result<()> {
             Err(RecvTimeoutError::Disconnected) => break Ok(()),
         }
     };
-    // Only the host-shutdown path waits for its runners; after the power-off
-    // action the host goes down around us.
-    if phase == Phase::Stopping {
+    // Every runner has ended (its guest is off or stopped) except after a
+    // failed stop; then the caller exits and systemd kills what is left.
+    if result.is_ok() {
         for r in runners {
             let _ = r.join();
         }
-        if let Some(root) = &cgroup_root {
-            for side in Side::ALL {
-                let _ = fs::remove_dir(root.join(format!("guest-{side}")));
-            }
+    }
+    if let Some(root) = &cgroup_root {
+        for side in Side::ALL {
+            // Only succeeds once empty.
+            let _ = fs::remove_dir(root.join(format!("guest-{side}")));
         }
     }
     result
