@@ -218,6 +218,7 @@ struct RawFirmware {
     vars_template: Option<Spanned<String>>,
     vars: Option<Spanned<String>>,
     tpm: Option<Spanned<bool>>,
+    secure_boot: Option<Spanned<bool>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -354,6 +355,9 @@ pub struct Firmware {
     pub vars_template: PathBuf,
     /// The guest's own UEFI variable store, next to its disk.
     pub vars: PathBuf,
+    /// Secure-boot firmware (`OVMF_CODE_4M.secboot.fd` with the `.ms`
+    /// variable template): QEMU must then restrict the flash to SMM.
+    pub secure_boot: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -888,7 +892,8 @@ fn resolve_guest(layers: &[Layer], side: Side, sup: &Supervisor) -> Result<Guest
                 let f = pick(layers, |l| fw(l, side)?.vars.as_ref()).expect("the default is inside");
                 return Err(f.invalid(&key("firmware.vars"), format!("{} is not inside {}", vars.display(), disk_dir.display())));
             }
-            Boot::Firmware(Firmware { code, vars_template, vars })
+            let secure_boot = pick(layers, |l| fw(l, side)?.secure_boot.as_ref()).is_some_and(|f| *f.value);
+            Boot::Firmware(Firmware { code, vars_template, vars, secure_boot })
         }
     };
 

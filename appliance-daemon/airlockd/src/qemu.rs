@@ -163,6 +163,10 @@ pub fn command_line(guest: &Guest, sup: &Supervisor) -> Result<Vec<String>, Comm
         Boot::Firmware(fw) => {
             push(&["-drive", &format!("if=pflash,format=raw,unit=0,readonly=on,file={}", p(&fw.code))]);
             push(&["-drive", &format!("if=pflash,format=raw,unit=1,file={}", p(&fw.vars))]);
+            if fw.secure_boot {
+                // Only SMM code may write the variable store (secure-boot OVMF requires it).
+                push(&["-global", "driver=cfi.pflash01,property=secure,value=on"]);
+            }
         }
         Boot::Kernel { kernel, initrd, append } => {
             push(&["-kernel", &p(kernel), "-initrd", &p(initrd), "-append", append]);
@@ -414,6 +418,17 @@ user = "nobody"
         let mut sup = cfg.supervisor.clone();
         sup.test_mode = false;
         assert!(matches!(command_line(&cfg.classified, &sup), Err(CommandLineError::TestOnly { .. })));
+    }
+
+    #[test]
+    fn secure_boot_locks_the_flash_to_smm() {
+        let cfg = shipped();
+        assert!(!joined(&cfg.general, &cfg.supervisor).contains("cfi.pflash01"));
+        let text = include_str!("../appliance.toml").replacen("secure_boot = false\ntpm = false", "secure_boot = true\ntpm = true", 1);
+        let cfg = config::parse("a", &text).unwrap();
+        let line = joined(&cfg.classified, &cfg.supervisor);
+        assert!(line.contains("-machine q35,smm=on") && line.contains("-global driver=cfi.pflash01,property=secure,value=on"), "{line}");
+        assert!(line.contains("tpm-crb"), "{line}");
     }
 
     #[test]
