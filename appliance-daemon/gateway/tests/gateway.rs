@@ -257,3 +257,43 @@ fn sha256_hex(data: &[u8]) -> String {
     use sha2::Digest;
     hex::encode(sha2::Sha256::digest(data))
 }
+
+/// Writes an executable shell script standing in for the sanitiser.
+fn fake_sanitiser(dir: &std::path::Path, body: &str) -> String {
+    use std::os::unix::fs::PermissionsExt;
+    let path = dir.join("fake-sanitiser");
+    std::fs::write(&path, format!("#!/bin/sh\n{body}\n")).unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    path.to_str().unwrap().to_string()
+}
+
+#[test]
+fn hung_sanitiser_is_killed_and_the_transfer_rejected() {
+    let scratch = tempfile::tempdir().unwrap();
+    let hang = fake_sanitiser(scratch.path(), "exec sleep 30");
+    let (_d, mut gw, _gp, _cp, mut general, mut classified) =
+        setup(&["--sanitiser", &hang, "--sanitiser-timeout-ms", "300"]);
+    let t = std::time::Instant::now();
+    general_copies(&mut general, ClipboardType::Utf8Text, b"x");
+    let line = gw.audit_line_after(0);
+    assert!(line.contains("sanitiser killed after 300 ms"), "{line}");
+    assert!(t.elapsed() < Duration::from_secs(10));
+    assert!(classified.collect_for(Duration::from_millis(100)).iter().all(|m| !matches!(m, Message::ClipboardGrab(_))));
+    gw.assert_running();
+}
+
+#[test]
+fn subverted_sanitiser_output_is_checked_by_the_gateway() {
+    // A "sanitiser" that ignores its input and answers status 0, UTF8_TEXT,
+    // 6 bytes: "a" U+202E "b\n" -- a bidi override and a bare LF.
+    let scratch = tempfile::tempdir().unwrap();
+    let liar = fake_sanitiser(
+        scratch.path(),
+        r"printf 'ALR1\000\001\000\000\000\006\000\000\000a\342\200\256b\n'; cat >/dev/null",
+    );
+    let (_d, gw, _gp, _cp, mut general, mut classified) = setup(&["--sanitiser", &liar]);
+    general_copies(&mut general, ClipboardType::Utf8Text, b"anything");
+    let line = gw.audit_line_after(0);
+    assert!(line.contains("fails the gateway's check"), "{line}");
+    assert!(classified.collect_for(Duration::from_millis(200)).iter().all(|m| !matches!(m, Message::ClipboardGrab(_))));
+}

@@ -27,15 +27,12 @@ impl Gateway {
     pub fn start_with_sockets(dir: &Path, general: &Path, classified: &Path, extra: &[&str]) -> Gateway {
         let log = dir.join("gateway.stderr");
         let audit = dir.join("clipboard.log");
-        let child = Command::new(env!("CARGO_BIN_EXE_airlock-gateway"))
-            .arg("--classified")
-            .arg(classified)
-            .arg("--general")
-            .arg(general)
-            .arg("--audit-log")
-            .arg(&audit)
-            .arg("--sanitiser")
-            .arg(env!("CARGO_BIN_EXE_airlock-sanitiser"))
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_airlock-gateway"));
+        cmd.arg("--classified").arg(classified).arg("--general").arg(general).arg("--audit-log").arg(&audit);
+        if !extra.contains(&"--sanitiser") {
+            cmd.arg("--sanitiser").arg(env!("CARGO_BIN_EXE_airlock-sanitiser"));
+        }
+        let child = cmd
             .args(extra)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
