@@ -454,6 +454,16 @@ fn crash_restart_and_power_off() {
     assert!(!Path::new(&format!("/proc/{old_swtpm}")).exists(), "the crashed guest's swtpm is gone");
     eprintln!("general guest restarted and alive {:.1} s after the supervisor started", started.elapsed().as_secs_f64());
 
+    // A guest reboot (QEMU exits with -no-reboot) is a fresh start at once, not a crash.
+    let before = pid(&control.last, "classified");
+    assert_eq!(classified.command("reboot", Duration::from_secs(10)).unwrap(), "ok rebooting");
+    let rebooted = control.wait(&h, "classified running again after its reboot", Duration::from_secs(30), |s| {
+        state(s, "classified") == "running" && s["guests"]["classified"]["pid"].as_i64() != Some(before as i64)
+    });
+    assert_eq!(rebooted["guests"]["classified"]["restarts"], 0, "a reboot is not counted as a crash");
+    let mut classified = h.wait_alive("classified");
+    assert!(h.log().contains("classified: the guest rebooted; starting it again"), "{}", h.log());
+
     // The classified guest powers itself off: it stays off, the host does not.
     assert_eq!(classified.command("poweroff", Duration::from_secs(10)).unwrap(), "ok powering off");
     let one_off = control.wait(&h, "classified off", Duration::from_secs(30), |s| state(s, "classified") == "off");

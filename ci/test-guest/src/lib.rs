@@ -27,6 +27,8 @@ pub mod protocol {
     pub const PING: &str = "ping";
     /// `poweroff` → `ok powering off`, then ACPI power-off.
     pub const POWEROFF: &str = "poweroff";
+    /// `reboot` → `ok rebooting`, then a reset (QEMU with `-no-reboot` exits).
+    pub const REBOOT: &str = "reboot";
     /// `bench <iterations>` → `bench iterations=<n> elapsed_us=<n>`: a fixed
     /// integer workload on one vCPU.
     pub const BENCH: &str = "bench";

@@ -105,6 +105,9 @@ fn serve(port: &Path) {
                     if line == protocol::POWEROFF {
                         power_off();
                     }
+                    if line == protocol::REBOOT {
+                        reboot();
+                    }
                 }
             }
             Err(_) => std::thread::sleep(Duration::from_millis(100)),
@@ -121,6 +124,7 @@ fn handle(line: &str) -> String {
             format!("pong uptime_ms={}", (secs * 1000.0) as u64)
         }
         Some(protocol::POWEROFF) => "ok powering off".into(),
+        Some(protocol::REBOOT) => "ok rebooting".into(),
         Some(protocol::PCI) => {
             let mut found: Vec<String> = std::fs::read_dir("/sys/bus/pci/devices")
                 .into_iter()
@@ -201,6 +205,20 @@ fn watch_power_button() {
             });
         }
         std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+#[allow(unsafe_code)]
+fn reboot() -> ! {
+    println!("airlock-test-guest: rebooting");
+    // SAFETY: as in power_off.
+    unsafe {
+        libc::sync();
+        libc::reboot(libc::LINUX_REBOOT_CMD_RESTART);
+    }
+    println!("airlock-test-guest: reboot failed: {}", std::io::Error::last_os_error());
+    loop {
+        std::thread::sleep(Duration::from_secs(3600));
     }
 }
 
