@@ -7,8 +7,12 @@ use std::process::Command;
 use crate::initramfs;
 use crate::kernel::{self, Kernel};
 
-/// Modules `/init` loads so that an ACPI power-button press reaches it.
-pub const POWER_BUTTON_MODULES: &[&str] = &["kernel/drivers/acpi/button.ko.xz", "kernel/drivers/input/evdev.ko.xz"];
+/// Modules `/init` loads so that an ACPI power-button press reaches it
+/// (without extension: trixie ships `.ko.xz`, bookworm plain `.ko`).
+pub const POWER_BUTTON_MODULES: &[&str] = &["kernel/drivers/acpi/button", "kernel/drivers/input/evdev"];
+
+/// Module file name endings, in the order looked for.
+const MODULE_SUFFIXES: &[&str] = &[".ko.xz", ".ko.zst", ".ko.gz", ".ko"];
 
 /// A kernel and an initramfs ready for `-kernel` / `-initrd`.
 #[derive(Debug, Clone)]
@@ -32,7 +36,7 @@ pub fn build_init() -> Result<PathBuf, String> {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let output = Command::new(&cargo)
         .current_dir(workspace())
-        .args(["build", "--release", "--quiet", "-p", "airlock-test-guest", "--bin", "airlock-test-guest", "--target", "x86_64-unknown-linux-gnu", "--target-dir"])
+        .args(["build", "--release", "--quiet", "--locked", "-p", "airlock-test-guest", "--bin", "airlock-test-guest", "--target", "x86_64-unknown-linux-gnu", "--target-dir"])
         .arg(&target_dir)
         .env("RUSTFLAGS", "-C target-feature=+crt-static")
         .output()
@@ -49,10 +53,11 @@ pub fn prepare(dir: &Path) -> Result<GuestImage, String> {
     let init = build_init()?;
     let init = std::fs::read(&init).map_err(|e| format!("reading {}: {e}", init.display()))?;
     let mut modules = Vec::new();
-    for relative in POWER_BUTTON_MODULES {
-        if let Some(path) = kernel.module(relative) {
+    for base in POWER_BUTTON_MODULES {
+        let found = MODULE_SUFFIXES.iter().find_map(|suffix| kernel.module(&format!("{base}{suffix}")));
+        if let Some(path) = found {
             let data = std::fs::read(&path).map_err(|e| format!("reading {}: {e}", path.display()))?;
-            let name = Path::new(relative).file_name().expect("has a name").to_string_lossy().into_owned();
+            let name = path.file_name().expect("has a name").to_string_lossy().into_owned();
             modules.push((name, data));
         }
     }
