@@ -147,15 +147,16 @@ pub fn run(config: Config) -> Result<()> {
     }
 
     let control_gid = match users::lookup_group(&sup.control_group) {
-        Ok(gid) => gid,
+        Ok(Some(gid)) => Some(gid),
+        Ok(None) => {
+            log::warn(format!("group {:?} does not exist: the control socket is root-only", sup.control_group));
+            None
+        }
         Err(e) => {
-            log::warn(format!("control socket stays root-only: {e:#}"));
+            log::warn(format!("the control socket is root-only: {e:#}"));
             None
         }
     };
-    if control_gid.is_none() {
-        log::warn(format!("group {:?} does not exist: the control socket is root-only", sup.control_group));
-    }
     let control = control::Server::bind(&sup.control_socket(), control_gid)?;
 
     let (tx, rx) = mpsc::channel();
