@@ -261,8 +261,8 @@ impl Core {
             Event::Msg { side, conn, msg } => {
                 if self.is_current(side, conn) {
                     match side {
-                        Side::General => self.from_general(msg),
-                        Side::Classified => self.from_classified(msg),
+                        Side::General => self.on_general(msg),
+                        Side::Classified => self.on_classified(msg),
                     }
                 }
             }
@@ -331,7 +331,7 @@ impl Core {
         }
     }
 
-    fn from_general(&mut self, msg: Message) {
+    fn on_general(&mut self, msg: Message) {
         match msg {
             Message::AnnounceCapabilities { request, caps } => self.announce_reply(Side::General, request, &caps),
             Message::ClipboardGrab(types) => {
@@ -383,7 +383,7 @@ impl Core {
         }
     }
 
-    fn from_classified(&mut self, msg: Message) {
+    fn on_classified(&mut self, msg: Message) {
         match msg {
             Message::AnnounceCapabilities { request, caps } => self.announce_reply(Side::Classified, request, &caps),
             Message::ClipboardGrab(types) => {

@@ -151,6 +151,7 @@ impl Message {
     /// [`Message::is_known_type`]). `data` is already bounded by the cap.
     pub fn parse(t: u32, data: Vec<u8>) -> Result<Message, PayloadError> {
         let words = |what: &'static str, d: &[u8]| -> Result<Vec<u32>, PayloadError> {
+            #[allow(clippy::manual_is_multiple_of)] // is_multiple_of is newer than the MSRV (1.80)
             if d.len() % 4 != 0 {
                 return Err(PayloadError::WrongSize { what, expected: "a multiple of 4", got: d.len() });
             }

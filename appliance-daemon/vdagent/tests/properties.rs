@@ -41,7 +41,7 @@ proptest! {
         let mut rest = &enc[..];
         while !rest.is_empty() {
             let n = u32::from_le_bytes(rest[4..8].try_into().unwrap()) as usize;
-            prop_assert!(n >= 1 && n <= MAX_CHUNK_PAYLOAD);
+            prop_assert!((1..=MAX_CHUNK_PAYLOAD).contains(&n));
             rest = &rest[8 + n..];
         }
     }
