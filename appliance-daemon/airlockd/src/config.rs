@@ -1036,6 +1036,18 @@ disk = "/var/lib/airlock/general/disk/windows.qcow2"
         assert!(!c.supervisor.test_mode);
     }
 
+    #[test]
+    fn test_profile_config_is_valid() {
+        let c = parse("appliance-test.toml", include_str!("../dist/appliance-test.toml")).unwrap();
+        assert!(c.supervisor.test_mode);
+        for side in Side::ALL {
+            let g = c.guest(side);
+            assert_eq!(g.accel, Accel::Kvm, "nested KVM in the suite");
+            assert_eq!(g.user, format!("airlock-{side}"));
+            assert!(matches!(g.boot, Boot::Kernel { .. }));
+        }
+    }
+
     /// Each bad configuration, and the words its error must contain (the
     /// key, the line, and why).
     #[test]
