@@ -39,6 +39,13 @@ pub struct GatewayOpts {
     /// Wall-clock limit for one sanitiser run.
     #[arg(long, value_name = "MS", default_value_t = 15000)]
     pub sanitiser_timeout_ms: u64,
+    /// Confirm mode: listen here (mode 0600) for the kiosk, and offer each
+    /// sanitised item to classified only once the user accepts it.
+    #[arg(long, value_name = "PATH")]
+    pub confirm_socket: Option<PathBuf>,
+    /// Confirm mode: how long the user has to accept.
+    #[arg(long, value_name = "MS", default_value_t = 30000, requires = "confirm_socket")]
+    pub confirm_timeout_ms: u64,
     /// The sanitiser program (default: `airlock-sanitiser` beside this
     /// program).
     #[arg(long, value_name = "PATH")]
@@ -69,6 +76,7 @@ impl GatewayOpts {
                 timeout: Duration::from_millis(self.sanitiser_timeout_ms),
             },
             audit_log: self.audit_log,
+            confirm: self.confirm_socket.map(|p| (p, Duration::from_millis(self.confirm_timeout_ms))),
         })
     }
 }

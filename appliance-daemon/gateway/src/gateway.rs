@@ -15,6 +15,8 @@
 //! classified's requests from it.
 
 use crate::audit::{AuditLog, Direction, Record};
+use crate::confirm::{self, Verdict};
+use crate::sanitise::Clean;
 use crate::runner::{Outcome, Runner};
 use airlock_vdagent::{cap, encode, Capabilities, ClipboardType, DecodeError, Decoder, Message};
 use anyhow::{Context, Result};
@@ -52,6 +54,8 @@ pub struct Config {
     pub request_timeout: Duration,
     pub runner: Runner,
     pub audit_log: Option<PathBuf>,
+    /// Confirm mode: the kiosk's socket and how long the user has.
+    pub confirm: Option<(PathBuf, Duration)>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -87,6 +91,17 @@ enum Event {
     Msg { side: Side, conn: u64, msg: Message },
     Refused { side: Side, conn: u64, err: DecodeError },
     Sanitised { transfer: u64, ty: ClipboardType, size_in: usize, outcome: Outcome },
+    KioskConnected { stream: UnixStream },
+    Verdict(Verdict),
+}
+
+/// A sanitised item waiting for the user's confirmation.
+struct Awaiting {
+    transfer: u64,
+    ty: ClipboardType,
+    size_in: usize,
+    clean: Clean,
+    deadline: Instant,
 }
 
 struct Conn {
@@ -117,6 +132,20 @@ pub fn run(cfg: Config) -> Result<()> {
         None => AuditLog::stderr(),
     };
     let (tx, rx) = mpsc::channel();
+    if let Some((path, _)) = &cfg.confirm {
+        let listener = confirm::bind(path).with_context(|| format!("binding confirm socket {}", path.display()))?;
+        let (t1, t2) = (tx.clone(), tx.clone());
+        std::thread::Builder::new()
+            .name("confirm".into())
+            .spawn(move || {
+                confirm::serve(
+                    listener,
+                    |stream| t1.send(Event::KioskConnected { stream }).is_ok(),
+                    |v| t2.send(Event::Verdict(v)).is_ok(),
+                )
+            })
+            .context("starting the confirm thread")?;
+    }
     for (side, path, cap) in [
         (Side::General, cfg.general.clone(), cfg.max_bytes.saturating_add(4)),
         (Side::Classified, cfg.classified.clone(), CLASSIFIED_MAX_MESSAGE),
@@ -136,12 +165,16 @@ pub fn run(cfg: Config) -> Result<()> {
         next_transfer: 1,
         latest_applied: 0,
         audit,
+        kiosk: None,
+        awaiting: None,
     };
     log!("info", "started; general {}, classified {}", core.cfg.general.display(), core.cfg.classified.display());
     loop {
-        let wait = core.pending.as_ref().map_or(Duration::from_secs(3600), |p| {
-            p.deadline.saturating_duration_since(Instant::now())
-        });
+        let next = [core.pending.as_ref().map(|p| p.deadline), core.awaiting.as_ref().map(|a| a.deadline)]
+            .into_iter()
+            .flatten()
+            .min();
+        let wait = next.map_or(Duration::from_secs(3600), |d| d.saturating_duration_since(Instant::now()));
         match rx.recv_timeout(wait) {
             Ok(ev) => core.handle(ev),
             Err(RecvTimeoutError::Timeout) => {}
@@ -233,6 +266,8 @@ struct Core {
     next_transfer: u64,
     latest_applied: u64,
     audit: AuditLog,
+    kiosk: Option<UnixStream>,
+    awaiting: Option<Awaiting>,
 }
 
 impl Core {
@@ -296,6 +331,19 @@ impl Core {
                 }
             }
             Event::Sanitised { transfer, ty, size_in, outcome } => self.sanitised(transfer, ty, size_in, outcome),
+            Event::KioskConnected { stream } => {
+                log!("info", "confirm: kiosk connected");
+                self.kiosk = Some(stream);
+                if let Some(a) = &self.awaiting {
+                    let line = confirm::pending_line(a.transfer, &a.clean.ty.name(), a.clean.data.len());
+                    self.notify_kiosk(&line);
+                }
+            }
+            Event::Verdict(v) => match self.awaiting.take_if(|a| a.transfer == v.transfer) {
+                Some(a) if v.accept => self.offer(a.transfer, a.ty, a.size_in, a.clean),
+                Some(a) => self.reject(a.transfer, Direction::GeneralToClassified, &a.ty.name(), a.size_in, "refused at the confirmation prompt"),
+                None => log!("warn", "confirm: verdict for transfer {} which is not pending; ignored", v.transfer),
+            },
         }
     }
 
@@ -426,23 +474,55 @@ impl Core {
             ),
             Ok(clean) => {
                 self.latest_applied = transfer;
-                self.audit.record(&Record {
-                    transfer,
-                    direction: Direction::GeneralToClassified,
-                    ty: &format!("{}->{}", ty.name(), clean.ty.name()),
-                    size_in,
-                    delivered: Some(&clean.data),
-                    rejected: None,
-                });
-                log!("info", "transfer {transfer}: offering {} ({} bytes) to classified", clean.ty.name(), clean.data.len());
-                let out_ty = clean.ty;
-                self.offer = Some(Offer { ty: out_ty, data: Arc::new(clean.data) });
-                self.send(Side::Classified, &Message::ClipboardGrab(vec![out_ty]));
+                match self.cfg.confirm.as_ref().map(|(_, t)| *t) {
+                    None => self.offer(transfer, ty, size_in, clean),
+                    Some(timeout) => {
+                        if let Some(old) = self.awaiting.take() {
+                            self.reject(old.transfer, Direction::GeneralToClassified, &old.ty.name(), old.size_in, "superseded by a newer copy");
+                        }
+                        let line = confirm::pending_line(transfer, &clean.ty.name(), clean.data.len());
+                        self.awaiting = Some(Awaiting { transfer, ty, size_in, clean, deadline: Instant::now() + timeout });
+                        if !self.notify_kiosk(&line) {
+                            let a = self.awaiting.take().expect("just set");
+                            self.reject(a.transfer, Direction::GeneralToClassified, &a.ty.name(), a.size_in, "no confirmation client connected");
+                        }
+                    }
+                }
             }
         }
     }
 
+    /// Makes `clean` the classified guest's offer (audited as accepted).
+    fn offer(&mut self, transfer: u64, ty: ClipboardType, size_in: usize, clean: Clean) {
+        self.audit.record(&Record {
+            transfer,
+            direction: Direction::GeneralToClassified,
+            ty: &format!("{}->{}", ty.name(), clean.ty.name()),
+            size_in,
+            delivered: Some(&clean.data),
+            rejected: None,
+        });
+        log!("info", "transfer {transfer}: offering {} ({} bytes) to classified", clean.ty.name(), clean.data.len());
+        let out_ty = clean.ty;
+        self.offer = Some(Offer { ty: out_ty, data: Arc::new(clean.data) });
+        self.send(Side::Classified, &Message::ClipboardGrab(vec![out_ty]));
+    }
+
+    fn notify_kiosk(&mut self, line: &str) -> bool {
+        let Some(k) = &mut self.kiosk else { return false };
+        if confirm::notify(k, line) {
+            true
+        } else {
+            log!("warn", "confirm: kiosk connection lost");
+            self.kiosk = None;
+            false
+        }
+    }
+
     fn check_deadline(&mut self) {
+        if let Some(a) = self.awaiting.take_if(|a| Instant::now() >= a.deadline) {
+            self.reject(a.transfer, Direction::GeneralToClassified, &a.ty.name(), a.size_in, "not confirmed in time");
+        }
         if let Some(p) = self.pending.take_if(|p| Instant::now() >= p.deadline) {
             let ms = self.cfg.request_timeout.as_millis();
             self.reject(p.transfer, Direction::GeneralToClassified, &p.ty.name(), 0, &format!("general guest did not answer within {ms} ms"));

@@ -297,3 +297,49 @@ fn subverted_sanitiser_output_is_checked_by_the_gateway() {
     assert!(line.contains("fails the gateway's check"), "{line}");
     assert!(classified.collect_for(Duration::from_millis(200)).iter().all(|m| !matches!(m, Message::ClipboardGrab(_))));
 }
+
+#[test]
+fn confirm_mode_waits_for_the_kiosk() {
+    use std::io::{BufRead, BufReader, Write};
+    let scratch = tempfile::tempdir().unwrap();
+    let sock = scratch.path().join("confirm.sock");
+    let sock_arg = sock.to_str().unwrap().to_string();
+    let (_d, gw, _gp, _cp, mut general, mut classified) =
+        setup(&["--confirm-socket", &sock_arg, "--confirm-timeout-ms", "400"]);
+
+    // No kiosk connected: refused.
+    general_copies(&mut general, ClipboardType::Utf8Text, b"nobody to confirm");
+    assert!(gw.audit_line_after(0).contains("no confirmation client connected"));
+
+    let kiosk = std::os::unix::net::UnixStream::connect(&sock).unwrap();
+    let mut lines = BufReader::new(kiosk.try_clone().unwrap());
+    let mut kiosk = kiosk;
+    std::thread::sleep(Duration::from_millis(100));
+    let mut read_line = || {
+        let mut l = String::new();
+        lines.read_line(&mut l).unwrap();
+        l
+    };
+
+    // Accepted: offered only after the verdict.
+    general_copies(&mut general, ClipboardType::Utf8Text, b"confirm me");
+    let line = read_line();
+    assert!(line.starts_with("pending ") && line.ends_with(" utf8-text 10\n"), "{line:?}");
+    let transfer: u64 = line.split_whitespace().nth(1).unwrap().parse().unwrap();
+    assert!(classified.collect_for(Duration::from_millis(200)).iter().all(|m| !matches!(m, Message::ClipboardGrab(_))));
+    writeln!(kiosk, "accept {transfer}").unwrap();
+    assert_eq!(classified_pastes(&mut classified).1, b"confirm me");
+    assert!(gw.audit_line_after(1).contains("result=accepted"));
+
+    // Rejected by the user.
+    general_copies(&mut general, ClipboardType::Utf8Text, b"no thanks");
+    let transfer: u64 = read_line().split_whitespace().nth(1).unwrap().parse().unwrap();
+    writeln!(kiosk, "reject {transfer}").unwrap();
+    assert!(gw.audit_line_after(2).contains("refused at the confirmation prompt"));
+
+    // No answer in time.
+    general_copies(&mut general, ClipboardType::Utf8Text, b"too slow");
+    read_line();
+    assert!(gw.audit_line_after(3).contains("not confirmed in time"));
+    assert!(classified.collect_for(Duration::from_millis(100)).iter().all(|m| !matches!(m, Message::ClipboardGrab(_))));
+}
