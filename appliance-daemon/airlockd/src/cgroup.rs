@@ -108,15 +108,13 @@ pub fn prepare_root(setting: &CgroupRoot) -> Result<PathBuf> {
             if !own.join("cgroup.controllers").exists() {
                 bail!("{} is not a cgroup v2 directory (cgroup v2 must be mounted at {CGROUP2_MOUNT})", own.display());
             }
-            if own.file_name().is_some_and(|n| n == "supervisor") {
-                own.parent().context("the supervisor cgroup has no parent")?.to_path_buf()
-            } else {
-                let sub = own.join("supervisor");
+            let (root, move_into) = guest_root(&own);
+            if let Some(sub) = move_into {
                 fs::create_dir_all(&sub).with_context(|| format!("creating cgroup {}", sub.display()))?;
                 fs::write(sub.join("cgroup.procs"), std::process::id().to_string())
                     .with_context(|| format!("moving the supervisor into {}", sub.display()))?;
-                own
             }
+            root
         }
     };
     let available = fs::read_to_string(root.join("cgroup.controllers")).unwrap_or_default();
@@ -127,6 +125,18 @@ pub fn prepare_root(setting: &CgroupRoot) -> Result<PathBuf> {
         }
     }
     Ok(root)
+}
+
+/// Where the guests' cgroups go, given the supervisor's own cgroup `own`,
+/// and the cgroup the supervisor must first move into, if any: with
+/// `DelegateSubgroup=supervisor` it already sits in `<unit>/supervisor`;
+/// otherwise it leaves `<unit>` for `<unit>/supervisor` (a cgroup that hands
+/// out controllers may hold no processes).
+pub fn guest_root(own: &Path) -> (PathBuf, Option<PathBuf>) {
+    match (own.file_name(), own.parent()) {
+        (Some(name), Some(parent)) if name == "supervisor" => (parent.to_path_buf(), None),
+        _ => (own.to_path_buf(), Some(own.join("supervisor"))),
+    }
 }
 
 /// Creates (or reuses) `<root>/guest-<side>`, kills anything left in it by an
@@ -213,6 +223,13 @@ mod tests {
         let io = IoLimits { read_bps: Some(100), write_bps: None, read_iops: Some(7), write_iops: Some(9) };
         assert_eq!(io_max((8, 0), &io).unwrap(), "8:0 rbps=100 riops=7 wiops=9");
         assert_eq!(io_max((8, 0), &IoLimits::default()), None);
+    }
+
+    #[test]
+    fn guests_go_next_to_the_supervisor() {
+        let unit = Path::new("/sys/fs/cgroup/system.slice/airlockd.service");
+        assert_eq!(guest_root(&unit.join("supervisor")), (unit.to_path_buf(), None));
+        assert_eq!(guest_root(unit), (unit.to_path_buf(), Some(unit.join("supervisor"))));
     }
 
     #[test]

@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 
 use crate::cgroup;
-use crate::config::{Boot, Config, Guest, Side, Supervisor};
+use crate::config::{Accel, Boot, Config, Guest, Side, Supervisor};
 use crate::control::{self, GuestStatus, Phase};
 use crate::launch::{self, Spec};
 use crate::lifecycle::{self, ExitKind, GuestState};
@@ -34,6 +34,8 @@ use crate::qmp::{Commander, Session, Shutdown};
 use crate::signals;
 use crate::users::{self, Account, Ids};
 
+/// Hardware virtualisation.
+const KVM_DEVICE: &str = "/dev/kvm";
 /// How long swtpm may take to create its control socket.
 const SWTPM_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a started QEMU may take to answer QMP.
@@ -361,6 +363,10 @@ fn run_once(guest: &Guest, ctx: &RunnerContext) -> Result<ExitKind> {
     let side = guest.side;
     let paths = GuestPaths::new(&ctx.sup, side);
     let args = qemu::command_line(guest, &ctx.sup)?;
+    if guest.accel == Accel::Kvm && !Path::new(KVM_DEVICE).exists() {
+        // Said plainly (the kiosk shows the reason), not emulated slowly.
+        bail!("KVM is not available on this PC ({KVM_DEVICE} is missing: virtualisation off in the firmware, or no kvm module)");
+    }
 
     let cgroup_procs = match &ctx.cgroup_root {
         Some(root) => {
