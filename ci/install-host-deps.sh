@@ -27,8 +27,10 @@ packages=(
   mmdebstrap erofs-utils cryptsetup-bin dosfstools mtools fdisk attr
   ovmf systemd-container squashfs-tools zstd
   rpm createrepo-c dnf
-  setools
   python3
+  # network isolation tests (appliance-daemon/network): namespaces, nft,
+  # probes, a userspace WireGuard (this kernel has none), the benchmark
+  nftables iproute2 iputils-ping iputils-arping wireguard-tools wireguard-go iperf3
 )
 echo "install-host-deps: apt-get update"
 apt-get update -qq

@@ -7,9 +7,11 @@
 //! (`qmp.sock`, `display.sock`, `vdagent.sock`), as QEMU would, and wait
 //! (at most 15 minutes) so the other side can try to reach them.
 //!
-//! `probe OWN OTHER DISK SLOT`: try what a compromised QEMU of side OWN
-//! might, and print one JSON line per attempt with its outcome. Nothing
-//! is judged here; the suite compares the outcomes and the audit log.
+//! `probe OWN OTHER DISK SLOT [ATTEMPT]`: try what a compromised QEMU of
+//! side OWN might (only ATTEMPT, if given, so that the suite can tell
+//! which audit records each attempt caused), and print one JSON line per
+//! attempt with its outcome. Nothing is judged here; the suite compares
+//! the outcomes and the audit log.
 
 use std::fs::OpenOptions;
 use std::io::Write;
@@ -23,12 +25,12 @@ fn main() -> ExitCode {
     let argv: Vec<&str> = args.iter().map(String::as_str).collect();
     match argv.as_slice() {
         ["listen", dir] => listen(Path::new(dir)),
-        ["probe", own, other, disk, slot] => {
-            probe(own, other, disk, slot);
+        ["probe", own, other, disk, slot, only @ ..] => {
+            probe(own, other, disk, slot, only.first().copied());
             ExitCode::SUCCESS
         }
         _ => {
-            eprintln!("usage: airlock-test-attack listen DIR | probe OWN OTHER DISK-DEVICE SLOT-DEVICE");
+            eprintln!("usage: airlock-test-attack listen DIR | probe OWN OTHER DISK-DEVICE SLOT-DEVICE [ATTEMPT]");
             ExitCode::from(2)
         }
     }
@@ -73,7 +75,11 @@ fn errno_name(code: i32) -> &'static str {
     }
 }
 
-fn report(attempt: &str, target: &str, result: String) {
+fn report(only: Option<&str>, attempt: &str, target: &str, result: impl FnOnce() -> String) {
+    if only.is_some_and(|o| o != attempt) {
+        return;
+    }
+    let result = result();
     let line = serde_json::json!({ "attempt": attempt, "target": target, "result": result });
     let mut out = std::io::stdout().lock();
     let _ = writeln!(out, "{line}");
@@ -83,28 +89,30 @@ fn open_rw(path: &str) -> std::io::Result<std::fs::File> {
     OpenOptions::new().read(true).write(true).open(path)
 }
 
-fn probe(own: &str, other: &str, disk: &str, slot: &str) {
+fn probe(own: &str, other: &str, disk: &str, slot: &str, only: Option<&str>) {
     // Control: its own side's disk image opens, so a denial below is the
     // policy at work, not a missing file or a broken harness.
     let own_disk = format!("/var/lib/airlock/{own}/disk/disk.img");
-    report("own-disk-open-rw", &own_disk, outcome(open_rw(&own_disk)));
+    report(only, "own-disk-open-rw", &own_disk, || outcome(open_rw(&own_disk)));
 
     let other_disk = format!("/var/lib/airlock/{other}/disk/disk.img");
-    report("other-disk-open-rw", &other_disk, outcome(open_rw(&other_disk)));
+    report(only, "other-disk-open-rw", &other_disk, || outcome(open_rw(&other_disk)));
     for socket in ["vdagent", "qmp", "display"] {
         let path = format!("/run/airlock/{other}/{socket}.sock");
-        report(&format!("other-{socket}-connect"), &path, outcome(UnixStream::connect(&path)));
+        report(only, &format!("other-{socket}-connect"), &path, || outcome(UnixStream::connect(&path)));
     }
-    // /usr is on the read-only erofs root, so the kernel refuses writes
+    // /usr is on the read-only erofs root, so the kernel may refuse writes
     // there before SELinux is asked; the suite mounts a writable tmpfs
     // labelled usr_t on /usr/local so that the policy itself is tested.
-    report("usr-create", "/usr/local/airlock-attack", outcome(OpenOptions::new().write(true).create_new(true).open("/usr/local/airlock-attack")));
-    report("usr-bin-write", "/usr/bin/sh", outcome(OpenOptions::new().write(true).open("/usr/bin/sh")));
-    report("exec-shell", "/bin/sh", outcome(Command::new("/bin/sh").args(["-c", "true"]).status()));
-    report("load-module", "init_module", outcome(load_empty_module()));
-    report("inet-socket", "127.0.0.1:0", outcome(std::net::TcpListener::bind("127.0.0.1:0")));
-    report("disk-device-write", disk, outcome(open_rw(disk)));
-    report("slot-device-write", slot, outcome(open_rw(slot)));
+    report(only, "usr-create", "/usr/local/airlock-attack", || {
+        outcome(OpenOptions::new().write(true).create_new(true).open("/usr/local/airlock-attack"))
+    });
+    report(only, "usr-bin-write", "/usr/bin/sh", || outcome(OpenOptions::new().write(true).open("/usr/bin/sh")));
+    report(only, "exec-shell", "/bin/sh", || outcome(Command::new("/bin/sh").args(["-c", "true"]).status()));
+    report(only, "load-module", "init_module", || outcome(load_empty_module()));
+    report(only, "inet-socket", "127.0.0.1:0", || outcome(std::net::TcpListener::bind("127.0.0.1:0")));
+    report(only, "disk-device-write", disk, || outcome(open_rw(disk)));
+    report(only, "slot-device-write", slot, || outcome(open_rw(slot)));
 }
 
 /// init_module(2) with an empty image: the capability check (sys_module)

@@ -237,11 +237,17 @@ fn sabotage_build(opts: &AcceptanceOptions) -> Result<String> {
         Ok(report) => anyhow::bail!("the build succeeded ({}) with a module that lets the general guest read the classified disk", report.image),
         Err(e) => format!("{e:#}"),
     };
-    ensure!(error.contains("neverallow"), "the build failed, but not on a neverallow rule:\n{error}");
+    // semodule's own report (not the builder's hint, which always mentions
+    // neverallow): the rule that failed and the sabotage module's allow.
+    ensure!(
+        error.contains("neverallow check failed") && error.contains("airlock_sabotage_cross_side"),
+        "the build failed, but not on a neverallow rule broken by the sabotage module:\n{error}"
+    );
     let left: Vec<_> = std::fs::read_dir(&output).map(|d| d.flatten().map(|e| e.file_name()).collect()).unwrap_or_default();
     ensure!(left.iter().all(|n| !n.to_string_lossy().ends_with(".raw")), "an image was left in {}: {left:?}", output.display());
-    let line = error.lines().find(|l| l.contains("neverallow")).unwrap_or_default().trim().to_string();
-    Ok(format!("build refused: {line}"))
+    let rule = error.lines().find(|l| l.contains("(neverallow ")).unwrap_or_default().trim_start_matches([' ', '|']).trim();
+    let allow = error.lines().find(|l| l.contains("(allow airlock_vm_general_t")).unwrap_or_default().trim_start_matches([' ', '|']).trim();
+    Ok(format!("build refused by semodule:\n{}…\nbroken by {allow}", rule.chars().take(90).collect::<String>()))
 }
 
 pub fn policy_checks(suite: &mut Suite, images: &Images, opts: &AcceptanceOptions) {
