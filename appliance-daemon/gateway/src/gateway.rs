@@ -24,7 +24,7 @@ use std::io::{Read, Write};
 use std::net::Shutdown;
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
-use std::sync::mpsc::{self, RecvTimeoutError, Sender};
+use std::sync::mpsc::{self, RecvTimeoutError, SyncSender as Sender};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -38,6 +38,9 @@ const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Inbound cap on the classified side: we never ask it for data, so only
 /// control messages are ever needed from it.
 const CLASSIFIED_MAX_MESSAGE: u32 = 4096;
+
+/// Events queued between the threads and the event loop.
+const EVENT_QUEUE: usize = 256;
 
 /// Types accepted from the general guest, best first.
 const PREFERENCE: [ClipboardType; 4] =
@@ -131,7 +134,9 @@ pub fn run(cfg: Config) -> Result<()> {
         Some(p) => AuditLog::open(p)?,
         None => AuditLog::stderr(),
     };
-    let (tx, rx) = mpsc::channel();
+    // Bounded: a guest flooding messages blocks its own reader thread
+    // (and so its socket), not the gateway's memory.
+    let (tx, rx) = mpsc::sync_channel(EVENT_QUEUE);
     if let Some((path, _)) = &cfg.confirm {
         let listener = confirm::bind(path).with_context(|| format!("binding confirm socket {}", path.display()))?;
         let (t1, t2) = (tx.clone(), tx.clone());
@@ -167,6 +172,8 @@ pub fn run(cfg: Config) -> Result<()> {
         audit,
         kiosk: None,
         awaiting: None,
+        sanitising: None,
+        queued: None,
     };
     log!("info", "started; general {}, classified {}", core.cfg.general.display(), core.cfg.classified.display());
     loop {
@@ -268,6 +275,10 @@ struct Core {
     audit: AuditLog,
     kiosk: Option<UnixStream>,
     awaiting: Option<Awaiting>,
+    /// The transfer whose sanitiser is running (at most one).
+    sanitising: Option<u64>,
+    /// The newest item waiting for the sanitiser.
+    queued: Option<(u64, ClipboardType, Vec<u8>)>,
 }
 
 impl Core {
@@ -410,15 +421,16 @@ impl Core {
                     self.reject(p.transfer, Direction::GeneralToClassified, &p.ty.name(), 0, "general guest sent no data");
                     return;
                 }
-                let tx = self.tx.clone();
-                let runner = self.cfg.runner.clone();
-                let transfer = p.transfer;
-                std::thread::spawn(move || {
-                    let size_in = data.len();
-                    let outcome = runner.run(ty, &data);
-                    drop(data);
-                    let _ = tx.send(Event::Sanitised { transfer, ty, size_in, outcome });
-                });
+                if let Some(busy) = self.sanitising {
+                    // One sanitiser at a time; the newest copy waits, an
+                    // older waiting one is dropped.
+                    log!("info", "transfer {}: queued behind transfer {busy}", p.transfer);
+                    if let Some((old, old_ty, old_data)) = self.queued.replace((p.transfer, ty, data)) {
+                        self.reject(old, Direction::GeneralToClassified, &old_ty.name(), old_data.len(), "superseded by a newer copy");
+                    }
+                    return;
+                }
+                self.start_sanitiser(p.transfer, ty, data);
             }
             Message::ClipboardRequest(ty) => {
                 // We never own the general clipboard; whatever it asks for,
@@ -460,7 +472,23 @@ impl Core {
         }
     }
 
+    fn start_sanitiser(&mut self, transfer: u64, ty: ClipboardType, data: Vec<u8>) {
+        self.sanitising = Some(transfer);
+        let tx = self.tx.clone();
+        let runner = self.cfg.runner.clone();
+        std::thread::spawn(move || {
+            let size_in = data.len();
+            let outcome = runner.run(ty, &data);
+            drop(data);
+            let _ = tx.send(Event::Sanitised { transfer, ty, size_in, outcome });
+        });
+    }
+
     fn sanitised(&mut self, transfer: u64, ty: ClipboardType, size_in: usize, outcome: Outcome) {
+        self.sanitising = None;
+        if let Some((next, next_ty, next_data)) = self.queued.take() {
+            self.start_sanitiser(next, next_ty, next_data);
+        }
         let rss = outcome.peak_rss_kib.map_or("?".into(), |k| k.to_string());
         log!("info", "transfer {transfer}: sanitiser took {} ms, sanitiser peak RSS {rss} KiB", outcome.elapsed.as_millis());
         match outcome.result {

@@ -343,3 +343,29 @@ fn confirm_mode_waits_for_the_kiosk() {
     assert!(gw.audit_line_after(3).contains("not confirmed in time"));
     assert!(classified.collect_for(Duration::from_millis(100)).iter().all(|m| !matches!(m, Message::ClipboardGrab(_))));
 }
+
+#[test]
+fn a_flood_of_copies_runs_one_sanitiser_at_a_time() {
+    // A slow sanitiser (0.3 s, then the real one) and 20 copies in a row:
+    // the gateway must not fork 20 sanitisers; the newest copy wins.
+    let scratch = tempfile::tempdir().unwrap();
+    let slow = fake_sanitiser(
+        scratch.path(),
+        &format!("sleep 0.3; exec {} \"$@\"", env!("CARGO_BIN_EXE_airlock-sanitiser")),
+    );
+    let (_d, gw, _gp, _cp, mut general, mut classified) = setup(&["--sanitiser", &slow]);
+    for i in 0..20 {
+        general_copies(&mut general, ClipboardType::Utf8Text, format!("copy {i}").as_bytes());
+    }
+    let mut last = Vec::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while last != b"copy 19" {
+        assert!(std::time::Instant::now() < deadline, "newest copy never offered; last {last:?}");
+        last = classified_pastes(&mut classified).1;
+    }
+    let log = gw.stderr();
+    let started = log.matches("sanitiser took").count();
+    assert!(started <= 3, "{started} sanitiser runs for a burst of 20 copies:\n{log}");
+    let superseded = gw.audit_lines().iter().filter(|l| l.contains("superseded")).count();
+    assert!(superseded >= 17, "{superseded} superseded");
+}
