@@ -29,6 +29,10 @@ pub mod protocol {
     pub const POWEROFF: &str = "poweroff";
     /// `reboot` → `ok rebooting`, then a reset (QEMU with `-no-reboot` exits).
     pub const REBOOT: &str = "reboot";
+    /// `ignore-power-button` → `ok ignoring the power button`: from now on
+    /// an ACPI power-button press does nothing (a hung guest, for tests of
+    /// the host's bounded shutdown).
+    pub const IGNORE_POWER_BUTTON: &str = "ignore-power-button";
     /// `bench <iterations>` → `bench iterations=<n> elapsed_us=<n>`: a fixed
     /// integer workload on one vCPU.
     pub const BENCH: &str = "bench";

@@ -10,7 +10,11 @@ use std::ffi::CString;
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
+
+/// Set by `ignore-power-button`.
+static IGNORE_POWER_BUTTON: AtomicBool = AtomicBool::new(false);
 
 use airlock_test_guest::protocol::{self, bench_work};
 
@@ -125,6 +129,10 @@ fn handle(line: &str) -> String {
         }
         Some(protocol::POWEROFF) => "ok powering off".into(),
         Some(protocol::REBOOT) => "ok rebooting".into(),
+        Some(protocol::IGNORE_POWER_BUTTON) => {
+            IGNORE_POWER_BUTTON.store(true, Ordering::SeqCst);
+            "ok ignoring the power button".into()
+        }
         Some(protocol::PCI) => {
             let mut found: Vec<String> = std::fs::read_dir("/sys/bus/pci/devices")
                 .into_iter()
@@ -198,6 +206,10 @@ fn watch_power_button() {
                     let code = u16::from_ne_bytes([ev[18], ev[19]]);
                     let value = i32::from_ne_bytes([ev[20], ev[21], ev[22], ev[23]]);
                     if kind == EV_KEY && code == KEY_POWER && value == 1 {
+                        if IGNORE_POWER_BUTTON.load(Ordering::SeqCst) {
+                            println!("airlock-test-guest: power button pressed, ignored");
+                            continue;
+                        }
                         println!("airlock-test-guest: power button pressed");
                         power_off();
                     }
