@@ -13,6 +13,7 @@ pub mod control;
 pub mod launch;
 pub mod lifecycle;
 pub mod log;
+pub mod netapply;
 pub mod qemu;
 pub mod qmp;
 pub mod signals;

@@ -63,6 +63,8 @@ enum NetCommand {
     Render(ConfigArgs),
     /// The topology steps (bridges, taps, routing) as a shell script, for review.
     Topology(ConfigArgs),
+    /// Load the ruleset, then set up the topology (at boot, before the guests).
+    Apply(ConfigArgs),
 }
 
 fn parse_side(s: &str) -> Result<Side, String> {
@@ -94,10 +96,18 @@ fn real_main(cli: Cli) -> Result<()> {
             let args = airlockd::qemu::command_line(cfg.guest(side), &cfg.supervisor)?;
             out(&format!("{} {}\n", cfg.supervisor.qemu.display(), args.join(" ")))
         }
+        Command::Net { what: NetCommand::Apply(args) } => {
+            let cfg = args.load()?;
+            let net = cfg.network.as_ref().with_context(|| format!("{} has no [network] section", args.config.display()))?;
+            let n = airlockd::netapply::run_plan(&airlock_network::boot_plan(net))?;
+            airlockd::log::info(format!("network set up ({n} steps)"));
+            Ok(())
+        }
         Command::Net { what } => {
             let (args, ruleset) = match &what {
                 NetCommand::Render(a) => (a, true),
                 NetCommand::Topology(a) => (a, false),
+                NetCommand::Apply(_) => unreachable!("handled above"),
             };
             let cfg = args.load()?;
             let net = cfg.network.as_ref().with_context(|| format!("{} has no [network] section", args.config.display()))?;
