@@ -120,7 +120,9 @@ struct Pending {
 
 struct Offer {
     ty: ClipboardType,
-    data: Arc<Vec<u8>>,
+    /// The `CLIPBOARD` answer, encoded once (chunks of 2048 bytes).
+    answer: Arc<Vec<u8>>,
+    len: usize,
 }
 
 /// The capabilities we announce to both guests.
@@ -455,14 +457,16 @@ impl Core {
                 self.reject(transfer, Direction::ClassifiedToGeneral, &offered, 0, "reverse direction is never forwarded");
             }
             Message::ClipboardRequest(ty) => {
-                let answer = match &self.offer {
-                    Some(o) if o.ty == ty => Message::Clipboard { ty, data: o.data.as_ref().clone() },
-                    _ => Message::Clipboard { ty: ClipboardType::None, data: Vec::new() },
-                };
-                if let Message::Clipboard { ty: t, data } = &answer {
-                    log!("info", "classified: request for {} answered with {} ({} bytes)", ty.name(), t.name(), data.len());
+                match self.offer.as_ref().filter(|o| o.ty == ty).map(|o| (Arc::clone(&o.answer), o.len)) {
+                    Some((answer, len)) => {
+                        log!("info", "classified: request for {} answered ({len} bytes)", ty.name());
+                        self.send_encoded(Side::Classified, &answer, "clipboard");
+                    }
+                    None => {
+                        log!("info", "classified: request for {} answered empty", ty.name());
+                        self.send(Side::Classified, &Message::Clipboard { ty: ClipboardType::None, data: Vec::new() });
+                    }
                 }
-                self.send(Side::Classified, &answer);
             }
             Message::Clipboard { ty, data } => {
                 log!("warn", "classified: unrequested clipboard data ({}, {} bytes) dropped", ty.name(), data.len());
@@ -478,8 +482,7 @@ impl Core {
         let runner = self.cfg.runner.clone();
         std::thread::spawn(move || {
             let size_in = data.len();
-            let outcome = runner.run(ty, &data);
-            drop(data);
+            let outcome = runner.run(ty, data);
             let _ = tx.send(Event::Sanitised { transfer, ty, size_in, outcome });
         });
     }
@@ -532,7 +535,9 @@ impl Core {
         });
         log!("info", "transfer {transfer}: offering {} ({} bytes) to classified", clean.ty.name(), clean.data.len());
         let out_ty = clean.ty;
-        self.offer = Some(Offer { ty: out_ty, data: Arc::new(clean.data) });
+        let len = clean.data.len();
+        let answer = encode(&Message::Clipboard { ty: out_ty, data: clean.data });
+        self.offer = Some(Offer { ty: out_ty, answer: Arc::new(answer), len });
         self.send(Side::Classified, &Message::ClipboardGrab(vec![out_ty]));
     }
 
@@ -569,11 +574,15 @@ impl Core {
     }
 
     fn send(&mut self, side: Side, msg: &Message) {
+        self.send_encoded(side, &encode(msg), msg_kind(msg));
+    }
+
+    fn send_encoded(&mut self, side: Side, bytes: &[u8], kind: &str) {
         let Some(conn) = &mut self.conns[side.idx()] else {
-            log!("info", "{}: not connected; {:?} not sent", side.name(), msg_kind(msg));
+            log!("info", "{}: not connected; {kind} not sent", side.name());
             return;
         };
-        if let Err(e) = conn.stream.write_all(&encode(msg)) {
+        if let Err(e) = conn.stream.write_all(bytes) {
             log!("warn", "{}: write failed ({e}); dropping the connection", side.name());
             let _ = conn.stream.shutdown(Shutdown::Both);
             self.conns[side.idx()] = None;

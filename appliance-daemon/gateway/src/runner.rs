@@ -54,7 +54,7 @@ impl Runner {
     }
 
     /// Sanitises `data` of type `ty` in a new sanitiser process.
-    pub fn run(&self, ty: ClipboardType, data: &[u8]) -> Outcome {
+    pub fn run(&self, ty: ClipboardType, data: Vec<u8>) -> Outcome {
         let start = Instant::now();
         let (result, peak_rss_kib) = match self.run_inner(ty, data) {
             Ok((r, rss)) => (r, rss),
@@ -63,7 +63,7 @@ impl Runner {
         Outcome { result, elapsed: start.elapsed(), peak_rss_kib }
     }
 
-    fn run_inner(&self, ty: ClipboardType, data: &[u8]) -> Result<(Result<Clean, String>, Option<u64>), String> {
+    fn run_inner(&self, ty: ClipboardType, data: Vec<u8>) -> Result<(Result<Clean, String>, Option<u64>), String> {
         let mut child = self
             .command()
             .spawn()
@@ -92,7 +92,7 @@ impl Runner {
         };
         let mut stdin = child.stdin.take().expect("piped stdin");
         let mut stdout = child.stdout.take().expect("piped stdout");
-        let input = data.to_vec();
+        let input = data;
         // The writer hands stdin back: the sanitiser waits for its EOF
         // after replying, which gives us a moment to read its peak RSS.
         let writer = std::thread::spawn(move || ipc::write_request(&mut stdin, ty, &input).map(|()| stdin));
