@@ -369,3 +369,29 @@ fn a_flood_of_copies_runs_one_sanitiser_at_a_time() {
     let superseded = gw.audit_lines().iter().filter(|l| l.contains("superseded")).count();
     assert!(superseded >= 17, "{superseded} superseded");
 }
+
+#[test]
+fn garbage_from_classified_costs_only_its_own_connection() {
+    let (_d, gw, _gp, cport, mut general, mut classified) = setup(&[]);
+    general_copies(&mut general, ClipboardType::Utf8Text, b"before");
+    assert_eq!(classified_pastes(&mut classified).1, b"before");
+    // Classified sends a chunk for port 2 and an oversized, unrequested
+    // clipboard message: its connection is dropped and re-made...
+    classified.send_raw(&raw_frame(1, 1, 4, &vec![b'z'; 100_000]));
+    classified.send_raw(&raw_frame(2, 1, 7, &1u32.to_le_bytes()));
+    assert!(classified.closed_within(Duration::from_secs(5)));
+    assert!(!general.raw.windows(8).any(|w| w == b"zzzzzzzz"));
+    // ...general is served meanwhile, and the new classified connection
+    // gets the newest offer.
+    general_copies(&mut general, ClipboardType::Utf8Text, b"during");
+    let mut classified = cport.accept();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, data) = classified_pastes(&mut classified);
+        if data == b"during" {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "newest offer never arrived");
+    }
+    assert!(gw.stderr().contains("classified: input dropped: chunk names port 2"), "{}", gw.stderr());
+}
