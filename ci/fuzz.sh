@@ -13,6 +13,9 @@ cd "$(dirname "$0")/.."
 export PATH="$HOME/.cargo/bin:$PATH"
 export CARGO_TERM_COLOR=never
 seconds=${FUZZ_SECONDS:-60}
+# The instrumented builds are slow (minutes for the image decoders), and a
+# CI run starts from a clean clone: keep them between runs.
+export CARGO_TARGET_DIR=${FUZZ_TARGET_DIR:-/var/cache/airlock/fuzz-target}
 
 if ! cargo fuzz --version >/dev/null 2>&1; then
   echo "fuzz: installing cargo-fuzz"
