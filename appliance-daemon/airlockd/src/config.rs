@@ -37,30 +37,9 @@ pub const QEMU_OVERHEAD_MIB: u64 = 64;
 /// Default headroom of the memory ceiling above the guest's RAM.
 const DEFAULT_MEMORY_HEADROOM_MIB: u64 = 512;
 
-/// Which of the two domains a guest belongs to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, PartialOrd, Ord)]
-#[serde(rename_all = "lowercase")]
-pub enum Side {
-    Classified,
-    General,
-}
-
-impl Side {
-    pub const ALL: [Side; 2] = [Side::Classified, Side::General];
-
-    pub fn name(self) -> &'static str {
-        match self {
-            Side::Classified => "classified",
-            Side::General => "general",
-        }
-    }
-}
-
-impl std::fmt::Display for Side {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.name())
-    }
-}
+/// Which of the two domains a guest belongs to (shared with the network
+/// crate, which names bridges, taps and users after it).
+pub use airlock_network::Side;
 
 /// A device a guest may be given (its allow-list names these).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, Serialize)]

@@ -34,7 +34,8 @@ fn invalid(key: impl Into<String>, message: impl Into<String>) -> ConfigError {
 
 /// The two sides. Names are part of the run-time contract (`br-<side>`,
 /// `tap-<side>`, user `airlock-<side>`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Side {
     Classified,
     General,
