@@ -43,18 +43,4 @@ apt-get install -y -qq --no-install-recommends "${packages[@]}" >/dev/null
 echo "install-host-deps: installing qemu-system-x86 from bookworm-backports"
 apt-get install -y -qq --no-install-recommends -t bookworm-backports qemu-system-x86 >/dev/null
 
-# A Debian kernel with its modules for the tiny test guests of the host
-# tests (ci/test-guest), unpacked, not installed: the host keeps booting its
-# own kernel. run-tests.sh points AIRLOCK_TEST_KERNEL at it.
-kernel_dir=${AIRLOCK_TEST_KERNEL_DIR:-/var/cache/airlock/test-kernel}
-if ! ls "$kernel_dir"/boot/vmlinuz-* >/dev/null 2>&1; then
-  package=$(apt-cache depends linux-image-amd64 | awk '/Depends: linux-image-[0-9]/ {print $2; exit}')
-  echo "install-host-deps: unpacking $package into $kernel_dir (test guest kernel)"
-  download=$(mktemp -d)
-  chown _apt "$download" 2>/dev/null || true
-  (cd "$download" && apt-get download -qq "$package")
-  mkdir -p "$kernel_dir"
-  dpkg-deb -x "$download"/*.deb "$kernel_dir"
-  rm -rf "$download"
-fi
 echo "install-host-deps: done"

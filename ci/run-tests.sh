@@ -21,9 +21,10 @@ stage() {
 
 stage host-deps ci/install-host-deps.sh
 stage build cargo build --release --locked --workspace --all-targets
-# The test guests' kernel, unpacked by install-host-deps.sh.
-AIRLOCK_TEST_KERNEL=$(ls "${AIRLOCK_TEST_KERNEL_DIR:-/var/cache/airlock/test-kernel}"/boot/vmlinuz-* | head -n 1)
-export AIRLOCK_TEST_KERNEL
+# The production image first (the README's main job): besides proving the
+# build, it leaves the image tree in the cache, whose trixie kernel (virtio
+# console built in) the host tests' tiny guests boot (ci/test-guest).
+stage image ci/build-image.sh target/ci-image
 stage unit+integration cargo test --release --locked --workspace
 stage fuzz env FUZZ_SECONDS="${FUZZ_SECONDS:-60}" ci/fuzz.sh
 stage acceptance cargo xtask acceptance --cache-dir "${AIRLOCK_CACHE_DIR:-/var/cache/airlock}"
