@@ -165,7 +165,11 @@ pub fn input_digest(opts: &BuildOptions, manifest_text: &str, inputs: &ProfileIn
         let mut files: Vec<PathBuf> = WalkDir::new(dir)
             .into_iter()
             .filter_map(|e| e.ok())
-            .filter(|e| !e.path().components().any(|c| c.as_os_str() == "target"))
+            // Skip cargo's build output inside an input directory (e.g. a
+            // fuzz crate's target/), judged below the directory itself: an
+            // input directory may well live under some target/ (the suite
+            // makes the test guest's overlay in target/acceptance/).
+            .filter(|e| !e.path().strip_prefix(dir).is_ok_and(|rel| rel.components().any(|c| c.as_os_str() == "target")))
             .map(|e| e.into_path())
             .collect();
         files.sort();
