@@ -33,13 +33,16 @@ pub enum Profile {
 }
 
 /// Appliance binaries every image carries (the daemons arrive with later work).
-const APPLIANCE_BINARIES: &[BinarySpec] = &[];
+const APPLIANCE_BINARIES: &[BinarySpec] =
+    &[BinarySpec { package: "airlockd", binary: "airlockd", destination: "/usr/bin/airlockd" }];
 
 /// The test profile's additions.
 const TEST_BINARIES: &[BinarySpec] = &[
     BinarySpec { package: "airlock-test-agent", binary: "airlock-test-agent", destination: "/usr/lib/airlock/airlock-test-agent" },
     // Started in a guest's QEMU domain by the suite's attack tests.
     BinarySpec { package: "airlock-test-agent", binary: "airlock-test-attack", destination: "/usr/lib/airlock/airlock-test-attack" },
+    // Drives the nested test guests' test ports.
+    BinarySpec { package: "airlock-test-guest", binary: "airlock-test-guest-ctl", destination: "/usr/lib/airlock/airlock-test-guest-ctl" },
 ];
 
 /// Where a profile's overlays, policy modules and binaries come from.
@@ -300,6 +303,8 @@ fn run_stages(
     stages.run("overlay", "overlay files, binaries, locked accounts", || {
         tree::apply_overlays(runner, &image_tree, &inputs.overlays)?;
         tree::install_binaries(runner, &opts.source, &image_tree, &inputs.binaries)?;
+        // /etc is read-only on the appliance: system users exist from the build.
+        runner.in_tree_plain("creating system users (systemd-sysusers)", &image_tree, ["systemd-sysusers"])?;
         tree::lock_accounts(&image_tree)
     })?;
 

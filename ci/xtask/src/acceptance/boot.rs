@@ -58,7 +58,14 @@ pub fn sh(vm: &mut Vm, script: &str) -> Result<String> {
 }
 
 pub fn test_image_boots(suite: &mut Suite, images: &Images, opts: &AcceptanceOptions) {
-    let all: Vec<&str> = BOOT_TESTS.iter().chain(REBOOT_TESTS).chain(super::attacks::TESTS).copied().collect();
+    let all: Vec<&str> = BOOT_TESTS
+        .iter()
+        .chain(REBOOT_TESTS)
+        .chain(super::supervisor::TESTS)
+        .chain(super::attacks::TESTS)
+        .chain([&super::supervisor::POWEROFF_TEST])
+        .copied()
+        .collect();
     if !suite.wants_any(&all) {
         return;
     }
@@ -81,6 +88,9 @@ pub fn test_image_boots(suite: &mut Suite, images: &Images, opts: &AcceptanceOpt
         Ok(x) => x,
         Err(e) => return suite.fail_all(&all, &e),
     };
+    // First the guests (they must be up before the AVC checks read the
+    // journal, so that their start is covered too).
+    super::supervisor::supervisor_checks(suite, &mut vm);
     in_guest_checks(suite, &mut vm);
     suite.test(BOOT_TESTS[12], || {
         // Ours: every service unit the image ships in /etc/systemd/system
@@ -126,8 +136,10 @@ pub fn test_image_boots(suite: &mut Suite, images: &Images, opts: &AcceptanceOpt
         Ok(format!("/var {} MiB (partition was {} MiB); {}; sfdisk --verify clean", bytes >> 20, initial >> 20, log.trim()))
     });
     reboot_checks(suite, &mut vm, &first_boot);
-    // Last: the attacks leave AVC denials behind on purpose.
+    // Then the attacks: they leave AVC denials behind on purpose.
     super::attacks::attack_checks(suite, &mut vm);
+    // Last: powers the machine off.
+    super::supervisor::poweroff_check(suite, &mut vm);
 }
 
 fn in_guest_checks(suite: &mut Suite, vm: &mut Vm) {

@@ -29,13 +29,29 @@ pub fn source_dir() -> PathBuf {
     PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../.."))
 }
 
+/// An overlay with the nested test guests' kernel and initramfs
+/// (`/usr/lib/airlock/test-guest/`, named by the test profile's
+/// `/etc/airlock/appliance.toml`), made by `ci/test-guest`.
+fn test_guest_overlay(opts: &AcceptanceOptions) -> Result<PathBuf> {
+    let root = opts.work_dir.join("test-guest-overlay");
+    let dir = root.join("usr/lib/airlock/test-guest");
+    std::fs::create_dir_all(&dir)?;
+    let image = airlock_test_guest::image::prepare(&dir).map_err(|e| anyhow::anyhow!("making the test guest: {e}"))?;
+    std::fs::copy(&image.kernel.vmlinuz, dir.join("vmlinuz")).with_context(|| format!("copying {}", image.kernel.vmlinuz.display()))?;
+    println!("acceptance: test guest: kernel {} ({}), modules {:?}", image.kernel.vmlinuz.display(), image.kernel.source, image.modules);
+    Ok(root)
+}
+
 fn build(opts: &AcceptanceOptions, profile: Profile, output: &Path, fresh: bool) -> Result<(Report, f64)> {
     let start = Instant::now();
     // A sabotaged run lays a flawed overlay over both images.
-    let extra_overlays = match &opts.sabotage {
+    let mut extra_overlays = match &opts.sabotage {
         Some(flaw) => vec![source_dir().join("ci/xtask/sabotage").join(flaw)],
         None => Vec::new(),
     };
+    if profile == Profile::Test {
+        extra_overlays.push(test_guest_overlay(opts)?);
+    }
     let report = airlock::build::build(&BuildOptions {
         manifest_path: source_dir().join(MANIFEST),
         output: output.to_path_buf(),
