@@ -55,11 +55,12 @@ fn wait_for_guests(vm: &mut Vm) -> Result<String> {
 fn check_processes(vm: &mut Vm) -> Result<String> {
     let mut lines = Vec::new();
     for side in ["classified", "general"] {
-        let pid = sh(vm, &format!("pgrep -f -- 'process=qemu-{side}' | head -n 1"))?.trim().to_string();
-        ensure!(!pid.is_empty(), "no QEMU for the {side} guest ({})", sh(vm, "ps -eo pid,args | grep qemu || true")?);
+        // (No procps in the image: read /proc directly.)
+        let pid = sh(vm, &format!("grep -l -a -- 'process=qemu-{side}' /proc/[0-9]*/cmdline 2>/dev/null | grep -v self | head -n 1 | cut -d/ -f3"))?.trim().to_string();
+        ensure!(!pid.is_empty(), "no QEMU for the {side} guest; airlockd status: {}", sh(vm, "airlockd status || true")?);
         let context = sh(vm, &format!("tr -d '\\0' < /proc/{pid}/attr/current"))?;
         ensure!(context.contains(&format!(":airlock_vm_{side}_t:")), "{side} QEMU (pid {pid}) runs as {context:?}");
-        let user = sh(vm, &format!("ps -o user= -p {pid}"))?.trim().to_string();
+        let user = sh(vm, &format!("stat -c %U /proc/{pid}"))?.trim().to_string();
         ensure!(user == format!("airlock-{side}"), "{side} QEMU runs as user {user}");
         let cgroup = sh(vm, &format!("cut -d: -f3 /proc/{pid}/cgroup"))?.trim().to_string();
         ensure!(cgroup.ends_with(&format!("/guest-{side}")), "{side} QEMU is in cgroup {cgroup}");
