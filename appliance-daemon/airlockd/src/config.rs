@@ -1010,14 +1010,14 @@ disk = "/var/lib/airlock/general/disk/windows.qcow2"
 
     #[test]
     fn shipped_example_is_valid() {
-        let c = parse("appliance.toml", include_str!("../appliance.toml")).unwrap();
+        let c = parse("appliance.toml", crate::SHIPPED_CONFIG_TEXT).unwrap();
         assert!(c.classified.devices.iter().all(|d| d.refusal(Side::Classified).is_none()));
         assert!(!c.supervisor.test_mode);
     }
 
     #[test]
     fn test_profile_config_is_valid() {
-        let c = parse("appliance-test.toml", include_str!("../dist/appliance-test.toml")).unwrap();
+        let c = parse("appliance-test.toml", include_str!("../../../ci/test-agent/overlay/etc/airlock/appliance.toml")).unwrap();
         assert!(c.supervisor.test_mode);
         for side in Side::ALL {
             let g = c.guest(side);

@@ -267,7 +267,7 @@ mod tests {
     ];
 
     fn shipped() -> config::Config {
-        config::parse("appliance.toml", include_str!("../appliance.toml")).unwrap()
+        config::parse("appliance.toml", crate::SHIPPED_CONFIG_TEXT).unwrap()
     }
 
     fn joined(guest: &Guest, sup: &Supervisor) -> String {
@@ -305,7 +305,7 @@ mod tests {
         }
         // And through the configuration: every forbidden device is refused.
         for device in ALL_DEVICES.iter().filter(|d| d.refusal(Side::Classified).is_some()) {
-            let text = include_str!("../appliance.toml").replacen(
+            let text = crate::SHIPPED_CONFIG_TEXT.replacen(
                 "devices = [\"tablet\"]",
                 &format!("devices = [\"tablet\", \"{}\"]", device.name()),
                 1,
@@ -366,7 +366,7 @@ mod tests {
 
     #[test]
     fn memory_and_vcpus_appear_as_configured() {
-        let text = include_str!("../appliance.toml").replacen("memory_mib = 4096\nvcpus = 2", "memory_mib = 3000\nvcpus = 3", 1);
+        let text = crate::SHIPPED_CONFIG_TEXT.replacen("memory_mib = 4096\nvcpus = 2", "memory_mib = 3000\nvcpus = 3", 1);
         let cfg = config::parse("a", &text).unwrap();
         assert!(joined(&cfg.classified, &cfg.supervisor).contains("-m 3000 -smp 3 "));
     }
@@ -424,7 +424,7 @@ user = "nobody"
     fn secure_boot_locks_the_flash_to_smm() {
         let cfg = shipped();
         assert!(!joined(&cfg.general, &cfg.supervisor).contains("cfi.pflash01"));
-        let text = include_str!("../appliance.toml").replacen("secure_boot = false\ntpm = false", "secure_boot = true\ntpm = true", 1);
+        let text = crate::SHIPPED_CONFIG_TEXT.replacen("secure_boot = false\ntpm = false", "secure_boot = true\ntpm = true", 1);
         let cfg = config::parse("a", &text).unwrap();
         let line = joined(&cfg.classified, &cfg.supervisor);
         assert!(line.contains("-machine q35,smm=on") && line.contains("-global driver=cfi.pflash01,property=secure,value=on"), "{line}");

@@ -7,7 +7,7 @@ fn airlockd(args: &[&str]) -> (i32, String, String) {
     (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
 }
 
-const SHIPPED: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/appliance.toml");
+const SHIPPED: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../overlay/etc/airlock/appliance.toml");
 
 #[test]
 fn shipped_config_checks_and_prints_both_command_lines() {

@@ -31,7 +31,7 @@ use serde_json::Value;
 static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
 
 /// The capabilities the systemd unit gives the supervisor
-/// (`dist/airlockd.service`, `CapabilityBoundingSet=`); the test runs it
+/// (`overlay/usr/lib/systemd/system/airlockd.service`, `CapabilityBoundingSet=`); the test runs it
 /// with exactly these, so a missing one fails here. (Without dac_override
 /// root cannot enter the side's run directory, which belongs to the side's
 /// user, to reach QMP.)

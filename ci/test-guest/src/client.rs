@@ -73,3 +73,29 @@ impl Client {
         }
     }
 }
+
+/// Runs one QMP command (`{"execute": ...}` as JSON text) on a QEMU QMP
+/// socket (the supervisor's test-only `qmp-test.sock`) and returns QEMU's
+/// `{"return": ...}` or `{"error": ...}` line. Events on the way are skipped.
+/// Line-based on purpose: the caller parses the JSON.
+pub fn qmp_execute(socket: &Path, command: &str, timeout: Duration) -> io::Result<String> {
+    let mut qmp = Client::connect(socket, timeout)?;
+    let greeting = qmp.read_reply(timeout)?;
+    if !greeting.starts_with("{\"QMP\"") {
+        return Err(io::Error::new(io::ErrorKind::InvalidData, format!("not a QMP greeting: {greeting}")));
+    }
+    let mut answer = |text: &str| -> io::Result<String> {
+        qmp.writer.write_all(format!("{text}\n").as_bytes())?;
+        loop {
+            let line = qmp.read_reply(timeout)?;
+            if line.starts_with("{\"return\"") || line.starts_with("{\"error\"") {
+                return Ok(line);
+            }
+        }
+    };
+    let negotiated = answer(r#"{"execute": "qmp_capabilities"}"#)?;
+    if !negotiated.starts_with("{\"return\"") {
+        return Err(io::Error::other(format!("qmp_capabilities refused: {negotiated}")));
+    }
+    answer(command)
+}

@@ -94,8 +94,8 @@ pub fn test_image_boots(suite: &mut Suite, images: &Images, opts: &AcceptanceOpt
     in_guest_checks(suite, &mut vm);
     suite.test(BOOT_TESTS[12], || {
         // Ours: every service unit the image ships in /etc/systemd/system
-        // (the overlay) or as /usr/lib/systemd/system/airlock-*.
-        let units = sh(&mut vm, "for f in /etc/systemd/system/*.service /usr/lib/systemd/system/airlock-*.service; do [ -f \"$f\" ] && [ ! -L \"$f\" ] && basename \"$f\"; done; true")?;
+        // (the overlay) or as /usr/lib/systemd/system/airlock*.
+        let units = sh(&mut vm, "for f in /etc/systemd/system/*.service /usr/lib/systemd/system/airlock*.service; do [ -f \"$f\" ] && [ ! -L \"$f\" ] && basename \"$f\"; done; true")?;
         let ours: Vec<&str> = units.lines().map(str::trim).filter(|u| !u.is_empty() && !EXPOSURE_EXEMPT.contains(u)).collect();
         let running = sh(&mut vm, "systemctl list-units --type=service --state=running --no-legend --plain | awk '{print $1}'")?;
         let mut table = Vec::new();

@@ -16,6 +16,8 @@ pub const TESTS: &[&str] = &[
     "supervisor: both test guests answer after boot (nested)",
     "supervisor: each QEMU runs as its side's user, in its side's domain and cgroup, with its limits",
     "supervisor: the classified guest has no USB, sound, IDE or floppy controller (P11)",
+    "supervisor: QMP on the classified QEMU: no USB, sound or storage-media device beyond its disk (P11)",
+    "supervisor: a CPU and memory hog in the general guest leaves the classified guest's benchmark within 1.5x (P14)",
 ];
 pub const POWEROFF_TEST: &str = "supervisor: both guests powering off powers the appliance off (P5)";
 
@@ -26,6 +28,13 @@ const GUEST_TIMEOUT: Duration = Duration::from_secs(300);
 
 fn guest(vm: &mut Vm, side: &str, command: &str) -> Result<String> {
     Ok(sh(vm, &format!("{CTL} /run/airlock/{side}/test.sock {command}"))?.trim().to_string())
+}
+
+/// One QMP command on the side's test-only monitor; QEMU's `return` value.
+fn qmp(vm: &mut Vm, side: &str, execute: &str) -> Result<serde_json::Value> {
+    let line = sh(vm, &format!("{CTL} --qmp /run/airlock/{side}/qmp-test.sock '{{\"execute\": \"{execute}\"}}'"))?;
+    let answer: serde_json::Value = serde_json::from_str(line.trim()).with_context(|| format!("QMP {execute} answered {line:?}"))?;
+    answer.get("return").cloned().with_context(|| format!("QMP {execute} failed: {answer}"))
 }
 
 /// Waits until both guests answer `ping`; seconds since the appliance booted.
@@ -92,6 +101,99 @@ fn check_classified_devices(vm: &mut Vm) -> Result<String> {
     Ok(format!("{} PCI devices: {}", devices.len(), devices.join(" ")))
 }
 
+/// PCI class codes QEMU reports as `class_info.class` (decimal in QMP).
+const PCI_CLASS_USB: u64 = 0x0c03;
+const PCI_CLASS_MULTIMEDIA: u64 = 0x04; // (base class) audio, video capture
+const PCI_CLASS_STORAGE: u64 = 0x01; // (base class)
+const PCI_CLASS_SATA: u64 = 0x0106;
+const PCI_CLASS_SCSI: u64 = 0x0100; // virtio-blk reports itself as SCSI-class
+
+/// Reads the classified QEMU's own view (QMP `query-pci`, `query-block`)
+/// rather than the guest's: a device the guest failed to probe still counts.
+/// Storage controllers allowed: the disk's virtio-blk and q35's built-in
+/// ICH9 AHCI (part of the chipset; it carries no drive, as `query-block` shows).
+fn check_classified_qmp(vm: &mut Vm) -> Result<String> {
+    let buses = qmp(vm, "classified", "query-pci")?;
+    let mut devices = Vec::new();
+    let mut storage = Vec::new();
+    for device in buses.as_array().into_iter().flatten().flat_map(|bus| bus["devices"].as_array().into_iter().flatten()) {
+        let class = device["class_info"]["class"].as_u64().context("query-pci: a device without class")?;
+        let desc = device["class_info"]["desc"].as_str().unwrap_or("?");
+        let id = device["qdev_id"].as_str().unwrap_or("");
+        let name = format!("{class:04x} {desc}{}", if id.is_empty() { String::new() } else { format!(" ({id})") });
+        ensure!(class != PCI_CLASS_USB, "the classified QEMU has a USB controller: {name}");
+        ensure!(class >> 8 != PCI_CLASS_MULTIMEDIA, "the classified QEMU has a multimedia device: {name}");
+        if class >> 8 == PCI_CLASS_STORAGE {
+            ensure!(class == PCI_CLASS_SATA || class == PCI_CLASS_SCSI, "unexpected storage controller: {name}");
+            storage.push(name.clone());
+        }
+        devices.push(name);
+    }
+    ensure!(!devices.is_empty(), "query-pci listed no device: {buses}");
+    let disks = storage.iter().filter(|n| n.starts_with(&format!("{PCI_CLASS_SCSI:04x}"))).count();
+    ensure!(disks == 1, "expected one virtio disk controller, found {disks}: {storage:?}");
+    let blocks = qmp(vm, "classified", "query-block")?;
+    let blocks: Vec<&serde_json::Value> = blocks.as_array().into_iter().flatten().collect();
+    let names: Vec<String> = blocks
+        .iter()
+        .map(|b| format!("{} removable={} inserted={}", b["device"].as_str().unwrap_or("?"), b["removable"], b.get("inserted").is_some()))
+        .collect();
+    ensure!(blocks.len() == 1, "the classified QEMU has {} block devices, only its disk expected: {names:?}", blocks.len());
+    ensure!(blocks[0]["removable"] == false, "the classified disk is removable media: {names:?}");
+    Ok(format!("{} PCI functions, storage: {}; block devices: {}", devices.len(), storage.join(", "), names.join(", ")))
+}
+
+/// Median benchmark time (µs) of three runs in the side's guest.
+fn bench_median(vm: &mut Vm, side: &str) -> Result<u64> {
+    let mut times = Vec::new();
+    for _ in 0..3 {
+        let reply = guest(vm, side, &format!("bench {BENCH_ITERATIONS}"))?;
+        let us = reply
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix("elapsed_us="))
+            .and_then(|v| v.parse::<u64>().ok())
+            .with_context(|| format!("unexpected bench reply {reply:?}"))?;
+        times.push(us);
+    }
+    times.sort_unstable();
+    Ok(times[1])
+}
+
+/// One benchmark run takes ~1-2 s in a nested KVM guest under TCG.
+const BENCH_ITERATIONS: u64 = 20_000_000;
+/// The hog: every vCPU the general guest has, and most of its memory.
+const HOG: &str = "hog 4 128 120";
+const HOG_BOUND: f64 = 1.5;
+
+/// The general guest hogs CPU and memory; the classified guest's benchmark
+/// must stay within [`HOG_BOUND`] of its time without the hog, and the
+/// general guest's cgroup must show it was throttled (the cap did the work).
+fn check_cpu_hog(vm: &mut Vm) -> Result<String> {
+    let throttled = |vm: &mut Vm| -> Result<u64> {
+        let stat = sh(vm, "cat /sys/fs/cgroup/system.slice/airlockd.service/guest-general/cpu.stat")?;
+        stat.lines().find_map(|l| l.strip_prefix("nr_throttled ")).and_then(|v| v.trim().parse().ok()).with_context(|| format!("no nr_throttled in cpu.stat: {stat}"))
+    };
+    let quiet = bench_median(vm, "classified")?;
+    let throttled_before = throttled(vm)?;
+    let reply = guest(vm, "general", HOG)?;
+    ensure!(reply.starts_with("ok hog"), "the general guest refused the hog: {reply}");
+    std::thread::sleep(Duration::from_secs(3));
+    let hogged = bench_median(vm, "classified")?;
+    let throttled_after = throttled(vm)?;
+    // The hog may not have ended the guest: it must still answer.
+    let alive = guest(vm, "general", "ping")?;
+    ensure!(alive.starts_with("pong"), "the general guest stopped answering under its own hog: {alive}");
+    let ratio = hogged as f64 / quiet as f64;
+    ensure!(throttled_after > throttled_before, "the general guest's cgroup was never throttled during the hog (nr_throttled {throttled_before} → {throttled_after}): the CPU cap did not act");
+    ensure!(ratio <= HOG_BOUND, "classified benchmark {quiet} µs quiet, {hogged} µs with the general hog: ratio {ratio:.2} > {HOG_BOUND}");
+    Ok(format!(
+        "classified benchmark median {:.2} s quiet, {:.2} s with the general guest hogging ({HOG}): ratio {ratio:.2} (bound {HOG_BOUND}); general throttled {} times",
+        quiet as f64 / 1e6,
+        hogged as f64 / 1e6,
+        throttled_after - throttled_before
+    ))
+}
+
 pub fn supervisor_checks(suite: &mut Suite, vm: &mut Vm) {
     let up = wait_for_guests(vm);
     let ok = up.is_ok();
@@ -101,6 +203,8 @@ pub fn supervisor_checks(suite: &mut Suite, vm: &mut Vm) {
     }
     suite.test(TESTS[1], || check_processes(vm));
     suite.test(TESTS[2], || check_classified_devices(vm));
+    suite.test(TESTS[3], || check_classified_qmp(vm));
+    suite.test(TESTS[4], || check_cpu_hog(vm));
 }
 
 /// Last: the machine is gone afterwards.
