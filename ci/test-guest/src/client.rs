@@ -99,3 +99,21 @@ pub fn qmp_execute(socket: &Path, command: &str, timeout: Duration) -> io::Resul
     }
     answer(command)
 }
+
+/// The `name=<number>` fields of a reply line such as `vdagent-log`'s
+/// (`rx.clipboard-grab=1` → `"rx.clipboard-grab" → 1`); other words are
+/// left out.
+pub fn counters(line: &str) -> std::collections::BTreeMap<String, u64> {
+    line.split_whitespace().filter_map(|w| w.split_once('=')).filter_map(|(k, v)| Some((k.to_owned(), v.parse().ok()?))).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn counters_are_parsed() {
+        let c = super::counters("vdagent connected=yes rx.clipboard=2 tx.announce-capabilities=1 errors=0");
+        assert_eq!(c.len(), 3);
+        assert_eq!(c["rx.clipboard"], 2);
+        assert_eq!(c.get("connected"), None);
+    }
+}

@@ -2,7 +2,17 @@
 //! a Debian kernel and an initramfs whose `/init` is this crate's static
 //! binary (`src/main.rs`). This library is the host side: the wire protocol
 //! ([`protocol`]), the initramfs writer ([`initramfs`]), finding a kernel
-//! ([`kernel`]) and a client for the guest's test port ([`client`]).
+//! ([`kernel`]) and a client for the guest's test port ([`client`]); and the
+//! guest's pure parts, unit-tested here: its SPICE vdagent clipboard agent
+//! ([`agent`], on `com.redhat.spice.0`, with the workspace codec
+//! `airlock-vdagent`) and the display patterns it draws ([`pattern`]).
+//!
+//! Besides the test port, the guest is a clipboard peer like the Windows
+//! guests' agent (a host test or the gateway plays the host side on the
+//! `com.redhat.spice.0` socket, the test port makes the guest copy and
+//! paste and reports what it saw), and it draws known patterns on a
+//! `-device VGA` display (kernel `bochs` DRM driver, fbdev `/dev/fb0`) for
+//! screendump checks.
 //!
 //! The initramfs is written in Rust (newc cpio, uncompressed), not with
 //! Debian's `cpio`: the format is ~40 lines, the kernel takes it
@@ -10,13 +20,17 @@
 //! modes and times), and the test needs no host package beyond QEMU
 //! (`cpio` is not installed on the build machines).
 
+pub mod agent;
 pub mod client;
 pub mod image;
 pub mod initramfs;
 pub mod kernel;
+pub mod pattern;
 
 /// The guest's side of the test port, one text line per command and reply.
 pub mod protocol {
+    use airlock_vdagent::{msg_type, ClipboardType};
+
     /// Name of the virtio-serial port the guest listens on (the supervisor
     /// adds it in test mode).
     pub const PORT_NAME: &str = "org.airlock.test.0";
@@ -43,6 +57,96 @@ pub mod protocol {
     /// `threads` vCPUs busy and `mib` MiB of memory touched for `seconds`.
     pub const HOG: &str = "hog";
 
+    /// Name of the virtio-serial port the guest's vdagent speaks on (as the
+    /// Windows guests' spice-vdagent); see [`crate::agent`].
+    pub const VDAGENT_PORT_NAME: &str = "com.redhat.spice.0";
+
+    /// `clip-set <type> <base64>` → `ok grabbed <type> <n> bytes`: the guest
+    /// takes its clipboard with that content (as on a copy in the guest) and
+    /// sends `CLIPBOARD_GRAB` with that one type to the host. When no grab
+    /// can be sent (the host is not connected or has not announced
+    /// `CLIPBOARD_BY_DEMAND`) → `error not sent: <why>`, the content is kept.
+    /// Types: see [`clip_type_name`].
+    pub const CLIP_SET: &str = "clip-set";
+    /// `clip-request <type>` → `ok requested <type>`: the guest sends
+    /// `CLIPBOARD_REQUEST` for that type (as on a paste in the guest); the
+    /// host's answer shows in `clip-received`. `error not sent: <why>` as
+    /// for `clip-set`.
+    pub const CLIP_REQUEST: &str = "clip-request";
+    /// `clip-received` → `clip <type> <base64>`: the last `CLIPBOARD` the host
+    /// sent, requested or not; `clip none` if none came yet or the last one
+    /// was of type `NONE` (the host had nothing).
+    pub const CLIP_RECEIVED: &str = "clip-received";
+    /// `clip-grabs` → `grabs <type> <type> ...`: the types offered by the
+    /// host's current `CLIPBOARD_GRAB`; `grabs none` if the host has not
+    /// grabbed, or released, or the guest grabbed since.
+    pub const CLIP_GRABS: &str = "clip-grabs";
+    /// `vdagent-log` → `vdagent connected=<yes|no> rx.<message>=<n> ...
+    /// tx.<message>=<n> ... errors=<n>`: messages received from and sent to
+    /// the host since boot, per type ([`message_name`]; types never seen are
+    /// left out; in type-number order), and input the codec refused. Refused messages of a known
+    /// type number (file transfer, too large, malformed) count under `rx.`
+    /// too. Parse with [`crate::client::counters`].
+    pub const VDAGENT_LOG: &str = "vdagent-log";
+    /// `draw bars` | `draw solid <rrggbb>` → `ok drew <pattern> <w>x<h>`:
+    /// fills the framebuffer `/dev/fb0` (QEMU `-device VGA`) with a
+    /// [`crate::pattern::Pattern`] and puts the console in graphics mode so
+    /// nothing draws over it; `error ...` without a framebuffer.
+    pub const DRAW: &str = "draw";
+
+    /// Clipboard type names on the test port: `utf8`, `png`, `bmp`, `tiff`,
+    /// `jpg`, `file-list`, `none`, or `type-<n>` for any other number.
+    pub fn clip_type_name(ty: ClipboardType) -> String {
+        match ty {
+            ClipboardType::None => "none".into(),
+            ClipboardType::Utf8Text => "utf8".into(),
+            ClipboardType::Png => "png".into(),
+            ClipboardType::Bmp => "bmp".into(),
+            ClipboardType::Tiff => "tiff".into(),
+            ClipboardType::Jpg => "jpg".into(),
+            ClipboardType::FileList => "file-list".into(),
+            ClipboardType::Other(n) => format!("type-{n}"),
+        }
+    }
+
+    /// The inverse of [`clip_type_name`].
+    pub fn parse_clip_type(name: &str) -> Option<ClipboardType> {
+        let n = match name {
+            "none" => 0,
+            "utf8" => 1,
+            "png" => 2,
+            "bmp" => 3,
+            "tiff" => 4,
+            "jpg" => 5,
+            "file-list" => 6,
+            other => other.strip_prefix("type-")?.parse().ok()?,
+        };
+        Some(ClipboardType::from_u32(n))
+    }
+
+    /// vdagent message names in `vdagent-log`: `VD_AGENT_*` in lower case
+    /// with dashes (`clipboard-grab`), `type-<n>` for unknown numbers.
+    pub fn message_name(t: u32) -> String {
+        let name = match t {
+            msg_type::MOUSE_STATE => "mouse-state",
+            msg_type::MONITORS_CONFIG => "monitors-config",
+            msg_type::REPLY => "reply",
+            msg_type::CLIPBOARD => "clipboard",
+            msg_type::DISPLAY_CONFIG => "display-config",
+            msg_type::ANNOUNCE_CAPABILITIES => "announce-capabilities",
+            msg_type::CLIPBOARD_GRAB => "clipboard-grab",
+            msg_type::CLIPBOARD_REQUEST => "clipboard-request",
+            msg_type::CLIPBOARD_RELEASE => "clipboard-release",
+            msg_type::FILE_XFER_START => "file-xfer-start",
+            msg_type::FILE_XFER_STATUS => "file-xfer-status",
+            msg_type::FILE_XFER_DATA => "file-xfer-data",
+            msg_type::CLIENT_DISCONNECTED => "client-disconnected",
+            msg_type::MAX_CLIPBOARD => "max-clipboard",
+            n => return format!("type-{n}"),
+        };
+        name.into()
+    }
+
     /// The benchmark workload: `iterations` rounds of an xorshift/multiply
     /// mix. Returns a value so the work cannot be optimised away.
     pub fn bench_work(iterations: u64) -> u64 {
@@ -55,5 +159,23 @@ pub mod protocol {
             acc = acc.wrapping_add(x.wrapping_mul(i | 1));
         }
         acc
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::protocol::*;
+    use airlock_vdagent::ClipboardType;
+
+    #[test]
+    fn clip_type_names_round_trip() {
+        for n in 0..9 {
+            let ty = ClipboardType::from_u32(n);
+            assert_eq!(parse_clip_type(&clip_type_name(ty)), Some(ty), "{n}");
+        }
+        assert_eq!(parse_clip_type("utf8"), Some(ClipboardType::Utf8Text));
+        assert_eq!(parse_clip_type("text"), None);
+        assert_eq!(message_name(7), "clipboard-grab");
+        assert_eq!(message_name(99), "type-99");
     }
 }

@@ -3,20 +3,36 @@
 //! `/lib/modules/order` (the ACPI power button and evdev, so QMP
 //! `system_powerdown` powers it off like a Windows guest), prints the
 //! alive banner on the console, and serves commands on the virtio-serial
-//! port `org.airlock.test.0` (protocol in `lib.rs`). Refuses to run as any
-//! other PID: its `poweroff` would power off whatever runs it.
+//! port `org.airlock.test.0` (protocol in `lib.rs`). A second thread is the
+//! guest's SPICE vdagent on `com.redhat.spice.0` (state machine in
+//! `agent.rs`); `draw` writes to the framebuffer `/dev/fb0`. Refuses to run
+//! as any other PID: its `poweroff` would power off whatever runs it.
 
 use std::ffi::CString;
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
+
+use airlock_test_guest::agent::{self, Agent};
+use airlock_test_guest::pattern::{Layout, Pattern};
+use airlock_test_guest::protocol::{self, bench_work};
+use airlock_vdagent::{encode, Decoder, Message};
+use base64::Engine as _;
 
 /// Set by `ignore-power-button`.
 static IGNORE_POWER_BUTTON: AtomicBool = AtomicBool::new(false);
 
-use airlock_test_guest::protocol::{self, bench_work};
+/// The vdagent's state, shared by its thread and the test port.
+static AGENT: Mutex<Agent> = Mutex::new(Agent::new());
+/// The vdagent port for writing, while the host is connected.
+static AGENT_WRITER: Mutex<Option<File>> = Mutex::new(None);
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
 
 fn main() {
     if std::process::id() != 1 {
@@ -30,6 +46,7 @@ fn main() {
     let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
     println!("{} (kernel {})", protocol::ALIVE_BANNER, release.trim());
     std::thread::spawn(watch_power_button);
+    std::thread::spawn(run_vdagent);
     loop {
         match find_port(protocol::PORT_NAME) {
             Some(port) => serve(&port),
@@ -161,8 +178,156 @@ fn handle(line: &str) -> String {
             hog(threads, mib, Duration::from_secs(secs));
             format!("ok hog threads={threads} mib={mib} seconds={secs}")
         }
+        Some(protocol::CLIP_SET) => {
+            let (Some(ty), Some(b64), None) = (words.next(), words.next(), words.next()) else {
+                return "error usage: clip-set <type> <base64>".into();
+            };
+            let Some(ty) = protocol::parse_clip_type(ty) else { return format!("error unknown clipboard type {ty:?}") };
+            let Ok(data) = base64::engine::general_purpose::STANDARD.decode(b64) else { return "error bad base64".into() };
+            let len = data.len();
+            let grab = lock(&AGENT).grab(ty, data);
+            match grab.and_then(|msgs| send_to_host(&msgs)) {
+                Ok(()) => format!("ok grabbed {} {len} bytes", protocol::clip_type_name(ty)),
+                Err(e) => format!("error not sent: {e}"),
+            }
+        }
+        Some(protocol::CLIP_REQUEST) => {
+            let (Some(name), None) = (words.next(), words.next()) else { return "error usage: clip-request <type>".into() };
+            let Some(ty) = protocol::parse_clip_type(name) else { return format!("error unknown clipboard type {name:?}") };
+            let request = lock(&AGENT).request(ty);
+            match request.and_then(|msgs| send_to_host(&msgs)) {
+                Ok(()) => format!("ok requested {}", protocol::clip_type_name(ty)),
+                Err(e) => format!("error not sent: {e}"),
+            }
+        }
+        Some(protocol::CLIP_RECEIVED) => lock(&AGENT).received_line(),
+        Some(protocol::CLIP_GRABS) => lock(&AGENT).grabs_line(),
+        Some(protocol::VDAGENT_LOG) => {
+            let connected = lock(&AGENT_WRITER).is_some();
+            lock(&AGENT).log_line(connected)
+        }
+        Some(protocol::DRAW) => {
+            let words: Vec<&str> = words.collect();
+            match Pattern::parse(&words).and_then(draw) {
+                Ok(reply) => reply,
+                Err(e) => format!("error {e}"),
+            }
+        }
         _ => format!("error unknown command {line:?}"),
     }
+}
+
+/// The guest's vdagent: finds `com.redhat.spice.0`, announces itself
+/// (the write waits until the host connects), answers the host until it
+/// disconnects, and announces again on the next connection.
+fn run_vdagent() {
+    // Not every boot has the port; this thread then just waits.
+    let port = loop {
+        match find_port(protocol::VDAGENT_PORT_NAME) {
+            Some(port) => break port,
+            None => std::thread::sleep(Duration::from_secs(1)),
+        }
+    };
+    let Ok(mut dev) = OpenOptions::new().read(true).write(true).open(&port) else {
+        println!("airlock-test-guest: cannot open {}", port.display());
+        return;
+    };
+    println!("airlock-test-guest: vdagent on {}", port.display());
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let Ok(mut writer) = dev.try_clone() else { return };
+        let hello = lock(&AGENT).start();
+        // Blocks until the host side connects.
+        if hello.iter().try_for_each(|m| writer.write_all(&encode(m))).is_err() {
+            std::thread::sleep(Duration::from_millis(500));
+            continue;
+        }
+        hello.iter().for_each(|m| lock(&AGENT).sent(m));
+        *lock(&AGENT_WRITER) = Some(writer);
+        let mut decoder = Decoder::new(agent::MAX_INBOUND_MESSAGE);
+        loop {
+            let n = match dev.read(&mut buf) {
+                Ok(0) | Err(_) => break, // the host disconnected
+                Ok(n) => n,
+            };
+            for item in decoder.feed(&buf[..n]) {
+                match item {
+                    Ok(msg) => {
+                        let answers = lock(&AGENT).on_message(msg);
+                        let _ = send_to_host(&answers);
+                    }
+                    Err(e) => {
+                        println!("airlock-test-guest: vdagent input refused: {e}");
+                        lock(&AGENT).on_refused(&e);
+                        if e.is_fatal() {
+                            // No boundary to resync on; start afresh.
+                            decoder = Decoder::new(agent::MAX_INBOUND_MESSAGE);
+                        }
+                    }
+                }
+            }
+        }
+        *lock(&AGENT_WRITER) = None;
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Writes `msgs` to the host (chunks of at most 2048 payload bytes, by
+/// [`encode`]) and counts them.
+fn send_to_host(msgs: &[Message]) -> Result<(), String> {
+    let mut writer = lock(&AGENT_WRITER);
+    let Some(w) = writer.as_mut() else { return Err("the host is not connected".into()) };
+    for m in msgs {
+        w.write_all(&encode(m)).map_err(|e| format!("writing to the host: {e}"))?;
+        lock(&AGENT).sent(m);
+    }
+    Ok(())
+}
+
+/// `FBIOGET_VSCREENINFO`, `FBIOGET_FSCREENINFO` (`linux/fb.h`), `KDSETMODE`
+/// and `KD_GRAPHICS` (`linux/kd.h`).
+const FBIOGET_VSCREENINFO: libc::c_ulong = 0x4600;
+const FBIOGET_FSCREENINFO: libc::c_ulong = 0x4602;
+const KDSETMODE: libc::c_ulong = 0x4B3A;
+const KD_GRAPHICS: libc::c_ulong = 1;
+
+/// Fills `/dev/fb0` with `pattern`, after switching the console to graphics
+/// mode (fbcon then leaves the screen alone: no cursor, no text).
+#[allow(unsafe_code)]
+fn draw(pattern: Pattern) -> Result<String, String> {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::FileExt;
+    let fb = OpenOptions::new().read(true).write(true).open("/dev/fb0").map_err(|e| format!("no framebuffer: /dev/fb0: {e}"))?;
+    // struct fb_var_screeninfo is 160 bytes, struct fb_fix_screeninfo 80 on x86-64.
+    let mut var = [0u8; 160];
+    let mut fix = [0u8; 80];
+    // SAFETY: each buffer is as large as the structure the ioctl fills.
+    let rc = unsafe {
+        libc::ioctl(fb.as_raw_fd(), FBIOGET_VSCREENINFO, var.as_mut_ptr())
+            | libc::ioctl(fb.as_raw_fd(), FBIOGET_FSCREENINFO, fix.as_mut_ptr())
+    };
+    if rc != 0 {
+        return Err(format!("framebuffer ioctl: {}", std::io::Error::last_os_error()));
+    }
+    let u = |b: &[u8], at: usize| u32::from_ne_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]]);
+    let layout = Layout {
+        width: u(&var, 0),
+        height: u(&var, 4),
+        bits_per_pixel: u(&var, 24),
+        line_length: u(&fix, 48),
+        red: (u(&var, 32), u(&var, 36)),
+        green: (u(&var, 44), u(&var, 48)),
+        blue: (u(&var, 56), u(&var, 60)),
+    };
+    let (xoffset, yoffset) = (u(&var, 16), u(&var, 20));
+    let pixels = layout.render(pattern)?;
+    if let Ok(tty) = File::open("/dev/tty0") {
+        // SAFETY: KDSETMODE takes an integer argument.
+        unsafe { libc::ioctl(tty.as_raw_fd(), KDSETMODE, KD_GRAPHICS) };
+    }
+    let start = u64::from(yoffset) * u64::from(layout.line_length) + u64::from(xoffset * layout.bits_per_pixel / 8);
+    fb.write_all_at(&pixels, start).map_err(|e| format!("writing /dev/fb0: {e}"))?;
+    Ok(format!("ok drew {} {}x{}", pattern.name(), layout.width, layout.height))
 }
 
 /// Busy threads and touched memory for `duration`, in the background.
