@@ -514,7 +514,10 @@ fn describe_status(status: std::process::ExitStatus) -> String {
 
 /// The last lines QEMU wrote to its log since `from`.
 fn log_tail(path: &Path, from: u64) -> String {
-    let text = fs::read(path).unwrap_or_default();
+    let text = match fs::read(path) {
+        Ok(text) => text,
+        Err(e) => return format!("(could not read {}: {e})", path.display()),
+    };
     let text = String::from_utf8_lossy(text.get(from as usize..).unwrap_or_default()).into_owned();
     let lines: Vec<&str> = text.lines().filter(|l| !l.starts_with("airlockd: ")).collect();
     let tail = &lines[lines.len().saturating_sub(LOG_TAIL)..];
