@@ -165,7 +165,10 @@ fn udp_listen(port: u16) -> Result<String, String> {
         std::thread::spawn(move || {
             let mut buf = vec![0u8; 65536];
             loop {
-                let Ok((n, source)) = socket.recv_from(&mut buf) else { continue };
+                let Ok((n, source)) = socket.recv_from(&mut buf) else {
+                    std::thread::sleep(Duration::from_millis(10));
+                    continue;
+                };
                 {
                     let mut log = lock(&UDP_LOG);
                     log.0 += 1;

@@ -5,14 +5,17 @@
 //! ([`kernel`]) and a client for the guest's test port ([`client`]); and the
 //! guest's pure parts, unit-tested here: its SPICE vdagent clipboard agent
 //! ([`agent`], on `com.redhat.spice.0`, with the workspace codec
-//! `airlock-vdagent`) and the display patterns it draws ([`pattern`]).
+//! `airlock-vdagent`), the display patterns it draws ([`pattern`]) and the
+//! pure parts of its network probes ([`net`]).
 //!
 //! Besides the test port, the guest is a clipboard peer like the Windows
 //! guests' agent (a host test or the gateway plays the host side on the
 //! `com.redhat.spice.0` socket, the test port makes the guest copy and
 //! paste and reports what it saw), and it draws known patterns on a
 //! `-device VGA` display (kernel `bochs` DRM driver, fbdev `/dev/fb0`) for
-//! screendump checks.
+//! screendump checks. With a `virtio-net-pci` NIC it takes a static
+//! address and probes the network (TCP, UDP, ICMP; refused vs. dropped) for
+//! the appliance's isolation tests.
 //!
 //! The initramfs is written in Rust (newc cpio, uncompressed), not with
 //! Debian's `cpio`: the format is ~40 lines, the kernel takes it
@@ -95,12 +98,13 @@ pub mod protocol {
     /// nothing draws over it; `error ...` without a framebuffer.
     pub const DRAW: &str = "draw";
 
-    /// `net-up <address>/<prefix> <gateway>` → `ok net <ifname> <mac>
-    /// <address>/<prefix>`: brings up `lo` and the first ethernet interface
-    /// (waiting up to 5 s for the `virtio_net` driver to make one) with that
-    /// IPv4 address, and makes `<gateway>` the default route (replacing any
-    /// earlier one). Static, like the appliance's guests (no DHCP). `error
-    /// ...` when there is no ethernet interface or an ioctl fails.
+    /// `net-up <address>/<prefix> <gateway>` →
+    /// `ok net <ifname> <mac> <address>/<prefix>`: brings up `lo` and the
+    /// first ethernet interface (waiting up to 5 s for the `virtio_net`
+    /// driver to make one) with that IPv4 address, and makes the gateway the
+    /// default route (replacing any earlier one). Static, like the
+    /// appliance's guests (no DHCP). `error ...` when there is no ethernet
+    /// interface or an ioctl fails.
     pub const NET_UP: &str = "net-up";
     /// `net-info` → `net iface=<name>,<mac>,<up|down>,<address/prefix|none>
     /// ... route=<dest/prefix>,<gateway|direct>,<dev> ...`: every interface
