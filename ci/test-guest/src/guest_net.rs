@@ -130,20 +130,32 @@ fn tcp_fetch(to: SocketAddr, timeout: Duration) -> String {
     format!("line {}", text.lines().next().unwrap_or_default())
 }
 
-fn tcp_listen(port: u16) -> Result<String, String> {
-    let mut ports = lock(&TCP_PORTS);
+/// Binds with `bind` and runs `serve` on a thread of its own, once per
+/// port in `ports`: listening again on a port is a no-op.
+fn listen_once<S: Send + 'static>(
+    ports: &Mutex<Vec<u16>>,
+    port: u16,
+    bind: impl FnOnce() -> io::Result<S>,
+    serve: impl FnOnce(S) + Send + 'static,
+) -> Result<(), String> {
+    let mut ports = lock(ports);
     if !ports.contains(&port) {
-        let listener = TcpListener::bind(("0.0.0.0", port)).map_err(|e| format!("listening on tcp {port}: {e}"))?;
+        let socket = bind().map_err(|e| format!("listening on {port}: {e}"))?;
         ports.push(port);
-        std::thread::spawn(move || {
-            for mut stream in listener.incoming().flatten() {
-                if let (Ok(local), Ok(peer)) = (stream.local_addr(), stream.peer_addr()) {
-                    let _ = stream.write_all(format!("{}\n", net::banner(local, peer)).as_bytes());
-                }
-                let _ = stream.shutdown(Shutdown::Both);
-            }
-        });
+        std::thread::spawn(move || serve(socket));
     }
+    Ok(())
+}
+
+fn tcp_listen(port: u16) -> Result<String, String> {
+    listen_once(&TCP_PORTS, port, || TcpListener::bind(("0.0.0.0", port)), |listener| {
+        for mut stream in listener.incoming().flatten() {
+            if let (Ok(local), Ok(peer)) = (stream.local_addr(), stream.peer_addr()) {
+                let _ = stream.write_all(format!("{}\n", net::banner(local, peer)).as_bytes());
+            }
+            let _ = stream.shutdown(Shutdown::Both);
+        }
+    })?;
     Ok(format!("ok listening {port}"))
 }
 
@@ -158,31 +170,26 @@ fn udp_send<'a>(words: &mut impl Iterator<Item = &'a str>, text: &str) -> Result
 }
 
 fn udp_listen(port: u16) -> Result<String, String> {
-    let mut ports = lock(&UDP_PORTS);
-    if !ports.contains(&port) {
-        let socket = UdpSocket::bind(("0.0.0.0", port)).map_err(|e| format!("listening on udp {port}: {e}"))?;
-        ports.push(port);
-        std::thread::spawn(move || {
-            let mut buf = vec![0u8; 65536];
-            loop {
-                let Ok((n, source)) = socket.recv_from(&mut buf) else {
-                    std::thread::sleep(Duration::from_millis(10));
-                    continue;
-                };
-                {
-                    let mut log = lock(&UDP_LOG);
-                    log.0 += 1;
-                    log.1.push_back(Datagram { port, source, payload: buf[..n].to_vec() });
-                    while log.1.len() > protocol::UDP_KEPT {
-                        log.1.pop_front();
-                    }
+    listen_once(&UDP_PORTS, port, || UdpSocket::bind(("0.0.0.0", port)), move |socket| {
+        let mut buf = vec![0u8; 65536];
+        loop {
+            let Ok((n, source)) = socket.recv_from(&mut buf) else {
+                std::thread::sleep(Duration::from_millis(10));
+                continue;
+            };
+            {
+                let mut log = lock(&UDP_LOG);
+                log.0 += 1;
+                log.1.push_back(Datagram { port, source, payload: buf[..n].to_vec() });
+                while log.1.len() > protocol::UDP_KEPT {
+                    log.1.pop_front();
                 }
-                // The local address as the peer sees it: the one the route to it uses.
-                let local = local_address_towards(source).unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], port)));
-                let _ = socket.send_to(net::banner(SocketAddr::new(local.ip(), port), source).as_bytes(), source);
             }
-        });
-    }
+            // The local address as the peer sees it: the one the route to it uses.
+            let local = local_address_towards(source).unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], port)));
+            let _ = socket.send_to(net::banner(SocketAddr::new(local.ip(), port), source).as_bytes(), source);
+        }
+    })?;
     Ok(format!("ok listening udp {port}"))
 }
 
