@@ -5,14 +5,17 @@
 //! ([`kernel`]) and a client for the guest's test port ([`client`]); and the
 //! guest's pure parts, unit-tested here: its SPICE vdagent clipboard agent
 //! ([`agent`], on `com.redhat.spice.0`, with the workspace codec
-//! `airlock-vdagent`) and the display patterns it draws ([`pattern`]).
+//! `airlock-vdagent`), the display patterns it draws ([`pattern`]) and the
+//! pure parts of its network probes ([`net`]).
 //!
 //! Besides the test port, the guest is a clipboard peer like the Windows
 //! guests' agent (a host test or the gateway plays the host side on the
 //! `com.redhat.spice.0` socket, the test port makes the guest copy and
 //! paste and reports what it saw), and it draws known patterns on a
 //! `-device VGA` display (kernel `bochs` DRM driver, fbdev `/dev/fb0`) for
-//! screendump checks.
+//! screendump checks. With a `virtio-net-pci` NIC it takes a static
+//! address and probes the network (TCP, UDP, ICMP; refused vs. dropped) for
+//! the appliance's isolation tests.
 //!
 //! The initramfs is written in Rust (newc cpio, uncompressed), not with
 //! Debian's `cpio`: the format is ~40 lines, the kernel takes it
@@ -25,6 +28,7 @@ pub mod client;
 pub mod image;
 pub mod initramfs;
 pub mod kernel;
+pub mod net;
 pub mod pattern;
 
 /// The guest's side of the test port, one text line per command and reply.
@@ -93,6 +97,67 @@ pub mod protocol {
     /// [`crate::pattern::Pattern`] and puts the console in graphics mode so
     /// nothing draws over it; `error ...` without a framebuffer.
     pub const DRAW: &str = "draw";
+
+    /// `net-up <address>/<prefix> <gateway>` →
+    /// `ok net <ifname> <mac> <address>/<prefix>`: brings up `lo` and the
+    /// first ethernet interface (waiting up to 5 s for the `virtio_net`
+    /// driver to make one) with that IPv4 address, and makes the gateway the
+    /// default route (replacing any earlier one). Static, like the
+    /// appliance's guests (no DHCP). `error ...` when there is no ethernet
+    /// interface or an ioctl fails.
+    pub const NET_UP: &str = "net-up";
+    /// `net-info` → `net iface=<name>,<mac>,<up|down>,<address/prefix|none>
+    /// ... route=<dest/prefix>,<gateway|direct>,<dev> ...`: every interface
+    /// (sorted by name) and the IPv4 routing table (`/proc/net/route`,
+    /// `0.0.0.0/0` is the default route).
+    pub const NET_INFO: &str = "net-info";
+    /// `tcp-connect <ip> <port> <timeout_ms>` → `connected <local ip:port>`
+    /// | `refused` (an RST or ICMP port-unreachable came back: a
+    /// *rejecting* filter or a closed port) | `timeout` (nothing came back:
+    /// a *dropping* filter) | `error <text>` (e.g. `error unreachable: ...`
+    /// for ICMP host/net unreachable or no ARP answer from the gateway).
+    /// The connection is closed at once.
+    pub const TCP_CONNECT: &str = "tcp-connect";
+    /// `tcp-listen <port>` → `ok listening <port>`: accepts TCP connections
+    /// on `0.0.0.0:<port>` in the background, and answers each with one line,
+    /// [`crate::net::banner`] (`airlock-test-guest <local ip> port <port> peer
+    /// <peer ip:port>`: which guest answered, and whom it saw — after NAT, the
+    /// translated address), then closes it. Listening again on the same port
+    /// is `ok listening` too.
+    pub const TCP_LISTEN: &str = "tcp-listen";
+    /// `tcp-fetch <ip> <port> <timeout_ms>` → `line <text>`: connects and
+    /// returns the first line the server sent (two-way data, not just a
+    /// SYN-ACK); `refused` | `timeout` | `error <text>` as for
+    /// [`TCP_CONNECT`]; `error connected, no line: <why>` when the
+    /// connection stood but no line came within the time left.
+    pub const TCP_FETCH: &str = "tcp-fetch";
+    /// `udp-send <ip> <port> <text>` → `ok sent <n> bytes from <local
+    /// ip:port>`: one datagram whose payload is the rest of the line
+    /// (spaces kept), from a fresh socket.
+    pub const UDP_SEND: &str = "udp-send";
+    /// `udp-listen <port>` → `ok listening udp <port>`: receives datagrams
+    /// on `0.0.0.0:<port>` in the background, keeps the last
+    /// [`UDP_KEPT`] for [`UDP_RECEIVED`], and answers each with one datagram,
+    /// [`crate::net::banner`] (so [`UDP_FETCH`] sees a DNS-like round trip).
+    pub const UDP_LISTEN: &str = "udp-listen";
+    /// `udp-received` → `udp <total> <port>:<source ip:port>/<payload> ...`:
+    /// how many datagrams the listeners received since boot, then the last
+    /// [`UDP_KEPT`], oldest first, each with the listening port, its source
+    /// and its payload escaped by [`crate::net::escape`] (no spaces; parse
+    /// with [`crate::net::parse_udp_received`]). `udp 0` when none came.
+    pub const UDP_RECEIVED: &str = "udp-received";
+    /// Datagrams [`UDP_RECEIVED`] reports.
+    pub const UDP_KEPT: usize = 8;
+    /// `udp-fetch <ip> <port> <timeout_ms> <text>` → `reply <source
+    /// ip:port> <payload>`: sends one datagram and waits for the first
+    /// answer; `refused` (ICMP port unreachable came back) | `timeout` |
+    /// `error <text>`.
+    pub const UDP_FETCH: &str = "udp-fetch";
+    /// `icmp-ping <ip> <timeout_ms>` → `reply <ms> from <ip>` | `timeout` |
+    /// `error <text>`: one ICMP echo request on an ICMP datagram socket
+    /// (`/init` opens `net.ipv4.ping_group_range` to root). Not named `ping`:
+    /// that is the test port's own liveness check.
+    pub const ICMP_PING: &str = "icmp-ping";
 
     /// Clipboard type names on the test port: `utf8`, `png`, `bmp`, `tiff`,
     /// `jpg`, `file-list`, `none`, or `type-<n>` for any other number.

@@ -5,8 +5,9 @@
 //! alive banner on the console, and serves commands on the virtio-serial
 //! port `org.airlock.test.0` (protocol in `lib.rs`). A second thread is the
 //! guest's SPICE vdagent on `com.redhat.spice.0` (state machine in
-//! `agent.rs`); `draw` writes to the framebuffer `/dev/fb0`. Refuses to run
-//! as any other PID: its `poweroff` would power off whatever runs it.
+//! `agent.rs`); `draw` writes to the framebuffer `/dev/fb0`; the network
+//! commands are in `guest_net.rs` (it also loads `virtio_net`). Refuses to
+//! run as any other PID: its `poweroff` would power off whatever runs it.
 
 use std::ffi::CString;
 use std::fs::{File, OpenOptions};
@@ -22,6 +23,8 @@ use airlock_test_guest::protocol::{self, bench_work};
 use airlock_vdagent::{encode, Decoder, Message};
 use base64::Engine as _;
 
+mod guest_net;
+
 /// Set by `ignore-power-button`.
 static IGNORE_POWER_BUTTON: AtomicBool = AtomicBool::new(false);
 
@@ -30,7 +33,7 @@ static AGENT: Mutex<Agent> = Mutex::new(Agent::new());
 /// The vdagent port for writing, while the host is connected.
 static AGENT_WRITER: Mutex<Option<File>> = Mutex::new(None);
 
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
@@ -43,6 +46,7 @@ fn main() {
     mount("proc", "/proc", "proc");
     mount("sysfs", "/sys", "sysfs");
     load_modules();
+    guest_net::allow_ping_sockets();
     let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
     println!("{} (kernel {})", protocol::ALIVE_BANNER, release.trim());
     std::thread::spawn(watch_power_button);
@@ -213,7 +217,7 @@ fn handle(line: &str) -> String {
                 Err(e) => format!("error {e}"),
             }
         }
-        _ => format!("error unknown command {line:?}"),
+        _ => guest_net::handle(line).unwrap_or_else(|| format!("error unknown command {line:?}")),
     }
 }
 
