@@ -73,6 +73,23 @@ impl GuestState {
     }
 }
 
+/// What the clipboard gateway is doing, as the control socket reports it.
+/// Any exit of the gateway is a crash: it is restarted with [`backoff`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "state", rename_all = "kebab-case")]
+pub enum GatewayState {
+    /// `clipboard.enabled = false`.
+    Disabled,
+    /// It cannot run on this appliance (no program, no user); not retried.
+    Unavailable { reason: String },
+    Starting,
+    Running { pid: u32 },
+    /// It ended; restart in `delay_ms`.
+    Restarting { delay_ms: u64, reason: String },
+    /// Host shutdown or power-off: stopped.
+    Stopped,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -110,5 +127,9 @@ mod tests {
     fn states_serialise_for_the_control_socket() {
         assert_eq!(serde_json::to_string(&GuestState::Running { pid: 7 }).unwrap(), r#"{"state":"running","pid":7}"#);
         assert_eq!(serde_json::to_string(&GuestState::Off).unwrap(), r#"{"state":"off"}"#);
+        assert_eq!(
+            serde_json::to_string(&GatewayState::Unavailable { reason: "no user".into() }).unwrap(),
+            r#"{"state":"unavailable","reason":"no user"}"#
+        );
     }
 }
