@@ -49,6 +49,28 @@ pub fn backoff(crashes: u32) -> Duration {
     BACKOFF_START.saturating_mul(1 << shift).min(BACKOFF_MAX)
 }
 
+/// Crashes in a row of one process (a guest's QEMU, the gateway), for the
+/// restart back-off.
+#[derive(Debug, Default)]
+pub struct Crashes(u32);
+
+impl Crashes {
+    /// Counts a crash after a run of `ran` (a run of [`STABLE_RUN`] or more
+    /// starts the count afresh); returns crashes in a row and the delay
+    /// before the restart.
+    pub fn record(&mut self, ran: Duration) -> (u32, Duration) {
+        if ran >= STABLE_RUN {
+            self.0 = 0;
+        }
+        self.0 += 1;
+        (self.0, backoff(self.0))
+    }
+
+    pub fn reset(&mut self) {
+        self.0 = 0;
+    }
+}
+
 /// What a guest is doing, as the control socket reports it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(tag = "state", rename_all = "kebab-case")]
@@ -121,6 +143,19 @@ mod tests {
         let secs: Vec<u64> = (1..=9).map(|n| backoff(n).as_secs()).collect();
         assert_eq!(secs, [1, 2, 4, 8, 16, 32, 60, 60, 60]);
         assert_eq!(backoff(1000), BACKOFF_MAX);
+    }
+
+    #[test]
+    fn crashes_in_a_row_back_off_and_a_stable_run_forgives() {
+        let mut c = Crashes::default();
+        let short = Duration::from_secs(1);
+        assert_eq!(c.record(short), (1, Duration::from_secs(1)));
+        assert_eq!(c.record(short), (2, Duration::from_secs(2)));
+        assert_eq!(c.record(short), (3, Duration::from_secs(4)));
+        assert_eq!(c.record(STABLE_RUN), (1, Duration::from_secs(1)));
+        c.record(short);
+        c.reset();
+        assert_eq!(c.record(short), (1, Duration::from_secs(1)));
     }
 
     #[test]

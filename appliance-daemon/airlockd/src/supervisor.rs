@@ -394,7 +394,7 @@ fn runner(guest: Guest, ctx: RunnerContext) {
     let send = |state: GuestState| {
         let _ = ctx.tx.send(Msg::State(side, state));
     };
-    let mut crashes = 0u32;
+    let mut crashes = lifecycle::Crashes::default();
     loop {
         if ctx.shared.stopping() {
             send(GuestState::Stopped);
@@ -416,15 +416,11 @@ fn runner(guest: Guest, ctx: RunnerContext) {
             }
             ExitKind::Rebooted => {
                 log::info(format!("{side}: the guest rebooted; starting it again"));
-                crashes = 0;
+                crashes.reset();
             }
             ExitKind::Crashed(reason) => {
-                if started.elapsed() >= lifecycle::STABLE_RUN {
-                    crashes = 0;
-                }
-                crashes += 1;
-                let delay = lifecycle::backoff(crashes);
-                log::error(format!("{side}: guest crashed: {reason}; restart {crashes} in a row, in {delay:?}"));
+                let (in_a_row, delay) = crashes.record(started.elapsed());
+                log::error(format!("{side}: guest crashed: {reason}; restart {in_a_row} in a row, in {delay:?}"));
                 let _ = ctx.tx.send(Msg::Restarted(side));
                 send(GuestState::Restarting { delay_ms: delay.as_millis() as u64, reason });
                 ctx.shared.sleep(delay);
@@ -646,7 +642,7 @@ fn gateway_runner(plan: GatewayPlan, ctx: GatewayContext) {
     let send = |state: GatewayState| {
         let _ = ctx.tx.send(Msg::Gateway(state));
     };
-    let mut crashes = 0u32;
+    let mut crashes = lifecycle::Crashes::default();
     loop {
         if ctx.shared.stopping() {
             send(GatewayState::Stopped);
@@ -670,12 +666,8 @@ fn gateway_runner(plan: GatewayPlan, ctx: GatewayContext) {
             send(GatewayState::Stopped);
             return;
         }
-        if started.elapsed() >= lifecycle::STABLE_RUN {
-            crashes = 0;
-        }
-        crashes += 1;
-        let delay = lifecycle::backoff(crashes);
-        log::error(format!("clipboard gateway: {reason}; restart {crashes} in a row, in {delay:?}"));
+        let (in_a_row, delay) = crashes.record(started.elapsed());
+        log::error(format!("clipboard gateway: {reason}; restart {in_a_row} in a row, in {delay:?}"));
         let _ = ctx.tx.send(Msg::GatewayRestarted);
         send(GatewayState::Restarting { delay_ms: delay.as_millis() as u64, reason });
         ctx.shared.sleep(delay);
