@@ -579,14 +579,13 @@ fn hand_to_gateway(socket: &Path, gid: u32) -> Result<()> {
 }
 
 /// Checks that the gateway can run here and prepares its files: program
-/// and sanitiser present, its user known, the audit log its own, and in
-/// confirm mode its run directory.
+/// present, its user known, the audit log its own, and in confirm mode its
+/// run directory. (The sanitiser is the gateway's business: the supervisor
+/// never touches it, not even to look.)
 fn prepare_gateway(config: &Config, root: bool) -> Result<GatewayPlan> {
     let paths = GatewayPaths::new(&config.supervisor);
-    for program in [&paths.program, &paths.sanitiser] {
-        if !program.is_file() {
-            bail!("{} is missing", program.display());
-        }
+    if !paths.program.is_file() {
+        bail!("{} is missing", paths.program.display());
     }
     let user = if root { Some(users::lookup_account(&config.clipboard.user)?) } else { None };
     let ids = user.as_ref().map(|a| a.ids);
