@@ -1,7 +1,8 @@
-//! Each guest's QEMU in its own cgroup v2, `guest-<side>`, under the
-//! supervisor's delegated cgroup (`Delegate=yes`), with the configured
-//! limits written to `cpu.max`, `memory.max` and `io.max` where the
-//! controllers are available (P14). Which limits were applied and which
+//! Each guest's QEMU in its own cgroup v2, `guest-<side>`, and the
+//! clipboard gateway in `gateway`, under the supervisor's delegated cgroup
+//! (`Delegate=yes`), with the configured limits written to `cpu.max`,
+//! `memory.max` and (guests) `io.max` where the controllers are available
+//! (P14). Which limits were applied and which
 //! could not be is reported, never silently dropped.
 //!
 //! cgroup v2 lets a cgroup hand controllers to its children only while it
@@ -142,11 +143,24 @@ pub fn guest_root(own: &Path) -> (PathBuf, Option<PathBuf>) {
 /// Creates (or reuses) `<root>/guest-<side>`, kills anything left in it by an
 /// earlier supervisor, and writes the limits.
 pub fn prepare_guest(root: &Path, side: Side, limits: &Limits, disk: &Path) -> Result<GuestCgroup> {
-    let dir = root.join(format!("guest-{side}"));
+    prepare(root, &format!("guest-{side}"), side.name(), limits.cpu_percent, limits.memory_max_mib, Some((&limits.io, disk)))
+}
+
+/// Creates (or reuses) the clipboard gateway's cgroup `<root>/gateway` (the
+/// gateway and each sanitiser it starts), kills anything left in it, and
+/// writes its CPU and memory limits.
+pub fn prepare_gateway(root: &Path, cpu_percent: u32, memory_max_mib: u64) -> Result<GuestCgroup> {
+    prepare(root, crate::gateway::CGROUP, "gateway", cpu_percent, memory_max_mib, None)
+}
+
+/// `<root>/<name>` with `cpu.max`, `memory.max` and, given a disk, `io.max`
+/// for that disk's device; `who` names it in log lines.
+fn prepare(root: &Path, name: &str, who: &str, cpu_percent: u32, memory_max_mib: u64, io: Option<(&IoLimits, &Path)>) -> Result<GuestCgroup> {
+    let dir = root.join(name);
     fs::create_dir_all(&dir).with_context(|| format!("creating cgroup {}", dir.display()))?;
     let leftover = fs::read_to_string(dir.join("cgroup.procs")).unwrap_or_default();
     if !leftover.trim().is_empty() {
-        crate::log::warn(format!("{side}: killing processes left in {} by an earlier run: {}", dir.display(), leftover.split_whitespace().collect::<Vec<_>>().join(" ")));
+        crate::log::warn(format!("{who}: killing processes left in {} by an earlier run: {}", dir.display(), leftover.split_whitespace().collect::<Vec<_>>().join(" ")));
         kill_all(&dir);
     }
     let controllers = fs::read_to_string(dir.join("cgroup.controllers")).unwrap_or_default();
@@ -160,14 +174,14 @@ pub fn prepare_guest(root: &Path, side: Side, limits: &Limits, disk: &Path) -> R
         };
         applied.push(Applied { file, value, outcome });
     };
-    apply("cpu.max", "cpu", cpu_max(limits.cpu_percent));
-    apply("memory.max", "memory", memory_max(limits.memory_max_mib));
-    if !limits.io.is_unlimited() {
+    apply("cpu.max", "cpu", cpu_max(cpu_percent));
+    apply("memory.max", "memory", memory_max(memory_max_mib));
+    if let Some((io, disk)) = io.filter(|(io, _)| !io.is_unlimited()) {
         match block_device_of(disk) {
-            Ok(device) => apply("io.max", "io", io_max(device, &limits.io).expect("limited")),
+            Ok(device) => apply("io.max", "io", io_max(device, io).expect("limited")),
             Err(why) => applied.push(Applied {
                 file: "io.max",
-                value: io_max((0, 0), &limits.io).expect("limited"),
+                value: io_max((0, 0), io).expect("limited"),
                 outcome: Err(format!("{why:#}")),
             }),
         }
@@ -251,5 +265,8 @@ mod tests {
         assert!(s.contains("memory.max=\"104857600\""), "{s}");
         assert!(s.contains("io.max"), "{s}");
         assert!(s.contains("applied: none"), "{s}");
+        let cg = prepare_gateway(dir.path(), 100, 2048).unwrap();
+        assert_eq!(cg.dir, dir.path().join("gateway"));
+        assert_eq!(cg.limits.iter().map(|a| (a.file, a.value.as_str())).collect::<Vec<_>>(), [("cpu.max", "100000 100000"), ("memory.max", "2147483648")]);
     }
 }

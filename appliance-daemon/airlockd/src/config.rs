@@ -1,5 +1,6 @@
 //! The appliance configuration: two guests (`[guest.classified]`,
-//! `[guest.general]`) and the supervisor's own settings (`[supervisor]`).
+//! `[guest.general]`), the supervisor's own settings (`[supervisor]`) and
+//! the clipboard gateway the supervisor runs (`[clipboard]`).
 //!
 //! Read in three stages: each file is parsed strictly into a raw layer
 //! (`deny_unknown_fields`, every value keeps its span), the shipped file
@@ -11,7 +12,7 @@
 //! The provisioning file sits on the writable data partition, so it may only
 //! set machine-specific values (disk, memory, vCPUs, limits, MAC address); it
 //! can never add a device, change the accelerator, the firmware, the user a
-//! guest runs as, or anything of the supervisor. Device allow-lists are
+//! guest runs as, anything of the supervisor or of the clipboard. Device allow-lists are
 //! refused, not filtered: the classified guest may never have a USB
 //! controller, CD/DVD drive, sound device (P11); no guest gets a floppy,
 //! parallel or serial port, or a shared folder.
@@ -135,6 +136,7 @@ pub enum Rtc {
 struct RawFile {
     supervisor: Option<RawSupervisor>,
     guest: Option<RawGuests>,
+    clipboard: Option<RawClipboard>,
     /// Validated by `airlock_network` (after merging the layers).
     network: Option<toml::Value>,
 }
@@ -147,12 +149,35 @@ struct RawSupervisor {
     log_dir: Option<Spanned<String>>,
     qemu: Option<Spanned<String>>,
     swtpm: Option<Spanned<String>>,
+    gateway: Option<Spanned<String>>,
     cgroup: Option<Spanned<String>>,
     strict_limits: Option<Spanned<bool>>,
     poweroff_command: Option<Spanned<Vec<String>>>,
     shutdown_timeout_secs: Option<Spanned<u64>>,
     control_group: Option<Spanned<String>>,
     test_mode: Option<Spanned<bool>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawClipboard {
+    enabled: Option<Spanned<bool>>,
+    user: Option<Spanned<String>>,
+    max_bytes: Option<Spanned<u64>>,
+    max_image_dimension: Option<Spanned<u64>>,
+    max_image_pixels: Option<Spanned<u64>>,
+    request_timeout_ms: Option<Spanned<u64>>,
+    sanitiser_timeout_ms: Option<Spanned<u64>>,
+    confirm: Option<Spanned<bool>>,
+    confirm_timeout_ms: Option<Spanned<u64>>,
+    limits: Option<RawClipboardLimits>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawClipboardLimits {
+    cpu_percent: Option<Spanned<u32>>,
+    memory_max_mib: Option<Spanned<u64>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -225,6 +250,8 @@ pub struct Config {
     pub supervisor: Supervisor,
     pub classified: Guest,
     pub general: Guest,
+    /// The clipboard gateway (`[clipboard]`).
+    pub clipboard: Clipboard,
     /// The `[network]` section (`airlock_network`), if configured.
     #[serde(skip)]
     pub network: Option<airlock_network::NetworkConfig>,
@@ -255,6 +282,8 @@ pub struct Supervisor {
     pub log_dir: PathBuf,
     pub qemu: PathBuf,
     pub swtpm: PathBuf,
+    /// The clipboard gateway; its sanitiser is `airlock-sanitiser` beside it.
+    pub gateway: PathBuf,
     pub cgroup: CgroupRoot,
     /// Refuse to start a guest whose configured limits cannot all be applied.
     pub strict_limits: bool,
@@ -272,6 +301,53 @@ pub struct Supervisor {
 impl Supervisor {
     pub fn control_socket(&self) -> PathBuf {
         self.run_dir.join("control.sock")
+    }
+}
+
+/// The clipboard gateway (`airlock-gateway`, one way general → classified,
+/// P12/P13): whether the supervisor runs it, as whom, and the limits it is
+/// given on its command line.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Clipboard {
+    pub enabled: bool,
+    /// The unprivileged user the gateway (and its sanitiser) runs as.
+    pub user: String,
+    /// Largest clipboard item taken from the general guest, and largest
+    /// sanitised text, bytes (`--max-bytes`).
+    pub max_bytes: u32,
+    /// Largest image width and height, pixels.
+    pub max_image_dimension: u32,
+    /// Largest image area, pixels.
+    pub max_image_pixels: u64,
+    /// How long the general guest has to send the data it offered.
+    pub request_timeout_ms: u64,
+    /// Wall-clock limit of one sanitiser run.
+    pub sanitiser_timeout_ms: u64,
+    /// Confirm mode: each transfer waits for the user's key in the kiosk.
+    pub confirm: bool,
+    /// Confirm mode: how long the user has.
+    pub confirm_timeout_ms: u64,
+    /// The gateway's cgroup (`gateway`): gateway and sanitiser together.
+    pub cpu_percent: u32,
+    pub memory_max_mib: u64,
+}
+
+impl Clipboard {
+    /// The gateway's defaults (`airlock-gateway --help`), enabled.
+    pub fn defaults() -> Clipboard {
+        Clipboard {
+            enabled: true,
+            user: "airlock-gateway".into(),
+            max_bytes: 32 << 20,
+            max_image_dimension: 16384,
+            max_image_pixels: 40_000_000,
+            request_timeout_ms: 2000,
+            sanitiser_timeout_ms: 15000,
+            confirm: false,
+            confirm_timeout_ms: 30000,
+            cpu_percent: 100,
+            memory_max_mib: 2048,
+        }
     }
 }
 
@@ -491,6 +567,7 @@ pub fn parse_layers(texts: &[(&str, &str, bool)]) -> Result<Config, ConfigError>
     let mut classified = resolve_guest(&layers, Side::Classified, &supervisor)?;
     let mut general = resolve_guest(&layers, Side::General, &supervisor)?;
     let network = resolve_network(&layers)?;
+    let clipboard = resolve_clipboard(&layers, &supervisor, [&classified.user, &general.user])?;
     if let Some(net) = &network {
         for guest in [&mut classified, &mut general] {
             match_network(&layers, guest, net)?;
@@ -504,7 +581,88 @@ pub fn parse_layers(texts: &[(&str, &str, bool)]) -> Result<Config, ConfigError>
             None => ConfigError::Missing { file: layers[0].file.clone(), key: "guest.general.user".into(), message: message.into() },
         });
     }
-    Ok(Config { supervisor, classified, general, network })
+    Ok(Config { supervisor, classified, general, clipboard, network })
+}
+
+/// The `[clipboard]` section: every value checked against the range the
+/// gateway accepts, each error naming its key.
+fn resolve_clipboard(layers: &[Layer], sup: &Supervisor, guest_users: [&String; 2]) -> Result<Clipboard, ConfigError> {
+    fn clip(l: &Layer) -> Option<&RawClipboard> {
+        l.raw.clipboard.as_ref()
+    }
+    fn lim(l: &Layer) -> Option<&RawClipboardLimits> {
+        clip(l)?.limits.as_ref()
+    }
+    let d = Clipboard::defaults();
+    let number = |key: &str, default: u64, range: std::ops::RangeInclusive<u64>, unit: &str, get: fn(&RawClipboard) -> Option<&Spanned<u64>>| {
+        match pick(layers, |l| get(clip(l)?)) {
+            None => Ok(default),
+            Some(f) if !range.contains(f.value) => Err(f.invalid(
+                &format!("clipboard.{key}"),
+                format!("{} is outside {}..={}{unit}", f.value, range.start(), range.end()),
+            )),
+            Some(f) => Ok(*f.value),
+        }
+    };
+    let enabled = pick(layers, |l| clip(l)?.enabled.as_ref()).is_none_or(|f| *f.value);
+    let user = match pick(layers, |l| clip(l)?.user.as_ref()) {
+        None => d.user,
+        Some(f) => {
+            check_name(f.value).map_err(|why| f.invalid("clipboard.user", why))?;
+            if f.value == "root" {
+                return Err(f.invalid("clipboard.user", "the gateway never runs as root"));
+            }
+            f.value.clone()
+        }
+    };
+    if enabled && !sup.test_mode && guest_users.contains(&&user) {
+        let message = format!("{user:?} is a guest's user; the gateway needs its own (so no guest's QEMU can reach the other guest's vdagent socket)");
+        return Err(match pick(layers, |l| clip(l)?.user.as_ref()) {
+            Some(f) => f.invalid("clipboard.user", message),
+            None => ConfigError::Missing { file: layers[0].file.clone(), key: "clipboard.user".into(), message },
+        });
+    }
+    let max_bytes = number("max_bytes", d.max_bytes.into(), 1..=i32::MAX as u64, " bytes", |c| c.max_bytes.as_ref())? as u32;
+    let max_image_dimension =
+        number("max_image_dimension", d.max_image_dimension.into(), 1..=65535, " pixels", |c| c.max_image_dimension.as_ref())? as u32;
+    let max_image_pixels = number("max_image_pixels", d.max_image_pixels, 1..=100_000_000, " pixels", |c| c.max_image_pixels.as_ref())?;
+    let request_timeout_ms = number("request_timeout_ms", d.request_timeout_ms, 100..=60_000, " ms", |c| c.request_timeout_ms.as_ref())?;
+    let sanitiser_timeout_ms =
+        number("sanitiser_timeout_ms", d.sanitiser_timeout_ms, 100..=120_000, " ms", |c| c.sanitiser_timeout_ms.as_ref())?;
+    let confirm = pick(layers, |l| clip(l)?.confirm.as_ref()).is_some_and(|f| *f.value);
+    let confirm_timeout_ms = number("confirm_timeout_ms", d.confirm_timeout_ms, 1000..=600_000, " ms", |c| c.confirm_timeout_ms.as_ref())?;
+    if !confirm {
+        if let Some(f) = pick(layers, |l| clip(l)?.confirm_timeout_ms.as_ref()) {
+            return Err(f.invalid("clipboard.confirm_timeout_ms", "only means something with clipboard.confirm = true"));
+        }
+    }
+    let cpu_percent = match pick(layers, |l| lim(l)?.cpu_percent.as_ref()) {
+        None => d.cpu_percent,
+        Some(f) if !(1..=25_600).contains(f.value) => {
+            return Err(f.invalid("clipboard.limits.cpu_percent", format!("{} is outside 1..=25600 (percent of one CPU)", f.value)))
+        }
+        Some(f) => *f.value,
+    };
+    let memory_max_mib = match pick(layers, |l| lim(l)?.memory_max_mib.as_ref()) {
+        None => d.memory_max_mib,
+        Some(f) if !(128..=1_048_576).contains(f.value) => {
+            return Err(f.invalid("clipboard.limits.memory_max_mib", format!("{} MiB is outside 128..=1048576", f.value)))
+        }
+        Some(f) => *f.value,
+    };
+    Ok(Clipboard {
+        enabled,
+        user,
+        max_bytes,
+        max_image_dimension,
+        max_image_pixels,
+        request_timeout_ms,
+        sanitiser_timeout_ms,
+        confirm,
+        confirm_timeout_ms,
+        cpu_percent,
+        memory_max_mib,
+    })
 }
 
 /// The `[network]` section: parsed straight from its file when only one
@@ -618,6 +776,9 @@ fn check_provisioning_keys(layer: &Layer) -> Result<(), ConfigError> {
         let _ = s;
         return Err(layer.invalid(&layer.table_span("supervisor"), "supervisor", only_shipped));
     }
+    if layer.raw.clipboard.is_some() {
+        return Err(layer.invalid(&layer.table_span("clipboard"), "clipboard", only_shipped));
+    }
     for side in Side::ALL {
         let Some(g) = layer.guest(side) else { continue };
         let p = |k: &str| format!("guest.{side}.{k}");
@@ -665,6 +826,7 @@ fn resolve_supervisor(layers: &[Layer]) -> Result<Supervisor, ConfigError> {
     let log_dir = dir("log_dir", "/var/log/airlock", |s| s.log_dir.as_ref())?;
     let qemu = dir("qemu", "/usr/bin/qemu-system-x86_64", |s| s.qemu.as_ref())?;
     let swtpm = dir("swtpm", "/usr/bin/swtpm", |s| s.swtpm.as_ref())?;
+    let gateway = dir("gateway", "/usr/lib/airlock/airlock-gateway", |s| s.gateway.as_ref())?;
     let cgroup = match pick(layers, |l| sup(l)?.cgroup.as_ref()) {
         None => CgroupRoot::Auto,
         Some(f) if f.value == "auto" => CgroupRoot::Auto,
@@ -711,6 +873,7 @@ fn resolve_supervisor(layers: &[Layer]) -> Result<Supervisor, ConfigError> {
         log_dir,
         qemu,
         swtpm,
+        gateway,
         cgroup,
         strict_limits,
         poweroff_command,
@@ -975,7 +1138,7 @@ fn check_mac(mac: &str) -> Result<(), String> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     pub(crate) const MINIMAL: &str = r#"
@@ -1009,16 +1172,34 @@ disk = "/var/lib/airlock/general/disk/windows.qcow2"
     }
 
     #[test]
+    fn clipboard_defaults_are_the_gateways_and_safe() {
+        let c = parse("t.toml", MINIMAL).unwrap();
+        assert_eq!(c.clipboard, Clipboard::defaults());
+        assert!(c.clipboard.enabled, "the clipboard gateway runs unless switched off");
+        assert!(!c.clipboard.confirm, "confirm mode is off by default");
+        assert_eq!(c.clipboard.user, "airlock-gateway");
+        assert_eq!(c.supervisor.gateway, Path::new("/usr/lib/airlock/airlock-gateway"));
+        let text = format!("{MINIMAL}[clipboard]\nenabled = false\nuser = \"airlock-general\"\n");
+        assert!(!parse("t.toml", &text).unwrap().clipboard.enabled, "a disabled gateway's user is not checked against the guests'");
+        let text = format!("{MINIMAL}[clipboard]\nconfirm = true\nconfirm_timeout_ms = 60000\nmax_bytes = 1048576\n[clipboard.limits]\nmemory_max_mib = 512\n");
+        let c = parse("t.toml", &text).unwrap().clipboard;
+        assert!(c.confirm && c.confirm_timeout_ms == 60000 && c.max_bytes == 1 << 20 && c.memory_max_mib == 512, "{c:?}");
+    }
+
+    #[test]
     fn shipped_example_is_valid() {
         let c = parse("appliance.toml", crate::SHIPPED_CONFIG_TEXT).unwrap();
         assert!(c.classified.devices.iter().all(|d| d.refusal(Side::Classified).is_none()));
         assert!(!c.supervisor.test_mode);
+        assert!(c.clipboard.enabled && !c.clipboard.confirm, "{:?}", c.clipboard);
+        assert_eq!(c.clipboard.user, "airlock-gateway");
     }
 
     #[test]
     fn test_profile_config_is_valid() {
         let c = parse("appliance-test.toml", include_str!("../../../ci/test-agent/overlay/etc/airlock/appliance.toml")).unwrap();
         assert!(c.supervisor.test_mode);
+        assert!(c.clipboard.enabled, "the suite copies through the gateway");
         for side in Side::ALL {
             let g = c.guest(side);
             assert_eq!(g.accel, Accel::Kvm, "nested KVM in the suite");
@@ -1082,6 +1263,24 @@ disk = "/var/lib/airlock/general/disk/windows.qcow2"
             (format!("[supervisor]\ncgroup = \"/tmp/x\"\n{}", g("", "")), vec!["supervisor.cgroup", "line 2"]),
             (format!("[supervisor]\nshutdown_timeout_secs = 0\n{}", g("", "")), vec!["supervisor.shutdown_timeout_secs", "line 2"]),
             (format!("[supervisor]\nrun_dir = \"/{}\"\n{}", "x".repeat(100), g("", "")), vec!["supervisor.run_dir", "line 2", "socket"]),
+            (format!("[supervisor]\ngateway = \"airlock-gateway\"\n{}", g("", "")), vec!["supervisor.gateway", "line 2", "absolute"]),
+            (format!("{}[clipboard]\ncolour = 1\n", g("", "")), vec!["colour", "line 8"]),
+            (format!("{}[clipboard]\nenabled = \"yes\"\n", g("", "")), vec!["enabled", "line 8"]),
+            (format!("{}[clipboard]\nmax_bytes = 0\n", g("", "")), vec!["clipboard.max_bytes", "line 8", "outside 1..=2147483647"]),
+            (format!("{}[clipboard]\nmax_bytes = 4294967295\n", g("", "")), vec!["clipboard.max_bytes", "line 8"]),
+            (format!("{}[clipboard]\nmax_bytes = -1\n", g("", "")), vec!["max_bytes", "line 8"]),
+            (format!("{}[clipboard]\nmax_image_dimension = 0\n", g("", "")), vec!["clipboard.max_image_dimension", "line 8"]),
+            (format!("{}[clipboard]\nmax_image_pixels = 1000000000\n", g("", "")), vec!["clipboard.max_image_pixels", "line 8"]),
+            (format!("{}[clipboard]\nrequest_timeout_ms = 0\n", g("", "")), vec!["clipboard.request_timeout_ms", "line 8", "ms"]),
+            (format!("{}[clipboard]\nsanitiser_timeout_ms = 600000\n", g("", "")), vec!["clipboard.sanitiser_timeout_ms", "line 8"]),
+            (format!("{}[clipboard]\nconfirm_timeout_ms = 5000\n", g("", "")), vec!["clipboard.confirm_timeout_ms", "line 8", "confirm = true"]),
+            (format!("{}[clipboard]\nconfirm = true\nconfirm_timeout_ms = 10\n", g("", "")), vec!["clipboard.confirm_timeout_ms", "line 9"]),
+            (format!("{}[clipboard]\nuser = \"root\"\n", g("", "")), vec!["clipboard.user", "line 8", "root"]),
+            (format!("{}[clipboard]\nuser = \"Gate Way\"\n", g("", "")), vec!["clipboard.user", "line 8", "not a valid"]),
+            (format!("{}[clipboard]\nuser = \"airlock-general\"\n", g("", "")), vec!["clipboard.user", "line 8", "guest's user"]),
+            (format!("{}[clipboard.limits]\nmemory_max_mib = 16\n", g("", "")), vec!["clipboard.limits.memory_max_mib", "line 8"]),
+            (format!("{}[clipboard.limits]\ncpu_percent = 0\n", g("", "")), vec!["clipboard.limits.cpu_percent", "line 8"]),
+            (format!("{}[clipboard.limits]\nio_read_bps = 1\n", g("", "")), vec!["io_read_bps", "line 8"]),
         ];
         for (text, words) in &cases {
             let err = match parse("appliance.toml", text) {
@@ -1111,6 +1310,8 @@ disk = "/var/lib/airlock/general/disk/windows.qcow2"
             ("[guest.general.firmware]\ntpm = true\n", ["guest.general.firmware", "prov, line 1"]),
             ("[guest.general.network]\ntap = \"tap-x\"\n", ["guest.general.network.tap", "prov, line 2"]),
             ("[guest.general]\nuser = \"nobody\"\n", ["guest.general.user", "prov, line 2"]),
+            ("[clipboard]\nenabled = false\n", ["clipboard", "prov, line 1"]),
+            ("\n[clipboard.limits]\nmemory_max_mib = 512\n", ["clipboard", "prov, line 2"]),
         ] {
             let err = parse_layers(&[("shipped", MINIMAL, false), ("prov", over, true)]).unwrap_err().to_string();
             assert!(err.contains("shipped configuration"), "{err}");

@@ -5,11 +5,14 @@
 //! ```json
 //! {"event":"status","phase":"running","ready":true,"both_off":false,
 //!  "guests":{"classified":{"state":"running","pid":812,"restarts":0},
-//!            "general":{"state":"restarting","delay_ms":2000,"reason":"...","restarts":1}}}
+//!            "general":{"state":"restarting","delay_ms":2000,"reason":"...","restarts":1}},
+//!  "gateway":{"state":"running","pid":830,"restarts":0}}
 //! ```
 //!
 //! `ready`: both guests run. `both_off`: both powered themselves off (the
-//! host powers off next). The socket is `0660 root:<control_group>`; a
+//! host powers off next). `gateway`: the clipboard gateway
+//! ([`GatewayState`]: `disabled`, `unavailable`, `starting`, `running`,
+//! `restarting`, `stopped`); it does not count towards `ready`. The socket is `0660 root:<control_group>`; a
 //! client that does not read is dropped rather than allowed to stall the
 //! supervisor.
 
@@ -25,7 +28,7 @@ use anyhow::{Context, Result};
 use serde::Serialize;
 
 use crate::config::Side;
-use crate::lifecycle::GuestState;
+use crate::lifecycle::{GatewayState, GuestState};
 
 /// What the supervisor as a whole is doing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -47,16 +50,25 @@ pub struct GuestStatus {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct GatewayStatus {
+    #[serde(flatten)]
+    pub state: GatewayState,
+    /// Restarts since the supervisor started.
+    pub restarts: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Status {
     pub event: &'static str,
     pub phase: Phase,
     pub ready: bool,
     pub both_off: bool,
     pub guests: BTreeMap<Side, GuestStatus>,
+    pub gateway: GatewayStatus,
 }
 
-/// The status line for the given guest states.
-pub fn status(phase: Phase, guests: &BTreeMap<Side, GuestStatus>) -> Status {
+/// The status line for the given guest and gateway states.
+pub fn status(phase: Phase, guests: &BTreeMap<Side, GuestStatus>, gateway: &GatewayStatus) -> Status {
     let all = |f: fn(&GuestState) -> bool| Side::ALL.iter().all(|s| guests.get(s).is_some_and(|g| f(&g.state)));
     Status {
         event: "status",
@@ -64,6 +76,7 @@ pub fn status(phase: Phase, guests: &BTreeMap<Side, GuestStatus>) -> Status {
         ready: all(GuestState::is_running),
         both_off: all(|s| *s == GuestState::Off),
         guests: guests.clone(),
+        gateway: gateway.clone(),
     }
 }
 
@@ -126,18 +139,25 @@ mod tests {
         ])
     }
 
+    fn gw(state: GatewayState) -> GatewayStatus {
+        GatewayStatus { state, restarts: 0 }
+    }
+
     #[test]
     fn ready_and_both_off_need_both_guests() {
-        let s = status(Phase::Running, &guests(GuestState::Running { pid: 1 }, GuestState::Running { pid: 2 }));
+        let running = gw(GatewayState::Running { pid: 3 });
+        let s = status(Phase::Running, &guests(GuestState::Running { pid: 1 }, GuestState::Running { pid: 2 }), &running);
         assert!(s.ready && !s.both_off);
-        let s = status(Phase::Running, &guests(GuestState::Running { pid: 1 }, GuestState::Off));
+        let s = status(Phase::Running, &guests(GuestState::Running { pid: 1 }, GuestState::Running { pid: 2 }), &gw(GatewayState::Starting));
+        assert!(s.ready, "the gateway does not hold up `ready`");
+        let s = status(Phase::Running, &guests(GuestState::Running { pid: 1 }, GuestState::Off), &running);
         assert!(!s.ready && !s.both_off);
-        let s = status(Phase::PoweringOff, &guests(GuestState::Off, GuestState::Off));
+        let s = status(Phase::PoweringOff, &guests(GuestState::Off, GuestState::Off), &GatewayStatus { state: GatewayState::Stopped, restarts: 1 });
         assert!(!s.ready && s.both_off);
         let json = serde_json::to_string(&s).unwrap();
         assert_eq!(
             json,
-            r#"{"event":"status","phase":"powering-off","ready":false,"both_off":true,"guests":{"classified":{"state":"off","restarts":0},"general":{"state":"off","restarts":2}}}"#
+            r#"{"event":"status","phase":"powering-off","ready":false,"both_off":true,"guests":{"classified":{"state":"off","restarts":0},"general":{"state":"off","restarts":2}},"gateway":{"state":"stopped","restarts":1}}"#
         );
     }
 
@@ -147,14 +167,14 @@ mod tests {
         let path = dir.path().join("control.sock");
         let server = Server::bind(&path, None).unwrap();
         assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o660);
-        server.publish(&status(Phase::Running, &guests(GuestState::Starting, GuestState::Starting)));
+        server.publish(&status(Phase::Running, &guests(GuestState::Starting, GuestState::Starting), &gw(GatewayState::Disabled)));
         let mut client = BufReader::new(UnixStream::connect(&path).unwrap());
         let mut line = String::new();
         client.read_line(&mut line).unwrap();
         assert!(line.contains("\"starting\""), "{line}");
         // The accept thread may still be adding the client; publish until it hears.
         for _ in 0..50 {
-            server.publish(&status(Phase::Running, &guests(GuestState::Off, GuestState::Off)));
+            server.publish(&status(Phase::Running, &guests(GuestState::Off, GuestState::Off), &gw(GatewayState::Disabled)));
             if server.clients.lock().unwrap().len() == 1 {
                 break;
             }

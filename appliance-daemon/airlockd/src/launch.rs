@@ -189,6 +189,15 @@ pub fn kill(pid: i32) {
     }
 }
 
+/// Sends SIGTERM to `pid`; a process already gone is fine.
+pub fn terminate(pid: i32) {
+    // SAFETY: kill has no memory-safety preconditions.
+    #[allow(unsafe_code)]
+    unsafe {
+        libc::kill(pid, libc::SIGTERM);
+    }
+}
+
 /// `chown path uid:gid`.
 pub fn chown(path: &Path, ids: Ids) -> Result<()> {
     std::os::unix::fs::chown(path, Some(ids.uid), Some(ids.gid)).with_context(|| format!("chown {}:{} {}", ids.uid, ids.gid, path.display()))

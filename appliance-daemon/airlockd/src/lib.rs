@@ -3,13 +3,15 @@
 //! Pure decisions live in their own modules and are unit-tested: the
 //! configuration ([`config`]), the QEMU command line ([`qemu`]), cgroup limit
 //! values ([`cgroup`]), how a QEMU exit is read and the restart back-off
-//! ([`lifecycle`]), the control socket's messages ([`control`]). The code
+//! ([`lifecycle`]), the control socket's messages ([`control`]), the
+//! clipboard gateway's command line ([`gateway`]). The code
 //! that acts on them ([`launch`], [`supervisor`]) is thin and covered by the
 //! host integration test (`tests/supervisor.rs`).
 
 pub mod cgroup;
 pub mod config;
 pub mod control;
+pub mod gateway;
 pub mod launch;
 pub mod lifecycle;
 pub mod log;

@@ -49,6 +49,28 @@ pub fn backoff(crashes: u32) -> Duration {
     BACKOFF_START.saturating_mul(1 << shift).min(BACKOFF_MAX)
 }
 
+/// Crashes in a row of one process (a guest's QEMU, the gateway), for the
+/// restart back-off.
+#[derive(Debug, Default)]
+pub struct Crashes(u32);
+
+impl Crashes {
+    /// Counts a crash after a run of `ran` (a run of [`STABLE_RUN`] or more
+    /// starts the count afresh); returns crashes in a row and the delay
+    /// before the restart.
+    pub fn record(&mut self, ran: Duration) -> (u32, Duration) {
+        if ran >= STABLE_RUN {
+            self.0 = 0;
+        }
+        self.0 += 1;
+        (self.0, backoff(self.0))
+    }
+
+    pub fn reset(&mut self) {
+        self.0 = 0;
+    }
+}
+
 /// What a guest is doing, as the control socket reports it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(tag = "state", rename_all = "kebab-case")]
@@ -71,6 +93,23 @@ impl GuestState {
     pub fn is_running(&self) -> bool {
         matches!(self, GuestState::Running { .. })
     }
+}
+
+/// What the clipboard gateway is doing, as the control socket reports it.
+/// Any exit of the gateway is a crash: it is restarted with [`backoff`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "state", rename_all = "kebab-case")]
+pub enum GatewayState {
+    /// `clipboard.enabled = false`.
+    Disabled,
+    /// It cannot run on this appliance (no program, no user); not retried.
+    Unavailable { reason: String },
+    Starting,
+    Running { pid: u32 },
+    /// It ended; restart in `delay_ms`.
+    Restarting { delay_ms: u64, reason: String },
+    /// Host shutdown or power-off: stopped.
+    Stopped,
 }
 
 #[cfg(test)]
@@ -107,8 +146,25 @@ mod tests {
     }
 
     #[test]
+    fn crashes_in_a_row_back_off_and_a_stable_run_forgives() {
+        let mut c = Crashes::default();
+        let short = Duration::from_secs(1);
+        assert_eq!(c.record(short), (1, Duration::from_secs(1)));
+        assert_eq!(c.record(short), (2, Duration::from_secs(2)));
+        assert_eq!(c.record(short), (3, Duration::from_secs(4)));
+        assert_eq!(c.record(STABLE_RUN), (1, Duration::from_secs(1)));
+        c.record(short);
+        c.reset();
+        assert_eq!(c.record(short), (1, Duration::from_secs(1)));
+    }
+
+    #[test]
     fn states_serialise_for_the_control_socket() {
         assert_eq!(serde_json::to_string(&GuestState::Running { pid: 7 }).unwrap(), r#"{"state":"running","pid":7}"#);
         assert_eq!(serde_json::to_string(&GuestState::Off).unwrap(), r#"{"state":"off"}"#);
+        assert_eq!(
+            serde_json::to_string(&GatewayState::Unavailable { reason: "no user".into() }).unwrap(),
+            r#"{"state":"unavailable","reason":"no user"}"#
+        );
     }
 }

@@ -38,12 +38,15 @@ enum Command {
     Run(ConfigArgs),
     /// Validate the configuration and print it resolved, as JSON.
     Check(ConfigArgs),
-    /// Print the QEMU command line of one guest.
+    /// Print the QEMU command line of one guest, or the clipboard gateway's.
     Cmdline {
         #[command(flatten)]
         config: ConfigArgs,
-        #[arg(long, value_parser = parse_side)]
-        side: Side,
+        #[arg(long, value_parser = parse_side, required_unless_present = "gateway", conflicts_with = "gateway")]
+        side: Option<Side>,
+        /// The clipboard gateway's command line instead.
+        #[arg(long)]
+        gateway: bool,
     },
     /// The host network (`[network]`): print the nftables ruleset or the topology steps.
     Net {
@@ -91,10 +94,18 @@ fn real_main(cli: Cli) -> Result<()> {
             let cfg = args.load()?;
             out(&format!("{}\n", serde_json::to_string_pretty(&cfg)?))
         }
-        Command::Cmdline { config, side } => {
+        Command::Cmdline { config, side, gateway } => {
             let cfg = config.load()?;
-            let args = airlockd::qemu::command_line(cfg.guest(side), &cfg.supervisor)?;
-            out(&format!("{} {}\n", cfg.supervisor.qemu.display(), args.join(" ")))
+            match side {
+                Some(side) if !gateway => {
+                    let args = airlockd::qemu::command_line(cfg.guest(side), &cfg.supervisor)?;
+                    out(&format!("{} {}\n", cfg.supervisor.qemu.display(), args.join(" ")))
+                }
+                _ => {
+                    let args = airlockd::gateway::command_line(&cfg);
+                    out(&format!("{} {}\n", cfg.supervisor.gateway.display(), args.join(" ")))
+                }
+            }
         }
         Command::Net { what: NetCommand::Apply(args) } => {
             let cfg = args.load()?;
@@ -138,8 +149,12 @@ mod tests {
     #[test]
     fn cli_parses() {
         let cli = Cli::try_parse_from(["airlockd", "cmdline", "--side", "general", "--config", "/x.toml"]).unwrap();
-        assert!(matches!(cli.command, Command::Cmdline { side: Side::General, .. }));
+        assert!(matches!(cli.command, Command::Cmdline { side: Some(Side::General), gateway: false, .. }));
         assert!(Cli::try_parse_from(["airlockd", "cmdline", "--side", "secret"]).is_err());
+        assert!(Cli::try_parse_from(["airlockd", "cmdline"]).is_err(), "a side or --gateway");
+        assert!(Cli::try_parse_from(["airlockd", "cmdline", "--side", "general", "--gateway"]).is_err());
+        let cli = Cli::try_parse_from(["airlockd", "cmdline", "--gateway"]).unwrap();
+        assert!(matches!(cli.command, Command::Cmdline { side: None, gateway: true, .. }));
         let cli = Cli::try_parse_from(["airlockd", "net", "render", "--config", "/a.toml"]).unwrap();
         assert!(matches!(cli.command, Command::Net { what: NetCommand::Render(_) }));
         let cli = Cli::try_parse_from(["airlockd", "run"]).unwrap();

@@ -1,17 +1,21 @@
 //! The guest lifecycle (P5): both guests start at start-up; a crashed guest
 //! is restarted with back-off; a guest that powered itself off stays off;
 //! when both are off the power-off action runs; SIGTERM presses both ACPI
-//! power buttons, waits (bounded), then pulls the plug.
+//! power buttons, waits (bounded), then pulls the plug. The clipboard
+//! gateway (`[clipboard]`) runs beside the guests, as its own user in its
+//! own cgroup, is restarted with back-off whenever it ends, and is stopped
+//! at host shutdown and before the power-off action.
 //!
 //! One thread per guest ([`runner`]) starts its QEMU, watches it and decides
-//! what its exit means; the main thread ([`run`]) owns the state table,
-//! publishes it on the control socket and handles signals. They talk over
-//! one channel of [`Msg`].
+//! what its exit means; one thread ([`gateway_runner`]) does the same for
+//! the gateway; the main thread ([`run`]) owns the state table, publishes it
+//! on the control socket and handles signals. They talk over one channel of
+//! [`Msg`].
 
 use std::collections::BTreeMap;
-use std::fs::{self, OpenOptions};
+use std::fs::{self, File, OpenOptions};
 use std::io::Write;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::Child;
@@ -25,9 +29,10 @@ use anyhow::{bail, Context, Result};
 
 use crate::cgroup;
 use crate::config::{Accel, Boot, Config, Guest, Side, Supervisor};
-use crate::control::{self, GuestStatus, Phase};
+use crate::control::{self, GatewayStatus, GuestStatus, Phase};
+use crate::gateway::{self, GatewayPaths};
 use crate::launch::{self, Spec};
-use crate::lifecycle::{self, ExitKind, GuestState};
+use crate::lifecycle::{self, ExitKind, GatewayState, GuestState};
 use crate::log;
 use crate::qemu::{self, GuestPaths};
 use crate::qmp::{Commander, Session, Shutdown};
@@ -48,11 +53,15 @@ const KILL_GRACE: Duration = Duration::from_secs(10);
 const POWEROFF_TIMEOUT: Duration = Duration::from_secs(60);
 /// Lines of QEMU's log quoted when it fails.
 const LOG_TAIL: usize = 4;
+/// How long the gateway has to end after SIGTERM before it is killed.
+const GATEWAY_STOP_GRACE: Duration = Duration::from_secs(2);
 
 /// Runner → main thread.
 enum Msg {
     State(Side, GuestState),
     Restarted(Side),
+    Gateway(GatewayState),
+    GatewayRestarted,
     Signal(i32),
 }
 
@@ -108,6 +117,24 @@ struct RunnerContext {
     user: Option<Account>,
     selinux: bool,
     cgroup_root: Option<PathBuf>,
+    /// The gateway's group: each new vdagent socket is handed to it.
+    vdagent_group: Option<u32>,
+}
+
+/// What the gateway runner needs, worked out once.
+struct GatewayPlan {
+    program: PathBuf,
+    args: Vec<String>,
+    user: Option<Account>,
+    cpu_percent: u32,
+    memory_max_mib: u64,
+}
+
+struct GatewayContext {
+    tx: Sender<Msg>,
+    shared: Arc<Shared>,
+    cgroup_root: Option<PathBuf>,
+    strict_limits: bool,
 }
 
 /// Runs the supervisor until the host powers off or it is told to stop.
@@ -161,6 +188,29 @@ pub fn run(config: Config) -> Result<()> {
     };
     let control = control::Server::bind(&sup.control_socket(), control_gid)?;
 
+    // The gateway, once both sides' run directories exist (it connects to
+    // the vdagent sockets in them as QEMU creates them). A gateway that
+    // cannot run leaves the guests running without a clipboard.
+    let gateway_plan: Result<Option<GatewayPlan>, String> = if !config.clipboard.enabled {
+        log::info("clipboard gateway disabled (clipboard.enabled = false)");
+        Ok(None)
+    } else {
+        prepare_gateway(&config, root).map(Some).map_err(|e| {
+            log::error(format!("clipboard gateway cannot run: {e:#}; the guests run without a clipboard"));
+            format!("{e:#}")
+        })
+    };
+    let mut gateway_status = GatewayStatus {
+        state: match &gateway_plan {
+            Ok(None) => GatewayState::Disabled,
+            Err(reason) => GatewayState::Unavailable { reason: reason.clone() },
+            Ok(Some(_)) => GatewayState::Starting,
+        },
+        restarts: 0,
+    };
+    let gateway_plan = gateway_plan.ok().flatten();
+    let vdagent_group = gateway_plan.as_ref().and_then(|p| p.user.as_ref()).map(|a| a.ids.gid);
+
     let (tx, rx) = mpsc::channel();
     signals::forward(tx.clone(), Msg::Signal);
     let shared = Arc::new(Shared::default());
@@ -175,13 +225,29 @@ pub fn run(config: Config) -> Result<()> {
             user: users_by_side[&side].clone(),
             selinux,
             cgroup_root: cgroup_root.clone(),
+            vdagent_group,
         };
         let guest = config.guest(side).clone();
         runners.push(thread::Builder::new().name(format!("guest-{side}")).spawn(move || runner(guest, ctx))?);
     }
+    // The gateway's runner is the thread that spawns it, so it must live as
+    // long as the gateway (the parent-death signal follows the thread).
+    let mut gateway_thread = match gateway_plan {
+        Some(plan) => {
+            let ctx = GatewayContext { tx: tx.clone(), shared: shared.clone(), cgroup_root: cgroup_root.clone(), strict_limits: sup.strict_limits };
+            Some(thread::Builder::new().name("gateway".into()).spawn(move || gateway_runner(plan, ctx))?)
+        }
+        None => None,
+    };
+    let stop_gateway = |thread: &mut Option<thread::JoinHandle<()>>| {
+        if let Some(t) = thread.take() {
+            shared.begin_stop();
+            let _ = t.join();
+        }
+    };
     drop(tx);
     let mut phase = Phase::Running;
-    control.publish(&control::status(phase, &states));
+    control.publish(&control::status(phase, &states, &gateway_status));
     sd_notify("READY=1\nSTATUS=starting both guests");
 
     let mut deadline: Option<Instant> = None;
@@ -194,13 +260,14 @@ pub fn run(config: Config) -> Result<()> {
             Ok(Msg::State(side, state)) => {
                 let entry = states.get_mut(&side).expect("both sides");
                 entry.state = state;
-                if phase == Phase::Running && control::status(phase, &states).both_off {
+                if phase == Phase::Running && control::status(phase, &states, &gateway_status).both_off {
                     phase = Phase::PoweringOff;
                 }
-                control.publish(&control::status(phase, &states));
-                sd_notify(&format!("STATUS={}", describe(&states)));
+                control.publish(&control::status(phase, &states, &gateway_status));
+                sd_notify(&format!("STATUS={}", describe(&states, &gateway_status)));
                 if phase == Phase::PoweringOff {
-                    log::info("both guests have powered off: powering the host off");
+                    log::info("both guests have powered off: stopping the clipboard gateway, powering the host off");
+                    stop_gateway(&mut gateway_thread);
                     break run_poweroff(&sup.poweroff_command);
                 }
                 if phase == Phase::Stopping
@@ -211,6 +278,11 @@ pub fn run(config: Config) -> Result<()> {
                 }
             }
             Ok(Msg::Restarted(side)) => states.get_mut(&side).expect("both sides").restarts += 1,
+            Ok(Msg::Gateway(state)) => {
+                gateway_status.state = state;
+                control.publish(&control::status(phase, &states, &gateway_status));
+            }
+            Ok(Msg::GatewayRestarted) => gateway_status.restarts += 1,
             Ok(Msg::Signal(signal)) if phase == Phase::Running => {
                 log::info(format!("signal {signal}: host shutdown, powering both guests down (up to {:?})", sup.shutdown_timeout));
                 phase = Phase::Stopping;
@@ -219,7 +291,7 @@ pub fn run(config: Config) -> Result<()> {
                     shared.power_down(side);
                 }
                 deadline = Some(Instant::now() + sup.shutdown_timeout);
-                control.publish(&control::status(phase, &states));
+                control.publish(&control::status(phase, &states, &gateway_status));
                 sd_notify("STOPPING=1");
             }
             Ok(Msg::Signal(signal)) => {
@@ -240,27 +312,29 @@ pub fn run(config: Config) -> Result<()> {
     // Every runner has ended (its guest is off or stopped) except after a
     // failed stop; then the caller exits and systemd kills what is left.
     if result.is_ok() {
+        stop_gateway(&mut gateway_thread);
         for r in runners {
             let _ = r.join();
         }
     }
     if let Some(root) = &cgroup_root {
-        for side in Side::ALL {
+        for name in Side::ALL.map(|side| format!("guest-{side}")).into_iter().chain([gateway::CGROUP.to_owned()]) {
             // Only succeeds once empty.
-            let _ = fs::remove_dir(root.join(format!("guest-{side}")));
+            let _ = fs::remove_dir(root.join(name));
         }
     }
     result
 }
 
-/// `classified: running, general: off`.
-fn describe(states: &BTreeMap<Side, GuestStatus>) -> String {
+/// `classified: running, general: off, clipboard: running`.
+fn describe(states: &BTreeMap<Side, GuestStatus>, gateway: &GatewayStatus) -> String {
+    fn name<T: serde::Serialize>(state: &T) -> String {
+        serde_json::to_value(state).ok().and_then(|v| v["state"].as_str().map(str::to_owned)).unwrap_or_default()
+    }
     states
         .iter()
-        .map(|(side, g)| {
-            let s = serde_json::to_value(&g.state).ok().and_then(|v| v["state"].as_str().map(str::to_owned)).unwrap_or_default();
-            format!("{side}: {s}")
-        })
+        .map(|(side, g)| format!("{side}: {}", name(&g.state)))
+        .chain([format!("clipboard: {}", name(&gateway.state))])
         .collect::<Vec<_>>()
         .join(", ")
 }
@@ -271,9 +345,10 @@ fn prepare_guest_files(guest: &Guest, sup: &Supervisor, user: Option<Ids>) -> Re
     for dir in [&paths.run_dir, &paths.config_dir, &paths.log_dir] {
         fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
-    // QEMU creates its sockets in the run dir; the kiosk and the gateway
-    // reach them through the side's group.
-    fs::set_permissions(&paths.run_dir, fs::Permissions::from_mode(0o750))?;
+    // QEMU creates its sockets in the run dir (0770, umask 007). Others may
+    // pass through but not list it: the gateway reaches the vdagent socket,
+    // which is handed to its group after each start, and nothing else.
+    fs::set_permissions(&paths.run_dir, fs::Permissions::from_mode(gateway::SIDE_RUN_DIR_MODE))?;
     fs::set_permissions(&paths.config_dir, fs::Permissions::from_mode(0o750))?;
     fs::set_permissions(&paths.log_dir, fs::Permissions::from_mode(0o750))?;
     if let Some(ids) = user {
@@ -319,7 +394,7 @@ fn runner(guest: Guest, ctx: RunnerContext) {
     let send = |state: GuestState| {
         let _ = ctx.tx.send(Msg::State(side, state));
     };
-    let mut crashes = 0u32;
+    let mut crashes = lifecycle::Crashes::default();
     loop {
         if ctx.shared.stopping() {
             send(GuestState::Stopped);
@@ -341,15 +416,11 @@ fn runner(guest: Guest, ctx: RunnerContext) {
             }
             ExitKind::Rebooted => {
                 log::info(format!("{side}: the guest rebooted; starting it again"));
-                crashes = 0;
+                crashes.reset();
             }
             ExitKind::Crashed(reason) => {
-                if started.elapsed() >= lifecycle::STABLE_RUN {
-                    crashes = 0;
-                }
-                crashes += 1;
-                let delay = lifecycle::backoff(crashes);
-                log::error(format!("{side}: guest crashed: {reason}; restart {crashes} in a row, in {delay:?}"));
+                let (in_a_row, delay) = crashes.record(started.elapsed());
+                log::error(format!("{side}: guest crashed: {reason}; restart {in_a_row} in a row, in {delay:?}"));
                 let _ = ctx.tx.send(Msg::Restarted(side));
                 send(GuestState::Restarting { delay_ms: delay.as_millis() as u64, reason });
                 ctx.shared.sleep(delay);
@@ -449,6 +520,13 @@ fn run_once(guest: &Guest, ctx: &RunnerContext) -> Result<ExitKind> {
     };
     let commander = session.commander()?;
     ctx.shared.commanders.lock().unwrap_or_else(|p| p.into_inner()).insert(side, commander);
+    // QMP answers once every chardev exists, so the vdagent socket is there.
+    if let Some(gid) = ctx.vdagent_group {
+        match hand_to_gateway(&paths.vdagent, gid) {
+            Ok(()) => log::info(format!("{side}: {} handed to the clipboard gateway's group", paths.vdagent.display())),
+            Err(e) => log::warn(format!("{side}: the clipboard gateway cannot reach this guest: {e:#}")),
+        }
+    }
     if ctx.shared.stopping() {
         ctx.shared.power_down(side);
     }
@@ -490,6 +568,163 @@ fn run_once(guest: &Guest, ctx: &RunnerContext) -> Result<ExitKind> {
         }
         other => other,
     })
+}
+
+/// Gives the gateway's group (alone) access to a new vdagent socket: group
+/// `gid`, mode 0660, the owner stays QEMU's user.
+fn hand_to_gateway(socket: &Path, gid: u32) -> Result<()> {
+    std::os::unix::fs::chown(socket, None, Some(gid)).with_context(|| format!("chgrp {gid} {}", socket.display()))?;
+    fs::set_permissions(socket, fs::Permissions::from_mode(gateway::VDAGENT_SOCKET_MODE))
+        .with_context(|| format!("chmod {:o} {}", gateway::VDAGENT_SOCKET_MODE, socket.display()))
+}
+
+/// Checks that the gateway can run here and prepares its files: program
+/// present, its user known, the audit log its own, and in confirm mode its
+/// run directory. (The sanitiser is the gateway's business: the supervisor
+/// never touches it, not even to look.)
+fn prepare_gateway(config: &Config, root: bool) -> Result<GatewayPlan> {
+    let paths = GatewayPaths::new(&config.supervisor);
+    if !paths.program.is_file() {
+        bail!("{} is missing", paths.program.display());
+    }
+    let user = if root { Some(users::lookup_account(&config.clipboard.user)?) } else { None };
+    let ids = user.as_ref().map(|a| a.ids);
+    prepare_audit_log(&paths.audit_log, ids)?;
+    if config.clipboard.confirm {
+        fs::create_dir_all(&paths.confirm_dir).with_context(|| format!("creating {}", paths.confirm_dir.display()))?;
+        fs::set_permissions(&paths.confirm_dir, fs::Permissions::from_mode(0o700))?;
+        if let Some(ids) = ids {
+            launch::chown(&paths.confirm_dir, ids)?;
+        }
+    }
+    let args = gateway::command_line(config);
+    log::info(format!(
+        "clipboard gateway: {} {} (as {})",
+        paths.program.display(),
+        args.join(" "),
+        user.as_ref().map_or("the supervisor's user", |a| a.name.as_str())
+    ));
+    Ok(GatewayPlan {
+        program: paths.program,
+        args,
+        user,
+        cpu_percent: config.clipboard.cpu_percent,
+        memory_max_mib: config.clipboard.memory_max_mib,
+    })
+}
+
+/// The audit log (append-only for the gateway): created `0640` for the
+/// gateway's user if missing (the image's tmpfiles.d creates it first).
+fn prepare_audit_log(path: &Path, owner: Option<Ids>) -> Result<()> {
+    match fs::symlink_metadata(path) {
+        Ok(m) if !m.file_type().is_file() => bail!("{} is not a regular file", path.display()),
+        Ok(m) => {
+            if let Some(ids) = owner.filter(|ids| (m.uid(), m.gid()) != (ids.uid, ids.gid)) {
+                log::warn(format!("{} belonged to {}:{}; giving it to the gateway's user", path.display(), m.uid(), m.gid()));
+                launch::chown(path, ids)?;
+            }
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            OpenOptions::new().create_new(true).append(true).mode(0o640).open(path).with_context(|| format!("creating {}", path.display()))?;
+            if let Some(ids) = owner {
+                launch::chown(path, ids)?;
+            }
+        }
+        Err(e) => return Err(e).with_context(|| format!("stat {}", path.display())),
+    }
+    Ok(())
+}
+
+/// The gateway's life: start, watch, restart with back-off; stop when the
+/// supervisor stops.
+fn gateway_runner(plan: GatewayPlan, ctx: GatewayContext) {
+    let send = |state: GatewayState| {
+        let _ = ctx.tx.send(Msg::Gateway(state));
+    };
+    let mut crashes = lifecycle::Crashes::default();
+    loop {
+        if ctx.shared.stopping() {
+            send(GatewayState::Stopped);
+            return;
+        }
+        send(GatewayState::Starting);
+        let started = Instant::now();
+        let reason = match run_gateway_once(&plan, &ctx) {
+            Ok(None) => {
+                send(GatewayState::Stopped);
+                return;
+            }
+            Ok(Some(reason)) => reason,
+            Err(e) => format!("{e:#}"),
+        };
+        if let Some(root) = &ctx.cgroup_root {
+            // A sanitiser it left behind.
+            cgroup::kill_all(&root.join(gateway::CGROUP));
+        }
+        if ctx.shared.stopping() {
+            send(GatewayState::Stopped);
+            return;
+        }
+        let (in_a_row, delay) = crashes.record(started.elapsed());
+        log::error(format!("clipboard gateway: {reason}; restart {in_a_row} in a row, in {delay:?}"));
+        let _ = ctx.tx.send(Msg::GatewayRestarted);
+        send(GatewayState::Restarting { delay_ms: delay.as_millis() as u64, reason });
+        ctx.shared.sleep(delay);
+    }
+}
+
+/// Starts the gateway once and waits for it to end (`Some(why)`) or for
+/// the supervisor to stop (`None`: stopped on purpose).
+fn run_gateway_once(plan: &GatewayPlan, ctx: &GatewayContext) -> Result<Option<String>> {
+    let cgroup_procs = match &ctx.cgroup_root {
+        Some(root) => {
+            let cg = cgroup::prepare_gateway(root, plan.cpu_percent, plan.memory_max_mib)?;
+            log::info(format!("clipboard gateway: {}", cg.summary()));
+            if ctx.strict_limits && !cg.all_applied() {
+                bail!("not every configured limit could be applied and strict_limits is on");
+            }
+            Some(cg.procs_file())
+        }
+        None => None,
+    };
+    // Its log lines go where the supervisor's go (the journal).
+    let log = File::from(std::os::fd::AsFd::as_fd(&std::io::stderr()).try_clone_to_owned().context("duplicating stderr")?);
+    let mut child = launch::spawn(Spec {
+        program: plan.program.clone(),
+        args: plan.args.clone(),
+        cgroup_procs,
+        // Its domain comes from the type transition on its program's type
+        // (airlock_gateway_exec_t → airlock_gateway_t), not from us; and no
+        // NoNewPrivileges, so that its own transition to the sanitiser's
+        // domain is allowed (the sanitiser sets it on itself).
+        selinux_context: None,
+        user: plan.user.clone(),
+        log,
+    })?;
+    let pid = child.id();
+    log::info(format!("clipboard gateway started, pid {pid}"));
+    let _ = ctx.tx.send(Msg::Gateway(GatewayState::Running { pid }));
+    loop {
+        if let Some(status) = child.try_wait()? {
+            return Ok(Some(format!("the gateway (pid {pid}) {}", describe_status(status))));
+        }
+        if ctx.shared.stopping() {
+            launch::terminate(pid as i32);
+            let deadline = Instant::now() + GATEWAY_STOP_GRACE;
+            while child.try_wait()?.is_none() {
+                if Instant::now() >= deadline {
+                    log::warn(format!("clipboard gateway (pid {pid}) still runs {GATEWAY_STOP_GRACE:?} after SIGTERM: killing it"));
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    break;
+                }
+                thread::sleep(Duration::from_millis(20));
+            }
+            log::info(format!("clipboard gateway (pid {pid}) stopped"));
+            return Ok(None);
+        }
+        thread::sleep(POLL);
+    }
 }
 
 /// A helper process (swtpm) that must not outlive its QEMU.

@@ -10,9 +10,15 @@
 //! - `sigterm_powers_guests_down`: SIGTERM presses both guests' ACPI power
 //!   buttons; the guests power off by themselves before the timeout, the
 //!   hook does not run (the host is already going down), exit 0.
+//! - `clipboard_through_the_gateway`: the supervisor also runs the clipboard
+//!   gateway (as another unprivileged user, in its own cgroup); text copied
+//!   in the general guest is pasted, sanitised, in the classified guest;
+//!   nothing copied in the classified guest reaches the general guest; the
+//!   audit log has every attempt; a killed gateway is restarted, a restarted
+//!   guest is reconnected; SIGTERM stops it.
 //!
-//! The two tests take turns (four TCG guests at once on two cores would
-//! only measure contention).
+//! The tests take turns (four TCG guests at once on two cores would only
+//! measure contention). The first two run without the gateway.
 
 use std::fs;
 use std::io::{BufRead, BufReader};
@@ -40,6 +46,9 @@ const CAPABILITIES: &str = "-all,+setuid,+setgid,+chown,+fowner,+dac_override,+k
 /// How long two TCG guests on two cores may take to answer.
 const BOOT_TIMEOUT: Duration = Duration::from_secs(120);
 const USER: &str = "nobody";
+/// The gateway runs as another user than the guests, so the test sees the
+/// vdagent sockets handed to it (and nothing else).
+const GATEWAY_USER: &str = "daemon";
 
 fn require_root() {
     assert!(airlockd::users::is_root(), "the supervisor integration test needs root (QEMU runs as {USER}, cgroups); CI runs it as root");
@@ -67,10 +76,12 @@ struct Harness {
 
 impl Harness {
     fn start(name: &str, img: &GuestImage) -> Harness {
-        Self::start_with(name, img, 60)
+        Self::start_with(name, img, 60, None)
     }
 
-    fn start_with(name: &str, img: &GuestImage, shutdown_timeout_secs: u32) -> Harness {
+    /// `gateway_bin`: where `airlock-gateway` and `airlock-sanitiser` are;
+    /// `None` runs without the clipboard gateway.
+    fn start_with(name: &str, img: &GuestImage, shutdown_timeout_secs: u32, gateway_bin: Option<&Path>) -> Harness {
         let dir = tempfile::Builder::new().prefix("airlockd-it-").tempdir().unwrap();
         fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
         let nobody = airlockd::users::lookup_user(USER).unwrap();
@@ -123,6 +134,14 @@ append = "console=ttyS0 panic=-1 quiet"
                 initrd = initrd.display(),
             )
         };
+        let clipboard = match gateway_bin {
+            None => "[clipboard]\nenabled = false\n".to_owned(),
+            Some(bin) => format!(
+                "gateway = \"{}\"\n[clipboard]\nuser = \"{GATEWAY_USER}\"\nmax_bytes = 1048576\nrequest_timeout_ms = 10000\n\
+                 [clipboard.limits]\nmemory_max_mib = 1024\n",
+                bin.join("airlock-gateway").display()
+            ),
+        };
         let config = format!(
             r#"
 [supervisor]
@@ -134,6 +153,7 @@ cgroup = "{cgroup}"
 strict_limits = false
 poweroff_command = ["/usr/bin/touch", "{hook}"]
 shutdown_timeout_secs = {shutdown_timeout_secs}
+{clipboard}
 {classified}
 {general}
 "#,
@@ -230,13 +250,12 @@ impl Drop for Harness {
             libc::killpg(self.child.id() as i32, libc::SIGKILL);
         }
         let _ = self.child.wait();
-        for side in ["classified", "general"] {
-            let dir = self.cgroup.join(format!("guest-{side}"));
-            let _ = fs::write(dir.join("cgroup.kill"), "1");
+        for name in ["guest-classified", "guest-general", "gateway"] {
+            let _ = fs::write(self.cgroup.join(name).join("cgroup.kill"), "1");
         }
         std::thread::sleep(Duration::from_millis(300));
-        for side in ["classified", "general"] {
-            let _ = fs::remove_dir(self.cgroup.join(format!("guest-{side}")));
+        for name in ["guest-classified", "guest-general", "gateway"] {
+            let _ = fs::remove_dir(self.cgroup.join(name));
         }
         let _ = fs::remove_dir(&self.cgroup);
         if std::thread::panicking() {
@@ -508,7 +527,7 @@ fn sigterm_powers_guests_down() {
         "the kernel's tree lacks the button and evdev modules, so the guest cannot see an ACPI power-button press"
     );
     const TIMEOUT_SECS: u32 = 8;
-    let mut h = Harness::start_with("sigterm", &img, TIMEOUT_SECS);
+    let mut h = Harness::start_with("sigterm", &img, TIMEOUT_SECS, None);
     let mut control = h.control();
     let ready = control.wait(&h, "both guests running", Duration::from_secs(60), |s| s["ready"] == true);
     let qemu_pids = [pid(&ready, "classified"), pid(&ready, "general")];
@@ -578,4 +597,245 @@ fn hog_ratio() {
         "classified bench (s): alone {alone:.2?}, with general hog {hogged:.2?}; median ratio {:.2}\n{cap}",
         median(&hogged) / median(&alone)
     );
+}
+
+/// Builds `airlock-gateway` and `airlock-sanitiser` (in their own target
+/// directory, so this never waits on the cargo that runs the tests) and
+/// copies them into `dir/bin`, where the gateway's user may run them.
+fn gateway_binaries(dir: &Path) -> PathBuf {
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let target = workspace.join("target/airlockd-it");
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let output = Command::new(&cargo)
+        .current_dir(&workspace)
+        .args(["build", "--quiet", "--locked", "-p", "airlock-gateway", "--bins", "--target-dir"])
+        .arg(&target)
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "building the gateway failed: {}", String::from_utf8_lossy(&output.stderr));
+    fs::set_permissions(dir, fs::Permissions::from_mode(0o755)).unwrap();
+    let bin = dir.join("bin");
+    fs::create_dir(&bin).unwrap();
+    for name in ["airlock-gateway", "airlock-sanitiser"] {
+        fs::copy(target.join("debug").join(name), bin.join(name)).unwrap();
+        fs::set_permissions(bin.join(name), fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    bin
+}
+
+fn b64(text: &str) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.encode(text)
+}
+
+fn sha256_hex(data: &[u8]) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(data).iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Asks a guest's test port `command` until the reply satisfies `want`.
+fn poll(h: &Harness, client: &mut Client, command: &str, what: &str, timeout: Duration, want: impl Fn(&str) -> bool) -> String {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let reply = client.command(command, Duration::from_secs(10)).unwrap_or_else(|e| h.fail(format!("{command}: {e}")));
+        if want(&reply) {
+            return reply;
+        }
+        if Instant::now() > deadline {
+            h.fail(format!("timed out after {timeout:?} waiting for {what}; `{command}` says {reply:?}"));
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// The vdagent counters a guest reports.
+fn vdagent_counters(h: &Harness, client: &mut Client) -> std::collections::BTreeMap<String, u64> {
+    let line = client.command("vdagent-log", Duration::from_secs(10)).unwrap_or_else(|e| h.fail(format!("vdagent-log: {e}")));
+    airlock_test_guest::client::counters(&line)
+}
+
+/// Waits until the gateway has announced itself to the guest more than
+/// `seen` times since the guest booted (so its clipboard commands reach
+/// the host); returns the count.
+fn wait_announced(h: &Harness, client: &mut Client, side: &str, seen: u64) -> u64 {
+    let line = poll(h, client, "vdagent-log", &format!("the gateway's announce in the {side} guest"), Duration::from_secs(30), |l| {
+        airlock_test_guest::client::counters(l).get("rx.announce-capabilities").is_some_and(|n| *n > seen)
+    });
+    airlock_test_guest::client::counters(&line)["rx.announce-capabilities"]
+}
+
+/// A copy of `text` in the general guest, then pastes in the classified
+/// guest until `expected` arrives there. Returns how long it took.
+fn copy_and_paste(h: &Harness, general: &mut Client, classified: &mut Client, text: &str, expected: &str) -> Duration {
+    let start = Instant::now();
+    let reply = general.command(&format!("clip-set utf8 {}", b64(text)), Duration::from_secs(10)).unwrap();
+    assert!(reply.starts_with("ok grabbed utf8"), "general clip-set: {reply}");
+    let want = format!("clip utf8 {}", b64(expected));
+    let deadline = Instant::now() + Duration::from_secs(40);
+    loop {
+        // The gateway offers the sanitised text with a grab; a paste is a request.
+        poll(h, classified, "clip-grabs", "the gateway's offer in the classified guest", Duration::from_secs(30), |l| l == "grabs utf8");
+        let reply = classified.command("clip-request utf8", Duration::from_secs(10)).unwrap();
+        assert_eq!(reply, "ok requested utf8");
+        let until = Instant::now() + Duration::from_secs(3);
+        let mut last = String::new();
+        while Instant::now() < until {
+            last = classified.command("clip-received", Duration::from_secs(10)).unwrap();
+            if last == want {
+                return start.elapsed();
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        if Instant::now() > deadline {
+            h.fail(format!("{expected:?} did not arrive in the classified guest; it last received {last:?} (want {want:?})"));
+        }
+    }
+}
+
+#[test]
+fn clipboard_through_the_gateway() {
+    require_root();
+    let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let (_img_dir, img) = prepare_image();
+    let bin_dir = tempfile::Builder::new().prefix("airlockd-it-gw-").tempdir().unwrap();
+    let bin = gateway_binaries(bin_dir.path());
+    let started = Instant::now();
+    let mut h = Harness::start_with("clip", &img, 60, Some(&bin));
+    let mut control = h.control();
+    let ready = control.wait(&h, "both guests and the gateway running", Duration::from_secs(60), |s| {
+        s["ready"] == true && s["gateway"]["state"] == "running"
+    });
+    let gateway_pid = ready["gateway"]["pid"].as_i64().unwrap() as i32;
+    assert_eq!(ready["gateway"]["restarts"], 0);
+
+    // Placement: its own user, its own cgroup, the configured limits, no NoNewPrivileges.
+    let gw_user = airlockd::users::lookup_user(GATEWAY_USER).unwrap();
+    let guest_user = airlockd::users::lookup_user(USER).unwrap();
+    assert_eq!(uid_of(gateway_pid), gw_user.uid, "the gateway runs as {GATEWAY_USER}");
+    assert!(cgroup_comms(&h, "classified").iter().all(|(p, _)| *p != gateway_pid));
+    let procs = fs::read_to_string(h.cgroup.join("gateway/cgroup.procs")).unwrap();
+    assert!(procs.split_whitespace().any(|p| p == gateway_pid.to_string()), "gateway {gateway_pid} not in its cgroup: {procs:?}");
+    let status = fs::read_to_string(format!("/proc/{gateway_pid}/status")).unwrap();
+    assert!(status.contains("NoNewPrivs:\t0"), "the gateway must be able to exec the sanitiser into its domain:\n{status}");
+    let cmdline = String::from_utf8_lossy(&fs::read(format!("/proc/{gateway_pid}/cmdline")).unwrap()).replace('\0', " ");
+    let audit_log = h.dir.path().join("log/clipboard.log");
+    for want in [
+        format!("--classified {}", h.run_dir.join("classified/vdagent.sock").display()),
+        format!("--general {}", h.run_dir.join("general/vdagent.sock").display()),
+        format!("--audit-log {}", audit_log.display()),
+        format!("--sanitiser {}", bin.join("airlock-sanitiser").display()),
+        "--max-bytes 1048576".to_owned(),
+        "--request-timeout-ms 10000".to_owned(),
+    ] {
+        assert!(cmdline.contains(&want), "gateway command line lacks {want:?}: {cmdline}");
+    }
+    assert!(!cmdline.contains("--confirm-socket"), "confirm mode is off: {cmdline}");
+    assert!(h.log().contains("clipboard gateway: cgroup"), "the gateway's limits are logged:\n{}", h.log());
+
+    let mut classified = h.wait_alive("classified");
+    let mut general = h.wait_alive("general");
+    eprintln!("both guests alive {:.1} s after the supervisor started", started.elapsed().as_secs_f64());
+
+    // DAC: each vdagent socket, and only it, is the gateway's group's.
+    use std::os::unix::fs::MetadataExt;
+    for side in ["classified", "general"] {
+        let dir = fs::metadata(h.run_dir.join(side)).unwrap();
+        assert_eq!(dir.mode() & 0o777, 0o751, "{side} run directory");
+        let vdagent = fs::metadata(h.run_dir.join(side).join("vdagent.sock")).unwrap();
+        assert_eq!((vdagent.uid(), vdagent.gid(), vdagent.mode() & 0o777), (guest_user.uid, gw_user.gid, 0o660), "{side} vdagent.sock");
+        for other in ["qmp.sock", "display.sock"] {
+            let m = fs::metadata(h.run_dir.join(side).join(other)).unwrap();
+            assert!(m.gid() != gw_user.gid && m.mode() & 0o007 == 0, "{side} {other} must stay the guest's: {:o} gid {}", m.mode(), m.gid());
+        }
+    }
+    let announced_general = wait_announced(&h, &mut general, "general", 0);
+    let announced_classified = wait_announced(&h, &mut classified, "classified", 0);
+
+    // General → classified: arrives with Windows line ends.
+    let took = copy_and_paste(&h, &mut general, &mut classified, "hello from general\nline two", "hello from general\r\nline two");
+    eprintln!("text general -> classified in {:.2} s (TCG)", took.as_secs_f64());
+    // A right-to-left override and an isolate are removed on the way.
+    copy_and_paste(&h, &mut general, &mut classified, "invoice\u{202E}fdp.exe\u{2066} ok", "invoicefdp.exe ok");
+
+    // Classified → general: nothing arrives, not even a grab.
+    let before = vdagent_counters(&h, &mut general);
+    for never in ["rx.clipboard-grab", "rx.clipboard", "rx.clipboard-release"] {
+        assert_eq!(before.get(never), None, "the general guest received {never} before the reverse test: {before:?}");
+    }
+    let reply = classified.command(&format!("clip-set utf8 {}", b64("classified secret")), Duration::from_secs(10)).unwrap();
+    assert!(reply.starts_with("ok grabbed utf8"), "classified clip-set: {reply}");
+    // The gateway's refusal shows in the audit log; give it a moment more to do anything wrong.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !fs::read_to_string(&audit_log).unwrap_or_default().contains("direction=classified->general") {
+        if Instant::now() > deadline {
+            h.fail(format!("no classified->general audit record:\n{}", fs::read_to_string(&audit_log).unwrap_or_default()));
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(general.command("clip-grabs", Duration::from_secs(10)).unwrap(), "grabs none");
+    assert_eq!(general.command("clip-received", Duration::from_secs(10)).unwrap(), "clip none");
+    let after = vdagent_counters(&h, &mut general);
+    assert_eq!(before, after, "the general guest received something after the copy in classified");
+    // A paste in general gets an empty answer, nothing of classified's.
+    assert_eq!(general.command("clip-request utf8", Duration::from_secs(10)).unwrap(), "ok requested utf8");
+    poll(&h, &mut general, "vdagent-log", "the gateway's empty answer", Duration::from_secs(20), |l| {
+        airlock_test_guest::client::counters(l).get("rx.clipboard") == Some(&1)
+    });
+    assert_eq!(general.command("clip-received", Duration::from_secs(10)).unwrap(), "clip none", "the answer must be empty");
+
+    // The audit log: every attempt, hashes of what was delivered, never content.
+    let audit = fs::read_to_string(&audit_log).unwrap();
+    eprintln!("audit log:\n{audit}");
+    let accepted: Vec<&str> = audit.lines().filter(|l| l.contains("direction=general->classified") && l.contains("result=accepted")).collect();
+    assert_eq!(accepted.len(), 2, "{audit}");
+    assert!(accepted[0].contains(&format!("sha256={}", sha256_hex(b"hello from general\r\nline two"))), "{audit}");
+    assert!(accepted[1].contains(&format!("sha256={}", sha256_hex("invoicefdp.exe ok".as_bytes()))), "{audit}");
+    assert_eq!(audit.lines().filter(|l| l.contains("direction=classified->general") && l.contains("result=rejected")).count(), 1, "{audit}");
+    for secret in ["hello", "invoice", "secret"] {
+        assert!(!audit.contains(secret), "content in the audit log: {audit}");
+    }
+    let meta = fs::metadata(&audit_log).unwrap();
+    assert_eq!((meta.uid(), meta.mode() & 0o777), (gw_user.uid, 0o640), "audit log owner and mode");
+
+    // The gateway dies: restarted with back-off, and copies work again.
+    airlockd::launch::kill(gateway_pid);
+    let restarting = control.wait(&h, "gateway restarting", Duration::from_secs(20), |s| s["gateway"]["state"] == "restarting");
+    assert!(restarting["gateway"]["reason"].as_str().unwrap().contains("signal 9"), "{restarting}");
+    assert_eq!(state(&restarting, "general"), "running", "the guests are untouched");
+    let back = control.wait(&h, "gateway running again", Duration::from_secs(30), |s| s["gateway"]["state"] == "running");
+    let new_gateway = back["gateway"]["pid"].as_i64().unwrap() as i32;
+    assert_ne!(new_gateway, gateway_pid);
+    assert_eq!(back["gateway"]["restarts"], 1);
+    // The new gateway connects to both guests and announces itself again.
+    wait_announced(&h, &mut general, "general", announced_general);
+    wait_announced(&h, &mut classified, "classified", announced_classified);
+    copy_and_paste(&h, &mut general, &mut classified, "after the gateway restarted", "after the gateway restarted");
+
+    // The general guest's QEMU dies: its new vdagent socket is handed to the
+    // gateway again and the gateway reconnects by itself.
+    let old_qemu = pid(&control.last, "general");
+    airlockd::launch::kill(old_qemu);
+    control.wait(&h, "general restarting", Duration::from_secs(20), |s| state(s, "general") == "restarting");
+    control.wait(&h, "general running again", Duration::from_secs(30), |s| state(s, "general") == "running");
+    let mut general = h.wait_alive("general");
+    wait_announced(&h, &mut general, "restarted general", 0);
+    let took = copy_and_paste(&h, &mut general, &mut classified, "after the guest restarted", "after the guest restarted");
+    eprintln!("copy after the general guest's restart in {:.2} s", took.as_secs_f64());
+    assert_eq!(control.last["gateway"]["pid"].as_i64(), Some(i64::from(new_gateway)), "the same gateway serves the new guest");
+
+    // Host shutdown: the gateway is stopped, its cgroup removed.
+    #[allow(unsafe_code)]
+    // SAFETY: kill has no memory-safety preconditions.
+    unsafe {
+        libc::kill(h.child.id() as i32, libc::SIGTERM);
+    }
+    let status = h.wait_exit(Duration::from_secs(90));
+    assert!(status.success(), "airlockd exited with {status}");
+    let log = h.log();
+    assert!(log.contains(&format!("clipboard gateway (pid {new_gateway}) stopped")), "{log}");
+    assert!(!Path::new(&format!("/proc/{new_gateway}")).exists(), "the gateway outlived the supervisor");
+    assert!(!h.cgroup.join("gateway").exists(), "gateway cgroup left behind");
+    assert!(log.contains("clipboard gateway: the gateway (pid"), "{log}");
+    eprintln!("whole test {:.1} s", started.elapsed().as_secs_f64());
 }
