@@ -33,8 +33,12 @@ pub enum Profile {
 }
 
 /// Appliance binaries every image carries (the daemons arrive with later work).
-const APPLIANCE_BINARIES: &[BinarySpec] =
-    &[BinarySpec { package: "airlockd", binary: "airlockd", destination: "/usr/bin/airlockd" }];
+const APPLIANCE_BINARIES: &[BinarySpec] = &[
+    BinarySpec { package: "airlockd", binary: "airlockd", destination: "/usr/bin/airlockd" },
+    // Started by the supervisor; the gateway starts the sanitiser per item.
+    BinarySpec { package: "airlock-gateway", binary: "airlock-gateway", destination: "/usr/lib/airlock/airlock-gateway" },
+    BinarySpec { package: "airlock-gateway", binary: "airlock-sanitiser", destination: "/usr/lib/airlock/airlock-sanitiser" },
+];
 
 /// The test profile's additions.
 const TEST_BINARIES: &[BinarySpec] = &[

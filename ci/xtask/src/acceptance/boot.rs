@@ -62,6 +62,7 @@ pub fn test_image_boots(suite: &mut Suite, images: &Images, opts: &AcceptanceOpt
         .iter()
         .chain(REBOOT_TESTS)
         .chain(super::supervisor::TESTS)
+        .chain(super::clipboard::TESTS)
         .chain(super::attacks::TESTS)
         .chain([&super::supervisor::POWEROFF_TEST])
         .copied()
@@ -91,6 +92,7 @@ pub fn test_image_boots(suite: &mut Suite, images: &Images, opts: &AcceptanceOpt
     // First the guests (they must be up before the AVC checks read the
     // journal, so that their start is covered too).
     super::supervisor::supervisor_checks(suite, &mut vm);
+    super::clipboard::clipboard_checks(suite, &mut vm);
     in_guest_checks(suite, &mut vm);
     suite.test(BOOT_TESTS[12], || {
         // Ours: every service unit the image ships in /etc/systemd/system

@@ -13,6 +13,7 @@ mod boot;
 pub mod images;
 pub mod policy;
 mod lockdown;
+mod clipboard;
 mod supervisor;
 
 use std::path::PathBuf;
