@@ -614,7 +614,7 @@ fn prepare_gateway(config: &Config, root: bool) -> Result<GatewayPlan> {
 }
 
 /// The audit log (append-only for the gateway): created `0640` for the
-/// gateway's user if missing (the image's tmpfiles.d creates it first).
+/// gateway's user if missing (SELinux lets only the supervisor set its owner).
 fn prepare_audit_log(path: &Path, owner: Option<Ids>) -> Result<()> {
     match fs::symlink_metadata(path) {
         Ok(m) if !m.file_type().is_file() => bail!("{} is not a regular file", path.display()),
