@@ -218,6 +218,9 @@ pub fn supervisor_checks(suite: &mut Suite, vm: &mut Vm) {
 /// Last: the machine is gone afterwards.
 pub fn poweroff_check(suite: &mut Suite, vm: &mut Vm) {
     suite.test(POWEROFF_TEST, || {
+        // After the reboot checks the guests start again; wait for them.
+        let up = wait_for_guests(vm)?;
+        println!("    before power-off: {up}");
         let start = Instant::now();
         guest(vm, "general", "poweroff")?;
         std::thread::sleep(Duration::from_secs(3));
