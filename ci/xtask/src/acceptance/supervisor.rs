@@ -53,7 +53,14 @@ fn wait_for_guests(vm: &mut Vm) -> Result<String> {
             let uptime = sh(vm, "cut -d' ' -f1 /proc/uptime")?;
             let status = sh(vm, "airlockd status || true")?;
             let kvm = sh(vm, "test -c /dev/kvm && echo 'nested KVM' || echo 'no /dev/kvm'")?;
-            return Ok(format!("both answer {:.0}s after the appliance's kernel started ({}); {}", uptime.trim().parse::<f64>().unwrap_or(0.0), kvm.trim(), status.trim()));
+            let rss = sh(vm, "grep VmRSS /proc/$(systemctl show -P MainPID airlockd)/status | tr -s ' \t' ' '")?;
+            return Ok(format!(
+                "both answer {:.0}s after the appliance's kernel started ({}); airlockd {}; {}",
+                uptime.trim().parse::<f64>().unwrap_or(0.0),
+                kvm.trim(),
+                rss.trim(),
+                status.trim()
+            ));
         }
         std::thread::sleep(Duration::from_secs(2));
     }
