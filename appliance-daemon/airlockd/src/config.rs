@@ -27,6 +27,10 @@ use toml::Spanned;
 /// The shipped configuration, on the read-only root.
 pub const SHIPPED_CONFIG: &str = "/etc/airlock/appliance.toml";
 /// Machine-specific values written at provisioning, on `/var`.
+/// Powers the host off through the service manager's own socket: the
+/// supervisor's SELinux domain may start the power units, not talk to
+/// logind over D-Bus (which `systemctl poweroff` tries first, and fails on).
+pub const DEFAULT_POWEROFF_COMMAND: &[&str] = &["/usr/bin/systemctl", "--no-block", "--job-mode=replace-irreversibly", "start", "poweroff.target"];
 pub const PROVISION_CONFIG: &str = "/var/lib/airlock/provision/appliance.toml";
 
 /// Longest path a unix socket address can hold (`sun_path` minus the NUL).
@@ -840,7 +844,7 @@ fn resolve_supervisor(layers: &[Layer]) -> Result<Supervisor, ConfigError> {
     };
     let strict_limits = pick(layers, |l| sup(l)?.strict_limits.as_ref()).is_none_or(|f| *f.value);
     let poweroff_command = match pick(layers, |l| sup(l)?.poweroff_command.as_ref()) {
-        None => vec!["/usr/bin/systemctl".to_owned(), "poweroff".to_owned()],
+        None => DEFAULT_POWEROFF_COMMAND.iter().map(|a| (*a).to_owned()).collect(),
         Some(f) => {
             match f.value.first() {
                 None => return Err(f.invalid("supervisor.poweroff_command", "must name a program")),
@@ -1155,7 +1159,7 @@ disk = "/var/lib/airlock/general/disk/windows.qcow2"
         assert_eq!(c.supervisor.run_dir, Path::new("/run/airlock"));
         assert!(!c.supervisor.test_mode);
         assert!(c.supervisor.strict_limits);
-        assert_eq!(c.supervisor.poweroff_command, ["/usr/bin/systemctl", "poweroff"]);
+        assert_eq!(c.supervisor.poweroff_command, DEFAULT_POWEROFF_COMMAND);
         for side in Side::ALL {
             let g = c.guest(side);
             assert_eq!(g.accel, Accel::Kvm);

@@ -237,7 +237,8 @@ pub fn poweroff_check(suite: &mut Suite, vm: &mut Vm) {
         let after_second = Instant::now();
         let status = vm.wait_exit(Duration::from_secs(180))?;
         let Some(status) = status else {
-            bail!("the appliance still runs 180 s after both guests powered off; serial console ends with:\n{}", super::boot::tail(&vm.serial_log(), 20));
+            let journal = sh(vm, "journalctl -b -u airlockd -o cat --no-pager | tail -n 15").unwrap_or_default();
+            bail!("the appliance still runs 180 s after both guests powered off; airlockd's journal ends with:\n{journal}");
         };
         Ok(format!(
             "appliance powered off {:.1}s after the second guest's poweroff ({:.1}s in all); QEMU exit {status:?}",
