@@ -35,6 +35,9 @@ pub enum Profile {
 /// Appliance binaries every image carries (the daemons arrive with later work).
 const APPLIANCE_BINARIES: &[BinarySpec] = &[
     BinarySpec { package: "airlockd", binary: "airlockd", destination: "/usr/bin/airlockd" },
+    // The same binary for the network set-up at boot (airlock-network.service):
+    // its own file, so that it enters its own SELinux domain (airlock_network_t).
+    BinarySpec { package: "airlockd", binary: "airlockd", destination: "/usr/lib/airlock/airlock-network" },
     // Started by the supervisor; the gateway starts the sanitiser per item.
     BinarySpec { package: "airlock-gateway", binary: "airlock-gateway", destination: "/usr/lib/airlock/airlock-gateway" },
     BinarySpec { package: "airlock-gateway", binary: "airlock-sanitiser", destination: "/usr/lib/airlock/airlock-sanitiser" },

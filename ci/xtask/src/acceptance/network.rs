@@ -238,8 +238,10 @@ fn check_avcs(vm: &mut Vm) -> Result<String> {
     let denials = sh(vm, "journalctl -b -o cat --no-pager | grep 'avc:  denied' | grep -E 'airlock_network_t|tun_socket|airlock-test-upstream' || true")?;
     let count = denials.lines().count();
     ensure!(count == 0, "{count} AVC denials:\n{}", denials.lines().take(15).collect::<Vec<_>>().join("\n"));
-    let context = sh(vm, "systemctl show -p SELinuxContext --value airlock-network.service")?;
-    Ok(format!("0 denials for airlock_network_t or a tun socket this boot; unit context {}", context.trim()))
+    let label = sh(vm, "stat -c %C /usr/lib/airlock/airlock-network")?;
+    ensure!(label.contains(":airlock_network_exec_t:"), "/usr/lib/airlock/airlock-network is labelled {}", label.trim());
+    let logged = sh(vm, "journalctl -b -u airlock-network -o verbose --no-pager | sed -n 's/^ *_SELINUX_CONTEXT=//p' | sort -u | tr '\\n' ' '")?;
+    Ok(format!("0 denials for airlock_network_t or a tun socket this boot; the unit's program is {} (its log lines' sender contexts: {})", label.trim(), logged.trim()))
 }
 
 pub fn network_checks(suite: &mut Suite, vm: &mut Vm) {
