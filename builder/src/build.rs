@@ -35,6 +35,9 @@ pub enum Profile {
 /// Appliance binaries every image carries (the daemons arrive with later work).
 const APPLIANCE_BINARIES: &[BinarySpec] = &[
     BinarySpec { package: "airlockd", binary: "airlockd", destination: "/usr/bin/airlockd" },
+    // The same binary for the network set-up at boot (airlock-network.service):
+    // its own file, so that it enters its own SELinux domain (airlock_network_t).
+    BinarySpec { package: "airlockd", binary: "airlockd", destination: "/usr/lib/airlock/airlock-network" },
     // Started by the supervisor; the gateway starts the sanitiser per item.
     BinarySpec { package: "airlock-gateway", binary: "airlock-gateway", destination: "/usr/lib/airlock/airlock-gateway" },
     BinarySpec { package: "airlock-gateway", binary: "airlock-sanitiser", destination: "/usr/lib/airlock/airlock-sanitiser" },
@@ -45,6 +48,8 @@ const TEST_BINARIES: &[BinarySpec] = &[
     BinarySpec { package: "airlock-test-agent", binary: "airlock-test-agent", destination: "/usr/lib/airlock/airlock-test-agent" },
     // Started in a guest's QEMU domain by the suite's attack tests.
     BinarySpec { package: "airlock-test-agent", binary: "airlock-test-attack", destination: "/usr/lib/airlock/airlock-test-attack" },
+    // The network tests' outside world (upstream namespace, listeners).
+    BinarySpec { package: "airlock-test-agent", binary: "airlock-test-upstream", destination: "/usr/lib/airlock/airlock-test-upstream" },
     // Drives the nested test guests' test ports.
     BinarySpec { package: "airlock-test-guest", binary: "airlock-test-guest-ctl", destination: "/usr/lib/airlock/airlock-test-guest-ctl" },
 ];

@@ -78,6 +78,9 @@ fn parse_side(s: &str) -> Result<Side, String> {
     }
 }
 
+/// How long `net apply` waits for the uplink NICs to appear (udev names them).
+const UPLINK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+
 fn main() {
     // Before any thread exists, so every thread inherits the mask.
     airlockd::signals::block();
@@ -110,6 +113,9 @@ fn real_main(cli: Cli) -> Result<()> {
         Command::Net { what: NetCommand::Apply(args) } => {
             let cfg = args.load()?;
             let net = cfg.network.as_ref().with_context(|| format!("{} has no [network] section", args.config.display()))?;
+            let mut uplinks = vec![net.uplink(airlock_network::Side::Classified).interface.as_str(), net.uplink(airlock_network::Side::General).interface.as_str()];
+            uplinks.dedup();
+            airlockd::netapply::wait_for_interfaces(std::path::Path::new("/sys/class/net"), &uplinks, UPLINK_TIMEOUT)?;
             let n = airlockd::netapply::run_plan(&airlock_network::boot_plan(net))?;
             airlockd::log::info(format!("network set up ({n} steps)"));
             Ok(())

@@ -33,6 +33,8 @@ const BOOT_TESTS: &[&str] = &[
 const EXPOSURE_EXEMPT: &[&str] = &[
     // Test images only: runs whatever the suite asks, unconfined by design.
     "airlock-test-agent.service",
+    // Test images only: the network tests' outside world (netns, listeners).
+    "airlock-test-upstream.service",
 ];
 
 /// systemd-analyze security levels that pass.
@@ -63,6 +65,7 @@ pub fn test_image_boots(suite: &mut Suite, images: &Images, opts: &AcceptanceOpt
         .chain(REBOOT_TESTS)
         .chain(super::supervisor::TESTS)
         .chain(super::clipboard::TESTS)
+        .chain(super::network::TESTS)
         .chain(super::attacks::TESTS)
         .chain([&super::supervisor::POWEROFF_TEST])
         .copied()
@@ -93,6 +96,7 @@ pub fn test_image_boots(suite: &mut Suite, images: &Images, opts: &AcceptanceOpt
     // journal, so that their start is covered too).
     super::supervisor::supervisor_checks(suite, &mut vm);
     super::clipboard::clipboard_checks(suite, &mut vm);
+    super::network::network_checks(suite, &mut vm);
     in_guest_checks(suite, &mut vm);
     suite.test(BOOT_TESTS[12], || {
         // Ours: every service unit the image ships in /etc/systemd/system
@@ -274,6 +278,9 @@ pub fn listening_sockets(tables: &str) -> Vec<String> {
 }
 
 fn reboot_checks(suite: &mut Suite, vm: &mut Vm, first_boot: &str) {
+    if !suite.wants_any(REBOOT_TESTS) {
+        return;
+    }
     let marker = format!("airlock-acceptance-marker-{first_boot}");
     let machine_id = sh(vm, "cat /etc/machine-id").unwrap_or_default();
     let rebooted = (|| -> Result<String> {

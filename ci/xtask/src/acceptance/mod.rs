@@ -14,6 +14,7 @@ pub mod images;
 pub mod policy;
 mod lockdown;
 mod clipboard;
+mod network;
 mod supervisor;
 
 use std::path::PathBuf;
