@@ -19,7 +19,7 @@ use crate::Vm;
 
 pub const TESTS: &[&str] = &[
     "clipboard: the gateway runs as airlock-gateway in airlock_gateway_t, in its own cgroup",
-    "clipboard: text copied in the general guest is pasted, sanitised, in the classified guest (P12)",
+    "clipboard: text and an image copied in the general guest are pasted, sanitised, in the classified guest (P12)",
     "clipboard: nothing copied in the classified guest reaches the general guest (P13)",
     "clipboard: the audit log records every attempt, without content",
 ];
@@ -74,34 +74,67 @@ fn wait_connected(vm: &mut Vm) -> Result<()> {
     Ok(())
 }
 
-/// Copies `text` in the general guest; pastes in the classified guest until
-/// `expected` arrives. Returns the seconds it took.
-fn copy_and_paste(vm: &mut Vm, text: &str, expected: &str) -> Result<f64> {
+/// Copies `data` of clipboard type `ty` (`utf8`, `png`) in the general
+/// guest; pastes in the classified guest until what arrives passes
+/// `accept`. Returns the seconds it took.
+fn copy_and_paste(vm: &mut Vm, ty: &str, data: &[u8], accept: impl Fn(&[u8]) -> Result<()>) -> Result<f64> {
+    let engine = base64::engine::general_purpose::STANDARD;
     let start = Instant::now();
-    let reply = guest(vm, "general", &format!("clip-set utf8 {}", b64(text)))?;
-    ensure!(reply.starts_with("ok grabbed utf8"), "general clip-set: {reply}");
-    let want = format!("clip utf8 {}", b64(expected));
+    let reply = guest(vm, "general", &format!("clip-set {ty} {}", engine.encode(data)))?;
+    ensure!(reply.starts_with(&format!("ok grabbed {ty}")), "general clip-set: {reply}");
+    let prefix = format!("clip {ty} ");
     let deadline = Instant::now() + Duration::from_secs(60);
+    let mut last = String::new();
     loop {
-        // The gateway offers the sanitised text with a grab; a paste is a request.
-        poll(vm, "classified", "clip-grabs", Duration::from_secs(30), |l| l == "grabs utf8")?;
-        guest(vm, "classified", "clip-request utf8")?;
-        let last = poll(vm, "classified", "clip-received", Duration::from_secs(3), |l| l == want).or_else(|_| guest(vm, "classified", "clip-received"))?;
-        if last == want {
-            return Ok(start.elapsed().as_secs_f64());
+        // The gateway offers the sanitised data with a grab; a paste is a request.
+        poll(vm, "classified", "clip-grabs", Duration::from_secs(30), |l| l == format!("grabs {ty}"))?;
+        guest(vm, "classified", &format!("clip-request {ty}"))?;
+        if let Ok(reply) = poll(vm, "classified", "clip-received", Duration::from_secs(3), |l| l.starts_with(&prefix) && l != last) {
+            let bytes = engine.decode(reply[prefix.len()..].trim()).context("clip-received is not base64")?;
+            match accept(&bytes) {
+                Ok(()) => return Ok(start.elapsed().as_secs_f64()),
+                Err(e) => last = format!("{reply} ({e:#})"),
+            }
         }
         if Instant::now() > deadline {
-            bail!("{expected:?} did not arrive in the classified guest; it last received {last:?}");
+            bail!("the {ty} copy did not arrive as expected in the classified guest; it last received {last:?}");
         }
     }
 }
 
+fn expect_text(expected: &'static str) -> impl Fn(&[u8]) -> Result<()> {
+    move |got| {
+        ensure!(got == expected.as_bytes(), "got {:?}, want {expected:?}", String::from_utf8_lossy(got));
+        Ok(())
+    }
+}
+
+/// A 64×48 gradient: every pixel differs from its neighbours, so a
+/// re-encoding that loses or shifts anything shows.
+fn test_picture() -> image::RgbaImage {
+    image::RgbaImage::from_fn(64, 48, |x, y| image::Rgba([(x * 4) as u8, (y * 5) as u8, ((x + y) * 2) as u8, 255]))
+}
+
 fn check_general_to_classified(vm: &mut Vm) -> Result<String> {
     wait_connected(vm)?;
-    let plain = copy_and_paste(vm, "hello from general\nline two", "hello from general\r\nline two")?;
+    let plain = copy_and_paste(vm, "utf8", b"hello from general\nline two", expect_text("hello from general\r\nline two"))?;
     // A right-to-left override and an isolate are removed on the way.
-    let bidi = copy_and_paste(vm, "invoice\u{202E}fdp.exe\u{2066} ok", "invoicefdp.exe ok")?;
-    Ok(format!("text arrived with Windows line ends in {plain:.1}s; bidi overrides stripped ({bidi:.1}s)"))
+    let bidi = copy_and_paste(vm, "utf8", "invoice\u{202E}fdp.exe\u{2066} ok".as_bytes(), expect_text("invoicefdp.exe ok"))?;
+    // An image: decoded by the sanitiser and re-encoded as PNG, pixel for pixel.
+    let picture = test_picture();
+    let mut png = Vec::new();
+    picture.write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)?;
+    let image = copy_and_paste(vm, "png", &png, |got| {
+        let decoded = image::load_from_memory_with_format(got, image::ImageFormat::Png).context("not a PNG")?.to_rgba8();
+        ensure!(decoded.dimensions() == picture.dimensions(), "{:?} instead of {:?}", decoded.dimensions(), picture.dimensions());
+        ensure!(decoded.as_raw() == picture.as_raw(), "the pixels differ");
+        Ok(())
+    })?;
+    Ok(format!(
+        "text arrived with Windows line ends in {plain:.1}s; bidi overrides stripped ({bidi:.1}s); a {}x{} PNG arrived re-encoded, same pixels ({image:.1}s)",
+        picture.width(),
+        picture.height()
+    ))
 }
 
 fn check_classified_to_general(vm: &mut Vm) -> Result<String> {
@@ -135,7 +168,7 @@ fn check_audit_log(vm: &mut Vm) -> Result<String> {
     let audit = sh(vm, &format!("cat {AUDIT_LOG}"))?;
     let accepted = audit.lines().filter(|l| l.contains("direction=general->classified") && l.contains("result=accepted")).count();
     let refused = audit.lines().filter(|l| l.contains("direction=classified->general") && l.contains("result=rejected")).count();
-    ensure!(accepted >= 2 && refused >= 1, "expected ≥2 accepted general->classified and ≥1 rejected classified->general records:\n{audit}");
+    ensure!(accepted >= 3 && refused >= 1, "expected ≥3 accepted general->classified (2 texts, 1 image) and ≥1 rejected classified->general records:\n{audit}");
     for secret in ["hello", "invoice", "secret"] {
         ensure!(!audit.contains(secret), "content in the audit log:\n{audit}");
     }
