@@ -146,8 +146,7 @@ fn check_taps(vm: &mut Vm) -> Result<String> {
     let mut lines = Vec::new();
     for side in ["classified", "general"] {
         let other = if side == "classified" { "general" } else { "classified" };
-        let pid = sh(vm, &format!("grep -l -a -- 'process=qemu-{side}' /proc/[0-9]*/cmdline 2>/dev/null | grep -v self | head -n 1 | cut -d/ -f3"))?.trim().to_string();
-        ensure!(!pid.is_empty(), "no QEMU for the {side} guest");
+        let pid = super::supervisor::qemu_pid(vm, side)?;
         let context = sh(vm, &format!("tr -d '\\0' < /proc/{pid}/attr/current"))?;
         ensure!(context.contains(&format!(":airlock_vm_{side}_t:")), "{side} QEMU (pid {pid}) runs as {context:?}");
         // Every tun fd of the process and the interface it is attached to.

@@ -30,6 +30,15 @@ pub fn guest(vm: &mut Vm, side: &str, command: &str) -> Result<String> {
     Ok(sh(vm, &format!("{CTL} /run/airlock/{side}/test.sock {command}"))?.trim().to_string())
 }
 
+/// The pid of the side's QEMU, as the supervisor reports it. (Not a grep
+/// over /proc/*/cmdline: that also matches the grep itself.)
+pub fn qemu_pid(vm: &mut Vm, side: &str) -> Result<String> {
+    let status = sh(vm, "airlockd status")?;
+    let json: serde_json::Value = serde_json::from_str(status.trim()).with_context(|| format!("airlockd status: {status}"))?;
+    let pid = json["guests"][side]["pid"].as_i64().with_context(|| format!("no QEMU pid for the {side} guest; airlockd status: {status}"))?;
+    Ok(pid.to_string())
+}
+
 /// One QMP command on the side's test-only monitor; QEMU's `return` value.
 fn qmp(vm: &mut Vm, side: &str, execute: &str) -> Result<serde_json::Value> {
     let line = sh(vm, &format!("{CTL} --qmp /run/airlock/{side}/qmp-test.sock '{{\"execute\": \"{execute}\"}}'"))?;
@@ -71,9 +80,7 @@ fn wait_for_guests(vm: &mut Vm) -> Result<String> {
 fn check_processes(vm: &mut Vm) -> Result<String> {
     let mut lines = Vec::new();
     for side in ["classified", "general"] {
-        // (No procps in the image: read /proc directly.)
-        let pid = sh(vm, &format!("grep -l -a -- 'process=qemu-{side}' /proc/[0-9]*/cmdline 2>/dev/null | grep -v self | head -n 1 | cut -d/ -f3"))?.trim().to_string();
-        ensure!(!pid.is_empty(), "no QEMU for the {side} guest; airlockd status: {}", sh(vm, "airlockd status || true")?);
+        let pid = qemu_pid(vm, side)?;
         let context = sh(vm, &format!("tr -d '\\0' < /proc/{pid}/attr/current"))?;
         ensure!(context.contains(&format!(":airlock_vm_{side}_t:")), "{side} QEMU (pid {pid}) runs as {context:?}");
         let user = sh(vm, &format!("stat -c %U /proc/{pid}"))?.trim().to_string();
