@@ -27,6 +27,10 @@ pub const REPLY_GRACE: Duration = Duration::from_secs(15);
 /// Pause between attempts to connect to a socket QEMU has not created yet.
 const CONNECT_RETRY: Duration = Duration::from_millis(50);
 
+/// How often [`AgentClient::wait_ready`] pings an agent that keeps
+/// reopening its port before giving up.
+const SETTLE_ATTEMPTS: u32 = 5;
+
 /// How talking to the agent failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -46,6 +50,8 @@ pub enum ClientError {
     Rejected { id: u64, message: String },
     #[error("the test agent restarted (new boot id {boot_id}) before answering request {id}")]
     AgentRestarted { id: u64, boot_id: String },
+    #[error("the test agent reopened its port (same boot) before answering request {id}; the request was lost")]
+    AgentReopened { id: u64 },
 }
 
 /// How a command run by the agent ended.
@@ -144,6 +150,9 @@ pub struct AgentClient {
     readies: VecDeque<String>,
     /// Whether any `ready` was seen on this connection.
     seen_ready: bool,
+    /// The boot id `wait_ready` last returned: a `ready` repeating it is the
+    /// same agent reopening its port, not a new boot.
+    current_boot: Option<String>,
 }
 
 impl fmt::Debug for AgentClient {
@@ -171,20 +180,43 @@ impl AgentClient {
     /// A client over an already connected stream.
     pub fn from_stream(stream: UnixStream) -> Result<Self, ClientError> {
         let writer = stream.try_clone()?;
-        Ok(AgentClient { reader: LineReader::new(stream), writer, next_id: 1, readies: VecDeque::new(), seen_ready: false })
+        Ok(AgentClient { reader: LineReader::new(stream), writer, next_id: 1, readies: VecDeque::new(), seen_ready: false, current_boot: None })
     }
 
     /// Waits for the next `ready` event not yet returned and gives its boot
-    /// id. Call it once after connecting, and once after each guest reboot.
+    /// id, once that agent has answered a request. Call it once after
+    /// connecting, and once after each guest reboot.
+    ///
+    /// Early in a boot the guest's virtio port can report the host as gone
+    /// for a moment after the agent announced itself; the agent then reopens
+    /// the port and announces the same boot again, dropping whatever request
+    /// was in flight. The ping absorbs that here, so the caller's first real
+    /// command is not the one lost.
     pub fn wait_ready(&mut self, timeout: Duration) -> Result<String, ClientError> {
         let deadline = Instant::now() + timeout;
-        loop {
+        let boot_id = loop {
             if let Some(boot_id) = self.readies.pop_front() {
-                return Ok(boot_id);
+                break boot_id;
             }
             // Anything else is stale: replies to requests given up on.
             self.next_message(deadline, timeout, "the test agent to announce itself (ready)")?;
+        };
+        self.current_boot = Some(boot_id.clone());
+        self.readies.retain(|queued| queued != &boot_id);
+        for _ in 0..SETTLE_ATTEMPTS {
+            let left = deadline.saturating_duration_since(Instant::now()).max(Duration::from_secs(1));
+            match self.run(&["true"], left) {
+                Ok(_) => return Ok(boot_id),
+                Err(ClientError::AgentReopened { .. }) => continue,
+                // Another boot right after this one is an error the caller
+                // must see (an unexpected reboot), not something to wait out.
+                Err(e) => return Err(e),
+            }
         }
+        Err(ClientError::Timeout {
+            what: format!("the test agent of boot {boot_id} to stop reopening its port ({SETTLE_ATTEMPTS} pings lost)"),
+            after: timeout,
+        })
     }
 
     /// Runs `argv` in the guest with `timeout`, and waits for the result.
@@ -216,7 +248,10 @@ impl AgentClient {
                     return Err(ClientError::Rejected { id, message: e.error })
                 }
                 Message::Event(Event::Ready { boot_id }) if restart_possible => {
-                    return Err(ClientError::AgentRestarted { id, boot_id })
+                    if self.current_boot.as_ref() == Some(&boot_id) {
+                        return Err(ClientError::AgentReopened { id });
+                    }
+                    return Err(ClientError::AgentRestarted { id, boot_id });
                 }
                 _ => {}
             }
@@ -237,7 +272,11 @@ impl AgentClient {
             };
             let Ok(message) = wire::decode_message(&line) else { continue };
             if let Message::Event(Event::Ready { boot_id }) = &message {
-                self.readies.push_back(boot_id.clone());
+                // A repeat of the current boot is a reopened port: nothing
+                // for a later `wait_ready` to hand out.
+                if self.current_boot.as_ref() != Some(boot_id) {
+                    self.readies.push_back(boot_id.clone());
+                }
                 self.seen_ready = true;
             }
             return Ok(message);
@@ -281,6 +320,13 @@ mod tests {
         let mut reader = LineReader::new(guest.try_clone().unwrap());
         let line = reader.read_line(Instant::now() + SHORT).unwrap().unwrap();
         wire::decode_request(&line).unwrap()
+    }
+
+    /// Answers the ping `wait_ready` sends once the agent announced itself.
+    fn answer_ping(guest: &mut UnixStream) {
+        let ping = read_request(guest);
+        assert_eq!(ping.argv, ["true"]);
+        guest.write_all(&reply_to(&ping, "")).unwrap();
     }
 
     fn reply_to(request: &Request, stdout: &str) -> Vec<u8> {
@@ -335,12 +381,14 @@ mod tests {
     fn reboot_mid_line_is_survived_and_gives_a_new_boot_id() {
         let mut client = client_with_script(|guest| {
             guest.write_all(b"\n{\"event\":\"ready\",\"boot_id\":\"A\"}\n").unwrap();
+            answer_ping(guest);
             let request = read_request(guest);
             guest.write_all(&reply_to(&request, "first")).unwrap();
             // The old boot dies while writing a stale line; the new agent's
             // leading newline ends it.
             guest.write_all(b"{\"id\":99,\"stdout\":\"cut").unwrap();
             guest.write_all(b"\n{\"event\":\"ready\",\"boot_id\":\"B\"}\n").unwrap();
+            answer_ping(guest);
             let request = read_request(guest);
             guest.write_all(&reply_to(&request, "second")).unwrap();
         });
@@ -354,9 +402,10 @@ mod tests {
     fn agent_restart_while_waiting_is_reported_and_the_ready_kept() {
         let mut client = client_with_script(|guest| {
             guest.write_all(b"{\"event\":\"ready\",\"boot_id\":\"A\"}\n").unwrap();
+            answer_ping(guest);
             let _ignored = read_request(guest);
             guest.write_all(b"\n{\"event\":\"ready\",\"boot_id\":\"B\"}\n").unwrap();
-            thread::sleep(Duration::from_secs(5));
+            answer_ping(guest);
         });
         client.wait_ready(SHORT).unwrap();
         let err = client.run(&["systemctl", "reboot"], SHORT).unwrap_err();
@@ -365,9 +414,34 @@ mod tests {
     }
 
     #[test]
+    fn port_reopened_early_in_a_boot_is_absorbed_by_wait_ready() {
+        let mut client = client_with_script(|guest| {
+            guest.write_all(b"\n{\"event\":\"ready\",\"boot_id\":\"A\"}\n").unwrap();
+            // The port flaps: the ping is dropped and the same boot announced again.
+            let _lost = read_request(guest);
+            guest.write_all(b"\n{\"event\":\"ready\",\"boot_id\":\"A\"}\n").unwrap();
+            answer_ping(guest);
+            let request = read_request(guest);
+            guest.write_all(&reply_to(&request, "after")).unwrap();
+            // Later in the boot it flaps again while a command runs.
+            let _lost = read_request(guest);
+            guest.write_all(b"\n{\"event\":\"ready\",\"boot_id\":\"A\"}\n").unwrap();
+            guest.write_all(b"\n{\"event\":\"ready\",\"boot_id\":\"B\"}\n").unwrap();
+            answer_ping(guest);
+        });
+        assert_eq!(client.wait_ready(SHORT).unwrap(), "A");
+        assert_eq!(client.run(&["x"], SHORT).unwrap().stdout, "after");
+        let err = client.run(&["y"], SHORT).unwrap_err();
+        assert!(matches!(err, ClientError::AgentReopened { .. }), "{err:?}");
+        // The repeated A is not handed out as a boot of its own.
+        assert_eq!(client.wait_ready(SHORT).unwrap(), "B");
+    }
+
+    #[test]
     fn stale_replies_are_skipped() {
         let mut client = client_with_script(|guest| {
             guest.write_all(b"{\"event\":\"ready\",\"boot_id\":\"A\"}\n").unwrap();
+            answer_ping(guest);
             let request = read_request(guest);
             let stale = Request { id: request.id + 100, ..request.clone() };
             guest.write_all(&reply_to(&stale, "stale")).unwrap();
