@@ -26,4 +26,213 @@
 //! - **Log**: one line on stderr per change of guest shown
 //!   (`airlock-kiosk: showing <side>`).
 
+pub mod display;
+pub mod input;
+pub mod keys;
 pub mod layout;
+pub mod output;
+pub mod rfb;
+pub mod status;
+
+use std::path::PathBuf;
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::thread;
+
+use anyhow::Result;
+
+use crate::display::GuestDisplay;
+use crate::input::Input;
+use crate::keys::{KeyAction, KeyRouter};
+use crate::layout::{Canvas, Label};
+
+/// A guest's side.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Side {
+    Classified,
+    General,
+}
+
+impl Side {
+    pub fn name(self) -> &'static str {
+        match self {
+            Side::Classified => "classified",
+            Side::General => "general",
+        }
+    }
+
+    pub fn other(self) -> Side {
+        match self {
+            Side::Classified => Side::General,
+            Side::General => Side::Classified,
+        }
+    }
+}
+
+/// Everything the kiosk's one loop reacts to.
+#[derive(Debug)]
+pub enum Event {
+    /// A guest's picture changed or its connection came or went.
+    Display(Side),
+    /// Both guests' states from the supervisor.
+    Status(String, String),
+    Input(Input),
+    /// Periodic wake-up (input rescans).
+    Tick,
+}
+
+/// Where the kiosk finds things (`airlock-kiosk --help`).
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub run_dir: PathBuf,
+    pub drm_device: PathBuf,
+    pub input_dir: PathBuf,
+    pub switch_key: u16,
+    pub switch_key_name: String,
+}
+
+/// evdev codes of the pointer buttons, and their RFB button bits.
+const BUTTONS: [(u16, u8); 4] = [(0x110, 1), (0x112, 2), (0x111, 4), (0x14a, 1)];
+
+/// Runs the kiosk until a fatal error (the service manager restarts it).
+pub fn run(options: &Options) -> Result<()> {
+    let mut screen = output::Screen::open(&options.drm_device)?;
+    let (events, inbox) = mpsc::channel();
+    let displays: Vec<Arc<GuestDisplay>> = [Side::Classified, Side::General]
+        .into_iter()
+        .map(|side| {
+            GuestDisplay::spawn(
+                side,
+                options.run_dir.join(side.name()).join("display.sock"),
+                events.clone(),
+            )
+        })
+        .collect();
+    let display = |side: Side| &displays[side as usize];
+    {
+        let (events, socket) = (events.clone(), options.run_dir.join("control.sock"));
+        let (states, states_in) = mpsc::channel();
+        thread::spawn(move || status::follow(&socket, states));
+        let forward = events.clone();
+        thread::spawn(move || {
+            for (c, g) in states_in {
+                if forward.send(Event::Status(c, g)).is_err() {
+                    return;
+                }
+            }
+        });
+        let dir = options.input_dir.clone();
+        thread::spawn(move || input::watch(dir, events));
+    }
+
+    let mut router = KeyRouter::new(options.switch_key, Side::Classified);
+    display(Side::Classified).set_on_screen(true);
+    eprintln!("airlock-kiosk: showing {}", Side::Classified.name());
+    let mut label = Label {
+        on_screen: Side::Classified,
+        classified_state: status::NO_SUPERVISOR.into(),
+        general_state: status::NO_SUPERVISOR.into(),
+        hint: format!("{}: switch", options.switch_key_name),
+    };
+    let mut pixels = vec![0u32; (screen.width * screen.height) as usize];
+    // The pointer on the screen, and the buttons held.
+    let (mut pointer_x, mut pointer_y, mut buttons) = (screen.width / 2, screen.height / 2, 0u8);
+    let mut redraw = true;
+    loop {
+        if redraw {
+            let side = router.on_screen();
+            let (width, height) = (screen.width, screen.height);
+            display(side).with_frame(|frame| {
+                layout::compose(
+                    &mut Canvas {
+                        width,
+                        height,
+                        pixels: &mut pixels,
+                    },
+                    &label,
+                    frame,
+                )
+            });
+            screen.present(&pixels)?;
+            redraw = false;
+        }
+        // Block for one event, then take whatever else is queued before drawing.
+        let first = inbox.recv()?;
+        for event in std::iter::once(first).chain(inbox.try_iter()) {
+            match event {
+                Event::Display(side) => redraw |= side == router.on_screen(),
+                Event::Status(c, g) => {
+                    redraw |= c != label.classified_state || g != label.general_state;
+                    (label.classified_state, label.general_state) = (c, g);
+                }
+                Event::Tick => {}
+                Event::Input(Input::Key { code, value }) if code >= 0x100 => {
+                    if let Some(&(_, bit)) = BUTTONS.iter().find(|(c, _)| *c == code) {
+                        match value {
+                            1 => buttons |= bit,
+                            0 => buttons &= !bit,
+                            _ => {}
+                        }
+                    }
+                }
+                Event::Input(Input::Key { code, value }) => {
+                    for action in router.key(code, value) {
+                        match action {
+                            KeyAction::Forward { side, code, down } => {
+                                if let Some(scancode) = keys::xt_scancode(code) {
+                                    display(side).send_key(scancode, down);
+                                }
+                            }
+                            KeyAction::Switch { to } => {
+                                // The pointer's buttons are released to the guest being left too.
+                                if buttons != 0 {
+                                    send_pointer(
+                                        display(to.other()),
+                                        &screen,
+                                        pointer_x,
+                                        pointer_y,
+                                        0,
+                                    );
+                                    buttons = 0;
+                                }
+                                display(to.other()).set_on_screen(false);
+                                display(to).set_on_screen(true);
+                                label.on_screen = to;
+                                eprintln!("airlock-kiosk: showing {}", to.name());
+                                redraw = true;
+                            }
+                        }
+                    }
+                }
+                Event::Input(Input::Move { dx, dy }) => {
+                    pointer_x = pointer_x.saturating_add_signed(dx).min(screen.width - 1);
+                    pointer_y = pointer_y.saturating_add_signed(dy).min(screen.height - 1);
+                }
+                Event::Input(Input::AbsX(f)) => pointer_x = (f * (screen.width - 1) as f32) as u32,
+                Event::Input(Input::AbsY(f)) => pointer_y = (f * (screen.height - 1) as f32) as u32,
+                Event::Input(Input::Wheel(clicks)) => {
+                    let bit = if clicks > 0 { 8 } else { 16 };
+                    let guest = display(router.on_screen());
+                    for _ in 0..clicks.unsigned_abs().min(10) {
+                        send_pointer(guest, &screen, pointer_x, pointer_y, buttons | bit);
+                        send_pointer(guest, &screen, pointer_x, pointer_y, buttons);
+                    }
+                }
+                Event::Input(Input::Sync) => send_pointer(
+                    display(router.on_screen()),
+                    &screen,
+                    pointer_x,
+                    pointer_y,
+                    buttons,
+                ),
+            }
+        }
+    }
+}
+
+/// A pointer event at screen position (x, y), in the guest's coordinates.
+fn send_pointer(guest: &GuestDisplay, screen: &output::Screen, x: u32, y: u32, buttons: u8) {
+    let Some((gw, gh)) = guest.size() else { return };
+    let (gx, gy) = layout::screen_to_guest(screen.width, screen.height, gw, gh, x, y);
+    guest.send_with(|_, _| rfb::pointer_event(buttons, gx, gy).to_vec());
+}
