@@ -22,6 +22,18 @@ pub fn parse_switch_key(name: &str) -> Option<u16> {
     }
 }
 
+/// How the label names a host key given as `given` on the command line.
+pub fn key_name(code: u16, given: &str) -> String {
+    match code {
+        KEY_SCROLLLOCK => "Scroll Lock".into(),
+        119 => "Pause".into(),
+        88 => "F12".into(),
+        97 => "Right Ctrl".into(),
+        127 => "Menu".into(),
+        _ => given.to_owned(),
+    }
+}
+
 /// QEMU's XT encoding of the evdev key `code`: codes 1–88 are the XT set 1
 /// make codes themselves; the 0xe0-prefixed keys become `0x80 | code`.
 /// `None`: a key the guests do not get (unknown or host-only).
@@ -69,12 +81,17 @@ pub enum KeyAction {
     Forward { side: Side, code: u16, down: bool },
     /// Show the other guest (after the releases that precede this action).
     Switch { to: Side },
+    /// The confirm key was pressed (clipboard confirm mode).
+    Confirm,
 }
 
 /// Routes keys to the guest on screen; see the module documentation.
 #[derive(Debug)]
 pub struct KeyRouter {
     switch_key: u16,
+    /// The host-owned key that releases a pending clipboard transfer; like
+    /// the switch key it never reaches a guest.
+    confirm_key: Option<u16>,
     on_screen: Side,
     /// Keys pressed while the guest on screen had the keyboard and not yet
     /// released: only they are released to it, here or on a switch.
@@ -85,9 +102,16 @@ impl KeyRouter {
     pub fn new(switch_key: u16, on_screen: Side) -> Self {
         KeyRouter {
             switch_key,
+            confirm_key: None,
             on_screen,
             held: BTreeSet::new(),
         }
+    }
+
+    /// Takes `confirm_key` from the guests (while a clipboard transfer
+    /// waits for it), or gives it back (`None`).
+    pub fn set_confirm_key(&mut self, confirm_key: Option<u16>) {
+        self.confirm_key = confirm_key;
     }
 
     pub fn on_screen(&self) -> Side {
@@ -113,6 +137,13 @@ impl KeyRouter {
             self.on_screen = side.other();
             actions.push(KeyAction::Switch { to: self.on_screen });
             return actions;
+        }
+        if Some(code) == self.confirm_key {
+            return if value == 1 {
+                vec![KeyAction::Confirm]
+            } else {
+                Vec::new()
+            };
         }
         match value {
             1 => {
@@ -228,6 +259,24 @@ mod tests {
         assert_eq!(r.key(A, 2), []);
         assert_eq!(r.key(CTRL, 0), []);
         assert_eq!(r.key(A, 0), []);
+    }
+
+    #[test]
+    fn the_confirm_key_is_the_hosts_too() {
+        let mut r = KeyRouter::new(KEY_SCROLLLOCK, Classified);
+        r.set_confirm_key(Some(119));
+        assert_eq!(r.key(119, 1), [Confirm]);
+        assert_eq!(r.key(119, 2), []);
+        assert_eq!(r.key(119, 0), []);
+        r.set_confirm_key(None);
+        assert_eq!(
+            r.key(119, 1),
+            [Forward {
+                side: Classified,
+                code: 119,
+                down: true
+            }]
+        );
     }
 
     #[test]

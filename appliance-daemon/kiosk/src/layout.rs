@@ -47,6 +47,8 @@ pub struct Label {
     pub general_state: String,
     /// How to switch, e.g. `Scroll Lock: switch`.
     pub hint: String,
+    /// A clipboard transfer waiting for the confirm key, described.
+    pub pending: Option<String>,
 }
 
 impl Label {
@@ -196,10 +198,14 @@ fn draw_strip(canvas: &mut Canvas<'_>, label: &Label, strip: u32) {
     let after_word = canvas.text(pad, (strip - 8 * big) / 2, big, &word, WHITE);
     // …both guests' states and the hint on the right, in small letters.
     let small = (big / 2).max(1);
-    let status = format!(
-        "classified: {}   general: {}   {}",
-        label.classified_state, label.general_state, label.hint
-    );
+    let status = match &label.pending {
+        // Pending transfer: the strip says so instead of the states.
+        Some(pending) => pending.clone(),
+        None => format!(
+            "classified: {}   general: {}   {}",
+            label.classified_state, label.general_state, label.hint
+        ),
+    };
     let status_w = text_width(&status, small);
     let x = width.saturating_sub(status_w + pad).max(after_word + pad);
     canvas.text(x, (strip - 8 * small) / 2, small, &status, WHITE);
@@ -215,6 +221,7 @@ mod tests {
             classified_state: "running".into(),
             general_state: "stopped".into(),
             hint: "Scroll Lock: switch".into(),
+            pending: None,
         }
     }
 

@@ -26,6 +26,7 @@
 //! - **Log**: one line on stderr per change of guest shown
 //!   (`airlock-kiosk: showing <side>`).
 
+pub mod confirm;
 pub mod display;
 pub mod input;
 pub mod keys;
@@ -77,6 +78,8 @@ pub enum Event {
     /// Both guests' states from the supervisor.
     Status(String, String),
     Input(Input),
+    /// A clipboard transfer waits for the confirm key (`None`: no longer).
+    Pending(Option<confirm::Pending>),
     /// Periodic wake-up (input rescans).
     Tick,
 }
@@ -89,6 +92,18 @@ pub struct Options {
     pub input_dir: PathBuf,
     pub switch_key: u16,
     pub switch_key_name: String,
+    /// Clipboard confirm mode: the gateway's confirm socket, the key that
+    /// accepts, its name, and how long a transfer is shown as pending (the
+    /// gateway's own timeout rejects it after that).
+    pub confirm: Option<ConfirmOptions>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ConfirmOptions {
+    pub socket: PathBuf,
+    pub key: u16,
+    pub key_name: String,
+    pub timeout: std::time::Duration,
 }
 
 /// evdev codes of the pointer buttons, and their RFB button bits.
@@ -98,6 +113,7 @@ const BUTTONS: [(u16, u8); 4] = [(0x110, 1), (0x112, 2), (0x111, 4), (0x14a, 1)]
 pub fn run(options: &Options) -> Result<()> {
     let mut screen = output::Screen::open(&options.drm_device)?;
     let (events, inbox) = mpsc::channel();
+    let answer = confirm::Answer::default();
     let displays: Vec<Arc<GuestDisplay>> = [Side::Classified, Side::General]
         .into_iter()
         .map(|side| {
@@ -121,11 +137,17 @@ pub fn run(options: &Options) -> Result<()> {
                 }
             }
         });
+        if let Some(c) = &options.confirm {
+            let (events, socket, answer) = (events.clone(), c.socket.clone(), answer.clone());
+            thread::spawn(move || confirm::follow(&socket, answer, events));
+        }
         let dir = options.input_dir.clone();
         thread::spawn(move || input::watch(dir, events));
     }
 
     let mut router = KeyRouter::new(options.switch_key, Side::Classified);
+    // The transfer the label shows as pending, and until when.
+    let mut pending: Option<(confirm::Pending, std::time::Instant)> = None;
     display(Side::Classified).set_on_screen(true);
     eprintln!("airlock-kiosk: showing {}", Side::Classified.name());
     let mut label = Label {
@@ -133,6 +155,7 @@ pub fn run(options: &Options) -> Result<()> {
         classified_state: status::NO_SUPERVISOR.into(),
         general_state: status::NO_SUPERVISOR.into(),
         hint: format!("{}: switch", options.switch_key_name),
+        pending: None,
     };
     let mut pixels = vec![0u32; (screen.width * screen.height) as usize];
     // The pointer on the screen, and the buttons held.
@@ -165,7 +188,34 @@ pub fn run(options: &Options) -> Result<()> {
                     redraw |= c != label.classified_state || g != label.general_state;
                     (label.classified_state, label.general_state) = (c, g);
                 }
-                Event::Tick => {}
+                Event::Tick => {
+                    if pending
+                        .as_ref()
+                        .is_some_and(|(_, until)| std::time::Instant::now() >= *until)
+                    {
+                        pending = None;
+                        router.set_confirm_key(None);
+                        label.pending = None;
+                        redraw = true;
+                    }
+                }
+                Event::Pending(p) => {
+                    let timeout = options
+                        .confirm
+                        .as_ref()
+                        .map_or(std::time::Duration::ZERO, |c| c.timeout);
+                    label.pending = p.as_ref().map(|p| pending_text(p, options));
+                    // The confirm key is the host's while a transfer waits.
+                    router.set_confirm_key(
+                        options
+                            .confirm
+                            .as_ref()
+                            .filter(|_| p.is_some())
+                            .map(|c| c.key),
+                    );
+                    pending = p.map(|p| (p, std::time::Instant::now() + timeout));
+                    redraw = true;
+                }
                 Event::Input(Input::Key { code, value }) if code >= 0x100 => {
                     if let Some(&(_, bit)) = BUTTONS.iter().find(|(c, _)| *c == code) {
                         match value {
@@ -181,6 +231,15 @@ pub fn run(options: &Options) -> Result<()> {
                             KeyAction::Forward { side, code, down } => {
                                 if let Some(scancode) = keys::xt_scancode(code) {
                                     display(side).send_key(scancode, down);
+                                }
+                            }
+                            KeyAction::Confirm => {
+                                router.set_confirm_key(None);
+                                if let Some((p, _)) = pending.take() {
+                                    let sent = answer.accept(p.transfer);
+                                    eprintln!("airlock-kiosk: clipboard transfer {} confirmed by the user (sent: {sent})", p.transfer);
+                                    label.pending = None;
+                                    redraw = true;
                                 }
                             }
                             KeyAction::Switch { to } => {
@@ -228,6 +287,15 @@ pub fn run(options: &Options) -> Result<()> {
             }
         }
     }
+}
+
+/// What the label says about a pending transfer.
+fn pending_text(p: &confirm::Pending, options: &Options) -> String {
+    let key = options.confirm.as_ref().map_or("", |c| c.key_name.as_str());
+    format!(
+        "CLIPBOARD: {} {} bytes general->classified - {key}: paste",
+        p.kind, p.bytes
+    )
 }
 
 /// A pointer event at screen position (x, y), in the guest's coordinates.

@@ -23,6 +23,18 @@ struct Cli {
     /// rightctrl or menu. It never reaches a guest.
     #[arg(long, default_value = "scrolllock")]
     switch_key: String,
+    /// The clipboard gateway's confirm socket (present only when
+    /// `[clipboard] confirm` is on).
+    #[arg(long, default_value = "/run/airlock/clipboard/confirm.sock")]
+    confirm_socket: PathBuf,
+    /// The key that releases a pending clipboard transfer; the host's only
+    /// while one waits.
+    #[arg(long, default_value = "pause")]
+    confirm_key: String,
+    /// How long a pending transfer is shown: the gateway's
+    /// `confirm_timeout_ms`, after which it rejects the transfer itself.
+    #[arg(long, default_value_t = 30000)]
+    confirm_timeout_ms: u64,
 }
 
 fn main() -> ExitCode {
@@ -31,16 +43,27 @@ fn main() -> ExitCode {
         eprintln!("airlock-kiosk: --switch-key {:?} is not one of scrolllock, pause, f12, rightctrl, menu", cli.switch_key);
         return ExitCode::from(2);
     };
-    let switch_key_name = match switch_key {
-        airlock_kiosk::keys::KEY_SCROLLLOCK => "Scroll Lock".to_owned(),
-        _ => cli.switch_key.clone(),
+    let Some(confirm_key) =
+        airlock_kiosk::keys::parse_switch_key(&cli.confirm_key).filter(|k| *k != switch_key)
+    else {
+        eprintln!(
+            "airlock-kiosk: --confirm-key {:?} must be one of scrolllock, pause, f12, rightctrl, menu, and not the switch key",
+            cli.confirm_key
+        );
+        return ExitCode::from(2);
     };
     let options = airlock_kiosk::Options {
         run_dir: cli.run_dir,
         drm_device: cli.drm_device,
         input_dir: cli.input_dir,
         switch_key,
-        switch_key_name,
+        switch_key_name: airlock_kiosk::keys::key_name(switch_key, &cli.switch_key),
+        confirm: Some(airlock_kiosk::ConfirmOptions {
+            socket: cli.confirm_socket,
+            key: confirm_key,
+            key_name: airlock_kiosk::keys::key_name(confirm_key, &cli.confirm_key),
+            timeout: std::time::Duration::from_millis(cli.confirm_timeout_ms),
+        }),
     };
     match airlock_kiosk::run(&options) {
         Ok(()) => ExitCode::SUCCESS,
