@@ -5,15 +5,19 @@
 //! ([`kernel`]) and a client for the guest's test port ([`client`]); and the
 //! guest's pure parts, unit-tested here: its SPICE vdagent clipboard agent
 //! ([`agent`], on `com.redhat.spice.0`, with the workspace codec
-//! `airlock-vdagent`), the display patterns it draws ([`pattern`]) and the
-//! pure parts of its network probes ([`net`]).
+//! `airlock-vdagent`), the display patterns it draws ([`pattern`]), the
+//! log of keys it received ([`keys`]) and the pure parts of its network
+//! probes ([`net`]).
 //!
 //! Besides the test port, the guest is a clipboard peer like the Windows
 //! guests' agent (a host test or the gateway plays the host side on the
 //! `com.redhat.spice.0` socket, the test port makes the guest copy and
 //! paste and reports what it saw), and it draws known patterns on a
 //! `-device VGA` display (kernel `bochs` DRM driver, fbdev `/dev/fb0`) for
-//! screendump checks. With a `virtio-net-pci` NIC it takes a static
+//! screendump checks. It records the keys its keyboards deliver (QEMU's
+//! PS/2 keyboard on the i8042, or a `virtio-keyboard-pci`; VNC or QMP
+//! `send-key` on the host) for the kiosk's input tests. With a
+//! `virtio-net-pci` NIC it takes a static
 //! address and probes the network (TCP, UDP, ICMP; refused vs. dropped) for
 //! the appliance's isolation tests.
 //!
@@ -28,6 +32,7 @@ pub mod client;
 pub mod image;
 pub mod initramfs;
 pub mod kernel;
+pub mod keys;
 pub mod net;
 pub mod pattern;
 
@@ -97,6 +102,22 @@ pub mod protocol {
     /// [`crate::pattern::Pattern`] and puts the console in graphics mode so
     /// nothing draws over it; `error ...` without a framebuffer.
     pub const DRAW: &str = "draw";
+    /// `keys` → `ok keys <code>:<value> <code>:<value> ...`, or `ok keys`
+    /// when none: the `EV_KEY` events every input device with keys
+    /// delivered since boot or the last [`KEYS_CLEAR`], oldest first; evdev
+    /// key codes (`linux/input-event-codes.h`: `KEY_A` = 30, `KEY_B` = 48,
+    /// `KEY_ENTER` = 28, `BTN_LEFT` = 272) and values `1` (press) and `0`
+    /// (release). Autorepeats (value 2) are left out, so the line depends
+    /// on what was pressed, not on timing. At most
+    /// [`crate::keys::KEPT`] events, the newest. `/init` reads every
+    /// `/dev/input/event*` whose device has keys, from boot on, and looks
+    /// for new ones every 500 ms (the i8042 keyboard exists at boot, a
+    /// virtio keyboard or tablet once `virtio_input` binds it). Includes
+    /// the ACPI power button (`KEY_POWER` = 116) and tablet buttons. Parse
+    /// with [`crate::keys::parse_reply`].
+    pub const KEYS: &str = "keys";
+    /// `keys-clear` → `ok keys-clear`: empties the log of [`KEYS`].
+    pub const KEYS_CLEAR: &str = "keys-clear";
 
     /// `net-up <address>/<prefix> <gateway>` →
     /// `ok net <ifname> <mac> <address>/<prefix>`: brings up `lo` and the

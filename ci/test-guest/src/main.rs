@@ -1,9 +1,11 @@
 //! `/init` of the test guest (static; see `lib.rs`). As PID 1 it mounts
 //! `/dev`, `/proc`, `/sys`, loads the modules listed in
 //! `/lib/modules/order` (the ACPI power button and evdev, so QMP
-//! `system_powerdown` powers it off like a Windows guest), prints the
-//! alive banner on the console, and serves commands on the virtio-serial
-//! port `org.airlock.test.0` (protocol in `lib.rs`). A second thread is the
+//! `system_powerdown` powers it off like a Windows guest; `virtio_input`),
+//! starts reading every input device with keys (the power button, and the
+//! log behind `keys`), prints the alive banner on the console, and serves
+//! commands on the virtio-serial port `org.airlock.test.0` (protocol in
+//! `lib.rs`). A second thread is the
 //! guest's SPICE vdagent on `com.redhat.spice.0` (state machine in
 //! `agent.rs`); `draw` writes to the framebuffer `/dev/fb0`; the network
 //! commands are in `guest_net.rs` (it also loads `virtio_net`). Refuses to
@@ -18,6 +20,7 @@ use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use airlock_test_guest::agent::{self, Agent};
+use airlock_test_guest::keys::{self, KeyLog};
 use airlock_test_guest::pattern::{Layout, Pattern};
 use airlock_test_guest::protocol::{self, bench_work};
 use airlock_vdagent::{encode, Decoder, Message};
@@ -27,6 +30,10 @@ mod guest_net;
 
 /// Set by `ignore-power-button`.
 static IGNORE_POWER_BUTTON: AtomicBool = AtomicBool::new(false);
+
+/// The keys received since boot or the last `keys-clear`, recorded by the
+/// input readers ([`watch_inputs`]).
+static KEYS: Mutex<KeyLog> = Mutex::new(KeyLog::new());
 
 /// The vdagent's state, shared by its thread and the test port.
 static AGENT: Mutex<Agent> = Mutex::new(Agent::new());
@@ -49,7 +56,7 @@ fn main() {
     guest_net::allow_ping_sockets();
     let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
     println!("{} (kernel {})", protocol::ALIVE_BANNER, release.trim());
-    std::thread::spawn(watch_power_button);
+    watch_inputs();
     std::thread::spawn(run_vdagent);
     loop {
         match find_port(protocol::PORT_NAME) {
@@ -217,6 +224,11 @@ fn handle(line: &str) -> String {
                 Err(e) => format!("error {e}"),
             }
         }
+        Some(protocol::KEYS) => lock(&KEYS).line(),
+        Some(protocol::KEYS_CLEAR) => {
+            lock(&KEYS).clear();
+            "ok keys-clear".into()
+        }
         _ => guest_net::handle(line).unwrap_or_else(|| format!("error unknown command {line:?}")),
     }
 }
@@ -352,40 +364,64 @@ fn hog(threads: u64, mib: u64, duration: Duration) {
     }
 }
 
-/// Waits for a press of the ACPI power button (QMP `system_powerdown`) on
-/// any input device and powers off.
-fn watch_power_button() {
-    // struct input_event on x86-64: timeval (16 bytes), type u16, code u16, value i32.
-    const EV_KEY: u16 = 1;
+/// Every `/dev/input/event*` being read, by path (a reader removes its own
+/// when the device goes away, so a node made again is read again).
+static INPUTS: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
+
+/// Reads every input device with keys from now on: at once for those that
+/// exist (the i8042 keyboard, the ACPI power button), then every 500 ms for
+/// new ones (virtio keyboard or tablet, once bound). Each device gets a
+/// thread that records its key events in [`KEYS`] and powers off on a press
+/// of the ACPI power button (QMP `system_powerdown`).
+fn watch_inputs() {
+    scan_inputs();
+    std::thread::spawn(|| loop {
+        std::thread::sleep(Duration::from_millis(500));
+        scan_inputs();
+    });
+}
+
+/// Starts a reader for each `/dev/input/event*` with keys not read yet.
+/// Others (no `EV_KEY`, or capabilities not readable yet) are looked at
+/// again next time.
+fn scan_inputs() {
+    for entry in std::fs::read_dir("/dev/input").into_iter().flatten().flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let path = entry.path();
+        if !name.starts_with("event") || lock(&INPUTS).contains(&path) {
+            continue;
+        }
+        let Ok(ev) = std::fs::read_to_string(format!("/sys/class/input/{name}/device/capabilities/ev")) else { continue };
+        if !keys::has_keys(&ev) {
+            continue;
+        }
+        let Ok(dev) = File::open(&path) else { continue };
+        let device = std::fs::read_to_string(format!("/sys/class/input/{name}/device/name")).unwrap_or_default();
+        println!("airlock-test-guest: reading keys from {} ({})", path.display(), device.trim());
+        lock(&INPUTS).push(path.clone());
+        std::thread::spawn(move || {
+            read_keys(dev);
+            println!("airlock-test-guest: {} gone", path.display());
+            lock(&INPUTS).retain(|p| *p != path);
+        });
+    }
+}
+
+/// Records the key events of one input device until it goes away.
+fn read_keys(mut dev: File) {
     const KEY_POWER: u16 = 116;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let mut watched = Vec::new();
-    while Instant::now() < deadline {
-        for entry in std::fs::read_dir("/dev/input").into_iter().flatten().flatten() {
-            let path = entry.path();
-            if !entry.file_name().to_string_lossy().starts_with("event") || watched.contains(&path) {
+    let mut raw = [0u8; keys::INPUT_EVENT_SIZE];
+    while dev.read_exact(&mut raw).is_ok() {
+        let Some(event) = keys::decode(&raw) else { continue };
+        lock(&KEYS).record(event);
+        if event.code == KEY_POWER && event.value == keys::PRESSED {
+            if IGNORE_POWER_BUTTON.load(Ordering::SeqCst) {
+                println!("airlock-test-guest: power button pressed, ignored");
                 continue;
             }
-            watched.push(path.clone());
-            std::thread::spawn(move || {
-                let Ok(mut dev) = File::open(&path) else { return };
-                let mut ev = [0u8; 24];
-                while dev.read_exact(&mut ev).is_ok() {
-                    let kind = u16::from_ne_bytes([ev[16], ev[17]]);
-                    let code = u16::from_ne_bytes([ev[18], ev[19]]);
-                    let value = i32::from_ne_bytes([ev[20], ev[21], ev[22], ev[23]]);
-                    if kind == EV_KEY && code == KEY_POWER && value == 1 {
-                        if IGNORE_POWER_BUTTON.load(Ordering::SeqCst) {
-                            println!("airlock-test-guest: power button pressed, ignored");
-                            continue;
-                        }
-                        println!("airlock-test-guest: power button pressed");
-                        power_off();
-                    }
-                }
-            });
+            println!("airlock-test-guest: power button pressed");
+            power_off();
         }
-        std::thread::sleep(Duration::from_millis(500));
     }
 }
 

@@ -28,6 +28,12 @@ impl Guest {
     /// Builds the image and starts QEMU with the serial console, the test
     /// port and `extra` arguments (made from the guest's scratch directory).
     pub fn boot(extra: impl FnOnce(&Path) -> Vec<OsString>) -> Guest {
+        Guest::boot_with_cmdline("", extra)
+    }
+
+    /// As [`boot`](Self::boot), with `cmdline` added to the kernel's
+    /// command line.
+    pub fn boot_with_cmdline(cmdline: &str, extra: impl FnOnce(&Path) -> Vec<OsString>) -> Guest {
         let dir = tempfile::tempdir().unwrap();
         let img = image::prepare(dir.path()).unwrap_or_else(|e| panic!("{e}"));
         eprintln!(
@@ -47,7 +53,8 @@ impl Guest {
             .arg(&img.kernel.vmlinuz)
             .arg("-initrd")
             .arg(&img.initrd)
-            .args(["-append", "console=ttyS0 panic=-1 quiet"])
+            .arg("-append")
+            .arg(format!("console=ttyS0 panic=-1 quiet {cmdline}").trim_end())
             .arg("-chardev")
             .arg(format!("file,id=con,path={}", serial.display()))
             .args(["-serial", "chardev:con", "-device", "virtio-serial-pci,id=vser0"])
