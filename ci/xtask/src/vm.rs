@@ -305,6 +305,15 @@ fn describe_status(status: ExitStatus) -> String {
     }
 }
 
+impl Vm {
+    /// Keeps the VM's files (serial log, QEMU log) after it is dropped, and
+    /// says where: for a machine some test failed on.
+    pub fn keep_files(&mut self) {
+        self.dir.disable_cleanup(true);
+        eprintln!("VM files kept in {}", self.dir.path().display());
+    }
+}
+
 impl Drop for Vm {
     fn drop(&mut self) {
         // Sockets first, so QEMU sees clients leave before it dies.

@@ -92,6 +92,7 @@ pub fn test_image_boots(suite: &mut Suite, images: &Images, opts: &AcceptanceOpt
         Ok(x) => x,
         Err(e) => return suite.fail_all(&all, &e),
     };
+    let failed_before = suite.failed();
     // First the guests (they must be up before the AVC checks read the
     // journal, so that their start is covered too).
     super::supervisor::supervisor_checks(suite, &mut vm);
@@ -146,6 +147,9 @@ pub fn test_image_boots(suite: &mut Suite, images: &Images, opts: &AcceptanceOpt
     super::attacks::attack_checks(suite, &mut vm);
     // Last: powers the machine off.
     super::supervisor::poweroff_check(suite, &mut vm);
+    if suite.failed() > failed_before {
+        vm.keep_files();
+    }
 }
 
 fn in_guest_checks(suite: &mut Suite, vm: &mut Vm) {
