@@ -1,7 +1,7 @@
 //! `airlock-kiosk`: the appliance's one graphical program.
 //!
 //! It drives the display itself through KMS (a dumb buffer on the first
-//! connected output of `/dev/dri/card0`) and reads keyboards and pointers
+//! connected output of the first usable `/dev/dri/card*`) and reads keyboards and pointers
 //! straight from evdev, each grabbed exclusively (`EVIOCGRAB`), so no key
 //! ever reaches the kernel's VT layer. There is no compositor: no second
 //! client exists that could capture the screen, inject input or share a
@@ -88,6 +88,7 @@ pub enum Event {
 #[derive(Debug, Clone)]
 pub struct Options {
     pub run_dir: PathBuf,
+    /// A KMS device, or a directory of them (the first usable one).
     pub drm_device: PathBuf,
     pub input_dir: PathBuf,
     pub switch_key: u16,
@@ -111,7 +112,11 @@ const BUTTONS: [(u16, u8); 4] = [(0x110, 1), (0x112, 2), (0x111, 4), (0x14a, 1)]
 
 /// Runs the kiosk until a fatal error (the service manager restarts it).
 pub fn run(options: &Options) -> Result<()> {
-    let mut screen = output::Screen::open(&options.drm_device)?;
+    let mut screen = if options.drm_device.is_dir() {
+        output::Screen::open_first(&options.drm_device)?
+    } else {
+        output::Screen::open(&options.drm_device)?
+    };
     let (events, inbox) = mpsc::channel();
     let answer = confirm::Answer::default();
     let displays: Vec<Arc<GuestDisplay>> = [Side::Classified, Side::General]

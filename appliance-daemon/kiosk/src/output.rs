@@ -34,6 +34,30 @@ pub struct Screen {
 }
 
 impl Screen {
+    /// The first KMS device under `dir` (`card0`, `card1`, …) with a
+    /// connected output. (Early in boot the firmware framebuffer's
+    /// `simpledrm` may hold `card0` until the real driver replaces it.)
+    pub fn open_first(dir: &Path) -> Result<Screen> {
+        let mut cards: Vec<_> = std::fs::read_dir(dir)
+            .with_context(|| format!("listing {}", dir.display()))?
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("card")))
+            .collect();
+        cards.sort();
+        let mut errors = Vec::new();
+        for card in &cards {
+            match Screen::open(card) {
+                Ok(screen) => return Ok(screen),
+                Err(e) => errors.push(format!("{e:#}")),
+            }
+        }
+        if errors.is_empty() {
+            bail!("no display device in {}", dir.display());
+        }
+        bail!("no usable display: {}", errors.join("; "))
+    }
+
     /// Opens `device`, picks the first connected output and its preferred
     /// mode, and puts a black buffer on it.
     pub fn open(device: &Path) -> Result<Screen> {

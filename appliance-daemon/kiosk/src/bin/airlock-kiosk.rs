@@ -13,8 +13,9 @@ struct Cli {
     /// The supervisor's run directory (`<side>/display.sock`, `control.sock`).
     #[arg(long, default_value = "/run/airlock")]
     run_dir: PathBuf,
-    /// The KMS device to drive.
-    #[arg(long, default_value = "/dev/dri/card0")]
+    /// The KMS device to drive, or a directory: the first device in it with
+    /// a connected output.
+    #[arg(long, default_value = "/dev/dri")]
     drm_device: PathBuf,
     /// Where keyboards and pointers appear.
     #[arg(long, default_value = "/dev/input")]
