@@ -41,6 +41,9 @@ const APPLIANCE_BINARIES: &[BinarySpec] = &[
     // Started by the supervisor; the gateway starts the sanitiser per item.
     BinarySpec { package: "airlock-gateway", binary: "airlock-gateway", destination: "/usr/lib/airlock/airlock-gateway" },
     BinarySpec { package: "airlock-gateway", binary: "airlock-sanitiser", destination: "/usr/lib/airlock/airlock-sanitiser" },
+    // The screen, keyboard and pointer (airlock-kiosk.service). Pure Rust on
+    // /dev/dri and /dev/input: no package of its own in the image.
+    BinarySpec { package: "airlock-kiosk", binary: "airlock-kiosk", destination: "/usr/lib/airlock/airlock-kiosk" },
 ];
 
 /// The test profile's additions.

@@ -159,6 +159,7 @@ struct RawSupervisor {
     poweroff_command: Option<Spanned<Vec<String>>>,
     shutdown_timeout_secs: Option<Spanned<u64>>,
     control_group: Option<Spanned<String>>,
+    display_group: Option<Spanned<String>>,
     test_mode: Option<Spanned<bool>>,
 }
 
@@ -297,6 +298,9 @@ pub struct Supervisor {
     pub shutdown_timeout: Duration,
     /// Group that may connect to the control socket (kiosk, update agent).
     pub control_group: String,
+    /// The kiosk's group: after each start of a guest's QEMU its display
+    /// socket (alone) is handed to this group, `0660`.
+    pub display_group: String,
     /// Test images and host tests: TCG allowed, kernel boot allowed, a logged
     /// serial console and the test agent port.
     pub test_mode: bool,
@@ -870,6 +874,13 @@ fn resolve_supervisor(layers: &[Layer]) -> Result<Supervisor, ConfigError> {
             f.value.clone()
         }
     };
+    let display_group = match pick(layers, |l| sup(l)?.display_group.as_ref()) {
+        None => "airlock-kiosk".to_owned(),
+        Some(f) => {
+            check_name(f.value).map_err(|why| f.invalid("supervisor.display_group", why))?;
+            f.value.clone()
+        }
+    };
     let test_mode = pick(layers, |l| sup(l)?.test_mode.as_ref()).is_some_and(|f| *f.value);
     let supervisor = Supervisor {
         run_dir,
@@ -883,6 +894,7 @@ fn resolve_supervisor(layers: &[Layer]) -> Result<Supervisor, ConfigError> {
         poweroff_command,
         shutdown_timeout,
         control_group,
+        display_group,
         test_mode,
     };
     // Longest socket path: <run_dir>/classified/vdagent.sock.
@@ -1160,6 +1172,8 @@ disk = "/var/lib/airlock/general/disk/windows.qcow2"
         assert!(!c.supervisor.test_mode);
         assert!(c.supervisor.strict_limits);
         assert_eq!(c.supervisor.poweroff_command, DEFAULT_POWEROFF_COMMAND);
+        assert_eq!(c.supervisor.control_group, "airlock-control");
+        assert_eq!(c.supervisor.display_group, "airlock-kiosk");
         for side in Side::ALL {
             let g = c.guest(side);
             assert_eq!(g.accel, Accel::Kvm);
@@ -1268,6 +1282,7 @@ disk = "/var/lib/airlock/general/disk/windows.qcow2"
             (format!("[supervisor]\nshutdown_timeout_secs = 0\n{}", g("", "")), vec!["supervisor.shutdown_timeout_secs", "line 2"]),
             (format!("[supervisor]\nrun_dir = \"/{}\"\n{}", "x".repeat(100), g("", "")), vec!["supervisor.run_dir", "line 2", "socket"]),
             (format!("[supervisor]\ngateway = \"airlock-gateway\"\n{}", g("", "")), vec!["supervisor.gateway", "line 2", "absolute"]),
+            (format!("[supervisor]\ndisplay_group = \"Kiosk Users\"\n{}", g("", "")), vec!["supervisor.display_group", "line 2"]),
             (format!("{}[clipboard]\ncolour = 1\n", g("", "")), vec!["colour", "line 8"]),
             (format!("{}[clipboard]\nenabled = \"yes\"\n", g("", "")), vec!["enabled", "line 8"]),
             (format!("{}[clipboard]\nmax_bytes = 0\n", g("", "")), vec!["clipboard.max_bytes", "line 8", "outside 1..=2147483647"]),

@@ -8,13 +8,17 @@
 //! process itself alive (`supervisor`: own user, own cgroup `gateway`,
 //! restart with back-off, stopped on shutdown).
 //!
-//! DAC: each side's run directory is `0751 airlock-<side>` (others may pass
-//! through, not list), QEMU creates its sockets `0770` (umask 007) owned by
-//! the side's user, and after each QEMU start the supervisor hands the
-//! vdagent socket alone to the gateway's group (`0660`,
-//! [`VDAGENT_SOCKET_MODE`]). So the gateway user reaches both vdagent
-//! sockets and nothing else of either guest, without SELinux; SELinux
-//! (`airlock_gateway_t`) says the same again.
+//! DAC: each side's run directory is `0751 airlock-<side>`
+//! ([`qemu::SIDE_RUN_DIR_MODE`]: others may pass through, not list), QEMU
+//! creates its sockets `0770` (umask 007) owned by the side's user, and
+//! after each QEMU start the supervisor hands the vdagent socket alone to
+//! the gateway's group (`0660`, [`qemu::HANDED_SOCKET_MODE`]; the display
+//! socket goes to the kiosk's group the same way). So the gateway user
+//! reaches both vdagent sockets and nothing else of either guest, without
+//! SELinux; SELinux (`airlock_gateway_t`) says the same again.
+//!
+//! [`qemu::SIDE_RUN_DIR_MODE`]: crate::qemu::SIDE_RUN_DIR_MODE
+//! [`qemu::HANDED_SOCKET_MODE`]: crate::qemu::HANDED_SOCKET_MODE
 
 use std::path::{Path, PathBuf};
 
@@ -27,11 +31,6 @@ pub const AUDIT_LOG: &str = "clipboard.log";
 pub const SANITISER: &str = "airlock-sanitiser";
 /// The name of the gateway's cgroup, a sibling of `guest-<side>`.
 pub const CGROUP: &str = "gateway";
-/// Mode of a side's vdagent socket once handed to the gateway's group.
-pub const VDAGENT_SOCKET_MODE: u32 = 0o660;
-/// Mode of a side's run directory: the side's user, its group, and
-/// passage (not listing) for the gateway.
-pub const SIDE_RUN_DIR_MODE: u32 = 0o751;
 
 /// Where the gateway's files are.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -33,6 +33,14 @@ pub const TEST_PORT: &str = "org.airlock.test.0";
 /// QEMU's seccomp sandbox: every optional deny set on.
 pub const SANDBOX: &str = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny";
 
+/// Mode of a side's run directory (`/run/airlock/<side>/`, owned by the
+/// side's user): its user, its group, and passage (not listing) for the
+/// clients of the sockets handed over to them (gateway, kiosk).
+pub const SIDE_RUN_DIR_MODE: u32 = 0o751;
+/// Mode of a socket of a side's QEMU once handed to the group of its one
+/// client (QEMU creates them `0770`, umask 007, for the side's user).
+pub const HANDED_SOCKET_MODE: u32 = 0o660;
+
 /// Files and sockets of one guest.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct GuestPaths {

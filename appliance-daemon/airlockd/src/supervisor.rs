@@ -117,8 +117,18 @@ struct RunnerContext {
     user: Option<Account>,
     selinux: bool,
     cgroup_root: Option<PathBuf>,
-    /// The gateway's group: each new vdagent socket is handed to it.
-    vdagent_group: Option<u32>,
+    /// Who gets the guest's vdagent and display sockets after each start.
+    socket_groups: SocketGroups,
+}
+
+/// The groups the sockets of each new QEMU are handed to, each socket alone
+/// to its one client's group; `None`: that socket stays QEMU's user's.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct SocketGroups {
+    /// The clipboard gateway's: `vdagent.sock`.
+    gateway: Option<u32>,
+    /// The kiosk's (`supervisor.display_group`): `display.sock`.
+    kiosk: Option<u32>,
 }
 
 /// What the gateway runner needs, worked out once.
@@ -187,6 +197,26 @@ pub fn run(config: Config) -> Result<()> {
         }
     };
     let control = control::Server::bind(&sup.control_socket(), control_gid)?;
+    // The kiosk runs as its own unit, not under the supervisor; all it gets
+    // from here is each guest's display socket, handed to its group.
+    let kiosk_gid = if !root {
+        None
+    } else {
+        match users::lookup_group(&sup.display_group) {
+            Ok(Some(gid)) => Some(gid),
+            Ok(None) => {
+                log::warn(format!(
+                    "group {:?} does not exist: the guests' display sockets stay their QEMU's own, no kiosk can show them",
+                    sup.display_group
+                ));
+                None
+            }
+            Err(e) => {
+                log::warn(format!("the guests' display sockets stay their QEMU's own: {e:#}"));
+                None
+            }
+        }
+    };
 
     // The gateway, once both sides' run directories exist (it connects to
     // the vdagent sockets in them as QEMU creates them). A gateway that
@@ -209,7 +239,10 @@ pub fn run(config: Config) -> Result<()> {
         restarts: 0,
     };
     let gateway_plan = gateway_plan.ok().flatten();
-    let vdagent_group = gateway_plan.as_ref().and_then(|p| p.user.as_ref()).map(|a| a.ids.gid);
+    let socket_groups = SocketGroups {
+        gateway: gateway_plan.as_ref().and_then(|p| p.user.as_ref()).map(|a| a.ids.gid),
+        kiosk: kiosk_gid,
+    };
 
     let (tx, rx) = mpsc::channel();
     signals::forward(tx.clone(), Msg::Signal);
@@ -225,7 +258,7 @@ pub fn run(config: Config) -> Result<()> {
             user: users_by_side[&side].clone(),
             selinux,
             cgroup_root: cgroup_root.clone(),
-            vdagent_group,
+            socket_groups,
         };
         let guest = config.guest(side).clone();
         runners.push(thread::Builder::new().name(format!("guest-{side}")).spawn(move || runner(guest, ctx))?);
@@ -346,9 +379,10 @@ fn prepare_guest_files(guest: &Guest, sup: &Supervisor, user: Option<Ids>) -> Re
         fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
     // QEMU creates its sockets in the run dir (0770, umask 007). Others may
-    // pass through but not list it: the gateway reaches the vdagent socket,
-    // which is handed to its group after each start, and nothing else.
-    fs::set_permissions(&paths.run_dir, fs::Permissions::from_mode(gateway::SIDE_RUN_DIR_MODE))?;
+    // pass through but not list it: the gateway reaches the vdagent socket
+    // and the kiosk the display socket, each handed to its group after each
+    // start, and nothing else.
+    fs::set_permissions(&paths.run_dir, fs::Permissions::from_mode(qemu::SIDE_RUN_DIR_MODE))?;
     fs::set_permissions(&paths.config_dir, fs::Permissions::from_mode(0o750))?;
     fs::set_permissions(&paths.log_dir, fs::Permissions::from_mode(0o750))?;
     if let Some(ids) = user {
@@ -520,11 +554,12 @@ fn run_once(guest: &Guest, ctx: &RunnerContext) -> Result<ExitKind> {
     };
     let commander = session.commander()?;
     ctx.shared.commanders.lock().unwrap_or_else(|p| p.into_inner()).insert(side, commander);
-    // QMP answers once every chardev exists, so the vdagent socket is there.
-    if let Some(gid) = ctx.vdagent_group {
-        match hand_to_gateway(&paths.vdagent, gid) {
-            Ok(()) => log::info(format!("{side}: {} handed to the clipboard gateway's group", paths.vdagent.display())),
-            Err(e) => log::warn(format!("{side}: the clipboard gateway cannot reach this guest: {e:#}")),
+    // QMP answers once every chardev and the VNC server exist, so the
+    // vdagent and display sockets are there.
+    for (socket, client, gid) in handovers(&paths, ctx.socket_groups) {
+        match hand_over(socket, gid) {
+            Ok(()) => log::info(format!("{side}: {} handed to {client}'s group", socket.display())),
+            Err(e) => log::warn(format!("{side}: {client} cannot reach this guest: {e:#}")),
         }
     }
     if ctx.shared.stopping() {
@@ -570,12 +605,24 @@ fn run_once(guest: &Guest, ctx: &RunnerContext) -> Result<ExitKind> {
     })
 }
 
-/// Gives the gateway's group (alone) access to a new vdagent socket: group
-/// `gid`, mode 0660, the owner stays QEMU's user.
-fn hand_to_gateway(socket: &Path, gid: u32) -> Result<()> {
+/// The sockets of a guest's QEMU handed over after each start, with their
+/// one client and its group: `vdagent.sock` to the clipboard gateway's
+/// group, `display.sock` to the kiosk's. QMP, swtpm's and the test ports
+/// never leave QEMU's user.
+fn handovers(paths: &GuestPaths, groups: SocketGroups) -> Vec<(&Path, &'static str, u32)> {
+    [(&paths.vdagent, "the clipboard gateway", groups.gateway), (&paths.display, "the kiosk", groups.kiosk)]
+        .into_iter()
+        .filter_map(|(socket, client, gid)| Some((socket.as_path(), client, gid?)))
+        .collect()
+}
+
+/// Gives one client's group (alone) access to a new socket of a guest's
+/// QEMU: group `gid`, mode 0660 ([`qemu::HANDED_SOCKET_MODE`]), the owner
+/// stays QEMU's user.
+fn hand_over(socket: &Path, gid: u32) -> Result<()> {
     std::os::unix::fs::chown(socket, None, Some(gid)).with_context(|| format!("chgrp {gid} {}", socket.display()))?;
-    fs::set_permissions(socket, fs::Permissions::from_mode(gateway::VDAGENT_SOCKET_MODE))
-        .with_context(|| format!("chmod {:o} {}", gateway::VDAGENT_SOCKET_MODE, socket.display()))
+    fs::set_permissions(socket, fs::Permissions::from_mode(qemu::HANDED_SOCKET_MODE))
+        .with_context(|| format!("chmod {:o} {}", qemu::HANDED_SOCKET_MODE, socket.display()))
 }
 
 /// Checks that the gateway can run here and prepares its files: program
@@ -800,5 +847,67 @@ fn sd_notify(message: &str) {
     };
     if let (Ok(addr), Ok(sock)) = (addr, UnixDatagram::unbound()) {
         let _ = sock.send_to_addr(message.as_bytes(), &addr);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config;
+    use std::os::unix::fs::FileTypeExt;
+    use std::os::unix::net::UnixListener;
+
+    fn paths_in(dir: &Path) -> GuestPaths {
+        let text = format!("[supervisor]\ntest_mode = true\nrun_dir = \"{}\"\n{}", dir.display(), config::tests::MINIMAL);
+        GuestPaths::new(&config::parse("t.toml", &text).unwrap().supervisor, Side::General)
+    }
+
+    /// Each socket to its one client's group, and nothing else of the guest.
+    #[test]
+    fn vdagent_goes_to_the_gateway_and_display_to_the_kiosk() {
+        let paths = paths_in(Path::new("/run/airlock"));
+        let both = handovers(&paths, SocketGroups { gateway: Some(991), kiosk: Some(992) });
+        assert_eq!(
+            both,
+            vec![
+                (Path::new("/run/airlock/general/vdagent.sock"), "the clipboard gateway", 991),
+                (Path::new("/run/airlock/general/display.sock"), "the kiosk", 992),
+            ]
+        );
+        // A client that is not there (disabled gateway, missing group) gets nothing.
+        assert_eq!(handovers(&paths, SocketGroups { gateway: None, kiosk: Some(992) }), vec![(paths.display.as_path(), "the kiosk", 992)]);
+        assert_eq!(handovers(&paths, SocketGroups { gateway: Some(991), kiosk: None }), vec![(paths.vdagent.as_path(), "the clipboard gateway", 991)]);
+        assert!(handovers(&paths, SocketGroups::default()).is_empty());
+    }
+
+    /// On real sockets made as QEMU makes them (0770): the handed ones
+    /// become 0660 of the client's group, QMP stays as it was. (Our own
+    /// group stands in for the client's: no root needed.)
+    #[test]
+    fn hand_over_sets_group_and_mode_of_those_sockets_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let paths = paths_in(dir.path());
+        fs::create_dir_all(&paths.run_dir).unwrap();
+        let _listeners: Vec<UnixListener> = [&paths.qmp, &paths.display, &paths.vdagent]
+            .into_iter()
+            .map(|p| {
+                let l = UnixListener::bind(p).unwrap();
+                fs::set_permissions(p, fs::Permissions::from_mode(0o770)).unwrap();
+                l
+            })
+            .collect();
+        let gid = fs::metadata(dir.path()).unwrap().gid();
+        for (socket, _, gid) in handovers(&paths, SocketGroups { gateway: Some(gid), kiosk: Some(gid) }) {
+            hand_over(socket, gid).unwrap();
+        }
+        for socket in [&paths.display, &paths.vdagent] {
+            let m = fs::metadata(socket).unwrap();
+            assert!(m.file_type().is_socket());
+            assert_eq!((m.gid(), m.mode() & 0o7777), (gid, 0o660), "{}", socket.display());
+        }
+        assert_eq!(fs::metadata(&paths.qmp).unwrap().mode() & 0o7777, 0o770, "QMP is never handed over");
+        // A socket QEMU did not create is an error (logged; the guest runs on).
+        let err = hand_over(&paths.run_dir.join("missing.sock"), gid).unwrap_err();
+        assert!(format!("{err:#}").contains("missing.sock"), "{err:#}");
     }
 }

@@ -15,7 +15,9 @@
 //!   in the general guest is pasted, sanitised, in the classified guest;
 //!   nothing copied in the classified guest reaches the general guest; the
 //!   audit log has every attempt; a killed gateway is restarted, a restarted
-//!   guest is reconnected; SIGTERM stops it.
+//!   guest is reconnected; SIGTERM stops it. Each guest's vdagent socket is
+//!   handed to the gateway's group and its display socket to the kiosk's
+//!   (`supervisor.display_group`), after every start.
 //!
 //! The tests take turns (four TCG guests at once on two cores would only
 //! measure contention). The first two run without the gateway.
@@ -49,6 +51,9 @@ const USER: &str = "nobody";
 /// The gateway runs as another user than the guests, so the test sees the
 /// vdagent sockets handed to it (and nothing else).
 const GATEWAY_USER: &str = "daemon";
+/// Stands in for the kiosk's group (`airlock-kiosk` in the image): each
+/// guest's display socket is handed to it.
+const KIOSK_GROUP: &str = "users";
 
 fn require_root() {
     assert!(airlockd::users::is_root(), "the supervisor integration test needs root (QEMU runs as {USER}, cgroups); CI runs it as root");
@@ -153,6 +158,7 @@ cgroup = "{cgroup}"
 strict_limits = false
 poweroff_command = ["/usr/bin/touch", "{hook}"]
 shutdown_timeout_secs = {shutdown_timeout_secs}
+display_group = "{KIOSK_GROUP}"
 {clipboard}
 {classified}
 {general}
@@ -740,17 +746,24 @@ fn clipboard_through_the_gateway() {
     let mut general = h.wait_alive("general");
     eprintln!("both guests alive {:.1} s after the supervisor started", started.elapsed().as_secs_f64());
 
-    // DAC: each vdagent socket, and only it, is the gateway's group's.
+    // DAC: each vdagent socket, and only it, is the gateway's group's; each
+    // display socket, and only it, the kiosk's; QMP stays the guest's.
     use std::os::unix::fs::MetadataExt;
+    let kiosk_gid = airlockd::users::lookup_group(KIOSK_GROUP).unwrap().expect("the kiosk's stand-in group exists");
     for side in ["classified", "general"] {
         let dir = fs::metadata(h.run_dir.join(side)).unwrap();
         assert_eq!(dir.mode() & 0o777, 0o751, "{side} run directory");
         let vdagent = fs::metadata(h.run_dir.join(side).join("vdagent.sock")).unwrap();
         assert_eq!((vdagent.uid(), vdagent.gid(), vdagent.mode() & 0o777), (guest_user.uid, gw_user.gid, 0o660), "{side} vdagent.sock");
-        for other in ["qmp.sock", "display.sock"] {
-            let m = fs::metadata(h.run_dir.join(side).join(other)).unwrap();
-            assert!(m.gid() != gw_user.gid && m.mode() & 0o007 == 0, "{side} {other} must stay the guest's: {:o} gid {}", m.mode(), m.gid());
-        }
+        let display = fs::metadata(h.run_dir.join(side).join("display.sock")).unwrap();
+        assert_eq!((display.uid(), display.gid(), display.mode() & 0o777), (guest_user.uid, kiosk_gid, 0o660), "{side} display.sock");
+        let qmp = fs::metadata(h.run_dir.join(side).join("qmp.sock")).unwrap();
+        assert!(
+            ![gw_user.gid, kiosk_gid].contains(&qmp.gid()) && qmp.mode() & 0o007 == 0,
+            "{side} qmp.sock must stay the guest's: {:o} gid {}",
+            qmp.mode(),
+            qmp.gid()
+        );
     }
     let announced_general = wait_announced(&h, &mut general, "general", 0);
     let announced_classified = wait_announced(&h, &mut classified, "classified", 0);
@@ -823,6 +836,9 @@ fn clipboard_through_the_gateway() {
     control.wait(&h, "general restarting", Duration::from_secs(20), |s| state(s, "general") == "restarting");
     control.wait(&h, "general running again", Duration::from_secs(30), |s| state(s, "general") == "running");
     let mut general = h.wait_alive("general");
+    // The new QEMU's display socket is the kiosk's again.
+    let display = fs::metadata(h.run_dir.join("general/display.sock")).unwrap();
+    assert_eq!((display.gid(), display.mode() & 0o777), (kiosk_gid, 0o660), "display.sock of the restarted general guest");
     wait_announced(&h, &mut general, "restarted general", 0);
     let took = copy_and_paste(&h, &mut general, &mut classified, "after the guest restarted", "after the guest restarted");
     eprintln!("copy after the general guest's restart in {:.2} s", took.as_secs_f64());
