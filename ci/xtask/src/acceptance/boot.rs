@@ -3,6 +3,7 @@
 
 use std::time::Duration;
 
+use airlock::qemu::Graphics;
 use anyhow::{bail, ensure, Context, Result};
 
 use super::images::{private_copy, Images};
@@ -66,6 +67,7 @@ pub fn test_image_boots(suite: &mut Suite, images: &Images, opts: &AcceptanceOpt
         .chain(super::supervisor::TESTS)
         .chain(super::clipboard::TESTS)
         .chain(super::network::TESTS)
+        .chain(super::kiosk::TESTS)
         .chain(super::attacks::TESTS)
         .chain([&super::supervisor::POWEROFF_TEST])
         .copied()
@@ -82,7 +84,11 @@ pub fn test_image_boots(suite: &mut Suite, images: &Images, opts: &AcceptanceOpt
         let vars = dir.join("OVMF_VARS.fd");
         let _ = std::fs::remove_file(&vars);
         let machine = Machine::new(&disk, &vars)?;
-        let mut vm = machine.boot()?;
+        // A display, as on a real PC: the kiosk drives it (bochs-drm) and
+        // the `kiosk:` tests take screendumps of it.
+        let mut cfg = machine.config();
+        cfg.graphics = Graphics::Std;
+        let mut vm = Vm::start(cfg)?;
         let boot_id = vm.agent()?.wait_ready(BOOT_TIMEOUT).map_err(|e| {
             anyhow::anyhow!("{e}; serial console ends with:\n{}", tail(&vm.serial_log(), 30))
         })?;
@@ -98,6 +104,7 @@ pub fn test_image_boots(suite: &mut Suite, images: &Images, opts: &AcceptanceOpt
     super::supervisor::supervisor_checks(suite, &mut vm);
     super::clipboard::clipboard_checks(suite, &mut vm);
     super::network::network_checks(suite, &mut vm);
+    super::kiosk::kiosk_checks(suite, &mut vm, &opts.work_dir.join("screens/kiosk"));
     in_guest_checks(suite, &mut vm);
     suite.test(BOOT_TESTS[12], || {
         // Ours: every service unit the image ships in /etc/systemd/system

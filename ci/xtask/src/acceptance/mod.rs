@@ -14,6 +14,7 @@ pub mod images;
 pub mod policy;
 mod lockdown;
 mod clipboard;
+mod kiosk;
 mod network;
 mod supervisor;
 
