@@ -122,7 +122,11 @@ pub fn watch(dir: PathBuf, events: Sender<Event>) {
 
 /// Opens and grabs `path` if it is a keyboard or pointer.
 fn take(path: &Path) -> std::io::Result<Option<(RawDevice, Kind)>> {
-    let mut device = RawDevice::open(path)?;
+    // Read-only: the kiosk never writes to an input device (no event
+    // injection; the unit's device cgroup and the policy allow reading only).
+    // Not RawDevice::open, which tries read-write first.
+    let file = std::fs::File::open(path)?;
+    let mut device = RawDevice::from_fd(file.into())?;
     let kind = kind(&device);
     if kind == Kind::Ignored {
         return Ok(None);
