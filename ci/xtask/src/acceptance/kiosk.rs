@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, ensure, Context, Result};
 
 use super::boot::sh;
-use super::supervisor::guest;
+use super::supervisor::{guest, CTL};
 use super::Suite;
 use crate::qmp::ImageFormat;
 use crate::screen::{differing_pixels, load_image, Image};
@@ -31,7 +31,7 @@ pub const TESTS: &[&str] = &[
     "kiosk: the screen shows the label and each guest's pattern, switching with the switch key (P6)",
     "kiosk: keys reach only the guest on screen; the switch key reaches neither",
     "kiosk: Ctrl-Alt-F1..F12, SysRq combinations and Ctrl-Alt-Backspace leave the kiosk on screen",
-    "kiosk: figures: CPU while idle, first frame after the kernel started",
+    "kiosk: figures: CPU while idle and while the guest on screen redraws, first frame after the kernel started",
     "kiosk: a killed kiosk comes back within 10 s",
 ];
 
@@ -794,6 +794,18 @@ fn figures(vm: &mut Vm) -> Result<String> {
     thread::sleep(Duration::from_secs(IDLE_SECONDS));
     let (t1, c1) = sample(vm)?;
     let cpu = (c1.saturating_sub(c0)) as f64 / hz / (t1 - t0).max(0.001) * 100.0;
+    // Busy: the guest on screen redraws its whole screen as fast as the
+    // test port lets it, alternating two colours, for the same time.
+    let redraws = format!(
+        "end=$(( $(date +%s) + {IDLE_SECONDS} )); n=0; while [ $(date +%s) -lt $end ]; do \
+         if [ $((n % 2)) = 0 ]; then c=ff0000; else c=00ff00; fi; \
+         {CTL} /run/airlock/classified/test.sock draw solid $c >/dev/null || exit 1; n=$((n + 1)); done; echo $n"
+    );
+    let (b0, d0) = sample(vm)?;
+    let frames: u32 = sh(vm, &redraws)?.trim().parse().context("counting the guest's redraws")?;
+    let (b1, d1) = sample(vm)?;
+    let busy = (d1.saturating_sub(d0)) as f64 / hz / (b1 - b0).max(0.001) * 100.0;
+    draw(vm, "classified", CLASSIFIED_PATTERN)?;
     let rss = sh(vm, &format!("grep VmRSS /proc/{pid}/status | tr -s ' \\t' ' '"))?;
     let virt = sh(vm, "systemd-detect-virt || true")?;
     let accel = if virt.trim() == "qemu" { "outer VM under TCG" } else { "outer VM accelerated" };
@@ -804,8 +816,9 @@ fn figures(vm: &mut Vm) -> Result<String> {
     };
     let restarts = n_restarts(vm)?;
     Ok(format!(
-        "idle (no input, static guest screens): {cpu:.1}% of one CPU over {:.1}s ({accel}, systemd-detect-virt: {}); {}; {first_frame}; NRestarts={restarts}",
+        "idle (no input, static guest screens): {cpu:.1}% of one CPU over {:.1}s; guest on screen redrawing ({frames} full-screen redraws in {:.1}s): {busy:.1}% ({accel}, systemd-detect-virt: {}); {}; {first_frame}; NRestarts={restarts}",
         t1 - t0,
+        b1 - b0,
         virt.trim(),
         rss.trim()
     ))

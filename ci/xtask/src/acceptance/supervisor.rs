@@ -21,7 +21,7 @@ pub const TESTS: &[&str] = &[
 ];
 pub const POWEROFF_TEST: &str = "supervisor: both guests powering off powers the appliance off (P5)";
 
-const CTL: &str = "/usr/lib/airlock/airlock-test-guest-ctl";
+pub const CTL: &str = "/usr/lib/airlock/airlock-test-guest-ctl";
 /// Nested KVM under TCG boots a test guest in seconds; nested TCG (where
 /// the outer CPU model offers no SVM/VMX) in a minute or two.
 const GUEST_TIMEOUT: Duration = Duration::from_secs(300);
