@@ -175,6 +175,7 @@ struct RawClipboard {
     sanitiser_timeout_ms: Option<Spanned<u64>>,
     confirm: Option<Spanned<bool>>,
     confirm_timeout_ms: Option<Spanned<u64>>,
+    confirm_group: Option<Spanned<String>>,
     limits: Option<RawClipboardLimits>,
 }
 
@@ -335,6 +336,11 @@ pub struct Clipboard {
     pub confirm: bool,
     /// Confirm mode: how long the user has.
     pub confirm_timeout_ms: u64,
+    /// Confirm mode: the group shared by the gateway and the kiosk (and
+    /// nobody else): the confirm socket's directory (`0710`) and the socket
+    /// (`0660`) are given to it. A missing group is logged, and both stay
+    /// the gateway's user's alone (no kiosk can confirm).
+    pub confirm_group: String,
     /// The gateway's cgroup (`gateway`): gateway and sanitiser together.
     pub cpu_percent: u32,
     pub memory_max_mib: u64,
@@ -353,6 +359,7 @@ impl Clipboard {
             sanitiser_timeout_ms: 15000,
             confirm: false,
             confirm_timeout_ms: 30000,
+            confirm_group: "airlock-confirm".into(),
             cpu_percent: 100,
             memory_max_mib: 2048,
         }
@@ -643,7 +650,33 @@ fn resolve_clipboard(layers: &[Layer], sup: &Supervisor, guest_users: [&String; 
         if let Some(f) = pick(layers, |l| clip(l)?.confirm_timeout_ms.as_ref()) {
             return Err(f.invalid("clipboard.confirm_timeout_ms", "only means something with clipboard.confirm = true"));
         }
+        if let Some(f) = pick(layers, |l| clip(l)?.confirm_group.as_ref()) {
+            return Err(f.invalid("clipboard.confirm_group", "only means something with clipboard.confirm = true"));
+        }
     }
+    let confirm_group = match pick(layers, |l| clip(l)?.confirm_group.as_ref()) {
+        None => d.confirm_group,
+        Some(f) => {
+            check_name(f.value).map_err(|why| f.invalid("clipboard.confirm_group", why))?;
+            // Its members reach the confirm socket; a group that already
+            // means something else would widen that (the kiosk's group owns
+            // the guests' display sockets).
+            let taken = [
+                ("root", "root's"),
+                (sup.display_group.as_str(), "the guests' display sockets' group (supervisor.display_group)"),
+                (sup.control_group.as_str(), "the control socket's group (supervisor.control_group)"),
+                (guest_users[0].as_str(), "a guest's user's group"),
+                (guest_users[1].as_str(), "a guest's user's group"),
+            ];
+            if let Some((_, what)) = taken.iter().find(|(name, _)| name == f.value) {
+                return Err(f.invalid(
+                    "clipboard.confirm_group",
+                    format!("{:?} is {what}; the confirm socket needs a group of its own (gateway and kiosk only)", f.value),
+                ));
+            }
+            f.value.clone()
+        }
+    };
     let cpu_percent = match pick(layers, |l| lim(l)?.cpu_percent.as_ref()) {
         None => d.cpu_percent,
         Some(f) if !(1..=25_600).contains(f.value) => {
@@ -668,6 +701,7 @@ fn resolve_clipboard(layers: &[Layer], sup: &Supervisor, guest_users: [&String; 
         sanitiser_timeout_ms,
         confirm,
         confirm_timeout_ms,
+        confirm_group,
         cpu_percent,
         memory_max_mib,
     })
@@ -1202,6 +1236,9 @@ disk = "/var/lib/airlock/general/disk/windows.qcow2"
         let text = format!("{MINIMAL}[clipboard]\nconfirm = true\nconfirm_timeout_ms = 60000\nmax_bytes = 1048576\n[clipboard.limits]\nmemory_max_mib = 512\n");
         let c = parse("t.toml", &text).unwrap().clipboard;
         assert!(c.confirm && c.confirm_timeout_ms == 60000 && c.max_bytes == 1 << 20 && c.memory_max_mib == 512, "{c:?}");
+        assert_eq!(c.confirm_group, "airlock-confirm", "the group sysusers.d/airlockd.conf makes");
+        let text = format!("{MINIMAL}[clipboard]\nconfirm = true\nconfirm_group = \"clip-ok\"\n");
+        assert_eq!(parse("t.toml", &text).unwrap().clipboard.confirm_group, "clip-ok");
     }
 
     #[test]
@@ -1294,6 +1331,12 @@ disk = "/var/lib/airlock/general/disk/windows.qcow2"
             (format!("{}[clipboard]\nsanitiser_timeout_ms = 600000\n", g("", "")), vec!["clipboard.sanitiser_timeout_ms", "line 8"]),
             (format!("{}[clipboard]\nconfirm_timeout_ms = 5000\n", g("", "")), vec!["clipboard.confirm_timeout_ms", "line 8", "confirm = true"]),
             (format!("{}[clipboard]\nconfirm = true\nconfirm_timeout_ms = 10\n", g("", "")), vec!["clipboard.confirm_timeout_ms", "line 9"]),
+            (format!("{}[clipboard]\nconfirm_group = \"airlock-confirm\"\n", g("", "")), vec!["clipboard.confirm_group", "line 8", "confirm = true"]),
+            (format!("{}[clipboard]\nconfirm = true\nconfirm_group = \"Confirm Users\"\n", g("", "")), vec!["clipboard.confirm_group", "line 9", "not a valid"]),
+            (format!("{}[clipboard]\nconfirm = true\nconfirm_group = \"airlock-kiosk\"\n", g("", "")), vec!["clipboard.confirm_group", "line 9", "display sockets"]),
+            (format!("{}[clipboard]\nconfirm = true\nconfirm_group = \"airlock-control\"\n", g("", "")), vec!["clipboard.confirm_group", "line 9", "control socket"]),
+            (format!("{}[clipboard]\nconfirm = true\nconfirm_group = \"airlock-general\"\n", g("", "")), vec!["clipboard.confirm_group", "line 9", "guest's user"]),
+            (format!("{}[clipboard]\nconfirm = true\nconfirm_group = \"root\"\n", g("", "")), vec!["clipboard.confirm_group", "line 9", "root"]),
             (format!("{}[clipboard]\nuser = \"root\"\n", g("", "")), vec!["clipboard.user", "line 8", "root"]),
             (format!("{}[clipboard]\nuser = \"Gate Way\"\n", g("", "")), vec!["clipboard.user", "line 8", "not a valid"]),
             (format!("{}[clipboard]\nuser = \"airlock-general\"\n", g("", "")), vec!["clipboard.user", "line 8", "guest's user"]),

@@ -17,12 +17,24 @@
 //! reaches both vdagent sockets and nothing else of either guest, without
 //! SELinux; SELinux (`airlock_gateway_t`) says the same again.
 //!
+//! Confirm mode (`clipboard.confirm`): the gateway listens on
+//! `<run_dir>/clipboard/confirm.sock` for the kiosk alone. The supervisor
+//! makes that directory `0710 airlock-gateway:<clipboard.confirm_group>`
+//! ([`confirm_dir_access`]) and passes the group's gid to the gateway
+//! (`--confirm-group`), which gives the socket to it, `0660`. The group
+//! (`airlock-confirm`, sysusers.d) has two members, the gateway's user and
+//! the kiosk's: the kiosk passes through the directory (no listing) and
+//! connects; nobody else gets in. Without the group both stay the gateway's
+//! user's alone (`0700`, `0600`): no kiosk can confirm, every transfer is
+//! rejected.
+//!
 //! [`qemu::SIDE_RUN_DIR_MODE`]: crate::qemu::SIDE_RUN_DIR_MODE
 //! [`qemu::HANDED_SOCKET_MODE`]: crate::qemu::HANDED_SOCKET_MODE
 
 use std::path::{Path, PathBuf};
 
 use crate::config::{Config, Side, Supervisor};
+use crate::users::Ids;
 
 /// The audit log's file name in the log directory (run-time contract:
 /// `/var/log/airlock/clipboard.log`).
@@ -62,15 +74,56 @@ impl GatewayPaths {
     }
 }
 
+/// The confirm directory's mode with the confirm group: its owner (the
+/// gateway) creates the socket, the group (the kiosk) passes through to it,
+/// without listing; others nothing.
+pub const CONFIRM_DIR_SHARED_MODE: u32 = 0o710;
+/// Without the group: the gateway's alone.
+pub const CONFIRM_DIR_PRIVATE_MODE: u32 = 0o700;
+
+/// The confirm directory's mode and owner, from the gateway's user (`None`:
+/// the supervisor is not root and owns it itself) and the confirm group's
+/// gid (`None`: missing, or not looked up).
+pub fn confirm_dir_access(gateway: Option<Ids>, group: Option<u32>) -> (u32, Option<Ids>) {
+    match (gateway, group) {
+        (Some(ids), Some(gid)) => (CONFIRM_DIR_SHARED_MODE, Some(Ids { uid: ids.uid, gid })),
+        (owner, _) => (CONFIRM_DIR_PRIVATE_MODE, owner),
+    }
+}
+
+/// Confirm mode: the gid of `clipboard.confirm_group` from `/etc/group`;
+/// a missing group (or an unreadable `/etc/group`) is logged as what it
+/// means and gives `None`. Outside confirm mode, `None` without a look.
+pub fn lookup_confirm_group(cfg: &Config) -> Option<u32> {
+    let c = &cfg.clipboard;
+    if !c.confirm {
+        return None;
+    }
+    let consequence = "the confirm socket stays the gateway's alone (0600): no kiosk can connect, every transfer is rejected";
+    match crate::users::lookup_group(&c.confirm_group) {
+        Ok(Some(gid)) => Some(gid),
+        Ok(None) => {
+            crate::log::warn(format!("group {:?} (clipboard.confirm_group) does not exist: {consequence}", c.confirm_group));
+            None
+        }
+        Err(e) => {
+            crate::log::warn(format!("group {:?} (clipboard.confirm_group): {e:#}; {consequence}", c.confirm_group));
+            None
+        }
+    }
+}
+
 /// `airlock-sanitiser` beside the gateway program.
 pub fn sanitiser_of(gateway: &Path) -> PathBuf {
     gateway.with_file_name(SANITISER)
 }
 
-/// The gateway's arguments (without the program), from the configuration.
-/// Every limit is passed explicitly, so what runs is what the configuration
-/// says even if the gateway's own defaults change.
-pub fn command_line(cfg: &Config) -> Vec<String> {
+/// The gateway's arguments (without the program), from the configuration
+/// and, in confirm mode, the gid of `clipboard.confirm_group` (`None`: the
+/// group is missing, the socket stays the gateway's alone). Every limit is
+/// passed explicitly, so what runs is what the configuration says even if
+/// the gateway's own defaults change.
+pub fn command_line(cfg: &Config, confirm_gid: Option<u32>) -> Vec<String> {
     let c = &cfg.clipboard;
     let paths = GatewayPaths::new(&cfg.supervisor);
     let p = |path: &Path| path.display().to_string();
@@ -101,6 +154,9 @@ pub fn command_line(cfg: &Config) -> Vec<String> {
             "--confirm-timeout-ms".to_owned(),
             c.confirm_timeout_ms.to_string(),
         ]);
+        if let Some(gid) = confirm_gid {
+            args.extend(["--confirm-group".to_owned(), gid.to_string()]);
+        }
     }
     args
 }
@@ -110,6 +166,7 @@ mod tests {
     use super::*;
     use crate::config;
     use airlock_gateway::cli::GatewayOpts;
+    use airlock_gateway::gateway::ConfirmConfig;
     use clap::Parser;
     use std::time::Duration;
 
@@ -119,7 +176,7 @@ mod tests {
 
     #[test]
     fn shipped_command_line() {
-        let args = command_line(&shipped());
+        let args = command_line(&shipped(), None);
         assert_eq!(
             args.join(" "),
             "--classified /run/airlock/classified/vdagent.sock --general /run/airlock/general/vdagent.sock \
@@ -139,7 +196,8 @@ mod tests {
             config::tests::MINIMAL
         );
         let cfg = config::parse("t.toml", &text).unwrap();
-        let args = command_line(&cfg);
+        let args = command_line(&cfg, Some(985));
+        assert!(args.join(" ").ends_with("--confirm-socket /run/airlock/clipboard/confirm.sock --confirm-timeout-ms 5000 --confirm-group 985"), "{args:?}");
         let opts = GatewayOpts::try_parse_from(std::iter::once("airlock-gateway".to_owned()).chain(args.clone()))
             .unwrap_or_else(|e| panic!("{e}\n{args:?}"));
         let g = opts.into_config().unwrap();
@@ -153,9 +211,22 @@ mod tests {
         assert_eq!(g.runner.limits.max_text_bytes, 1000);
         assert_eq!(g.runner.limits.max_dimension, 500);
         assert_eq!(g.runner.limits.max_pixels, 250000);
-        assert_eq!(g.confirm, Some((PathBuf::from("/run/airlock/clipboard/confirm.sock"), Duration::from_millis(5000))));
-        // And with confirm mode off, no confirm socket.
-        let g = GatewayOpts::try_parse_from(std::iter::once("g".to_owned()).chain(command_line(&shipped()))).unwrap().into_config().unwrap();
+        assert_eq!(
+            g.confirm,
+            Some(ConfirmConfig {
+                socket: PathBuf::from("/run/airlock/clipboard/confirm.sock"),
+                timeout: Duration::from_millis(5000),
+                group: Some(985)
+            })
+        );
+        // Without the group, the socket stays the gateway's alone.
+        let g = GatewayOpts::try_parse_from(std::iter::once("g".to_owned()).chain(command_line(&cfg, None))).unwrap().into_config().unwrap();
+        assert_eq!(g.confirm.map(|c| c.group), Some(None));
+        // And with confirm mode off, no confirm socket (a gid changes nothing).
+        let g = GatewayOpts::try_parse_from(std::iter::once("g".to_owned()).chain(command_line(&shipped(), Some(985))))
+            .unwrap()
+            .into_config()
+            .unwrap();
         assert_eq!(g.confirm, None);
     }
 
@@ -174,5 +245,19 @@ mod tests {
         // The vdagent socket the gateway is given is the one QEMU listens on.
         let qemu = crate::qemu::GuestPaths::new(&cfg.supervisor, Side::General);
         assert_eq!(qemu.vdagent, p.general_vdagent);
+    }
+
+    #[test]
+    fn confirm_dir_is_shared_with_the_group_only() {
+        let gw = Ids { uid: 990, gid: 990 };
+        // The kiosk (group) may pass through, not list, not write; others nothing.
+        assert_eq!(confirm_dir_access(Some(gw), Some(985)), (0o710, Some(Ids { uid: 990, gid: 985 })));
+        assert_eq!(CONFIRM_DIR_SHARED_MODE & 0o007, 0);
+        assert_eq!(CONFIRM_DIR_SHARED_MODE & 0o070, 0o010);
+        // No group: the gateway's alone.
+        assert_eq!(confirm_dir_access(Some(gw), None), (0o700, Some(gw)));
+        // Not root: the supervisor's own directory, private.
+        assert_eq!(confirm_dir_access(None, Some(985)), (0o700, None));
+        assert_eq!(confirm_dir_access(None, None), (0o700, None));
     }
 }

@@ -105,7 +105,7 @@ fn real_main(cli: Cli) -> Result<()> {
                     out(&format!("{} {}\n", cfg.supervisor.qemu.display(), args.join(" ")))
                 }
                 _ => {
-                    let args = airlockd::gateway::command_line(&cfg);
+                    let args = airlockd::gateway::command_line(&cfg, airlockd::gateway::lookup_confirm_group(&cfg));
                     out(&format!("{} {}\n", cfg.supervisor.gateway.display(), args.join(" ")))
                 }
             }

@@ -637,14 +637,21 @@ fn prepare_gateway(config: &Config, root: bool) -> Result<GatewayPlan> {
     let user = if root { Some(users::lookup_account(&config.clipboard.user)?) } else { None };
     let ids = user.as_ref().map(|a| a.ids);
     prepare_audit_log(&paths.audit_log, ids)?;
+    // Confirm mode: the socket's directory, shared with the kiosk through
+    // the confirm group (pass through, no listing), or private without it.
+    // Not root: no group (the supervisor could not give it away).
+    let confirm_gid = if root { gateway::lookup_confirm_group(config) } else { None };
     if config.clipboard.confirm {
-        fs::create_dir_all(&paths.confirm_dir).with_context(|| format!("creating {}", paths.confirm_dir.display()))?;
-        fs::set_permissions(&paths.confirm_dir, fs::Permissions::from_mode(0o700))?;
-        if let Some(ids) = ids {
-            launch::chown(&paths.confirm_dir, ids)?;
+        let dir = &paths.confirm_dir;
+        let (mode, owner) = gateway::confirm_dir_access(ids, confirm_gid);
+        fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        fs::set_permissions(dir, fs::Permissions::from_mode(gateway::CONFIRM_DIR_PRIVATE_MODE))?;
+        if let Some(owner) = owner {
+            launch::chown(dir, owner)?;
         }
+        fs::set_permissions(dir, fs::Permissions::from_mode(mode)).with_context(|| format!("chmod {mode:o} {}", dir.display()))?;
     }
-    let args = gateway::command_line(config);
+    let args = gateway::command_line(config, confirm_gid);
     log::info(format!(
         "clipboard gateway: {} {} (as {})",
         paths.program.display(),

@@ -1,6 +1,6 @@
 //! Command lines of `airlock-gateway` and `airlock-sanitiser`.
 
-use crate::gateway::Config;
+use crate::gateway::{Config, ConfirmConfig};
 use crate::runner::Runner;
 use crate::sanitise::Limits;
 use anyhow::{Context, Result};
@@ -39,13 +39,20 @@ pub struct GatewayOpts {
     /// Wall-clock limit for one sanitiser run.
     #[arg(long, value_name = "MS", default_value_t = 15000)]
     pub sanitiser_timeout_ms: u64,
-    /// Confirm mode: listen here (mode 0600) for the kiosk, and offer each
-    /// sanitised item to classified only once the user accepts it.
+    /// Confirm mode: listen here for the kiosk, and offer each sanitised
+    /// item to classified only once the user accepts it. The socket is
+    /// 0600 unless --confirm-group is given.
     #[arg(long, value_name = "PATH")]
     pub confirm_socket: Option<PathBuf>,
     /// Confirm mode: how long the user has to accept.
     #[arg(long, value_name = "MS", default_value_t = 30000, requires = "confirm_socket")]
     pub confirm_timeout_ms: u64,
+    /// Confirm mode: give the socket to this group (numeric gid; this
+    /// program's user must be a member), mode 0660, so that the kiosk (a
+    /// member too) may connect. If the group cannot be set, a warning is
+    /// logged and the socket stays 0600.
+    #[arg(long, value_name = "GID", requires = "confirm_socket")]
+    pub confirm_group: Option<u32>,
     /// The sanitiser program (default: `airlock-sanitiser` beside this
     /// program).
     #[arg(long, value_name = "PATH")]
@@ -76,7 +83,11 @@ impl GatewayOpts {
                 timeout: Duration::from_millis(self.sanitiser_timeout_ms),
             },
             audit_log: self.audit_log,
-            confirm: self.confirm_socket.map(|p| (p, Duration::from_millis(self.confirm_timeout_ms))),
+            confirm: self.confirm_socket.map(|socket| ConfirmConfig {
+                socket,
+                timeout: Duration::from_millis(self.confirm_timeout_ms),
+                group: self.confirm_group,
+            }),
         })
     }
 }
@@ -129,5 +140,22 @@ mod tests {
         assert!(GatewayOpts::try_parse_from(["g", "--classified", "/c"]).is_err());
         assert!(GatewayOpts::try_parse_from(["g", "--classified", "/c", "--general", "/g", "--max-bytes", "0"]).is_err());
         assert!(GatewayOpts::try_parse_from(["g", "--classified", "/c", "--general", "/g", "--max-bytes", "4294967295"]).is_err());
+    }
+
+    #[test]
+    fn confirm_options() {
+        let parse = |extra: &[&str]| {
+            GatewayOpts::try_parse_from(["g", "--classified", "/c", "--general", "/g", "--sanitiser", "/s"].iter().chain(extra))
+                .map(|o| o.into_config().unwrap().confirm)
+        };
+        assert_eq!(parse(&[]).unwrap(), None);
+        let c = parse(&["--confirm-socket", "/r/confirm.sock"]).unwrap().unwrap();
+        assert_eq!(c, ConfirmConfig { socket: "/r/confirm.sock".into(), timeout: Duration::from_millis(30000), group: None });
+        let c = parse(&["--confirm-socket", "/r/c.sock", "--confirm-group", "985", "--confirm-timeout-ms", "5000"]).unwrap().unwrap();
+        assert_eq!((c.group, c.timeout), (Some(985), Duration::from_millis(5000)));
+        // A group without a socket, or not a gid, is refused.
+        assert!(parse(&["--confirm-group", "985"]).is_err());
+        assert!(parse(&["--confirm-socket", "/r/c.sock", "--confirm-group", "airlock-confirm"]).is_err());
+        assert!(parse(&["--confirm-socket", "/r/c.sock", "--confirm-group", "-1"]).is_err());
     }
 }

@@ -41,15 +41,37 @@ pub fn pending_line(transfer: u64, ty: &str, bytes: usize) -> String {
     format!("pending {transfer} {ty} {bytes}\n")
 }
 
-/// Binds the confirm socket (replacing a stale one), mode 0600.
-pub fn bind(path: &Path) -> std::io::Result<UnixListener> {
+/// The confirm socket's mode without a group: the gateway's user alone.
+pub const PRIVATE_MODE: u32 = 0o600;
+/// Its mode once handed to the confirm group (the kiosk's way in).
+pub const GROUP_MODE: u32 = 0o660;
+
+/// Binds the confirm socket (replacing a stale one): mode 0600, then, with
+/// `group`, given to that group (the gateway's user must be a member; no
+/// capability is needed) and made 0660 so the kiosk, also a member, may
+/// connect. A group that cannot be set is logged and the socket stays
+/// 0600: confirm mode then rejects every transfer (no client), it never
+/// opens the socket wider. The socket's directory (the supervisor's,
+/// `0710 airlock-gateway:<group>`) keeps it unreachable in between.
+pub fn bind(path: &Path, group: Option<u32>) -> std::io::Result<UnixListener> {
     match std::fs::remove_file(path) {
         Ok(()) => {}
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(e),
     }
     let listener = UnixListener::bind(path)?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(PRIVATE_MODE))?;
+    if let Some(gid) = group {
+        // lchown: the path is the socket just bound, never a link followed.
+        match std::os::unix::fs::lchown(path, None, Some(gid)) {
+            Ok(()) => std::fs::set_permissions(path, std::fs::Permissions::from_mode(GROUP_MODE))?,
+            Err(e) => eprintln!(
+                "airlock-gateway: warn: confirm socket {}: cannot give it to group {gid} ({e}); it stays 0600, \
+                 so no kiosk can connect and every transfer is rejected",
+                path.display()
+            ),
+        }
+    }
     Ok(listener)
 }
 
@@ -104,5 +126,40 @@ mod tests {
             assert_eq!(parse_line(bad), None, "{bad:?}");
         }
         assert_eq!(pending_line(3, "png", 10), "pending 3 png 10\n");
+    }
+
+    fn mode_and_group(path: &Path) -> (u32, u32) {
+        use std::os::unix::fs::MetadataExt;
+        let m = std::fs::symlink_metadata(path).unwrap();
+        assert!(std::os::unix::fs::FileTypeExt::is_socket(&m.file_type()));
+        (m.mode() & 0o7777, m.gid())
+    }
+
+    #[test]
+    fn socket_mode_and_group() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("confirm.sock");
+        // No group: the gateway's user alone.
+        let _l = bind(&path, None).unwrap();
+        assert_eq!(mode_and_group(&path).0, PRIVATE_MODE);
+        // A group of ours (our primary group always is): 0660 and that group.
+        let ours = rustix::process::getegid().as_raw();
+        drop(_l);
+        let _l = bind(&path, Some(ours)).unwrap();
+        assert_eq!(mode_and_group(&path), (GROUP_MODE, ours));
+        // A stale socket is replaced; a group we may not give it to (not a
+        // member, unless we are root) leaves it 0600, not wider.
+        drop(_l);
+        if !rustix::process::geteuid().is_root() {
+            let status = std::fs::read_to_string("/proc/self/status").unwrap();
+            let member: Vec<u32> = status
+                .lines()
+                .find_map(|l| l.strip_prefix("Groups:"))
+                .map(|g| g.split_whitespace().filter_map(|n| n.parse().ok()).collect())
+                .unwrap_or_default();
+            let foreign = (60000..65000).find(|g| *g != ours && !member.contains(g)).unwrap();
+            let _l = bind(&path, Some(foreign)).unwrap();
+            assert_eq!(mode_and_group(&path), (PRIVATE_MODE, ours));
+        }
     }
 }

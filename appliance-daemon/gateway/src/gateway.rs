@@ -57,8 +57,20 @@ pub struct Config {
     pub request_timeout: Duration,
     pub runner: Runner,
     pub audit_log: Option<PathBuf>,
-    /// Confirm mode: the kiosk's socket and how long the user has.
-    pub confirm: Option<(PathBuf, Duration)>,
+    /// Confirm mode: the kiosk's socket, how long the user has, and the
+    /// socket's group.
+    pub confirm: Option<ConfirmConfig>,
+}
+
+/// Confirm mode ([`crate::confirm`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfirmConfig {
+    pub socket: PathBuf,
+    /// How long the user has to accept a pending transfer.
+    pub timeout: Duration,
+    /// The group (gid) the socket is given to, mode 0660: the kiosk's way
+    /// in. `None`: the socket stays 0600, the gateway's user's alone.
+    pub group: Option<u32>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -139,8 +151,9 @@ pub fn run(cfg: Config) -> Result<()> {
     // Bounded: a guest flooding messages blocks its own reader thread
     // (and so its socket), not the gateway's memory.
     let (tx, rx) = mpsc::sync_channel(EVENT_QUEUE);
-    if let Some((path, _)) = &cfg.confirm {
-        let listener = confirm::bind(path).with_context(|| format!("binding confirm socket {}", path.display()))?;
+    if let Some(c) = &cfg.confirm {
+        let listener =
+            confirm::bind(&c.socket, c.group).with_context(|| format!("binding confirm socket {}", c.socket.display()))?;
         let (t1, t2) = (tx.clone(), tx.clone());
         std::thread::Builder::new()
             .name("confirm".into())
@@ -505,7 +518,7 @@ impl Core {
             ),
             Ok(clean) => {
                 self.latest_applied = transfer;
-                match self.cfg.confirm.as_ref().map(|(_, t)| *t) {
+                match self.cfg.confirm.as_ref().map(|c| c.timeout) {
                     None => self.offer(transfer, ty, size_in, clean),
                     Some(timeout) => {
                         if let Some(old) = self.awaiting.take() {

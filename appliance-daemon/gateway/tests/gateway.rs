@@ -7,22 +7,6 @@ use airlock_vdagent::{ClipboardType, Message};
 use common::*;
 use std::time::Duration;
 
-const LIMIT: &str = "65536";
-
-fn setup(extra: &[&str]) -> (tempfile::TempDir, Gateway, FakePort, FakePort, FakeAgent, FakeAgent) {
-    let dir = tempfile::tempdir().unwrap();
-    let gport = FakePort::bind(dir.path(), "general");
-    let cport = FakePort::bind(dir.path(), "classified");
-    let mut args = extra.to_vec();
-    if !extra.contains(&"--max-bytes") {
-        args.extend(["--max-bytes", LIMIT]);
-    }
-    let gw = Gateway::start(dir.path(), &args);
-    let general = gport.accept();
-    let classified = cport.accept();
-    (dir, gw, gport, cport, general, classified)
-}
-
 #[test]
 fn text_copied_in_general_arrives_in_classified() {
     let (_d, gw, _gp, _cp, mut general, mut classified) = setup(&[]);

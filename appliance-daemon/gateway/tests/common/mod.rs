@@ -67,6 +67,15 @@ impl Gateway {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// Waits until the gateway has logged `needle`.
+    pub fn wait_for_log(&self, needle: &str) {
+        let deadline = Instant::now() + WAIT;
+        while !self.stderr().contains(needle) {
+            assert!(Instant::now() < deadline, "gateway never logged {needle:?}; log:\n{}", self.stderr());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     pub fn assert_running(&mut self) {
         assert!(self.child.try_wait().unwrap().is_none(), "gateway exited; log:\n{}", self.stderr());
     }
@@ -77,6 +86,25 @@ impl Drop for Gateway {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// `--max-bytes` unless a test gives its own.
+pub const LIMIT: &str = "65536";
+
+/// A scratch directory, both fake ports, the gateway started with `extra`
+/// arguments, and both agents connected (capabilities exchanged).
+pub fn setup(extra: &[&str]) -> (tempfile::TempDir, Gateway, FakePort, FakePort, FakeAgent, FakeAgent) {
+    let dir = tempfile::tempdir().unwrap();
+    let gport = FakePort::bind(dir.path(), "general");
+    let cport = FakePort::bind(dir.path(), "classified");
+    let mut args = extra.to_vec();
+    if !extra.contains(&"--max-bytes") {
+        args.extend(["--max-bytes", LIMIT]);
+    }
+    let gw = Gateway::start(dir.path(), &args);
+    let general = gport.accept();
+    let classified = cport.accept();
+    (dir, gw, gport, cport, general, classified)
 }
 
 /// A fake agent's listening socket (QEMU's side of the chardev).
