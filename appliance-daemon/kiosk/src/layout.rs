@@ -196,8 +196,8 @@ fn draw_strip(canvas: &mut Canvas<'_>, label: &Label, strip: u32) {
     let pad = strip / 4;
     let word = label.on_screen.name().to_ascii_uppercase();
     let after_word = canvas.text(pad, (strip - 8 * big) / 2, big, &word, WHITE);
-    // …both guests' states and the hint on the right, in small letters.
-    let small = (big / 2).max(1);
+    // …both guests' states and the hint on the right, in smaller letters:
+    // two thirds of the side's size where that fits, else the smallest.
     let status = match &label.pending {
         // Pending transfer: the strip says so instead of the states.
         Some(pending) => pending.clone(),
@@ -206,6 +206,8 @@ fn draw_strip(canvas: &mut Canvas<'_>, label: &Label, strip: u32) {
             label.classified_state, label.general_state, label.hint
         ),
     };
+    let room = width.saturating_sub(after_word + 2 * pad);
+    let small = [(big * 2 / 3).max(1), 1].into_iter().find(|&s| text_width(&status, s) <= room).unwrap_or(1);
     let status_w = text_width(&status, small);
     let x = width.saturating_sub(status_w + pad).max(after_word + pad);
     canvas.text(x, (strip - 8 * small) / 2, small, &status, WHITE);
