@@ -135,11 +135,16 @@ impl GuestDisplay {
         // something at once.
         self.send_with(|w, h| rfb::update_request(false, w, h).to_vec());
         let mut extended_keys = false;
+        let mut first_picture = true;
         loop {
             let update = rfb::read_message(&mut reader, &mut fb, &mut extended_keys)?;
             self.extended_keys.store(extended_keys, Ordering::SeqCst);
             if update == Update::Nothing {
                 continue;
+            }
+            if first_picture {
+                eprintln!("airlock-kiosk: {} display: first picture", self.side.name());
+                first_picture = false;
             }
             if let Some((_, w, h)) = self.writer.lock().unwrap().as_mut() {
                 (*w, *h) = (fb.width, fb.height);

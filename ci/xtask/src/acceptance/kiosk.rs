@@ -30,6 +30,7 @@ pub const TESTS: &[&str] = &[
     "kiosk: runs as airlock-kiosk in airlock_kiosk_t, the only process with the DRM device open",
     "kiosk: the screen shows the label and each guest's pattern, switching with the switch key (P6)",
     "kiosk: keys reach only the guest on screen; the switch key reaches neither",
+    "kiosk: pointer clicks reach only the guest on screen",
     "kiosk: Ctrl-Alt-F1..F12, SysRq combinations and Ctrl-Alt-Backspace leave the kiosk on screen",
     "kiosk: figures: CPU while idle and while the guest on screen redraws, first frame after the kernel started",
     "kiosk: a killed kiosk comes back within 10 s",
@@ -115,9 +116,10 @@ pub fn kiosk_checks(suite: &mut Suite, vm: &mut Vm, screens_dir: &Path) {
     suite.test(TESTS[0], || check_process(vm));
     suite.test(TESTS[1], || check_screens(vm, &screens));
     suite.test(TESTS[2], || check_key_routing(vm, &screens));
-    suite.test(TESTS[3], || check_console_keys(vm, &screens));
-    suite.test(TESTS[4], || figures(vm));
-    suite.test(TESTS[5], || check_restart(vm, &screens));
+    suite.test(TESTS[3], || check_pointer_routing(vm, &screens));
+    suite.test(TESTS[4], || check_console_keys(vm, &screens));
+    suite.test(TESTS[5], || figures(vm));
+    suite.test(TESTS[6], || check_restart(vm, &screens));
 }
 
 // ---------------------------------------------------------------- screens
@@ -680,6 +682,49 @@ fn check_key_routing(vm: &mut Vm, screens: &Screens) -> Result<String> {
     ))
 }
 
+/// evdev `BTN_LEFT`, as the nested guests' tablets report a click.
+const BTN_LEFT: u16 = 0x110;
+
+/// One left click on the outer VM's mouse (PS/2), after a small move.
+fn click(vm: &mut Vm) -> Result<()> {
+    let event = |kind: &str, data: serde_json::Value| serde_json::json!({ "type": kind, "data": data });
+    let qmp = vm.qmp()?;
+    qmp.execute("input-send-event", Some(serde_json::json!({ "events": [event("rel", serde_json::json!({ "axis": "x", "value": 8 }))] })))?;
+    qmp.execute("input-send-event", Some(serde_json::json!({ "events": [event("btn", serde_json::json!({ "down": true, "button": "left" }))] })))?;
+    qmp.execute("input-send-event", Some(serde_json::json!({ "events": [event("btn", serde_json::json!({ "down": false, "button": "left" }))] })))?;
+    Ok(())
+}
+
+/// The mouse follows the screen like the keyboard: a click lands in the
+/// guest on screen (its tablet reports BTN_LEFT), never in the other.
+fn check_pointer_routing(vm: &mut Vm, screens: &Screens) -> Result<String> {
+    ensure_side(vm, screens, "classified", "kiosk-pointer-classified")?;
+    for side in ["classified", "general"] {
+        keys_clear(vm, side)?;
+    }
+    let one_click: Vec<(u16, u8)> = press_release(BTN_LEFT).to_vec();
+    click(vm)?;
+    let classified_took = wait_keys(vm, "classified", &one_click)?;
+    thread::sleep(SETTLE);
+    let general = keys(vm, "general")?;
+    ensure!(general.is_empty(), "the general guest, not on screen, received {}", format_keys(&general));
+    press_switch(vm)?;
+    screens.wait(vm, "kiosk-pointer-general", SCREEN_TIMEOUT, |i| judge(i, &Want { side: "general", colour: None, guest_size: None }))?;
+    click(vm)?;
+    let general_took = wait_keys(vm, "general", &one_click)?;
+    thread::sleep(SETTLE);
+    let classified = keys(vm, "classified")?;
+    ensure!(classified == one_click, "the classified guest, no longer on screen, now has {}", format_keys(&classified));
+    press_switch(vm)?;
+    screens.wait(vm, "kiosk-pointer-classified-again", SCREEN_TIMEOUT, |i| judge(i, &Want { side: "classified", colour: None, guest_size: None }))?;
+    Ok(format!(
+        "click with classified on screen → classified got {} in {:.1}s, general nothing; after the switch → general got it in {:.1}s, classified nothing new",
+        format_keys(&one_click),
+        classified_took.as_secs_f64(),
+        general_took.as_secs_f64()
+    ))
+}
+
 /// Key combinations a user could try to reach a host console, each pressed
 /// together and released. The kiosk forwards every key but the switch key
 /// to the guest on screen, so these also reach the nested classified test
@@ -813,6 +858,16 @@ fn figures(vm: &mut Vm) -> Result<String> {
     let first_frame = match monotonic_seconds(&first) {
         Some(s) => format!("first `showing` line (first frame) {s:.1}s after the kernel started"),
         None => format!("no `{SHOWING}` line in this boot's journal"),
+    };
+    let picture = sh(vm, &format!("journalctl -b -u {UNIT} -o short-monotonic --no-pager | grep -m1 -F 'classified display: first picture' || true"))?;
+    let first_frame = match monotonic_seconds(&picture) {
+        Some(s) => format!("{first_frame}; the classified guest's first picture {s:.1}s after the kernel started"),
+        None => format!("{first_frame}; no first-picture line for the classified guest"),
+    };
+    let picture = sh(vm, &format!("journalctl -b -u {UNIT} -o short-monotonic --no-pager | grep -m1 -F 'classified display: first picture' || true"))?;
+    let first_frame = match monotonic_seconds(&picture) {
+        Some(s) => format!("{first_frame}; the classified guest's first picture {s:.1}s after the kernel started"),
+        None => format!("{first_frame}; no first-picture line for the classified guest"),
     };
     let restarts = n_restarts(vm)?;
     Ok(format!(
