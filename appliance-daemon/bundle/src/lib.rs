@@ -66,6 +66,9 @@ pub mod policy;
 pub mod trust;
 pub mod verify;
 
+/// The key and signature types of the API, for callers that read key files.
+pub use ssh_key;
+
 pub use manifest::{Artifact, ArtifactKind, Manifest, ManifestError, Version, MAX_ARTIFACT_BYTES};
 pub use policy::{check_policy, PolicyRefusal, RunningSystem};
 pub use trust::{parse_allowed_signers, Trust, TrustError, TrustedKey, NAMESPACE};
