@@ -1,7 +1,7 @@
 //! airlock: builds immutable two-domain appliance images.
 //!
 //! The pipeline (`build::build`) is a flat list of stages: rootfs →
-//! overlay → policy → label → seal → uki → disk → report.
+//! overlay → policy → label → seal → uki → disk → bundle → report.
 pub mod build;
 pub mod bundle;
 pub mod cli;
