@@ -267,3 +267,16 @@ proptest! {
         prop_assert!(verify(&mut &b[..], &trust(1)).is_err());
     }
 }
+
+/// An sshsig blob whose version field reads 0 instead of 1 (base64 `AQ` →
+/// `AA` at the 13th character) is refused: the version is not covered by
+/// the signature, and ssh-key alone would accept it.
+#[test]
+fn signature_version_other_than_one_is_refused() {
+    let mut b = two_signed().to_vec();
+    let armour = b"-----BEGIN SSH SIGNATURE-----\n";
+    let start = b.windows(armour.len()).position(|w| w == armour).unwrap() + armour.len();
+    assert_eq!(&b[start..start + 16], b"U1NIU0lHAAAAAQAA", "SSHSIG magic, then version 1");
+    b[start + 13] = b'A';
+    assert!(verify(&mut &b[..], &trust(2)).is_err());
+}

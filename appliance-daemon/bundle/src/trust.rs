@@ -188,7 +188,14 @@ pub fn parse_signature(armoured: &[u8]) -> Result<SshSig, String> {
     if armoured.len() > MAX_SIGNATURE_BYTES {
         return Err(format!("{} bytes, more than {MAX_SIGNATURE_BYTES}", armoured.len()));
     }
-    SshSig::from_pem(armoured).map_err(|e| format!("not an SSH signature: {e}"))
+    let sig = SshSig::from_pem(armoured).map_err(|e| format!("not an SSH signature: {e}"))?;
+    // ssh-key accepts any version up to its own and keeps it, and the
+    // version is not covered by the signature: a 0 would verify too (the
+    // bit-flip property test found that). Only the one OpenSSH writes.
+    if sig.version() != SshSig::VERSION {
+        return Err(format!("SSH signature version {}, only {} is accepted", sig.version(), SshSig::VERSION));
+    }
+    Ok(sig)
 }
 
 /// The one encoding a bundle stores: PEM with 70-column lines and LF.
