@@ -6,6 +6,7 @@ use std::time::Duration;
 use airlock::qemu::Graphics;
 use anyhow::{bail, ensure, Context, Result};
 
+use super::emulator::{self, Faults};
 use super::images::{private_copy, Images};
 use super::{AcceptanceOptions, Suite};
 use crate::{Machine, Vm};
@@ -101,21 +102,72 @@ pub fn test_image_boots(suite: &mut Suite, images: &Images, opts: &AcceptanceOpt
     let failed_before = suite.failed();
     // First the guests (they must be up before the AVC checks read the
     // journal, so that their start is covered too).
-    super::supervisor::supervisor_checks(suite, &mut vm);
-    super::clipboard::clipboard_checks(suite, &mut vm);
-    super::network::network_checks(suite, &mut vm);
-    super::kiosk::kiosk_checks(suite, &mut vm, &opts.work_dir.join("screens/kiosk"));
-    in_guest_checks(suite, &mut vm);
+    let mut faults = Faults::read(&mut vm);
+    let mut group = |suite: &mut Suite, vm: &mut Vm, name: &str, checks: &dyn Fn(&mut Suite, &mut Vm)| {
+        run_group(suite, vm, &mut faults, name, checks)
+    };
+    group(suite, &mut vm, "supervisor:", &super::supervisor::supervisor_checks);
+    group(suite, &mut vm, "clipboard:", &super::clipboard::clipboard_checks);
+    group(suite, &mut vm, "network:", &super::network::network_checks);
+    let screens = opts.work_dir.join("screens/kiosk");
+    group(suite, &mut vm, "kiosk:", &|suite, vm| super::kiosk::kiosk_checks(suite, vm, &screens));
+    group(suite, &mut vm, "boot:", &|suite, vm| boot_checks(suite, vm, &machine, images));
+    group(suite, &mut vm, "reboot:", &|suite, vm| reboot_checks(suite, vm, &first_boot));
+    // Then the attacks: they leave AVC denials behind on purpose.
+    group(suite, &mut vm, "attack:", &super::attacks::attack_checks);
+    // Last: powers the machine off.
+    group(suite, &mut vm, "supervisor: power-off", &super::supervisor::poweroff_check);
+    if suite.failed() > failed_before {
+        vm.keep_files();
+    }
+}
+
+/// Runs one group of checks on the test machine. `faults` is what was on
+/// record when the last group ended. An emulator fault since then (see
+/// [`super::emulator`]) is recovered from before the group starts. If a test
+/// of the group fails while the emulator faults, the group's results are set
+/// aside and it runs once more on a fresh boot; the summary says so. A
+/// failure without that evidence stands, and so does any failure of the
+/// second run.
+fn run_group(suite: &mut Suite, vm: &mut Vm, faults: &mut Faults, group: &str, checks: &dyn Fn(&mut Suite, &mut Vm)) {
+    if let Some(fault) = Faults::read(vm).since(faults) {
+        println!("acceptance: before the `{group}` tests: {fault}; waiting for the machine to settle");
+        if let Err(e) = emulator::recover(vm, fault, false) {
+            println!("acceptance: {e:#}");
+        }
+        *faults = Faults::read(vm);
+    }
+    let mark = suite.mark();
+    checks(suite, vm);
+    let now = Faults::read(vm);
+    let fault = now.since(faults);
+    *faults = now;
+    let Some(fault) = fault.filter(|_| suite.failed_since(mark) > 0) else { return };
+    println!("acceptance: `{group}` tests failed while {fault}; running them again on a fresh boot");
+    if let Err(e) = emulator::recover(vm, fault, true) {
+        println!("acceptance: {e:#}; the failures stand");
+        return;
+    }
+    *faults = Faults::read(vm);
+    suite.set_aside(mark, group, &fault.to_string());
+    checks(suite, vm);
+    *faults = Faults::read(vm);
+}
+
+/// The checks of the booted system itself (after the guests' groups, so
+/// that the AVC check covers their start).
+fn boot_checks(suite: &mut Suite, vm: &mut Vm, machine: &Machine, images: &Images) {
+    in_guest_checks(suite, vm);
     suite.test(BOOT_TESTS[12], || {
         // Ours: every service unit the image ships in /etc/systemd/system
         // (the overlay) or as /usr/lib/systemd/system/airlock*.
-        let units = sh(&mut vm, "for f in /etc/systemd/system/*.service /usr/lib/systemd/system/airlock*.service; do [ -f \"$f\" ] && [ ! -L \"$f\" ] && basename \"$f\"; done; true")?;
+        let units = sh(vm, "for f in /etc/systemd/system/*.service /usr/lib/systemd/system/airlock*.service; do [ -f \"$f\" ] && [ ! -L \"$f\" ] && basename \"$f\"; done; true")?;
         let ours: Vec<&str> = units.lines().map(str::trim).filter(|u| !u.is_empty() && !EXPOSURE_EXEMPT.contains(u)).collect();
-        let running = sh(&mut vm, "systemctl list-units --type=service --state=running --no-legend --plain | awk '{print $1}'")?;
+        let running = sh(vm, "systemctl list-units --type=service --state=running --no-legend --plain | awk '{print $1}'")?;
         let mut table = Vec::new();
         let mut bad = Vec::new();
         for unit in ours.iter().copied().chain(running.split_whitespace()) {
-            let out = sh(&mut vm, &format!("systemd-analyze security --no-pager {unit} | tail -1"))?;
+            let out = sh(vm, &format!("systemd-analyze security --no-pager {unit} | tail -1"))?;
             let (score, level) = parse_exposure(&out).with_context(|| format!("unexpected systemd-analyze output for {unit}: {out}"))?;
             let is_ours = ours.contains(&unit);
             if is_ours && !ACCEPTABLE_EXPOSURE.contains(&level.as_str()) {
@@ -137,11 +189,11 @@ pub fn test_image_boots(suite: &mut Suite, images: &Images, opts: &AcceptanceOpt
         Ok(format!("{} units of ours checked (exempt: {EXPOSURE_EXEMPT:?}); table above", ours.len()))
     });
     suite.test(BOOT_TESTS[11], || {
-        let bytes = sh(&mut vm, "df -B1 --output=size /var | tail -1")?;
+        let bytes = sh(vm, "df -B1 --output=size /var | tail -1")?;
         let bytes: u64 = bytes.trim().parse().with_context(|| format!("df printed {bytes:?}"))?;
         let initial = images.test_report.partitions.last().map(|p| p.size).unwrap_or(0);
         ensure!(bytes > initial + DISK_GROWTH / 2, "/var is {} MiB; the partition was {} MiB and the disk grew by {} MiB", bytes >> 20, initial >> 20, DISK_GROWTH >> 20);
-        let log = sh(&mut vm, "journalctl -b -u systemd-repart.service -o cat --no-pager | grep -i 'growing' || true")?;
+        let log = sh(vm, "journalctl -b -u systemd-repart.service -o cat --no-pager | grep -i 'growing' || true")?;
         // The backup GPT must have moved to the new end of the disk.
         let sh_host = xshell::Shell::new()?;
         let disk = machine.disk();
@@ -149,14 +201,6 @@ pub fn test_image_boots(suite: &mut Suite, images: &Images, opts: &AcceptanceOpt
         ensure!(verify.contains("No errors detected"), "sfdisk --verify after growth:\n{verify}");
         Ok(format!("/var {} MiB (partition was {} MiB); {}; sfdisk --verify clean", bytes >> 20, initial >> 20, log.trim()))
     });
-    reboot_checks(suite, &mut vm, &first_boot);
-    // Then the attacks: they leave AVC denials behind on purpose.
-    super::attacks::attack_checks(suite, &mut vm);
-    // Last: powers the machine off.
-    super::supervisor::poweroff_check(suite, &mut vm);
-    if suite.failed() > failed_before {
-        vm.keep_files();
-    }
 }
 
 fn in_guest_checks(suite: &mut Suite, vm: &mut Vm) {

@@ -14,6 +14,7 @@ pub mod images;
 pub mod policy;
 mod lockdown;
 mod clipboard;
+mod emulator;
 mod kiosk;
 mod network;
 mod supervisor;
@@ -59,11 +60,14 @@ pub struct TestResult {
 pub struct Suite {
     filter: Option<String>,
     results: Vec<TestResult>,
+    /// Groups that ran twice because the emulator faulted during the first
+    /// run: the group, the fault, and the first run's failed tests.
+    reruns: Vec<(String, String, Vec<String>)>,
 }
 
 impl Suite {
     pub fn new(filter: Option<String>) -> Self {
-        Suite { filter, results: Vec::new() }
+        Suite { filter, results: Vec::new(), reruns: Vec::new() }
     }
 
     /// True when `name` is selected by the filter.
@@ -109,6 +113,24 @@ impl Suite {
         }
     }
 
+    /// Where the results stand now, for [`failed_since`](Self::failed_since)
+    /// and [`set_aside`](Self::set_aside).
+    pub fn mark(&self) -> usize {
+        self.results.len()
+    }
+
+    pub fn failed_since(&self, mark: usize) -> usize {
+        self.results[mark..].iter().filter(|r| !r.passed).count()
+    }
+
+    /// Takes the results since `mark` out of the count because `group` runs
+    /// again after `why`; the summary still lists what failed the first time.
+    pub fn set_aside(&mut self, mark: usize, group: &str, why: &str) {
+        let first_run = self.results.split_off(mark);
+        let failed = first_run.into_iter().filter(|r| !r.passed).map(|r| r.name).collect();
+        self.reruns.push((group.to_owned(), why.to_owned(), failed));
+    }
+
     pub fn failed(&self) -> usize {
         self.results.iter().filter(|r| !r.passed).count()
     }
@@ -121,6 +143,9 @@ impl Suite {
         }
         let passed = self.results.len() - self.failed();
         println!("\n{passed} passed, {} failed", self.failed());
+        for (group, why, failed) in &self.reruns {
+            println!("ran twice: `{group}` tests, because {why}; failed the first time: {}", failed.join("; "));
+        }
     }
 }
 
@@ -148,4 +173,25 @@ pub fn run(opts: &AcceptanceOptions) -> Result<bool> {
         anyhow::bail!("no test matched the filter {:?}", opts.filter);
     }
     Ok(suite.failed() == 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_group_set_aside_no_longer_counts_but_is_remembered() {
+        let mut suite = Suite::new(None);
+        suite.test("a: before", || Ok(String::new()));
+        let mark = suite.mark();
+        suite.test("b: one", || anyhow::bail!("emulator fault"));
+        suite.test("b: two", || Ok(String::new()));
+        assert_eq!(suite.failed_since(mark), 1);
+        suite.set_aside(mark, "b:", "a triple fault");
+        assert_eq!(suite.failed(), 0);
+        assert_eq!(suite.reruns, vec![("b:".to_owned(), "a triple fault".to_owned(), vec!["b: one".to_owned()])]);
+        // The second run's failures count.
+        suite.test("b: one", || anyhow::bail!("real failure"));
+        assert_eq!(suite.failed(), 1);
+    }
 }

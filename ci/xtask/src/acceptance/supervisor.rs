@@ -47,7 +47,7 @@ fn qmp(vm: &mut Vm, side: &str, execute: &str) -> Result<serde_json::Value> {
 }
 
 /// Waits until both guests answer `ping`; seconds since the appliance booted.
-fn wait_for_guests(vm: &mut Vm) -> Result<String> {
+pub fn wait_for_guests(vm: &mut Vm) -> Result<String> {
     let start = Instant::now();
     let mut last = String::new();
     while start.elapsed() < GUEST_TIMEOUT {
