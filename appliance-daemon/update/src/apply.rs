@@ -168,7 +168,7 @@ fn check(cfg: &Config, bundle: &Path, log: &mut dyn FnMut(String)) -> Result<Pla
 
     // 1. Header, signatures, manifest.
     let mut r = open_bundle(bundle)?;
-    let verified = airlock_bundle::open(&mut r, &trust).map_err(Refused::from)?;
+    let verified = airlock_bundle::open(&mut r, &trust).map_err(bundle_error)?;
     let m = &verified.manifest;
     log(format!("{}: {} {} signed by {}", bundle.display(), m.name, m.version, verified.signers.join(", ")));
 
@@ -208,7 +208,7 @@ fn check(cfg: &Config, bundle: &Path, log: &mut dyn FnMut(String)) -> Result<Pla
     }
 
     // 4. The whole payload.
-    airlock_bundle::read_payload(&mut r, m, &mut |_, _| Ok(()), &mut |_| {}).map_err(Refused::from)?;
+    airlock_bundle::read_payload(&mut r, m, &mut |_, _| Ok(()), &mut |_| {}).map_err(bundle_error)?;
     log(format!("{}: payload verified; writing slot {} (partitions {} and {} of {})", bundle.display(), inactive.name, inactive.root.number, inactive.verity.number, disk.path.display()));
     Ok(Plan { bundle: bundle.to_path_buf(), verified, disk, booted, inactive, esp })
 }
@@ -241,7 +241,7 @@ fn write(cfg: &Config, plan: &Plan, fail: &FailPoints, log: &mut dyn FnMut(Strin
     let verity_extent = disk.extent(&inactive.verity);
     {
         let mut r = open_bundle(&plan.bundle)?;
-        let again = airlock_bundle::open(&mut r, &load_trust(cfg)?).map_err(Refused::from)?;
+        let again = airlock_bundle::open(&mut r, &load_trust(cfg)?).map_err(bundle_error)?;
         if again.manifest_bytes != plan.verified.manifest_bytes {
             anyhow::bail!("{} changed while it was being installed", plan.bundle.display());
         }
@@ -266,7 +266,7 @@ fn write(cfg: &Config, plan: &Plan, fail: &FailPoints, log: &mut dyn FnMut(Strin
             total += bytes.len() as u64;
             Ok(())
         };
-        airlock_bundle::read_payload(&mut r, m, &mut sink, &mut |_| {}).map_err(Refused::from)?;
+        airlock_bundle::read_payload(&mut r, m, &mut sink, &mut |_| {}).map_err(bundle_error)?;
         for (f, what) in [(&root_file, "root partition"), (&verity_file, "verity partition"), (&uki_file, "staged UKI")] {
             f.sync_all().with_context(|| format!("flushing the {what}"))?;
         }
@@ -296,6 +296,15 @@ fn write(cfg: &Config, plan: &Plan, fail: &FailPoints, log: &mut dyn FnMut(Strin
     let _ = std::fs::remove_file(&staged_uki);
     log(format!("installed {} on the ESP: reboot pending", entry));
     Ok(Applied { version: m.version.to_string(), slot: inactive.name, entry, signers: plan.verified.signers.clone() })
+}
+
+/// A bundle refusal as an error: reading or writing failed (`Io`) is a
+/// failure, not a verdict on the bundle; everything else is a refusal.
+fn bundle_error(r: airlock_bundle::Refusal) -> anyhow::Error {
+    match r {
+        airlock_bundle::Refusal::Io { during, error } => anyhow::Error::new(error).context(during),
+        other => Refused::from(other).into(),
+    }
 }
 
 fn stem_of(image: &Image) -> String {
@@ -347,6 +356,6 @@ fn lock(path: &Path) -> Result<File> {
 pub fn verify_only(cfg: &Config, bundle: &Path) -> Result<Manifest> {
     let trust = load_trust(cfg)?;
     let mut r = open_bundle(bundle)?;
-    let v = airlock_bundle::verify(&mut r, &trust).map_err(Refused::from)?;
+    let v = airlock_bundle::verify(&mut r, &trust).map_err(bundle_error)?;
     Ok(v.manifest)
 }
