@@ -128,7 +128,7 @@ pub fn apply(cfg: &Config, src: &Source, opts: &ApplyOptions, log: &mut dyn FnMu
     let result = check_and_write(cfg, &path, opts, log);
     let last = match &result {
         Ok(a) => LastResult::now("apply", "applied", format!("{} written to slot {} ({}), reboot pending", a.version, a.slot, a.entry)),
-        Err(e) if e.chain().any(|c| c.downcast_ref::<Refused>().is_some()) => LastResult::now("apply", "refused", format!("{}: {e:#}", path.display())),
+        Err(e) if crate::refusal::refused(e).is_some() => LastResult::now("apply", "refused", format!("{}: {e:#}", path.display())),
         Err(e) => LastResult::now("apply", "failed", format!("{}: {e:#}", path.display())),
     };
     let refused = last.result == "refused";

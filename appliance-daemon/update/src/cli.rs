@@ -8,7 +8,7 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::apply::{ApplyOptions, FailPoints};
 use crate::config::{Config, DEFAULT_CONFIG};
-use crate::refusal::{self, Refused};
+use crate::refusal;
 use crate::source::{HttpOptions, Source};
 
 /// The airlock update agent: signed whole-image updates into the inactive A/B slot.
@@ -150,7 +150,7 @@ pub fn main(cli: Cli) -> u8 {
         Ok(()) => 0,
         Err(e) => {
             let code = refusal::exit_code(&e);
-            let refused = e.chain().any(|c| c.downcast_ref::<Refused>().is_some());
+            let refused = refusal::refused(&e).is_some();
             eprintln!("airlock-update: {}: {e:#}", if refused { "refused" } else { "error" });
             code
         }

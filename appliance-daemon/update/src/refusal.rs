@@ -81,18 +81,24 @@ impl Failure {
     }
 }
 
-/// The exit code for an error: the first [`Refused`] or [`Failure`] in
-/// its chain, else 1.
+/// The [`Refused`] in an error, whether it is the error itself, a cause, or
+/// a context layer.
+pub fn refused(err: &anyhow::Error) -> Option<&Refused> {
+    err.downcast_ref::<Refused>().or_else(|| err.chain().find_map(|c| c.downcast_ref::<Refused>()))
+}
+
+/// The [`Failure`] in an error, found the same way.
+pub fn failure(err: &anyhow::Error) -> Option<&Failure> {
+    err.downcast_ref::<Failure>().or_else(|| err.chain().find_map(|c| c.downcast_ref::<Failure>()))
+}
+
+/// The exit code for an error: its [`Refused`] or [`Failure`], else 1.
 pub fn exit_code(err: &anyhow::Error) -> u8 {
-    for cause in err.chain() {
-        if let Some(r) = cause.downcast_ref::<Refused>() {
-            return r.exit_code();
-        }
-        if let Some(f) = cause.downcast_ref::<Failure>() {
-            return f.exit_code();
-        }
+    match (refused(err), failure(err)) {
+        (Some(r), _) => r.exit_code(),
+        (None, Some(f)) => f.exit_code(),
+        (None, None) => 1,
     }
-    1
 }
 
 /// The table printed by `--help` and the README (code: meaning).
@@ -102,3 +108,17 @@ pub const EXIT_CODES: &str = "exit codes: 0 done; 1 error (I/O, configuration); 
 18 corrupt manifest; 19 corrupt payload; 20 wrong compatible string or image; 21 not newer (downgrade or reinstall); \
 22 security epoch below the stored one; 23 does not fit the slot; 24 running boot not blessed yet; 25 no room on the ESP; \
 30 slot or ESP read back wrong; 31 download failed; 40 health gate failed";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn codes_are_found_through_context_layers() {
+        let e = anyhow::Error::from(Refused::SameRoot).context("applying");
+        assert_eq!(exit_code(&e), 21);
+        let e = anyhow::anyhow!("HTTP 404").context(Failure::Source).context("downloading");
+        assert_eq!(exit_code(&e), 31);
+        assert_eq!(exit_code(&anyhow::anyhow!("disk full")), 1);
+    }
+}
