@@ -148,6 +148,11 @@ mod tests {
     use super::*;
 
     #[test]
+    fn shipped_example_is_the_defaults() {
+        assert_eq!(Config::parse(include_str!("../dist/update.toml")).unwrap(), Config::default());
+    }
+
+    #[test]
     fn empty_file_is_all_defaults() {
         assert_eq!(Config::parse("").unwrap(), Config::default());
     }
