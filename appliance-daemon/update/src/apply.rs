@@ -142,10 +142,10 @@ pub fn apply(cfg: &Config, src: &Source, opts: &ApplyOptions, log: &mut dyn FnMu
             }
         }
     }
-    if result.is_ok() {
-        if let Source::Url(_) = src {
-            let _ = std::fs::remove_file(&path);
-        }
+    // A download is fetched anew by the next run (the server's file may
+    // change): the finished file only takes room on /var.
+    if let Source::Url(_) = src {
+        let _ = std::fs::remove_file(&path);
     }
     result
 }
@@ -217,6 +217,12 @@ fn write(cfg: &Config, plan: &Plan, fail: &FailPoints, log: &mut dyn FnMut(Strin
     let m = &plan.verified.manifest;
     let stem = format!("{}_{}", m.name, m.version);
     let Plan { disk, inactive, esp, .. } = plan;
+    // Opened first (block devices exclusively): a partition in use stops
+    // the update before anything changes.
+    let root_extent = disk.extent(&inactive.root);
+    let verity_extent = disk.extent(&inactive.verity);
+    let root_file = open_extent(&root_extent)?;
+    let verity_file = open_extent(&verity_extent)?;
 
     // 1. No entry points at the inactive slot any more.
     let mut stale = vec![stem.clone()];
@@ -237,16 +243,12 @@ fn write(cfg: &Config, plan: &Plan, fail: &FailPoints, log: &mut dyn FnMut(Strin
     // 3. Payload into the partitions (and the UKI to staging), then read back.
     std::fs::create_dir_all(&cfg.staging_dir).with_context(|| format!("creating {}", cfg.staging_dir.display()))?;
     let staged_uki = cfg.staging_dir.join(format!("{stem}.efi.staged"));
-    let root_extent = disk.extent(&inactive.root);
-    let verity_extent = disk.extent(&inactive.verity);
     {
         let mut r = open_bundle(&plan.bundle)?;
         let again = airlock_bundle::open(&mut r, &load_trust(cfg)?).map_err(bundle_error)?;
         if again.manifest_bytes != plan.verified.manifest_bytes {
             anyhow::bail!("{} changed while it was being installed", plan.bundle.display());
         }
-        let root_file = open_extent(&root_extent)?;
-        let verity_file = open_extent(&verity_extent)?;
         let uki_file = File::create(&staged_uki).with_context(|| format!("creating {}", staged_uki.display()))?;
         let mut written = [0u64; 3];
         let mut total = 0u64;
@@ -271,6 +273,7 @@ fn write(cfg: &Config, plan: &Plan, fail: &FailPoints, log: &mut dyn FnMut(Strin
             f.sync_all().with_context(|| format!("flushing the {what}"))?;
         }
     }
+    drop((root_file, verity_file));
     for (kind, extent, what) in [(ArtifactKind::Root, &root_extent, "root"), (ArtifactKind::Verity, &verity_extent, "verity")] {
         let a = m.artifact(kind).context("validated manifest has every artifact")?;
         let actual = read_back(extent, a.size)?;

@@ -258,6 +258,28 @@ mod tests {
         assert!(short.run().is_err(), "no supervisor listening must fail the gate");
     }
 
+    /// A stand-in for systemctl: prints `out` and exits `code`.
+    fn fake_systemctl(dir: &std::path::Path, out: &str, code: i32) -> PathBuf {
+        use std::os::unix::fs::PermissionsExt;
+        let p = dir.join(format!("systemctl-{code}-{}", out.len()));
+        std::fs::write(&p, format!("#!/bin/sh\nprintf '%s' '{out}'\nexit {code}\n")).unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
+        p
+    }
+
+    #[test]
+    fn unit_checks_read_systemctl() {
+        let dir = tempfile::tempdir().unwrap();
+        let kiosk = |out, code| UnitActive { systemctl: fake_systemctl(dir.path(), out, code), unit: "airlock-kiosk.service".into() };
+        assert_eq!(kiosk("active\n", 0).run().unwrap(), "airlock-kiosk.service active");
+        assert!(kiosk("activating\n", 3).run().unwrap_err().to_string().contains("is activating"));
+        assert!(kiosk("failed\n", 3).run().is_err());
+        let units = |out, code| NoFailedUnits { systemctl: fake_systemctl(dir.path(), out, code) };
+        assert!(units("", 0).run().is_ok());
+        assert!(units("x.service loaded failed failed X\n", 0).run().unwrap_err().to_string().contains("failed units: x.service"));
+        assert!(units("", 1).run().is_err(), "a systemctl that fails must fail the gate");
+    }
+
     #[test]
     fn failed_units_are_named() {
         assert_eq!(failed_units("foo.service loaded failed failed Foo\n● bar.mount loaded failed failed Bar\n"), ["foo.service", "bar.mount"]);

@@ -232,10 +232,15 @@ impl Scene {
 
     /// The agent with this scene's paths.
     pub fn agent(&self) -> Command {
+        self.agent_on(&self.path("disk.img"))
+    }
+
+    /// The agent with this scene's paths and another disk.
+    pub fn agent_on(&self, disk: &Path) -> Command {
         let mut c = Command::new(env!("CARGO_BIN_EXE_airlock-update"));
         c.arg("--allowed-signers").arg(self.path("allowed_signers"));
         c.arg("--threshold").arg(self.threshold.to_string());
-        c.arg("--disk").arg(self.path("disk.img"));
+        c.arg("--disk").arg(disk);
         c.arg("--esp").arg(self.path("esp"));
         c.arg("--state-dir").arg(self.path("state"));
         c.arg("--os-release").arg(self.path("os-release"));
