@@ -1,0 +1,227 @@
+//! The command line (clap derive); `main.rs` only calls [`main`].
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Result;
+use clap::{Args, Parser, Subcommand};
+
+use crate::apply::{ApplyOptions, FailPoints};
+use crate::config::{Config, DEFAULT_CONFIG};
+use crate::refusal;
+use crate::source::{HttpOptions, Source};
+
+/// The airlock update agent: signed whole-image updates into the inactive A/B slot.
+#[derive(Debug, Parser)]
+#[command(name = "airlock-update", version, after_help = refusal::EXIT_CODES)]
+pub struct Cli {
+    #[command(flatten)]
+    pub paths: Overrides,
+    #[command(subcommand)]
+    pub command: Cmd,
+}
+
+/// Settings from `/etc/airlock/update.toml`, overridable one by one.
+#[derive(Debug, Args)]
+pub struct Overrides {
+    /// Configuration file.
+    #[arg(long, global = true, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// OpenSSH allowed_signers file of the trusted keys.
+    #[arg(long, global = true, value_name = "FILE")]
+    pub allowed_signers: Option<PathBuf>,
+    /// Distinct trusted keys that must have signed.
+    #[arg(long, global = true)]
+    pub threshold: Option<usize>,
+    /// The disk holding the slots (block device or disk image file).
+    #[arg(long, global = true, value_name = "PATH")]
+    pub disk: Option<PathBuf>,
+    /// The mounted ESP.
+    #[arg(long, global = true, value_name = "DIR")]
+    pub esp: Option<PathBuf>,
+    /// Directory of state.json.
+    #[arg(long, global = true, value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
+    /// Directory for downloads and the staged UKI.
+    #[arg(long, global = true, value_name = "DIR")]
+    pub staging_dir: Option<PathBuf>,
+    /// The running image's os-release.
+    #[arg(long, global = true, value_name = "FILE")]
+    pub os_release: Option<PathBuf>,
+    /// The running kernel's command line.
+    #[arg(long, global = true, value_name = "FILE")]
+    pub cmdline: Option<PathBuf>,
+    /// The supervisor's control socket.
+    #[arg(long, global = true, value_name = "PATH")]
+    pub control_socket: Option<PathBuf>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Cmd {
+    /// Verify a bundle and write it to the inactive slot; ends with "reboot pending".
+    Apply(ApplyArgs),
+    /// Verify a bundle completely (signatures, running system, payload); write nothing.
+    Check {
+        bundle: PathBuf,
+    },
+    /// The health gate of a new boot (run before boot-complete.target).
+    Health,
+    /// Slots, versions, booted and blessed entries, stored epoch, last result.
+    Status {
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Args)]
+#[group(required = true, multiple = false, id = "source")]
+pub struct SourceArgs {
+    /// A bundle file (e.g. on a USB stick).
+    #[arg(long, value_name = "FILE", group = "source")]
+    pub file: Option<PathBuf>,
+    /// The newest *.airlock in the drop directory (default: the configured one).
+    #[arg(long, value_name = "DIR", num_args = 0..=1, group = "source")]
+    pub drop_dir: Option<Option<PathBuf>>,
+    /// An http(s) URL, downloaded to the staging directory with resume.
+    #[arg(long, value_name = "URL", group = "source")]
+    pub url: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct ApplyArgs {
+    #[command(flatten)]
+    pub source: SourceArgs,
+    /// After writing, wait until both guests are off, then reboot.
+    #[arg(long)]
+    pub reboot_when_idle: bool,
+    /// Seconds between download attempts.
+    #[arg(long, default_value_t = 5, value_name = "SECS")]
+    pub retry_delay: u64,
+    /// Test hook: stop the slot write after N payload bytes.
+    #[arg(long, hide = true, value_name = "N")]
+    pub fail_slot_write_after: Option<u64>,
+    /// Test hook: stop before installing the UKI.
+    #[arg(long, hide = true)]
+    pub fail_before_uki: bool,
+}
+
+impl Overrides {
+    pub fn config(&self) -> Result<Config> {
+        let (path, explicit) = match &self.config {
+            Some(p) => (p.clone(), true),
+            None => (PathBuf::from(DEFAULT_CONFIG), false),
+        };
+        let mut c = Config::load(&path, explicit)?;
+        let set = |dst: &mut PathBuf, src: &Option<PathBuf>| {
+            if let Some(v) = src {
+                *dst = v.clone();
+            }
+        };
+        set(&mut c.allowed_signers, &self.allowed_signers);
+        set(&mut c.esp, &self.esp);
+        set(&mut c.os_release, &self.os_release);
+        set(&mut c.cmdline, &self.cmdline);
+        set(&mut c.control_socket, &self.control_socket);
+        if let Some(d) = &self.state_dir {
+            c.state_dir = d.clone();
+            if self.staging_dir.is_none() {
+                c.staging_dir = d.join("staging");
+            }
+        }
+        set(&mut c.staging_dir, &self.staging_dir);
+        if let Some(t) = self.threshold {
+            c.threshold = t;
+        }
+        if self.disk.is_some() {
+            c.disk = self.disk.clone();
+        }
+        c.validate()?;
+        Ok(c)
+    }
+}
+
+fn log(line: String) {
+    eprintln!("airlock-update: {line}");
+}
+
+/// Runs the command; returns the process exit code.
+pub fn main(cli: Cli) -> u8 {
+    match run(cli) {
+        Ok(()) => 0,
+        Err(e) => {
+            let code = refusal::exit_code(&e);
+            let refused = refusal::refused(&e).is_some();
+            eprintln!("airlock-update: {}: {e:#}", if refused { "refused" } else { "error" });
+            code
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    let cfg = cli.paths.config()?;
+    match cli.command {
+        Cmd::Apply(a) => {
+            let src = match (a.source.file, a.source.drop_dir, a.source.url) {
+                (Some(f), _, _) => Source::File(f),
+                (_, Some(d), _) => Source::DropDir(d.unwrap_or_else(|| cfg.drop_dir.clone())),
+                (_, _, Some(u)) => Source::Url(u),
+                _ => anyhow::bail!("no source given (--file, --drop-dir or --url)"),
+            };
+            let opts = ApplyOptions {
+                http: HttpOptions { retry_delay: Duration::from_secs(a.retry_delay), ..HttpOptions::default() },
+                fail: FailPoints { stop_slot_write_after: a.fail_slot_write_after, stop_before_uki: a.fail_before_uki },
+            };
+            let applied = crate::apply::apply(&cfg, &src, &opts, &mut log)?;
+            println!("{} installed in slot {} as {} (signed by {}): reboot pending", applied.version, applied.slot, applied.entry, applied.signers.join(", "));
+            if a.reboot_when_idle {
+                crate::reboot::reboot_when_idle(&cfg.control_socket, &cfg.reboot_command, &mut log)?;
+            }
+            Ok(())
+        }
+        Cmd::Check { bundle } => {
+            let m = crate::apply::verify_only(&cfg, &bundle)?;
+            println!("{}: valid bundle {} {} (epoch {}, {})", bundle.display(), m.name, m.version, m.security_epoch, m.compatible);
+            Ok(())
+        }
+        Cmd::Health => {
+            let checks = crate::health::standard_checks(&cfg);
+            crate::health::run(&cfg, &checks, &mut log)?;
+            println!("healthy");
+            Ok(())
+        }
+        Cmd::Status { json } => {
+            let r = crate::status::report(&cfg)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&r)?);
+            } else {
+                print!("{}", crate::status::render(&r));
+            }
+            Ok(())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exactly_one_source_is_required() {
+        assert!(Cli::try_parse_from(["airlock-update", "apply"]).is_err());
+        assert!(Cli::try_parse_from(["airlock-update", "apply", "--file", "a", "--url", "http://x/a.airlock"]).is_err());
+        let c = Cli::try_parse_from(["airlock-update", "apply", "--drop-dir"]).unwrap();
+        assert!(matches!(c.command, Cmd::Apply(ApplyArgs { source: SourceArgs { drop_dir: Some(None), .. }, .. })));
+        let c = Cli::try_parse_from(["airlock-update", "--esp", "/tmp/esp", "status", "--json"]).unwrap();
+        assert!(matches!(c.command, Cmd::Status { json: true }));
+        assert_eq!(c.paths.esp.as_deref(), Some(std::path::Path::new("/tmp/esp")));
+    }
+
+    #[test]
+    fn state_dir_override_moves_staging_along() {
+        let c = Cli::try_parse_from(["airlock-update", "--config", "/nonexistent", "status"]).unwrap();
+        assert!(c.paths.config().is_err(), "an explicit missing config file is an error");
+        let c = Cli::try_parse_from(["airlock-update", "--state-dir", "/tmp/s", "status"]).unwrap();
+        let cfg = c.paths.config().unwrap();
+        assert_eq!(cfg.staging_dir, PathBuf::from("/tmp/s/staging"));
+    }
+}
