@@ -83,7 +83,9 @@ impl Vm {
     /// `netns` (a file such as `/run/netns/NAME`): its `-netdev tap`
     /// devices are then that namespace's, and none appears in the host's.
     /// Its other sockets are path-named Unix sockets, which work across
-    /// network namespaces.
+    /// network namespaces. Such a QEMU is killed when the thread that
+    /// started it ends (`PR_SET_PDEATHSIG`): start it from the thread that
+    /// owns the `Vm`.
     pub fn start_in_netns(mut cfg: VmConfig, netns: Option<&Path>) -> Result<Vm> {
         let dir = tempfile::Builder::new().prefix("airlock-vm-").tempdir().context("creating the VM's temp dir")?;
         let serial = dir.path().join("serial.log");
@@ -105,13 +107,19 @@ impl Vm {
         let ns_file = netns.map(|ns| File::open(ns).with_context(|| format!("opening network namespace {}", ns.display()))).transpose()?;
         if let Some(ns) = &ns_file {
             let fd = ns.as_raw_fd();
-            // SAFETY: setns(2) is async-signal-safe and touches no memory of
-            // ours; `fd` stays open until spawn returns (it is CLOEXEC, so
-            // QEMU does not inherit it).
+            // SAFETY: setns(2) and prctl(2) are async-signal-safe and touch
+            // no memory of ours; `fd` stays open until spawn returns (it is
+            // CLOEXEC, so QEMU does not inherit it).
             #[allow(unsafe_code)]
             unsafe {
                 command.pre_exec(move || {
                     if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    // A suite killed outright (no Drop) takes this QEMU with
+                    // it, so nothing keeps the namespace and its taps alive;
+                    // the next run deletes the stale name.
+                    if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
                         return Err(std::io::Error::last_os_error());
                     }
                     Ok(())
