@@ -35,6 +35,8 @@ packages=(
   swtpm swtpm-tools
   # the gateway's interop test against Debian's real SPICE agent
   spice-vdagent xvfb xclip
+  # update bundles: the signature interop test (ssh-keygen -Y sign/verify)
+  openssh-client
 )
 echo "install-host-deps: apt-get update"
 apt-get update -qq

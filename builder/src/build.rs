@@ -108,6 +108,15 @@ pub struct Report {
     pub input_digest: String,
     pub image: String,
     pub image_sha256: String,
+    /// The update bundle (unsigned) made from the same root, verity and UKI.
+    #[serde(default)]
+    pub bundle: String,
+    #[serde(default)]
+    pub bundle_sha256: String,
+    #[serde(default)]
+    pub compatible: String,
+    #[serde(default)]
+    pub security_epoch: u32,
     pub root_hash: String,
     /// Size of the erofs root filesystem and of its verity hash tree.
     pub root_fs_bytes: u64,
@@ -152,13 +161,15 @@ pub struct BuildInfo {
 /// Output file names of a build.
 pub struct Outputs {
     pub image: String,
+    /// The update bundle, `<name>_<version>.airlock`.
+    pub bundle: String,
     pub report: String,
     pub selinux_dir: String,
 }
 
 pub fn outputs(manifest: &Manifest) -> Outputs {
     let stem = manifest.artifact_stem();
-    Outputs { image: format!("{stem}.raw"), report: format!("{stem}.report.json"), selinux_dir: format!("{stem}.selinux") }
+    Outputs { image: format!("{stem}.raw"), bundle: format!("{stem}.airlock"), report: format!("{stem}.report.json"), selinux_dir: format!("{stem}.selinux") }
 }
 
 /// Digest of every input of a build: manifest, profile, overlays, policy,
@@ -394,6 +405,23 @@ fn run_stages(
         disk::assemble(runner, &layout, &contents, &image_path)
     })?;
 
+    // bundle: the update from the very files the disk image holds
+    let bundle_path = staging.join(&names.bundle);
+    stages.run("bundle", "update bundle (root, verity, UKI; unsigned)", || {
+        let inputs = crate::bundle::BundleInputs {
+            name: &manifest.name,
+            version: &manifest.version,
+            security_epoch: manifest.security_epoch,
+            compatible: manifest.compatible(),
+            build_id: Some(digest.clone()),
+            root_hash: &root_hash,
+            root: &root_img,
+            verity: &verity_img,
+            uki: &uki,
+        };
+        crate::bundle::write_bundle(&inputs, &bundle_path).map(|_| ())
+    })?;
+
     // report
     let report = stages.run("report", "hashes, package list, SELinux policy", || {
         let selinux_out = staging.join(&names.selinux_dir);
@@ -425,6 +453,10 @@ fn run_stages(
             input_digest: digest.clone(),
             image: names.image.clone(),
             image_sha256,
+            bundle: names.bundle.clone(),
+            bundle_sha256: hex::encode(crate::bundle::sha256_file(&bundle_path)?),
+            compatible: manifest.compatible(),
+            security_epoch: manifest.security_epoch,
             root_hash: root_hash.clone(),
             root_fs_bytes: std::fs::metadata(&root_img)?.len(),
             root_verity_bytes: std::fs::metadata(&verity_img)?.len(),
@@ -463,11 +495,14 @@ fn publish(staging: &Path, log: &Path, output: &Path, names: &Outputs, report: &
     let report_sha = hex::encode(Sha256::digest(std::fs::read(staging.join(&names.report))?));
     std::fs::write(
         staging.join("SHA256SUMS"),
-        format!("{}  {}\n{}  {}\n", report.image_sha256, names.image, report_sha, names.report),
+        format!(
+            "{}  {}\n{}  {}\n{}  {}\n",
+            report.image_sha256, names.image, report.bundle_sha256, names.bundle, report_sha, names.report
+        ),
     )?;
     let log_name = format!("{}.build.log", report.image.trim_end_matches(".raw"));
     std::fs::copy(log, staging.join(&log_name)).context("copying the build log")?;
-    for name in [names.image.as_str(), names.report.as_str(), names.selinux_dir.as_str(), "SHA256SUMS", log_name.as_str()] {
+    for name in [names.image.as_str(), names.bundle.as_str(), names.report.as_str(), names.selinux_dir.as_str(), "SHA256SUMS", log_name.as_str()] {
         let target = output.join(name);
         if target.is_dir() {
             std::fs::remove_dir_all(&target)?;
@@ -482,7 +517,8 @@ fn reusable_report(output: &Path, names: &Outputs, digest: &str) -> Option<Repor
     let text = std::fs::read_to_string(output.join(&names.report)).ok()?;
     let report: Report = serde_json::from_str(&text).ok()?;
     let image = std::fs::metadata(output.join(&names.image)).ok()?;
-    (report.input_digest == digest && image.is_file()).then_some(report)
+    let bundle = std::fs::metadata(output.join(&names.bundle)).ok()?;
+    (report.input_digest == digest && image.is_file() && bundle.is_file()).then_some(report)
 }
 
 fn print_summary(report: &Report, output: &Path) {
@@ -493,6 +529,7 @@ fn print_summary(report: &Report, output: &Path) {
         report.root_fs_bytes / 1024 / 1024,
         report.root_verity_bytes / 1024 / 1024
     );
+    println!("airlock:   update bundle {} (unsigned: airlock sign --key KEY …)", output.join(&report.bundle).display());
     println!("airlock:   {} packages, kernel {}, SELinux policy {} (enforcing)", report.packages.len(), report.kernel_version, report.selinux_policy);
     let timings: Vec<String> = report.stages.iter().map(|s| format!("{} {:.1}s", s.stage, s.seconds)).collect();
     println!("airlock:   stages: {}", timings.join(", "));

@@ -23,6 +23,55 @@ pub enum Command {
     Inspect(InspectArgs),
     Qemu(QemuArgs),
     Doctor,
+    Sign(SignArgs),
+    Verify(VerifyArgs),
+    #[command(subcommand)]
+    Bundle(BundleCommand),
+}
+
+/// Add a signature to an update bundle (`<name>_<version>.airlock`).
+///
+/// With --key, signs with an unencrypted OpenSSH ed25519 private key.
+/// For a passphrase-protected, FIDO2 (ed25519-sk) or agent key, sign the
+/// manifest with OpenSSH and import the signature:
+///
+///   airlock bundle manifest B.airlock > B.manifest
+///   ssh-keygen -Y sign -n airlock-update@v1 -f KEY B.manifest
+///   airlock sign --signature B.manifest.sig B.airlock
+#[derive(Debug, clap::Args)]
+#[command(verbatim_doc_comment)]
+#[command(group(clap::ArgGroup::new("signer").required(true).args(["key", "signature"])))]
+pub struct SignArgs {
+    /// OpenSSH private key file (unencrypted ed25519).
+    #[arg(long)]
+    pub key: Option<PathBuf>,
+    /// A signature made by `ssh-keygen -Y sign -n airlock-update@v1` over
+    /// the bundle's manifest bytes.
+    #[arg(long)]
+    pub signature: Option<PathBuf>,
+    pub bundle: PathBuf,
+}
+
+/// Check an update bundle: framing, signatures and threshold, every
+/// artifact's size and sha256. Exit 0 when valid; otherwise non-zero and
+/// the reason.
+#[derive(Debug, clap::Args)]
+pub struct VerifyArgs {
+    /// Trusted keys: an OpenSSH allowed_signers file
+    /// (`identity ssh-ed25519 AAAA…` per line), or a directory of `.pub` files.
+    #[arg(long)]
+    pub keys: PathBuf,
+    /// How many distinct trusted keys must have signed.
+    #[arg(long, default_value_t = 1)]
+    pub threshold: usize,
+    pub bundle: PathBuf,
+}
+
+/// Look inside an update bundle.
+#[derive(Debug, Subcommand)]
+pub enum BundleCommand {
+    /// Write the manifest's exact bytes (what signatures cover) to stdout.
+    Manifest { bundle: PathBuf },
 }
 
 /// Build a disk image from a TOML manifest.
@@ -31,7 +80,8 @@ pub struct BuildArgs {
     /// The manifest (see examples/debian.toml).
     #[arg(long)]
     pub manifest: PathBuf,
-    /// Where the image, its report, SHA256SUMS and its SELinux policy go.
+    /// Where the image, its update bundle, its report, SHA256SUMS and its
+    /// SELinux policy go.
     #[arg(long)]
     pub output: PathBuf,
     /// Package and tree cache, reused across builds.
@@ -108,5 +158,22 @@ mod tests {
         assert!(Cli::try_parse_from(["airlock", "inspect", "a.raw", "--json"]).is_ok());
         assert!(Cli::try_parse_from(["airlock", "qemu", "a.raw", "--snapshot"]).is_ok());
         assert!(Cli::try_parse_from(["airlock", "qemu"]).is_err());
+    }
+
+    #[test]
+    fn sign_needs_exactly_one_signer() {
+        assert!(Cli::try_parse_from(["airlock", "sign", "b.airlock"]).is_err());
+        assert!(Cli::try_parse_from(["airlock", "sign", "--key", "k", "--signature", "s", "b.airlock"]).is_err());
+        assert!(Cli::try_parse_from(["airlock", "sign", "--signature", "s", "b.airlock"]).is_ok());
+    }
+
+    #[test]
+    fn verify_defaults_to_one_signature() {
+        match Cli::try_parse_from(["airlock", "verify", "--keys", "allowed_signers", "b.airlock"]).unwrap().command {
+            Command::Verify(v) => assert_eq!(v.threshold, 1),
+            other => panic!("{other:?}"),
+        }
+        assert!(Cli::try_parse_from(["airlock", "verify", "b.airlock"]).is_err());
+        assert!(Cli::try_parse_from(["airlock", "bundle", "manifest", "b.airlock"]).is_ok());
     }
 }

@@ -1,8 +1,9 @@
 //! airlock: builds immutable two-domain appliance images.
 //!
 //! The pipeline (`build::build`) is a flat list of stages: rootfs →
-//! overlay → policy → label → seal → uki → disk → report.
+//! overlay → policy → label → seal → uki → disk → bundle → report.
 pub mod build;
+pub mod bundle;
 pub mod cli;
 pub mod disk;
 pub mod doctor;
@@ -46,6 +47,44 @@ pub fn run(cli: cli::Cli) -> Result<()> {
             Ok(())
         }
         cli::Command::Qemu(a) => boot(&a),
+        cli::Command::Sign(a) => {
+            let signer = match (&a.key, &a.signature) {
+                (Some(key), _) => bundle::Signer::Key(key),
+                (None, Some(sig)) => bundle::Signer::Signature(sig),
+                (None, None) => bail!("give --key or --signature"),
+            };
+            let (fingerprint, added) = bundle::sign_bundle(&a.bundle, signer)?;
+            if added {
+                println!("airlock: {}: signed by {fingerprint}", a.bundle.display());
+            } else {
+                println!("airlock: {}: already signed by {fingerprint}, unchanged", a.bundle.display());
+            }
+            Ok(())
+        }
+        cli::Command::Verify(a) => {
+            let trust = bundle::load_trust(&a.keys, a.threshold)?;
+            let v = bundle::verify_bundle(&a.bundle, &trust, &mut |line| eprintln!("airlock: {line}"))?;
+            let m = &v.manifest;
+            println!(
+                "airlock: {}: valid: {} {} for {} (security epoch {}), signed by {} ({} of {} needed)",
+                a.bundle.display(),
+                m.name,
+                m.version,
+                m.compatible,
+                m.security_epoch,
+                v.signers.join(", "),
+                v.signers.len(),
+                trust.threshold()
+            );
+            Ok(())
+        }
+        cli::Command::Bundle(cli::BundleCommand::Manifest { bundle: path }) => {
+            use std::io::Write;
+            let bytes = bundle::manifest_bytes(&path)?;
+            let mut out = std::io::stdout().lock();
+            out.write_all(&bytes).and_then(|()| out.flush()).context("writing the manifest to stdout")?;
+            Ok(())
+        }
         cli::Command::Doctor => {
             if doctor::report() {
                 Ok(())

@@ -16,6 +16,9 @@ pub struct Manifest {
     pub name: String,
     /// Image version: digits and dots (e.g. `1.4.2`), compared numerically by updates.
     pub version: String,
+    /// Raised with a release that fixes a security flaw: appliances that
+    /// have run it refuse update bundles of a lower epoch (default 0).
+    pub security_epoch: u32,
     pub distro: Distro,
     #[serde(default)]
     pub packages: Packages,
@@ -92,6 +95,8 @@ impl RawDistro {
 struct RawManifest {
     name: String,
     version: String,
+    #[serde(default)]
+    security_epoch: u32,
     distro: RawDistro,
     #[serde(default)]
     packages: Packages,
@@ -191,6 +196,11 @@ impl Manifest {
         format!("{}_{}", self.name, self.version)
     }
 
+    /// Which systems this build's update bundles are for: `<name>-<distro>-x86_64`.
+    pub fn compatible(&self) -> String {
+        format!("{}-{}-x86_64", self.name, self.distro_id())
+    }
+
     pub fn distro_id(&self) -> &'static str {
         match self.distro {
             Distro::Debian { .. } => "debian",
@@ -211,6 +221,7 @@ pub fn parse_manifest(text: &str, origin: &str) -> Result<Manifest> {
     let manifest = Manifest {
         name: raw.name,
         version: raw.version,
+        security_epoch: raw.security_epoch,
         distro,
         packages: raw.packages,
         kernel: raw.kernel,
@@ -259,6 +270,7 @@ fn validate(m: &Manifest, text: &str) -> Result<()> {
     }
     if m.version.is_empty()
         || m.version.split('.').any(|p| p.is_empty() || !p.chars().all(|c| c.is_ascii_digit()))
+        || airlock_bundle::Version::parse(&m.version).is_err()
     {
         return Err(bad("version", format!("{:?} must be numbers separated by dots, like 1.4.2", m.version)));
     }
@@ -366,6 +378,8 @@ name = "debian"
         assert_eq!(m.distro, Distro::Debian { suite: "trixie".into(), mirrors: vec!["http://deb.debian.org/debian".into()] });
         assert_eq!(m.partitions, Partitions::default());
         assert_eq!(m.artifact_stem(), "airlock_1.0");
+        assert_eq!(m.security_epoch, 0);
+        assert_eq!(m.compatible(), "airlock-debian-x86_64");
     }
 
     #[test]

@@ -142,14 +142,22 @@ pub fn make_uki(runner: &Runner, tools_tree: &Path, scratch: &Path, kernel: &Pat
 }
 
 /// The image's os-release: the distro's, plus IMAGE_ID and IMAGE_VERSION
-/// (systemd shows them; updates compare IMAGE_VERSION).
+/// (systemd shows them; updates compare IMAGE_VERSION), and the update
+/// bundle's compatible string and security epoch for the update agent.
 pub fn image_os_release(distro_os_release: &str, manifest: &Manifest) -> String {
+    const OURS: &[&str] = &["IMAGE_ID=", "IMAGE_VERSION=", "AIRLOCK_COMPATIBLE=", "AIRLOCK_SECURITY_EPOCH="];
     let mut out: String = distro_os_release
         .lines()
-        .filter(|l| !l.starts_with("IMAGE_ID=") && !l.starts_with("IMAGE_VERSION="))
+        .filter(|l| !OURS.iter().any(|k| l.starts_with(k)))
         .map(|l| format!("{l}\n"))
         .collect();
-    out.push_str(&format!("IMAGE_ID={}\nIMAGE_VERSION={}\n", manifest.name, manifest.version));
+    out.push_str(&format!(
+        "IMAGE_ID={}\nIMAGE_VERSION={}\nAIRLOCK_COMPATIBLE={}\nAIRLOCK_SECURITY_EPOCH={}\n",
+        manifest.name,
+        manifest.version,
+        manifest.compatible(),
+        manifest.security_epoch
+    ));
     out
 }
 
@@ -260,6 +268,6 @@ mod tests {
     fn os_release_gains_image_fields_once() {
         let m = manifest("");
         let out = image_os_release("ID=debian\nIMAGE_VERSION=old\n", &m);
-        assert_eq!(out, "ID=debian\nIMAGE_ID=a\nIMAGE_VERSION=2.1\n");
+        assert_eq!(out, "ID=debian\nIMAGE_ID=a\nIMAGE_VERSION=2.1\nAIRLOCK_COMPATIBLE=a-debian-x86_64\nAIRLOCK_SECURITY_EPOCH=0\n");
     }
 }

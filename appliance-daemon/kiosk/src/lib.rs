@@ -132,16 +132,8 @@ pub fn run(options: &Options) -> Result<()> {
     let display = |side: Side| &displays[side as usize];
     {
         let (events, socket) = (events.clone(), options.run_dir.join("control.sock"));
-        let (states, states_in) = mpsc::channel();
-        thread::spawn(move || status::follow(&socket, states));
-        let forward = events.clone();
-        thread::spawn(move || {
-            for (c, g) in states_in {
-                if forward.send(Event::Status(c, g)).is_err() {
-                    return;
-                }
-            }
-        });
+        let status_events = events.clone();
+        thread::spawn(move || status::follow(&socket, status_events));
         if let Some(c) = &options.confirm {
             let (events, socket, answer) = (events.clone(), c.socket.clone(), answer.clone());
             thread::spawn(move || confirm::follow(&socket, answer, events));

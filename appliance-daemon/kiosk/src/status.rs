@@ -9,7 +9,7 @@ use std::sync::mpsc::Sender;
 use std::thread;
 use std::time::Duration;
 
-use crate::Side;
+use crate::{Event, Side};
 
 /// What the label shows for a guest while no supervisor answers.
 pub const NO_SUPERVISOR: &str = "not started";
@@ -35,9 +35,9 @@ pub fn parse_status(line: &str) -> Option<(String, String)> {
 }
 
 /// Follows the control socket for ever, sending each status to `updates`
-/// (and [`NO_SUPERVISOR`] for both while it cannot connect). Returns when
-/// the receiver is gone.
-pub fn follow(socket: &Path, updates: Sender<(String, String)>) {
+/// as [`Event::Status`] (and [`NO_SUPERVISOR`] for both while it cannot
+/// connect). Returns when the receiver is gone.
+pub fn follow(socket: &Path, updates: Sender<Event>) {
     let mut connected_before = true;
     loop {
         match UnixStream::connect(socket) {
@@ -46,7 +46,7 @@ pub fn follow(socket: &Path, updates: Sender<(String, String)>) {
                 for line in BufReader::new(stream).lines() {
                     let Ok(line) = line else { break };
                     if let Some(states) = parse_status(&line) {
-                        if updates.send(states).is_err() {
+                        if updates.send(Event::Status(states.0, states.1)).is_err() {
                             return;
                         }
                     }
@@ -63,7 +63,7 @@ pub fn follow(socket: &Path, updates: Sender<(String, String)>) {
             }
         }
         if updates
-            .send((NO_SUPERVISOR.into(), NO_SUPERVISOR.into()))
+            .send(Event::Status(NO_SUPERVISOR.into(), NO_SUPERVISOR.into()))
             .is_err()
         {
             return;

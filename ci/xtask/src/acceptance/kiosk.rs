@@ -864,11 +864,6 @@ fn figures(vm: &mut Vm) -> Result<String> {
         Some(s) => format!("{first_frame}; the classified guest's first picture {s:.1}s after the kernel started"),
         None => format!("{first_frame}; no first-picture line for the classified guest"),
     };
-    let picture = sh(vm, &format!("journalctl -b -u {UNIT} -o short-monotonic --no-pager | grep -m1 -F 'classified display: first picture' || true"))?;
-    let first_frame = match monotonic_seconds(&picture) {
-        Some(s) => format!("{first_frame}; the classified guest's first picture {s:.1}s after the kernel started"),
-        None => format!("{first_frame}; no first-picture line for the classified guest"),
-    };
     let restarts = n_restarts(vm)?;
     Ok(format!(
         "idle (no input, static guest screens): {cpu:.1}% of one CPU over {:.1}s; guest on screen redrawing ({frames} full-screen redraws in {:.1}s): {busy:.1}% ({accel}, systemd-detect-virt: {}); {}; {first_frame}; NRestarts={restarts}",
