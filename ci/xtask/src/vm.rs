@@ -97,7 +97,13 @@ impl Vm {
         let mut log = File::create(&log_path).with_context(|| format!("creating {}", log_path.display()))?;
 
         let qemu = qemu_binary();
-        let args = qemu_args(&cfg);
+        let mut args = qemu_args(&cfg);
+        // Why the machine reset, if it does: QEMU logs "Triple fault" and
+        // the CPU state for every reset (a handful of lines per boot).
+        args.push("-d".into());
+        args.push("cpu_reset".into());
+        args.push("-D".into());
+        args.push(dir.path().join("qemu-debug.log").into());
         let shown: Vec<_> = args.iter().map(|a| a.to_string_lossy()).collect();
         writeln!(log, "$ {} {}", qemu.display(), shown.join(" ")).context("writing qemu.log")?;
         if let Some(ns) = netns {
@@ -348,12 +354,29 @@ impl Vm {
     /// says where: for a machine some test failed on.
     pub fn keep_files(&mut self) {
         self.dir.disable_cleanup(true);
+        self.write_event_log();
         eprintln!("VM files kept in {}", self.dir.path().display());
+    }
+}
+
+impl Vm {
+    /// Writes every QMP event seen so far (RESET with its reason, WATCHDOG,
+    /// SHUTDOWN, ...) to `qmp-events.log` in the VM's dir.
+    fn write_event_log(&mut self) {
+        let Some(qmp) = self.qmp.as_mut() else { return };
+        let _ = qmp.poll_events();
+        let lines: String = qmp.events().iter().map(|e| format!("{e:?}\n")).collect();
+        if let Err(e) = std::fs::write(self.dir.path().join("qmp-events.log"), lines) {
+            eprintln!("warning: writing qmp-events.log: {e}");
+        }
     }
 }
 
 impl Drop for Vm {
     fn drop(&mut self) {
+        if thread::panicking() {
+            self.write_event_log();
+        }
         // Sockets first, so QEMU sees clients leave before it dies.
         self.qmp = None;
         self.agent = None;
