@@ -51,8 +51,6 @@ const TEST_BINARIES: &[BinarySpec] = &[
     BinarySpec { package: "airlock-test-agent", binary: "airlock-test-agent", destination: "/usr/lib/airlock/airlock-test-agent" },
     // Started in a guest's QEMU domain by the suite's attack tests.
     BinarySpec { package: "airlock-test-agent", binary: "airlock-test-attack", destination: "/usr/lib/airlock/airlock-test-attack" },
-    // The network tests' outside world (upstream namespace, listeners).
-    BinarySpec { package: "airlock-test-agent", binary: "airlock-test-upstream", destination: "/usr/lib/airlock/airlock-test-upstream" },
     // Drives the nested test guests' test ports.
     BinarySpec { package: "airlock-test-guest", binary: "airlock-test-guest-ctl", destination: "/usr/lib/airlock/airlock-test-guest-ctl" },
 ];

@@ -64,8 +64,17 @@ pub struct VmConfig {
     pub uuid: Option<String>,
     /// Further raw disks, attached as virtio block devices.
     pub extra_disks: Vec<PathBuf>,
-    /// Further NICs, each a QEMU `-netdev` spec whose id is `netN`.
-    pub extra_netdevs: Vec<String>,
+    /// Further NICs, each a `virtio-net-pci` on a QEMU `-netdev` whose id
+    /// is `netN`.
+    pub extra_netdevs: Vec<Nic>,
+}
+
+/// One NIC: its `-netdev` backend (without `id=`), and a fixed MAC address
+/// (the guest's udev names a NIC by it) or QEMU's default.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Nic {
+    pub netdev: String,
+    pub mac: Option<String>,
 }
 
 impl VmConfig {
@@ -129,9 +138,10 @@ pub fn qemu_args(cfg: &VmConfig) -> Vec<OsString> {
         a.push(path_opt(&format!("if=none,id=extra{i},format=raw,file="), extra));
         arg(&mut a, &["-device", &format!("virtio-blk-pci,drive=extra{i}")]);
     }
-    for (i, netdev) in cfg.extra_netdevs.iter().enumerate() {
-        arg(&mut a, &["-netdev", &format!("{netdev},id=net{i}")]);
-        arg(&mut a, &["-device", &format!("virtio-net-pci,netdev=net{i}")]);
+    for (i, nic) in cfg.extra_netdevs.iter().enumerate() {
+        arg(&mut a, &["-netdev", &format!("{},id=net{i}", nic.netdev)]);
+        let mac = nic.mac.as_ref().map_or(String::new(), |m| format!(",mac={m}"));
+        arg(&mut a, &["-device", &format!("virtio-net-pci,netdev=net{i}{mac}")]);
     }
     match &cfg.serial {
         // No multiplexing: the human monitor (Ctrl-A c) is never reachable.
@@ -293,6 +303,19 @@ mod tests {
         let mut cfg = base();
         cfg.agent_socket = Some("/run/a.sock".into());
         assert!(joined(&cfg).contains("name=org.airlock.test.0"));
+    }
+
+    #[test]
+    fn extra_nics_get_numbered_netdevs_and_their_macs() {
+        let mut cfg = base();
+        assert!(!joined(&cfg).contains("virtio-net-pci"), "no NIC unless asked for");
+        cfg.extra_netdevs = vec![
+            Nic { netdev: "tap,ifname=a,script=no,downscript=no".into(), mac: Some("52:54:00:77:00:02".into()) },
+            Nic { netdev: "user".into(), mac: None },
+        ];
+        let args = joined(&cfg);
+        assert!(args.contains("-netdev tap,ifname=a,script=no,downscript=no,id=net0 -device virtio-net-pci,netdev=net0,mac=52:54:00:77:00:02 "), "{args}");
+        assert!(args.contains("-netdev user,id=net1 -device virtio-net-pci,netdev=net1 "), "{args}");
     }
 
     #[test]

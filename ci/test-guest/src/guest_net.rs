@@ -78,6 +78,7 @@ pub fn handle(line: &str) -> Option<String> {
     let result = match cmd {
         protocol::NET_UP => net_up(words),
         protocol::NET_INFO => Ok(net_info()),
+        protocol::NET_MAC => net_mac(words),
         protocol::TCP_CONNECT => target(words, "tcp-connect <ip> <port> <timeout_ms>").map(|(to, t)| match TcpStream::connect_timeout(&to, t) {
             Ok(s) => s.local_addr().map_or_else(|e| format!("error {e}"), |a| format!("connected {a}")),
             Err(e) => failure(&e),
@@ -387,6 +388,21 @@ fn net_up<'a>(words: &mut impl Iterator<Item = &'a str>) -> Result<String, Strin
     }
     ioctl(&socket, libc::SIOCADDRT, &mut route, &format!("SIOCADDRT default via {gateway}")).map_err(e)?;
     Ok(format!("ok net {name} {} {address}/{prefix}", sys(&name, "address")))
+}
+
+fn net_mac<'a>(words: &mut impl Iterator<Item = &'a str>) -> Result<String, String> {
+    let (Some(mac), None) = (words.next(), words.next()) else { return Err("usage: net-mac <mac>".into()) };
+    let mac = net::parse_mac(mac)?;
+    let name = first_ethernet(Duration::from_secs(5)).ok_or("no ethernet interface")?;
+    let socket = UdpSocket::bind("0.0.0.0:0").map_err(|e| e.to_string())?;
+    let mut req = ifreq(&name);
+    let mut sa_data = [0 as libc::c_char; 14];
+    for (d, b) in sa_data.iter_mut().zip(mac) {
+        *d = b as libc::c_char;
+    }
+    req.ifr_ifru.ifru_hwaddr = libc::sockaddr { sa_family: libc::ARPHRD_ETHER, sa_data };
+    ioctl(&socket, libc::SIOCSIFHWADDR, &mut req, &format!("SIOCSIFHWADDR {name}")).map_err(|e| e.to_string())?;
+    Ok(format!("ok mac {name} {}", sys(&name, "address")))
 }
 
 /// `<address>/<prefix>` of an interface, `none` without one.

@@ -132,6 +132,12 @@ pub mod protocol {
     /// (sorted by name) and the IPv4 routing table (`/proc/net/route`,
     /// `0.0.0.0/0` is the default route).
     pub const NET_INFO: &str = "net-info";
+    /// `net-mac <mac>` → `ok mac <ifname> <mac>`: gives the ethernet
+    /// interface of [`NET_UP`] another MAC address (`SIOCSIFHWADDR`; the
+    /// virtio NIC takes it live), so that the guest sends from a MAC that is
+    /// not its configured one — for the appliance's anti-spoofing tests.
+    /// `net-mac` with the configured MAC puts it back.
+    pub const NET_MAC: &str = "net-mac";
     /// `tcp-connect <ip> <port> <timeout_ms>` → `connected <local ip:port>`
     /// | `refused` (an RST or ICMP port-unreachable came back: a
     /// *rejecting* filter or a closed port) | `timeout` (nothing came back:

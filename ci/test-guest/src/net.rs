@@ -13,6 +13,26 @@ pub fn parse_cidr(text: &str) -> Result<(Ipv4Addr, u8), String> {
     Ok((addr, prefix))
 }
 
+/// `52:54:00:a1:00:02` → its six bytes (a unicast address).
+pub fn parse_mac(text: &str) -> Result<[u8; 6], String> {
+    let bad = || format!("{text:?} is not a MAC address (six hex pairs separated by ':')");
+    let parts: Vec<&str> = text.split(':').collect();
+    let mut mac = [0u8; 6];
+    if parts.len() != 6 {
+        return Err(bad());
+    }
+    for (byte, part) in mac.iter_mut().zip(parts) {
+        if part.len() != 2 {
+            return Err(bad());
+        }
+        *byte = u8::from_str_radix(part, 16).map_err(|_| bad())?;
+    }
+    if mac[0] & 1 == 1 {
+        return Err(format!("{text} is a multicast address"));
+    }
+    Ok(mac)
+}
+
 /// The netmask of a prefix length (`24` → `255.255.255.0`).
 pub fn netmask(prefix: u8) -> Ipv4Addr {
     Ipv4Addr::from(u32::MAX.checked_shl(32 - u32::from(prefix.min(32))).unwrap_or(0))
@@ -139,6 +159,15 @@ mod tests {
             assert_eq!(prefix_len(netmask(p)), Some(p));
         }
         assert_eq!(prefix_len(Ipv4Addr::new(255, 0, 255, 0)), None);
+    }
+
+    #[test]
+    fn macs_parse() {
+        assert_eq!(parse_mac("52:54:00:a1:00:0f"), Ok([0x52, 0x54, 0, 0xa1, 0, 0x0f]));
+        assert!(parse_mac("52:54:00:a1:00").is_err());
+        assert!(parse_mac("52:54:00:a1:00:0g").is_err());
+        assert!(parse_mac("52:54:00:a1:00:002").is_err());
+        assert!(parse_mac("01:00:5e:00:00:01").unwrap_err().contains("multicast"));
     }
 
     #[test]

@@ -2,6 +2,8 @@
 //! and drives them.
 //!
 //! - [`machine`]: a disk plus its firmware state, booted as often as needed;
+//! - [`outside`]: the test machine's outside world (its uplinks' far end, in a
+//!   network namespace of the CI host);
 //! - [`vm`]: one QEMU process (own process group, logs, sockets, killpg on drop);
 //! - [`qmp`]: QEMU's control protocol (keys, screendumps, reset, events);
 //! - [`console`]: reading the serial console log;
@@ -15,6 +17,7 @@ pub mod acceptance;
 pub mod bench;
 pub mod console;
 pub mod machine;
+pub mod outside;
 pub mod plain;
 pub mod qmp;
 pub mod screen;

@@ -11,6 +11,7 @@
 
 use std::fs::File;
 use std::io::Write;
+use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
@@ -74,7 +75,18 @@ impl Vm {
     /// Starts QEMU for `cfg` and waits until it answers QMP. The serial
     /// console, QMP socket and agent socket of `cfg` are replaced by files in
     /// the VM's own temp dir.
-    pub fn start(mut cfg: VmConfig) -> Result<Vm> {
+    pub fn start(cfg: VmConfig) -> Result<Vm> {
+        Vm::start_in_netns(cfg, None)
+    }
+
+    /// Like [`start`](Self::start), with QEMU in the network namespace
+    /// `netns` (a file such as `/run/netns/NAME`): its `-netdev tap`
+    /// devices are then that namespace's, and none appears in the host's.
+    /// Its other sockets are path-named Unix sockets, which work across
+    /// network namespaces. Such a QEMU is killed when the thread that
+    /// started it ends (`PR_SET_PDEATHSIG`): start it from the thread that
+    /// owns the `Vm`.
+    pub fn start_in_netns(mut cfg: VmConfig, netns: Option<&Path>) -> Result<Vm> {
         let dir = tempfile::Builder::new().prefix("airlock-vm-").tempdir().context("creating the VM's temp dir")?;
         let serial = dir.path().join("serial.log");
         cfg.serial = Serial::File(serial.clone());
@@ -94,7 +106,33 @@ impl Vm {
         args.push(dir.path().join("qemu-debug.log").into());
         let shown: Vec<_> = args.iter().map(|a| a.to_string_lossy()).collect();
         writeln!(log, "$ {} {}", qemu.display(), shown.join(" ")).context("writing qemu.log")?;
-        let child = Command::new(&qemu)
+        if let Some(ns) = netns {
+            writeln!(log, "# in network namespace {}", ns.display()).context("writing qemu.log")?;
+        }
+        let mut command = Command::new(&qemu);
+        let ns_file = netns.map(|ns| File::open(ns).with_context(|| format!("opening network namespace {}", ns.display()))).transpose()?;
+        if let Some(ns) = &ns_file {
+            let fd = ns.as_raw_fd();
+            // SAFETY: setns(2) and prctl(2) are async-signal-safe and touch
+            // no memory of ours; `fd` stays open until spawn returns (it is
+            // CLOEXEC, so QEMU does not inherit it).
+            #[allow(unsafe_code)]
+            unsafe {
+                command.pre_exec(move || {
+                    if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    // A suite killed outright (no Drop) takes this QEMU with
+                    // it, so nothing keeps the namespace and its taps alive;
+                    // the next run deletes the stale name.
+                    if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
+        let child = command
             .args(&args)
             // Its own group, so Drop can kill QEMU and anything it started.
             .process_group(0)

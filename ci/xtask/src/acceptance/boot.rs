@@ -9,6 +9,7 @@ use anyhow::{bail, ensure, Context, Result};
 use super::emulator::{self, Faults};
 use super::images::{private_copy, Images};
 use super::{AcceptanceOptions, Suite};
+use crate::outside::Outside;
 use crate::{Machine, Vm};
 
 /// Boot to the agent's "ready" under TCG (measured ~60 s; generous for a loaded CI machine).
@@ -35,8 +36,6 @@ const BOOT_TESTS: &[&str] = &[
 const EXPOSURE_EXEMPT: &[&str] = &[
     // Test images only: runs whatever the suite asks, unconfined by design.
     "airlock-test-agent.service",
-    // Test images only: the network tests' outside world (netns, listeners).
-    "airlock-test-upstream.service",
 ];
 
 /// systemd-analyze security levels that pass.
@@ -76,7 +75,7 @@ pub fn test_image_boots(suite: &mut Suite, images: &Images, opts: &AcceptanceOpt
     if !suite.wants_any(&all) {
         return;
     }
-    let machine_and_vm = || -> Result<(Machine, Vm, String)> {
+    let machine_and_vm = || -> Result<(Machine, Vm, String, Outside)> {
         let dir = opts.work_dir.join("machines/test");
         let disk = private_copy(&images.test, &dir, "disk.raw")?;
         // As when an image is flashed onto a disk larger than itself.
@@ -89,16 +88,24 @@ pub fn test_image_boots(suite: &mut Suite, images: &Images, opts: &AcceptanceOpt
         // the `kiosk:` tests take screendumps of it.
         let mut cfg = machine.config();
         cfg.graphics = Graphics::Std;
-        let mut vm = Vm::start(cfg)?;
+        // Its two uplinks, one NIC per side, lead to the outside world made
+        // for this run on the CI host (the network tests' servers); QEMU runs
+        // in that namespace, so its taps are there too.
+        let outside = Outside::create()?;
+        cfg.extra_netdevs = Outside::nics();
+        let mut vm = Vm::start_in_netns(cfg, Some(&outside.path()))?;
         let boot_id = vm.agent()?.wait_ready(BOOT_TIMEOUT).map_err(|e| {
             anyhow::anyhow!("{e}; serial console ends with:\n{}", tail(&vm.serial_log(), 30))
         })?;
-        Ok((machine, vm, boot_id))
+        Ok((machine, vm, boot_id, outside))
     };
-    let (machine, mut vm, first_boot) = match machine_and_vm() {
+    let (machine, vm, first_boot, outside) = match machine_and_vm() {
         Ok(x) => x,
         Err(e) => return suite.fail_all(&all, &e),
     };
+    // `outside` is bound before `vm`, so it is dropped after QEMU is killed.
+    let outside = outside;
+    let mut vm = vm;
     let failed_before = suite.failed();
     // First the guests (they must be up before the AVC checks read the
     // journal, so that their start is covered too).
@@ -108,7 +115,7 @@ pub fn test_image_boots(suite: &mut Suite, images: &Images, opts: &AcceptanceOpt
     };
     group(suite, &mut vm, "supervisor:", &super::supervisor::supervisor_checks);
     group(suite, &mut vm, "clipboard:", &super::clipboard::clipboard_checks);
-    group(suite, &mut vm, "network:", &super::network::network_checks);
+    group(suite, &mut vm, "network:", &|suite, vm| super::network::network_checks(suite, vm, &outside));
     let screens = opts.work_dir.join("screens/kiosk");
     group(suite, &mut vm, "kiosk:", &|suite, vm| super::kiosk::kiosk_checks(suite, vm, &screens));
     group(suite, &mut vm, "boot:", &|suite, vm| boot_checks(suite, vm, &machine, images));

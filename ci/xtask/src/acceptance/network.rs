@@ -1,24 +1,31 @@
 //! The host network in the booted test image (P7–P10, anti-spoofing), with
 //! real packets from the two nested test guests on their real QEMU NICs.
 //!
-//! The outside world is made inside the appliance by the test profile's
-//! `airlock-test-upstream.service`: a network namespace `upstream` whose
-//! veth peer is the configured uplink (`uplink0`), holding the uplink's
-//! gateway, the classified server and an "internet" host, each with tiny
-//! TCP listeners that answer one line naming the peer they saw. The
-//! addresses below are the test profile's
-//! (ci/test-agent/overlay/etc/airlock/appliance.toml).
+//! The appliance has one physical uplink per side (the test profile's
+//! per-side uplinks): the outer QEMU's two virtio NICs `upclassified` and
+//! `upgeneral`, whose far end is the suite's outside world on the CI host
+//! ([`crate::outside`]: a network namespace with each uplink's gateway, the
+//! classified server and an "internet" host, each with small TCP and UDP
+//! listeners that answer one line naming the peer they saw). The addresses
+//! below are the test profile's (ci/test-agent/overlay/etc/airlock/
+//! appliance.toml) and the outside's.
 //!
 //! Every forbidden path must time out (dropped). A closed port that the
-//! packet did reach answers `refused` (RST), an open one `connected`: so a
-//! `timeout` shows the ruleset at work, not a missing listener, and the
-//! allowed probes show the guests' network works at all.
+//! packet did reach answers `refused` (RST, or ICMP port unreachable for
+//! UDP), an open one `connected`/a line: so a `timeout` shows the ruleset at
+//! work, not a missing listener, and the allowed probes show the guests'
+//! network works at all. The servers see the uplink address of the side the
+//! packet left by (NAT), which shows each side uses its own uplink.
+
+use std::net::{Ipv4Addr, SocketAddrV4};
+use std::time::Duration;
 
 use anyhow::{bail, ensure, Context, Result};
 
 use super::boot::sh;
 use super::supervisor::guest;
 use super::Suite;
+use crate::outside::{self, Outside, CLASSIFIED_UPLINK, GENERAL_UPLINK};
 use crate::Vm;
 
 pub const TESTS: &[&str] = &[
@@ -27,9 +34,10 @@ pub const TESTS: &[&str] = &[
     "network: each QEMU holds its own side's tap, in its side's domain",
     "network: classified reaches its allowed server port and nothing else (P9)",
     "network: general reaches the internet and not the classified server (P10)",
-    "network: no path between the guests, either way, TCP or ICMP (P8)",
+    "network: no path between the guests, either way, TCP, UDP or ICMP (P8)",
     "network: neither guest reaches a port on the host (P7)",
-    "network: a guest sending from a spoofed address gets nothing through",
+    "network: from the uplinks' side nothing reaches the host or a guest (P7)",
+    "network: a guest sending from a spoofed address or MAC gets nothing through",
     "network: no AVC denial from the network set-up or the guests' taps",
 ];
 
@@ -39,15 +47,16 @@ const CLASSIFIED_MAC: &str = "52:54:00:a1:00:02";
 const GENERAL_IP: &str = "10.10.2.2";
 const GENERAL_HOST: &str = "10.10.2.1";
 const GENERAL_MAC: &str = "52:54:00:b2:00:02";
-const UPLINK_IP: &str = "192.168.77.2";
-const UPLINK_GATEWAY: &str = "192.168.77.1";
-/// Allow-listed for the classified guest: tcp 443 only. 8080 listens too.
+/// The appliance's uplink NICs, as the test profile's `.link` files name them.
+const UPLINKS: [(&str, outside::UplinkEnd); 2] = [("upclassified", CLASSIFIED_UPLINK), ("upgeneral", GENERAL_UPLINK)];
+/// Allow-listed for the classified guest: tcp 443 and udp 123. It also
+/// listens on tcp 8080, udp 443 and udp 8080.
 const SERVER: &str = "10.20.0.10";
-/// The internet host; listens on 80 and 443.
+/// The internet host; listens on tcp 80 and 443, udp 53 and 123.
 const INTERNET: &str = "198.51.100.20";
 /// How long a probe waits for an answer before it calls the path dropped.
 const PROBE_MS: u32 = 3000;
-/// A port the guests listen on for each other.
+/// A port the guests listen on (TCP and UDP) for each other and the outside.
 const GUEST_PORT: u16 = 7000;
 
 fn side_values(side: &str) -> (&'static str, &'static str, &'static str) {
@@ -55,6 +64,15 @@ fn side_values(side: &str) -> (&'static str, &'static str, &'static str) {
         (CLASSIFIED_IP, CLASSIFIED_HOST, CLASSIFIED_MAC)
     } else {
         (GENERAL_IP, GENERAL_HOST, GENERAL_MAC)
+    }
+}
+
+/// The address the side's traffic is NATed to: its own uplink's.
+fn uplink_ip(side: &str) -> Ipv4Addr {
+    if side == "classified" {
+        CLASSIFIED_UPLINK.appliance
+    } else {
+        GENERAL_UPLINK.appliance
     }
 }
 
@@ -68,14 +86,39 @@ fn net_up(vm: &mut Vm, side: &str, ip: Option<&str>) -> Result<String> {
     Ok(reply)
 }
 
-/// A probe that must get through: `tcp-fetch` answered with the server's line.
-fn must_fetch(vm: &mut Vm, side: &str, ip: &str, port: u16) -> Result<String> {
-    let reply = guest(vm, side, &format!("tcp-fetch {ip} {port} {PROBE_MS}"))?;
-    let Some(line) = reply.strip_prefix("line ") else { bail!("{side} → {ip}:{port} tcp should get through; got {reply:?}") };
-    ensure!(line.contains(&format!("{ip} port {port}")), "{side} → {ip}:{port}: unexpected server line {line:?}");
-    // The server sees the uplink's address (NAT), never the guest's.
-    ensure!(line.contains(&format!("peer {UPLINK_IP}:")), "{side} → {ip}:{port}: the server saw {line:?}, not the uplink address {UPLINK_IP}");
-    Ok(format!("{side}→{ip}:{port} tcp ok ({})", line.rsplit("peer ").next().unwrap_or("")))
+/// `net-mac`: the guest's NIC sends from `mac` from now on.
+fn net_mac(vm: &mut Vm, side: &str, mac: &str) -> Result<()> {
+    let reply = guest(vm, side, &format!("net-mac {mac}"))?;
+    ensure!(reply.starts_with("ok mac ") && reply.ends_with(mac), "{side}: net-mac {mac}: {reply}");
+    Ok(())
+}
+
+/// What a server line (`airlock-outside <ip> port <port> peer <ip:port>`,
+/// after `line ` or `reply <to> `) says: the server's address, port, and
+/// the peer address it saw.
+pub fn server_line(reply: &str) -> Option<(Ipv4Addr, u16, Ipv4Addr)> {
+    let rest = &reply[reply.find("airlock-outside ")? + "airlock-outside ".len()..];
+    let w: Vec<&str> = rest.split_whitespace().collect();
+    match w.as_slice() {
+        [ip, "port", port, "peer", peer, ..] => Some((ip.parse().ok()?, port.parse().ok()?, peer.parse::<SocketAddrV4>().ok()?.ip().to_owned())),
+        _ => None,
+    }
+}
+
+/// A probe that must get through, by `tcp-fetch` or `udp-fetch`: answered
+/// by that server and port, which saw the side's uplink address (NAT by
+/// the side's own uplink), never the guest's.
+fn must_fetch(vm: &mut Vm, side: &str, proto: &str, ip: &str, port: u16) -> Result<String> {
+    let probe = match proto {
+        "tcp" => format!("tcp-fetch {ip} {port} {PROBE_MS}"),
+        _ => format!("udp-fetch {ip} {port} {PROBE_MS} airlock-{side}-probe"),
+    };
+    let reply = guest(vm, side, &probe)?;
+    let Some((server, server_port, peer)) = server_line(&reply) else { bail!("{side} → {ip}:{port} {proto} should get through; got {reply:?}") };
+    ensure!(server.to_string() == ip && server_port == port, "{side} → {ip}:{port} {proto}: answered by {server}:{server_port}: {reply:?}");
+    let nat = uplink_ip(side);
+    ensure!(peer == nat, "{side} → {ip}:{port} {proto}: the server saw {peer}, not the {side} uplink's address {nat}: {reply:?}");
+    Ok(format!("{side}→{ip}:{port} {proto} ok (server saw {peer})"))
 }
 
 /// A probe that must be dropped: no answer at all (not refused: a refusal
@@ -91,8 +134,19 @@ fn tcp(ip: &str, port: u16) -> String {
     format!("tcp-connect {ip} {port} {PROBE_MS}")
 }
 
+fn udp(ip: &str, port: u16) -> String {
+    format!("udp-fetch {ip} {port} {PROBE_MS} airlock-probe")
+}
+
 fn ping(ip: &str) -> String {
     format!("icmp-ping {ip} {PROBE_MS}")
+}
+
+/// The guest's `udp-received` total (datagrams its listeners got since boot).
+fn udp_total(vm: &mut Vm, side: &str) -> Result<u64> {
+    let reply = guest(vm, side, "udp-received")?;
+    let (total, _) = airlock_test_guest::net::parse_udp_received(&reply).map_err(anyhow::Error::msg)?;
+    Ok(total)
 }
 
 fn check_setup(vm: &mut Vm) -> Result<String> {
@@ -114,6 +168,14 @@ fn check_setup(vm: &mut Vm) -> Result<String> {
         let ports = sh(vm, &format!("ls /sys/class/net/br-{side}/brif"))?;
         ensure!(ports.split_whitespace().eq([format!("tap-{side}").as_str()]), "br-{side} ports: {}", ports.trim());
         lines.push(format!("tap-{side} (uid {}) alone on br-{side}", o[0]));
+    }
+    // One physical NIC per side: the outer QEMU's virtio NICs, named by MAC.
+    for (name, end) in UPLINKS {
+        let info = sh(vm, &format!("cat /sys/class/net/{name}/address; basename $(readlink /sys/class/net/{name}/device/driver); ip -4 -o address show dev {name} | awk '{{print $4}}'; cat /sys/class/net/{name}/operstate"))?;
+        let f: Vec<&str> = info.split_whitespace().collect();
+        let want = [end.mac.to_string(), "virtio_net".into(), format!("{}/24", end.appliance), "up".into()];
+        ensure!(f == want, "uplink {name}: {f:?}, expected {want:?}");
+        lines.push(format!("{name} {} {} {} up", f[0], f[1], f[2]));
     }
     let journal = sh(vm, "journalctl -b -u airlock-network -o cat --no-pager | tail -n 1")?;
     Ok(format!("{}; ip_forward=1; network done {}µs before the supervisor started; {}", lines.join(", "), t[1] - t[0], journal.trim()))
@@ -139,7 +201,8 @@ ip netns exec airlock-render-check nft -s list ruleset | sha256sum | cut -d' ' -
         bail!("the loaded ruleset (nft -s list sha256 {}) differs from the rendered one ({}):\n{diff}", h[1], h[2]);
     }
     let tables = sh(vm, "nft list tables")?;
-    Ok(format!("render sha256 {}; loaded = rendered listing sha256 {}; tables: {}", h[0], h[1], tables.split_whitespace().collect::<Vec<_>>().join(" ")))
+    let uplinks = sh(vm, "airlockd net render | grep '^# Uplinks'")?;
+    Ok(format!("render sha256 {}; loaded = rendered listing sha256 {}; tables: {}; {}", h[0], h[1], tables.split_whitespace().collect::<Vec<_>>().join(" "), uplinks.trim().trim_start_matches("# ")))
 }
 
 fn check_taps(vm: &mut Vm) -> Result<String> {
@@ -161,23 +224,58 @@ fn check_taps(vm: &mut Vm) -> Result<String> {
 }
 
 fn check_classified(vm: &mut Vm) -> Result<String> {
-    let mut seen = vec![must_fetch(vm, "classified", SERVER, 443)?];
-    for probe in [tcp(SERVER, 8080), tcp(SERVER, 22), ping(SERVER), tcp(INTERNET, 443), tcp(INTERNET, 80), ping(INTERNET), tcp(UPLINK_GATEWAY, 443)] {
+    let mut seen = vec![must_fetch(vm, "classified", "tcp", SERVER, 443)?, must_fetch(vm, "classified", "udp", SERVER, 123)?];
+    let c_gw = CLASSIFIED_UPLINK.gateway.to_string();
+    let g_gw = GENERAL_UPLINK.gateway.to_string();
+    for probe in [
+        tcp(SERVER, 8080),
+        tcp(SERVER, 22),
+        udp(SERVER, 443),
+        udp(SERVER, 8080),
+        ping(SERVER),
+        tcp(INTERNET, 443),
+        tcp(INTERNET, 80),
+        udp(INTERNET, 53),
+        udp(INTERNET, 123),
+        ping(INTERNET),
+        tcp(&c_gw, 443),
+        udp(&c_gw, 53),
+        tcp(&g_gw, 443),
+    ] {
         seen.push(must_drop(vm, "classified", &probe)?);
     }
-    // The allowed port still works after all that (nothing was rate-limited away).
-    must_fetch(vm, "classified", SERVER, 443)?;
+    // The allowed ports still work after all that (nothing was rate-limited away).
+    must_fetch(vm, "classified", "tcp", SERVER, 443)?;
+    must_fetch(vm, "classified", "udp", SERVER, 123)?;
     Ok(seen.join("\n"))
 }
 
-fn check_general(vm: &mut Vm) -> Result<String> {
-    let mut seen = vec![must_fetch(vm, "general", INTERNET, 80)?, must_fetch(vm, "general", INTERNET, 443)?];
+fn check_general(vm: &mut Vm, outside: &Outside) -> Result<String> {
+    let mut seen = Vec::new();
+    for (proto, port) in [("tcp", 80), ("tcp", 443), ("udp", 53), ("udp", 123)] {
+        seen.push(must_fetch(vm, "general", proto, INTERNET, port)?);
+    }
     let reply = guest(vm, "general", &ping(INTERNET))?;
     ensure!(reply.starts_with("reply"), "general → {INTERNET} icmp: {reply}");
     seen.push(format!("general: ping {INTERNET} → {reply}"));
-    for probe in [tcp(SERVER, 443), tcp(SERVER, 8080), ping(SERVER), tcp(UPLINK_GATEWAY, 443)] {
+    let c_gw = CLASSIFIED_UPLINK.gateway.to_string();
+    let g_gw = GENERAL_UPLINK.gateway.to_string();
+    for probe in [tcp(SERVER, 443), tcp(SERVER, 8080), udp(SERVER, 123), udp(SERVER, 443), ping(SERVER), tcp(&g_gw, 443), udp(&g_gw, 53), tcp(&c_gw, 443)] {
         seen.push(must_drop(vm, "general", &probe)?);
     }
+    // What the outside's listeners saw so far (P9 and P10 probes): the
+    // classified server only ever the classified uplink; nothing un-NATed.
+    let lines = outside.seen();
+    let mut by_peer = std::collections::BTreeMap::<String, usize>::new();
+    for line in &lines {
+        let (server, port, peer) = server_line(line).with_context(|| format!("outside listener line {line:?}"))?;
+        ensure!(peer == CLASSIFIED_UPLINK.appliance || peer == GENERAL_UPLINK.appliance, "the outside saw {peer} (not an uplink address): {line}");
+        if server.to_string() == SERVER {
+            ensure!(peer == CLASSIFIED_UPLINK.appliance, "the classified server was reached from {peer}: {line}");
+        }
+        *by_peer.entry(format!("{} {server}:{port} from {peer}", &line[..3])).or_default() += 1;
+    }
+    seen.push(format!("outside listeners answered {} times: {}", lines.len(), by_peer.iter().map(|(k, n)| format!("{k} ×{n}")).collect::<Vec<_>>().join(", ")));
     Ok(seen.join("\n"))
 }
 
@@ -186,47 +284,107 @@ fn check_between_guests(vm: &mut Vm) -> Result<String> {
     for side in ["classified", "general"] {
         let reply = guest(vm, side, &format!("tcp-listen {GUEST_PORT}"))?;
         ensure!(reply.starts_with("ok listening"), "{side}: tcp-listen: {reply}");
+        let reply = guest(vm, side, &format!("udp-listen {GUEST_PORT}"))?;
+        ensure!(reply.starts_with("ok listening"), "{side}: udp-listen: {reply}");
     }
+    let before = (udp_total(vm, "classified")?, udp_total(vm, "general")?);
     for (from, to) in [("classified", GENERAL_IP), ("general", CLASSIFIED_IP)] {
         seen.push(must_drop(vm, from, &tcp(to, GUEST_PORT))?);
         seen.push(must_drop(vm, from, &tcp(to, 1))?);
+        seen.push(must_drop(vm, from, &udp(to, GUEST_PORT))?);
+        seen.push(must_drop(vm, from, &udp(to, 1))?);
         seen.push(must_drop(vm, from, &ping(to))?);
     }
+    let after = (udp_total(vm, "classified")?, udp_total(vm, "general")?);
+    ensure!(before == after, "the guests' UDP listeners received datagrams: (classified, general) {before:?} → {after:?}");
+    seen.push(format!("UDP datagrams received by the guests since boot (classified, general): {after:?}, unchanged"));
     Ok(seen.join("\n"))
 }
 
 fn check_host(vm: &mut Vm) -> Result<String> {
     let mut seen = Vec::new();
     // Closed ports on the host: a packet that got in would be answered with
-    // a RST (`refused`); dropped, it gets nothing.
+    // a RST or an ICMP port unreachable (`refused`); dropped, it gets nothing.
+    let c_up = CLASSIFIED_UPLINK.appliance.to_string();
+    let g_up = GENERAL_UPLINK.appliance.to_string();
     for side in ["classified", "general"] {
-        for ip in [CLASSIFIED_HOST, GENERAL_HOST, UPLINK_IP] {
+        for ip in [CLASSIFIED_HOST, GENERAL_HOST, &c_up, &g_up] {
             seen.push(must_drop(vm, side, &tcp(ip, 22))?);
         }
         let (_, host, _) = side_values(side);
         seen.push(must_drop(vm, side, &tcp(host, 53))?);
+        for port in [53, 67, 123] {
+            seen.push(must_drop(vm, side, &udp(host, port))?);
+        }
         seen.push(must_drop(vm, side, &ping(host))?);
     }
     let listening = sh(vm, "for f in tcp udp raw; do echo \"# $f\"; cat /proc/net/$f; done")?;
     let found = super::boot::listening_sockets(&listening);
     ensure!(found.is_empty(), "the host listens: {found:?}");
-    seen.push("nothing listens in the host's namespace (/proc/net/{tcp,udp,raw})".into());
+    let ss = sh(vm, "ss -H -l -n -t -u -w")?;
+    ensure!(ss.trim().is_empty(), "`ss -lntuw` on the host lists:\n{ss}");
+    seen.push("nothing listens in the host's namespace (`ss -H -lntuw` empty; /proc/net/{tcp,udp,raw})".into());
+    Ok(seen.join("\n"))
+}
+
+/// From the outside namespace, as a hostile upstream that routes the guest
+/// segments back to the appliance: the uplink addresses and the guests'
+/// listening ports must time out.
+fn check_from_outside(vm: &mut Vm, outside: &Outside) -> Result<String> {
+    let timeout = Duration::from_millis(u64::from(PROBE_MS));
+    let mut seen = Vec::new();
+    let before = (udp_total(vm, "classified")?, udp_total(vm, "general")?);
+    let mut targets: Vec<(Ipv4Addr, u16)> = Vec::new();
+    for (_, end) in UPLINKS {
+        targets.extend([22, 53, 123].map(|p| (end.appliance, p)));
+    }
+    for guest_ip in [CLASSIFIED_IP, GENERAL_IP] {
+        targets.push((guest_ip.parse()?, GUEST_PORT));
+    }
+    for (ip, port) in targets {
+        let to = SocketAddrV4::new(ip, port);
+        for (proto, reply) in [("tcp", outside.tcp(to, timeout)?), ("udp", outside.udp(to, timeout)?)] {
+            ensure!(reply == "timeout", "outside → {to} {proto} should be dropped, got {reply:?}");
+            seen.push(format!("outside ({}) → {to} {proto} → {reply}", outside.name()));
+        }
+    }
+    let after = (udp_total(vm, "classified")?, udp_total(vm, "general")?);
+    ensure!(before == after, "the guests' UDP listeners received datagrams from outside: (classified, general) {before:?} → {after:?}");
+    let counter = sh(vm, "nft list chain inet airlock forward | grep 'default drop'")?;
+    seen.push(format!("the guests' UDP totals unchanged {after:?}; forward chain: {}", counter.trim()));
     Ok(seen.join("\n"))
 }
 
 fn check_spoofing(vm: &mut Vm) -> Result<String> {
     let mut seen = Vec::new();
-    for (side, spoofed, target, port) in [("classified", "10.10.1.3", SERVER, 443), ("general", "10.10.2.3", INTERNET, 80)] {
+    // A spoofed source address, from the guest's own MAC.
+    for (side, spoofed, target, proto, port) in [("classified", "10.10.1.3", SERVER, "tcp", 443), ("general", "10.10.2.3", INTERNET, "tcp", 80)] {
         net_up(vm, side, Some(spoofed))?;
         let outcome = (|| -> Result<()> {
             seen.push(must_drop(vm, side, &format!("tcp-fetch {target} {port} {PROBE_MS}"))?);
+            let udp_port = if side == "classified" { 123 } else { 53 };
+            seen.push(must_drop(vm, side, &udp(target, udp_port))?);
             seen.push(must_drop(vm, side, &ping(target))?);
             Ok(())
         })();
         // Back to its own address: the same probe gets through again.
         net_up(vm, side, None)?;
         outcome.with_context(|| format!("{side} guest as {spoofed}"))?;
-        seen.push(format!("{side} back on its own address: {}", must_fetch(vm, side, target, port)?));
+        seen.push(format!("{side} back on its own address: {}", must_fetch(vm, side, proto, target, port)?));
+    }
+    // Its own address from another MAC (the virtio NIC takes a new MAC live).
+    for (side, fake_mac, target, udp_port) in [("classified", "52:54:00:a1:00:99", SERVER, 123), ("general", "52:54:00:b2:00:99", INTERNET, 53)] {
+        let (_, _, own_mac) = side_values(side);
+        net_mac(vm, side, fake_mac)?;
+        let outcome = (|| -> Result<()> {
+            let tcp_port = if side == "classified" { 443 } else { 80 };
+            seen.push(format!("{side} as {fake_mac}: {}", must_drop(vm, side, &format!("tcp-fetch {target} {tcp_port} {PROBE_MS}"))?));
+            seen.push(format!("{side} as {fake_mac}: {}", must_drop(vm, side, &udp(target, udp_port))?));
+            Ok(())
+        })();
+        net_mac(vm, side, own_mac)?;
+        outcome.with_context(|| format!("{side} guest with MAC {fake_mac}"))?;
+        seen.push(format!("{side} back on its own MAC: {}", must_fetch(vm, side, "udp", target, udp_port)?));
     }
     let counters = sh(vm, "nft list chain bridge airlock_l2 input | grep 'spoofed or not IPv4'")?;
     seen.push(format!("bridge drop rule: {}", counters.trim()));
@@ -234,16 +392,16 @@ fn check_spoofing(vm: &mut Vm) -> Result<String> {
 }
 
 fn check_avcs(vm: &mut Vm) -> Result<String> {
-    let denials = sh(vm, "journalctl -b -o cat --no-pager | grep 'avc:  denied' | grep -E 'airlock_network_t|tun_socket|airlock-test-upstream' || true")?;
+    let denials = sh(vm, "journalctl -b -o cat --no-pager | grep 'avc:  denied' | grep -E 'airlock_network_t|tun_socket|udev' || true")?;
     let count = denials.lines().count();
     ensure!(count == 0, "{count} AVC denials:\n{}", denials.lines().take(15).collect::<Vec<_>>().join("\n"));
     let label = sh(vm, "stat -c %C /usr/lib/airlock/airlock-network")?;
     ensure!(label.contains(":airlock_network_exec_t:"), "/usr/lib/airlock/airlock-network is labelled {}", label.trim());
     let logged = sh(vm, "journalctl -b -u airlock-network -o verbose --no-pager | sed -n 's/^ *_SELINUX_CONTEXT=//p' | sort -u | tr '\\n' ' '")?;
-    Ok(format!("0 denials for airlock_network_t or a tun socket this boot; the unit's program is {} (its log lines' sender contexts: {})", label.trim(), logged.trim()))
+    Ok(format!("0 denials for airlock_network_t, a tun socket or udev (the uplinks' renaming) this boot; the unit's program is {} (its log lines' sender contexts: {})", label.trim(), logged.trim()))
 }
 
-pub fn network_checks(suite: &mut Suite, vm: &mut Vm) {
+pub fn network_checks(suite: &mut Suite, vm: &mut Vm, outside: &Outside) {
     if !suite.wants_any(TESTS) {
         return;
     }
@@ -252,16 +410,57 @@ pub fn network_checks(suite: &mut Suite, vm: &mut Vm) {
     suite.test(TESTS[2], || check_taps(vm));
     // Both guests on their configured addresses first.
     let up = ["classified", "general"].iter().map(|side| net_up(vm, side, None)).collect::<Result<Vec<_>>>();
-    let probes = &TESTS[3..8];
+    let probes = &TESTS[3..9];
     match up {
         Err(e) => suite.fail_all(probes, &e.context("net-up in the test guests")),
         Ok(_) => {
             suite.test(TESTS[3], || check_classified(vm));
-            suite.test(TESTS[4], || check_general(vm));
-            suite.test(TESTS[5], || check_between_guests(vm));
+            suite.test(TESTS[4], || check_general(vm, outside));
+            // Also makes the guests listen on GUEST_PORT (TCP and UDP), which
+            // the outside's probes aim at.
+            suite.prerequisite(TESTS[5], || check_between_guests(vm));
             suite.test(TESTS[6], || check_host(vm));
-            suite.test(TESTS[7], || check_spoofing(vm));
+            suite.test(TESTS[7], || check_from_outside(vm, outside));
+            suite.test(TESTS[8], || check_spoofing(vm));
         }
     }
-    suite.test(TESTS[8], || check_avcs(vm));
+    suite.test(TESTS[9], || check_avcs(vm));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn server_lines_parse_after_tcp_and_udp_prefixes() {
+        let want = Some((Ipv4Addr::new(10, 20, 0, 10), 443, Ipv4Addr::new(192, 168, 77, 2)));
+        assert_eq!(server_line("line airlock-outside 10.20.0.10 port 443 peer 192.168.77.2:40000"), want);
+        assert_eq!(server_line("reply 10.20.0.10:443 airlock-outside 10.20.0.10 port 443 peer 192.168.77.2:40000"), want);
+        assert_eq!(server_line("tcp airlock-outside 10.20.0.10 port 443 peer 192.168.77.2:1"), want);
+        assert_eq!(server_line("timeout"), None);
+        assert_eq!(server_line("line airlock-outside 10.20.0.10 port x peer 192.168.77.2:1"), None);
+        // The outside's own banner is what the parser reads.
+        let b = outside::banner(SocketAddrV4::new(outside::INTERNET, 53), "192.168.78.2:5000".parse().unwrap());
+        assert_eq!(server_line(&b), Some((outside::INTERNET, 53, GENERAL_UPLINK.appliance)));
+    }
+
+    #[test]
+    fn addresses_match_the_test_profile() {
+        let cfg = airlock_network_config();
+        assert!(cfg.contains("interface = \"upclassified\"") && cfg.contains("interface = \"upgeneral\""));
+        for (name, end) in UPLINKS {
+            assert!(cfg.contains(&format!("address = \"{}/24\"", end.appliance)), "{name}");
+            assert!(cfg.contains(&format!("gateway = \"{}\"", end.gateway)), "{name}");
+            let link = std::fs::read_to_string(format!("{}/../test-agent/overlay/etc/systemd/network/10-airlock-test-uplink-{}.link", env!("CARGO_MANIFEST_DIR"), &name[2..])).unwrap();
+            assert!(link.contains(&format!("MACAddress={}", end.mac)) && link.contains(&format!("Name={name}")), "{link}");
+        }
+        for (ip, mac) in [(CLASSIFIED_IP, CLASSIFIED_MAC), (GENERAL_IP, GENERAL_MAC)] {
+            assert!(cfg.contains(&format!("guest_address = \"{ip}\"")) && cfg.contains(&format!("guest_mac = \"{mac}\"")));
+        }
+        assert!(cfg.contains(&format!("address = \"{SERVER}\"")));
+    }
+
+    fn airlock_network_config() -> String {
+        std::fs::read_to_string(format!("{}/../test-agent/overlay/etc/airlock/appliance.toml", env!("CARGO_MANIFEST_DIR"))).unwrap()
+    }
 }

@@ -1,0 +1,385 @@
+//! The test machine's outside world, on the CI host: what the appliance's
+//! two uplinks lead to in the network acceptance tests.
+//!
+//! One network namespace per run, `airlock-acc-<pid>` (`<pid>` is the
+//! suite's), holds:
+//!
+//! * two persistent taps, one per uplink, that the outer QEMU opens as
+//!   `-netdev tap` (QEMU itself runs in the namespace, so the taps never
+//!   appear in the CI host's own namespace): `acc-cls` with the classified
+//!   uplink's gateway 192.168.77.1/24, `acc-gen` with the general uplink's
+//!   gateway 192.168.78.1/24; the appliance sees them as two virtio NICs
+//!   with fixed MACs, which the test image's udev names `upclassified` and
+//!   `upgeneral` (ci/test-agent/overlay/etc/systemd/network/);
+//! * on its loopback the classified server 10.20.0.10 and the "internet"
+//!   host 198.51.100.20, with small TCP and UDP listeners ([`LISTEN`]) that
+//!   answer one line naming the peer they saw (after the appliance's NAT:
+//!   which uplink address, so which uplink the packet came by);
+//! * routes back to the guest segments by the appliance's uplinks, as a
+//!   hostile upstream would have, for the inbound probes ([`Outside::tcp`],
+//!   [`Outside::udp`]).
+//!
+//! It does not forward (`ip_forward=0`): it is two gateways and two hosts,
+//! not a path between the uplinks. Nothing in it is connected to the CI
+//! host's own interfaces: no veth, no bridge, no route out, so nothing
+//! leaks to or from the CI machine's network. IPv6 is off in it.
+//!
+//! Dropping an [`Outside`] stops the listeners and deletes the namespace
+//! (QEMU, which lives in it, keeps it until it exits; `Vm`'s drop kills it).
+//! A namespace left by a killed run (its pid gone) is deleted when the next
+//! one is made. Needs root (`ip netns`, taps).
+
+use std::fs::File;
+use std::io::{ErrorKind, Write};
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket};
+use std::os::fd::AsRawFd;
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use airlock::qemu::Nic;
+use anyhow::{bail, Context, Result};
+
+/// Names of the suite's namespaces: this prefix and the suite's pid.
+pub const NAMESPACE_PREFIX: &str = "airlock-acc-";
+
+/// One uplink as the outside sees it.
+#[derive(Debug, Clone, Copy)]
+pub struct UplinkEnd {
+    /// The tap in the namespace (QEMU's `-netdev tap,ifname=`).
+    pub tap: &'static str,
+    /// The MAC of the appliance's NIC on it (its udev names the NIC by it).
+    pub mac: &'static str,
+    /// The uplink's gateway: this end's address, on a /24.
+    pub gateway: Ipv4Addr,
+    /// The appliance's address on the uplink (`[network.<side>.uplink]`).
+    pub appliance: Ipv4Addr,
+    /// The guest segment behind it, routed back by the appliance.
+    pub segment: &'static str,
+}
+
+/// The classified uplink: `upclassified` in the test image.
+pub const CLASSIFIED_UPLINK: UplinkEnd = UplinkEnd {
+    tap: "acc-cls",
+    mac: "52:54:00:77:00:02",
+    gateway: Ipv4Addr::new(192, 168, 77, 1),
+    appliance: Ipv4Addr::new(192, 168, 77, 2),
+    segment: "10.10.1.0/24",
+};
+
+/// The general uplink: `upgeneral` in the test image.
+pub const GENERAL_UPLINK: UplinkEnd = UplinkEnd {
+    tap: "acc-gen",
+    mac: "52:54:00:78:00:02",
+    gateway: Ipv4Addr::new(192, 168, 78, 1),
+    appliance: Ipv4Addr::new(192, 168, 78, 2),
+    segment: "10.10.2.0/24",
+};
+
+/// The classified server (allow-listed for the classified guest: tcp 443
+/// and udp 123, ci/test-agent/overlay/etc/airlock/appliance.toml).
+pub const CLASSIFIED_SERVER: Ipv4Addr = Ipv4Addr::new(10, 20, 0, 10);
+/// The internet host.
+pub const INTERNET: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 20);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Proto {
+    Tcp,
+    Udp,
+}
+
+/// What listens outside. Besides the allowed ports, the classified server
+/// listens on ports that are not allow-listed (tcp 8080, udp 443 and 8080),
+/// so that a probe that times out there shows the ruleset at work, not a
+/// missing listener.
+pub const LISTEN: &[(Proto, Ipv4Addr, u16)] = &[
+    (Proto::Tcp, CLASSIFIED_SERVER, 443),
+    (Proto::Tcp, CLASSIFIED_SERVER, 8080),
+    (Proto::Udp, CLASSIFIED_SERVER, 123),
+    (Proto::Udp, CLASSIFIED_SERVER, 443),
+    (Proto::Udp, CLASSIFIED_SERVER, 8080),
+    (Proto::Tcp, INTERNET, 80),
+    (Proto::Tcp, INTERNET, 443),
+    (Proto::Udp, INTERNET, 53),
+    (Proto::Udp, INTERNET, 123),
+];
+
+/// The line a listener answers with (TCP: one line, then it closes; UDP:
+/// one datagram).
+pub fn banner(local: SocketAddrV4, peer: SocketAddr) -> String {
+    format!("airlock-outside {} port {} peer {peer}", local.ip(), local.port())
+}
+
+/// The namespace name for the suite's process `pid`.
+pub fn namespace_name(pid: u32) -> String {
+    format!("{NAMESPACE_PREFIX}{pid}")
+}
+
+/// Of the names in `/run/netns`, the suite's namespaces to delete before
+/// making a new one: those whose process is gone, and any of our own pid.
+pub fn stale_namespaces<'a>(names: impl IntoIterator<Item = &'a str>, own_pid: u32, alive: impl Fn(u32) -> bool) -> Vec<String> {
+    names
+        .into_iter()
+        .filter_map(|name| {
+            let pid: u32 = name.strip_prefix(NAMESPACE_PREFIX)?.parse().ok()?;
+            (pid == own_pid || !alive(pid)).then(|| name.to_owned())
+        })
+        .collect()
+}
+
+/// A probe's outcome, in the test guest's words: `connected` / `reply
+/// <text>`, `refused` (an RST or ICMP port unreachable: the packet got
+/// there), `timeout` (dropped), `error <what>`.
+fn outcome(e: &std::io::Error) -> String {
+    match e.kind() {
+        ErrorKind::ConnectionRefused => "refused".into(),
+        ErrorKind::TimedOut | ErrorKind::WouldBlock => "timeout".into(),
+        _ => format!("error {e}"),
+    }
+}
+
+fn ip(ns: &str, args: &[&str]) -> Result<()> {
+    let out = Command::new("ip").arg("-n").arg(ns).args(args).output().with_context(|| format!("running ip -n {ns} {}", args.join(" ")))?;
+    if !out.status.success() {
+        bail!("ip -n {ns} {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(())
+}
+
+fn netns_command(args: &[&str]) -> Result<()> {
+    let out = Command::new("ip").arg("netns").args(args).output().with_context(|| format!("running ip netns {}", args.join(" ")))?;
+    if !out.status.success() {
+        bail!("ip netns {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(())
+}
+
+/// Runs `f` on a thread of its own that has entered the network namespace
+/// at `path` (only that thread moves; sockets it makes stay there).
+#[allow(unsafe_code)]
+fn in_namespace<T: Send + 'static>(path: PathBuf, f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
+    let ns = File::open(&path).with_context(|| format!("opening {}", path.display()))?;
+    std::thread::spawn(move || {
+        // SAFETY: setns(2) on a namespace fd we own; it changes only this
+        // thread's network namespace.
+        if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+            bail!("setns {}: {}", path.display(), std::io::Error::last_os_error());
+        }
+        f()
+    })
+    .join()
+    .map_err(|_| anyhow::anyhow!("the thread in the outside namespace panicked"))?
+}
+
+/// The outside world of one test machine; see the module documentation.
+pub struct Outside {
+    name: String,
+    stop: Arc<AtomicBool>,
+    threads: Vec<JoinHandle<()>>,
+    /// Every connection and datagram the listeners answered, as their lines.
+    seen: Arc<Mutex<Vec<String>>>,
+}
+
+impl std::fmt::Debug for Outside {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Outside").field("name", &self.name).finish()
+    }
+}
+
+impl Outside {
+    /// Makes the namespace, its taps and addresses, and starts the listeners.
+    pub fn create() -> Result<Outside> {
+        let own = std::process::id();
+        let existing: Vec<String> = std::fs::read_dir("/run/netns")
+            .map(|d| d.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+            .unwrap_or_default();
+        for stale in stale_namespaces(existing.iter().map(String::as_str), own, |pid| PathBuf::from(format!("/proc/{pid}")).exists()) {
+            eprintln!("outside: deleting stale network namespace {stale}");
+            let _ = netns_command(&["delete", &stale]);
+        }
+        let name = namespace_name(own);
+        netns_command(&["add", &name]).context("making the test machine's outside network namespace (needs root)")?;
+        let mut outside = Outside { name, stop: Arc::new(AtomicBool::new(false)), threads: Vec::new(), seen: Arc::new(Mutex::new(Vec::new())) };
+        outside.set_up().with_context(|| format!("setting up network namespace {}", outside.name))?;
+        Ok(outside)
+    }
+
+    fn set_up(&mut self) -> Result<()> {
+        let ns = self.name.clone();
+        let ns = ns.as_str();
+        // No IPv6 (no router advertisements or neighbour discovery towards
+        // the appliance), and no forwarding between the two uplinks.
+        let sysctl = Command::new("ip")
+            .args(["netns", "exec", ns, "sysctl", "-q", "-w", "net.ipv6.conf.all.disable_ipv6=1", "net.ipv6.conf.default.disable_ipv6=1", "net.ipv4.ip_forward=0"])
+            .output()
+            .context("running sysctl in the namespace")?;
+        if !sysctl.status.success() {
+            bail!("sysctl in {ns}: {}", String::from_utf8_lossy(&sysctl.stderr).trim());
+        }
+        ip(ns, &["link", "set", "dev", "lo", "up"])?;
+        for host in [CLASSIFIED_SERVER, INTERNET] {
+            ip(ns, &["address", "add", &format!("{host}/32"), "dev", "lo"])?;
+        }
+        for end in [CLASSIFIED_UPLINK, GENERAL_UPLINK] {
+            ip(ns, &["tuntap", "add", "dev", end.tap, "mode", "tap"])?;
+            ip(ns, &["address", "add", &format!("{}/24", end.gateway), "dev", end.tap])?;
+            ip(ns, &["link", "set", "dev", end.tap, "up"])?;
+            // A hostile upstream routes the guest segments back to the appliance.
+            // (`onlink`: the tap has no carrier until QEMU opens it.)
+            ip(ns, &["route", "add", end.segment, "via", &end.appliance.to_string(), "dev", end.tap, "onlink"])?;
+        }
+        let (tcp, udp) = in_namespace(self.path(), || {
+            let mut tcp = Vec::new();
+            let mut udp = Vec::new();
+            for &(proto, addr, port) in LISTEN {
+                let at = SocketAddrV4::new(addr, port);
+                match proto {
+                    Proto::Tcp => tcp.push((at, TcpListener::bind(at).with_context(|| format!("tcp bind {at}"))?)),
+                    Proto::Udp => udp.push((at, UdpSocket::bind(at).with_context(|| format!("udp bind {at}"))?)),
+                }
+            }
+            Ok((tcp, udp))
+        })?;
+        for (at, listener) in tcp {
+            listener.set_nonblocking(true)?;
+            let (stop, seen) = (self.stop.clone(), self.seen.clone());
+            self.threads.push(std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    match listener.accept() {
+                        Ok((mut stream, peer)) => {
+                            let line = banner(at, peer);
+                            let _ = stream.set_nonblocking(false);
+                            let _ = writeln!(stream, "{line}");
+                            seen.lock().unwrap_or_else(|p| p.into_inner()).push(format!("tcp {line}"));
+                        }
+                        Err(_) => std::thread::sleep(Duration::from_millis(20)),
+                    }
+                }
+            }));
+        }
+        for (at, socket) in udp {
+            socket.set_read_timeout(Some(Duration::from_millis(100)))?;
+            let (stop, seen) = (self.stop.clone(), self.seen.clone());
+            self.threads.push(std::thread::spawn(move || {
+                let mut buf = [0u8; 2048];
+                while !stop.load(Ordering::Relaxed) {
+                    if let Ok((_, peer)) = socket.recv_from(&mut buf) {
+                        let line = banner(at, peer);
+                        let _ = socket.send_to(line.as_bytes(), peer);
+                        seen.lock().unwrap_or_else(|p| p.into_inner()).push(format!("udp {line}"));
+                    }
+                }
+            }));
+        }
+        Ok(())
+    }
+
+    /// The namespace's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The namespace as a file, for [`crate::Vm::start_in_netns`].
+    pub fn path(&self) -> PathBuf {
+        PathBuf::from(format!("/run/netns/{}", self.name))
+    }
+
+    /// The outer QEMU's two NICs: the classified uplink, then the general.
+    pub fn nics() -> Vec<Nic> {
+        [CLASSIFIED_UPLINK, GENERAL_UPLINK]
+            .iter()
+            .map(|end| Nic { netdev: format!("tap,ifname={},script=no,downscript=no", end.tap), mac: Some(end.mac.to_owned()) })
+            .collect()
+    }
+
+    /// Every line the listeners answered so far (`tcp …` / `udp …`).
+    pub fn seen(&self) -> Vec<String> {
+        self.seen.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// A TCP connection from the outside to `to`: `connected <local>`,
+    /// `refused`, `timeout` or `error …`.
+    pub fn tcp(&self, to: SocketAddrV4, timeout: Duration) -> Result<String> {
+        in_namespace(self.path(), move || {
+            Ok(match TcpStream::connect_timeout(&to.into(), timeout) {
+                Ok(s) => format!("connected {}", s.local_addr().map_or("?".into(), |a| a.to_string())),
+                Err(e) => outcome(&e),
+            })
+        })
+    }
+
+    /// One UDP datagram from the outside to `to`, waiting for an answer:
+    /// `reply <text>`, `refused`, `timeout` or `error …`.
+    pub fn udp(&self, to: SocketAddrV4, timeout: Duration) -> Result<String> {
+        in_namespace(self.path(), move || {
+            let socket = UdpSocket::bind("0.0.0.0:0")?;
+            socket.connect(to)?;
+            socket.set_read_timeout(Some(timeout))?;
+            if let Err(e) = socket.send(b"airlock-outside probe") {
+                return Ok(outcome(&e));
+            }
+            let mut buf = [0u8; 2048];
+            Ok(match socket.recv(&mut buf) {
+                Ok(n) => format!("reply {}", String::from_utf8_lossy(&buf[..n]).trim()),
+                Err(e) => outcome(&e),
+            })
+        })
+    }
+}
+
+impl Drop for Outside {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+        // The listeners' sockets are closed now; the taps and addresses go
+        // with the namespace once QEMU, which lives in it, has exited.
+        if let Err(e) = netns_command(&["delete", &self.name]) {
+            eprintln!("warning: {e:#}");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stale_namespaces_are_ours_with_a_dead_pid_or_our_own() {
+        let names = ["airlock-acc-100", "airlock-acc-200", "airlock-acc-300", "airlock-acc-x", "other-400", "airlock-render-check"];
+        let stale = stale_namespaces(names, 300, |pid| pid == 200);
+        assert_eq!(stale, ["airlock-acc-100", "airlock-acc-300"]);
+        assert!(stale_namespaces(["airlock-acc-7"], 1, |_| true).is_empty());
+    }
+
+    #[test]
+    fn names_and_banner() {
+        assert_eq!(namespace_name(4242), "airlock-acc-4242");
+        let line = banner(SocketAddrV4::new(CLASSIFIED_SERVER, 443), "192.168.77.2:40000".parse().unwrap());
+        assert_eq!(line, "airlock-outside 10.20.0.10 port 443 peer 192.168.77.2:40000");
+    }
+
+    #[test]
+    fn uplinks_do_not_overlap_and_each_gateway_is_on_its_link() {
+        for end in [CLASSIFIED_UPLINK, GENERAL_UPLINK] {
+            assert_eq!(end.gateway.octets()[..3], end.appliance.octets()[..3], "{end:?}");
+            assert_ne!(end.gateway, end.appliance);
+            // Interface names: at most 15 bytes.
+            assert!(end.tap.len() <= 15);
+        }
+        assert_ne!(CLASSIFIED_UPLINK.gateway.octets()[..3], GENERAL_UPLINK.gateway.octets()[..3]);
+        assert_ne!(CLASSIFIED_UPLINK.mac, GENERAL_UPLINK.mac);
+    }
+
+    #[test]
+    fn nics_are_taps_in_uplink_order() {
+        let nics = Outside::nics();
+        assert_eq!(nics[0].netdev, "tap,ifname=acc-cls,script=no,downscript=no");
+        assert_eq!(nics[0].mac.as_deref(), Some("52:54:00:77:00:02"));
+        assert_eq!(nics[1].netdev, "tap,ifname=acc-gen,script=no,downscript=no");
+    }
+}
