@@ -26,6 +26,9 @@ stage build cargo build --release --locked --workspace --all-targets
 # console built in) the host tests' tiny guests boot (ci/test-guest).
 stage image ci/build-image.sh target/ci-image
 stage unit+integration cargo test --release --locked --workspace
+# Tests that need root and loop devices (CI runs as root): the update agent
+# writing real block devices.
+stage root-only cargo test --release --locked -p airlock-update -- --ignored
 stage fuzz env FUZZ_SECONDS="${FUZZ_SECONDS:-60}" ci/fuzz.sh
 stage acceptance cargo xtask acceptance --cache-dir "${AIRLOCK_CACHE_DIR:-/var/cache/airlock}"
 
