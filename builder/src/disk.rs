@@ -89,13 +89,9 @@ fn uuid_from_bytes(bytes: &[u8]) -> Uuid {
 /// Root and verity PARTUUIDs for a root hash, as systemd expects them:
 /// first and last 128 bits of the hash, taken verbatim.
 pub fn uuids_from_root_hash(root_hash: &str) -> Result<(Uuid, Uuid)> {
-    let bytes = hex::decode(root_hash).context("root hash is not hex")?;
-    if bytes.len() != 32 {
-        bail!("root hash has {} bytes, expected 32", bytes.len());
-    }
-    let first: [u8; 16] = bytes[..16].try_into().expect("16");
-    let last: [u8; 16] = bytes[16..].try_into().expect("16");
-    Ok((Uuid::from_bytes(first), Uuid::from_bytes(last)))
+    let (root, verity) = airlock_bundle::slot_partition_uuids(root_hash)
+        .with_context(|| format!("root hash {root_hash:?} is not 64 hex digits"))?;
+    Ok((Uuid::from_bytes(root), Uuid::from_bytes(verity)))
 }
 
 /// Computes the partition layout (pure).

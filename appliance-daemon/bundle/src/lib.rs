@@ -11,7 +11,7 @@ pub mod verify;
 /// The key and signature types of the API, for callers that read key files.
 pub use ssh_key;
 
-pub use manifest::{Artifact, ArtifactKind, Manifest, ManifestError, Version, MAX_ARTIFACT_BYTES};
+pub use manifest::{slot_partition_uuids, Artifact, ArtifactKind, Manifest, ManifestError, Version, MAX_ARTIFACT_BYTES};
 pub use policy::{check_policy, PolicyRefusal, RunningSystem};
 pub use trust::{parse_allowed_signers, Trust, TrustError, TrustedKey, NAMESPACE};
 pub use verify::{open, read_payload, verify, verify_with_progress, Progress, VerifiedManifest};

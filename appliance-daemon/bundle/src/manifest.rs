@@ -322,3 +322,31 @@ pub(crate) mod tests {
         assert!(Manifest::from_json(dup).unwrap_err().to_string().contains("duplicate"));
     }
 }
+
+/// The partition UUIDs of a slot with `root_hash` (hex, 32 bytes): the first
+/// half names the root partition, the second its verity partition — the
+/// convention systemd's discoverable-partitions spec uses, so the initrd
+/// finds both from `roothash=`. `None` if `root_hash` is not 64 hex digits.
+/// The builder lays slots out with it and the update agent finds the
+/// booted slot with it.
+pub fn slot_partition_uuids(root_hash: &str) -> Option<([u8; 16], [u8; 16])> {
+    let bytes: [u8; 32] = hex::decode(root_hash).ok()?.try_into().ok()?;
+    let (root, verity) = bytes.split_at(16);
+    Some((root.try_into().ok()?, verity.try_into().ok()?))
+}
+
+#[cfg(test)]
+mod slot_uuid_tests {
+    use super::slot_partition_uuids;
+
+    #[test]
+    fn halves_of_the_root_hash() {
+        let hash = "00112233445566778899aabbccddeeff".repeat(2).replacen("00", "ff", 1);
+        let (root, verity) = slot_partition_uuids(&hash).unwrap();
+        assert_eq!(root[0], 0xff);
+        assert_eq!(verity[0], 0x00);
+        assert_eq!(root[15], 0xff);
+        assert!(slot_partition_uuids("abcd").is_none());
+        assert!(slot_partition_uuids(&"zz".repeat(32)).is_none());
+    }
+}

@@ -168,11 +168,9 @@ pub fn booted_and_inactive(slots: &[Slot], root_hash: &str) -> Result<(Slot, Slo
 
 /// PARTUUIDs for a root hash: its first and last 128 bits (lower case).
 pub fn uuids_from_root_hash(root_hash: &str) -> Result<(String, String)> {
-    let bytes = hex::decode(root_hash).context("root hash is not hex")?;
-    let bytes: [u8; 32] = bytes.try_into().map_err(|b: Vec<u8>| anyhow::anyhow!("root hash has {} bytes, expected 32", b.len()))?;
-    let first: [u8; 16] = bytes[..16].try_into().context("16 bytes")?;
-    let last: [u8; 16] = bytes[16..].try_into().context("16 bytes")?;
-    Ok((uuid::Uuid::from_bytes(first).to_string(), uuid::Uuid::from_bytes(last).to_string()))
+    let (root, verity) = airlock_bundle::slot_partition_uuids(root_hash)
+        .with_context(|| format!("root hash {root_hash:?} is not 64 hex digits"))?;
+    Ok((uuid::Uuid::from_bytes(root).to_string(), uuid::Uuid::from_bytes(verity).to_string()))
 }
 
 /// The disk that holds the slots, and how to reach it.
