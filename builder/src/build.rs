@@ -20,7 +20,7 @@ use crate::manifest::{Distro, Manifest};
 use crate::progress::{StageTiming, Stages};
 use crate::rootfs::{self, Cache};
 use crate::seal;
-use crate::tree::{self, BinarySpec};
+use crate::tree::{self, BinarySpec, DistFile};
 
 /// Which variant of the image to build.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -44,6 +44,26 @@ const APPLIANCE_BINARIES: &[BinarySpec] = &[
     // The screen, keyboard and pointer (airlock-kiosk.service). Pure Rust on
     // /dev/dri and /dev/input: no package of its own in the image.
     BinarySpec { package: "airlock-kiosk", binary: "airlock-kiosk", destination: "/usr/lib/airlock/airlock-kiosk" },
+    // The update agent: the health gate of a counted boot
+    // (airlock-update-health.service), the drop directory, `apply` by IT.
+    BinarySpec { package: "airlock-update", binary: "airlock-update", destination: "/usr/lib/airlock/airlock-update" },
+];
+
+/// Files a run-time crate ships next to its code (its `dist/`: units,
+/// tmpfiles, settings), installed before the overlays, so that a profile's
+/// overlay may replace one. Enabled by links in `overlay/`.
+const APPLIANCE_FILES: &[DistFile] = &[
+    DistFile { source: "appliance-daemon/update/dist/airlock-update-health.service", destination: "/usr/lib/systemd/system/airlock-update-health.service" },
+    DistFile { source: "appliance-daemon/update/dist/airlock-update-drop.path", destination: "/usr/lib/systemd/system/airlock-update-drop.path" },
+    DistFile { source: "appliance-daemon/update/dist/airlock-update-drop.service", destination: "/usr/lib/systemd/system/airlock-update-drop.service" },
+    DistFile { source: "appliance-daemon/update/dist/airlock-update.tmpfiles.conf", destination: "/usr/lib/tmpfiles.d/airlock-update.conf" },
+    DistFile { source: "appliance-daemon/update/dist/update.toml", destination: "/etc/airlock/update.toml" },
+];
+
+/// Empty directories the image needs as mount points on its read-only root.
+const MOUNT_POINTS: &[&str] = &[
+    // The ESP (/etc/fstab), where the update agent installs boot entries.
+    "efi",
 ];
 
 /// The test profile's additions.
@@ -60,6 +80,7 @@ pub struct ProfileInputs {
     pub overlays: Vec<PathBuf>,
     pub policy_dirs: Vec<PathBuf>,
     pub binaries: Vec<BinarySpec>,
+    pub files: Vec<DistFile>,
 }
 
 pub fn profile_inputs(source: &Path, profile: Profile) -> ProfileInputs {
@@ -67,6 +88,7 @@ pub fn profile_inputs(source: &Path, profile: Profile) -> ProfileInputs {
         overlays: vec![source.join("overlay")],
         policy_dirs: vec![source.join("policy")],
         binaries: APPLIANCE_BINARIES.to_vec(),
+        files: APPLIANCE_FILES.to_vec(),
     };
     if profile == Profile::Test {
         inputs.overlays.push(source.join("ci/test-agent/overlay"));
@@ -227,6 +249,7 @@ pub fn build(opts: &BuildOptions) -> Result<Report> {
     let manifest_text = std::fs::read_to_string(&opts.manifest_path)
         .with_context(|| format!("reading manifest {}", opts.manifest_path.display()))?;
     let manifest = crate::manifest::parse_manifest(&manifest_text, &opts.manifest_path.display().to_string())?;
+    let trusted_keys = crate::manifest::load_trusted_keys(&manifest, &opts.manifest_path, &manifest_text)?;
     let distro_need = match manifest.distro {
         Distro::Debian { .. } => Need::Debian,
         Distro::Fedora { .. } => Need::Fedora,
@@ -239,7 +262,12 @@ pub fn build(opts: &BuildOptions) -> Result<Report> {
     inputs.overlays.extend(opts.extra_overlays.iter().cloned());
     inputs.policy_dirs.extend(opts.extra_policy_dirs.iter().cloned());
     let names = outputs(&manifest);
-    let digest = input_digest(opts, &manifest_text, &inputs)?;
+    let mut digest_text = manifest_text.clone();
+    if let Some(keys) = &trusted_keys {
+        // The keys are an input too (the manifest only names their file).
+        digest_text.push_str(&keys.text);
+    }
+    let digest = input_digest(opts, &digest_text, &inputs)?;
 
     if opts.reuse_output {
         if let Some(report) = reusable_report(&opts.output, &names, &digest) {
@@ -278,7 +306,7 @@ pub fn build(opts: &BuildOptions) -> Result<Report> {
     std::fs::create_dir_all(&logs).with_context(|| format!("creating {}", logs.display()))?;
     let log_path = logs.join(format!("{}.build.log", manifest.artifact_stem()));
     runner.log_to(&log_path)?;
-    run_stages(opts, &manifest, &inputs, &names, &digest, &runner, staging.path(), scratch, &log_path)
+    run_stages(opts, &manifest, trusted_keys.as_ref(), &inputs, &names, &digest, &runner, staging.path(), scratch, &log_path)
         .with_context(|| format!("build failed; every command and its output: {}", log_path.display()))
 }
 
@@ -287,6 +315,7 @@ pub fn build(opts: &BuildOptions) -> Result<Report> {
 fn run_stages(
     opts: &BuildOptions,
     manifest: &Manifest,
+    trusted_keys: Option<&crate::manifest::TrustedKeys>,
     inputs: &ProfileInputs,
     names: &Outputs,
     digest: &str,
@@ -322,8 +351,13 @@ fn run_stages(
 
     // overlay
     stages.run("overlay", "overlay files, binaries, locked accounts", || {
+        tree::install_files(&opts.source, &image_tree, &inputs.files)?;
         tree::apply_overlays(runner, &image_tree, &inputs.overlays)?;
         tree::install_binaries(runner, &opts.source, &image_tree, &inputs.binaries)?;
+        tree::make_mount_points(&image_tree, MOUNT_POINTS)?;
+        if let Some(keys) = trusted_keys {
+            tree::install_trusted_keys(&image_tree, keys)?;
+        }
         // /etc is read-only on the appliance: system users exist from the build.
         runner.in_tree_plain("creating system users (systemd-sysusers)", &image_tree, ["systemd-sysusers"])?;
         tree::lock_accounts(&image_tree)
@@ -533,4 +567,25 @@ fn print_summary(report: &Report, output: &Path) {
     println!("airlock:   {} packages, kernel {}, SELinux policy {} (enforcing)", report.packages.len(), report.kernel_version, report.selinux_policy);
     let timings: Vec<String> = report.stages.iter().map(|s| format!("{} {:.1}s", s.stage, s.seconds)).collect();
     println!("airlock:   stages: {}", timings.join(", "));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_dist_file_exists_and_units_are_enabled_by_links_in_the_overlay() {
+        let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        for f in APPLIANCE_FILES {
+            assert!(source.join(f.source).is_file(), "{} is missing", f.source);
+        }
+        for link in [
+            "overlay/etc/systemd/system/boot-complete.target.requires/airlock-update-health.service",
+            "overlay/etc/systemd/system/airlock.target.wants/airlock-update-drop.path",
+        ] {
+            let target = std::fs::read_link(source.join(link)).unwrap_or_else(|e| panic!("{link}: {e}"));
+            let name = target.file_name().unwrap().to_string_lossy().into_owned();
+            assert!(APPLIANCE_FILES.iter().any(|f| f.destination == target.to_string_lossy() && f.destination.ends_with(&name)), "{link} -> {} is not an installed unit", target.display());
+        }
+    }
 }

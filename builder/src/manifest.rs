@@ -26,6 +26,8 @@ pub struct Manifest {
     pub kernel: Kernel,
     #[serde(default)]
     pub partitions: Partitions,
+    #[serde(default)]
+    pub update: Update,
 }
 
 /// The base distribution and where its packages come from.
@@ -104,6 +106,8 @@ struct RawManifest {
     kernel: Kernel,
     #[serde(default)]
     partitions: Partitions,
+    #[serde(default)]
+    update: Update,
 }
 
 fn default_debian_suite() -> String {
@@ -179,6 +183,36 @@ fn default_data() -> u64 {
     512
 }
 
+/// Who may sign this image's updates (`[update]`): an OpenSSH
+/// `allowed_signers` file, installed read-only as
+/// [`TRUSTED_KEYS_PATH`] where the update agent reads it, and how many of
+/// its distinct keys must have signed a bundle. Without it the image
+/// trusts no key and its update agent refuses every bundle.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Update {
+    /// Path of the `allowed_signers` file, relative to the manifest's directory.
+    #[serde(default)]
+    pub allowed_signers: Option<String>,
+    /// Distinct keys needed (default 1).
+    #[serde(default)]
+    pub threshold: Option<usize>,
+}
+
+/// Where the image carries its trusted update keys (the update agent's
+/// default `allowed_signers`).
+pub const TRUSTED_KEYS_PATH: &str = "/usr/lib/airlock/update/allowed_signers";
+
+/// The trusted update keys of a manifest, read and checked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TrustedKeys {
+    /// The file as IT wrote it (installed unchanged).
+    pub text: String,
+    pub threshold: usize,
+    /// Distinct keys in the file.
+    pub keys: usize,
+}
+
 impl Default for Partitions {
     fn default() -> Self {
         Partitions {
@@ -226,6 +260,7 @@ pub fn parse_manifest(text: &str, origin: &str) -> Result<Manifest> {
         packages: raw.packages,
         kernel: raw.kernel,
         partitions: raw.partitions,
+        update: raw.update,
     };
     validate(&manifest, text).with_context(|| format!("{origin}: invalid manifest"))?;
     Ok(manifest)
@@ -236,6 +271,21 @@ pub fn load_manifest(path: &Path) -> Result<Manifest> {
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("reading manifest {}", path.display()))?;
     parse_manifest(&text, &path.display().to_string())
+}
+
+/// Reads and checks the manifest's `[update] allowed_signers` (relative to
+/// the manifest file) against its `threshold`; `None` without `[update]`.
+/// `text` is the manifest's text, for the line in errors.
+pub fn load_trusted_keys(m: &Manifest, manifest_path: &Path, text: &str) -> Result<Option<TrustedKeys>> {
+    let Some(file) = &m.update.allowed_signers else { return Ok(None) };
+    let origin = manifest_path.display();
+    let bad = |why: String| anyhow::anyhow!("{origin}: invalid manifest: key `update.allowed_signers`{}: {why}", line_of(text, "allowed_signers"));
+    let path = manifest_path.parent().unwrap_or(Path::new(".")).join(file);
+    let keys_text = std::fs::read_to_string(&path).map_err(|e| bad(format!("reading {}: {e}", path.display())))?;
+    let keys = airlock_bundle::parse_allowed_signers(&keys_text).map_err(|e| bad(format!("{}: {e}", path.display())))?;
+    let threshold = m.update.threshold.unwrap_or(1);
+    let trust = airlock_bundle::Trust::new(keys, threshold).map_err(|e| bad(format!("{} with threshold {threshold}: {e}", path.display())))?;
+    Ok(Some(TrustedKeys { text: keys_text, threshold, keys: trust.keys().len() }))
 }
 
 /// 1-based line of the first `key =` assignment in the text, for messages
@@ -329,6 +379,12 @@ fn validate(m: &Manifest, text: &str) -> Result<()> {
             return Err(bad("kernel.cmdline", format!("{arg:?} overrides a security setting the builder owns")));
         }
     }
+    match (&m.update.allowed_signers, m.update.threshold) {
+        (None, Some(_)) => return Err(bad("update.threshold", "needs `allowed_signers`, the keys it counts".into())),
+        (_, Some(0)) => return Err(bad("update.threshold", "must be at least 1".into())),
+        (Some(f), _) if f.trim().is_empty() => return Err(bad("update.allowed_signers", "names no file".into())),
+        _ => {}
+    }
     let p = &m.partitions;
     for (key, value, min) in [
         ("partitions.esp_mib", p.esp_mib, 64),
@@ -392,6 +448,31 @@ name = "debian"
         }
     }
 
+    const KEY_A: &str = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIMFqCXij7GD1YFB5ZLVlBBskqc5+mFnSGAlAp/xtx/Yf";
+
+    #[test]
+    fn trusted_keys_are_read_relative_to_the_manifest_and_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let manifest_path = dir.path().join("m.toml");
+        let text = format!("{DEBIAN}[update]\nallowed_signers = \"keys/allowed_signers\"\nthreshold = 2\n");
+        let m = parse_manifest(&text, "m.toml").unwrap();
+        assert_eq!(load_trusted_keys(&parse_manifest(DEBIAN, "m.toml").unwrap(), &manifest_path, DEBIAN).unwrap(), None);
+        let err = format!("{:#}", load_trusted_keys(&m, &manifest_path, &text).unwrap_err());
+        assert!(err.contains("update.allowed_signers") && err.contains("line 7") && err.contains("keys/allowed_signers"), "{err}");
+        std::fs::create_dir_all(dir.path().join("keys")).unwrap();
+        std::fs::write(dir.path().join("keys/allowed_signers"), format!("it@example.org {KEY_A}\n")).unwrap();
+        let err = format!("{:#}", load_trusted_keys(&m, &manifest_path, &text).unwrap_err());
+        assert!(err.contains("threshold 2"), "one key cannot meet a threshold of 2: {err}");
+        std::fs::write(dir.path().join("keys/allowed_signers"), "it@example.org ssh-ed25519 not-base64\n").unwrap();
+        let err = format!("{:#}", load_trusted_keys(&m, &manifest_path, &text).unwrap_err());
+        assert!(err.contains("line 1"), "the trust file's own line is named: {err}");
+        let one = text.replace("threshold = 2", "threshold = 1");
+        std::fs::write(dir.path().join("keys/allowed_signers"), format!("# IT\nit@example.org {KEY_A}\n")).unwrap();
+        let keys = load_trusted_keys(&parse_manifest(&one, "m.toml").unwrap(), &manifest_path, &one).unwrap().unwrap();
+        assert_eq!((keys.threshold, keys.keys), (1, 1));
+        assert!(keys.text.starts_with("# IT\n"), "installed as written");
+    }
+
     /// Each bad manifest, and words its error must contain (key and line).
     #[test]
     fn bad_manifests_name_key_and_line() {
@@ -411,6 +492,9 @@ name = "debian"
             ),
             ("name = \"a\"\nversion = \"1\"\n[distro]\nname = \"fedora\"\nrelease = 41\nrepositories = []\n", &["distro.repositories", "line 6"]),
             ("name = \"a\"\nversion = \"1\"\n[distro]\nname = \"debian\"\nrelease = 41\n", &["distro", "line 3", "Fedora keys"]),
+            ("name = \"a\"\nversion = \"1\"\n[distro]\nname = \"debian\"\n[update]\nthreshold = 2\n", &["update.threshold", "line 6", "allowed_signers"]),
+            ("name = \"a\"\nversion = \"1\"\n[distro]\nname = \"debian\"\n[update]\nallowed_signers = \"k\"\nthreshold = 0\n", &["update.threshold", "line 7"]),
+            ("name = \"a\"\nversion = \"1\"\n[distro]\nname = \"debian\"\n[update]\nallowed_signer = \"k\"\n", &["allowed_signer", "line 6"]),
         ];
         for (text, words) in cases {
             let err = format!("{:#}", parse_manifest(text, "m.toml").unwrap_err());

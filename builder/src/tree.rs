@@ -60,6 +60,84 @@ pub fn install_binaries(runner: &Runner, workspace: &Path, tree: &Path, binaries
     Ok(())
 }
 
+/// A file of the source tree to install into the image (a crate's `dist/`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DistFile {
+    /// Relative to the source tree.
+    pub source: &'static str,
+    /// Absolute path inside the image.
+    pub destination: &'static str,
+}
+
+/// Copies each file to its place in the tree (mode 0644).
+pub fn install_files(source: &Path, tree: &Path, files: &[DistFile]) -> Result<()> {
+    for f in files {
+        let from = source.join(f.source);
+        let dest = tree.join(f.destination.trim_start_matches('/'));
+        std::fs::create_dir_all(dest.parent().expect("absolute destination"))?;
+        std::fs::copy(&from, &dest).with_context(|| format!("installing {} to {}", from.display(), f.destination))?;
+        std::fs::set_permissions(&dest, std::os::unix::fs::PermissionsExt::from_mode(0o644))?;
+    }
+    Ok(())
+}
+
+/// Creates empty directories (mount points) in the tree.
+pub fn make_mount_points(tree: &Path, dirs: &[&str]) -> Result<()> {
+    for d in dirs {
+        let path = tree.join(d);
+        std::fs::create_dir_all(&path).with_context(|| format!("creating mount point {}", path.display()))?;
+        std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
+    }
+    Ok(())
+}
+
+/// The update agent's settings file in the tree.
+const UPDATE_SETTINGS: &str = "etc/airlock/update.toml";
+
+/// Installs the manifest's trusted update keys where the update agent reads
+/// them, and their threshold into its settings (`/etc/airlock/update.toml`).
+pub fn install_trusted_keys(tree: &Path, keys: &crate::manifest::TrustedKeys) -> Result<()> {
+    let dest = tree.join(crate::manifest::TRUSTED_KEYS_PATH.trim_start_matches('/'));
+    std::fs::create_dir_all(dest.parent().expect("absolute path"))?;
+    std::fs::write(&dest, &keys.text).with_context(|| format!("writing {}", dest.display()))?;
+    std::fs::set_permissions(&dest, std::os::unix::fs::PermissionsExt::from_mode(0o644))?;
+    let settings = tree.join(UPDATE_SETTINGS);
+    let text = match std::fs::read_to_string(&settings) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+        Err(e) => return Err(e).with_context(|| format!("reading {}", settings.display())),
+    };
+    std::fs::write(&settings, set_top_level_key(&text, "threshold", &keys.threshold.to_string()))
+        .with_context(|| format!("writing {}", settings.display()))
+}
+
+/// Sets a top-level `key = value` in TOML text (pure): replaces the
+/// assignment before the first table, or adds one there. Comments and
+/// everything else stay as they are.
+pub fn set_top_level_key(text: &str, key: &str, value: &str) -> String {
+    let line = format!("{key} = {value}");
+    let mut out = Vec::new();
+    let mut done = false;
+    for l in text.lines() {
+        let trimmed = l.trim_start();
+        if !done && trimmed.starts_with('[') {
+            out.push(line.clone());
+            done = true;
+        }
+        let is_key = trimmed.strip_prefix(key).is_some_and(|rest| rest.trim_start().starts_with('='));
+        if !done && is_key {
+            out.push(line.clone());
+            done = true;
+            continue;
+        }
+        out.push(l.to_owned());
+    }
+    if !done {
+        out.push(line);
+    }
+    out.join("\n") + "\n"
+}
+
 /// Removes a file or a directory tree; nothing to do if it is absent.
 pub fn remove_if_present(path: &Path) -> Result<()> {
     let removed = match std::fs::symlink_metadata(path) {
@@ -357,6 +435,16 @@ mod tests {
         assert_eq!(enforce_selinux(dir.path()).unwrap(), "default");
         let text = std::fs::read_to_string(dir.path().join("etc/selinux/config")).unwrap();
         assert!(text.contains("SELINUX=enforcing\n") && !text.contains("permissive"));
+    }
+
+    #[test]
+    fn top_level_key_is_replaced_or_added_before_the_first_table() {
+        let shipped = "# keys\nallowed_signers = \"/k\"\nthreshold = 1\n\n[health]\nthreshold_x = 3\n";
+        assert_eq!(set_top_level_key(shipped, "threshold", "2"), "# keys\nallowed_signers = \"/k\"\nthreshold = 2\n\n[health]\nthreshold_x = 3\n");
+        assert_eq!(set_top_level_key("[health]\nx = 1\n", "threshold", "2"), "threshold = 2\n[health]\nx = 1\n");
+        assert_eq!(set_top_level_key("", "threshold", "2"), "threshold = 2\n");
+        // A key of the same name inside a table is not the top-level one.
+        assert_eq!(set_top_level_key("a = 1\n[t]\nthreshold = 5\n", "threshold", "2"), "a = 1\nthreshold = 2\n[t]\nthreshold = 5\n");
     }
 
     #[test]
