@@ -54,6 +54,9 @@ pub struct Overrides {
     /// The supervisor's control socket.
     #[arg(long, global = true, value_name = "PATH")]
     pub control_socket: Option<PathBuf>,
+    /// Boot tries of the entry `apply` installs (`+N`, 1 to 7).
+    #[arg(long, global = true, value_name = "N")]
+    pub tries: Option<u32>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -131,6 +134,9 @@ impl Overrides {
         set(&mut c.staging_dir, &self.staging_dir);
         if let Some(t) = self.threshold {
             c.threshold = t;
+        }
+        if let Some(t) = self.tries {
+            c.tries = t;
         }
         if self.disk.is_some() {
             c.disk = self.disk.clone();
@@ -223,5 +229,13 @@ mod tests {
         let c = Cli::try_parse_from(["airlock-update", "--state-dir", "/tmp/s", "status"]).unwrap();
         let cfg = c.paths.config().unwrap();
         assert_eq!(cfg.staging_dir, PathBuf::from("/tmp/s/staging"));
+    }
+
+    #[test]
+    fn tries_can_be_overridden_within_bounds() {
+        let c = Cli::try_parse_from(["airlock-update", "--config", "/dev/null", "--tries", "1", "status"]).unwrap();
+        assert_eq!(c.paths.config().unwrap().tries, 1);
+        let c = Cli::try_parse_from(["airlock-update", "--config", "/dev/null", "--tries", "9", "status"]).unwrap();
+        assert!(c.paths.config().is_err(), "tries 9 must be refused");
     }
 }
