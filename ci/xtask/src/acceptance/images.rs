@@ -42,7 +42,78 @@ fn test_guest_overlay(opts: &AcceptanceOptions) -> Result<PathBuf> {
     Ok(root)
 }
 
-fn build(opts: &AcceptanceOptions, profile: Profile, output: &Path, fresh: bool) -> Result<(Report, f64)> {
+/// The suite's update signing key (ed25519, made with `ssh-keygen` on the
+/// first run and kept in the work directory: never committed) and the
+/// `allowed_signers` file that the test image trusts.
+pub struct UpdateKey {
+    pub private: PathBuf,
+    pub allowed_signers: PathBuf,
+}
+
+pub fn update_key(opts: &AcceptanceOptions) -> Result<UpdateKey> {
+    let dir = std::path::absolute(opts.work_dir.join("update-key"))?;
+    let key = UpdateKey { private: dir.join("id_ed25519"), allowed_signers: dir.join("allowed_signers") };
+    if key.private.is_file() && key.allowed_signers.is_file() {
+        return Ok(key);
+    }
+    std::fs::create_dir_all(&dir)?;
+    let _ = std::fs::remove_file(&key.private);
+    let _ = std::fs::remove_file(dir.join("id_ed25519.pub"));
+    let sh = sh()?;
+    let private = &key.private;
+    cmd!(sh, "ssh-keygen -q -t ed25519 -N '' -C airlock-acceptance -f {private}").quiet().run().context("making the suite's update key (ssh-keygen)")?;
+    let public = std::fs::read_to_string(dir.join("id_ed25519.pub"))?;
+    let mut fields = public.split_whitespace();
+    let (Some(kind), Some(blob)) = (fields.next(), fields.next()) else { bail!("ssh-keygen wrote an odd public key: {public}") };
+    std::fs::write(&key.allowed_signers, format!("airlock-acceptance@ci {kind} {blob}\n"))?;
+    Ok(key)
+}
+
+/// The test image's manifest: [`MANIFEST`] (with `version` replaced, if
+/// given) and an `[update]` table trusting the suite's update key, written
+/// next to the key.
+pub fn test_manifest(opts: &AcceptanceOptions, version: Option<&str>) -> Result<PathBuf> {
+    let key = update_key(opts)?;
+    let text = std::fs::read_to_string(source_dir().join(MANIFEST)).with_context(|| format!("reading {MANIFEST}"))?;
+    let mut replaced = 0;
+    let lines: Vec<String> = text
+        .lines()
+        .map(|l| {
+            if l.trim_start().starts_with("version =") && replaced == 0 {
+                replaced += 1;
+                version.map(|v| format!("version = \"{v}\"")).unwrap_or_else(|| l.to_owned())
+            } else {
+                l.to_owned()
+            }
+        })
+        .collect();
+    ensure!(replaced == 1, "{MANIFEST} has no top-level `version =` line");
+    let name = key.allowed_signers.file_name().context("key file name")?.to_string_lossy().into_owned();
+    let out = format!(
+        "# Made by the acceptance suite from {MANIFEST}: the test image trusts the suite's update key.\n{}\n\n[update]\nallowed_signers = \"{name}\"\nthreshold = 1\n",
+        lines.join("\n")
+    );
+    let path = key.allowed_signers.with_file_name(match version {
+        Some(v) => format!("test-{v}.toml"),
+        None => "test.toml".into(),
+    });
+    // Rewritten only when it changes: the image's input digest covers it.
+    if std::fs::read_to_string(&path).ok().as_deref() != Some(out.as_str()) {
+        std::fs::write(&path, out)?;
+    }
+    Ok(path)
+}
+
+/// Builds the test image of `version` (the suite's manifest copy) into
+/// `images/test-<version>` (reused when its inputs did not change).
+pub fn build_test_version(opts: &AcceptanceOptions, version: &str) -> Result<(PathBuf, Report, f64)> {
+    let manifest = test_manifest(opts, Some(version))?;
+    let output = opts.work_dir.join("images").join(format!("test-{version}"));
+    let (report, seconds) = build(opts, Profile::Test, &manifest, &output, false)?;
+    Ok((output, report, seconds))
+}
+
+fn build(opts: &AcceptanceOptions, profile: Profile, manifest: &Path, output: &Path, fresh: bool) -> Result<(Report, f64)> {
     let start = Instant::now();
     // A sabotaged run lays a flawed overlay over both images.
     let mut extra_overlays = match &opts.sabotage {
@@ -53,7 +124,7 @@ fn build(opts: &AcceptanceOptions, profile: Profile, output: &Path, fresh: bool)
         extra_overlays.push(test_guest_overlay(opts)?);
     }
     let report = airlock::build::build(&BuildOptions {
-        manifest_path: source_dir().join(MANIFEST),
+        manifest_path: manifest.to_path_buf(),
         output: output.to_path_buf(),
         cache: opts.cache_dir.clone(),
         source: source_dir(),
@@ -82,7 +153,12 @@ pub fn prepare(suite: &mut Suite, opts: &AcceptanceOptions) -> Result<Images> {
         let output = dir.join(variant.to_lowercase());
         let mut result = None;
         suite.prerequisite(&name, || {
-            let (report, seconds) = build(opts, profile, &output, false)?;
+            // The test image trusts the suite's update key (`update:` tests).
+            let manifest = match profile {
+                Profile::Test => test_manifest(opts, None)?,
+                Profile::Production => source_dir().join(MANIFEST),
+            };
+            let (report, seconds) = build(opts, profile, &manifest, &output, false)?;
             let detail = format!("{} in {seconds:.1}s, root hash {}", report.image, &report.root_hash[..16]);
             result = Some((report, seconds));
             Ok(detail)
@@ -165,7 +241,7 @@ pub fn image_checks(suite: &mut Suite, images: &Images, opts: &AcceptanceOptions
             let output = opts.work_dir.join("images/reproducibility");
             let packages = opts.cache_dir.join("packages/debian");
             let before = count_files(&packages);
-            let (report, seconds) = build(opts, Profile::Production, &output, true)?;
+            let (report, seconds) = build(opts, Profile::Production, &source_dir().join(MANIFEST), &output, true)?;
             let after = count_files(&packages);
             ensure!(
                 report.root_hash == images.production_report.root_hash,

@@ -6,7 +6,8 @@
 //!
 //! Scenarios share boots to keep the suite fast under TCG: one boot of the
 //! test image serves every in-guest check, then reboots once for the
-//! persistence checks.
+//! persistence checks. The update tests (`update:`) change slots and boot
+//! counting, so they run on a second copy of the test image, after it.
 
 mod attacks;
 mod boot;
@@ -18,6 +19,7 @@ mod emulator;
 mod kiosk;
 mod network;
 mod supervisor;
+mod update;
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -165,6 +167,8 @@ pub fn run(opts: &AcceptanceOptions) -> Result<bool> {
     images::image_checks(&mut suite, &images, opts);
     policy::policy_checks(&mut suite, &images, opts);
     boot::test_image_boots(&mut suite, &images, opts);
+    // A machine of its own, after the test machine is off.
+    update::update_checks(&mut suite, &images, opts);
     lockdown::production_boot(&mut suite, &images, opts);
     lockdown::tampered_root(&mut suite, &images, opts);
     suite.print_summary();

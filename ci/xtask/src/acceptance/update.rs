@@ -1,0 +1,563 @@
+//! Signed whole-image updates in the booted test image (issue 9), on a
+//! machine of their own (a fresh copy of the test image; the test
+//! machine's groups are not disturbed). One timeline of five boots, each
+//! step a named test:
+//!
+//! 1. slot A (the built version): a bundle with one flipped payload byte
+//!    and one signed by an untrusted key are refused, each with its reason,
+//!    and nothing is written (slot B's bytes and the GPT hashed from the
+//!    host, the ESP listed in the guest); then an apply of the next version
+//!    is cut off by killing QEMU while it writes slot B;
+//! 2. the machine still boots slot A; applying again succeeds (one boot
+//!    try), with a marker on the data partition that makes a test-only unit
+//!    fail at the next boot;
+//! 3. slot B boots, the health gate fails, the entry is not blessed;
+//! 4. the tries used up, the firmware's boot loader falls back to slot A by
+//!    itself; the marker goes, the update is applied again (three tries);
+//! 5. slot B boots, passes the health gate, and systemd-bless-boot blesses
+//!    its entry.
+//!
+//! The bundles reach the machine as a USB stick: a FAT image made on the
+//! host with mtools, attached as a second disk and mounted by the test
+//! agent. `airlock-update` runs as systemd starts it (`systemd-run`), so in
+//! its own SELinux domain, not the agent's.
+
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use airlock::build::Report;
+use airlock::qemu::Graphics;
+use anyhow::{bail, ensure, Context, Result};
+use xshell::{cmd, Shell};
+
+use super::boot::{sh, tail};
+use super::images::{self, private_copy, Images};
+use super::{AcceptanceOptions, Suite};
+use crate::outside::Outside;
+use crate::{Machine, Vm};
+
+pub const TESTS: &[&str] = &[
+    "update: a bundle with one flipped payload byte is refused, with its reason; nothing is written",
+    "update: a bundle signed by an untrusted key is refused, with its reason; nothing is written",
+    "update: a power cut during the slot write still boots slot A",
+    "update: after the power cut, applying the update again succeeds",
+    "update: a new slot whose health gate fails falls back to slot A by itself",
+    "update: A → B: the new version boots from slot B and its entry is blessed",
+    "update: the data partition (guest disks, journal) is intact after every step",
+    "update: zero AVC denials in every boot of the update machine",
+];
+/// Made before the machine boots; the tests above need it.
+const PREPARE: &str = "update: the next version is built, signed, and put on a USB stick";
+
+/// Boot to the agent's "ready" (as the test machine's).
+const BOOT_TIMEOUT: Duration = Duration::from_secs(300);
+/// An apply reads the bundle twice and the slot once more under TCG.
+const APPLY_TIMEOUT: Duration = Duration::from_secs(900);
+/// The health gate waits up to 300 s for both guests (its configuration).
+const HEALTH_TIMEOUT: Duration = Duration::from_secs(420);
+const AGENT: &str = "/usr/lib/airlock/airlock-update";
+/// Where the test agent mounts the USB stick (a directory the update
+/// agent's domain may search).
+const STICK: &str = "/run/airlock-acceptance-usb";
+/// Its presence makes `airlock-test-unhealthy.service` fail (test images).
+const UNHEALTHY_MARKER: &str = "/var/lib/airlock-test/unhealthy";
+
+/// What the host made for the machine.
+struct Prepared {
+    /// The next version's report (its root hash identifies slot B's image).
+    next: Report,
+    /// Signed bundle of the next version, and its name on the stick.
+    bundle_name: String,
+    stick: PathBuf,
+    payload_bytes: u64,
+}
+
+pub fn update_checks(suite: &mut Suite, images: &Images, opts: &AcceptanceOptions) {
+    if !suite.wants_any(TESTS) {
+        return;
+    }
+    let mut prepared = None;
+    suite.prerequisite(PREPARE, || {
+        let p = prepare(images, opts)?;
+        let detail = format!(
+            "{} {} (root hash {}), signed with the suite's key; stick {} MiB",
+            p.next.name,
+            p.next.version,
+            &p.next.root_hash[..16],
+            std::fs::metadata(&p.stick)?.len() >> 20
+        );
+        prepared = Some(p);
+        Ok(detail)
+    });
+    let Some(prepared) = prepared else {
+        return suite.fail_all(TESTS, &anyhow::anyhow!("`{PREPARE}` failed"));
+    };
+    let outside = match Outside::create() {
+        Ok(o) => o,
+        Err(e) => return suite.fail_all(TESTS, &e),
+    };
+    let mut run = match Timeline::start(images, opts, &prepared, &outside) {
+        Ok(r) => r,
+        Err(e) => return suite.fail_all(TESTS, &e),
+    };
+    let failed_before = suite.failed();
+    run.steps(suite, &prepared);
+    if suite.failed() > failed_before {
+        if let Some(vm) = run.vm.as_mut() {
+            vm.keep_files();
+        }
+        println!("acceptance: update machine disk kept in {}", run.machine.disk().display());
+    }
+}
+
+/// Builds the next version of the test image, signs its bundle with the
+/// suite's key, makes the flipped and the untrusted copies, and writes all
+/// three onto a FAT image (the USB stick).
+fn prepare(images: &Images, opts: &AcceptanceOptions) -> Result<Prepared> {
+    let next_version = format!("{}.1", images.test_report.version);
+    let (dir, next, seconds) = images::build_test_version(opts, &next_version)?;
+    println!("acceptance: update: {} {} built in {seconds:.1}s", next.name, next.version);
+    let work = opts.work_dir.join("update");
+    std::fs::create_dir_all(&work)?;
+    let key = images::update_key(opts)?;
+    let bundle_name = next.bundle.clone();
+    let signed = work.join(&bundle_name);
+    std::fs::copy(dir.join(&next.bundle), &signed).with_context(|| format!("copying {}", next.bundle))?;
+    airlock::bundle::sign_bundle(&signed, airlock::bundle::Signer::Key(&key.private))?;
+
+    // One payload byte flipped, in the middle of the root filesystem.
+    let flipped = work.join("flipped.airlock");
+    std::fs::copy(&signed, &flipped)?;
+    let payload_offset = {
+        let mut f = std::io::BufReader::new(std::fs::File::open(&flipped)?);
+        airlock_bundle::format::RawHeader::read(&mut f).map_err(|e| anyhow::anyhow!("{e}"))?.payload_offset()
+    };
+    flip_byte(&flipped, payload_offset + next.root_fs_bytes / 2)?;
+
+    // The same bundle, signed by a key the image does not trust.
+    let untrusted = work.join("untrusted.airlock");
+    std::fs::copy(dir.join(&next.bundle), &untrusted)?;
+    let other = tempfile::tempdir()?;
+    let other_key = other.path().join("id_ed25519");
+    let sh = Shell::new()?;
+    cmd!(sh, "ssh-keygen -q -t ed25519 -N '' -C untrusted -f {other_key}").quiet().run()?;
+    airlock::bundle::sign_bundle(&untrusted, airlock::bundle::Signer::Key(&other_key))?;
+
+    let files = [(&signed, bundle_name.as_str()), (&flipped, "flipped.airlock"), (&untrusted, "untrusted.airlock")];
+    let total: u64 = files.iter().map(|(p, _)| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0)).sum();
+    let stick = work.join("usb-stick.img");
+    let _ = std::fs::remove_file(&stick);
+    let kib = (total + (64 << 20)) / 1024;
+    let kib = kib.to_string();
+    cmd!(sh, "mkfs.vfat -F 32 -n AIRLOCKUSB -C {stick} {kib}").quiet().run().context("making the USB stick's filesystem (mkfs.vfat)")?;
+    let _env = sh.push_env("MTOOLS_SKIP_CHECK", "1");
+    for (path, name) in files {
+        let target = format!("::/{name}");
+        cmd!(sh, "mcopy -i {stick} {path} {target}").quiet().run().context("copying a bundle onto the USB stick (mcopy)")?;
+    }
+    let payload_bytes = std::fs::metadata(&signed)?.len() - payload_offset;
+    Ok(Prepared { next, bundle_name, stick, payload_bytes })
+}
+
+fn flip_byte(path: &Path, at: u64) -> Result<()> {
+    let mut f = std::fs::OpenOptions::new().read(true).write(true).open(path)?;
+    let mut b = [0u8; 1];
+    f.seek(SeekFrom::Start(at))?;
+    f.read_exact(&mut b)?;
+    b[0] ^= 0x01;
+    f.seek(SeekFrom::Start(at))?;
+    f.write_all(&b)?;
+    Ok(())
+}
+
+/// The update machine and what the steps learn on the way.
+struct Timeline<'a> {
+    machine: Machine,
+    outside: &'a Outside,
+    stick: PathBuf,
+    vm: Option<Vm>,
+    /// The built version's report (slot A's image, the disk layout).
+    base: &'a Report,
+    /// Per boot: what the data-partition check found.
+    data: Vec<String>,
+    data_problems: Vec<String>,
+    /// Per boot: AVC denials found.
+    avc: Vec<String>,
+    avc_problems: Vec<String>,
+    /// Written on the data partition at the first boot.
+    marker: String,
+    boots: usize,
+    boot_seconds: Vec<f64>,
+}
+
+/// Where a boot came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Booted {
+    version: String,
+    root_hash: String,
+}
+
+impl<'a> Timeline<'a> {
+    fn start(images: &'a Images, opts: &AcceptanceOptions, prepared: &Prepared, outside: &'a Outside) -> Result<Timeline<'a>> {
+        let dir = opts.work_dir.join("machines/update");
+        let disk = private_copy(&images.test, &dir, "disk.raw")?;
+        let vars = dir.join("OVMF_VARS.fd");
+        let _ = std::fs::remove_file(&vars);
+        let machine = Machine::new(&disk, &vars)?;
+        let mut t = Timeline {
+            machine,
+            outside,
+            stick: prepared.stick.clone(),
+            vm: None,
+            base: &images.test_report,
+            data: Vec::new(),
+            data_problems: Vec::new(),
+            avc: Vec::new(),
+            avc_problems: Vec::new(),
+            marker: String::new(),
+            boots: 0,
+            boot_seconds: Vec::new(),
+        };
+        t.power_on()?;
+        Ok(t)
+    }
+
+    fn vm(&mut self) -> Result<&mut Vm> {
+        self.vm.as_mut().context("the update machine is off")
+    }
+
+    /// A fresh QEMU on the machine's disk and firmware state, with the
+    /// display (the kiosk is part of the health gate), both uplinks and
+    /// the USB stick; waits for the agent.
+    fn power_on(&mut self) -> Result<()> {
+        let mut cfg = self.machine.config();
+        cfg.graphics = Graphics::Std;
+        cfg.extra_netdevs = Outside::nics();
+        cfg.extra_disks = vec![self.stick.clone()];
+        let start = Instant::now();
+        let mut vm = Vm::start_in_netns(cfg, Some(&self.outside.path()))?;
+        let ready = vm.agent()?.wait_ready(BOOT_TIMEOUT);
+        if let Err(e) = ready {
+            let serial = tail(&vm.serial_log(), 30);
+            self.vm = Some(vm);
+            bail!("{e}; serial console ends with:\n{serial}");
+        }
+        self.vm = Some(vm);
+        self.booted_now(start)
+    }
+
+    /// Reboots the guest (as IT would) and waits for the next boot's agent.
+    fn reboot(&mut self) -> Result<()> {
+        let start = Instant::now();
+        let vm = self.vm()?;
+        let _ = vm.agent()?.run(&["systemctl", "reboot"], Duration::from_secs(20));
+        if let Err(e) = vm.agent()?.wait_ready(BOOT_TIMEOUT) {
+            bail!("rebooting the update machine: {e}; serial console ends with:\n{}", tail(&vm.serial_log(), 30));
+        }
+        self.booted_now(start)
+    }
+
+    /// Pulls the plug.
+    fn power_cut(&mut self) -> Result<()> {
+        if let Some(mut vm) = self.vm.take() {
+            vm.kill()?;
+        }
+        Ok(())
+    }
+
+    /// After each boot: mount the stick, record the boot, check the data.
+    fn booted_now(&mut self, start: Instant) -> Result<()> {
+        self.boots += 1;
+        self.boot_seconds.push(start.elapsed().as_secs_f64());
+        if self.boots == 1 {
+            self.marker = format!("airlock-update-acceptance-{}", std::process::id());
+        }
+        let (first, m) = (self.boots == 1, self.marker.clone());
+        let vm = self.vm()?;
+        sh(vm, &format!("mkdir -p {STICK} && mount -t vfat -o ro,umask=0077 /dev/vdb {STICK}"))?;
+        if first {
+            sh(
+                vm,
+                &format!(
+                    "for side in classified general; do echo {m} > /var/lib/airlock/$side/disk/acceptance-marker; done; echo {m} | systemd-cat -t airlock-acceptance-update && journalctl --flush"
+                ),
+            )?;
+        }
+        self.check_data();
+        Ok(())
+    }
+
+    fn check_data(&mut self) {
+        let boot = self.boots;
+        let marker = self.marker.clone();
+        let found = (|| -> Result<String> {
+            let vm = self.vm()?;
+            let files = sh(vm, "cat /var/lib/airlock/classified/disk/acceptance-marker /var/lib/airlock/general/disk/acceptance-marker")?;
+            ensure!(files.lines().filter(|l| *l == marker).count() == 2, "guest disk directories hold {files:?}, not the marker {marker:?}");
+            let journal = sh(vm, "journalctl -t airlock-acceptance-update -o cat --no-pager")?;
+            ensure!(journal.contains(&marker), "the first boot's journal entry is gone");
+            let boots = sh(vm, "journalctl --list-boots --no-pager | tail -n +2 | wc -l")?;
+            let disks = sh(vm, "ls /var/lib/airlock/classified/disk /var/lib/airlock/general/disk | tr '\\n' ' '")?;
+            Ok(format!("boot {boot}: markers in both guest disk directories ({}), journal of {} boots", disks.trim(), boots.trim()))
+        })();
+        match found {
+            Ok(s) => self.data.push(s),
+            Err(e) => self.data_problems.push(format!("boot {boot}: {e:#}")),
+        }
+    }
+
+    /// Counts this boot's AVC denials (the previous boot's too, when it
+    /// ended by a reboot: its shutdown).
+    fn check_avc(&mut self, what: &str) {
+        let boot = self.boots;
+        let found = (|| -> Result<String> {
+            let vm = self.vm()?;
+            sh(vm, "journalctl -b -o cat --no-pager | grep 'avc:  denied' || true")
+        })();
+        match found {
+            Ok(d) if d.trim().is_empty() => self.avc.push(format!("boot {boot} ({what}): 0")),
+            Ok(d) => self.avc_problems.push(format!("boot {boot} ({what}): {} denials:\n{}", d.lines().count(), d.lines().take(10).collect::<Vec<_>>().join("\n"))),
+            Err(e) => self.avc_problems.push(format!("boot {boot} ({what}): {e:#}")),
+        }
+    }
+
+    fn booted(&mut self) -> Result<Booted> {
+        let vm = self.vm()?;
+        let os = sh(vm, "sed -n 's/^IMAGE_VERSION=//p' /etc/os-release")?;
+        let cmdline = sh(vm, "cat /proc/cmdline")?;
+        let root_hash = cmdline.split_whitespace().find_map(|a| a.strip_prefix("roothash=")).context("no roothash= on the command line")?;
+        Ok(Booted { version: os.trim().trim_matches('"').to_owned(), root_hash: root_hash.to_owned() })
+    }
+
+    fn esp_listing(&mut self) -> Result<String> {
+        Ok(sh(self.vm()?, "ls -1 /efi/EFI/Linux")?.split_whitespace().collect::<Vec<_>>().join(" "))
+    }
+
+    /// `airlock-update ARGS` started by systemd (so in its own SELinux
+    /// domain), its output piped back.
+    fn update_agent(&mut self, args: &str, timeout: Duration) -> Result<(airlock_test_agent::CommandOutput, f64)> {
+        let script = format!("systemd-run --wait --pipe --quiet --collect --service-type=exec {AGENT} {args}");
+        let start = Instant::now();
+        let out = self.vm()?.agent()?.run(&["sh", "-c", &script], timeout)?;
+        Ok((out, start.elapsed().as_secs_f64()))
+    }
+
+    /// Slot B's partitions and both GPT copies, hashed from the host.
+    fn slot_b_digest(&self) -> Result<String> {
+        use std::hash::Hasher;
+        let disk = self.machine.disk();
+        let mut f = std::fs::File::open(disk)?;
+        let len = f.metadata()?.len();
+        let b: Vec<_> = self.base.partitions.iter().filter(|p| p.number == 4 || p.number == 5).collect();
+        ensure!(b.len() == 2, "the report has no partitions 4 and 5 (slot B)");
+        let mut ranges = vec![(0, 1 << 20), (len - 33 * 512, 33 * 512)];
+        ranges.extend(b.iter().map(|p| (p.offset, p.size)));
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        let mut buf = vec![0u8; 1 << 20];
+        for (offset, size) in ranges {
+            f.seek(SeekFrom::Start(offset))?;
+            let mut left = size;
+            while left > 0 {
+                let n = (left as usize).min(buf.len());
+                f.read_exact(&mut buf[..n])?;
+                h.write(&buf[..n]);
+                left -= n as u64;
+            }
+        }
+        Ok(format!("{:016x}", h.finish()))
+    }
+
+    fn steps(&mut self, suite: &mut Suite, p: &Prepared) {
+        let bundle = format!("{STICK}/{}", p.bundle_name);
+        let a_hash = self.base.root_hash.clone();
+        let b_hash = p.next.root_hash.clone();
+        let new_version = p.next.version.clone();
+        let mut verification = None;
+
+        // Boot 1, slot A: the refusals.
+        let before = self.slot_b_digest().and_then(|d| Ok((d, self.esp_listing()?)));
+        for (test, file, code, words) in [
+            (TESTS[0], "flipped.airlock", 19, "is corrupted: sha256"),
+            (TESTS[1], "untrusted.airlock", 16, "by a trusted key"),
+        ] {
+            suite.test(test, || {
+                let (digest, listing) = before.as_ref().map_err(|e| anyhow::anyhow!("{e:#}"))?;
+                let (out, seconds) = self.update_agent(&format!("apply --file {STICK}/{file}"), APPLY_TIMEOUT)?;
+                let refusal = out.stderr.lines().find(|l| l.contains("airlock-update: refused:")).unwrap_or("").to_owned();
+                ensure!(out.exit_code == Some(code), "expected exit code {code}, got {:?}; stdout {:?}, stderr:\n{}", out.exit_code, out.stdout, out.stderr);
+                ensure!(refusal.contains(words), "the refusal does not say {words:?}: {refusal:?}\n{}", out.stderr);
+                let after = self.slot_b_digest()?;
+                ensure!(&after == digest, "slot B or the GPT changed on disk (digest {digest} → {after})");
+                let esp = self.esp_listing()?;
+                ensure!(&esp == listing, "the ESP changed: {listing:?} → {esp:?}");
+                if file == "flipped.airlock" {
+                    verification = Some(seconds);
+                }
+                Ok(format!("{refusal} (exit {code}, {seconds:.1}s); slot B and GPT unchanged (digest {digest}), ESP still: {esp}"))
+            });
+        }
+        self.check_avc("refusals");
+
+        // Boot 1: cut the power while slot B is written.
+        let cut = (|| -> Result<String> {
+            let clean = self.slot_b_digest()?;
+            let vm = self.vm()?;
+            sh(vm, &format!("systemd-run --quiet --collect --unit=airlock-update-cut {AGENT} apply --file {bundle}"))?;
+            let start = Instant::now();
+            let mut label = String::new();
+            loop {
+                ensure!(start.elapsed() < APPLY_TIMEOUT, "the apply never started writing slot B");
+                let log = sh(vm, "journalctl -u airlock-update-cut -o cat --no-pager")?;
+                if label.is_empty() {
+                    label = sh(vm, "ps -eo label,comm | awk '$2 == \"airlock-update\" {print $1}'").unwrap_or_default().trim().to_owned();
+                }
+                if log.contains("installed") || log.contains("error") || log.contains("refused") {
+                    bail!("the apply ended before the power cut:\n{log}");
+                }
+                if log.contains("payload verified; writing slot") {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            let writing_after = start.elapsed().as_secs_f64();
+            std::thread::sleep(Duration::from_millis(1500));
+            self.power_cut()?;
+            let changed = self.slot_b_digest()? != clean;
+            let esp = esp_from_host(self.machine.disk(), self.base)?;
+            ensure!(changed, "slot B is unchanged on disk: the cut came before the slot write");
+            ensure!(!esp.contains(&new_version), "the new entry is already on the ESP: the cut came after the slot write ({esp})");
+            Ok(format!(
+                "QEMU killed 1.5 s after the agent ({label}) began writing slot B ({writing_after:.1}s after the start): slot B partly written, ESP: {esp}"
+            ))
+        })();
+        // Boot 2: still slot A.
+        let boot2 = match &cut {
+            Ok(_) => self.power_on(),
+            Err(e) => Err(anyhow::anyhow!("no power cut during the slot write: {e:#}")),
+        };
+        suite.test(TESTS[2], || {
+            boot2.as_ref().map_err(|e| anyhow::anyhow!("{e:#}"))?;
+            let cut_detail = cut.as_ref().map_err(|e| anyhow::anyhow!("{e:#}"))?;
+            let b = self.booted()?;
+            ensure!(b.root_hash == a_hash && b.version == self.base.version, "booted {} (root hash {}) instead of slot A's {}", b.version, &b.root_hash[..16], self.base.version);
+            let esp = self.esp_listing()?;
+            Ok(format!("{cut_detail}; next boot: {} from slot A (root hash {}), ESP: {esp}", b.version, &b.root_hash[..16]))
+        });
+
+        // Boot 2: apply again, one try, with the unhealthy marker set.
+        let mut applied = false;
+        suite.test(TESTS[3], || {
+            boot2.as_ref().map_err(|e| anyhow::anyhow!("{e:#}"))?;
+            let (out, seconds) = self.update_agent(&format!("--tries 1 apply --file {bundle}"), APPLY_TIMEOUT)?;
+            ensure!(out.success(), "apply failed: exit {:?}\n{}", out.exit_code, out.stderr);
+            ensure!(out.stdout.contains("reboot pending"), "apply printed {:?}", out.stdout);
+            let esp = self.esp_listing()?;
+            let entry = format!("{}_{}+1.efi", p.next.name, new_version);
+            ensure!(esp.split_whitespace().any(|e| e == entry), "no {entry} on the ESP: {esp}");
+            applied = true;
+            self.check_avc("slot A after the power cut: apply");
+            let mb = p.payload_bytes as f64 / 1e6;
+            let verify = verification.map(|v| format!("; verification alone (the flipped bundle's refusal): {v:.1}s, {:.1} MB/s", mb / v)).unwrap_or_default();
+            Ok(format!(
+                "{} ({seconds:.1}s for {mb:.0} MB of payload, {:.1} MB/s end to end: verify, write, read back{verify}); ESP: {esp}",
+                out.stdout.trim(),
+                mb / seconds
+            ))
+        });
+
+        // Boots 3 and 4: the new slot fails its health gate; back to A.
+        suite.test(TESTS[4], || {
+            ensure!(applied, "the update was not applied");
+            sh(self.vm()?, &format!("mkdir -p $(dirname {UNHEALTHY_MARKER}) && touch {UNHEALTHY_MARKER}"))?;
+            self.reboot()?;
+            let b = self.booted()?;
+            ensure!(b.root_hash == b_hash, "the trial boot came from root hash {}, not slot B's {}", &b.root_hash[..16], &b_hash[..16]);
+            let state = self.wait_unit_settled("airlock-update-health.service")?;
+            ensure!(state == "failed", "the health gate ended {state}, expected failed");
+            let why = sh(self.vm()?, "journalctl -b -u airlock-update-health.service -o cat --no-pager | grep 'FAILED' || true")?;
+            let esp_trial = self.esp_listing()?;
+            self.check_avc("slot B on trial, unhealthy");
+            self.reboot()?;
+            let back = self.booted()?;
+            ensure!(back.root_hash == a_hash, "after the failed try the machine booted root hash {}, not slot A's", &back.root_hash[..16]);
+            let esp = self.esp_listing()?;
+            ensure!(esp.contains(&format!("{}_{}+0-1.efi", p.next.name, new_version)), "the failed entry is not marked bad (+0-1): {esp}");
+            sh(self.vm()?, &format!("rm -f {UNHEALTHY_MARKER}"))?;
+            Ok(format!(
+                "trial boot of {} from slot B: health gate failed ({}); ESP then: {esp_trial}; next boot: {} from slot A, ESP: {esp}",
+                b.version,
+                why.trim().replace('\n', "; "),
+                back.version
+            ))
+        });
+
+        // Boot 4 → 5: apply again (three tries), reboot, blessed.
+        suite.test(TESTS[5], || {
+            let (out, seconds) = self.update_agent(&format!("apply --file {bundle}"), APPLY_TIMEOUT)?;
+            ensure!(out.success(), "apply failed: exit {:?}\n{}", out.exit_code, out.stderr);
+            let pending = self.esp_listing()?;
+            self.check_avc("slot A after the fallback: apply");
+            let reboot_start = Instant::now();
+            self.reboot()?;
+            let b = self.booted()?;
+            ensure!(b.version == new_version && b.root_hash == b_hash, "booted {} (root hash {}), expected {new_version} from slot B", b.version, &b.root_hash[..16]);
+            let health = self.wait_unit_settled("airlock-update-health.service")?;
+            ensure!(health == "active", "the health gate ended {health}");
+            let bless = self.wait_unit_settled("systemd-bless-boot.service")?;
+            ensure!(bless == "active", "systemd-bless-boot.service ended {bless}");
+            let blessed_after = reboot_start.elapsed().as_secs_f64();
+            let esp = self.esp_listing()?;
+            let entry = format!("{}_{}.efi", p.next.name, new_version);
+            ensure!(esp.split_whitespace().any(|e| e == entry), "the entry is not blessed ({entry} missing): {esp}");
+            let status = sh(self.vm()?, &format!("{AGENT} status"))?;
+            let failed = sh(self.vm()?, "systemctl --failed --no-legend --plain")?;
+            ensure!(failed.trim().is_empty(), "failed units:\n{failed}");
+            self.check_avc("slot B, blessed");
+            Ok(format!(
+                "apply {seconds:.1}s, ESP {pending}; reboot → {} from slot B, health gate passed, blessed {blessed_after:.0}s after the reboot; ESP: {esp}\n{}",
+                b.version,
+                status.trim()
+            ))
+        });
+
+        let (data, data_problems) = (self.data.join("\n"), self.data_problems.join("\n"));
+        suite.test(TESTS[6], || {
+            ensure!(data_problems.is_empty(), "{data_problems}");
+            ensure!(self.boots >= 2, "only {} boot(s) happened", self.boots);
+            Ok(data)
+        });
+        let (avc, avc_problems) = (self.avc.join("; "), self.avc_problems.join("\n"));
+        suite.test(TESTS[7], || {
+            ensure!(avc_problems.is_empty(), "{avc_problems}");
+            Ok(format!("denials per boot: {avc}"))
+        });
+        let boots: Vec<String> = self.boot_seconds.iter().map(|s| format!("{s:.0}")).collect();
+        println!("acceptance: update machine: {} boots, seconds to the agent: {}", self.boots, boots.join(", "));
+    }
+
+    /// Waits until `unit` is neither inactive nor activating; its state.
+    fn wait_unit_settled(&mut self, unit: &str) -> Result<String> {
+        let start = Instant::now();
+        loop {
+            let state = sh(self.vm()?, &format!("systemctl is-active {unit} || true"))?.trim().to_owned();
+            if state != "activating" && state != "inactive" {
+                return Ok(state);
+            }
+            if start.elapsed() > HEALTH_TIMEOUT {
+                bail!("{unit} still {state} after {:?}", HEALTH_TIMEOUT);
+            }
+            std::thread::sleep(Duration::from_secs(2));
+        }
+    }
+}
+
+/// The ESP's `EFI/Linux` as it is on the disk file (mtools, no mount).
+fn esp_from_host(disk: &Path, report: &Report) -> Result<String> {
+    let esp = report.partitions.iter().find(|p| p.label == "esp").context("no ESP in the report")?;
+    let sh = Shell::new()?;
+    let _env = sh.push_env("MTOOLS_SKIP_CHECK", "1");
+    let image = format!("{}@@{}", disk.display(), esp.offset);
+    let out = cmd!(sh, "mdir -b -i {image} ::/EFI/Linux").quiet().read()?;
+    Ok(out.lines().map(|l| l.trim_start_matches("::/EFI/Linux/")).collect::<Vec<_>>().join(" "))
+}
