@@ -330,6 +330,19 @@ impl<'a> Timeline<'a> {
         Ok(Booted { version: os.trim().trim_matches('"').to_owned(), root_hash: root_hash.to_owned() })
     }
 
+    /// The entry systemd-boot booted (`LoaderEntrySelected`), and whether
+    /// the boot is counted (`LoaderBootCountPath` exists).
+    fn loader(&mut self) -> Result<(String, bool)> {
+        let out = sh(
+            self.vm()?,
+            "cd /sys/firmware/efi/efivars && tail -c +5 LoaderEntrySelected-4a67b082-0a4c-41cf-b6c7-440b29bb8c4f | tr -d '\\000'; echo; ls | grep -c '^LoaderBootCountPath-' || true",
+        )?;
+        let mut lines = out.lines();
+        let entry = lines.next().unwrap_or("").trim().to_owned();
+        let counted = lines.next().unwrap_or("0").trim() != "0";
+        Ok((entry, counted))
+    }
+
     fn esp_listing(&mut self) -> Result<String> {
         Ok(sh(self.vm()?, "ls -1 /efi/EFI/Linux")?.split_whitespace().collect::<Vec<_>>().join(" "))
     }
@@ -341,6 +354,16 @@ impl<'a> Timeline<'a> {
         let start = Instant::now();
         let out = self.vm()?.agent()?.run(&["sh", "-c", &script], timeout)?;
         Ok((out, start.elapsed().as_secs_f64()))
+    }
+
+    /// The first MiB of slot B's root partition, as it is on the disk file.
+    fn slot_b_head(&self) -> Result<Vec<u8>> {
+        let p = self.base.partitions.iter().find(|p| p.number == 4).context("the report has no partition 4 (slot B)")?;
+        let mut f = std::fs::File::open(self.machine.disk())?;
+        f.seek(SeekFrom::Start(p.offset))?;
+        let mut buf = vec![0u8; 1 << 20];
+        f.read_exact(&mut buf)?;
+        Ok(buf)
     }
 
     /// Slot B's partitions and both GPT copies, hashed from the host.
@@ -401,7 +424,7 @@ impl<'a> Timeline<'a> {
 
         // Boot 1: cut the power while slot B is written.
         let cut = (|| -> Result<String> {
-            let clean = self.slot_b_digest()?;
+            let clean = self.slot_b_head()?;
             let vm = self.vm()?;
             sh(vm, &format!("systemd-run --quiet --collect --unit=airlock-update-cut {AGENT} apply --file {bundle}"))?;
             let start = Instant::now();
@@ -421,14 +444,25 @@ impl<'a> Timeline<'a> {
                 std::thread::sleep(Duration::from_millis(200));
             }
             let writing_after = start.elapsed().as_secs_f64();
-            std::thread::sleep(Duration::from_millis(1500));
+            // Cut as soon as the guest's writes of slot B reach the disk
+            // (its page cache holds them a while), or after 20 s.
+            let deadline = Instant::now() + Duration::from_secs(20);
+            let mut landed = false;
+            while Instant::now() < deadline {
+                if self.slot_b_head()? != clean {
+                    landed = true;
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            let cut_at = start.elapsed().as_secs_f64();
             self.power_cut()?;
-            let changed = self.slot_b_digest()? != clean;
             let esp = esp_from_host(self.machine.disk(), self.base)?;
-            ensure!(changed, "slot B is unchanged on disk: the cut came before the slot write");
             ensure!(!esp.contains(&new_version), "the new entry is already on the ESP: the cut came after the slot write ({esp})");
+            let gpt = slot_b_labels(self.machine.disk())?;
             Ok(format!(
-                "QEMU killed 1.5 s after the agent ({label}) began writing slot B ({writing_after:.1}s after the start): slot B partly written, ESP: {esp}"
+                "apply started by systemd in {label}; slot B write began {writing_after:.1}s after the start; QEMU killed at {cut_at:.1}s, {}; on disk then: slot B labels {gpt}, ESP {esp}",
+                if landed { "once slot B's first MiB had reached the disk" } else { "with nothing of slot B on the disk yet (20 s)" }
             ))
         })();
         // Boot 2: still slot A.
@@ -473,6 +507,8 @@ impl<'a> Timeline<'a> {
             self.reboot()?;
             let b = self.booted()?;
             ensure!(b.root_hash == b_hash, "the trial boot came from root hash {}, not slot B's {}", &b.root_hash[..16], &b_hash[..16]);
+            let (entry, counted) = self.loader()?;
+            ensure!(counted, "systemd-boot booted {entry} without boot counting (no LoaderBootCountPath)");
             let state = self.wait_unit_settled("airlock-update-health.service")?;
             ensure!(state == "failed", "the health gate ended {state}, expected failed");
             let why = sh(self.vm()?, "journalctl -b -u airlock-update-health.service -o cat --no-pager | grep 'FAILED' || true")?;
@@ -485,7 +521,7 @@ impl<'a> Timeline<'a> {
             ensure!(esp.contains(&format!("{}_{}+0-1.efi", p.next.name, new_version)), "the failed entry is not marked bad (+0-1): {esp}");
             sh(self.vm()?, &format!("rm -f {UNHEALTHY_MARKER}"))?;
             Ok(format!(
-                "trial boot of {} from slot B: health gate failed ({}); ESP then: {esp_trial}; next boot: {} from slot A, ESP: {esp}",
+                "trial boot of {} from slot B (entry {entry}): health gate failed ({}); ESP then: {esp_trial}; next boot: {} from slot A, ESP: {esp}",
                 b.version,
                 why.trim().replace('\n', "; "),
                 back.version
@@ -502,6 +538,8 @@ impl<'a> Timeline<'a> {
             self.reboot()?;
             let b = self.booted()?;
             ensure!(b.version == new_version && b.root_hash == b_hash, "booted {} (root hash {}), expected {new_version} from slot B", b.version, &b.root_hash[..16]);
+            let (entry, counted) = self.loader()?;
+            ensure!(counted, "systemd-boot booted {entry} without boot counting (no LoaderBootCountPath)");
             let health = self.wait_unit_settled("airlock-update-health.service")?;
             ensure!(health == "active", "the health gate ended {health}");
             let bless = self.wait_unit_settled("systemd-bless-boot.service")?;
@@ -515,7 +553,7 @@ impl<'a> Timeline<'a> {
             ensure!(failed.trim().is_empty(), "failed units:\n{failed}");
             self.check_avc("slot B, blessed");
             Ok(format!(
-                "apply {seconds:.1}s, ESP {pending}; reboot → {} from slot B, health gate passed, blessed {blessed_after:.0}s after the reboot; ESP: {esp}\n{}",
+                "apply {seconds:.1}s, ESP {pending}; reboot → {} from slot B (entry {entry}), health gate passed, blessed {blessed_after:.0}s after the reboot; ESP: {esp}\n{}",
                 b.version,
                 status.trim()
             ))
@@ -560,4 +598,14 @@ fn esp_from_host(disk: &Path, report: &Report) -> Result<String> {
     let image = format!("{}@@{}", disk.display(), esp.offset);
     let out = cmd!(sh, "mdir -b -i {image} ::/EFI/Linux").quiet().read()?;
     Ok(out.lines().map(|l| l.trim_start_matches("::/EFI/Linux/")).collect::<Vec<_>>().join(" "))
+}
+
+/// The GPT names of partitions 4 and 5 (slot B) on the disk file.
+fn slot_b_labels(disk: &Path) -> Result<String> {
+    let sh = Shell::new()?;
+    let json = cmd!(sh, "sfdisk --json {disk}").quiet().read()?;
+    let v: serde_json::Value = serde_json::from_str(&json).context("sfdisk --json")?;
+    let parts = v["partitiontable"]["partitions"].as_array().context("no partitions in sfdisk --json")?;
+    let names: Vec<String> = parts.iter().skip(3).take(2).map(|p| p["name"].as_str().unwrap_or("").to_owned()).collect();
+    Ok(names.join("/"))
 }
