@@ -275,7 +275,7 @@ impl<'a> Timeline<'a> {
         }
         let (first, m) = (self.boots == 1, self.marker.clone());
         let vm = self.vm()?;
-        sh(vm, &format!("mkdir -p {STICK} && mount -t vfat -o ro,umask=0077 /dev/vdb {STICK}"))?;
+        sh(vm, &format!("udevadm settle --timeout=60; mkdir -p {STICK} && mount -t vfat -o ro,umask=0077 /dev/disk/by-label/AIRLOCKUSB {STICK}"))?;
         if first {
             sh(
                 vm,
@@ -546,8 +546,8 @@ impl<'a> Timeline<'a> {
             ensure!(bless == "active", "systemd-bless-boot.service ended {bless}");
             let blessed_after = reboot_start.elapsed().as_secs_f64();
             let esp = self.esp_listing()?;
-            let entry = format!("{}_{}.efi", p.next.name, new_version);
-            ensure!(esp.split_whitespace().any(|e| e == entry), "the entry is not blessed ({entry} missing): {esp}");
+            let blessed = format!("{}_{}.efi", p.next.name, new_version);
+            ensure!(esp.split_whitespace().any(|e| e == blessed), "the entry is not blessed ({blessed} missing): {esp}");
             let status = sh(self.vm()?, &format!("{AGENT} status"))?;
             let failed = sh(self.vm()?, "systemctl --failed --no-legend --plain")?;
             ensure!(failed.trim().is_empty(), "failed units:\n{failed}");
