@@ -219,7 +219,12 @@ impl<'a> Timeline<'a> {
             boots: 0,
             boot_seconds: Vec::new(),
         };
-        t.power_on()?;
+        if let Err(e) = t.power_on() {
+            if let Some(vm) = t.vm.as_mut() {
+                vm.keep_files();
+            }
+            return Err(e);
+        }
         Ok(t)
     }
 
