@@ -355,6 +355,7 @@ fn run_stages(
         tree::apply_overlays(runner, &image_tree, &inputs.overlays)?;
         tree::install_binaries(runner, &opts.source, &image_tree, &inputs.binaries)?;
         tree::make_mount_points(&image_tree, MOUNT_POINTS)?;
+        seal::stamp_os_release(&image_tree, &manifest)?;
         if let Some(keys) = trusted_keys {
             tree::install_trusted_keys(&image_tree, keys)?;
         }

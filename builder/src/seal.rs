@@ -161,6 +161,16 @@ pub fn image_os_release(distro_os_release: &str, manifest: &Manifest) -> String 
     out
 }
 
+/// Writes the image fields into the tree's own `usr/lib/os-release` (what
+/// `/etc/os-release` points at), so that the running system knows its image,
+/// version, compatible string and epoch (the update agent reads them there),
+/// as the UKI's `.osrel` does.
+pub fn stamp_os_release(tree: &Path, manifest: &Manifest) -> Result<()> {
+    let path = tree.join("usr/lib/os-release");
+    let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    std::fs::write(&path, image_os_release(&text, manifest)).with_context(|| format!("writing {}", path.display()))
+}
+
 /// systemd-boot settings: no menu, no editor (so the command line in the
 /// UKI cannot be changed at boot), no automatic firmware or OS entries.
 pub const LOADER_CONF: &str = "timeout menu-disabled\neditor no\nauto-entries no\nauto-firmware no\nconsole-mode keep\n";

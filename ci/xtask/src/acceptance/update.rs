@@ -189,6 +189,14 @@ struct Timeline<'a> {
     marker: String,
     boots: usize,
     boot_seconds: Vec<f64>,
+    /// `airlock-update` units started so far (each gets its own name).
+    runs: usize,
+}
+
+/// How an `airlock-update` unit ended: its exit status and its journal.
+struct AgentRun {
+    exit: i32,
+    output: String,
 }
 
 /// Where a boot came from.
@@ -218,6 +226,7 @@ impl<'a> Timeline<'a> {
             marker: String::new(),
             boots: 0,
             boot_seconds: Vec::new(),
+            runs: 0,
         };
         if let Err(e) = t.power_on() {
             if let Some(vm) = t.vm.as_mut() {
@@ -352,13 +361,30 @@ impl<'a> Timeline<'a> {
         Ok(sh(self.vm()?, "ls -1 /efi/EFI/Linux")?.split_whitespace().collect::<Vec<_>>().join(" "))
     }
 
-    /// `airlock-update ARGS` started by systemd (so in its own SELinux
-    /// domain), its output piped back.
-    fn update_agent(&mut self, args: &str, timeout: Duration) -> Result<(airlock_test_agent::CommandOutput, f64)> {
-        let script = format!("systemd-run --wait --pipe --quiet --collect --service-type=exec {AGENT} {args}");
+    /// `airlock-update ARGS` started by systemd as a unit of its own (so
+    /// in its own SELinux domain); waits for it to end. Its output comes
+    /// from the journal (`systemd-run --pipe` would hand the agent's file
+    /// descriptors to dbus-daemon, which the policy refuses).
+    fn update_agent(&mut self, args: &str, timeout: Duration) -> Result<(AgentRun, f64)> {
+        self.runs += 1;
+        let unit = format!("airlock-update-acceptance-{}", self.runs);
         let start = Instant::now();
-        let out = self.vm()?.agent()?.run(&["sh", "-c", &script], timeout)?;
-        Ok((out, start.elapsed().as_secs_f64()))
+        let vm = self.vm()?;
+        sh(vm, &format!("systemd-run --quiet --unit={unit} --service-type=exec {AGENT} {args}"))?;
+        let exit = loop {
+            let show = sh(vm, &format!("systemctl show {unit} -p ActiveState -p ExecMainStatus"))?;
+            let field = |k: &str| show.lines().find_map(|l| l.strip_prefix(k)?.strip_prefix('=')).unwrap_or("").trim().to_owned();
+            match field("ActiveState").as_str() {
+                // A unit that exited 0 is unloaded at once: inactive, status 0.
+                "inactive" => break 0,
+                "failed" => break field("ExecMainStatus").parse().with_context(|| format!("{unit}: {show}"))?,
+                _ if start.elapsed() > timeout => bail!("{unit} still runs after {timeout:?}"),
+                _ => std::thread::sleep(Duration::from_millis(500)),
+            }
+        };
+        let seconds = start.elapsed().as_secs_f64();
+        let output = sh(vm, &format!("journalctl --sync; journalctl -u {unit} -o cat --no-pager; systemctl reset-failed {unit} 2>/dev/null || true"))?;
+        Ok((AgentRun { exit, output }, seconds))
     }
 
     /// The first MiB of slot B's root partition, as it is on the disk file.
@@ -412,9 +438,9 @@ impl<'a> Timeline<'a> {
             suite.test(test, || {
                 let (digest, listing) = before.as_ref().map_err(|e| anyhow::anyhow!("{e:#}"))?;
                 let (out, seconds) = self.update_agent(&format!("apply --file {STICK}/{file}"), APPLY_TIMEOUT)?;
-                let refusal = out.stderr.lines().find(|l| l.contains("airlock-update: refused:")).unwrap_or("").to_owned();
-                ensure!(out.exit_code == Some(code), "expected exit code {code}, got {:?}; stdout {:?}, stderr:\n{}", out.exit_code, out.stdout, out.stderr);
-                ensure!(refusal.contains(words), "the refusal does not say {words:?}: {refusal:?}\n{}", out.stderr);
+                let refusal = out.output.lines().find(|l| l.contains("airlock-update: refused:")).unwrap_or("").to_owned();
+                ensure!(out.exit == code, "expected exit code {code}, got {}:\n{}", out.exit, out.output);
+                ensure!(refusal.contains(words), "the refusal does not say {words:?}: {refusal:?}\n{}", out.output);
                 let after = self.slot_b_digest()?;
                 ensure!(&after == digest, "slot B or the GPT changed on disk (digest {digest} → {after})");
                 let esp = self.esp_listing()?;
@@ -489,8 +515,9 @@ impl<'a> Timeline<'a> {
         suite.test(TESTS[3], || {
             boot2.as_ref().map_err(|e| anyhow::anyhow!("{e:#}"))?;
             let (out, seconds) = self.update_agent(&format!("--tries 1 apply --file {bundle}"), APPLY_TIMEOUT)?;
-            ensure!(out.success(), "apply failed: exit {:?}\n{}", out.exit_code, out.stderr);
-            ensure!(out.stdout.contains("reboot pending"), "apply printed {:?}", out.stdout);
+            ensure!(out.exit == 0, "apply failed: exit {}\n{}", out.exit, out.output);
+            let summary = out.output.lines().find(|l| l.contains("reboot pending") && !l.starts_with("airlock-update:")).unwrap_or("").to_owned();
+            ensure!(!summary.is_empty(), "apply did not say \"reboot pending\":\n{}", out.output);
             let esp = self.esp_listing()?;
             let entry = format!("{}_{}+1.efi", p.next.name, new_version);
             ensure!(esp.split_whitespace().any(|e| e == entry), "no {entry} on the ESP: {esp}");
@@ -500,7 +527,7 @@ impl<'a> Timeline<'a> {
             let verify = verification.map(|v| format!("; verification alone (the flipped bundle's refusal): {v:.1}s, {:.1} MB/s", mb / v)).unwrap_or_default();
             Ok(format!(
                 "{} ({seconds:.1}s for {mb:.0} MB of payload, {:.1} MB/s end to end: verify, write, read back{verify}); ESP: {esp}",
-                out.stdout.trim(),
+                summary.trim(),
                 mb / seconds
             ))
         });
@@ -536,7 +563,7 @@ impl<'a> Timeline<'a> {
         // Boot 4 → 5: apply again (three tries), reboot, blessed.
         suite.test(TESTS[5], || {
             let (out, seconds) = self.update_agent(&format!("apply --file {bundle}"), APPLY_TIMEOUT)?;
-            ensure!(out.success(), "apply failed: exit {:?}\n{}", out.exit_code, out.stderr);
+            ensure!(out.exit == 0, "apply failed: exit {}\n{}", out.exit, out.output);
             let pending = self.esp_listing()?;
             self.check_avc("slot A after the fallback: apply");
             let reboot_start = Instant::now();
