@@ -294,6 +294,9 @@ pub fn flash(opts: &FlashOptions) -> Result<FlashReport> {
     let tpath = &target.path;
     let mut data_size = layout.data.size;
     if target.size > image_size {
+        // `sfdisk -N` below would also write the backup header at the end
+        // when it saves the table; relocating first says so explicitly and
+        // spares it the "backup GPT not at the end" warnings.
         runner.run("moving the backup GPT to the end of the disk", cmd!(sh, "sfdisk --relocate gpt-bak-std {tpath}"))?;
         let number = layout.data.number.to_string();
         runner.run(
