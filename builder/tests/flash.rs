@@ -88,6 +88,11 @@ struct Fixture {
 
 impl Fixture {
     fn new() -> Fixture {
+        Fixture::with_shipped(SHIPPED)
+    }
+
+    /// An image whose shipped configuration is `shipped`.
+    fn with_shipped(shipped: &str) -> Fixture {
         require_root();
         let dir = tempfile::tempdir().unwrap();
         let d = dir.path();
@@ -102,7 +107,7 @@ impl Fixture {
             ),
         )
         .unwrap();
-        std::fs::write(tree.join("etc/airlock/appliance.toml"), SHIPPED).unwrap();
+        std::fs::write(tree.join("etc/airlock/appliance.toml"), shipped).unwrap();
         xattr::set(tree.join("var"), "security.selinux", VAR_LABEL.as_bytes()).unwrap();
         let root_img = d.join("root.erofs");
         run("mkfs.erofs", &["--quiet", root_img.to_str().unwrap(), tree.to_str().unwrap()]);
@@ -470,4 +475,23 @@ fn a_bad_machine_file_is_refused_naming_file_line_and_key() {
         assert!(e.contains(&machine.display().to_string()) && e.contains(want), "{text}: {e}");
     }
     assert_eq!(sha256(&target), before, "a refused flash changed the target");
+}
+
+/// The test image's shipped configuration has a `[network]` section (the
+/// production one leaves it to the site's overlay): per-PC uplink addresses
+/// are machine settings; a bad one is refused naming its key and line.
+#[test]
+fn machine_uplink_addresses_are_provisioned_and_checked() {
+    let fx = Fixture::with_shipped(include_str!("../../ci/test-agent/overlay/etc/airlock/appliance.toml"));
+    let target = fx.target("pc.raw", 96 * MIB);
+    let before = sha256(&target);
+    let bad = fx.path("bad-uplink.toml");
+    std::fs::write(&bad, "[network.classified.uplink]\ninterface = \"enp1s0\"\naddress = \"192.168.10.300/24\"\ngateway = \"192.168.10.1\"\n").unwrap();
+    let e = refused(&fx.flash(&target, &["--machine", bad.to_str().unwrap()]));
+    assert!(e.contains(&bad.display().to_string()) && e.contains("line 3") && e.contains("network.classified.uplink.address"), "{e}");
+    assert_eq!(sha256(&target), before);
+    let good = fx.path("pc-0042.toml");
+    std::fs::write(&good, "[network.classified.uplink]\ninterface = \"enp1s0\"\naddress = \"192.168.10.20/24\"\ngateway = \"192.168.10.1\"\n").unwrap();
+    let stdout = ok(&fx.flash(&target, &["--machine", good.to_str().unwrap()]));
+    assert!(stdout.contains("provisioned /var/lib/airlock/provision/appliance.toml"), "{stdout}");
 }
