@@ -331,6 +331,15 @@ fn a_target_smaller_than_the_image_is_refused_and_untouched() {
     assert_eq!(sha256(&target), before);
     let e = refused(&fx.flash(&fx.path("missing.raw"), &[]));
     assert!(e.contains("does not exist"), "{e}");
+    // The image itself (an image-file target is emptied first: it would be lost).
+    let image_before = sha256(&fx.image);
+    let e = refused(&fx.flash(&fx.image, &[]));
+    assert!(e.contains("is the image itself"), "{e}");
+    let lo = LoopDev::attach(&["--read-only", fx.image.to_str().unwrap()]);
+    let e = refused(&fx.flash(Path::new(&lo.0), &[]));
+    assert!(e.contains("is the image itself"), "{e}");
+    drop(lo);
+    assert_eq!(sha256(&fx.image), image_before);
 }
 
 /// Guest images: a raw disk (an MBR on it) and a qcow2.

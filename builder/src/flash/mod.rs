@@ -239,7 +239,7 @@ pub fn flash(opts: &FlashOptions) -> Result<FlashReport> {
     let layout = image_layout(&read_table(&runner, image)?).with_context(|| format!("{} is not an airlock image", image.display()))?;
 
     // 2. The target.
-    let target = target::probe(&opts.target)?;
+    let target = target::probe(&opts.target, image)?;
     if target.size < image_size {
         return Err(target::Refusal::too_small(&target.path, target.size, image_size).into());
     }

@@ -27,6 +27,10 @@ pub enum Refusal {
     HostDisk { target: String, via: String },
     #[error("{target} is in use: {what}; unmount or detach it first")]
     InUse { target: String, what: String },
+    #[error("{target} is the image itself ({image}); give another disk or file")]
+    SameAsImage { target: String, image: String },
+    #[error("{target}: cannot tell whether it is in use: {why}; refusing")]
+    CannotCheck { target: String, why: String },
     #[error("{target} is too small: {target_size} bytes ({target_mib} MiB), the image needs {image_size} bytes ({image_mib} MiB)")]
     TooSmall { target: String, target_size: u64, target_mib: u64, image_size: u64, image_mib: u64 },
 }
@@ -235,21 +239,44 @@ fn major_minor(rdev: u64) -> (u32, u32) {
 /// Checks `path` against the real system: exists, a whole disk or a file,
 /// not the host's disk, not in use. The size check against the image is the
 /// caller's ([`Refusal::too_small`]).
-pub fn probe(path: &Path) -> Result<Target, Refusal> {
+pub fn probe(path: &Path, image: &Path) -> Result<Target, Refusal> {
     let shown = path.display().to_string();
     let meta = match std::fs::metadata(path) {
         Ok(m) => m,
         Err(_) => return Err(Refusal::Missing { target: shown }),
     };
+    if let Ok(im) = std::fs::metadata(image) {
+        if (im.dev(), im.ino()) == (meta.dev(), meta.ino()) {
+            return Err(Refusal::SameAsImage { target: shown, image: image.display().to_string() });
+        }
+    }
+    let cannot = |why: String| Refusal::CannotCheck { target: shown.clone(), why };
+    // Without these the checks would see nothing in use: refuse instead.
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").map_err(|e| cannot(format!("reading /proc/self/mountinfo: {e}")))?;
+    let mounts = parse_mountinfo(&mountinfo);
+    if mounts.is_empty() {
+        return Err(cannot("/proc/self/mountinfo lists no mount".into()));
+    }
+    if !Path::new("/sys/class/block").is_dir() {
+        return Err(cannot("/sys is not mounted (no /sys/class/block)".into()));
+    }
     let sysfs = Sysfs::new("/sys");
-    let mounts = parse_mountinfo(&std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default());
-    let swaps = parse_swaps(&std::fs::read_to_string("/proc/swaps").unwrap_or_default());
+    let swaps = match std::fs::read_to_string("/proc/swaps") {
+        Ok(text) => parse_swaps(&text),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+        Err(e) => return Err(cannot(format!("reading /proc/swaps: {e}"))),
+    };
     let (kind, names) = if meta.file_type().is_block_device() {
         let dev = major_minor(meta.rdev());
         let Some(name) = sysfs.name_of(dev) else { return Err(Refusal::NotADisk { target: shown }) };
         let disk = sysfs.disk_of(&name);
         if disk != name {
             return Err(Refusal::Partition { target: shown, name, disk });
+        }
+        if let (Ok(backing), Ok(image)) = (std::fs::read_to_string(sysfs.block(&name).join("loop/backing_file")), std::fs::canonicalize(image)) {
+            if Path::new(backing.trim_end()) == image {
+                return Err(Refusal::SameAsImage { target: shown, image: image.display().to_string() });
+            }
         }
         if host_disks(&sysfs, &mounts).contains(&name) {
             let via = mounts.iter().find(|m| m.mount_point == "/").map(|m| m.source.clone()).unwrap_or_default();
