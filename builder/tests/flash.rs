@@ -504,3 +504,75 @@ fn machine_uplink_addresses_are_provisioned_and_checked() {
     let stdout = ok(&fx.flash(&target, &["--machine", good.to_str().unwrap()]));
     assert!(stdout.contains("provisioned /var/lib/airlock/provision/appliance.toml"), "{stdout}");
 }
+
+/// A real built image (`airlock build` output, with its `SHA256SUMS` and
+/// `<stem>.selinux/file_contexts` beside it), flashed onto a larger file
+/// with a provisioned qcow2 and machine file: the read-back sha256 is the
+/// one in `SHA256SUMS`, the provisioned files carry exactly the labels of
+/// the image's own compiled `file_contexts`, and their owners are the
+/// image's users. Opt-in (reads and writes a few GiB):
+/// `AIRLOCK_TEST_IMAGE=out/airlock_1.0.raw cargo test -p airlock --test flash -- --ignored`.
+#[test]
+#[ignore = "needs a built image: AIRLOCK_TEST_IMAGE=out/airlock_1.0.raw"]
+fn a_built_image_flashes_and_provisions_with_its_own_labels() {
+    require_root();
+    let image = PathBuf::from(std::env::var_os("AIRLOCK_TEST_IMAGE").expect("set AIRLOCK_TEST_IMAGE to a built .raw image"));
+    let out = image.parent().unwrap();
+    let stem = image.file_stem().unwrap().to_string_lossy().into_owned();
+    let sums = std::fs::read_to_string(out.join("SHA256SUMS")).unwrap();
+    let name = image.file_name().unwrap().to_string_lossy().into_owned();
+    let want_sha = sums.lines().find_map(|l| l.strip_suffix(&format!("  {name}"))).expect("the image in SHA256SUMS").to_owned();
+    let contexts = std::fs::read_to_string(out.join(format!("{stem}.selinux/file_contexts"))).unwrap();
+    let context_of = |pattern: &str| -> String {
+        contexts
+            .lines()
+            .find_map(|l| {
+                let f: Vec<&str> = l.split_whitespace().collect();
+                (f.first() == Some(&pattern)).then(|| f.last().unwrap().to_string())
+            })
+            .unwrap_or_else(|| panic!("{pattern} not in the image's file_contexts"))
+    };
+
+    let dir = tempfile::tempdir().unwrap();
+    let target = dir.path().join("pc.raw");
+    let size = std::fs::metadata(&image).unwrap().len() + 2048 * MIB;
+    std::fs::File::create(&target).unwrap().set_len(size).unwrap();
+    let qcow2 = dir.path().join("general.qcow2");
+    run("qemu-img", &["create", "-q", "-f", "qcow2", qcow2.to_str().unwrap(), "1G"]);
+    let machine = dir.path().join("pc.toml");
+    std::fs::write(&machine, "[guest.general]\nvcpus = 1\n").unwrap();
+    let output = Command::new(env!("CARGO_BIN_EXE_airlock"))
+        .args(["flash", image.to_str().unwrap(), target.to_str().unwrap(), "--guest"])
+        .arg(format!("general={}", qcow2.display()))
+        .args(["--machine", machine.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let stdout = ok(&output);
+    assert!(stdout.contains(&format!("sha256 {want_sha} matches the image")), "{stdout}");
+    let table = check_table(&target);
+    check_backup_gpt_at_end(&target, size);
+    check_data_fs(&target, &table);
+
+    let part = |label_prefix: &str| table.partitions.iter().find(|p| p.label.starts_with(label_prefix)).unwrap().clone();
+    let (root, data) = (part("root_"), part(labels::DATA));
+    let root_lo = LoopDev::attach(&["--read-only", "--offset", &root.start.to_string(), "--sizelimit", &root.size.to_string(), target.to_str().unwrap()]);
+    let root_mnt = dir.path().join("root");
+    std::fs::create_dir(&root_mnt).unwrap();
+    run("mount", &["-t", "erofs", "-o", "ro", &root_lo.0, root_mnt.to_str().unwrap()]);
+    let _r = MountAt(root_mnt.clone());
+    let passwd = std::fs::read_to_string(root_mnt.join("etc/passwd")).unwrap();
+    let general_uid = airlock::flash::provision::passwd_ids(&passwd, "airlock-general").expect("airlock-general in the image").0;
+
+    let data_lo = LoopDev::attach(&["--read-only", "--offset", &data.start.to_string(), "--sizelimit", &data.size.to_string(), target.to_str().unwrap()]);
+    let mnt = dir.path().join("data");
+    std::fs::create_dir(&mnt).unwrap();
+    run("mount", &["-o", "ro", &data_lo.0, mnt.to_str().unwrap()]);
+    let _m = MountAt(mnt.clone());
+    let label = |rel: &str| String::from_utf8(xattr::get(mnt.join(rel), "security.selinux").unwrap().expect("a label")).unwrap();
+    assert_eq!(label("lib/airlock"), context_of("/var/lib/airlock"));
+    assert_eq!(label("lib/airlock/provision/appliance.toml"), context_of("/var/lib/airlock/provision(/.*)?"));
+    assert_eq!(label("lib/airlock/general/disk/windows.qcow2"), context_of("/var/lib/airlock/general(/.*)?"));
+    assert_eq!(label("lib/airlock/classified/disk"), context_of("/var/lib/airlock/classified(/.*)?"));
+    let m = std::fs::metadata(mnt.join("lib/airlock/general/disk/windows.qcow2")).unwrap();
+    assert_eq!((m.uid(), m.permissions().mode() & 0o7777), (general_uid, 0o600));
+}
