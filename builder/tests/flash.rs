@@ -80,6 +80,15 @@ impl Drop for MountAt {
     }
 }
 
+/// Partition `p` of `disk` mounted read-only at `at` (created), through a
+/// loop device over its bytes; both undone when dropped (mount first).
+fn mount_partition(disk: &Path, p: &airlock::flash::TablePartition, at: &Path, fstype: &str) -> (MountAt, LoopDev) {
+    let lo = LoopDev::attach(&["--read-only", "--offset", &p.start.to_string(), "--sizelimit", &p.size.to_string(), disk.to_str().unwrap()]);
+    std::fs::create_dir(at).unwrap();
+    run("mount", &["-t", fstype, "-o", "ro", &lo.0, at.to_str().unwrap()]);
+    (MountAt(at.to_path_buf()), lo)
+}
+
 struct Fixture {
     dir: tempfile::TempDir,
     image: PathBuf,
@@ -386,11 +395,8 @@ fn provisioning_places_guests_and_machine_with_owners_modes_and_labels() {
     check_data_fs(&target, &table);
 
     let data = table.partitions.iter().find(|p| p.label == labels::DATA).unwrap();
-    let lo = LoopDev::attach(&["--read-only", "--offset", &data.start.to_string(), "--sizelimit", &data.size.to_string(), target.to_str().unwrap()]);
     let mnt = fx.path("data");
-    std::fs::create_dir(&mnt).unwrap();
-    run("mount", &["-o", "ro", &lo.0, mnt.to_str().unwrap()]);
-    let _m = MountAt(mnt.clone());
+    let _mounted = mount_partition(&target, data, &mnt, "ext4");
     let label = |p: &Path| String::from_utf8(xattr::get(p, "security.selinux").unwrap().expect("a label")).unwrap();
     let check = |rel: &str, uid: u32, mode: u32, type_: &str| {
         let p = mnt.join(rel);
@@ -555,19 +561,13 @@ fn a_built_image_flashes_and_provisions_with_its_own_labels() {
 
     let part = |label_prefix: &str| table.partitions.iter().find(|p| p.label.starts_with(label_prefix)).unwrap().clone();
     let (root, data) = (part("root_"), part(labels::DATA));
-    let root_lo = LoopDev::attach(&["--read-only", "--offset", &root.start.to_string(), "--sizelimit", &root.size.to_string(), target.to_str().unwrap()]);
     let root_mnt = dir.path().join("root");
-    std::fs::create_dir(&root_mnt).unwrap();
-    run("mount", &["-t", "erofs", "-o", "ro", &root_lo.0, root_mnt.to_str().unwrap()]);
-    let _r = MountAt(root_mnt.clone());
+    let _root = mount_partition(&target, &root, &root_mnt, "erofs");
     let passwd = std::fs::read_to_string(root_mnt.join("etc/passwd")).unwrap();
     let general_uid = airlock::flash::provision::passwd_ids(&passwd, "airlock-general").expect("airlock-general in the image").0;
 
-    let data_lo = LoopDev::attach(&["--read-only", "--offset", &data.start.to_string(), "--sizelimit", &data.size.to_string(), target.to_str().unwrap()]);
     let mnt = dir.path().join("data");
-    std::fs::create_dir(&mnt).unwrap();
-    run("mount", &["-o", "ro", &data_lo.0, mnt.to_str().unwrap()]);
-    let _m = MountAt(mnt.clone());
+    let _data = mount_partition(&target, &data, &mnt, "ext4");
     let label = |rel: &str| String::from_utf8(xattr::get(mnt.join(rel), "security.selinux").unwrap().expect("a label")).unwrap();
     assert_eq!(label("lib/airlock"), context_of("/var/lib/airlock"));
     assert_eq!(label("lib/airlock/provision/appliance.toml"), context_of("/var/lib/airlock/provision(/.*)?"));

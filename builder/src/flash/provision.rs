@@ -32,7 +32,7 @@ use xshell::cmd;
 use airlockd::config::{Config, DiskFormat};
 pub use airlockd::config::Side;
 
-use super::copy::{drop_cache, Progress};
+use super::copy::{drop_cache, read_full, Progress};
 use super::selabel::{self, FileType};
 use crate::exec::Runner;
 
@@ -375,13 +375,7 @@ fn copy_sparse_verified(src: &Path, dst: &Path, what: &str) -> Result<String> {
     let mut pos = 0u64;
     let mut progress = Progress::new(&format!("copying {what}"), total);
     loop {
-        let mut n = 0;
-        while n < BLOCK {
-            match input.read(&mut buf[n..]).with_context(|| format!("reading {}", src.display()))? {
-                0 => break,
-                k => n += k,
-            }
-        }
+        let n = read_full(&mut input, &mut buf).with_context(|| format!("reading {}", src.display()))?;
         if n == 0 {
             break;
         }
