@@ -259,6 +259,18 @@ fn flash_into_an_image_file_of_the_same_size() {
     check_data_fs(&target, &table);
 }
 
+/// A disk the image's size has no room to grow, but a machine file fits.
+#[test]
+fn a_same_size_disk_takes_a_machine_file() {
+    let fx = Fixture::new();
+    let target = fx.target("same.raw", fx.layout.size);
+    let machine = fx.path("m.toml");
+    std::fs::write(&machine, MACHINE).unwrap();
+    let stdout = ok(&fx.flash(&target, &["--machine", machine.to_str().unwrap()]));
+    assert!(stdout.contains("provisioned /var/lib/airlock/provision/appliance.toml"), "{stdout}");
+    check_data_fs(&target, &check_table(&target));
+}
+
 #[test]
 fn flash_into_a_larger_image_file_moves_the_backup_gpt_and_grows_the_data_partition() {
     let fx = Fixture::new();
@@ -465,7 +477,7 @@ fn bad_guest_files_are_refused_before_anything_is_written() {
     std::fs::copy(&raw, &big).unwrap();
     std::fs::File::options().write(true).open(&big).unwrap().set_len(512 * MIB).unwrap();
     let e = refused(&fx.flash(&target, &["--guest", &format!("classified={}", big.display()), "--machine", m]));
-    assert!(e.contains("no room for the guest disks"), "{e}");
+    assert!(e.contains("no room for the provisioned files"), "{e}");
     let e = refused(&fx.flash(&target, &["--guest", &format!("general={}", qcow2.display())]));
     assert!(e.contains("--guest needs --machine"), "{e}");
     assert_eq!(sha256(&target), before, "a refused flash changed the target");

@@ -227,6 +227,18 @@ impl Drop for Mounted<'_> {
     }
 }
 
+/// Bytes in use on the image's data filesystem (mounted read-only,
+/// without replaying a journal).
+fn data_used_bytes(runner: &Runner, image: &Path, data: &TablePartition) -> Result<u64> {
+    let data_loop = Loop::attach(runner, image, data.start, data.size, true)?;
+    let mounted = Mounted::mount(runner, &data_loop.device, "ext4", "ro,noload")?;
+    let stat = rustix::fs::statvfs(mounted.path()).with_context(|| format!("statvfs of {}'s data partition", image.display()));
+    mounted.close()?;
+    data_loop.close()?;
+    let stat = stat?;
+    Ok(stat.f_blocks.saturating_sub(stat.f_bfree) * stat.f_frsize)
+}
+
 /// Flashes (and provisions) as `opts` says.
 pub fn flash(opts: &FlashOptions) -> Result<FlashReport> {
     let runner = Runner::new(opts.verbose)?;
@@ -268,13 +280,14 @@ pub fn flash(opts: &FlashOptions) -> Result<FlashReport> {
         root.close()?;
         root_loop.close()?;
         let plan = plan?;
-        let needed = layout.data.size + plan.bytes_needed();
+        let used = data_used_bytes(&runner, image, &layout.data)?;
+        let needed = used + plan.bytes_needed();
         if needed > grown_data_size {
             bail!(
-                "{}: no room for the guest disks: they need {} MiB on the data partition (with the image's {} MiB), which can grow to {} MiB on this target; use a larger disk",
+                "{}: no room for the provisioned files: they need {} MiB on the data partition (with the {} MiB the image uses there), which can grow to {} MiB on this target; use a larger disk",
                 target.path.display(),
                 needed.div_ceil(MIB),
-                layout.data.size / MIB,
+                used.div_ceil(MIB),
                 grown_data_size / MIB
             );
         }
