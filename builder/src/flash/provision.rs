@@ -170,6 +170,11 @@ pub struct Plan {
 }
 
 impl Plan {
+    /// uid and gid of `side`'s QEMU user in the image.
+    pub fn owner(&self, side: Side) -> Result<(u32, u32)> {
+        self.owners.get(side.name()).copied().with_context(|| format!("no user known for the {side} side"))
+    }
+
     /// Room the provisioned files need on the data partition: the guest
     /// files' full size (a sparse raw image is counted whole: the guest
     /// will fill it) and 5 % for the filesystem.
@@ -294,8 +299,8 @@ pub fn apply(plan: &Plan, data_root: &Path) -> Result<Vec<String>> {
         bail!("the data partition has no lib/ (/var/lib); not an airlock data partition");
     }
     let ids_of = |owner: Owner, side: Side| match owner {
-        Owner::Root => (0, 0),
-        Owner::Side => plan.owners[side.name()],
+        Owner::Root => Ok((0, 0)),
+        Owner::Side => plan.owner(side),
     };
     for side in Side::ALL {
         for (template, mode, owner) in DIRS {
@@ -304,7 +309,7 @@ pub fn apply(plan: &Plan, data_root: &Path) -> Result<Vec<String>> {
             if !at.is_dir() {
                 std::fs::create_dir(&at).with_context(|| format!("creating {}", path.display()))?;
             }
-            set_meta(plan, &entries, &at, &path, ids_of(*owner, side), *mode, FileType::Dir)?;
+            set_meta(plan, &entries, &at, &path, ids_of(*owner, side)?, *mode, FileType::Dir)?;
         }
     }
     let mut lines = Vec::new();
@@ -320,7 +325,7 @@ pub fn apply(plan: &Plan, data_root: &Path) -> Result<Vec<String>> {
     }
     for g in &plan.guests {
         let at = on_data(data_root, &g.dest)?;
-        let ids = plan.owners[g.side.name()];
+        let ids = plan.owner(g.side)?;
         // Directories between the side's disk directory and the file (if the
         // configuration names a deeper path) belong to the side too.
         let disk_dir = PathBuf::from(format!("/var/lib/airlock/{}/disk", g.side.name()));
