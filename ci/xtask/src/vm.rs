@@ -366,8 +366,9 @@ impl Vm {
     /// SHUTDOWN, ...) to `qmp-events.log` in the VM's dir, each time the
     /// connection is about to close (a kept dir then has it).
     fn write_event_log(&mut self) {
+        let running = self.is_running();
         let Some(qmp) = self.qmp.as_mut() else { return };
-        if self.process.lock().map(|p| p.status.is_none()).unwrap_or(false) {
+        if running {
             let _ = qmp.poll_events();
         }
         let lines: String = qmp.events().iter().map(|e| format!("{e:?}\n")).collect();
