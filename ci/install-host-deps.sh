@@ -37,12 +37,15 @@ packages=(
   spice-vdagent xvfb xclip
   # update bundles: the signature interop test (ssh-keygen -Y sign/verify)
   openssh-client
+  # airlock flash: grows the data filesystem (e2fsck, resize2fs)
+  e2fsprogs
 )
 echo "install-host-deps: apt-get update"
 apt-get update -qq
 echo "install-host-deps: installing ${packages[*]}"
 apt-get install -y -qq --no-install-recommends "${packages[@]}" >/dev/null
-echo "install-host-deps: installing qemu-system-x86 from bookworm-backports"
-apt-get install -y -qq --no-install-recommends -t bookworm-backports qemu-system-x86 >/dev/null
+# qemu-utils: qemu-img, which `airlock flash` uses to read guest images.
+echo "install-host-deps: installing qemu-system-x86 and qemu-utils from bookworm-backports"
+apt-get install -y -qq --no-install-recommends -t bookworm-backports qemu-system-x86 qemu-utils >/dev/null
 
 echo "install-host-deps: done"

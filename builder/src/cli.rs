@@ -22,6 +22,7 @@ pub enum Command {
     Build(BuildArgs),
     Inspect(InspectArgs),
     Qemu(QemuArgs),
+    Flash(FlashArgs),
     Doctor,
     Sign(SignArgs),
     Verify(VerifyArgs),
@@ -114,6 +115,41 @@ pub struct BuildArgs {
     pub verbose: bool,
 }
 
+/// Write an image onto a disk or an image file, and provision the machine.
+///
+/// Refuses, without override: a target in use (a partition mounted, swap,
+/// a device-mapper/md holder, a loop device over an image file), the disk
+/// this host runs from, a partition instead of a whole disk, a target
+/// smaller than the image. Writes with progress, syncs, reads back and
+/// compares sha256; on a larger target moves the backup GPT to the end and
+/// grows the data partition (and its ext4) to fill the disk. Slot B stays
+/// `_empty`. Every provisioning input is checked before anything is written.
+///
+///   airlock flash out/airlock_1.0.raw /dev/sdb \
+///       --guest classified=win-classified.qcow2 --guest general=win-general.qcow2 \
+///       --machine pc-0042.toml
+#[derive(Debug, clap::Args)]
+#[command(verbatim_doc_comment)]
+pub struct FlashArgs {
+    /// The built disk image (`<name>_<version>.raw`).
+    pub image: PathBuf,
+    /// A whole disk (/dev/sdX, /dev/nvmeXnY) or an existing image file
+    /// (taken as a disk of its size).
+    pub target: PathBuf,
+    /// A guest's disk image, SIDE=FILE (side classified or general; raw or
+    /// qcow2, detected by content). Needs --machine.
+    #[arg(long = "guest", value_name = "SIDE=FILE", value_parser = crate::flash::provision::parse_guest_arg)]
+    pub guests: Vec<(crate::flash::Side, PathBuf)>,
+    /// The machine's settings: the provisioning layer of the appliance
+    /// configuration, written to /var/lib/airlock/provision/appliance.toml
+    /// after validation against the image's shipped configuration.
+    #[arg(long, value_name = "FILE")]
+    pub machine: Option<PathBuf>,
+    /// Print every command and its output.
+    #[arg(long, short)]
+    pub verbose: bool,
+}
+
 /// Describe a built disk image: partitions, root hash, command line, distro.
 #[derive(Debug, clap::Args)]
 pub struct InspectArgs {
@@ -158,6 +194,25 @@ mod tests {
         assert!(Cli::try_parse_from(["airlock", "inspect", "a.raw", "--json"]).is_ok());
         assert!(Cli::try_parse_from(["airlock", "qemu", "a.raw", "--snapshot"]).is_ok());
         assert!(Cli::try_parse_from(["airlock", "qemu"]).is_err());
+    }
+
+    #[test]
+    fn flash_takes_image_target_guests_and_machine() {
+        let cli = Cli::try_parse_from([
+            "airlock", "flash", "a.raw", "/dev/sdb", "--guest", "classified=c.qcow2", "--guest", "general=g.raw", "--machine", "m.toml",
+        ])
+        .unwrap();
+        match cli.command {
+            Command::Flash(f) => {
+                assert_eq!(f.target, PathBuf::from("/dev/sdb"));
+                assert_eq!(f.guests.len(), 2);
+                assert_eq!(f.guests[1], (crate::flash::Side::General, PathBuf::from("g.raw")));
+                assert_eq!(f.machine, Some(PathBuf::from("m.toml")));
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(Cli::try_parse_from(["airlock", "flash", "a.raw"]).is_err());
+        assert!(Cli::try_parse_from(["airlock", "flash", "a.raw", "t", "--guest", "secret=x"]).is_err());
     }
 
     #[test]

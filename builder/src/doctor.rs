@@ -19,6 +19,8 @@ pub enum Need {
     Fedora,
     /// `airlock qemu` and the acceptance suite.
     Boot,
+    /// `airlock flash` (with `sfdisk`, listed for builds).
+    Flash,
 }
 
 /// A host tool and the packages that provide it.
@@ -49,6 +51,12 @@ pub const TOOLS: &[Tool] = &[
     tool("mkfs.ext4", "e2fsprogs", "e2fsprogs", Need::Build),
     tool("unshare", "util-linux", "util-linux", Need::Build),
     tool("chroot", "coreutils", "coreutils", Need::Build),
+    tool("losetup", "mount", "util-linux", Need::Flash),
+    tool("mount", "mount", "util-linux", Need::Flash),
+    tool("blockdev", "util-linux", "util-linux", Need::Flash),
+    tool("e2fsck", "e2fsprogs", "e2fsprogs", Need::Flash),
+    tool("resize2fs", "e2fsprogs", "e2fsprogs", Need::Flash),
+    tool("qemu-img", "qemu-utils", "qemu-img", Need::Flash),
     tool("qemu-system-x86_64", "qemu-system-x86 (from bookworm-backports on Debian 12)", "qemu-system-x86-core", Need::Boot),
 ];
 
@@ -96,6 +104,7 @@ pub fn report() -> bool {
             Need::Debian => "debian",
             Need::Fedora => "fedora",
             Need::Boot => "boot",
+            Need::Flash => "flash",
         };
         match found {
             Some(path) => println!("ok       {:<20} {:<7} {}", t.program, scope, path.display()),

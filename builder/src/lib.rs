@@ -8,6 +8,7 @@ pub mod cli;
 pub mod disk;
 pub mod doctor;
 pub mod exec;
+pub mod flash;
 pub mod inspect;
 pub mod manifest;
 pub mod policy_query;
@@ -47,6 +48,30 @@ pub fn run(cli: cli::Cli) -> Result<()> {
             Ok(())
         }
         cli::Command::Qemu(a) => boot(&a),
+        cli::Command::Flash(a) => {
+            doctor::require(&[doctor::Need::Flash])?;
+            if !doctor::is_root() {
+                bail!("airlock flash needs root (block devices, loop devices, mounts)");
+            }
+            let report = flash::flash(&flash::FlashOptions {
+                image: a.image,
+                target: a.target.clone(),
+                guests: a.guests,
+                machine: a.machine,
+                verbose: a.verbose,
+            })?;
+            for line in &report.provisioned {
+                println!("airlock: provisioned {line}");
+            }
+            println!(
+                "airlock: {}: flashed and verified (sha256 {}); data partition {} MiB of a {} MiB disk; slot B empty",
+                a.target.display(),
+                report.image_sha256,
+                report.data_size >> 20,
+                report.target_size >> 20
+            );
+            Ok(())
+        }
         cli::Command::Sign(a) => {
             let signer = match (&a.key, &a.signature) {
                 (Some(key), _) => bundle::Signer::Key(key),

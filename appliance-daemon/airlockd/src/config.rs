@@ -736,11 +736,25 @@ fn resolve_network(layers: &[Layer]) -> Result<Option<airlock_network::NetworkCo
                 let files = with.iter().map(|l| l.file.as_str()).collect::<Vec<_>>().join(" + ");
                 match e {
                     NetError::Syntax(message) => ConfigError::Parse { file: files, message },
-                    NetError::Invalid { key, message } => ConfigError::Missing { file: files, key, message },
+                    NetError::Invalid { key, message } => {
+                        let key = if key.starts_with("network.") { key } else { format!("network.{key}") };
+                        // The layer that set the bad value (the last one wins),
+                        // named with its line; a value missing from all of them
+                        // names the files together.
+                        match with.iter().rev().find(|l| l.raw.network.as_ref().is_some_and(|n| sets_dotted(n, &key["network.".len()..]))) {
+                            Some(layer) => layer.invalid(&layer.key_span(&key), &key, message),
+                            None => ConfigError::Missing { file: files, key, message },
+                        }
+                    }
                 }
             })
         }
     }
+}
+
+/// Whether `table` sets the dotted key `key` (e.g. `classified.uplink.address`).
+fn sets_dotted(table: &toml::Value, key: &str) -> bool {
+    key.split('.').try_fold(table, |t, part| t.get(part)).is_some()
 }
 
 /// Deep merge of TOML tables; `over` wins.
@@ -1449,6 +1463,10 @@ disk = "/var/lib/airlock/general/disk/windows.qcow2"
             airlock_network::config::Uplinks::Shared(u) => assert_eq!(u.interface, "enp9s0"),
             other => panic!("{other:?}"),
         }
+        // A bad value in the provisioning layer is named with its file and line.
+        let bad = "# pc-0042\n[network.uplink]\ninterface = \"enp9s0\"\naddress = \"198.51.100.300/24\"\ngateway = \"198.51.100.1\"\n";
+        let err = parse_layers(&[("shipped", &text, false), ("prov", bad, true)]).unwrap_err().to_string();
+        assert!(err.starts_with("prov, line 4: `network.uplink.address`"), "{err}");
         for (over, key) in [
             ("[[network.classified.servers]]\naddress = \"10.0.0.0/8\"\nprotocol = \"tcp\"\nports = [1]\n", "network.classified.servers"),
             ("[network.general]\ndeny = []\n", "network.general.deny"),

@@ -233,6 +233,7 @@ impl Vm {
     /// Pulls the plug: kills QEMU's process group at once, as a power cut
     /// would, and reaps it. The disk keeps whatever had reached it.
     pub fn kill(&mut self) -> Result<ExitStatus> {
+        self.write_event_log();
         self.qmp = None;
         self.agent = None;
         let mut p = self.lock();
@@ -251,6 +252,7 @@ impl Vm {
         let deadline = Instant::now() + timeout;
         loop {
             if let Some(status) = self.exit_status() {
+                self.write_event_log();
                 self.qmp = None;
                 self.agent = None;
                 return Ok(Some(status));
@@ -361,10 +363,14 @@ impl Vm {
 
 impl Vm {
     /// Writes every QMP event seen so far (RESET with its reason, WATCHDOG,
-    /// SHUTDOWN, ...) to `qmp-events.log` in the VM's dir.
+    /// SHUTDOWN, ...) to `qmp-events.log` in the VM's dir, each time the
+    /// connection is about to close (a kept dir then has it).
     fn write_event_log(&mut self) {
+        let running = self.is_running();
         let Some(qmp) = self.qmp.as_mut() else { return };
-        let _ = qmp.poll_events();
+        if running {
+            let _ = qmp.poll_events();
+        }
         let lines: String = qmp.events().iter().map(|e| format!("{e:?}\n")).collect();
         if let Err(e) = std::fs::write(self.dir.path().join("qmp-events.log"), lines) {
             eprintln!("warning: writing qmp-events.log: {e}");
@@ -372,11 +378,19 @@ impl Vm {
     }
 }
 
+impl Vm {
+    /// How many QMP events called `name` arrived so far (polls first; 0 when
+    /// QMP is not connected).
+    pub fn qmp_event_count(&mut self, name: &str) -> usize {
+        let Some(qmp) = self.qmp.as_mut() else { return 0 };
+        let _ = qmp.poll_events();
+        qmp.events().iter().filter(|e| e.name == name).count()
+    }
+}
+
 impl Drop for Vm {
     fn drop(&mut self) {
-        if thread::panicking() {
-            self.write_event_log();
-        }
+        self.write_event_log();
         // Sockets first, so QEMU sees clients leave before it dies.
         self.qmp = None;
         self.agent = None;

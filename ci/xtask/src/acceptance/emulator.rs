@@ -14,6 +14,13 @@
 //! - the appliance: QEMU's own `-d cpu_reset` log says `Triple fault` (TCG
 //!   logs that only for a triple fault of the emulated CPU; a reboot the
 //!   appliance asks for, a watchdog or a panic does not write it);
+//! - the appliance: QEMU reported a `RESET` that nobody asked for — the
+//!   kernel did not print `reboot: Restarting system` (every reboot the
+//!   appliance or a test asks for does), no `Kernel panic` on its console,
+//!   and no `WATCHDOG` event (the chipset watchdog firing would be the
+//!   appliance's own doing, and stays a failure). Seen in a CI rehearsal:
+//!   both emulated CPUs were idle (`HLT=1` in QEMU's reset dump) when the
+//!   machine reset, ~3 minutes into a boot with both nested guests up;
 //! - a nested test guest: airlockd logged a reset of it (QMP `SHUTDOWN`,
 //!   reason `guest-reset`) and its console shows no kernel panic. The test
 //!   guest never reboots itself and no test asks it to.
@@ -33,6 +40,11 @@ const BOOT_TIMEOUT: Duration = Duration::from_secs(300);
 pub struct Faults {
     /// `Triple fault` lines in QEMU's debug log (whole run of this VM).
     appliance_triple_faults: usize,
+    /// QMP `RESET` events not explained by an orderly restart (whole run).
+    appliance_unasked_resets: usize,
+    /// QMP `WATCHDOG` events and kernel panics on the appliance's console:
+    /// a reset after one of these is the appliance's, never retried.
+    appliance_own_resets: usize,
     /// This boot id's nested-guest resets without a panic, if the agent answered.
     nested: Option<(String, usize)>,
 }
@@ -41,13 +53,30 @@ impl Faults {
     pub fn read(vm: &mut Vm) -> Faults {
         let debug_log = std::fs::read_to_string(vm.dir().join("qemu-debug.log")).unwrap_or_default();
         let appliance_triple_faults = debug_log.lines().filter(|l| l.trim() == "Triple fault").count();
-        Faults { appliance_triple_faults, nested: nested_resets(vm).ok() }
+        let console = vm.serial_log();
+        let orderly = console.matches("reboot: Restarting system").count();
+        let panics = console.matches("Kernel panic").count();
+        let resets = vm.qmp_event_count("RESET");
+        let watchdogs = vm.qmp_event_count("WATCHDOG");
+        Faults {
+            appliance_triple_faults,
+            // A triple fault also ends in a RESET event.
+            appliance_unasked_resets: resets.saturating_sub(orderly + appliance_triple_faults),
+            appliance_own_resets: watchdogs + panics,
+            nested: nested_resets(vm).ok(),
+        }
     }
 
     /// What happened between `earlier` and `self`, if anything.
     pub fn since(&self, earlier: &Faults) -> Option<Fault> {
+        if self.appliance_own_resets > earlier.appliance_own_resets {
+            return None;
+        }
         if self.appliance_triple_faults > earlier.appliance_triple_faults {
-            return Some(Fault::ApplianceTripleFault(self.appliance_triple_faults - earlier.appliance_triple_faults));
+            return Some(Fault::ApplianceTripleFaulted(self.appliance_triple_faults - earlier.appliance_triple_faults));
+        }
+        if self.appliance_unasked_resets > earlier.appliance_unasked_resets {
+            return Some(Fault::ApplianceResetUnasked(self.appliance_unasked_resets - earlier.appliance_unasked_resets));
         }
         match (&earlier.nested, &self.nested) {
             (Some((boot_before, before)), Some((boot_now, now))) if boot_before == boot_now && now > before => {
@@ -61,7 +90,10 @@ impl Faults {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Fault {
     /// The appliance's emulated CPU triple-faulted this many times (the machine reset).
-    ApplianceTripleFault(usize),
+    ApplianceTripleFaulted(usize),
+    /// QEMU reset the appliance this many times with no request, panic,
+    /// watchdog or triple fault behind it.
+    ApplianceResetUnasked(usize),
     /// A nested test guest was reset this many times without a panic.
     NestedGuestReset(usize),
 }
@@ -69,7 +101,8 @@ pub enum Fault {
 impl std::fmt::Display for Fault {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Fault::ApplianceTripleFault(n) => write!(f, "the emulated CPU of the appliance triple-faulted ({n}×, QEMU's debug log; the machine reset)"),
+            Fault::ApplianceTripleFaulted(n) => write!(f, "the emulated CPU of the appliance triple-faulted ({n}×, QEMU's debug log; the machine reset)"),
+            Fault::ApplianceResetUnasked(n) => write!(f, "QEMU reset the appliance {n}× with no reboot requested, no panic, no watchdog and no triple fault (both emulated CPUs idle; cause unknown, seen only under TCG with nested guests)"),
             Fault::NestedGuestReset(n) => write!(f, "a nested test guest was reset {n}× with no panic on its console (nested SVM under TCG)"),
         }
     }
@@ -105,7 +138,7 @@ pub fn recover(vm: &mut Vm, fault: Fault, fresh: bool) -> Result<String> {
         // The reply may or may not arrive before the agent is stopped.
         let _ = vm.agent()?.run(&["systemctl", "reboot"], Duration::from_secs(20));
     }
-    if reboot || matches!(fault, Fault::ApplianceTripleFault(_)) {
+    if reboot || matches!(fault, Fault::ApplianceTripleFaulted(_) | Fault::ApplianceResetUnasked(_)) {
         // Each reset announces a boot; take the newest one that answers.
         let mut answered = None;
         for _ in 0..4 {
@@ -129,13 +162,25 @@ mod tests {
     use super::*;
 
     fn faults(triple: usize, nested: Option<(&str, usize)>) -> Faults {
-        Faults { appliance_triple_faults: triple, nested: nested.map(|(b, n)| (b.to_owned(), n)) }
+        Faults { appliance_triple_faults: triple, appliance_unasked_resets: 0, appliance_own_resets: 0, nested: nested.map(|(b, n)| (b.to_owned(), n)) }
+    }
+
+    #[test]
+    fn a_reset_after_a_watchdog_or_panic_is_the_appliances_own() {
+        let before = faults(0, Some(("a", 0)));
+        let unasked = Faults { appliance_unasked_resets: 1, ..before.clone() };
+        assert_eq!(unasked.since(&before), Some(Fault::ApplianceResetUnasked(1)));
+        let watchdog = Faults { appliance_own_resets: 1, ..unasked.clone() };
+        assert_eq!(watchdog.since(&before), None);
+        // Even a triple fault in the same window is not retried then.
+        let both = Faults { appliance_triple_faults: 1, ..watchdog };
+        assert_eq!(both.since(&before), None);
     }
 
     #[test]
     fn only_new_evidence_is_a_fault() {
         assert_eq!(faults(0, Some(("a", 0))).since(&faults(0, Some(("a", 0)))), None);
-        assert_eq!(faults(1, None).since(&faults(0, Some(("a", 0)))), Some(Fault::ApplianceTripleFault(1)));
+        assert_eq!(faults(1, None).since(&faults(0, Some(("a", 0)))), Some(Fault::ApplianceTripleFaulted(1)));
         assert_eq!(faults(1, Some(("a", 2))).since(&faults(1, Some(("a", 0)))), Some(Fault::NestedGuestReset(2)));
         // A new boot restarts airlockd's count: not comparable, no evidence.
         assert_eq!(faults(0, Some(("b", 1))).since(&faults(0, Some(("a", 0)))), None);

@@ -1,0 +1,385 @@
+//! `airlock flash IMAGE TARGET`: write a built image onto a disk (or an
+//! image file), check it, fit it to the disk, and provision the machine.
+//!
+//! In order, and nothing is written to TARGET before step 4:
+//!
+//! 1. the image's partition table (`sfdisk --json`): ESP, root A, slot B
+//!    labelled `_empty`, the data partition last;
+//! 2. the target ([`target::probe`]): not the host's disk, not in use, not
+//!    smaller than the image — refusals without override;
+//! 3. provisioning inputs, if any ([`provision::validate`]): guest images by
+//!    content (`qemu-img info`), the machine file by `airlockd`'s own
+//!    configuration code against the image's shipped configuration, the
+//!    image's users; and whether the guest disks fit the data partition
+//!    once grown to the target;
+//! 4. the image is written ([`copy::write_image`]), synced, read back and
+//!    its sha256 compared;
+//! 5. on a larger target: the backup GPT moved to the disk's end
+//!    (`sfdisk --relocate gpt-bak-std`), the data partition grown to the end
+//!    of the disk (`sfdisk -N`) and its ext4 with it (`e2fsck -f`,
+//!    `resize2fs`, on a loop device over the partition's bytes) — at flash
+//!    time rather than leaving it to systemd-repart on first boot, because
+//!    the guest disks (tens of GiB) must land on it now; systemd-repart and
+//!    systemd-growfs then find nothing to do;
+//! 6. provisioning ([`provision::apply`]): the data partition mounted, files
+//!    written with the run-time contract's owners, modes and SELinux labels.
+//!
+//! Slot B is never touched: it stays `_empty` (checked after the write).
+
+pub mod copy;
+pub mod provision;
+pub mod selabel;
+pub mod target;
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use xshell::cmd;
+
+use crate::disk::{labels, types};
+use crate::exec::Runner;
+pub use provision::Side;
+
+const MIB: u64 = 1 << 20;
+/// What the data partition can never use on a grown disk: the backup GPT
+/// (33 sectors) and alignment to 1 MiB.
+const TAIL_RESERVE: u64 = MIB;
+
+/// What `airlock flash` was asked to do.
+#[derive(Debug, Clone)]
+pub struct FlashOptions {
+    pub image: PathBuf,
+    pub target: PathBuf,
+    /// `--guest SIDE=FILE`, at most one per side.
+    pub guests: Vec<(Side, PathBuf)>,
+    /// `--machine FILE`: the provisioning layer of the appliance configuration.
+    pub machine: Option<PathBuf>,
+    pub verbose: bool,
+}
+
+/// What was done, for the summary and for tests.
+#[derive(Debug, Clone)]
+pub struct FlashReport {
+    pub image_sha256: String,
+    pub target_size: u64,
+    /// The data partition's size after the flash.
+    pub data_size: u64,
+    /// One line per provisioned file.
+    pub provisioned: Vec<String>,
+}
+
+/// One partition of a GPT as `sfdisk --json` shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TablePartition {
+    pub number: u32,
+    pub label: String,
+    pub type_uuid: String,
+    pub start: u64,
+    pub size: u64,
+}
+
+/// A partition table: its partitions (bytes) and the last usable sector.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Table {
+    pub partitions: Vec<TablePartition>,
+    pub last_lba: u64,
+}
+
+/// Parses `sfdisk --json` output (pure).
+pub fn parse_sfdisk_json(json: &str) -> Result<Table> {
+    let v: serde_json::Value = serde_json::from_str(json).context("parsing sfdisk --json")?;
+    let t = &v["partitiontable"];
+    if t["label"].as_str() != Some("gpt") {
+        bail!("not a GPT disk (label {})", t["label"]);
+    }
+    let sector = t["sectorsize"].as_u64().unwrap_or(512);
+    let mut partitions = Vec::new();
+    for p in t["partitions"].as_array().context("no partitions")? {
+        let node = p["node"].as_str().unwrap_or("");
+        let number = node.trim_end_matches(|c: char| !c.is_ascii_digit()).chars().rev().take_while(char::is_ascii_digit).collect::<String>();
+        let number: String = number.chars().rev().collect();
+        partitions.push(TablePartition {
+            number: number.parse().with_context(|| format!("partition node {node:?} has no number"))?,
+            label: p["name"].as_str().unwrap_or("").to_owned(),
+            type_uuid: p["type"].as_str().unwrap_or("").to_lowercase(),
+            start: p["start"].as_u64().context("partition without start")? * sector,
+            size: p["size"].as_u64().context("partition without size")? * sector,
+        });
+    }
+    Ok(Table { partitions, last_lba: t["lastlba"].as_u64().unwrap_or(0) })
+}
+
+/// The partitions of an airlock image flash relies on.
+#[derive(Debug, Clone)]
+pub struct ImageLayout {
+    pub root: TablePartition,
+    pub data: TablePartition,
+}
+
+/// Checks a table is an airlock image's: one root slot in use, slot B
+/// `_empty` (root and verity), the data partition last (pure).
+pub fn image_layout(table: &Table) -> Result<ImageLayout> {
+    let roots: Vec<&TablePartition> = table.partitions.iter().filter(|p| p.type_uuid == types::ROOT_X86_64).collect();
+    let used: Vec<&&TablePartition> = roots.iter().filter(|p| p.label != labels::EMPTY).collect();
+    let [root] = used.as_slice() else { bail!("expected one root partition in use and slot B labelled {:?}, found {} in use", labels::EMPTY, used.len()) };
+    let empty = table.partitions.iter().filter(|p| p.label == labels::EMPTY).count();
+    if empty != 2 {
+        bail!("expected slot B (root and verity) labelled {:?}, found {empty} such partitions", labels::EMPTY);
+    }
+    let data = table
+        .partitions
+        .iter()
+        .find(|p| p.type_uuid == types::VAR && p.label == labels::DATA)
+        .with_context(|| format!("no data partition (type var, label {:?})", labels::DATA))?;
+    let last = table.partitions.iter().max_by_key(|p| p.start + p.size).context("no partitions")?;
+    if last.number != data.number {
+        bail!("the data partition is not the last one on the disk; it could not grow");
+    }
+    Ok(ImageLayout { root: (**root).clone(), data: data.clone() })
+}
+
+fn read_table(runner: &Runner, path: &Path) -> Result<Table> {
+    let sh = runner.sh();
+    let json = runner.run("reading the partition table", cmd!(sh, "sfdisk --json {path}"))?;
+    parse_sfdisk_json(&json).with_context(|| format!("{}", path.display()))
+}
+
+/// A loop device over a byte range of a file or disk; detached on close.
+pub struct Loop<'r> {
+    runner: &'r Runner,
+    pub device: PathBuf,
+    attached: bool,
+}
+
+impl<'r> Loop<'r> {
+    pub fn attach(runner: &'r Runner, backing: &Path, offset: u64, size: u64, read_only: bool) -> Result<Loop<'r>> {
+        let sh = runner.sh();
+        let (offset, size) = (offset.to_string(), size.to_string());
+        let ro: &[&str] = if read_only { &["--read-only"] } else { &[] };
+        let out = runner.run(
+            &format!("attaching a loop device to {}", backing.display()),
+            cmd!(sh, "losetup --find --show {ro...} --offset {offset} --sizelimit {size} {backing}"),
+        )?;
+        Ok(Loop { runner, device: PathBuf::from(out.trim()), attached: true })
+    }
+
+    pub fn close(mut self) -> Result<()> {
+        self.attached = false;
+        let sh = self.runner.sh();
+        let dev = &self.device;
+        self.runner.run("detaching the loop device", cmd!(sh, "losetup -d {dev}"))?;
+        // The kernel detaches at the last close (udev may still probe it):
+        // wait, so the next command (or flash) does not see it attached.
+        let name = dev.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let backing = Path::new("/sys/block").join(name).join("loop/backing_file");
+        for _ in 0..100 {
+            if !backing.exists() {
+                return Ok(());
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        eprintln!("airlock: warning: {} still attached 5 s after `losetup -d`", dev.display());
+        Ok(())
+    }
+}
+
+impl Drop for Loop<'_> {
+    fn drop(&mut self) {
+        if self.attached {
+            let _ = std::process::Command::new("losetup").arg("-d").arg(&self.device).status();
+        }
+    }
+}
+
+/// A mounted filesystem in a temporary directory; unmounted on close.
+pub struct Mounted<'r> {
+    runner: &'r Runner,
+    dir: tempfile::TempDir,
+    mounted: bool,
+}
+
+impl<'r> Mounted<'r> {
+    pub fn mount(runner: &'r Runner, device: &Path, fstype: &str, options: &str) -> Result<Mounted<'r>> {
+        let dir = tempfile::Builder::new().prefix("airlock-flash-").tempdir().context("creating a mount point")?;
+        let sh = runner.sh();
+        let at = dir.path();
+        runner.run(&format!("mounting {} ({fstype})", device.display()), cmd!(sh, "mount -t {fstype} -o {options} {device} {at}"))?;
+        Ok(Mounted { runner, dir, mounted: true })
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn close(mut self) -> Result<()> {
+        self.mounted = false;
+        let sh = self.runner.sh();
+        let at = self.dir.path();
+        self.runner.run("unmounting", cmd!(sh, "umount {at}")).map(drop)
+    }
+}
+
+impl Drop for Mounted<'_> {
+    fn drop(&mut self) {
+        if self.mounted {
+            let _ = std::process::Command::new("umount").arg(self.dir.path()).status();
+        }
+    }
+}
+
+/// Bytes in use on the image's data filesystem (mounted read-only,
+/// without replaying a journal).
+fn data_used_bytes(runner: &Runner, image: &Path, data: &TablePartition) -> Result<u64> {
+    let data_loop = Loop::attach(runner, image, data.start, data.size, true)?;
+    let mounted = Mounted::mount(runner, &data_loop.device, "ext4", "ro,noload")?;
+    let stat = rustix::fs::statvfs(mounted.path()).with_context(|| format!("statvfs of {}'s data partition", image.display()));
+    mounted.close()?;
+    data_loop.close()?;
+    let stat = stat?;
+    Ok(stat.f_blocks.saturating_sub(stat.f_bfree) * stat.f_frsize)
+}
+
+/// Flashes (and provisions) as `opts` says.
+pub fn flash(opts: &FlashOptions) -> Result<FlashReport> {
+    let runner = Runner::new(opts.verbose)?;
+    let image = &opts.image;
+    let image_meta = std::fs::metadata(image).with_context(|| format!("reading {}", image.display()))?;
+    if !image_meta.is_file() {
+        bail!("{} is not an image file", image.display());
+    }
+    let image_size = image_meta.len();
+    let layout = image_layout(&read_table(&runner, image)?).with_context(|| format!("{} is not an airlock image", image.display()))?;
+
+    // 2. The target.
+    let target = target::probe(&opts.target, image)?;
+    if target.size < image_size {
+        return Err(target::Refusal::too_small(&target.path, target.size, image_size).into());
+    }
+    println!(
+        "airlock: flashing {} ({} MiB) onto {} ({}, {} MiB)",
+        image.display(),
+        image_size.div_ceil(MIB),
+        target.path.display(),
+        match target.kind {
+            target::Kind::Block => "block device",
+            target::Kind::File => "image file",
+        },
+        target.size / MIB
+    );
+    let grown_data_size = (target.size.saturating_sub(TAIL_RESERVE) / MIB * MIB).saturating_sub(layout.data.start).max(layout.data.size);
+
+    // 3. Provisioning inputs, all checked before anything is written.
+    let plan = if opts.guests.is_empty() && opts.machine.is_none() {
+        None
+    } else {
+        let inputs = provision::Inputs { guests: opts.guests.clone(), machine: opts.machine.clone() };
+        inputs.check_shape()?;
+        let root_loop = Loop::attach(&runner, image, layout.root.start, layout.root.size, true)?;
+        let root = Mounted::mount(&runner, &root_loop.device, "erofs", "ro")?;
+        let plan = provision::validate(&runner, root.path(), &inputs);
+        root.close()?;
+        root_loop.close()?;
+        let plan = plan?;
+        let used = data_used_bytes(&runner, image, &layout.data)?;
+        let needed = used + plan.bytes_needed();
+        if needed > grown_data_size {
+            bail!(
+                "{}: no room for the provisioned files: they need {} MiB on the data partition (with the {} MiB the image uses there), which can grow to {} MiB on this target; use a larger disk",
+                target.path.display(),
+                needed.div_ceil(MIB),
+                used.div_ceil(MIB),
+                grown_data_size / MIB
+            );
+        }
+        Some(plan)
+    };
+
+    // 4. Write, sync, read back.
+    let image_sha256 = copy::write_image(image, image_size, &target)?;
+    let back = copy::read_back(&target.path, image_size)?;
+    if back != image_sha256 {
+        bail!("{}: read-back sha256 {back} differs from the image's {image_sha256}: the disk did not store what was written", target.path.display());
+    }
+    println!("airlock: read back {} MiB, sha256 {image_sha256} matches the image", image_size.div_ceil(MIB));
+
+    // 5. Fit the disk.
+    let sh = runner.sh();
+    let tpath = &target.path;
+    let mut data_size = layout.data.size;
+    if target.size > image_size {
+        // `sfdisk -N` below would also write the backup header at the end
+        // when it saves the table; relocating first says so explicitly and
+        // spares it the "backup GPT not at the end" warnings.
+        runner.run("moving the backup GPT to the end of the disk", cmd!(sh, "sfdisk --relocate gpt-bak-std {tpath}"))?;
+        let number = layout.data.number.to_string();
+        runner.run(
+            "growing the data partition to the end of the disk",
+            cmd!(sh, "sfdisk --quiet --no-reread --no-tell-kernel -N {number} {tpath}").stdin(", +\n"),
+        )?;
+        let table = read_table(&runner, tpath)?;
+        let data = table.partitions.iter().find(|p| p.number == layout.data.number).context("the data partition vanished")?;
+        data_size = data.size;
+        let data_loop = Loop::attach(&runner, tpath, data.start, data.size, false)?;
+        let dev = &data_loop.device;
+        runner.run("checking the data filesystem (e2fsck)", cmd!(sh, "e2fsck -f -p {dev}"))?;
+        runner.run("growing the data filesystem (resize2fs)", cmd!(sh, "resize2fs {dev}"))?;
+        data_loop.close()?;
+        println!("airlock: data partition grown to {} MiB (backup GPT at the end of the disk)", data_size / MIB);
+    }
+    let table = read_table(&runner, tpath)?;
+    image_layout(&table).with_context(|| format!("{} after flashing", tpath.display()))?;
+    runner.run("checking the partition table (sfdisk --verify)", cmd!(sh, "sfdisk --verify {tpath}"))?;
+
+    // 6. Provision.
+    let mut provisioned = Vec::new();
+    if let Some(plan) = plan {
+        let data = table.partitions.iter().find(|p| p.number == layout.data.number).context("the data partition vanished")?;
+        let data_loop = Loop::attach(&runner, tpath, data.start, data.size, false)?;
+        let mounted = Mounted::mount(&runner, &data_loop.device, "ext4", "nodev,nosuid,noexec")?;
+        let applied = provision::apply(&plan, mounted.path());
+        mounted.close()?;
+        data_loop.close()?;
+        provisioned = applied?;
+    }
+    if target.kind == target::Kind::Block {
+        // The kernel learns the new table; failing that, the next boot reads it.
+        if let Err(e) = runner.run("re-reading the partition table", cmd!(sh, "blockdev --rereadpt {tpath}")) {
+            eprintln!("airlock: warning: {e:#}");
+        }
+    }
+    Ok(FlashReport { image_sha256, target_size: target.size, data_size, provisioned })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const JSON: &str = r#"{"partitiontable": {"label": "gpt", "id": "X", "device": "/tmp/a.raw", "unit": "sectors",
+      "firstlba": 2048, "lastlba": 53214, "sectorsize": 512, "partitions": [
+        {"node": "/tmp/a.raw1", "start": 2048, "size": 2048, "type": "C12A7328-F81F-11D2-BA4B-00A0C93EC93B", "uuid": "A", "name": "esp"},
+        {"node": "/tmp/a.raw2", "start": 4096, "size": 4096, "type": "4F68BCE3-E8CD-4DB1-96E7-FBCAF984B709", "uuid": "B", "name": "root_airlock_1.0"},
+        {"node": "/tmp/a.raw3", "start": 8192, "size": 2048, "type": "2C7357ED-EBD2-46D9-AEC1-23D437EC2BF5", "uuid": "C", "name": "verity_airlock_1.0"},
+        {"node": "/tmp/a.raw4", "start": 10240, "size": 4096, "type": "4F68BCE3-E8CD-4DB1-96E7-FBCAF984B709", "uuid": "D", "name": "_empty"},
+        {"node": "/tmp/a.raw5", "start": 14336, "size": 2048, "type": "2C7357ED-EBD2-46D9-AEC1-23D437EC2BF5", "uuid": "E", "name": "_empty"},
+        {"node": "/tmp/a.raw6", "start": 16384, "size": 32768, "type": "4D21B016-B534-45C2-A9FB-5C16E091FD2D", "uuid": "F", "name": "data"}]}}"#;
+
+    #[test]
+    fn an_airlock_table_gives_root_and_data() {
+        let t = parse_sfdisk_json(JSON).unwrap();
+        assert_eq!(t.partitions.len(), 6);
+        let l = image_layout(&t).unwrap();
+        assert_eq!((l.root.number, l.root.start, l.root.size), (2, 4096 * 512, 4096 * 512));
+        assert_eq!((l.data.number, l.data.start), (6, 16384 * 512));
+    }
+
+    #[test]
+    fn tables_flash_cannot_rely_on_are_refused() {
+        let filled = JSON.replacen("\"_empty\"", "\"root_airlock_1.1\"", 1);
+        assert!(image_layout(&parse_sfdisk_json(&filled).unwrap()).unwrap_err().to_string().contains("one root partition in use"));
+        let no_data = JSON.replace("\"data\"", "\"home\"");
+        assert!(image_layout(&parse_sfdisk_json(&no_data).unwrap()).unwrap_err().to_string().contains("no data partition"));
+        assert!(parse_sfdisk_json(&JSON.replace("\"gpt\"", "\"dos\"")).is_err());
+        let nvme = JSON.replace("/tmp/a.raw6", "/dev/nvme0n1p6");
+        assert_eq!(parse_sfdisk_json(&nvme).unwrap().partitions[5].number, 6);
+    }
+}
