@@ -10,9 +10,11 @@ use airlock_bundle::{PolicyRefusal, Refusal};
 /// A bundle or situation the agent will not install; nothing was written.
 #[derive(Debug, thiserror::Error)]
 pub enum Refused {
-    #[error("{0}")]
+    // transparent: the inner error is the whole message (with "{0}" it
+    // would also be the source, and `{:#}` would print it twice).
+    #[error(transparent)]
     Bundle(#[from] Refusal),
-    #[error("{0}")]
+    #[error(transparent)]
     Policy(#[from] PolicyRefusal),
     #[error("the bundle is image {bundle:?}, this system runs {running:?}")]
     WrongImage { bundle: String, running: String },
