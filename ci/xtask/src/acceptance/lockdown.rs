@@ -23,7 +23,12 @@ const PRODUCTION_TESTS: &[&str] = &[
     "production: no test agent answers",
     "production: Ctrl-Alt-F1..F6 and SysRq show no console (screen unchanged)",
     "production: Ctrl-Alt-Del does not reboot",
+    "production: written raw onto a larger disk, the first boot grows the data partition to the disk's end (systemd-repart)",
 ];
+
+/// How much larger than the image the production machine's disk is (as
+/// when IT copies the image with `dd` instead of `airlock flash`).
+const DISK_GROWTH: u64 = 512 << 20;
 
 const TAMPER_TEST: &str = "verity: one flipped byte in the root partition stops the boot";
 
@@ -31,9 +36,11 @@ pub fn production_boot(suite: &mut Suite, images: &Images, opts: &AcceptanceOpti
     if !suite.wants_any(PRODUCTION_TESTS) {
         return;
     }
+    let dir = opts.work_dir.join("machines/production");
     let booted = (|| -> Result<Vm> {
-        let dir = opts.work_dir.join("machines/production");
         let disk = private_copy(&images.production, &dir, "disk.raw")?;
+        let file = std::fs::OpenOptions::new().write(true).open(&disk)?;
+        file.set_len(file.metadata()?.len() + DISK_GROWTH)?;
         let vars = dir.join("OVMF_VARS.fd");
         let _ = std::fs::remove_file(&vars);
         let machine = Machine::new(&disk, &vars)?;
@@ -109,6 +116,29 @@ pub fn production_boot(suite: &mut Suite, images: &Images, opts: &AcceptanceOpti
         let since = &log[(before as usize).min(log.len())..];
         ensure!(!since.contains("reboot") && !since.contains("Stopping"), "the console shows a shutdown starting:\n{since}");
         Ok(format!("3× Ctrl-Alt-Del: no reset, VM {status:?}, nothing on the console"))
+    });
+    // The partition table, read from the host once the machine is off.
+    drop(vm);
+    suite.test(PRODUCTION_TESTS[4], || {
+        let disk = dir.join("disk.raw");
+        let image_data = images.production_report.partitions.last().context("no partitions in the report")?;
+        let sh = xshell::Shell::new()?;
+        let table = airlock::flash::parse_sfdisk_json(&xshell::cmd!(sh, "sfdisk --json {disk}").quiet().read()?)?;
+        let data = table.partitions.last().context("no partitions on the disk")?;
+        ensure!(data.label == image_data.label, "the last partition is {:?}, not the data partition {:?}", data.label, image_data.label);
+        let end = data.start + data.size;
+        let usable_end = (table.last_lba + 1) * 512;
+        ensure!(
+            data.size >= image_data.size + DISK_GROWTH / 2 && usable_end - end < (1 << 20),
+            "the data partition is {} MiB ending {} KiB before the disk's last usable sector; the image's was {} MiB and the disk is {} MiB larger",
+            data.size >> 20,
+            (usable_end - end) >> 10,
+            image_data.size >> 20,
+            DISK_GROWTH >> 20
+        );
+        let verify = xshell::cmd!(sh, "sfdisk --verify {disk}").quiet().read()?;
+        ensure!(verify.contains("No errors detected"), "sfdisk --verify after growth:\n{verify}");
+        Ok(format!("{} {} MiB → {} MiB, ends at the disk's last usable sector; sfdisk --verify clean", data.label, image_data.size >> 20, data.size >> 20))
     });
 }
 

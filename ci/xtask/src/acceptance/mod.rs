@@ -18,6 +18,7 @@ mod clipboard;
 mod emulator;
 mod kiosk;
 mod network;
+mod provision;
 mod supervisor;
 mod update;
 

@@ -32,7 +32,7 @@ use anyhow::{bail, ensure, Context, Result};
 use xshell::{cmd, Shell};
 
 use super::boot::{sh, tail};
-use super::images::{self, private_copy, Images};
+use super::images::{self, Images};
 use super::{AcceptanceOptions, Suite};
 use crate::outside::Outside;
 use crate::{Machine, Vm};
@@ -209,7 +209,9 @@ struct Booted {
 impl<'a> Timeline<'a> {
     fn start(images: &'a Images, opts: &AcceptanceOptions, prepared: &Prepared, outside: &'a Outside) -> Result<Timeline<'a>> {
         let dir = opts.work_dir.join("machines/update");
-        let disk = private_copy(&images.test, &dir, "disk.raw")?;
+        // Flashed and provisioned like the test machine (the health gate
+        // wants both guests and the host network up), same size as the image.
+        let disk = super::provision::flash_test_machine(images, opts, &dir, 0)?.disk;
         let vars = dir.join("OVMF_VARS.fd");
         let _ = std::fs::remove_file(&vars);
         let machine = Machine::new(&disk, &vars)?;
