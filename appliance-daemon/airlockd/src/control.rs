@@ -9,8 +9,12 @@
 //!  "gateway":{"state":"running","pid":830,"restarts":0}}
 //! ```
 //!
+//! A guest's `state` ([`GuestState`]): `starting`, `running` (`pid`),
+//! `restarting` (`delay_ms`, `reason`), `off`, `no-disk` (`path`: its disk
+//! image is missing, QEMU is not started), `stopping`, `stopped`.
+//!
 //! `ready`: both guests run. `both_off`: both powered themselves off (the
-//! host powers off next). `gateway`: the clipboard gateway
+//! host powers off next; `no-disk` never counts as off). `gateway`: the clipboard gateway
 //! ([`GatewayState`]: `disabled`, `unavailable`, `starting`, `running`,
 //! `restarting`, `stopped`); it does not count towards `ready`. The socket is `0660 root:<control_group>`; a
 //! client that does not read is dropped rather than allowed to stall the

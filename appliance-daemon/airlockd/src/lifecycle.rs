@@ -83,6 +83,11 @@ pub enum GuestState {
     Restarting { delay_ms: u64, reason: String },
     /// The guest powered itself off and stays off.
     Off,
+    /// Its disk image (`guest.<side>.disk`) is missing or not a regular
+    /// file: QEMU is not started. Neither a crash (no restart count, no
+    /// back-off) nor powered off (never towards `both_off`: a PC without
+    /// guest disks stays on and the kiosk says what is missing).
+    NoDisk { path: String },
     /// Host shutdown: ACPI power-down sent, waiting.
     Stopping,
     /// Host shutdown: QEMU has ended.
@@ -162,6 +167,10 @@ mod tests {
     fn states_serialise_for_the_control_socket() {
         assert_eq!(serde_json::to_string(&GuestState::Running { pid: 7 }).unwrap(), r#"{"state":"running","pid":7}"#);
         assert_eq!(serde_json::to_string(&GuestState::Off).unwrap(), r#"{"state":"off"}"#);
+        assert_eq!(
+            serde_json::to_string(&GuestState::NoDisk { path: "/var/lib/airlock/general/disk/windows.qcow2".into() }).unwrap(),
+            r#"{"state":"no-disk","path":"/var/lib/airlock/general/disk/windows.qcow2"}"#
+        );
         assert_eq!(
             serde_json::to_string(&GatewayState::Unavailable { reason: "no user".into() }).unwrap(),
             r#"{"state":"unavailable","reason":"no user"}"#

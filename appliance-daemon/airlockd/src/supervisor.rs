@@ -1,4 +1,6 @@
-//! The guest lifecycle (P5): both guests start at start-up; a crashed guest
+//! The guest lifecycle (P5): both guests start at start-up; a guest whose
+//! disk image is missing is not started (`no-disk`, looked at again every
+//! [`DISK_RECHECK`]; neither a crash nor off); a crashed guest
 //! is restarted with back-off; a guest that powered itself off stays off;
 //! when both are off the power-off action runs; SIGTERM presses both ACPI
 //! power buttons, waits (bounded), then pulls the plug. The clipboard
@@ -55,6 +57,13 @@ const POWEROFF_TIMEOUT: Duration = Duration::from_secs(60);
 const LOG_TAIL: usize = 4;
 /// How long the gateway has to end after SIGTERM before it is killed.
 const GATEWAY_STOP_GRACE: Duration = Duration::from_secs(2);
+/// How often a guest without its disk image looks again. On an appliance
+/// the disk only arrives by flashing, which reboots, so this rarely
+/// matters; but the runner has to stay alive anyway (it answers a host
+/// shutdown with `stopped`, and its end must not read as the guest's), and
+/// waiting in steps of one `stat` is the simplest way to do that which also
+/// starts the guest, without a reboot, once a disk is put there.
+const DISK_RECHECK: Duration = Duration::from_secs(10);
 
 /// Runner → main thread.
 enum Msg {
@@ -429,10 +438,27 @@ fn runner(guest: Guest, ctx: RunnerContext) {
         let _ = ctx.tx.send(Msg::State(side, state));
     };
     let mut crashes = lifecycle::Crashes::default();
+    // Whether `no-disk` is what was last reported (logged once per change).
+    let mut no_disk = false;
     loop {
         if ctx.shared.stopping() {
             send(GuestState::Stopped);
             return;
+        }
+        if let Some(why) = missing_disk(&guest.disk) {
+            if !no_disk {
+                log::error(format!(
+                    "{side}: no guest disk: {} {why}; QEMU not started (looking again every {DISK_RECHECK:?}; provision it with airlock flash --guest {side}=FILE)",
+                    guest.disk.display()
+                ));
+                send(GuestState::NoDisk { path: guest.disk.display().to_string() });
+                no_disk = true;
+            }
+            ctx.shared.sleep(DISK_RECHECK);
+            continue;
+        }
+        if std::mem::take(&mut no_disk) {
+            log::info(format!("{side}: the guest disk {} is there now", guest.disk.display()));
         }
         send(GuestState::Starting);
         let started = Instant::now();
@@ -460,6 +486,19 @@ fn runner(guest: Guest, ctx: RunnerContext) {
                 ctx.shared.sleep(delay);
             }
         }
+    }
+}
+
+/// Why the guest's disk image plainly cannot be used (`is missing`, `is
+/// not a regular file`), or `None`. Only what `stat` shows (the supervisor
+/// runs as root): any other error is left for QEMU to report, as a crash
+/// with its log, rather than shown as a missing disk.
+fn missing_disk(disk: &Path) -> Option<&'static str> {
+    match fs::metadata(disk) {
+        Ok(m) if m.is_file() => None,
+        Ok(_) => Some("is not a regular file"),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound || e.raw_os_error() == Some(libc::ENOTDIR) => Some("is missing"),
+        Err(_) => None,
     }
 }
 
@@ -867,6 +906,85 @@ mod tests {
     fn paths_in(dir: &Path) -> GuestPaths {
         let text = format!("[supervisor]\ntest_mode = true\nrun_dir = \"{}\"\n{}", dir.display(), config::tests::MINIMAL);
         GuestPaths::new(&config::parse("t.toml", &text).unwrap().supervisor, Side::General)
+    }
+
+    #[test]
+    fn a_disk_is_a_regular_file_that_exists() {
+        let dir = tempfile::tempdir().unwrap();
+        let disk = dir.path().join("windows.qcow2");
+        assert_eq!(missing_disk(&disk), Some("is missing"));
+        assert_eq!(missing_disk(&disk.join("below-a-file")), Some("is missing"));
+        fs::create_dir(&disk).unwrap();
+        assert_eq!(missing_disk(&disk), Some("is not a regular file"));
+        fs::remove_dir(&disk).unwrap();
+        fs::write(&disk, b"").unwrap();
+        assert_eq!(missing_disk(&disk), None);
+        // A symlink is followed: what counts is the file QEMU would open.
+        let link = dir.path().join("link.qcow2");
+        std::os::unix::fs::symlink(&disk, &link).unwrap();
+        assert_eq!(missing_disk(&link), None);
+        fs::remove_file(&disk).unwrap();
+        assert_eq!(missing_disk(&link), Some("is missing"));
+        assert_eq!(missing_disk(&disk.join("below-a-file")), Some("is missing"));
+    }
+
+    /// A guest without its disk: the runner reports `no-disk` once, never
+    /// starts QEMU (here a program that would leave a mark), counts no
+    /// crash, and answers a host shutdown with `stopped`; two such guests
+    /// never make `both_off`.
+    #[test]
+    fn a_missing_disk_neither_starts_qemu_nor_counts_as_off() {
+        let dir = tempfile::tempdir().unwrap();
+        let mark = dir.path().join("qemu-ran");
+        let fake_qemu = dir.path().join("qemu");
+        fs::write(&fake_qemu, format!("#!/bin/sh\ntouch {}\nexit 1\n", mark.display())).unwrap();
+        fs::set_permissions(&fake_qemu, fs::Permissions::from_mode(0o755)).unwrap();
+        let text = format!(
+            "[supervisor]\ntest_mode = true\nrun_dir = \"{0}/run\"\nstate_dir = \"{0}/state\"\nlog_dir = \"{0}/log\"\nqemu = \"{1}\"\n\
+             [guest.classified]\ndisk = \"{0}/state/classified/disk/windows.qcow2\"\naccel = \"tcg\"\n\
+             [guest.general]\ndisk = \"{0}/state/general/disk/windows.qcow2\"\naccel = \"tcg\"\n",
+            dir.path().display(),
+            fake_qemu.display()
+        );
+        let config = config::parse("t.toml", &text).unwrap();
+        let (tx, rx) = mpsc::channel();
+        let shared = Arc::new(Shared::default());
+        let guest = config.guest(Side::General).clone();
+        let disk = guest.disk.clone();
+        // Everything else QEMU's start needs is there: were it started, it would leave its mark.
+        let paths = GuestPaths::new(&config.supervisor, Side::General);
+        for d in [&paths.run_dir, &paths.config_dir, &paths.log_dir] {
+            fs::create_dir_all(d).unwrap();
+        }
+        let ctx = RunnerContext {
+            tx,
+            shared: shared.clone(),
+            sup: config.supervisor.clone(),
+            user: None,
+            selinux: false,
+            cgroup_root: None,
+            socket_groups: SocketGroups::default(),
+        };
+        let thread = thread::spawn(move || runner(guest, ctx));
+        let first = rx.recv_timeout(Duration::from_secs(10)).expect("a state");
+        let Msg::State(Side::General, state) = first else { panic!("not a guest state") };
+        assert_eq!(state, GuestState::NoDisk { path: disk.display().to_string() });
+        // It waits (DISK_RECHECK) without another word and without QEMU.
+        assert!(matches!(rx.recv_timeout(Duration::from_millis(300)), Err(RecvTimeoutError::Timeout)));
+        assert!(!mark.exists(), "QEMU was started");
+        shared.begin_stop();
+        let Ok(Msg::State(Side::General, GuestState::Stopped)) = rx.recv_timeout(Duration::from_secs(10)) else {
+            panic!("no `stopped` after the host shutdown began")
+        };
+        thread.join().unwrap();
+        assert!(rx.try_recv().is_err(), "nothing after `stopped`: no restart counted");
+        assert!(!mark.exists(), "QEMU was started");
+
+        let no_disk = |side: Side| GuestStatus { state: GuestState::NoDisk { path: format!("/var/lib/airlock/{side}/disk/w") }, restarts: 0 };
+        let states = BTreeMap::from([(Side::Classified, no_disk(Side::Classified)), (Side::General, no_disk(Side::General))]);
+        let status = control::status(Phase::Running, &states, &GatewayStatus { state: GatewayState::Disabled, restarts: 0 });
+        assert!(!status.both_off && !status.ready);
+        assert_eq!(describe(&states, &status.gateway), "classified: no-disk, general: no-disk, clipboard: disabled");
     }
 
     /// Each socket to its one client's group, and nothing else of the guest.

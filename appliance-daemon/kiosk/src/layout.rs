@@ -7,6 +7,7 @@
 
 use font8x8::legacy::BASIC_LEGACY;
 
+use crate::message::Message;
 use crate::rfb::Framebuffer;
 use crate::Side;
 
@@ -16,6 +17,9 @@ pub const CLASSIFIED_RGB: [u8; 3] = [192, 0, 0];
 pub const GENERAL_RGB: [u8; 3] = [0, 128, 0];
 /// The guest area when the guest is not on screen yet (stopped, starting).
 pub const NO_GUEST_RGB: [u8; 3] = [48, 48, 48];
+/// The box of a message for IT (amber), drawn over the guest area in
+/// place of a guest, with black text.
+pub const MESSAGE_RGB: [u8; 3] = [255, 176, 0];
 const WHITE: u32 = 0x00ff_ffff;
 const BLACK: u32 = 0;
 
@@ -49,6 +53,9 @@ pub struct Label {
     pub hint: String,
     /// A clipboard transfer waiting for the confirm key, described.
     pub pending: Option<String>,
+    /// A message for IT about each guest, shown instead of it.
+    pub classified_message: Option<Message>,
+    pub general_message: Option<Message>,
 }
 
 impl Label {
@@ -56,6 +63,14 @@ impl Label {
         match side {
             Side::Classified => &self.classified_state,
             Side::General => &self.general_state,
+        }
+    }
+
+    /// The message for IT about the guest of `side`.
+    pub fn message_of(&self, side: Side) -> Option<&Message> {
+        match side {
+            Side::Classified => self.classified_message.as_ref(),
+            Side::General => self.general_message.as_ref(),
         }
     }
 }
@@ -156,6 +171,11 @@ pub fn compose(canvas: &mut Canvas<'_>, label: &Label, guest: Option<&Framebuffe
     draw_strip(canvas, label, strip);
 
     let area_top = strip.min(height);
+    if let Some(message) = label.message_of(label.on_screen) {
+        // No guest to show: say what is missing, over any stale picture.
+        draw_message(canvas, area_top, message, label.on_screen);
+        return;
+    }
     match guest {
         Some(fb) => {
             let (rx, ry, rw, rh) =
@@ -185,6 +205,63 @@ pub fn compose(canvas: &mut Canvas<'_>, label: &Label, guest: Option<&Framebuffe
             let y = area_top + (height - area_top).saturating_sub(8 * scale) / 2;
             canvas.text(x, y, scale, &message, WHITE);
         }
+    }
+}
+
+/// The guest area (below `top`): grey, with an amber box inset from its
+/// edges holding `message` in black: the headline in large letters, then
+/// its lines, each as large as lets every line fit (at least the font's
+/// own 8 pixels; a line still too long is cut at the box's edge).
+fn draw_message(canvas: &mut Canvas<'_>, top: u32, message: &Message, side: Side) {
+    let (width, height) = (canvas.width, canvas.height);
+    let area_h = height - top;
+    canvas.fill(0, top, width, area_h, xrgb(NO_GUEST_RGB));
+    let margin = width.min(area_h) / 20;
+    let (bx, by) = (margin, top + margin);
+    let (bw, bh) = (width.saturating_sub(2 * margin), area_h.saturating_sub(2 * margin));
+    canvas.fill(bx, by, bw, bh, xrgb(MESSAGE_RGB));
+    let pad = (bw.min(bh) / 24).max(1);
+    let (inner_w, inner_h) = (bw.saturating_sub(2 * pad), bh.saturating_sub(2 * pad));
+    let headline = message.headline();
+    let lines = message.lines(side);
+    let longest = lines.iter().map(|l| l.chars().count()).max().unwrap_or(0) as u32;
+    let rows = lines.len() as u32;
+    // Body scale s, headline scale up to 3s; line pitch 1.5 lines, half a
+    // headline's gap below it.
+    let fits_width = |chars: u32, scale: u32| chars * 8 * scale <= inner_w;
+    let head_scale = |s: u32| {
+        (s..=3 * s)
+            .rev()
+            .find(|&h| fits_width(headline.len() as u32, h))
+            .unwrap_or(s)
+    };
+    let total_height = |s: u32| {
+        let h = head_scale(s);
+        8 * h * 3 / 2 + rows * 12 * s
+    };
+    let body = (1..=8)
+        .rev()
+        .find(|&s| fits_width(longest, s) && total_height(s) <= inner_h)
+        .unwrap_or(1);
+    let head = head_scale(body);
+    let mut y = by + pad + inner_h.saturating_sub(total_height(body)) / 2;
+    let clip = |text: &str, scale: u32| -> String {
+        text.chars().take((inner_w / (8 * scale)) as usize).collect()
+    };
+    // The block of lines centred, each line left-aligned in it.
+    let block_w = (headline.len() as u32 * 8 * head).max(longest * 8 * body).min(inner_w);
+    let x = bx + pad + (inner_w - block_w) / 2;
+    let bottom = by + pad + inner_h;
+    if y + 8 * head <= bottom {
+        canvas.text(x, y, head, &clip(headline, head), BLACK);
+    }
+    y += 8 * head * 3 / 2;
+    for line in &lines {
+        if y + 8 * body > bottom {
+            break;
+        }
+        canvas.text(x, y, body, &clip(line, body), BLACK);
+        y += 12 * body;
     }
 }
 
@@ -224,6 +301,8 @@ mod tests {
             general_state: "stopped".into(),
             hint: "Scroll Lock: switch".into(),
             pending: None,
+            classified_message: None,
+            general_message: None,
         }
     }
 
@@ -313,6 +392,79 @@ mod tests {
         );
     }
 
+    fn messages() -> [Message; 2] {
+        [
+            Message::NoDisk {
+                path: "/var/lib/airlock/classified/disk/windows.qcow2".into(),
+            },
+            Message::NotProvisioned,
+        ]
+    }
+
+    /// Counts of the area's pixels: (amber, black, grey, anything else).
+    fn area_counts(pixels: &[u32], width: u32, height: u32) -> (usize, usize, usize, usize) {
+        let area = &pixels[(strip_height(height).min(height) * width) as usize..];
+        let count = |c: u32| area.iter().filter(|&&p| p == c).count();
+        let (amber, black, grey) = (count(xrgb(MESSAGE_RGB)), count(BLACK), count(xrgb(NO_GUEST_RGB)));
+        (amber, black, grey, area.len() - amber - black - grey)
+    }
+
+    #[test]
+    fn a_message_for_it_fills_the_area_in_amber_with_black_text() {
+        for (width, height) in [(1024, 768), (1920, 1080), (640, 480)] {
+            for message in messages() {
+                for side in [Side::Classified, Side::General] {
+                    let mut l = label(side);
+                    // Only the side on screen's message is shown…
+                    *match side.other() {
+                        Side::Classified => &mut l.classified_message,
+                        Side::General => &mut l.general_message,
+                    } = Some(message.clone());
+                    let (amber, ..) = area_counts(&draw(width, height, &l, None), width, height);
+                    assert_eq!(amber, 0, "{width}x{height} {side:?}: the other side's message");
+                    l.classified_message = Some(message.clone());
+                    l.general_message = Some(message.clone());
+                    // …and it covers a guest's picture, stale or not.
+                    let mut fb = Framebuffer::new(64, 48);
+                    fb.pixels.fill(0x0000ff);
+                    let pixels = draw(width, height, &l, Some(&fb));
+                    let (amber, black, grey, other) = area_counts(&pixels, width, height);
+                    let area = (amber + black + grey + other) as f64;
+                    assert!(amber as f64 / area > 0.6, "{width}x{height} {message:?}: amber {amber} of {area}");
+                    assert!(black as f64 / area > 0.01, "{width}x{height} {message:?}: text {black}");
+                    assert_eq!(other, 0, "{width}x{height}: only grey, amber and black");
+                    // The strip stays as it was.
+                    assert!(pixels[..(strip_height(height) * width) as usize]
+                        .iter()
+                        .all(|&p| p == xrgb(side_rgb(side)) || p == WHITE));
+                    assert!(!pixels.contains(&0xdead), "every pixel drawn");
+                }
+            }
+        }
+    }
+
+    /// The text stays inside the box: every black pixel has the box's
+    /// colour somewhere to its left and right on its row.
+    #[test]
+    fn message_text_stays_inside_the_box() {
+        for (width, height) in [(640, 480), (1024, 768), (1280, 800)] {
+            for message in messages() {
+                let mut l = label(Side::Classified);
+                l.classified_message = Some(message.clone());
+                let pixels = draw(width, height, &l, None);
+                for y in strip_height(height)..height {
+                    let row = &pixels[(y * width) as usize..((y + 1) * width) as usize];
+                    let Some(first) = row.iter().position(|&p| p == BLACK) else { continue };
+                    let last = row.iter().rposition(|&p| p == BLACK).unwrap();
+                    assert!(row[..first].contains(&xrgb(MESSAGE_RGB)), "{width}x{height} row {y}");
+                    assert!(row[last..].contains(&xrgb(MESSAGE_RGB)), "{width}x{height} row {y}");
+                }
+                let (_, black, ..) = area_counts(&pixels, width, height);
+                assert!(black > 500, "{width}x{height} {message:?}: text is drawn ({black})");
+            }
+        }
+    }
+
     #[test]
     fn pointer_positions_map_into_the_guest() {
         assert_eq!(screen_to_guest(1280, 800, 640, 480, 140, 50), (0, 0));
@@ -323,10 +475,16 @@ mod tests {
 
     #[test]
     fn tiny_screens_do_not_panic() {
-        for (w, h) in [(1, 1), (24, 24), (30, 25), (8, 200)] {
+        for (w, h) in [(1, 1), (24, 24), (30, 25), (8, 200), (200, 8), (100, 60), (320, 200), (640, 480)] {
             let fb = Framebuffer::new(3, 3);
             draw(w, h, &label(Side::Classified), Some(&fb));
             draw(w, h, &label(Side::Classified), None);
+            for message in messages() {
+                let mut l = label(Side::Classified);
+                l.classified_message = Some(message);
+                draw(w, h, &l, Some(&fb));
+                draw(w, h, &l, None);
+            }
         }
     }
 }

@@ -18,6 +18,14 @@
 //!   its aspect kept (nearest neighbour), centred on black. A guest that is
 //!   not running or not yet connected: the area is [`layout::NO_GUEST_RGB`]
 //!   with its state written in white.
+//! - **Messages for IT** ([`message`]): a guest whose disk is missing
+//!   (supervisor state `no-disk`), or, while no supervisor answers, a PC
+//!   without its machine settings file (`--machine-file`): the area is
+//!   grey with an amber box ([`layout::MESSAGE_RGB`]) saying in black what
+//!   is missing and the `airlock flash` command that provides it. Each is
+//!   logged once when it appears: `airlock-kiosk: message for IT: <side>:
+//!   no guest disk at <path>` or `airlock-kiosk: message for IT: this PC is
+//!   not provisioned: no machine settings at <file>`.
 //! - **Switch key**: `--switch-key` (default Scroll Lock): shows the other
 //!   guest. It never reaches a guest; on every switch all keys held down are
 //!   released to the guest being left. The classified guest is shown first.
@@ -31,6 +39,7 @@ pub mod display;
 pub mod input;
 pub mod keys;
 pub mod layout;
+pub mod message;
 pub mod output;
 pub mod rfb;
 pub mod status;
@@ -75,8 +84,8 @@ impl Side {
 pub enum Event {
     /// A guest's picture changed or its connection came or went.
     Display(Side),
-    /// Both guests' states from the supervisor.
-    Status(String, String),
+    /// Both guests' states from the supervisor (or its absence).
+    Status(status::GuestReport, status::GuestReport),
     Input(Input),
     /// A clipboard transfer waits for the confirm key (`None`: no longer).
     Pending(Option<confirm::Pending>),
@@ -91,6 +100,9 @@ pub struct Options {
     /// A KMS device, or a directory of them (the first usable one).
     pub drm_device: PathBuf,
     pub input_dir: PathBuf,
+    /// The machine settings file, only `stat`ed: absent (and no
+    /// supervisor) means this PC is not provisioned.
+    pub machine_file: PathBuf,
     pub switch_key: u16,
     pub switch_key_name: String,
     /// Clipboard confirm mode: the gateway's confirm socket, the key that
@@ -132,8 +144,8 @@ pub fn run(options: &Options) -> Result<()> {
     let display = |side: Side| &displays[side as usize];
     {
         let (events, socket) = (events.clone(), options.run_dir.join("control.sock"));
-        let status_events = events.clone();
-        thread::spawn(move || status::follow(&socket, status_events));
+        let (status_events, machine_file) = (events.clone(), options.machine_file.clone());
+        thread::spawn(move || status::follow(&socket, &machine_file, status_events));
         if let Some(c) = &options.confirm {
             let (events, socket, answer) = (events.clone(), c.socket.clone(), answer.clone());
             thread::spawn(move || confirm::follow(&socket, answer, events));
@@ -153,6 +165,8 @@ pub fn run(options: &Options) -> Result<()> {
         general_state: status::NO_SUPERVISOR.into(),
         hint: format!("{}: switch", options.switch_key_name),
         pending: None,
+        classified_message: None,
+        general_message: None,
     };
     let mut pixels = vec![0u32; (screen.width * screen.height) as usize];
     // The pointer on the screen, and the buttons held.
@@ -182,8 +196,18 @@ pub fn run(options: &Options) -> Result<()> {
             match event {
                 Event::Display(side) => redraw |= side == router.on_screen(),
                 Event::Status(c, g) => {
-                    redraw |= c != label.classified_state || g != label.general_state;
-                    (label.classified_state, label.general_state) = (c, g);
+                    for line in message::new_log_lines(
+                        [label.classified_message.as_ref(), label.general_message.as_ref()],
+                        [c.message.as_ref(), g.message.as_ref()],
+                    ) {
+                        eprintln!("{line}");
+                    }
+                    redraw |= c.state != label.classified_state
+                        || g.state != label.general_state
+                        || c.message != label.classified_message
+                        || g.message != label.general_message;
+                    (label.classified_state, label.general_state) = (c.state, g.state);
+                    (label.classified_message, label.general_message) = (c.message, g.message);
                 }
                 Event::Tick => {
                     if pending

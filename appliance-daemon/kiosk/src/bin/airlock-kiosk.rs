@@ -20,6 +20,10 @@ struct Cli {
     /// Where keyboards and pointers appear.
     #[arg(long, default_value = "/dev/input")]
     input_dir: PathBuf,
+    /// The machine settings written at provisioning (only looked at: absent,
+    /// and no supervisor, means this PC is not provisioned).
+    #[arg(long, default_value = airlock_kiosk::message::MACHINE_FILE)]
+    machine_file: PathBuf,
     /// The host-owned key that switches guests: scrolllock, pause, f12,
     /// rightctrl or menu. It never reaches a guest.
     #[arg(long, default_value = "scrolllock")]
@@ -57,6 +61,7 @@ fn main() -> ExitCode {
         run_dir: cli.run_dir,
         drm_device: cli.drm_device,
         input_dir: cli.input_dir,
+        machine_file: cli.machine_file,
         switch_key,
         switch_key_name: airlock_kiosk::keys::key_name(switch_key, &cli.switch_key),
         confirm: Some(airlock_kiosk::ConfirmOptions {

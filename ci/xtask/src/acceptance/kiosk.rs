@@ -58,6 +58,9 @@ pub const CLASSIFIED_RGB: [u8; 3] = [192, 0, 0];
 pub const GENERAL_RGB: [u8; 3] = [0, 128, 0];
 /// Mirror of `airlock_kiosk::layout::NO_GUEST_RGB` (guest area, no guest).
 pub const NO_GUEST_RGB: [u8; 3] = [48, 48, 48];
+/// Mirror of `airlock_kiosk::layout::MESSAGE_RGB` (the amber box of a
+/// message for IT: no guest disk, PC not provisioned).
+pub const MESSAGE_RGB: [u8; 3] = [255, 176, 0];
 
 /// Mirror of `airlock_kiosk::layout::strip_height`.
 pub fn strip_height(screen_height: u32) -> u32 {
@@ -977,6 +980,7 @@ mod tests {
         assert_eq!(CLASSIFIED_RGB, airlock_kiosk::layout::CLASSIFIED_RGB);
         assert_eq!(GENERAL_RGB, airlock_kiosk::layout::GENERAL_RGB);
         assert_eq!(NO_GUEST_RGB, airlock_kiosk::layout::NO_GUEST_RGB);
+        assert_eq!(MESSAGE_RGB, airlock_kiosk::layout::MESSAGE_RGB);
         for h in [0, 200, 384, 600, 720, 768, 800, 1080, 1200, 2160] {
             assert_eq!(strip_height(h), airlock_kiosk::layout::strip_height(h), "height {h}");
         }
