@@ -179,12 +179,12 @@ impl Screens {
     }
 }
 
-fn write_png(image: &Image, path: &Path) -> Result<()> {
+pub fn write_png(image: &Image, path: &Path) -> Result<()> {
     let buffer = image::RgbaImage::from_raw(image.width, image.height, image.rgba.clone()).context("screendump size does not match its pixels")?;
     buffer.save_with_format(path, image::ImageFormat::Png).with_context(|| format!("writing {}", path.display()))
 }
 
-fn pixel(image: &Image, x: u32, y: u32) -> [u8; 3] {
+pub fn pixel(image: &Image, x: u32, y: u32) -> [u8; 3] {
     let i = ((y as usize) * (image.width as usize) + x as usize) * 4;
     [image.rgba[i], image.rgba[i + 1], image.rgba[i + 2]]
 }
@@ -307,6 +307,20 @@ pub fn fit(area: Rect, guest_width: u32, guest_height: u32) -> Rect {
     let (w, h) = if aw * gh <= ah * gw { (aw, gh * aw / gw) } else { (gw * ah / gh, ah) };
     let (w, h) = (w as u32, h as u32);
     Rect { x: area.x + (area.width - w) / 2, y: area.y + (area.height - h) / 2, width: w, height: h }
+}
+
+/// Share of the pixels of `area` within [`TOLERANCE`] of `colour`.
+pub fn colour_share(image: &Image, area: Rect, colour: [u8; 3]) -> f64 {
+    let mut hits = 0u64;
+    let (x1, y1) = ((area.x + area.width).min(image.width), (area.y + area.height).min(image.height));
+    for y in area.y..y1 {
+        for x in area.x..x1 {
+            if near(pixel(image, x, y), colour, TOLERANCE) {
+                hits += 1;
+            }
+        }
+    }
+    hits as f64 / (u64::from(area.width) * u64::from(area.height)).max(1) as f64
 }
 
 /// Mean colour of the block of side `2 * half` centred on (`cx`, `cy`).

@@ -10,6 +10,7 @@ use airlock::qemu::Graphics;
 use anyhow::{ensure, Context, Result};
 
 use super::boot::tail;
+use super::kiosk;
 use super::images::{private_copy, Images};
 use super::{AcceptanceOptions, Suite};
 use crate::{images_differ, Machine, Vm};
@@ -24,7 +25,13 @@ const PRODUCTION_TESTS: &[&str] = &[
     "production: Ctrl-Alt-F1..F6 and SysRq show no console (screen unchanged)",
     "production: Ctrl-Alt-Del does not reboot",
     "production: written raw onto a larger disk, the first boot grows the data partition to the disk's end (systemd-repart)",
+    "production: a PC without guest disks or machine settings shows IT's message on screen, no console",
 ];
+
+/// The share of the area below the label strip the kiosk's message box
+/// must fill (its unit tests: more than 60 % at common screen sizes).
+const MESSAGE_SHARE: f64 = 0.4;
+const MESSAGE_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// How much larger than the image the production machine's disk is (as
 /// when IT copies the image with `dd` instead of `airlock flash`).
@@ -67,6 +74,45 @@ pub fn production_boot(suite: &mut Suite, images: &Images, opts: &AcceptanceOpti
         match agent.wait_ready(Duration::from_secs(20)) {
             Ok(id) => anyhow::bail!("an agent answered on the test port (boot id {id})"),
             Err(_) => Ok("nothing answered on org.airlock.test.0 within 20 s".into()),
+        }
+    });
+    // Before the console-key checks, which need a settled screen.
+    suite.test(PRODUCTION_TESTS[5], || {
+        let screens = opts.work_dir.join("screens/production");
+        std::fs::create_dir_all(&screens)?;
+        let shot = screens.join("unprovisioned.png");
+        let start = std::time::Instant::now();
+        loop {
+            vm.qmp()?.screendump(&shot)?;
+            let image = crate::screen::load_image(&shot)?;
+            let area = kiosk::guest_area(image.width, image.height);
+            let share = kiosk::colour_share(&image, area, kiosk::MESSAGE_RGB);
+            let strip = kiosk::read_strip(&image);
+            if share >= MESSAGE_SHARE {
+                let side = kiosk::strip_side(&strip)?;
+                let png = screens.join("unprovisioned-message.png");
+                kiosk::write_png(&image, &png)?;
+                let log = vm.serial_log();
+                ensure!(!log.contains("login:"), "a login prompt appeared on the serial console");
+                return Ok(format!(
+                    "{}x{}: {side} label strip, message box (#{:02x}{:02x}{:02x}) fills {:.0}% of the area below it, {:.0}s after airlock.target; screenshot {}",
+                    image.width,
+                    image.height,
+                    kiosk::MESSAGE_RGB[0],
+                    kiosk::MESSAGE_RGB[1],
+                    kiosk::MESSAGE_RGB[2],
+                    share * 100.0,
+                    start.elapsed().as_secs_f64(),
+                    png.display()
+                ));
+            }
+            ensure!(
+                start.elapsed() < MESSAGE_TIMEOUT,
+                "no message box after {MESSAGE_TIMEOUT:?}: {:.1}% of the area below the strip is the message colour; last screen kept in {}",
+                share * 100.0,
+                shot.display()
+            );
+            thread::sleep(Duration::from_secs(2));
         }
     });
     suite.test(PRODUCTION_TESTS[2], || {
