@@ -546,6 +546,14 @@ impl<'a> Timeline<'a> {
             let state = self.wait_unit_settled("airlock-update-health.service")?;
             ensure!(state == "failed", "the health gate ended {state}, expected failed");
             let why = sh(self.vm()?, "journalctl -b -u airlock-update-health.service -o cat --no-pager | grep 'FAILED' || true")?;
+            // The gate must have run and failed for the unit the suite broke,
+            // not for anything else (a gate that cannot start also "fails").
+            ensure!(
+                why.contains("airlock-test-unhealthy.service"),
+                "the health gate did not fail on the broken unit: {:?}; its journal:\n{}",
+                why.trim(),
+                sh(self.vm()?, "journalctl -b -u airlock-update-health.service -o cat --no-pager | tail -n 15")?
+            );
             let esp_trial = self.esp_listing()?;
             self.check_avc("slot B on trial, unhealthy");
             self.reboot()?;
@@ -575,7 +583,10 @@ impl<'a> Timeline<'a> {
             let (entry, counted) = self.loader()?;
             ensure!(counted, "systemd-boot booted {entry} without boot counting (no LoaderBootCountPath)");
             let health = self.wait_unit_settled("airlock-update-health.service")?;
-            ensure!(health == "active", "the health gate ended {health}");
+            if health != "active" {
+                let journal = sh(self.vm()?, "journalctl -b -u airlock-update-health.service -o cat --no-pager | tail -n 15")?;
+                bail!("the health gate ended {health}; its journal:\n{journal}");
+            }
             let bless = self.wait_unit_settled("systemd-bless-boot.service")?;
             ensure!(bless == "active", "systemd-bless-boot.service ended {bless}");
             let blessed_after = reboot_start.elapsed().as_secs_f64();
