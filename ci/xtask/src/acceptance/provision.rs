@@ -65,8 +65,13 @@ pub fn flash_test_machine(images: &Images, opts: &AcceptanceOptions, dir: &Path,
     for side in SIDES {
         let marker = format!("airlock-acceptance {side} guest disk, run {run}\n");
         let file = inputs.join(format!("{side}.raw"));
+        // A disk as a Windows installation leaves it, as far as flash can
+        // tell: a partition table's boot signature at byte 510 (an empty
+        // MBR; the marker sits in its boot-code area).
         let mut bytes = marker.clone().into_bytes();
         bytes.resize(GUEST_DISK_BYTES as usize, 0);
+        bytes[510] = 0x55;
+        bytes[511] = 0xaa;
         std::fs::write(&file, bytes)?;
         args.push("--guest".into());
         args.push(format!("{side}={}", file.display()));
