@@ -41,12 +41,6 @@ pub const DISPLAY_MODULES: &[&str] = &[
 /// load and bind nothing.
 pub const NET_MODULES: &[&str] = &["kernel/net/core/failover", "kernel/drivers/net/net_failover", "kernel/drivers/net/virtio_net"];
 
-/// Modules for `disk-head`: the `virtio_blk` driver for the virtio disk the
-/// appliance gives each guest (its provisioned "Windows" disk; no
-/// dependencies beyond the built-in virtio core). Without a disk it binds
-/// nothing.
-pub const BLOCK_MODULES: &[&str] = &["kernel/drivers/block/virtio_blk"];
-
 /// Module file name endings, in the order looked for.
 const MODULE_SUFFIXES: &[&str] = &[".ko.xz", ".ko.zst", ".ko.gz", ".ko"];
 
@@ -57,7 +51,7 @@ pub struct GuestImage {
     pub initrd: PathBuf,
     /// Modules that were put in the initramfs, in load order (those of
     /// [`POWER_BUTTON_MODULES`], [`INPUT_MODULES`], [`DISPLAY_MODULES`] and
-    /// [`NET_MODULES`], [`BLOCK_MODULES`] the kernel has).
+    /// [`NET_MODULES`] the kernel has).
     pub modules: Vec<String>,
 }
 
@@ -91,7 +85,7 @@ pub fn prepare(dir: &Path) -> Result<GuestImage, String> {
     let init = build_init()?;
     let init = std::fs::read(&init).map_err(|e| format!("reading {}: {e}", init.display()))?;
     let mut modules = Vec::new();
-    for base in POWER_BUTTON_MODULES.iter().chain(INPUT_MODULES).chain(DISPLAY_MODULES).chain(NET_MODULES).chain(BLOCK_MODULES) {
+    for base in POWER_BUTTON_MODULES.iter().chain(INPUT_MODULES).chain(DISPLAY_MODULES).chain(NET_MODULES) {
         let found = MODULE_SUFFIXES.iter().find_map(|suffix| kernel.module(&format!("{base}{suffix}")));
         if let Some(path) = found {
             let data = std::fs::read(&path).map_err(|e| format!("reading {}: {e}", path.display()))?;

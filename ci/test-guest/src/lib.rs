@@ -118,11 +118,6 @@ pub mod protocol {
     pub const KEYS: &str = "keys";
     /// `keys-clear` → `ok keys-clear`: empties the log of [`KEYS`].
     pub const KEYS_CLEAR: &str = "keys-clear";
-    /// `disk-head` → `disk <name> <bytes> <hex>`: the first virtio disk
-    /// (`vda`, waiting up to 5 s for `virtio_blk` to make it), its size and
-    /// its first 64 bytes in hex — what the host gave the guest as its disk
-    /// (the appliance: the provisioned guest disk). `error ...` without one.
-    pub const DISK_HEAD: &str = "disk-head";
 
     /// `net-up <address>/<prefix> <gateway>` →
     /// `ok net <ifname> <mac> <address>/<prefix>`: brings up `lo` and the

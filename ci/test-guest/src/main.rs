@@ -147,22 +147,6 @@ fn serve(port: &Path) {
     }
 }
 
-/// The [`protocol::DISK_HEAD`] reply for `/dev/vda`.
-fn disk_head() -> std::io::Result<String> {
-    let start = Instant::now();
-    while !Path::new("/sys/block/vda").exists() {
-        if start.elapsed() > Duration::from_secs(5) {
-            return Err(std::io::Error::other("no virtio disk (/sys/block/vda)"));
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    let sectors: u64 = std::fs::read_to_string("/sys/block/vda/size")?.trim().parse().map_err(std::io::Error::other)?;
-    let mut head = [0u8; 64];
-    File::open("/dev/vda")?.read_exact(&mut head)?;
-    let hex: String = head.iter().map(|b| format!("{b:02x}")).collect();
-    Ok(format!("disk vda {} {hex}", sectors * 512))
-}
-
 fn handle(line: &str) -> String {
     let mut words = line.split_whitespace();
     match words.next() {
@@ -245,7 +229,6 @@ fn handle(line: &str) -> String {
             lock(&KEYS).clear();
             "ok keys-clear".into()
         }
-        Some(protocol::DISK_HEAD) => disk_head().unwrap_or_else(|e| format!("error {e}")),
         _ => guest_net::handle(line).unwrap_or_else(|| format!("error unknown command {line:?}")),
     }
 }

@@ -13,7 +13,7 @@ use anyhow::{ensure, Context, Result};
 
 use super::boot::sh;
 use super::images::Images;
-use super::supervisor::guest;
+use super::supervisor::{qemu_pid, qmp};
 use super::{AcceptanceOptions, Suite};
 use crate::Vm;
 
@@ -40,15 +40,15 @@ gateway = "192.168.78.1"
 /// Where the test image's configuration puts each guest's disk.
 const GUEST_DISK: &str = "/var/lib/airlock/{side}/disk/test.raw";
 const SIDES: [&str; 2] = ["classified", "general"];
-/// Size of each provisioned guest disk (the test guest boots from its
-/// kernel and initramfs and only reads this disk's first bytes).
+//// Size of each provisioned guest disk.
 const GUEST_DISK_BYTES: u64 = 4 << 20;
 
 /// What the flash made.
 pub struct Flashed {
     pub disk: PathBuf,
-    /// Each side's marker: the first bytes of the disk provisioned for it.
-    pub markers: Vec<(&'static str, String)>,
+    /// Each side's provisioned guest disk: its sha256 (each file is unique
+    /// to the run: a marker in its first bytes).
+    pub guest_disks: Vec<(&'static str, String)>,
     pub seconds: f64,
 }
 
@@ -60,7 +60,7 @@ pub fn flash_test_machine(images: &Images, opts: &AcceptanceOptions, dir: &Path,
     std::fs::create_dir_all(&inputs)?;
     std::fs::create_dir_all(dir)?;
     let run = std::process::id();
-    let mut markers = Vec::new();
+    let mut guest_disks = Vec::new();
     let mut args: Vec<String> = vec!["airlock".into(), "flash".into()];
     for side in SIDES {
         let marker = format!("airlock-acceptance {side} guest disk, run {run}\n");
@@ -75,7 +75,9 @@ pub fn flash_test_machine(images: &Images, opts: &AcceptanceOptions, dir: &Path,
         std::fs::write(&file, bytes)?;
         args.push("--guest".into());
         args.push(format!("{side}={}", file.display()));
-        markers.push((side, marker));
+        let sh = xshell::Shell::new()?;
+        let sum = xshell::cmd!(sh, "sha256sum {file}").quiet().read()?;
+        guest_disks.push((side, sum.split_whitespace().next().unwrap_or_default().to_owned()));
     }
     let machine = inputs.join("machine.toml");
     std::fs::write(&machine, MACHINE_SETTINGS)?;
@@ -93,21 +95,29 @@ pub fn flash_test_machine(images: &Images, opts: &AcceptanceOptions, dir: &Path,
     let start = Instant::now();
     let cli = <airlock::cli::Cli as clap::Parser>::try_parse_from(&args).context("the IT guide's airlock flash command line")?;
     airlock::run(cli).context("airlock flash")?;
-    Ok(Flashed { disk, markers, seconds: start.elapsed().as_secs_f64() })
+    Ok(Flashed { disk, guest_disks, seconds: start.elapsed().as_secs_f64() })
 }
 
 /// The checks on the booted, flashed test machine.
 pub fn provision_checks(suite: &mut Suite, vm: &mut Vm, flashed: &Flashed) {
     suite.test(TESTS[0], || {
+        // Seen from the appliance (the nested test guest boots from its
+        // kernel and initramfs and has no block driver: its virtio disk is
+        // the one QEMU opened): the guest's QEMU has the provisioned file as
+        // its one disk, and that file is, byte for byte, what was given to
+        // `airlock flash --guest`.
         let mut seen = Vec::new();
-        for (side, marker) in &flashed.markers {
-            let reply = guest(vm, side, "disk-head")?;
-            let head = parse_disk_head(&reply).with_context(|| format!("{side} guest: disk-head answered {reply:?}"))?;
-            ensure!(head.bytes == GUEST_DISK_BYTES, "the {side} guest's disk has {} bytes, the provisioned file {GUEST_DISK_BYTES}", head.bytes);
-            ensure!(head.first.starts_with(marker.as_bytes()), "the {side} guest's disk starts with {:?}, not the marker flashed for it ({marker:?})", String::from_utf8_lossy(&head.first));
+        for (side, sha256) in &flashed.guest_disks {
             let path = GUEST_DISK.replace("{side}", side);
-            let holder = sh(vm, &format!("ls -l /proc/$(airlockd status | sed -n 's/.*\"{side}\":{{\"state\":\"running\",\"pid\":\\([0-9]*\\).*/\\1/p')/fd 2>/dev/null | grep -c '{path}' || true"))?;
-            seen.push(format!("{side}: /dev/vda {} bytes, starts {:?}; its QEMU holds {path} ({} fd)", head.bytes, marker.trim_end(), holder.trim()));
+            let blocks = qmp(vm, side, "query-block")?;
+            let files: Vec<&str> = blocks.as_array().into_iter().flatten().filter_map(|b| b["inserted"]["file"].as_str()).collect();
+            ensure!(files == [path.as_str()], "the {side} QEMU's disks are {files:?}, not the provisioned {path}");
+            let pid = qemu_pid(vm, side)?;
+            let held = sh(vm, &format!("ls -l /proc/{pid}/fd | grep -c ' {path}$' || true"))?;
+            ensure!(held.trim() != "0", "the {side} QEMU (pid {pid}) has no descriptor open on {path}");
+            let on_appliance = sh(vm, &format!("sha256sum {path}"))?;
+            ensure!(on_appliance.starts_with(sha256.as_str()), "{path} on the appliance is {on_appliance:?}, the file given to airlock flash has sha256 {sha256}");
+            seen.push(format!("{side}: QEMU pid {pid} has {path} as its one disk (query-block), open; sha256 {} = the --guest file's", &sha256[..16]));
         }
         Ok(seen.join("; "))
     });
@@ -134,33 +144,4 @@ pub fn provision_checks(suite: &mut Suite, vm: &mut Vm, flashed: &Flashed) {
         }
         Ok(format!("provisioning file = the machine file; {}; {}", facts.join(", "), labels.trim().replace('\n', "; ")))
     });
-}
-
-/// The test guest's `disk-head` reply.
-struct DiskHead {
-    bytes: u64,
-    first: Vec<u8>,
-}
-
-fn parse_disk_head(reply: &str) -> Option<DiskHead> {
-    let mut words = reply.split_whitespace();
-    if words.next()? != "disk" {
-        return None;
-    }
-    let _name = words.next()?;
-    let bytes = words.next()?.parse().ok()?;
-    let hex = words.next()?;
-    let first = (0..hex.len() / 2).map(|i| u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).ok()).collect::<Option<Vec<u8>>>()?;
-    Some(DiskHead { bytes, first })
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn disk_head_parses() {
-        let d = super::parse_disk_head("disk vda 4194304 6169").unwrap();
-        assert_eq!((d.bytes, d.first), (4194304, b"ai".to_vec()));
-        assert!(super::parse_disk_head("error no virtio disk").is_none());
-        assert!(super::parse_disk_head("disk vda x 00").is_none());
-    }
 }

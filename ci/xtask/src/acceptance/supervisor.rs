@@ -40,7 +40,7 @@ pub fn qemu_pid(vm: &mut Vm, side: &str) -> Result<String> {
 }
 
 /// One QMP command on the side's test-only monitor; QEMU's `return` value.
-fn qmp(vm: &mut Vm, side: &str, execute: &str) -> Result<serde_json::Value> {
+pub fn qmp(vm: &mut Vm, side: &str, execute: &str) -> Result<serde_json::Value> {
     let line = sh(vm, &format!("{CTL} --qmp /run/airlock/{side}/qmp-test.sock '{{\"execute\": \"{execute}\"}}'"))?;
     let answer: serde_json::Value = serde_json::from_str(line.trim()).with_context(|| format!("QMP {execute} answered {line:?}"))?;
     answer.get("return").cloned().with_context(|| format!("QMP {execute} failed: {answer}"))
