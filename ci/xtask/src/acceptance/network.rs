@@ -447,10 +447,12 @@ mod tests {
     #[test]
     fn addresses_match_the_test_profile() {
         let cfg = airlock_network_config();
-        assert!(cfg.contains("interface = \"upclassified\"") && cfg.contains("interface = \"upgeneral\""));
+        // The uplinks are machine settings, provisioned by airlock flash.
+        let machine = super::super::provision::MACHINE_SETTINGS;
+        assert!(machine.contains("interface = \"upclassified\"") && machine.contains("interface = \"upgeneral\""));
         for (name, end) in UPLINKS {
-            assert!(cfg.contains(&format!("address = \"{}/24\"", end.appliance)), "{name}");
-            assert!(cfg.contains(&format!("gateway = \"{}\"", end.gateway)), "{name}");
+            assert!(machine.contains(&format!("address = \"{}/24\"", end.appliance)), "{name}");
+            assert!(machine.contains(&format!("gateway = \"{}\"", end.gateway)), "{name}");
             let link = std::fs::read_to_string(format!("{}/../test-agent/overlay/etc/systemd/network/10-airlock-test-uplink-{}.link", env!("CARGO_MANIFEST_DIR"), &name[2..])).unwrap();
             assert!(link.contains(&format!("MACAddress={}", end.mac)) && link.contains(&format!("Name={name}")), "{link}");
         }
