@@ -504,21 +504,33 @@ fn a_bad_machine_file_is_refused_naming_file_line_and_key() {
     assert_eq!(sha256(&target), before, "a refused flash changed the target");
 }
 
-/// The test image's shipped configuration has a `[network]` section (the
-/// production one leaves it to the site's overlay): per-PC uplink addresses
-/// are machine settings; a bad one is refused naming its key and line.
+/// The test image's shipped configuration has a `[network]` section without
+/// uplinks (the production one leaves `[network]` to the site's overlay):
+/// per-PC uplink addresses are machine settings; a bad one is refused
+/// naming its key and line.
 #[test]
 fn machine_uplink_addresses_are_provisioned_and_checked() {
     let fx = Fixture::with_shipped(include_str!("../../ci/test-agent/overlay/etc/airlock/appliance.toml"));
     let target = fx.target("pc.raw", 96 * MIB);
     let before = sha256(&target);
     let bad = fx.path("bad-uplink.toml");
-    std::fs::write(&bad, "[network.classified.uplink]\ninterface = \"enp1s0\"\naddress = \"192.168.10.300/24\"\ngateway = \"192.168.10.1\"\n").unwrap();
+    std::fs::write(
+        &bad,
+        "[network.classified.uplink]\ninterface = \"enp1s0\"\naddress = \"192.168.10.300/24\"\ngateway = \"192.168.10.1\"\n\n\
+         [network.general.uplink]\ninterface = \"enp2s0\"\naddress = \"192.168.20.20/24\"\ngateway = \"192.168.20.1\"\n",
+    )
+    .unwrap();
     let e = refused(&fx.flash(&target, &["--machine", bad.to_str().unwrap()]));
     assert!(e.contains(&bad.display().to_string()) && e.contains("line 3") && e.contains("network.classified.uplink.address"), "{e}");
     assert_eq!(sha256(&target), before);
     let good = fx.path("pc-0042.toml");
-    std::fs::write(&good, "[network.classified.uplink]\ninterface = \"enp1s0\"\naddress = \"192.168.10.20/24\"\ngateway = \"192.168.10.1\"\n").unwrap();
+    // Both sides' uplinks: the test image ships none (they are per PC).
+    std::fs::write(
+        &good,
+        "[network.classified.uplink]\ninterface = \"enp1s0\"\naddress = \"192.168.10.20/24\"\ngateway = \"192.168.10.1\"\n\n\
+         [network.general.uplink]\ninterface = \"enp2s0\"\naddress = \"192.168.20.20/24\"\ngateway = \"192.168.20.1\"\n",
+    )
+    .unwrap();
     let stdout = ok(&fx.flash(&target, &["--machine", good.to_str().unwrap()]));
     assert!(stdout.contains("provisioned /var/lib/airlock/provision/appliance.toml"), "{stdout}");
 }

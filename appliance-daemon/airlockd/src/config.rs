@@ -1266,7 +1266,14 @@ disk = "/var/lib/airlock/general/disk/windows.qcow2"
 
     #[test]
     fn test_profile_config_is_valid() {
-        let c = parse("appliance-test.toml", include_str!("../../../ci/test-agent/overlay/etc/airlock/appliance.toml")).unwrap();
+        // The test image's shipped configuration and the test PC's machine
+        // settings (its uplinks), as the acceptance suite provisions them.
+        let c = parse_layers(&[
+            ("appliance-test.toml", include_str!("../../../ci/test-agent/overlay/etc/airlock/appliance.toml"), false),
+            ("machine.toml", include_str!("../../../ci/test-agent/machine.toml"), true),
+        ])
+        .unwrap();
+        assert!(c.network.is_some(), "the test PC has a host network");
         assert!(c.supervisor.test_mode);
         assert!(c.clipboard.enabled, "the suite copies through the gateway");
         for side in Side::ALL {

@@ -141,7 +141,13 @@ mod tests {
         assert_eq!(sysctl_write(p, &["sysctl".into(), "-w".into(), "a..b=1".into()]), None);
         assert_eq!(sysctl_write(p, &["ip".into(), "a.b=1".into()]), None);
         // Every sysctl the network crate renders maps to a file.
-        let cfg = airlock_network::NetworkConfig::from_appliance_toml(include_str!("../../../ci/test-agent/overlay/etc/airlock/appliance.toml")).unwrap();
+        let cfg = crate::config::parse_layers(&[
+            ("appliance-test.toml", include_str!("../../../ci/test-agent/overlay/etc/airlock/appliance.toml"), false),
+            ("machine.toml", include_str!("../../../ci/test-agent/machine.toml"), true),
+        ])
+        .unwrap()
+        .network
+        .expect("the test PC has a host network");
         for st in airlock_network::render_topology(&cfg).iter().filter(|s| s.kind == StepKind::Sysctl) {
             let (path, _) = sysctl_write(p, &st.argv).unwrap_or_else(|| panic!("{st}"));
             assert!(path.starts_with("/proc/sys/net/"), "{}", path.display());

@@ -22,20 +22,11 @@ pub const TESTS: &[&str] = &[
     "flash: the provisioned machine settings are in effect (uplink addresses; labels and owners as flashed)",
 ];
 
-/// The machine's settings, as IT writes them for one PC: this run's
-/// uplinks (the far ends are `crate::outside`; mirrored in `network.rs`).
-/// The test image ships the rest of `[network]`.
-pub const MACHINE_SETTINGS: &str = r#"# Machine settings of the acceptance suite's test PC (airlock flash --machine).
-[network.classified.uplink]
-interface = "upclassified"
-address = "192.168.77.2/24"
-gateway = "192.168.77.1"
-
-[network.general.uplink]
-interface = "upgeneral"
-address = "192.168.78.2/24"
-gateway = "192.168.78.1"
-"#;
+/// The machine's settings, as IT writes them for one PC
+/// (`ci/test-agent/machine.toml`): the uplinks (their far ends are
+/// `crate::outside`; mirrored in `network.rs`). The test image ships the
+/// rest of `[network]`.
+pub const MACHINE_SETTINGS: &str = include_str!("../../../test-agent/machine.toml");
 
 /// Where the test image's configuration puts each guest's disk.
 const GUEST_DISK: &str = "/var/lib/airlock/{side}/disk/test.raw";
