@@ -312,9 +312,15 @@ pub fn flash(opts: &FlashOptions) -> Result<FlashReport> {
         // spares it the "backup GPT not at the end" warnings.
         runner.run("moving the backup GPT to the end of the disk", cmd!(sh, "sfdisk --relocate gpt-bak-std {tpath}"))?;
         let number = layout.data.number.to_string();
+        // An explicit size, a whole number of MiB, not `+` (every sector up
+        // to the last usable one): systemd-repart at first boot rounds each
+        // partition up to its 4 KiB grain, and on a partition of an odd
+        // number of sectors that ends at the last usable sector it finds no
+        // room for its own rounding and fails the unit (seen in QEMU).
+        let size = format!(", {}\n", grown_data_size / 512);
         runner.run(
             "growing the data partition to the end of the disk",
-            cmd!(sh, "sfdisk --quiet --no-reread --no-tell-kernel -N {number} {tpath}").stdin(", +\n"),
+            cmd!(sh, "sfdisk --quiet --no-reread --no-tell-kernel -N {number} {tpath}").stdin(size),
         )?;
         let table = read_table(&runner, tpath)?;
         let data = table.partitions.iter().find(|p| p.number == layout.data.number).context("the data partition vanished")?;
