@@ -59,7 +59,7 @@ pub fn flash_test_machine(images: &Images, opts: &AcceptanceOptions, dir: &Path,
         // A disk as a Windows installation leaves it, as far as flash can
         // tell: a partition table's boot signature at byte 510 (an empty
         // MBR; the marker sits in its boot-code area).
-        let mut bytes = marker.clone().into_bytes();
+        let mut bytes = marker.into_bytes();
         bytes.resize(GUEST_DISK_BYTES as usize, 0);
         bytes[510] = 0x55;
         bytes[511] = 0xaa;
@@ -70,8 +70,8 @@ pub fn flash_test_machine(images: &Images, opts: &AcceptanceOptions, dir: &Path,
         let sum = xshell::cmd!(sh, "sha256sum {file}").quiet().read()?;
         guest_disks.push((side, sum.split_whitespace().next().unwrap_or_default().to_owned()));
     }
-    let machine = inputs.join("machine.toml");
-    std::fs::write(&machine, MACHINE_SETTINGS)?;
+    // The repository's file itself, as IT would pass theirs.
+    let machine = std::path::absolute(super::images::source_dir().join("ci/test-agent/machine.toml"))?;
     args.push("--machine".into());
     args.push(machine.display().to_string());
 
