@@ -1,20 +1,23 @@
 //! Signed whole-image updates in the booted test image (issue 9), on a
-//! machine of their own (a fresh copy of the test image; the test
-//! machine's groups are not disturbed). One timeline of five boots, each
-//! step a named test:
+//! machine of their own (the test image flashed and provisioned like the
+//! test machine; the test machine's groups are not disturbed). One
+//! timeline of six boots, each step a named test:
 //!
 //! 1. slot A (the built version): a bundle with one flipped payload byte
 //!    and one signed by an untrusted key are refused, each with its reason,
 //!    and nothing is written (slot B's bytes and the GPT hashed from the
 //!    host, the ESP listed in the guest); then an apply of the next version
-//!    is cut off by killing QEMU while it writes slot B;
-//! 2. the machine still boots slot A; applying again succeeds (one boot
+//!    is cut off by killing QEMU as soon as slot B's first MiB is on disk;
+//! 2. the machine still boots slot A; a second apply is cut off once the
+//!    middle of slot B's root is on disk;
+//! 3. the machine still boots slot A; applying again succeeds (one boot
 //!    try), with a marker on the data partition that makes a test-only unit
 //!    fail at the next boot;
-//! 3. slot B boots, the health gate fails, the entry is not blessed;
-//! 4. the tries used up, the firmware's boot loader falls back to slot A by
+//! 4. slot B boots, the health gate fails (on that unit), the entry is not
+//!    blessed;
+//! 5. the try used up, the firmware's boot loader falls back to slot A by
 //!    itself; the marker goes, the update is applied again (three tries);
-//! 5. slot B boots, passes the health gate, and systemd-bless-boot blesses
+//! 6. slot B boots, passes the health gate, and systemd-bless-boot blesses
 //!    its entry.
 //!
 //! The bundles reach the machine as a USB stick: a FAT image made on the
@@ -42,6 +45,7 @@ pub const TESTS: &[&str] = &[
     "update: a bundle signed by an untrusted key is refused, with its reason; nothing is written",
     "update: a power cut during the slot write still boots slot A",
     "update: after the power cut, applying the update again succeeds",
+    "update: a second power cut, half-way through the root partition, still boots slot A",
     "update: a new slot whose health gate fails falls back to slot A by itself",
     "update: A → B: the new version boots from slot B and its entry is blessed",
     "update: the data partition (guest disks, journal) is intact after every step",
@@ -399,6 +403,61 @@ impl<'a> Timeline<'a> {
         Ok(buf)
     }
 
+    /// 1 MiB from the middle of slot B's root area as far as `root_bytes`
+    /// (the next image's root filesystem) reaches.
+    fn slot_b_root_middle(&self, root_bytes: u64) -> Result<Vec<u8>> {
+        let p = self.base.partitions.iter().find(|p| p.number == 4).context("the report has no partition 4 (slot B)")?;
+        let mut f = std::fs::File::open(self.machine.disk())?;
+        f.seek(SeekFrom::Start(p.offset + (root_bytes / 2 & !0xfffff)))?;
+        let mut buf = vec![0u8; 1 << 20];
+        f.read_exact(&mut buf)?;
+        Ok(buf)
+    }
+
+    /// Starts `apply` of `bundle` as systemd unit `unit`, waits until it
+    /// writes slot B, then pulls the plug as soon as `landed` sees the write
+    /// reach the disk (the guest's page cache holds writes a while; at most
+    /// 120 s after the write began). The cut must come before the new
+    /// entry is on the ESP. Returns what happened, for the test's detail.
+    fn cut_during_apply(&mut self, unit: &str, bundle: &str, what: &str, landed: &dyn Fn(&Self) -> Result<bool>) -> Result<String> {
+        let new_version_entry = bundle.rsplit('/').next().unwrap_or(bundle).trim_end_matches(".airlock").to_owned();
+        let vm = self.vm()?;
+        sh(vm, &format!("systemd-run --quiet --collect --unit={unit} {AGENT} apply --file {bundle}"))?;
+        let start = Instant::now();
+        let mut label = String::new();
+        loop {
+            ensure!(start.elapsed() < APPLY_TIMEOUT, "the apply never started writing slot B");
+            let log = sh(vm, &format!("journalctl -u {unit} -o cat --no-pager"))?;
+            if label.is_empty() {
+                label = sh(vm, "ps -eo label,comm | awk '$2 == \"airlock-update\" {print $1}'").unwrap_or_default().trim().to_owned();
+            }
+            if log.contains("installed") || log.contains("error") || log.contains("refused") {
+                bail!("the apply ended before the power cut:\n{log}");
+            }
+            if log.contains("payload verified; writing slot") {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        let writing_after = start.elapsed().as_secs_f64();
+        let deadline = Instant::now() + Duration::from_secs(120);
+        let mut reached = false;
+        while Instant::now() < deadline {
+            if landed(self)? {
+                reached = true;
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let cut_at = start.elapsed().as_secs_f64();
+        self.power_cut()?;
+        ensure!(reached, "the write never reached the disk at that point within 120 s; QEMU killed at {cut_at:.1}s");
+        let esp = esp_from_host(self.machine.disk(), self.base)?;
+        ensure!(!esp.contains(&new_version_entry), "the new entry is already on the ESP: the cut came after the slot write ({esp})");
+        let gpt = slot_b_labels(self.machine.disk())?;
+        Ok(format!("apply started by systemd in {label}; slot B write began {writing_after:.1}s after the start; QEMU killed at {cut_at:.1}s, {what}; on disk then: slot B labels {gpt}, ESP {esp}"))
+    }
+
     /// Slot B's partitions and both GPT copies, hashed from the host.
     fn slot_b_digest(&self) -> Result<String> {
         use std::hash::Hasher;
@@ -455,48 +514,11 @@ impl<'a> Timeline<'a> {
         }
         self.check_avc("refusals");
 
-        // Boot 1: cut the power while slot B is written.
+        // Boot 1: cut the power as soon as slot B's first MiB reaches the disk.
         let cut = (|| -> Result<String> {
             let clean = self.slot_b_head()?;
-            let vm = self.vm()?;
-            sh(vm, &format!("systemd-run --quiet --collect --unit=airlock-update-cut {AGENT} apply --file {bundle}"))?;
-            let start = Instant::now();
-            let mut label = String::new();
-            loop {
-                ensure!(start.elapsed() < APPLY_TIMEOUT, "the apply never started writing slot B");
-                let log = sh(vm, "journalctl -u airlock-update-cut -o cat --no-pager")?;
-                if label.is_empty() {
-                    label = sh(vm, "ps -eo label,comm | awk '$2 == \"airlock-update\" {print $1}'").unwrap_or_default().trim().to_owned();
-                }
-                if log.contains("installed") || log.contains("error") || log.contains("refused") {
-                    bail!("the apply ended before the power cut:\n{log}");
-                }
-                if log.contains("payload verified; writing slot") {
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(200));
-            }
-            let writing_after = start.elapsed().as_secs_f64();
-            // Cut as soon as the guest's writes of slot B reach the disk
-            // (its page cache holds them a while), or after 20 s.
-            let deadline = Instant::now() + Duration::from_secs(20);
-            let mut landed = false;
-            while Instant::now() < deadline {
-                if self.slot_b_head()? != clean {
-                    landed = true;
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(100));
-            }
-            let cut_at = start.elapsed().as_secs_f64();
-            self.power_cut()?;
-            let esp = esp_from_host(self.machine.disk(), self.base)?;
-            ensure!(!esp.contains(&new_version), "the new entry is already on the ESP: the cut came after the slot write ({esp})");
-            let gpt = slot_b_labels(self.machine.disk())?;
-            Ok(format!(
-                "apply started by systemd in {label}; slot B write began {writing_after:.1}s after the start; QEMU killed at {cut_at:.1}s, {}; on disk then: slot B labels {gpt}, ESP {esp}",
-                if landed { "once slot B's first MiB had reached the disk" } else { "with nothing of slot B on the disk yet (20 s)" }
-            ))
+            let what = "once slot B's first MiB had reached the disk";
+            self.cut_during_apply("airlock-update-cut", &bundle, what, &|t: &Self| Ok(t.slot_b_head()? != clean))
         })();
         // Boot 2: still slot A.
         let boot2 = match &cut {
@@ -512,10 +534,34 @@ impl<'a> Timeline<'a> {
             Ok(format!("{cut_detail}; next boot: {} from slot A (root hash {}), ESP: {esp}", b.version, &b.root_hash[..16]))
         });
 
-        // Boot 2: apply again, one try, with the unhealthy marker set.
+        // Boot 2: a second cut, half-way through the root partition (still
+        // zeros there: the first cut came after its first MiB).
+        let cut2 = match &boot2 {
+            Ok(()) => (|| -> Result<String> {
+                let middle = self.slot_b_root_middle(p.next.root_fs_bytes)?;
+                let what = "once the middle of slot B's root had reached the disk";
+                self.cut_during_apply("airlock-update-cut2", &bundle, what, &|t: &Self| Ok(t.slot_b_root_middle(p.next.root_fs_bytes)? != middle))
+            })(),
+            Err(e) => Err(anyhow::anyhow!("no boot after the first cut: {e:#}")),
+        };
+        // Boot 3: still slot A.
+        let boot3 = match &cut2 {
+            Ok(_) => self.power_on(),
+            Err(e) => Err(anyhow::anyhow!("no second power cut: {e:#}")),
+        };
+        suite.test(TESTS[4], || {
+            boot3.as_ref().map_err(|e| anyhow::anyhow!("{e:#}"))?;
+            let cut_detail = cut2.as_ref().map_err(|e| anyhow::anyhow!("{e:#}"))?;
+            let b = self.booted()?;
+            ensure!(b.root_hash == a_hash && b.version == self.base.version, "booted {} (root hash {}) instead of slot A's {}", b.version, &b.root_hash[..16], self.base.version);
+            let esp = self.esp_listing()?;
+            Ok(format!("{cut_detail}; next boot: {} from slot A (root hash {}), ESP: {esp}", b.version, &b.root_hash[..16]))
+        });
+
+        // Boot 3: apply again, one try, with the unhealthy marker set.
         let mut applied = false;
         suite.test(TESTS[3], || {
-            boot2.as_ref().map_err(|e| anyhow::anyhow!("{e:#}"))?;
+            boot3.as_ref().map_err(|e| anyhow::anyhow!("{e:#}"))?;
             let (out, seconds) = self.update_agent(&format!("--tries 1 apply --file {bundle}"), APPLY_TIMEOUT)?;
             ensure!(out.exit == 0, "apply failed: exit {}\n{}", out.exit, out.output);
             let summary = out.output.lines().find(|l| l.contains("reboot pending") && !l.starts_with("airlock-update:")).unwrap_or("").to_owned();
@@ -534,8 +580,8 @@ impl<'a> Timeline<'a> {
             ))
         });
 
-        // Boots 3 and 4: the new slot fails its health gate; back to A.
-        suite.test(TESTS[4], || {
+        // Boots 4 and 5: the new slot fails its health gate; back to A.
+        suite.test(TESTS[5], || {
             ensure!(applied, "the update was not applied");
             sh(self.vm()?, &format!("mkdir -p $(dirname {UNHEALTHY_MARKER}) && touch {UNHEALTHY_MARKER}"))?;
             self.reboot()?;
@@ -570,8 +616,8 @@ impl<'a> Timeline<'a> {
             ))
         });
 
-        // Boot 4 → 5: apply again (three tries), reboot, blessed.
-        suite.test(TESTS[5], || {
+        // Boot 5 → 6: apply again (three tries), reboot, blessed.
+        suite.test(TESTS[6], || {
             let (out, seconds) = self.update_agent(&format!("apply --file {bundle}"), APPLY_TIMEOUT)?;
             ensure!(out.exit == 0, "apply failed: exit {}\n{}", out.exit, out.output);
             let pending = self.esp_listing()?;
@@ -609,13 +655,13 @@ impl<'a> Timeline<'a> {
         });
 
         let (data, data_problems) = (self.data.join("\n"), self.data_problems.join("\n"));
-        suite.test(TESTS[6], || {
+        suite.test(TESTS[7], || {
             ensure!(data_problems.is_empty(), "{data_problems}");
             ensure!(self.boots >= 2, "only {} boot(s) happened", self.boots);
             Ok(data)
         });
         let (avc, avc_problems) = (self.avc.join("; "), self.avc_problems.join("\n"));
-        suite.test(TESTS[7], || {
+        suite.test(TESTS[8], || {
             ensure!(avc_problems.is_empty(), "{avc_problems}");
             Ok(format!("denials per boot: {avc}"))
         });
