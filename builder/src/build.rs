@@ -56,6 +56,8 @@ const APPLIANCE_FILES: &[DistFile] = &[
     DistFile { source: "appliance-daemon/update/dist/airlock-update-health.service", destination: "/usr/lib/systemd/system/airlock-update-health.service" },
     DistFile { source: "appliance-daemon/update/dist/airlock-update-drop.path", destination: "/usr/lib/systemd/system/airlock-update-drop.path" },
     DistFile { source: "appliance-daemon/update/dist/airlock-update-drop.service", destination: "/usr/lib/systemd/system/airlock-update-drop.service" },
+    DistFile { source: "appliance-daemon/update/dist/airlock-update-stick@.service", destination: "/usr/lib/systemd/system/airlock-update-stick@.service" },
+    DistFile { source: "appliance-daemon/update/dist/90-airlock-update-stick.rules", destination: "/usr/lib/udev/rules.d/90-airlock-update-stick.rules" },
     DistFile { source: "appliance-daemon/update/dist/airlock-update.tmpfiles.conf", destination: "/usr/lib/tmpfiles.d/airlock-update.conf" },
     DistFile { source: "appliance-daemon/update/dist/update.toml", destination: "/etc/airlock/update.toml" },
 ];

@@ -128,10 +128,17 @@ pub struct BuildArgs {
 ///   airlock flash out/airlock_1.0.raw /dev/sdb \
 ///       --guest classified=win-classified.qcow2 --guest general=win-general.qcow2 \
 ///       --machine pc-0042.toml
+///
+/// Given a signed update bundle instead, writes it raw onto a USB stick
+/// (same refusals, read-back): an update stick, which a PC's update agent
+/// applies when it is plugged in.
+///
+///   airlock flash out/airlock_1.1.airlock /dev/sdc
 #[derive(Debug, clap::Args)]
 #[command(verbatim_doc_comment)]
 pub struct FlashArgs {
-    /// The built disk image (`<name>_<version>.raw`).
+    /// The built disk image (`<name>_<version>.raw`), or a signed update
+    /// bundle (`<name>_<version>.airlock`) to make an update stick.
     pub image: PathBuf,
     /// A whole disk (/dev/sdX, /dev/nvmeXnY) or an existing image file
     /// (taken as a disk of its size).

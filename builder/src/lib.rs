@@ -63,6 +63,14 @@ pub fn run(cli: cli::Cli) -> Result<()> {
             for line in &report.provisioned {
                 println!("airlock: provisioned {line}");
             }
+            if let Some(bundle) = &report.stick {
+                println!(
+                    "airlock: {}: update stick with {bundle} written and verified (sha256 {}); plug it into a PC: its update agent applies it, and the new version starts at the next power-on",
+                    a.target.display(),
+                    report.image_sha256
+                );
+                return Ok(());
+            }
             println!(
                 "airlock: {}: flashed and verified (sha256 {}); data partition {} MiB of a {} MiB disk; slot B empty",
                 a.target.display(),

@@ -178,7 +178,12 @@ impl Fixture {
     }
 
     fn flash(&self, target: &Path, extra: &[&str]) -> Output {
-        let mut args = vec!["flash".to_string(), self.image.display().to_string(), target.display().to_string()];
+        self.flash_file(&self.image, target, extra)
+    }
+
+    /// `airlock flash FILE TARGET …` with another file than the image.
+    fn flash_file(&self, file: &Path, target: &Path, extra: &[&str]) -> Output {
+        let mut args = vec!["flash".to_string(), file.display().to_string(), target.display().to_string()];
         args.extend(extra.iter().map(|s| s.to_string()));
         Command::new(env!("CARGO_BIN_EXE_airlock")).args(&args).output().unwrap()
     }
@@ -602,4 +607,60 @@ fn a_built_image_flashes_and_provisions_with_its_own_labels() {
     assert_eq!(label("lib/airlock/classified/disk"), context_of("/var/lib/airlock/classified(/.*)?"));
     let m = std::fs::metadata(mnt.join("lib/airlock/general/disk/windows.qcow2")).unwrap();
     assert_eq!((m.uid(), m.permissions().mode() & 0o7777), (general_uid, 0o600));
+}
+
+/// A signed bundle of 3 MiB of payload, made with `airlock sign`.
+fn signed_bundle(fx: &Fixture) -> PathBuf {
+    use airlock::bundle::{write_bundle, BundleInputs};
+    let (root, verity, uki) = (fx.path("b-root"), fx.path("b-verity"), fx.path("b-uki"));
+    std::fs::write(&root, vec![0xe0; 2 * MIB as usize]).unwrap();
+    std::fs::write(&verity, vec![0x5a; MIB as usize]).unwrap();
+    std::fs::write(&uki, b"MZ not really a UKI").unwrap();
+    let bundle = fx.path("airlock_1.1.airlock");
+    let inputs = BundleInputs {
+        name: "airlock",
+        version: "1.1",
+        security_epoch: 0,
+        compatible: "airlock-debian-x86_64".into(),
+        build_id: None,
+        root_hash: &"cd".repeat(32),
+        root: &root,
+        verity: &verity,
+        uki: &uki,
+    };
+    write_bundle(&inputs, &bundle).unwrap();
+    let unsigned = fx.flash_file(&bundle, &fx.target("unsigned-stick.raw", 8 * MIB), &[]);
+    assert!(refused(&unsigned).contains("is not signed"), "an unsigned bundle made a stick");
+    let key = fx.path("it-key");
+    run("ssh-keygen", &["-q", "-t", "ed25519", "-N", "", "-C", "it", "-f", key.to_str().unwrap()]);
+    let out = Command::new(env!("CARGO_BIN_EXE_airlock")).args(["sign", "--key", key.to_str().unwrap(), bundle.to_str().unwrap()]).output().unwrap();
+    assert!(out.status.success(), "airlock sign: {}", String::from_utf8_lossy(&out.stderr));
+    bundle
+}
+
+#[test]
+fn a_bundle_makes_an_update_stick_written_raw_and_read_back() {
+    let fx = Fixture::new();
+    let bundle = signed_bundle(&fx);
+    let len = std::fs::metadata(&bundle).unwrap().len();
+    // A used stick: old bytes everywhere.
+    let backing = fx.target("stick.raw", 16 * MIB);
+    let lo = LoopDev::attach(&[backing.to_str().unwrap()]);
+    let dev = PathBuf::from(&lo.0);
+    let stdout = ok(&fx.flash_file(&bundle, &dev, &[]));
+    assert!(stdout.contains("writing update stick") && stdout.contains("airlock 1.1, 1 signature(s)"), "{stdout}");
+    assert!(stdout.contains("matches the bundle") && stdout.contains("update stick with airlock 1.1 written and verified"), "{stdout}");
+    assert_eq!(sha256_range(&dev, 0, len), sha256(&bundle), "the stick does not start with the bundle");
+    drop(lo);
+    // No provisioning on a stick; a target too small; a mounted one.
+    let e = refused(&fx.flash_file(&bundle, &backing, &["--machine", bundle.to_str().unwrap()]));
+    assert!(e.contains("is an update bundle") && e.contains("provisions nothing"), "{e}");
+    let small = fx.target("small-stick.raw", MIB);
+    let e = refused(&fx.flash_file(&bundle, &small, &[]));
+    assert!(e.contains("is too small"), "{e}");
+    let before = sha256(&backing);
+    let _lo = LoopDev::attach(&[backing.to_str().unwrap()]);
+    let e = refused(&fx.flash_file(&bundle, &backing, &[]));
+    assert!(e.contains("is in use"), "{e}");
+    assert_eq!(sha256(&backing), before, "a refused stick was written");
 }

@@ -112,6 +112,7 @@ pub fn fetch(cfg: &Config, src: &Source, http: &HttpOptions, log: &mut dyn FnMut
             Some(p) => Ok((p.clone(), Some(p))),
             None => Err(Refused::NothingDropped(dir.clone()).into()),
         },
+        Source::Stick(disk) => Ok((source::stage_from_stick(disk, &cfg.staging_dir, &load_trust(cfg)?, log)?, None)),
         Source::Url(url) => {
             let p = source::download(url, &cfg.staging_dir, http, log).map_err(|e| e.context(Failure::Source))?;
             Ok((p, None))
@@ -143,8 +144,9 @@ pub fn apply(cfg: &Config, src: &Source, opts: &ApplyOptions, log: &mut dyn FnMu
         }
     }
     // A download is fetched anew by the next run (the server's file may
-    // change): the finished file only takes room on /var.
-    if let Source::Url(_) = src {
+    // change), a stick is read again when plugged in again: the staged
+    // copy only takes room on /var.
+    if let Source::Url(_) | Source::Stick(_) = src {
         let _ = std::fs::remove_file(&path);
     }
     result
@@ -303,7 +305,7 @@ fn write(cfg: &Config, plan: &Plan, fail: &FailPoints, log: &mut dyn FnMut(Strin
 
 /// A bundle refusal as an error: reading or writing failed (`Io`) is a
 /// failure, not a verdict on the bundle; everything else is a refusal.
-fn bundle_error(r: airlock_bundle::Refusal) -> anyhow::Error {
+pub(crate) fn bundle_error(r: airlock_bundle::Refusal) -> anyhow::Error {
     match r {
         airlock_bundle::Refusal::Io { during, error } => anyhow::Error::new(error).context(during),
         other => Refused::from(other).into(),

@@ -85,6 +85,11 @@ pub struct SourceArgs {
     /// The newest *.airlock in the drop directory (default: the configured one).
     #[arg(long, value_name = "DIR", num_args = 0..=1, group = "source")]
     pub drop_dir: Option<Option<PathBuf>>,
+    /// An update stick: a whole disk (/dev/sdb) with a bundle written raw
+    /// from its first byte (`airlock flash BUNDLE DISK`). A disk without
+    /// one is left alone (exit 0).
+    #[arg(long, value_name = "DISK", group = "source")]
+    pub stick: Option<PathBuf>,
     /// An http(s) URL, downloaded to the staging directory with resume.
     #[arg(long, value_name = "URL", group = "source")]
     pub url: Option<String>,
@@ -167,12 +172,27 @@ fn run(cli: Cli) -> Result<()> {
     let cfg = cli.paths.config()?;
     match cli.command {
         Cmd::Apply(a) => {
-            let src = match (a.source.file, a.source.drop_dir, a.source.url) {
-                (Some(f), _, _) => Source::File(f),
-                (_, Some(d), _) => Source::DropDir(d.unwrap_or_else(|| cfg.drop_dir.clone())),
-                (_, _, Some(u)) => Source::Url(u),
-                _ => anyhow::bail!("no source given (--file, --drop-dir or --url)"),
+            let src = match (a.source.file, a.source.drop_dir, a.source.stick, a.source.url) {
+                (Some(f), ..) => Source::File(f),
+                (_, Some(d), ..) => Source::DropDir(d.unwrap_or_else(|| cfg.drop_dir.clone())),
+                (_, _, Some(s), _) => Source::Stick(s),
+                (.., Some(u)) => Source::Url(u),
+                _ => anyhow::bail!("no source given (--file, --drop-dir, --stick or --url)"),
             };
+            if let Source::Stick(disk) = &src {
+                // Every USB disk plugged in starts the agent (udev): one
+                // that is not an update stick is none of its business.
+                if !crate::source::is_update_stick(disk)? {
+                    println!("{}: no update bundle on this disk; left alone", disk.display());
+                    return Ok(());
+                }
+                // Left in after its update: the version it carries runs
+                // already (read unverified: it only decides to do nothing).
+                if let Some(running) = crate::source::stick_runs_already(disk, &cfg.cmdline) {
+                    println!("{}: carries {running}, which is running already; nothing to do", disk.display());
+                    return Ok(());
+                }
+            }
             let opts = ApplyOptions {
                 http: HttpOptions { retry_delay: Duration::from_secs(a.retry_delay), ..HttpOptions::default() },
                 fail: FailPoints { stop_slot_write_after: a.fail_slot_write_after, stop_before_uki: a.fail_before_uki },
@@ -215,6 +235,9 @@ mod tests {
     fn exactly_one_source_is_required() {
         assert!(Cli::try_parse_from(["airlock-update", "apply"]).is_err());
         assert!(Cli::try_parse_from(["airlock-update", "apply", "--file", "a", "--url", "http://x/a.airlock"]).is_err());
+        assert!(Cli::try_parse_from(["airlock-update", "apply", "--stick", "/dev/sdb", "--file", "a"]).is_err());
+        let c = Cli::try_parse_from(["airlock-update", "apply", "--stick", "/dev/sdb"]).unwrap();
+        assert!(matches!(c.command, Cmd::Apply(ApplyArgs { source: SourceArgs { stick: Some(_), .. }, .. })));
         let c = Cli::try_parse_from(["airlock-update", "apply", "--drop-dir"]).unwrap();
         assert!(matches!(c.command, Cmd::Apply(ApplyArgs { source: SourceArgs { drop_dir: Some(None), .. }, .. })));
         let c = Cli::try_parse_from(["airlock-update", "--esp", "/tmp/esp", "status", "--json"]).unwrap();

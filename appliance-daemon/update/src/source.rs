@@ -1,9 +1,18 @@
-//! Where a bundle comes from: a local file (a USB stick), the newest
-//! `*.airlock` in the drop directory IT pushes to, or an HTTP(S) URL
-//! downloaded to the staging directory on `/var` with resume (Range
+//! Where a bundle comes from: a local file, the newest `*.airlock` in the
+//! drop directory IT pushes to, an update stick (a USB disk IT wrote the
+//! bundle onto, raw, with `airlock flash BUNDLE /dev/sdX`), or an HTTP(S)
+//! URL downloaded to the staging directory on `/var` with resume (Range
 //! requests, `If-Range` on the server's validator so a changed file is
 //! fetched whole). Nothing here trusts the bytes: they are verified by the
 //! apply step whatever their origin.
+//!
+//! An update stick carries no filesystem: the host never mounts what
+//! somebody plugs in, so no kernel filesystem driver parses an attacker's
+//! bytes. The agent reads the bundle's header from the raw disk, checks
+//! its signatures, and only then copies exactly the bundle's length to the
+//! staging directory and applies that copy (a stick that answers the
+//! second read differently, or is pulled out, cannot change what is
+//! written).
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
@@ -23,7 +32,66 @@ pub const DOWNLOAD_ATTEMPTS: u32 = 6;
 pub enum Source {
     File(PathBuf),
     DropDir(PathBuf),
+    /// A whole disk (`/dev/sdb`) written with a bundle from its first byte.
+    Stick(PathBuf),
     Url(String),
+}
+
+/// Whether `disk` starts with a bundle's magic: an update stick, not any
+/// other USB disk (which the agent leaves alone, unread beyond 8 bytes).
+pub fn is_update_stick(disk: &Path) -> Result<bool> {
+    let mut magic = [0u8; 8];
+    let mut f = File::open(disk).with_context(|| format!("opening {}", disk.display()))?;
+    match f.read_exact(&mut magic) {
+        Ok(()) => Ok(magic == airlock_bundle::format::MAGIC),
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Ok(false),
+        Err(e) => Err(anyhow::Error::new(e).context(format!("reading {}", disk.display()))),
+    }
+}
+
+/// `Some("name version")` when the bundle on `disk` has the root hash the
+/// running system booted with (`cmdline`'s `roothash=`); `None` when not,
+/// or when either cannot be read (then the apply decides, and says why).
+pub fn stick_runs_already(disk: &Path, cmdline: &Path) -> Option<String> {
+    let booted = crate::system::load_root_hash(cmdline).ok()?;
+    let header = airlock_bundle::format::RawHeader::read(&mut std::io::BufReader::new(File::open(disk).ok()?)).ok()?;
+    let m = airlock_bundle::Manifest::from_json(&header.manifest).ok()?;
+    (m.root_hash == booted).then(|| format!("{} {}", m.name, m.version.as_str()))
+}
+
+/// Copies the bundle at the start of `disk` into `staging` once its
+/// header's signatures satisfy `trust` (an untrusted stick is refused
+/// before a byte of payload is read), exactly the bundle's length; returns
+/// the copy. Refusals are the bundle format's (not a bundle, truncated,
+/// untrusted, …).
+pub fn stage_from_stick(disk: &Path, staging: &Path, trust: &airlock_bundle::Trust, log: &mut dyn FnMut(String)) -> Result<PathBuf> {
+    let open = || File::open(disk).with_context(|| format!("opening {}", disk.display()));
+    let mut header = std::io::BufReader::new(open()?);
+    let verified = airlock_bundle::open(&mut header, trust).map_err(crate::apply::bundle_error)?;
+    drop(header);
+    let len = verified.bundle_len();
+    if len > MAX_BUNDLE_BYTES {
+        bail!("{}: a bundle of {len} bytes, more than any bundle ({MAX_BUNDLE_BYTES})", disk.display());
+    }
+    let m = &verified.manifest;
+    log(format!("{}: update stick with {} {} signed by {}; copying {} MiB to {}", disk.display(), m.name, m.version, verified.signers.join(", "), len.div_ceil(1 << 20), staging.display()));
+    std::fs::create_dir_all(staging).with_context(|| format!("creating the staging directory {}", staging.display()))?;
+    let free = rustix::fs::statvfs(staging).map(|s| s.f_bavail.saturating_mul(s.f_frsize)).with_context(|| format!("free space on {}", staging.display()))?;
+    if free < len + (64 << 20) {
+        bail!("{}: {} MiB free, the bundle needs {} MiB (and 64 MiB to spare)", staging.display(), free >> 20, len.div_ceil(1 << 20));
+    }
+    let part = staging.join("stick.airlock.part");
+    let done = staging.join("stick.airlock");
+    let mut out = File::create(&part).with_context(|| format!("creating {}", part.display()))?;
+    let copied = std::io::copy(&mut open()?.take(len), &mut out).with_context(|| format!("copying the bundle from {} to {}", disk.display(), part.display()))?;
+    if copied != len {
+        let _ = std::fs::remove_file(&part);
+        return Err(crate::refusal::Refused::Bundle(airlock_bundle::Refusal::Truncated { what: "the bundle on the stick" }).into());
+    }
+    out.sync_all().with_context(|| format!("flushing {}", part.display()))?;
+    std::fs::rename(&part, &done).with_context(|| format!("renaming {} to {}", part.display(), done.display()))?;
+    crate::fsutil::sync_dir(staging)?;
+    Ok(done)
 }
 
 /// The newest regular `*.airlock` file of `dir` (by modification time,

@@ -3,7 +3,8 @@
 //! code before a byte is written (disk image and ESP compared byte for
 //! byte, disk mtime too); a successful update A → B and the next one B → A;
 //! interruptions at two points that leave the ESP as it was, then a retry
-//! that succeeds; the drop directory; reboot when idle; status.
+//! that succeeds; the drop directory; an update stick; reboot when idle;
+//! status.
 
 mod common;
 
@@ -198,6 +199,65 @@ fn drop_directory_takes_the_newest_bundle_and_retires_it() {
     let out = run(s.agent().args(["apply", "--drop-dir"]).arg(s.path("drop")));
     assert_eq!(out.status.code(), Some(21), "{}", text(&out));
     assert!(s.path("drop/airlock_0.5.airlock.refused").exists());
+}
+
+/// A "stick" as the agent sees a USB disk: a file standing for the whole
+/// disk, the bundle from byte 0 and the rest of the disk after it.
+fn stick(s: &Scene, name: &str, bundle: &[u8], disk_len: usize) -> std::path::PathBuf {
+    let mut bytes = bundle.to_vec();
+    // What a used stick holds after the bundle: anything, never read.
+    bytes.extend((0..disk_len.saturating_sub(bundle.len())).map(|i| (i * 7 + 3) as u8));
+    let path = s.path(name);
+    std::fs::write(&path, bytes).unwrap();
+    path
+}
+
+#[test]
+fn update_stick_is_applied_from_its_first_bytes_and_other_disks_are_left_alone() {
+    let s = Scene::new();
+    let apply_stick = |disk: &std::path::Path| run(s.agent().args(["apply", "--stick"]).arg(disk));
+    let staged = || if s.path("state/staging").exists() { walk(&s.path("state/staging")).len() } else { 0 };
+
+    // Any other USB disk: left alone, exit 0, nothing written.
+    let before = s.snapshot();
+    let other = stick(&s, "other-disk", b"", 4 * MIB as usize);
+    let out = apply_stick(&other);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("no update bundle on this disk; left alone"), "{}", text(&out));
+    assert_eq!(s.snapshot(), before);
+
+    // Untrusted: refused from the header, nothing copied to /var.
+    let good = std::fs::read(s.bundle("good.airlock", &BundleSpec::new("1.1"), &["alice"])).unwrap();
+    let evil = std::fs::read(s.bundle("evil.airlock", &BundleSpec::new("1.1"), &["mallory"])).unwrap();
+    let untrusted = stick(&s, "untrusted-stick", &evil, evil.len() + 3 * MIB as usize);
+    let out = apply_stick(&untrusted);
+    assert_eq!(out.status.code(), Some(16), "{}", text(&out));
+    assert_eq!(s.snapshot(), before);
+    assert_eq!(staged(), 0, "an untrusted stick was copied");
+
+    // Pulled out (or written short): the copy is shorter than the bundle.
+    let short = stick(&s, "short-stick", &good[..good.len() - 4096], 0);
+    let out = apply_stick(&short);
+    assert_eq!(out.status.code(), Some(11), "{}", text(&out));
+    assert_eq!(s.snapshot(), before);
+    assert_eq!(staged(), 0, "a partial copy was left");
+
+    // A good stick: the bytes after the bundle are not part of it.
+    let good_stick = stick(&s, "good-stick", &good, good.len() + 3 * MIB as usize);
+    let out = apply_stick(&good_stick);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("update stick with airlock 1.1 signed by alice@example.org"), "{}", text(&out));
+    assert!(s.path("esp/EFI/Linux/airlock_1.1+3.efi").exists());
+    assert_eq!(s.label_and_uuid(4).0, "root_airlock_1.1");
+    assert_eq!(staged(), 0, "the staged copy was kept");
+
+    // Left in after the update, once its version runs: nothing to do.
+    s.boot("1.1", 1);
+    let before = s.snapshot();
+    let out = apply_stick(&good_stick);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("carries airlock 1.1, which is running already; nothing to do"), "{}", text(&out));
+    assert_eq!(s.snapshot(), before);
 }
 
 #[test]

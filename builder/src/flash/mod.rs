@@ -25,6 +25,12 @@
 //!    written with the run-time contract's owners, modes and SELinux labels.
 //!
 //! Slot B is never touched: it stays `_empty` (checked after the write).
+//!
+//! Given an update bundle instead of an image, `airlock flash` makes an
+//! *update stick*: the bundle written raw from the target's first byte
+//! (same target refusals, write, sync and read-back), which a PC's update
+//! agent applies when the stick is plugged in (no filesystem: the PC
+//! mounts nothing).
 
 pub mod copy;
 pub mod provision;
@@ -66,6 +72,53 @@ pub struct FlashReport {
     pub data_size: u64,
     /// One line per provisioned file.
     pub provisioned: Vec<String>,
+    /// For an update stick: the bundle's name and version, as its manifest
+    /// says (unverified here: every PC verifies before it writes a byte).
+    pub stick: Option<String>,
+}
+
+/// Whether `file` starts with an update bundle's magic.
+pub fn is_bundle(file: &Path) -> Result<bool> {
+    use std::io::Read;
+    let mut magic = [0u8; 8];
+    let mut f = std::fs::File::open(file).with_context(|| format!("reading {}", file.display()))?;
+    Ok(f.read_exact(&mut magic).is_ok() && magic == airlock_bundle::format::MAGIC)
+}
+
+/// `airlock flash BUNDLE TARGET`: the update stick.
+fn flash_stick(opts: &FlashOptions, bundle_size: u64) -> Result<FlashReport> {
+    let bundle = &opts.image;
+    if !opts.guests.is_empty() || opts.machine.is_some() {
+        bail!("{} is an update bundle: it makes an update stick, which provisions nothing (--guest and --machine are for disk images)", bundle.display());
+    }
+    let header = airlock_bundle::format::RawHeader::read(&mut std::io::BufReader::new(std::fs::File::open(bundle)?))
+        .map_err(|e| anyhow::anyhow!("{}: {e}", bundle.display()))?;
+    let manifest = airlock_bundle::Manifest::from_json(&header.manifest).map_err(|e| anyhow::anyhow!("{}: {}", bundle.display(), e.0))?;
+    if header.signatures.is_empty() {
+        bail!("{} is not signed: every PC would refuse it (sign it first: airlock sign --key KEY {})", bundle.display(), bundle.display());
+    }
+    let target = target::probe(&opts.target, bundle)?;
+    if target.size < bundle_size {
+        return Err(target::Refusal::too_small(&target.path, target.size, bundle_size).into());
+    }
+    println!(
+        "airlock: writing update stick {} ({} {}, {} signature(s), {} MiB) onto {} ({} MiB)",
+        bundle.display(),
+        manifest.name,
+        manifest.version.as_str(),
+        header.signatures.len(),
+        bundle_size.div_ceil(MIB),
+        target.path.display(),
+        target.size / MIB
+    );
+    let sha256 = copy::write_image(bundle, bundle_size, &target)?;
+    let back = copy::read_back(&target.path, bundle_size)?;
+    if back != sha256 {
+        bail!("{}: read-back sha256 {back} differs from the bundle's {sha256}: the stick did not store what was written", target.path.display());
+    }
+    println!("airlock: read back {} MiB, sha256 {sha256} matches the bundle", bundle_size.div_ceil(MIB));
+    let stick = format!("{} {}", manifest.name, manifest.version.as_str());
+    Ok(FlashReport { image_sha256: sha256, target_size: target.size, data_size: 0, provisioned: Vec::new(), stick: Some(stick) })
 }
 
 /// One partition of a GPT as `sfdisk --json` shows it.
@@ -248,6 +301,9 @@ pub fn flash(opts: &FlashOptions) -> Result<FlashReport> {
         bail!("{} is not an image file", image.display());
     }
     let image_size = image_meta.len();
+    if is_bundle(image)? {
+        return flash_stick(opts, image_size);
+    }
     let layout = image_layout(&read_table(&runner, image)?).with_context(|| format!("{} is not an airlock image", image.display()))?;
 
     // 2. The target.
@@ -353,7 +409,7 @@ pub fn flash(opts: &FlashOptions) -> Result<FlashReport> {
             eprintln!("airlock: warning: {e:#}");
         }
     }
-    Ok(FlashReport { image_sha256, target_size: target.size, data_size, provisioned })
+    Ok(FlashReport { image_sha256, target_size: target.size, data_size, provisioned, stick: None })
 }
 
 #[cfg(test)]
