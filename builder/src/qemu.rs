@@ -67,6 +67,9 @@ pub struct VmConfig {
     /// Further NICs, each a `virtio-net-pci` on a QEMU `-netdev` whose id
     /// is `netN`.
     pub extra_netdevs: Vec<Nic>,
+    /// An empty USB 3 controller (`qemu-xhci`, id `usb`), for USB disks
+    /// plugged in later through QMP (bus `usb.0`).
+    pub usb_controller: bool,
 }
 
 /// One NIC: its `-netdev` backend (without `id=`), and a fixed MAC address
@@ -94,6 +97,7 @@ impl VmConfig {
             uuid: None,
             extra_disks: Vec::new(),
             extra_netdevs: Vec::new(),
+            usb_controller: false,
         }
     }
 }
@@ -137,6 +141,9 @@ pub fn qemu_args(cfg: &VmConfig) -> Vec<OsString> {
         a.push("-drive".into());
         a.push(path_opt(&format!("if=none,id=extra{i},format=raw,file="), extra));
         arg(&mut a, &["-device", &format!("virtio-blk-pci,drive=extra{i}")]);
+    }
+    if cfg.usb_controller {
+        arg(&mut a, &["-device", "qemu-xhci,id=usb"]);
     }
     for (i, nic) in cfg.extra_netdevs.iter().enumerate() {
         arg(&mut a, &["-netdev", &format!("{},id=net{i}", nic.netdev)]);

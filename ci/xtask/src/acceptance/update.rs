@@ -16,14 +16,18 @@
 //! 4. slot B boots, the health gate fails (on that unit), the entry is not
 //!    blessed;
 //! 5. the try used up, the firmware's boot loader falls back to slot A by
-//!    itself; the marker goes, the update is applied again (three tries);
+//!    itself; the marker goes; the update stick (`airlock flash BUNDLE
+//!    STICK`, as the IT guide makes it) is plugged in through QMP and the
+//!    agent udev starts for it applies it (three tries);
 //! 6. slot B boots, passes the health gate, and systemd-bless-boot blesses
-//!    its entry.
+//!    its entry; the stick, still in, is left alone (its version runs).
 //!
-//! The bundles reach the machine as a USB stick: a FAT image made on the
-//! host with mtools, attached as a second disk and mounted by the test
-//! agent. `airlock-update` runs as systemd starts it (`systemd-run`), so in
-//! its own SELinux domain, not the agent's.
+//! Steps 1–5 take their bundles from a FAT image made on the host with
+//! mtools, attached as a second disk and mounted by the test agent;
+//! `airlock-update` runs as systemd starts it (`systemd-run`), so in its
+//! own SELinux domain, not the agent's. Step 5's bundle comes the way IT
+//! brings one: a raw update stick on the USB bus, and nobody but udev
+//! starts the agent.
 
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
@@ -47,7 +51,7 @@ pub const TESTS: &[&str] = &[
     "update: a second power cut, half-way through the root partition, still boots slot A",
     "update: after the power cuts, applying the update again succeeds",
     "update: a new slot whose health gate fails falls back to slot A by itself",
-    "update: A → B: the new version boots from slot B and its entry is blessed",
+    "update: A → B from an update stick (airlock flash BUNDLE STICK): plugged in, the PC applies it by itself; the new version boots from slot B and its entry is blessed",
     "update: the data partition (guest disks, journal) is intact after every step",
     "update: zero AVC denials in every boot of the update machine",
 ];
@@ -74,6 +78,9 @@ struct Prepared {
     /// Signed bundle of the next version, and its name on the stick.
     bundle_name: String,
     stick: PathBuf,
+    /// The signed bundle written raw by `airlock flash BUNDLE STICK` (the
+    /// IT guide's update stick), plugged in as a USB disk later.
+    update_stick: PathBuf,
     payload_bytes: u64,
 }
 
@@ -161,7 +168,16 @@ fn prepare(images: &Images, opts: &AcceptanceOptions) -> Result<Prepared> {
         cmd!(sh, "mcopy -i {stick} {path} {target}").quiet().run().context("copying a bundle onto the USB stick (mcopy)")?;
     }
     let payload_bytes = std::fs::metadata(&signed)?.len() - payload_offset;
-    Ok(Prepared { next, bundle_name, stick, payload_bytes })
+
+    // The update stick, made as the IT guide makes it: a USB disk (here a
+    // file of a stick's size) and `airlock flash BUNDLE DISK`.
+    let update_stick = work.join("update-stick.raw");
+    let _ = std::fs::remove_file(&update_stick);
+    std::fs::File::create(&update_stick)?.set_len((std::fs::metadata(&signed)?.len() + (64 << 20)).next_multiple_of(1 << 20))?;
+    let args = ["airlock".as_ref(), "flash".as_ref(), signed.as_os_str(), update_stick.as_os_str()];
+    let cli = <airlock::cli::Cli as clap::Parser>::try_parse_from(args).context("the IT guide's update stick command line")?;
+    airlock::run(cli).context("airlock flash BUNDLE STICK")?;
+    Ok(Prepared { next, bundle_name, stick, update_stick, payload_bytes })
 }
 
 fn flip_byte(path: &Path, at: u64) -> Result<()> {
@@ -180,6 +196,7 @@ struct Timeline<'a> {
     machine: Machine,
     outside: &'a Outside,
     stick: PathBuf,
+    update_stick: PathBuf,
     vm: Option<Vm>,
     /// The built version's report (slot A's image, the disk layout).
     base: &'a Report,
@@ -223,6 +240,7 @@ impl<'a> Timeline<'a> {
             machine,
             outside,
             stick: prepared.stick.clone(),
+            update_stick: prepared.update_stick.clone(),
             vm: None,
             base: &images.test_report,
             data: Vec::new(),
@@ -255,6 +273,8 @@ impl<'a> Timeline<'a> {
         cfg.graphics = Graphics::Std;
         cfg.extra_netdevs = Outside::nics();
         cfg.extra_disks = vec![self.stick.clone()];
+        // The update stick is plugged in later, through QMP.
+        cfg.usb_controller = true;
         let start = Instant::now();
         let mut vm = Vm::start_in_netns(cfg, Some(&self.outside.path()))?;
         let ready = vm.agent()?.wait_ready(BOOT_TIMEOUT);
@@ -391,6 +411,40 @@ impl<'a> Timeline<'a> {
         let seconds = start.elapsed().as_secs_f64();
         let output = sh(vm, &format!("journalctl --sync; journalctl -u {unit} -o cat --no-pager; systemctl reset-failed {unit} 2>/dev/null || true"))?;
         Ok((AgentRun { exit, output }, seconds))
+    }
+
+    /// Plugs the update stick into the running machine (QMP: a read-only
+    /// block node and a `usb-storage` device on the xHCI bus), then waits
+    /// for the agent udev started for it to end; its journal and the
+    /// seconds from the plug. Nothing here starts the agent.
+    fn plug_in_update_stick(&mut self) -> Result<(String, f64)> {
+        let path = self.update_stick.display().to_string();
+        let vm = self.vm()?;
+        let start = Instant::now();
+        let qmp = vm.qmp()?;
+        qmp.execute(
+            "blockdev-add",
+            Some(serde_json::json!({"driver": "raw", "node-name": "update-stick", "read-only": true,
+                "file": {"driver": "file", "filename": path, "read-only": true}})),
+        )?;
+        qmp.execute("device_add", Some(serde_json::json!({"driver": "usb-storage", "id": "update-stick", "bus": "usb.0", "drive": "update-stick", "removable": true})))?;
+        let unit = "airlock-update-stick@*.service";
+        loop {
+            let log = sh(vm, &format!("journalctl --sync; journalctl -b -u '{unit}' -o cat --no-pager"))?;
+            let state = sh(vm, &format!("systemctl list-units --all --plain --no-legend '{unit}' | head -n 1"))?;
+            // Ended: a oneshot that succeeded goes inactive, one that did not, failed.
+            let ended = log.contains("reboot pending") || log.contains("airlock-update: refused") || log.contains("airlock-update: error");
+            if ended && !state.contains("activating") {
+                let seconds = start.elapsed().as_secs_f64();
+                ensure!(log.contains("reboot pending") && !state.contains("failed"), "the stick's apply did not succeed ({}):\n{log}", state.trim());
+                let label = sh(vm, "journalctl -b -u 'airlock-update-stick@*' -o verbose --no-pager | awk -F= '/_SELINUX_CONTEXT=/ {print $2; exit}'").unwrap_or_default();
+                return Ok((format!("{} (udev started {}, {})\n{log}", log.lines().find(|l| l.contains("update stick with")).unwrap_or("").trim(), state.split_whitespace().next().unwrap_or(""), label.trim()), seconds));
+            }
+            if start.elapsed() > APPLY_TIMEOUT {
+                bail!("no end of the stick's apply {:?} after the plug ({}):\n{log}", APPLY_TIMEOUT, state.trim());
+            }
+            std::thread::sleep(Duration::from_secs(2));
+        }
     }
 
     /// The first MiB of slot B's root partition, as it is on the disk file.
@@ -616,11 +670,12 @@ impl<'a> Timeline<'a> {
             ))
         });
 
-        // Boot 5 → 6: apply again (three tries), reboot, blessed.
+        // Boot 5 → 6: IT plugs in the update stick; udev starts the agent
+        // (three tries); reboot, blessed.
         suite.test(TESTS[6], || {
-            let (out, seconds) = self.update_agent(&format!("apply --file {bundle}"), APPLY_TIMEOUT)?;
-            ensure!(out.exit == 0, "apply failed: exit {}\n{}", out.exit, out.output);
+            let (out, seconds) = self.plug_in_update_stick()?;
             let pending = self.esp_listing()?;
+            ensure!(pending.split_whitespace().any(|e| e == format!("{}_{}+3.efi", p.next.name, new_version)), "the stick's apply installed no counted entry: {pending}\n{out}");
             self.check_avc("slot A after the fallback: apply");
             let reboot_start = Instant::now();
             self.reboot()?;
@@ -646,10 +701,15 @@ impl<'a> Timeline<'a> {
             let status = status.output;
             let failed = sh(self.vm()?, "systemctl --failed --no-legend --plain")?;
             ensure!(failed.trim().is_empty(), "failed units:\n{failed}");
+            // The stick is still in: at this boot it found its version running.
+            let again = sh(self.vm()?, "journalctl -b -u 'airlock-update-stick@*' -o cat --no-pager")?;
+            ensure!(again.contains("which is running already; nothing to do"), "with the stick left in, slot B's boot did not leave it alone:\n{again}");
             self.check_avc("slot B, blessed");
             Ok(format!(
-                "apply {seconds:.1}s, ESP {pending}; reboot → {} from slot B (entry {entry}), health gate passed, blessed {blessed_after:.0}s after the reboot; ESP: {esp}\n{}",
+                "{}; the stick's apply took {seconds:.1}s from the plug, ESP {pending}; reboot → {} from slot B (entry {entry}), health gate passed, blessed {blessed_after:.0}s after the reboot; ESP: {esp}; stick left in: {}\n{}",
+                out.lines().next().unwrap_or(""),
                 b.version,
+                again.lines().last().unwrap_or("").trim(),
                 status.trim()
             ))
         });
