@@ -38,6 +38,9 @@ const APPLIANCE_BINARIES: &[BinarySpec] = &[
     // The same binary for the network set-up at boot (airlock-network.service):
     // its own file, so that it enters its own SELinux domain (airlock_network_t).
     BinarySpec { package: "airlockd", binary: "airlockd", destination: "/usr/lib/airlock/airlock-network" },
+    // And a third time for the host name (airlock-hostname.service): its
+    // own domain, airlock_hostname_t, the only one with CAP_SYS_ADMIN.
+    BinarySpec { package: "airlockd", binary: "airlockd", destination: "/usr/lib/airlock/airlock-hostname" },
     // Started by the supervisor; the gateway starts the sanitiser per item.
     BinarySpec { package: "airlock-gateway", binary: "airlock-gateway", destination: "/usr/lib/airlock/airlock-gateway" },
     BinarySpec { package: "airlock-gateway", binary: "airlock-sanitiser", destination: "/usr/lib/airlock/airlock-sanitiser" },

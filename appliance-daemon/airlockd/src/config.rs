@@ -141,8 +141,15 @@ struct RawFile {
     supervisor: Option<RawSupervisor>,
     guest: Option<RawGuests>,
     clipboard: Option<RawClipboard>,
+    machine: Option<RawMachine>,
     /// Validated by `airlock_network` (after merging the layers).
     network: Option<toml::Value>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMachine {
+    hostname: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -258,6 +265,8 @@ pub struct Config {
     pub general: Guest,
     /// The clipboard gateway (`[clipboard]`).
     pub clipboard: Clipboard,
+    /// The PC itself (`[machine]`).
+    pub machine: Machine,
     /// The `[network]` section (`airlock_network`), if configured.
     #[serde(skip)]
     pub network: Option<airlock_network::NetworkConfig>,
@@ -270,6 +279,14 @@ impl Config {
             Side::General => &self.general,
         }
     }
+}
+
+/// Settings of the PC itself, usually provisioned per PC.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct Machine {
+    /// Set at boot by `airlock-hostname.service`; `None` keeps the image's
+    /// `/etc/hostname`.
+    pub hostname: Option<String>,
 }
 
 /// Where the supervisor puts the guests' cgroups.
@@ -583,6 +600,12 @@ pub fn parse_layers(texts: &[(&str, &str, bool)]) -> Result<Config, ConfigError>
     let mut general = resolve_guest(&layers, Side::General, &supervisor)?;
     let network = resolve_network(&layers)?;
     let clipboard = resolve_clipboard(&layers, &supervisor, [&classified.user, &general.user])?;
+    let machine = Machine {
+        hostname: match pick(&layers, |l| l.raw.machine.as_ref()?.hostname.as_ref()) {
+            None => None,
+            Some(f) => Some(check_hostname(f.value).map_err(|why| f.invalid("machine.hostname", why))?.to_owned()),
+        },
+    };
     if let Some(net) = &network {
         for guest in [&mut classified, &mut general] {
             match_network(&layers, guest, net)?;
@@ -596,7 +619,7 @@ pub fn parse_layers(texts: &[(&str, &str, bool)]) -> Result<Config, ConfigError>
             None => ConfigError::Missing { file: layers[0].file.clone(), key: "guest.general.user".into(), message: message.into() },
         });
     }
-    Ok(Config { supervisor, classified, general, clipboard, network })
+    Ok(Config { supervisor, classified, general, clipboard, machine, network })
 }
 
 /// The `[clipboard]` section: every value checked against the range the
@@ -808,7 +831,7 @@ fn match_network(layers: &[Layer], guest: &mut Guest, net: &airlock_network::Net
 
 /// The provisioning file may only set machine-specific values.
 fn check_provisioning_keys(layer: &Layer) -> Result<(), ConfigError> {
-    let only_shipped = "may only be set in the shipped configuration (the provisioning file on /var may set a guest's disk, disk_format, memory_mib, vcpus, limits and network.mac, and the network uplinks)";
+    let only_shipped = "may only be set in the shipped configuration (the provisioning file on /var may set machine.hostname, a guest's disk, disk_format, memory_mib, vcpus, limits and network.mac, and the network uplinks)";
     if let Some(toml::Value::Table(net)) = &layer.raw.network {
         for (key, value) in net {
             let allowed = match (key.as_str(), value) {
@@ -1175,6 +1198,20 @@ fn check_name(name: &str) -> Result<(), String> {
     }
 }
 
+/// A host name as RFC 1123 and Linux allow it: dot-separated labels of
+/// ASCII letters, digits and inner hyphens, each 1–63 bytes, 64 bytes in
+/// all (the kernel's limit).
+fn check_hostname(name: &str) -> Result<&str, String> {
+    let label_ok = |l: &str| {
+        !l.is_empty() && l.len() <= 63 && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') && !l.starts_with('-') && !l.ends_with('-')
+    };
+    if name.len() <= 64 && name.split('.').all(label_ok) {
+        Ok(name)
+    } else {
+        Err(format!("{name:?} is not a host name (letters, digits and inner hyphens, labels of 1-63 separated by dots, 64 in all)"))
+    }
+}
+
 /// A network interface name (at most 15 bytes).
 fn check_ifname(name: &str) -> Result<(), String> {
     let ok = !name.is_empty()
@@ -1405,6 +1442,23 @@ disk = "/var/lib/airlock/general/disk/windows.qcow2"
         // A provisioning value is validated like a shipped one, and blamed on its own file.
         let err = parse_layers(&[("shipped", MINIMAL, false), ("prov", "[guest.general]\nvcpus = 1000\n", true)]).unwrap_err();
         assert!(err.to_string().starts_with("prov, line 2: `guest.general.vcpus`"), "{err}");
+    }
+
+    #[test]
+    fn the_host_name_is_a_machine_setting_and_checked() {
+        assert_eq!(parse("shipped", MINIMAL).unwrap().machine.hostname, None);
+        let c = parse_layers(&[("shipped", MINIMAL, false), ("prov", "[machine]\nhostname = \"desk-0042\"\n", true)]).unwrap();
+        assert_eq!(c.machine.hostname.as_deref(), Some("desk-0042"));
+        let c = parse_layers(&[("shipped", MINIMAL, false), ("prov", "[machine]\nhostname = \"desk-0042.it.example\"\n", true)]).unwrap();
+        assert_eq!(c.machine.hostname.as_deref(), Some("desk-0042.it.example"));
+        let long = format!("{}.b", "a".repeat(63));
+        for bad in ["", "-desk", "desk-", "desk_42", "desk 42", "desk..42", "dësk", "a\\nb", long.as_str()] {
+            let text = format!("\n[machine]\nhostname = {bad:?}\n");
+            let err = parse_layers(&[("shipped", MINIMAL, false), ("prov", &text, true)]).unwrap_err().to_string();
+            assert!(err.starts_with("prov, line 3: `machine.hostname`") && err.contains("is not a host name"), "{bad:?}: {err}");
+        }
+        let err = parse_layers(&[("shipped", MINIMAL, false), ("prov", "[machine]\nname = \"x\"\n", true)]).unwrap_err().to_string();
+        assert!(err.contains("name"), "{err}");
     }
 
     #[test]

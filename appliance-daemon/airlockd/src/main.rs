@@ -53,6 +53,8 @@ enum Command {
         #[command(subcommand)]
         what: NetCommand,
     },
+    /// Set the host name from `machine.hostname` (at boot; nothing without it).
+    Hostname(ConfigArgs),
     /// Print the supervisor's current status (one JSON line from the control socket).
     Status {
         #[arg(long, default_value = "/run/airlock/control.sock")]
@@ -118,6 +120,22 @@ fn real_main(cli: Cli) -> Result<()> {
             airlockd::netapply::wait_for_interfaces(std::path::Path::new("/sys/class/net"), &uplinks, UPLINK_TIMEOUT)?;
             let n = airlockd::netapply::run_plan(&airlock_network::boot_plan(net))?;
             airlockd::log::info(format!("network set up ({n} steps)"));
+            Ok(())
+        }
+        Command::Hostname(args) => {
+            let cfg = args.load()?;
+            match &cfg.machine.hostname {
+                None => airlockd::log::info("no machine.hostname: the image's host name stays"),
+                Some(name) => {
+                    // SAFETY: a valid pointer and its length; the kernel copies it.
+                    #[allow(unsafe_code)]
+                    let rc = unsafe { libc::sethostname(name.as_ptr().cast(), name.len()) };
+                    if rc != 0 {
+                        return Err(std::io::Error::last_os_error()).with_context(|| format!("setting the host name to {name:?}"));
+                    }
+                    airlockd::log::info(format!("host name set to {name:?} (machine.hostname)"));
+                }
+            }
             Ok(())
         }
         Command::Net { what } => {

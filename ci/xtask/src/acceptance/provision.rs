@@ -19,7 +19,7 @@ use crate::Vm;
 
 pub const TESTS: &[&str] = &[
     "flash: each guest runs on the disk airlock flash provisioned for it",
-    "flash: the provisioned machine settings are in effect (uplink addresses; labels and owners as flashed)",
+    "flash: the provisioned machine settings are in effect (host name, uplink addresses; labels and owners as flashed)",
 ];
 
 /// The machine's settings, as IT writes them for one PC
@@ -116,6 +116,12 @@ pub fn provision_checks(suite: &mut Suite, vm: &mut Vm, flashed: &Flashed) {
         let provisioned = sh(vm, "cat /var/lib/airlock/provision/appliance.toml")?;
         ensure!(provisioned == MACHINE_SETTINGS, "the provisioning file on /var is not the machine file given to airlock flash:\n{provisioned}");
         let mut facts = Vec::new();
+        // The host name is set at boot by airlock-hostname.service (the
+        // image's own /etc/hostname says "airlock").
+        let hostname = sh(vm, "uname -n")?;
+        ensure!(hostname.trim() == "airlock-test-pc", "the host name is {:?}, not the provisioned \"airlock-test-pc\"", hostname.trim());
+        let image_hostname = sh(vm, "cat /etc/hostname")?;
+        facts.push(format!("host name {} (the image's /etc/hostname: {})", hostname.trim(), image_hostname.trim()));
         for (iface, address) in [("upclassified", "192.168.77.2/24"), ("upgeneral", "192.168.78.2/24")] {
             let shown = sh(vm, &format!("ip -4 -o addr show dev {iface}"))?;
             ensure!(shown.contains(&format!("inet {address}")), "{iface} does not have the provisioned {address}: {shown}");

@@ -437,8 +437,8 @@ impl<'a> Timeline<'a> {
             if ended && !state.contains("activating") {
                 let seconds = start.elapsed().as_secs_f64();
                 ensure!(log.contains("reboot pending") && !state.contains("failed"), "the stick's apply did not succeed ({}):\n{log}", state.trim());
-                let label = sh(vm, "journalctl -b -u 'airlock-update-stick@*' -o verbose --no-pager | awk -F= '/_SELINUX_CONTEXT=/ {print $2; exit}'").unwrap_or_default();
-                return Ok((format!("{} (udev started {}, {})\n{log}", log.lines().find(|l| l.contains("update stick with")).unwrap_or("").trim(), state.split_whitespace().next().unwrap_or(""), label.trim()), seconds));
+                let domain = logged_domain(vm, unit);
+                return Ok((format!("{} (udev started {}, in {domain})\n{log}", log.lines().find(|l| l.contains("update stick with")).unwrap_or("").trim(), state.split_whitespace().next().unwrap_or("")), seconds));
             }
             if start.elapsed() > APPLY_TIMEOUT {
                 bail!("no end of the stick's apply {:?} after the plug ({}):\n{log}", APPLY_TIMEOUT, state.trim());
@@ -478,13 +478,9 @@ impl<'a> Timeline<'a> {
         let vm = self.vm()?;
         sh(vm, &format!("systemd-run --quiet --collect --unit={unit} {AGENT} apply --file {bundle}"))?;
         let start = Instant::now();
-        let mut label = String::new();
         loop {
             ensure!(start.elapsed() < APPLY_TIMEOUT, "the apply never started writing slot B");
             let log = sh(vm, &format!("journalctl -u {unit} -o cat --no-pager"))?;
-            if label.is_empty() {
-                label = sh(vm, "ps -eo label,comm | awk '$2 == \"airlock-update\" {print $1}'").unwrap_or_default().trim().to_owned();
-            }
             if log.contains("installed") || log.contains("error") || log.contains("refused") {
                 bail!("the apply ended before the power cut:\n{log}");
             }
@@ -494,6 +490,7 @@ impl<'a> Timeline<'a> {
             std::thread::sleep(Duration::from_millis(200));
         }
         let writing_after = start.elapsed().as_secs_f64();
+        let label = logged_domain(vm, unit);
         let deadline = Instant::now() + Duration::from_secs(120);
         let mut reached = false;
         while Instant::now() < deadline {
@@ -742,6 +739,16 @@ impl<'a> Timeline<'a> {
             }
             std::thread::sleep(Duration::from_secs(2));
         }
+    }
+}
+
+/// The SELinux context of the process that wrote the first journal entry
+/// of `unit` (a unit name or glob) in this boot: the domain it ran in.
+fn logged_domain(vm: &mut Vm, unit: &str) -> String {
+    let context = sh(vm, &format!("journalctl -b -u '{unit}' -o verbose --no-pager | awk -F= '/_SELINUX_CONTEXT=/ {{print $2; exit}}'")).unwrap_or_default();
+    match context.trim() {
+        "" => "an unknown domain (no _SELINUX_CONTEXT in its journal)".into(),
+        c => c.to_owned(),
     }
 }
 
