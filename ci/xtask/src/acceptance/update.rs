@@ -430,7 +430,9 @@ impl<'a> Timeline<'a> {
         qmp.execute("device_add", Some(serde_json::json!({"driver": "usb-storage", "id": "update-stick", "bus": "usb.0", "drive": "update-stick", "removable": true})))?;
         let unit = "airlock-update-stick@*.service";
         loop {
-            let log = sh(vm, &format!("journalctl --sync; journalctl -b -u '{unit}' -o cat --no-pager"))?;
+            // Until udev has started the first such unit, journalctl finds no
+            // unit to filter by and exits 1 ("No data available").
+            let log = sh(vm, &format!("journalctl --sync; journalctl -b -u '{unit}' -o cat --no-pager 2>/dev/null || true"))?;
             let state = sh(vm, &format!("systemctl list-units --all --plain --no-legend '{unit}' | head -n 1"))?;
             // Ended: a oneshot that succeeded goes inactive, one that did not, failed.
             let ended = log.contains("reboot pending") || log.contains("airlock-update: refused") || log.contains("airlock-update: error");
@@ -699,7 +701,7 @@ impl<'a> Timeline<'a> {
             let failed = sh(self.vm()?, "systemctl --failed --no-legend --plain")?;
             ensure!(failed.trim().is_empty(), "failed units:\n{failed}");
             // The stick is still in: at this boot it found its version running.
-            let again = sh(self.vm()?, "journalctl -b -u 'airlock-update-stick@*' -o cat --no-pager")?;
+            let again = sh(self.vm()?, "journalctl -b -u 'airlock-update-stick@*' -o cat --no-pager 2>/dev/null || true")?;
             ensure!(again.contains("which is running already; nothing to do"), "with the stick left in, slot B's boot did not leave it alone:\n{again}");
             self.check_avc("slot B, blessed");
             Ok(format!(
