@@ -76,14 +76,19 @@ pub fn stage_from_stick(disk: &Path, staging: &Path, trust: &airlock_bundle::Tru
     let m = &verified.manifest;
     log(format!("{}: update stick with {} {} signed by {}; copying {} MiB to {}", disk.display(), m.name, m.version, verified.signers.join(", "), len.div_ceil(1 << 20), staging.display()));
     std::fs::create_dir_all(staging).with_context(|| format!("creating the staging directory {}", staging.display()))?;
-    let free = rustix::fs::statvfs(staging).map(|s| s.f_bavail.saturating_mul(s.f_frsize)).with_context(|| format!("free space on {}", staging.display()))?;
-    if free < len + (64 << 20) {
-        bail!("{}: {} MiB free, the bundle needs {} MiB (and 64 MiB to spare)", staging.display(), free >> 20, len.div_ceil(1 << 20));
-    }
     let part = staging.join("stick.airlock.part");
     let done = staging.join("stick.airlock");
     let mut out = File::create(&part).with_context(|| format!("creating {}", part.display()))?;
-    let copied = std::io::copy(&mut open()?.take(len), &mut out).with_context(|| format!("copying the bundle from {} to {}", disk.display(), part.display()))?;
+    // No statvfs() first: the policy lets the agent ask the ESP's
+    // filesystem for its free space, not /var's; a full /var ends the copy
+    // with "No space left on device" and the partial copy is removed.
+    let copied = match std::io::copy(&mut open()?.take(len), &mut out) {
+        Ok(n) => n,
+        Err(e) => {
+            let _ = std::fs::remove_file(&part);
+            return Err(anyhow::Error::new(e).context(format!("copying the bundle ({} MiB) from {} to {}", len.div_ceil(1 << 20), disk.display(), part.display())));
+        }
+    };
     if copied != len {
         let _ = std::fs::remove_file(&part);
         return Err(crate::refusal::Refused::Bundle(airlock_bundle::Refusal::Truncated { what: "the bundle on the stick" }).into());
