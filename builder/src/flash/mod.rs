@@ -77,6 +77,27 @@ pub struct FlashReport {
     pub stick: Option<String>,
 }
 
+/// The target, checked ([`target::probe`]) and at least `size` bytes.
+fn probe_fitting(path: &Path, source: &Path, size: u64) -> Result<target::Target> {
+    let target = target::probe(path, source)?;
+    if target.size < size {
+        return Err(target::Refusal::too_small(&target.path, target.size, size).into());
+    }
+    Ok(target)
+}
+
+/// Writes `source` (`what`: image or bundle) onto the target, syncs, reads
+/// it back from the device and compares; its sha256.
+fn write_verified(source: &Path, size: u64, target: &target::Target, what: &str) -> Result<String> {
+    let sha256 = copy::write_image(source, size, target)?;
+    let back = copy::read_back(&target.path, size)?;
+    if back != sha256 {
+        bail!("{}: read-back sha256 {back} differs from the {what}'s {sha256}: the disk did not store what was written", target.path.display());
+    }
+    println!("airlock: read back {} MiB, sha256 {sha256} matches the {what}", size.div_ceil(MIB));
+    Ok(sha256)
+}
+
 /// Whether `file` starts with an update bundle's magic.
 pub fn is_bundle(file: &Path) -> Result<bool> {
     use std::io::Read;
@@ -97,10 +118,7 @@ fn flash_stick(opts: &FlashOptions, bundle_size: u64) -> Result<FlashReport> {
     if header.signatures.is_empty() {
         bail!("{} is not signed: every PC would refuse it (sign it first: airlock sign --key KEY {})", bundle.display(), bundle.display());
     }
-    let target = target::probe(&opts.target, bundle)?;
-    if target.size < bundle_size {
-        return Err(target::Refusal::too_small(&target.path, target.size, bundle_size).into());
-    }
+    let target = probe_fitting(&opts.target, bundle, bundle_size)?;
     println!(
         "airlock: writing update stick {} ({} {}, {} signature(s), {} MiB) onto {} ({} MiB)",
         bundle.display(),
@@ -111,12 +129,7 @@ fn flash_stick(opts: &FlashOptions, bundle_size: u64) -> Result<FlashReport> {
         target.path.display(),
         target.size / MIB
     );
-    let sha256 = copy::write_image(bundle, bundle_size, &target)?;
-    let back = copy::read_back(&target.path, bundle_size)?;
-    if back != sha256 {
-        bail!("{}: read-back sha256 {back} differs from the bundle's {sha256}: the stick did not store what was written", target.path.display());
-    }
-    println!("airlock: read back {} MiB, sha256 {sha256} matches the bundle", bundle_size.div_ceil(MIB));
+    let sha256 = write_verified(bundle, bundle_size, &target, "bundle")?;
     let stick = format!("{} {}", manifest.name, manifest.version.as_str());
     Ok(FlashReport { image_sha256: sha256, target_size: target.size, data_size: 0, provisioned: Vec::new(), stick: Some(stick) })
 }
@@ -307,10 +320,7 @@ pub fn flash(opts: &FlashOptions) -> Result<FlashReport> {
     let layout = image_layout(&read_table(&runner, image)?).with_context(|| format!("{} is not an airlock image", image.display()))?;
 
     // 2. The target.
-    let target = target::probe(&opts.target, image)?;
-    if target.size < image_size {
-        return Err(target::Refusal::too_small(&target.path, target.size, image_size).into());
-    }
+    let target = probe_fitting(&opts.target, image, image_size)?;
     println!(
         "airlock: flashing {} ({} MiB) onto {} ({}, {} MiB)",
         image.display(),
@@ -351,12 +361,7 @@ pub fn flash(opts: &FlashOptions) -> Result<FlashReport> {
     };
 
     // 4. Write, sync, read back.
-    let image_sha256 = copy::write_image(image, image_size, &target)?;
-    let back = copy::read_back(&target.path, image_size)?;
-    if back != image_sha256 {
-        bail!("{}: read-back sha256 {back} differs from the image's {image_sha256}: the disk did not store what was written", target.path.display());
-    }
-    println!("airlock: read back {} MiB, sha256 {image_sha256} matches the image", image_size.div_ceil(MIB));
+    let image_sha256 = write_verified(image, image_size, &target, "image")?;
 
     // 5. Fit the disk.
     let sh = runner.sh();
