@@ -8,6 +8,9 @@ use crate::Side;
 
 /// evdev `KEY_SCROLLLOCK`: the default switch key.
 pub const KEY_SCROLLLOCK: u16 = 70;
+/// evdev `KEY_LEFTCTRL` and `KEY_RIGHTCTRL`: Ctrl + the switch key opens
+/// and closes the info page for IT.
+const CTRL_KEYS: [u16; 2] = [29, 97];
 
 /// The switch key by name (`--switch-key`): a key that has no use in the
 /// guests' everyday work, so taking it from them costs nothing.
@@ -83,6 +86,9 @@ pub enum KeyAction {
     Switch { to: Side },
     /// The confirm key was pressed (clipboard confirm mode).
     Confirm,
+    /// Ctrl + the switch key: open (`shown`) or close the info page. While
+    /// it is open no key reaches a guest.
+    Info { shown: bool },
 }
 
 /// Routes keys to the guest on screen; see the module documentation.
@@ -96,6 +102,10 @@ pub struct KeyRouter {
     /// Keys pressed while the guest on screen had the keyboard and not yet
     /// released: only they are released to it, here or on a switch.
     held: BTreeSet<u16>,
+    /// Whether a Ctrl key is down (tracked whoever gets it).
+    ctrl_down: bool,
+    /// The info page is open: keys go to nobody.
+    info_shown: bool,
 }
 
 impl KeyRouter {
@@ -105,6 +115,8 @@ impl KeyRouter {
             confirm_key: None,
             on_screen,
             held: BTreeSet::new(),
+            ctrl_down: false,
+            info_shown: false,
         }
     }
 
@@ -121,6 +133,9 @@ impl KeyRouter {
     /// One evdev key event (`value` 1 press, 0 release, 2 auto-repeat).
     pub fn key(&mut self, code: u16, value: i32) -> Vec<KeyAction> {
         let side = self.on_screen;
+        if CTRL_KEYS.contains(&code) {
+            self.ctrl_down = value != 0;
+        }
         if code == self.switch_key {
             // The switch key itself never reaches a guest; it acts on press.
             if value != 1 {
@@ -134,9 +149,21 @@ impl KeyRouter {
                     down: false,
                 })
                 .collect();
-            self.on_screen = side.other();
-            actions.push(KeyAction::Switch { to: self.on_screen });
+            if self.ctrl_down || self.info_shown {
+                // Ctrl + switch opens or closes the page; the switch key
+                // alone closes it too (back to the same guest).
+                self.info_shown = !self.info_shown;
+                actions.push(KeyAction::Info { shown: self.info_shown });
+            } else {
+                self.on_screen = side.other();
+                actions.push(KeyAction::Switch { to: self.on_screen });
+            }
             return actions;
+        }
+        if self.info_shown {
+            // Covered by the page: the guest gets nothing (what was held
+            // was released to it when the page opened).
+            return Vec::new();
         }
         if Some(code) == self.confirm_key {
             return if value == 1 {
@@ -200,6 +227,34 @@ mod tests {
 
     const A: u16 = 30;
     const CTRL: u16 = 29;
+    const SHIFT: u16 = 42;
+
+    #[test]
+    fn ctrl_and_the_switch_key_open_the_info_page_and_no_key_reaches_a_guest_then() {
+        let mut r = KeyRouter::new(KEY_SCROLLLOCK, Classified);
+        assert_eq!(r.key(CTRL, 1), [Forward { side: Classified, code: CTRL, down: true }]);
+        // The guest had Ctrl down: it is released to it as the page opens.
+        assert_eq!(
+            r.key(KEY_SCROLLLOCK, 1),
+            [Forward { side: Classified, code: CTRL, down: false }, Info { shown: true }]
+        );
+        assert_eq!(r.key(KEY_SCROLLLOCK, 0), []);
+        assert_eq!(r.key(CTRL, 0), []);
+        assert_eq!(r.key(A, 1), []);
+        assert_eq!(r.key(A, 0), []);
+        assert_eq!(r.on_screen(), Classified);
+        // The switch key alone closes it, back to the same guest.
+        assert_eq!(r.key(KEY_SCROLLLOCK, 1), [Info { shown: false }]);
+        assert_eq!(r.on_screen(), Classified);
+        assert_eq!(r.key(A, 1), [Forward { side: Classified, code: A, down: true }]);
+        assert_eq!(r.key(A, 0), [Forward { side: Classified, code: A, down: false }]);
+        // Right Ctrl works the same; Ctrl + switch again closes it.
+        r.key(97, 1);
+        assert_eq!(r.key(KEY_SCROLLLOCK, 1), [Forward { side: Classified, code: 97, down: false }, Info { shown: true }]);
+        assert_eq!(r.key(KEY_SCROLLLOCK, 1), [Info { shown: false }]);
+        r.key(97, 0);
+        assert_eq!(r.key(KEY_SCROLLLOCK, 1), [Switch { to: General }]);
+    }
 
     #[test]
     fn keys_go_to_the_guest_on_screen_and_the_switch_key_to_nobody() {
@@ -237,19 +292,20 @@ mod tests {
     #[test]
     fn held_keys_are_released_to_the_guest_being_left_and_never_leak_over() {
         let mut r = KeyRouter::new(KEY_SCROLLLOCK, Classified);
-        r.key(CTRL, 1);
+        // (Ctrl + the switch key would open the info page instead.)
+        r.key(SHIFT, 1);
         r.key(A, 1);
         assert_eq!(
             r.key(KEY_SCROLLLOCK, 1),
             [
                 Forward {
                     side: Classified,
-                    code: CTRL,
+                    code: A,
                     down: false
                 },
                 Forward {
                     side: Classified,
-                    code: A,
+                    code: SHIFT,
                     down: false
                 },
                 Switch { to: General }
@@ -257,7 +313,7 @@ mod tests {
         );
         // Their physical release and repeats go nowhere.
         assert_eq!(r.key(A, 2), []);
-        assert_eq!(r.key(CTRL, 0), []);
+        assert_eq!(r.key(SHIFT, 0), []);
         assert_eq!(r.key(A, 0), []);
     }
 

@@ -56,6 +56,8 @@ pub struct Label {
     /// A message for IT about each guest, shown instead of it.
     pub classified_message: Option<Message>,
     pub general_message: Option<Message>,
+    /// The info page for IT ([`Message::Info`]), shown over either guest.
+    pub info: Option<Message>,
 }
 
 impl Label {
@@ -171,7 +173,7 @@ pub fn compose(canvas: &mut Canvas<'_>, label: &Label, guest: Option<&Framebuffe
     draw_strip(canvas, label, strip);
 
     let area_top = strip.min(height);
-    if let Some(message) = label.message_of(label.on_screen) {
+    if let Some(message) = label.info.as_ref().or(label.message_of(label.on_screen)) {
         // No guest to show: say what is missing, over any stale picture.
         draw_message(canvas, area_top, message, label.on_screen);
         return;
@@ -303,6 +305,7 @@ mod tests {
             pending: None,
             classified_message: None,
             general_message: None,
+            info: None,
         }
     }
 

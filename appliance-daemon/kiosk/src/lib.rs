@@ -29,6 +29,13 @@
 //! - **Switch key**: `--switch-key` (default Scroll Lock): shows the other
 //!   guest. It never reaches a guest; on every switch all keys held down are
 //!   released to the guest being left. The classified guest is shown first.
+//! - **Info page for IT** ([`info`]): Ctrl + the switch key shows, in the
+//!   amber box over the guest, the image's name and version, the host name
+//!   and the last update result (`--update-status`, written by
+//!   `airlock-update`); the switch key (alone or with Ctrl) closes it. While
+//!   it is open no key or pointer event reaches a guest. Logged as
+//!   `airlock-kiosk: message for IT: info page: <lines joined by " | ">`
+//!   and `airlock-kiosk: info page closed`.
 //! - **Input**: every key and pointer event goes to the guest on screen only,
 //!   as QEMU extended key events (raw scancodes: no keymap on the host).
 //! - **Log**: one line on stderr per change of guest shown
@@ -36,6 +43,7 @@
 
 pub mod confirm;
 pub mod display;
+pub mod info;
 pub mod input;
 pub mod keys;
 pub mod layout;
@@ -103,6 +111,9 @@ pub struct Options {
     /// The machine settings file, only `stat`ed: absent (and no
     /// supervisor) means this PC is not provisioned.
     pub machine_file: PathBuf,
+    /// The info page's sources ([`info::page`]).
+    pub os_release: PathBuf,
+    pub update_status: PathBuf,
     pub switch_key: u16,
     pub switch_key_name: String,
     /// Clipboard confirm mode: the gateway's confirm socket, the key that
@@ -167,6 +178,7 @@ pub fn run(options: &Options) -> Result<()> {
         pending: None,
         classified_message: None,
         general_message: None,
+        info: None,
     };
     let mut pixels = vec![0u32; (screen.width * screen.height) as usize];
     // The pointer on the screen, and the buttons held.
@@ -254,6 +266,24 @@ pub fn run(options: &Options) -> Result<()> {
                                     display(side).send_key(scancode, down);
                                 }
                             }
+                            KeyAction::Info { shown } => {
+                                // The pointer's buttons are released to the guest the page covers.
+                                if shown && buttons != 0 {
+                                    send_pointer(display(router.on_screen()), &screen, pointer_x, pointer_y, 0);
+                                    buttons = 0;
+                                }
+                                label.info = shown.then(|| {
+                                    let close = format!("Ctrl+{} or {}: back to the guest", options.switch_key_name, options.switch_key_name);
+                                    message::Message::Info {
+                                        lines: info::page(&options.os_release, &options.update_status, &info::host_name(), &close),
+                                    }
+                                });
+                                match &label.info {
+                                    Some(page) => eprintln!("{}", page.log_line(router.on_screen())),
+                                    None => eprintln!("airlock-kiosk: info page closed"),
+                                }
+                                redraw = true;
+                            }
                             KeyAction::Confirm => {
                                 router.set_confirm_key(None);
                                 if let Some((p, _)) = pending.take() {
@@ -290,6 +320,8 @@ pub fn run(options: &Options) -> Result<()> {
                 }
                 Event::Input(Input::AbsX(f)) => pointer_x = (f * (screen.width - 1) as f32) as u32,
                 Event::Input(Input::AbsY(f)) => pointer_y = (f * (screen.height - 1) as f32) as u32,
+                // Covered by the info page: the guest gets no pointer events.
+                Event::Input(Input::Wheel(_) | Input::Sync) if label.info.is_some() => {}
                 Event::Input(Input::Wheel(clicks)) => {
                     let bit = if clicks > 0 { 8 } else { 16 };
                     let guest = display(router.on_screen());

@@ -28,6 +28,10 @@ pub enum Message {
     NoDisk { path: String },
     /// No supervisor answers and the machine settings file is absent.
     NotProvisioned,
+    /// The info page IT asks for (Ctrl + the switch key): what this PC
+    /// runs and what its last update did ([`crate::info::page`]); the lines
+    /// are already printable ASCII.
+    Info { lines: Vec<String> },
 }
 
 /// How IT provisions a PC (`docs/it-guide.md`, section 6). Flashing again
@@ -52,6 +56,7 @@ impl Message {
         match self {
             Message::NoDisk { .. } => "NO GUEST DISK",
             Message::NotProvisioned => "THIS PC IS NOT PROVISIONED",
+            Message::Info { .. } => "THIS PC",
         }
     }
 
@@ -73,6 +78,7 @@ impl Message {
                 String::new(),
                 "IT: flash it with its machine file and guest disks:".to_owned(),
             ],
+            Message::Info { lines } => return lines.clone(),
         };
         lines.extend(FLASH.iter().map(|l| (*l).to_owned()));
         lines
@@ -89,6 +95,7 @@ impl Message {
                     "{LOG_PREFIX}this PC is not provisioned: no machine settings at {MACHINE_FILE}"
                 )
             }
+            Message::Info { lines } => format!("{LOG_PREFIX}info page: {}", lines.join(" | ")),
         }
     }
 }
@@ -123,11 +130,9 @@ pub fn machine_file_absent(path: &Path) -> bool {
     }
 }
 
-/// `raw` as printable ASCII (anything else becomes `?`), at most
-/// [`PATH_MAX_CHARS`] characters: a longer one keeps its end, after `...`.
-pub fn sanitise_path(raw: &str) -> String {
-    let clean: Vec<char> = raw
-        .chars()
+/// `raw` with anything but printable ASCII replaced by `?`.
+pub fn printable(raw: &str) -> Vec<char> {
+    raw.chars()
         .map(|c| {
             if c == ' ' || c.is_ascii_graphic() {
                 c
@@ -135,7 +140,13 @@ pub fn sanitise_path(raw: &str) -> String {
                 '?'
             }
         })
-        .collect();
+        .collect()
+}
+
+/// `raw` as printable ASCII (anything else becomes `?`), at most
+/// [`PATH_MAX_CHARS`] characters: a longer one keeps its end, after `...`.
+pub fn sanitise_path(raw: &str) -> String {
+    let clean = printable(raw);
     if clean.is_empty() {
         return "(no path given)".to_owned();
     }

@@ -133,8 +133,8 @@ pub fn apply(cfg: &Config, src: &Source, opts: &ApplyOptions, log: &mut dyn FnMu
         Err(e) => LastResult::now("apply", "failed", format!("{}: {e:#}", path.display())),
     };
     let refused = last.result == "refused";
-    if let Err(e) = system::record_last(&cfg.state_file(), last) {
-        log(format!("warning: recording the result in {}: {e:#}", cfg.state_file().display()));
+    if let Err(e) = system::record_outcome(cfg, last) {
+        log(format!("warning: recording the result: {e:#}"));
     }
     if let Some(d) = dropped {
         if result.is_ok() || refused {

@@ -135,6 +135,8 @@ impl Overrides {
             if self.staging_dir.is_none() {
                 c.staging_dir = d.join("staging");
             }
+            // Tests point the state elsewhere: the screen's copy follows.
+            c.screen_status = d.join("screen-status.json");
         }
         set(&mut c.staging_dir, &self.staging_dir);
         if let Some(t) = self.threshold {
@@ -252,6 +254,7 @@ mod tests {
         let c = Cli::try_parse_from(["airlock-update", "--state-dir", "/tmp/s", "status"]).unwrap();
         let cfg = c.paths.config().unwrap();
         assert_eq!(cfg.staging_dir, PathBuf::from("/tmp/s/staging"));
+        assert_eq!(cfg.screen_status, PathBuf::from("/tmp/s/screen-status.json"));
     }
 
     #[test]

@@ -8,6 +8,7 @@
 //! threshold = 1                      # M of the file's distinct keys
 //! state_dir = "/var/lib/airlock/update"
 //! staging_dir = "/var/lib/airlock/update/staging"
+//! screen_status = "/var/lib/airlock/status/update.json"
 //! drop_dir = "/var/lib/airlock/update/drop"
 //! esp = "/efi"                       # the mounted ESP
 //! # disk = "/dev/nvme0n1"            # default: the disk of the booted root
@@ -35,6 +36,9 @@ pub struct Config {
     pub threshold: usize,
     /// `state.json` lives here.
     pub state_dir: PathBuf,
+    /// The last result again, world-readable, for the kiosk's info page
+    /// (`system::publish_last`).
+    pub screen_status: PathBuf,
     /// Downloads (and the new UKI before it goes to the ESP).
     pub staging_dir: PathBuf,
     /// Where IT drops `*.airlock` files.
@@ -81,6 +85,7 @@ impl Default for Config {
             threshold: 1,
             state_dir: "/var/lib/airlock/update".into(),
             staging_dir: "/var/lib/airlock/update/staging".into(),
+            screen_status: "/var/lib/airlock/status/update.json".into(),
             drop_dir: "/var/lib/airlock/update/drop".into(),
             esp: "/efi".into(),
             disk: None,

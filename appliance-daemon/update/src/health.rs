@@ -163,8 +163,8 @@ pub fn run(cfg: &Config, checks: &[Box<dyn Check>], log: &mut dyn FnMut(String))
     let state_file = cfg.state_file();
     if !problems.is_empty() {
         let msg = problems.join("; ");
-        if let Err(e) = system::record_last(&state_file, LastResult::now("health", "unhealthy", msg.clone())) {
-            log(format!("warning: recording the result in {}: {e:#}", state_file.display()));
+        if let Err(e) = system::record_outcome(cfg, LastResult::now("health", "unhealthy", msg.clone())) {
+            log(format!("warning: recording the result: {e:#}"));
         }
         return Err(Failure::Unhealthy(msg).into());
     }
@@ -175,8 +175,14 @@ pub fn run(cfg: &Config, checks: &[Box<dyn Check>], log: &mut dyn FnMut(String))
         log(format!("security epoch raised from {} to {}", state.security_epoch, image.security_epoch));
         state.security_epoch = image.security_epoch;
     }
-    state.last = Some(LastResult::now("health", "healthy", format!("{} {} passed the health gate", image.name, image.version)));
+    let last = LastResult::now("health", "healthy", format!("{} {} passed the health gate", image.name, image.version));
+    state.last = Some(last.clone());
     system::store_state(&state_file, &state)?;
+    // The screen's copy is for IT's eyes: not having it is no reason to
+    // fall back to the previous version.
+    if let Err(e) = system::publish_last(&cfg.screen_status, &last) {
+        log(format!("warning: {e:#}"));
+    }
     Ok(())
 }
 
@@ -201,7 +207,7 @@ mod tests {
     fn cfg(dir: &std::path::Path, epoch: u32) -> Config {
         let os = dir.join("os-release");
         std::fs::write(&os, format!("IMAGE_ID=airlock\nIMAGE_VERSION=1.1\nAIRLOCK_COMPATIBLE=c\nAIRLOCK_SECURITY_EPOCH={epoch}\n")).unwrap();
-        Config { os_release: os, state_dir: dir.join("state"), ..Config::default() }
+        Config { os_release: os, state_dir: dir.join("state"), screen_status: dir.join("status/update.json"), ..Config::default() }
     }
 
     #[test]
@@ -219,6 +225,12 @@ mod tests {
         run(&c, &good, &mut |_| {}).unwrap();
         let s = system::load_state(&c.state_file()).unwrap();
         assert_eq!((s.security_epoch, s.last.unwrap().result.as_str()), (5, "healthy"));
+        // The screen's copy: the same result, readable by every user.
+        let shown: LastResult = serde_json::from_slice(&std::fs::read(&c.screen_status).unwrap()).unwrap();
+        assert_eq!((shown.action.as_str(), shown.result.as_str()), ("health", "healthy"));
+        assert_eq!(shown.message, "airlock 1.1 passed the health gate");
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(std::fs::metadata(&c.screen_status).unwrap().permissions().mode() & 0o777, 0o644);
     }
 
     #[test]

@@ -130,6 +130,23 @@ pub fn record_last(path: &Path, last: LastResult) -> Result<()> {
     store_state(path, &state)
 }
 
+/// Writes `last` for the screen: the kiosk shows it on its info page, so
+/// IT sees at the desk what the last update or health gate did. A file of
+/// its own (world-readable, type `airlock_status_t`), not the state file:
+/// the kiosk may read this one file and nothing of the agent's state.
+pub fn publish_last(path: &Path, last: &LastResult) -> Result<()> {
+    let mut bytes = serde_json::to_vec(last).context("serialising the result")?;
+    bytes.push(b'\n');
+    crate::fsutil::write_atomic_public(path, &bytes).with_context(|| format!("the result for the screen, {}", path.display()))
+}
+
+/// [`record_last`] in the state file and [`publish_last`] for the screen;
+/// the state file's error first.
+pub fn record_outcome(cfg: &crate::config::Config, last: LastResult) -> Result<()> {
+    record_last(&cfg.state_file(), last.clone())?;
+    publish_last(&cfg.screen_status, &last)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -24,6 +24,12 @@ struct Cli {
     /// and no supervisor, means this PC is not provisioned).
     #[arg(long, default_value = airlock_kiosk::message::MACHINE_FILE)]
     machine_file: PathBuf,
+    /// The image's os-release, for the info page (Ctrl + the switch key).
+    #[arg(long, default_value = airlock_kiosk::info::OS_RELEASE)]
+    os_release: PathBuf,
+    /// The update agent's last result for the screen, for the info page.
+    #[arg(long, default_value = airlock_kiosk::info::UPDATE_STATUS)]
+    update_status: PathBuf,
     /// The host-owned key that switches guests: scrolllock, pause, f12,
     /// rightctrl or menu. It never reaches a guest.
     #[arg(long, default_value = "scrolllock")]
@@ -62,6 +68,8 @@ fn main() -> ExitCode {
         drm_device: cli.drm_device,
         input_dir: cli.input_dir,
         machine_file: cli.machine_file,
+        os_release: cli.os_release,
+        update_status: cli.update_status,
         switch_key,
         switch_key_name: airlock_kiosk::keys::key_name(switch_key, &cli.switch_key),
         confirm: Some(airlock_kiosk::ConfirmOptions {

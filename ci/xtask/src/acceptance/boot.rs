@@ -370,10 +370,19 @@ fn reboot_checks(suite: &mut Suite, vm: &mut Vm, first_boot: &str) {
         Err(e) => return suite.fail_all(REBOOT_TESTS, &e.context("rebooting the test machine")),
     };
     suite.test(REBOOT_TESTS[0], || {
+        // What the journal holds, for the failure message (CI met this
+        // test failing once without saying which check failed).
+        let evidence = |vm: &mut Vm| {
+            sh(
+                vm,
+                "journalctl --list-boots --no-pager; ls -l /var/log/journal/*/; journalctl -t airlock-acceptance -o verbose --no-pager | grep -E '_BOOT_ID=|MESSAGE=' || true",
+            )
+            .unwrap_or_else(|e| format!("(could not read the journal: {e:#})"))
+        };
         let boots = sh(vm, "journalctl --list-boots --no-pager | tail -n +2 | wc -l")?;
-        ensure!(boots.trim().parse::<u32>().unwrap_or(0) >= 2, "journal knows {} boots", boots.trim());
+        ensure!(boots.trim().parse::<u32>().unwrap_or(0) >= 2, "journal knows {} boots:\n{}", boots.trim(), evidence(vm));
         let found = sh(vm, "journalctl -b -1 -t airlock-acceptance -o cat --no-pager || true")?;
-        ensure!(found.contains(&marker), "marker from the first boot not found in the previous boot's journal");
+        ensure!(found.contains(&marker), "marker {marker} from the first boot not found in the previous boot's journal (it has {found:?}):\n{}", evidence(vm));
         Ok(format!("{} boots in the journal; first boot's marker found (boot {} → {})", boots.trim(), &first_boot[..8], &second[..8]))
     });
     suite.test(REBOOT_TESTS[2], || {

@@ -34,6 +34,7 @@ pub const TESTS: &[&str] = &[
     "kiosk: Ctrl-Alt-F1..F12, SysRq combinations and Ctrl-Alt-Backspace leave the kiosk on screen",
     "kiosk: figures: CPU while idle and while the guest on screen redraws, first frame after the kernel started",
     "kiosk: a killed kiosk comes back within 10 s",
+    "kiosk: a guest whose disk is missing shows IT's message in its place (no-disk), and runs again once the disk is back",
 ];
 
 const UNIT: &str = "airlock-kiosk.service";
@@ -61,6 +62,9 @@ pub const NO_GUEST_RGB: [u8; 3] = [48, 48, 48];
 /// Mirror of `airlock_kiosk::layout::MESSAGE_RGB` (the amber box of a
 /// message for IT: no guest disk, PC not provisioned).
 pub const MESSAGE_RGB: [u8; 3] = [255, 176, 0];
+/// The share of the area below the label strip the kiosk's message box
+/// must fill (its unit tests: more than 60 % at common screen sizes).
+pub const MESSAGE_SHARE: f64 = 0.4;
 
 /// Mirror of `airlock_kiosk::layout::strip_height`.
 pub fn strip_height(screen_height: u32) -> u32 {
@@ -123,6 +127,7 @@ pub fn kiosk_checks(suite: &mut Suite, vm: &mut Vm, screens_dir: &Path) {
     suite.test(TESTS[4], || check_console_keys(vm, &screens));
     suite.test(TESTS[5], || figures(vm));
     suite.test(TESTS[6], || check_restart(vm, &screens));
+    suite.test(TESTS[7], || check_no_disk(vm, &screens));
 }
 
 // ---------------------------------------------------------------- screens
@@ -953,6 +958,70 @@ fn check_restart(vm: &mut Vm, screens: &Screens) -> Result<String> {
         guest_took.as_secs_f64(),
         path.display()
     ))
+}
+
+/// The general guest's provisioned disk (`ci/test-agent/machine.toml`).
+const GENERAL_DISK: &str = "/var/lib/airlock/general/disk/test.raw";
+/// How long the supervisor may take to notice the missing disk (restart
+/// back-off after the kill) and to start the guest once it is back (it
+/// looks every 10 s).
+const NO_DISK_TIMEOUT: Duration = Duration::from_secs(90);
+
+/// The general guest's state word from `airlockd status`.
+fn general_state(vm: &mut Vm) -> Result<String> {
+    let status = sh(vm, "airlockd status")?;
+    let json: serde_json::Value = serde_json::from_str(status.trim()).with_context(|| format!("airlockd status: {status}"))?;
+    Ok(json["guests"]["general"]["state"].as_str().unwrap_or("?").to_owned())
+}
+
+fn wait_general_state(vm: &mut Vm, want: &str) -> Result<Duration> {
+    let start = Instant::now();
+    loop {
+        let state = general_state(vm)?;
+        if state == want {
+            return Ok(start.elapsed());
+        }
+        ensure!(start.elapsed() < NO_DISK_TIMEOUT, "the general guest is {state:?} after {NO_DISK_TIMEOUT:?}, not {want:?}");
+        thread::sleep(Duration::from_secs(1));
+    }
+}
+
+/// The general guest's disk moved away and its QEMU killed (as if the
+/// disk had been lost): the supervisor does not start QEMU without it and
+/// the kiosk shows the message for IT in the general guest's place. The
+/// disk is put back in any case, and the guest must run again.
+fn check_no_disk(vm: &mut Vm, screens: &Screens) -> Result<String> {
+    let away = format!("{GENERAL_DISK}.away");
+    let pid = super::supervisor::qemu_pid(vm, "general")?;
+    sh(vm, &format!("mv {GENERAL_DISK} {away} && kill -9 {pid}"))?;
+    let shown = (|| -> Result<String> {
+        let noticed = wait_general_state(vm, "no-disk")?;
+        let line = format!("airlock-kiosk: message for IT: general: no guest disk at {GENERAL_DISK}");
+        let start = Instant::now();
+        while !sh(vm, "journalctl -b -u airlock-kiosk.service -o cat --no-pager || true")?.contains(&line) {
+            ensure!(start.elapsed() < SCREEN_TIMEOUT, "the kiosk did not log {line:?}");
+            thread::sleep(Duration::from_secs(1));
+        }
+        ensure_side(vm, screens, "general", "no-disk-switch")?;
+        let (path, said, _) = screens.wait(vm, "no-disk-message", SCREEN_TIMEOUT, |image| {
+            judge(image, &Want { side: "general", colour: None, guest_size: None })?;
+            let share = colour_share(image, guest_area(image.width, image.height), MESSAGE_RGB);
+            ensure!(share >= MESSAGE_SHARE, "the message colour fills {:.0}% of the guest area", share * 100.0);
+            Ok(format!("message box {:.0}% of the guest area", share * 100.0))
+        })?;
+        Ok(format!("`no-disk` {:.0}s after kill -9 {pid}; logged `{line}`; general strip, {said} ({})", noticed.as_secs_f64(), path.display()))
+    })();
+    // Back in any case: later groups need the guest.
+    sh(vm, &format!("test -e {GENERAL_DISK} || mv {away} {GENERAL_DISK}"))?;
+    let shown = shown?;
+    let back = wait_general_state(vm, "running").context("after the disk was put back")?;
+    let start = Instant::now();
+    while guest(vm, "general", "ping").is_err() {
+        ensure!(start.elapsed() < NO_DISK_TIMEOUT, "the general guest does not answer {NO_DISK_TIMEOUT:?} after running again");
+        thread::sleep(Duration::from_secs(2));
+    }
+    ensure_side(vm, screens, "classified", "no-disk-back")?;
+    Ok(format!("{shown}; disk back: running again {:.0}s later, answering after {:.0}s more", back.as_secs_f64(), start.elapsed().as_secs_f64()))
 }
 
 #[cfg(test)]

@@ -28,9 +28,6 @@ const PRODUCTION_TESTS: &[&str] = &[
     "production: a PC without guest disks or machine settings shows IT's message on screen, no console",
 ];
 
-/// The share of the area below the label strip the kiosk's message box
-/// must fill (its unit tests: more than 60 % at common screen sizes).
-const MESSAGE_SHARE: f64 = 0.4;
 const MESSAGE_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// How much larger than the image the production machine's disk is (as
@@ -88,7 +85,7 @@ pub fn production_boot(suite: &mut Suite, images: &Images, opts: &AcceptanceOpti
             let area = kiosk::guest_area(image.width, image.height);
             let share = kiosk::colour_share(&image, area, kiosk::MESSAGE_RGB);
             let strip = kiosk::read_strip(&image);
-            if share >= MESSAGE_SHARE {
+            if share >= kiosk::MESSAGE_SHARE {
                 let side = kiosk::strip_side(&strip)?;
                 let png = screens.join("unprovisioned-message.png");
                 kiosk::write_png(&image, &png)?;

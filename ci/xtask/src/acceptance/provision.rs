@@ -31,7 +31,7 @@ pub const MACHINE_SETTINGS: &str = include_str!("../../../test-agent/machine.tom
 /// Where the test image's configuration puts each guest's disk.
 const GUEST_DISK: &str = "/var/lib/airlock/{side}/disk/test.raw";
 const SIDES: [&str; 2] = ["classified", "general"];
-//// Size of each provisioned guest disk.
+/// Size of each provisioned guest disk.
 const GUEST_DISK_BYTES: u64 = 4 << 20;
 
 /// What the flash made.

@@ -40,6 +40,7 @@ use xshell::{cmd, Shell};
 
 use super::boot::{sh, tail};
 use super::images::{self, Images};
+use super::kiosk;
 use super::{AcceptanceOptions, Suite};
 use crate::outside::Outside;
 use crate::{Machine, Vm};
@@ -54,6 +55,7 @@ pub const TESTS: &[&str] = &[
     "update: A → B from an update stick (airlock flash BUNDLE STICK): plugged in, the PC applies it by itself; the new version boots from slot B and its entry is blessed",
     "update: the data partition (guest disks, journal) is intact after every step",
     "update: zero AVC denials in every boot of the update machine",
+    "update: IT's info page (Ctrl+Scroll Lock) shows the running version, the host name and the last update: the refusal with its reason, later the blessed update",
 ];
 /// Made before the machine boots; the tests above need it.
 const PREPARE: &str = "update: the next version is built, signed, and put on a USB stick";
@@ -212,6 +214,8 @@ struct Timeline<'a> {
     boot_seconds: Vec<f64>,
     /// `airlock-update` units started so far (each gets its own name).
     runs: usize,
+    /// Screenshots of the info page.
+    screens: PathBuf,
 }
 
 /// How an `airlock-update` unit ended: its exit status and its journal.
@@ -251,6 +255,7 @@ impl<'a> Timeline<'a> {
             boots: 0,
             boot_seconds: Vec::new(),
             runs: 0,
+            screens: opts.work_dir.join("screens/update"),
         };
         if let Err(e) = t.power_on() {
             if let Some(vm) = t.vm.as_mut() {
@@ -464,7 +469,7 @@ impl<'a> Timeline<'a> {
     fn slot_b_root_middle(&self, root_bytes: u64) -> Result<Vec<u8>> {
         let p = self.base.partitions.iter().find(|p| p.number == 4).context("the report has no partition 4 (slot B)")?;
         let mut f = std::fs::File::open(self.machine.disk())?;
-        f.seek(SeekFrom::Start(p.offset + (root_bytes / 2 & !0xfffff)))?;
+        f.seek(SeekFrom::Start(p.offset + ((root_bytes / 2) & !0xfffff)))?;
         let mut buf = vec![0u8; 1 << 20];
         f.read_exact(&mut buf)?;
         Ok(buf)
@@ -565,6 +570,14 @@ impl<'a> Timeline<'a> {
                 Ok(format!("{refusal} (exit {code}, {seconds:.1}s); slot B and GPT unchanged (digest {digest}), ESP still: {esp}"))
             });
         }
+        // IT at the desk: the refusal is on the info page.
+        let refused_page = match &before {
+            Ok(_) => {
+                let image = format!("image:       {} {} |", self.base.name, self.base.version);
+                self.info_page("info-refused", &[&image, "host name:   airlock-test-pc", "last update: refused (apply)"])
+            }
+            Err(e) => Err(anyhow::anyhow!("{e:#}")),
+        };
         self.check_avc("refusals");
 
         // Boot 1: cut the power as soon as slot B's first MiB reaches the disk.
@@ -713,6 +726,14 @@ impl<'a> Timeline<'a> {
             ))
         });
 
+        suite.test(TESTS[9], || {
+            let refused = refused_page.as_ref().map_err(|e| anyhow::anyhow!("after the refusals: {e:#}"))?;
+            let image = format!("image:       {} {new_version} |", p.next.name);
+            let healthy = format!("  {} {new_version} passed the health gate", p.next.name);
+            let blessed = self.info_page("info-blessed", &[&image, "last update: healthy (health)", &healthy]).context("after the blessed update")?;
+            Ok(format!("after the refusals: {refused}\nafter the update: {blessed}"))
+        });
+
         let (data, data_problems) = (self.data.join("\n"), self.data_problems.join("\n"));
         suite.test(TESTS[7], || {
             ensure!(data_problems.is_empty(), "{data_problems}");
@@ -726,6 +747,67 @@ impl<'a> Timeline<'a> {
         });
         let boots: Vec<String> = self.boot_seconds.iter().map(|s| format!("{s:.0}")).collect();
         println!("acceptance: update machine: {} boots, seconds to the agent: {}", self.boots, boots.join(", "));
+    }
+
+    /// IT's info page: Ctrl+Scroll Lock opens it, the kiosk logs what it
+    /// shows (each of `expected` must be in it) and the screen shows the
+    /// amber box; Scroll Lock closes it and the box goes. Screenshot
+    /// `<name>.png`.
+    fn info_page(&mut self, name: &str, expected: &[&str]) -> Result<String> {
+        const LOGGED: &str = "journalctl -b -u airlock-kiosk.service -o cat --no-pager | grep -F 'info page' || true";
+        let deadline = Duration::from_secs(60);
+        std::fs::create_dir_all(&self.screens)?;
+        let shot = self.screens.join(format!("{name}.ppm"));
+        let png = self.screens.join(format!("{name}.png"));
+        // Waits for one more line than `seen` with `word`; that line.
+        let wait_logged = |t: &mut Self, seen: usize, word: &str| -> Result<String> {
+            let start = Instant::now();
+            loop {
+                let lines = sh(t.vm()?, LOGGED)?;
+                let matching: Vec<&str> = lines.lines().filter(|l| l.contains(word)).collect();
+                if matching.len() > seen {
+                    return Ok(matching[matching.len() - 1].to_owned());
+                }
+                ensure!(start.elapsed() < deadline, "the kiosk logged no new {word:?} line in {deadline:?}; its lines:\n{lines}");
+                std::thread::sleep(Duration::from_secs(1));
+            }
+        };
+        let count = |t: &mut Self, word: &str| -> Result<usize> { Ok(sh(t.vm()?, LOGGED)?.lines().filter(|l| l.contains(word)).count()) };
+        // The amber share of the guest area, polled until `done` says so.
+        let screen = |t: &mut Self, done: &dyn Fn(f64) -> bool| -> Result<f64> {
+            let start = Instant::now();
+            loop {
+                t.vm()?.qmp()?.screendump(&shot)?;
+                let image = crate::screen::load_image(&shot)?;
+                let share = kiosk::colour_share(&image, kiosk::guest_area(image.width, image.height), kiosk::MESSAGE_RGB);
+                if done(share) {
+                    kiosk::write_png(&image, &png)?;
+                    return Ok(share);
+                }
+                ensure!(start.elapsed() < deadline, "after {deadline:?} the amber share of the guest area is {:.0}%; screen kept in {}", share * 100.0, shot.display());
+                std::thread::sleep(Duration::from_secs(1));
+            }
+        };
+
+        let (opened, closed) = (count(self, "info page:")?, count(self, "info page closed")?);
+        self.vm()?.qmp()?.send_key(&["ctrl", "scroll_lock"]).context("pressing Ctrl+Scroll Lock")?;
+        let page = wait_logged(self, opened, "info page:")?;
+        for e in expected {
+            ensure!(page.contains(e), "the info page does not say {e:?}: {page}");
+        }
+        let shown = screen(self, &|share| share >= kiosk::MESSAGE_SHARE)?;
+        let shown_png = self.screens.join(format!("{name}-open.png"));
+        std::fs::rename(&png, &shown_png)?;
+        self.vm()?.qmp()?.send_key(&["scroll_lock"]).context("pressing Scroll Lock")?;
+        wait_logged(self, closed, "info page closed")?;
+        let after = screen(self, &|share| share < 0.05)?;
+        let text = page.split_once("info page: ").map_or(page.as_str(), |(_, t)| t).to_owned();
+        Ok(format!(
+            "{text}; amber box {:.0}% of the guest area (screenshot {}), after Scroll Lock {:.0}%",
+            shown * 100.0,
+            shown_png.display(),
+            after * 100.0
+        ))
     }
 
     /// Waits until `unit` is neither inactive nor activating; its state.
