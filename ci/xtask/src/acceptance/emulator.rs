@@ -8,7 +8,9 @@
 //! six nested-guest resets in another; none in most runs). Neither happens
 //! with hardware virtualisation, and neither is something the appliance can
 //! prevent. A test group that fails while such a fault is on record runs
-//! once more on a fresh boot (see `boot::run_group`); the summary lists it.
+//! once more on a fresh boot (see `boot::run_group`; the update machine's
+//! timeline runs once more on a freshly flashed machine, see
+//! `update::update_checks`); the summary lists it.
 //!
 //! Evidence, and nothing weaker, counts as an emulator fault:
 //! - the appliance: QEMU's own `-d cpu_reset` log says `Triple fault` (TCG
