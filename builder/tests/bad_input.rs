@@ -229,3 +229,36 @@ fn read_only_output_directory_is_refused() {
     let mount = Mount::tmpfs("ro");
     assert_refused(scene.build(&mount.point), &mount.point, &[&mount.point.display().to_string(), "not writable"]);
 }
+
+/// `airlock doctor` (IT guide §1): on a host set up by
+/// `ci/install-host-deps.sh`, as CI's is, every tool is there and it exits
+/// 0; with a tool taken off PATH it exits non-zero and names the tool's
+/// package.
+#[test]
+fn doctor_lists_every_tool_and_names_the_package_of_a_missing_one() {
+    let doctor = |path: Option<&Path>| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_airlock"));
+        cmd.arg("doctor");
+        if let Some(p) = path {
+            cmd.env("PATH", p);
+        }
+        let out = cmd.output().expect("running airlock doctor");
+        (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    let (ok, stdout, stderr) = doctor(None);
+    assert!(ok, "airlock doctor on this host (set up by ci/install-host-deps.sh):\n{stdout}{stderr}");
+    for t in TOOLS {
+        assert!(stdout.lines().any(|l| l.starts_with("ok ") && l.split_whitespace().nth(1) == Some(t.program)), "no `ok` line for {}:\n{stdout}", t.program);
+    }
+
+    let dir = tempfile::tempdir().expect("temp dir");
+    path_without("mkfs.erofs", dir.path());
+    let (ok, stdout, stderr) = doctor(Some(dir.path()));
+    assert!(!ok, "airlock doctor exited 0 without mkfs.erofs:\n{stdout}");
+    let line = stdout.lines().find(|l| l.split_whitespace().nth(1) == Some("mkfs.erofs")).unwrap_or("");
+    assert!(line.starts_with("MISSING") && line.contains("erofs-utils"), "the mkfs.erofs line: {line:?}\n{stdout}");
+    assert!(stderr.contains("some host tools are missing"), "{stderr}");
+    // What is on that PATH is reported found.
+    let line = stdout.lines().find(|l| l.split_whitespace().nth(1) == Some("sfdisk")).unwrap_or("");
+    assert!(line.starts_with("ok "), "the sfdisk line: {line:?}");
+}

@@ -26,6 +26,8 @@ const CLASSIFIED_ID: u32 = 990;
 const GENERAL_ID: u32 = 989;
 const VAR_LABEL: &str = "system_u:object_r:var_t:s0";
 const SHIPPED: &str = include_str!("../../overlay/etc/airlock/appliance.toml");
+/// `/airlock/build.json` on the fixture's ESP (as `build::BuildInfo`).
+const FIXTURE_BUILD_INFO: &str = r#"{"name":"airlock","version":"1.0","distro":"debian","distro_release":"trixie","profile":"production","root_hash":"00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff","kernel_cmdline":"ro","package_count":1}"#;
 
 fn require_root() {
     assert!(airlock::doctor::is_root(), "flash tests need root (loop devices, mounts); CI runs them as root");
@@ -147,8 +149,18 @@ impl Fixture {
                 part(6, labels::DATA, types::VAR, 20, 17),
             ],
         };
+        // The ESP: FAT with the build information `airlock inspect` reads.
         let esp = d.join("esp");
-        std::fs::write(&esp, vec![0xe5u8; MIB as usize]).unwrap();
+        run("mkfs.vfat", &["-C", "-n", "ESP", esp.to_str().unwrap(), "1024"]);
+        let build = d.join("build.json");
+        std::fs::write(&build, FIXTURE_BUILD_INFO).unwrap();
+        let esp_spec = esp.to_str().unwrap();
+        let mtools = |program: &str, args: &[&str]| {
+            let out = Command::new(program).env("MTOOLS_SKIP_CHECK", "1").args(args).output().unwrap();
+            assert!(out.status.success(), "{program} {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        };
+        mtools("mmd", &["-i", esp_spec, "::/airlock"]);
+        mtools("mcopy", &["-i", esp_spec, build.to_str().unwrap(), "::/airlock/build.json"]);
         let image = d.join("airlock_1.0.raw");
         let runner = Runner::new(false).unwrap();
         let contents = [
@@ -310,6 +322,10 @@ fn flash_onto_a_block_device() {
     check_backup_gpt_at_end(&dev, 96 * MIB);
     check_partitions_as_image(&fx, &dev);
     check_data_fs(&dev, &table);
+    // IT guide §9: `airlock inspect /dev/sdX` on a PC's disk.
+    let out = Command::new(env!("CARGO_BIN_EXE_airlock")).args(["inspect", lo.0.as_str()]).output().unwrap();
+    let shown = ok(&out);
+    assert!(shown.contains("name         airlock 1.0") && shown.contains("root_airlock_1.0") && shown.contains("_empty") && shown.contains(" data "), "airlock inspect {}:\n{shown}", lo.0);
 }
 
 #[test]
@@ -448,6 +464,45 @@ fn provisioning_places_guests_and_machine_with_owners_modes_and_labels() {
     let config = airlockd::config::load(&fx.path("tree/etc/airlock/appliance.toml"), Some(&mnt.join("lib/airlock/provision/appliance.toml"))).unwrap();
     assert_eq!(config.classified.memory_mib, 6144);
     assert_eq!(config.classified.disk, PathBuf::from("/var/lib/airlock/classified/disk/windows.img"));
+}
+
+/// IT guide §4, step 7: a disk from elsewhere is refused as it is, and
+/// accepted once converted with the guide's own `qemu-img convert`
+/// command (also an image with a backing file, flattened the same way).
+/// No Windows in it: the commands and the checks on their result.
+#[test]
+fn a_foreign_disk_converted_as_the_guide_says_is_accepted() {
+    let fx = Fixture::new();
+    let (raw, _) = guests(&fx);
+    let machine = fx.path("pc-0042.toml");
+    std::fs::write(&machine, MACHINE).unwrap();
+    let path = |name: &str| fx.path(name).to_str().unwrap().to_owned();
+    let flash_general = |general: &str| {
+        let target = fx.target("pc.raw", 160 * MIB);
+        let classified = format!("classified={}", raw.display());
+        let general = format!("general={general}");
+        (fx.flash(&target, &["--guest", &classified, "--guest", &general, "--machine", machine.to_str().unwrap()]), target)
+    };
+    run("qemu-img", &["create", "-q", "-f", "vhdx", &path("win.vhdx"), "64M"]);
+    let (out, _) = flash_general(&path("win.vhdx"));
+    let e = refused(&out);
+    assert!(e.contains("win.vhdx") && e.contains("vhdx"), "{e}");
+
+    run("qemu-img", &["convert", "-p", "-O", "qcow2", &path("win.vhdx"), &path("win-general.qcow2")]);
+    let info = run("qemu-img", &["info", &path("win-general.qcow2")]);
+    assert!(info.contains("file format: qcow2") && !info.contains("backing file"), "{info}");
+    let (out, _) = flash_general(&path("win-general.qcow2"));
+    assert!(ok(&out).contains("provisioned /var/lib/airlock/general/disk/"));
+
+    // An overlay on that disk: refused; flattened by the same command: accepted.
+    run("qemu-img", &["create", "-q", "-f", "qcow2", "-b", &path("win-general.qcow2"), "-F", "qcow2", &path("overlay.qcow2")]);
+    let (out, _) = flash_general(&path("overlay.qcow2"));
+    assert!(refused(&out).contains("backing file"), "the overlay was not refused for its backing file");
+    run("qemu-img", &["convert", "-p", "-O", "qcow2", &path("overlay.qcow2"), &path("flat.qcow2")]);
+    let info = run("qemu-img", &["info", &path("flat.qcow2")]);
+    assert!(info.contains("file format: qcow2") && !info.contains("backing file"), "{info}");
+    let (out, _) = flash_general(&path("flat.qcow2"));
+    ok(&out);
 }
 
 #[test]
