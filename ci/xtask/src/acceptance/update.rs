@@ -470,22 +470,25 @@ impl<'a> Timeline<'a> {
                 "file": {"driver": "file", "filename": path, "read-only": true}})),
         )?;
         qmp.execute("device_add", Some(serde_json::json!({"driver": "usb-storage", "id": "update-stick", "bus": "usb.0", "drive": "update-stick", "removable": true})))?;
-        let unit = "airlock-update-stick@*.service";
         loop {
-            // Until udev has started the first such unit, journalctl finds no
-            // unit to filter by and exits 1 ("No data available").
-            let log = sh(vm, &format!("journalctl --sync; journalctl -b -u '{unit}' -o cat --no-pager 2>/dev/null || true"))?;
-            let state = sh(vm, &format!("systemctl list-units --all --plain --no-legend '{unit}' | head -n 1"))?;
+            let (unit, log, state) = match stick_unit(vm)? {
+                Some(unit) => {
+                    let log = sh(vm, &format!("journalctl --sync; journalctl -b -u {unit} -o cat --no-pager"))?;
+                    let state = sh(vm, &format!("systemctl show -P ActiveState {unit}"))?.trim().to_owned();
+                    (unit, log, state)
+                }
+                None => ("(no USB disk yet)".to_owned(), String::new(), String::new()),
+            };
             // Ended: a oneshot that succeeded goes inactive, one that did not, failed.
             let ended = log.contains("reboot pending") || log.contains("airlock-update: refused") || log.contains("airlock-update: error");
-            if ended && !state.contains("activating") {
+            if ended && state != "activating" {
                 let seconds = start.elapsed().as_secs_f64();
-                ensure!(log.contains("reboot pending") && !state.contains("failed"), "the stick's apply did not succeed ({}):\n{log}", state.trim());
-                let domain = logged_domain(vm, unit);
-                return Ok((format!("{} (udev started {}, in {domain})\n{log}", log.lines().find(|l| l.contains("update stick with")).unwrap_or("").trim(), state.split_whitespace().next().unwrap_or("")), seconds));
+                ensure!(log.contains("reboot pending") && state != "failed", "the stick's apply did not succeed ({unit} {state}):\n{log}");
+                let domain = logged_domain(vm, &unit);
+                return Ok((format!("{} (udev started {unit}, in {domain})\n{log}", log.lines().find(|l| l.contains("update stick with")).unwrap_or("").trim()), seconds));
             }
             if start.elapsed() > APPLY_TIMEOUT {
-                bail!("no end of the stick's apply {:?} after the plug ({}):\n{log}", APPLY_TIMEOUT, state.trim());
+                bail!("no end of the stick's apply {:?} after the plug ({unit} {state}):\n{log}", APPLY_TIMEOUT);
             }
             std::thread::sleep(Duration::from_secs(2));
         }
@@ -751,7 +754,8 @@ impl<'a> Timeline<'a> {
             let failed = sh(self.vm()?, "systemctl --failed --no-legend --plain")?;
             ensure!(failed.trim().is_empty(), "failed units:\n{failed}");
             // The stick is still in: at this boot it found its version running.
-            let again = sh(self.vm()?, "journalctl -b -u 'airlock-update-stick@*' -o cat --no-pager 2>/dev/null || true")?;
+            let unit = stick_unit(self.vm()?)?.context("the update stick is no USB disk of slot B's boot")?;
+            let again = sh(self.vm()?, &format!("journalctl -b -u {unit} -o cat --no-pager"))?;
             ensure!(again.contains("which is running already; nothing to do"), "with the stick left in, slot B's boot did not leave it alone:\n{again}");
             self.check_avc("slot B, blessed");
             Ok(format!(
@@ -863,10 +867,25 @@ impl<'a> Timeline<'a> {
     }
 }
 
+/// The update stick's unit, once the stick is a disk: udev starts
+/// `airlock-update-stick@<kernel name>.service` for it (the machine's only
+/// USB disk). Exact unit names only: `journalctl -u` with a glob looks the
+/// names up among the journal's values and in one run found none ("Failed
+/// to add filter for units: No data available") while the unit's lines
+/// were there.
+fn stick_unit(vm: &mut Vm) -> Result<Option<String>> {
+    let name = sh(vm, "lsblk -dn -o NAME,TRAN | awk '$2 == \"usb\" {print $1; exit}'")?;
+    let name = name.trim();
+    Ok((!name.is_empty()).then(|| format!("airlock-update-stick@{name}.service")))
+}
+
 /// The SELinux context of the process that wrote the first journal entry
-/// of `unit` (a unit name or glob) in this boot: the domain it ran in.
+/// of `unit`'s own processes in this boot: the domain it ran in.
 fn logged_domain(vm: &mut Vm, unit: &str) -> String {
-    let context = sh(vm, &format!("journalctl -b -u '{unit}' -o verbose --no-pager | awk -F= '/_SELINUX_CONTEXT=/ {{print $2; exit}}'")).unwrap_or_default();
+    // `_SYSTEMD_UNIT=`: lines of the unit's own processes, not systemd's
+    // "Starting …" (which would name init_t).
+    let unit = if unit.ends_with(".service") { unit.to_owned() } else { format!("{unit}.service") };
+    let context = sh(vm, &format!("journalctl -b _SYSTEMD_UNIT={unit} -o verbose --no-pager | awk -F= '/_SELINUX_CONTEXT=/ {{print $2; exit}}'")).unwrap_or_default();
     match context.trim() {
         "" => "an unknown domain (no _SELINUX_CONTEXT in its journal)".into(),
         c => c.to_owned(),
