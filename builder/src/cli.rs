@@ -127,7 +127,7 @@ pub struct BuildArgs {
 ///
 ///   airlock flash out/airlock_1.0.raw /dev/sdb \
 ///       --guest classified=win-classified.qcow2 --guest general=win-general.qcow2 \
-///       --machine pc-0042.toml
+///       --machine pc-0042.toml [--wireguard-key pc-0042.key]
 ///
 /// Given a signed update bundle instead, writes it raw onto a USB stick
 /// (same refusals, read-back): an update stick, which a PC's update agent
@@ -152,6 +152,14 @@ pub struct FlashArgs {
     /// after validation against the image's shipped configuration.
     #[arg(long, value_name = "FILE")]
     pub machine: Option<PathBuf>,
+    /// This PC's WireGuard private key (one line, as `wg genkey` writes it),
+    /// required when the image's configuration has a tunnel
+    /// ([network.classified.wireguard]) and refused otherwise; written to
+    /// /var/lib/airlock/provision/wg-classified.key (0600, readable by the
+    /// network set-up only). Its public key is printed for the tunnel
+    /// server. Needs --machine (the tunnel address is per PC).
+    #[arg(long, value_name = "FILE")]
+    pub wireguard_key: Option<PathBuf>,
     /// Print every command and its output.
     #[arg(long, short)]
     pub verbose: bool,

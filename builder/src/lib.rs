@@ -58,6 +58,7 @@ pub fn run(cli: cli::Cli) -> Result<()> {
                 target: a.target.clone(),
                 guests: a.guests,
                 machine: a.machine,
+                wireguard_key: a.wireguard_key,
                 verbose: a.verbose,
             })?;
             for line in &report.provisioned {

@@ -588,14 +588,91 @@ fn machine_uplink_addresses_are_provisioned_and_checked() {
     assert_eq!(sha256(&target), before);
     let good = fx.path("pc-0042.toml");
     // Both sides' uplinks: the test image ships none (they are per PC).
-    std::fs::write(
-        &good,
-        "[network.classified.uplink]\ninterface = \"enp1s0\"\naddress = \"192.168.10.20/24\"\ngateway = \"192.168.10.1\"\n\n\
-         [network.general.uplink]\ninterface = \"enp2s0\"\naddress = \"192.168.20.20/24\"\ngateway = \"192.168.20.1\"\n",
-    )
-    .unwrap();
+    std::fs::write(&good, UPLINKS).unwrap();
     let stdout = ok(&fx.flash(&target, &["--machine", good.to_str().unwrap()]));
     assert!(stdout.contains("provisioned /var/lib/airlock/provision/appliance.toml"), "{stdout}");
+}
+
+/// The test image's shipped configuration with a WireGuard tunnel for the
+/// classified servers, as a site that uses one ships it: the peer and its
+/// key are the image's, the PC's tunnel address and private key are not.
+fn shipped_with_tunnel() -> String {
+    let shipped = include_str!("../../ci/test-agent/overlay/etc/airlock/appliance.toml");
+    format!("{shipped}\n[network.classified.wireguard]\nlisten_port = 51820\npeer_public_key = \"xTIBA5rboUvnH4htodjb6e697QjLERt1NAB4mZqp8Dg=\"\npeer_endpoint = \"192.168.10.5:51820\"\n")
+}
+
+const UPLINKS: &str = "[network.classified.uplink]\ninterface = \"enp1s0\"\naddress = \"192.168.10.20/24\"\ngateway = \"192.168.10.1\"\n\n\
+     [network.general.uplink]\ninterface = \"enp2s0\"\naddress = \"192.168.20.20/24\"\ngateway = \"192.168.20.1\"\n";
+
+/// IT guide §5: a PC of an image with a tunnel gets its own tunnel address
+/// (machine file) and private key (`--wireguard-key`). Without the key, with
+/// a file that is not a key, or with a key for an image without a tunnel,
+/// flash refuses before writing; with it, the key lands `0600 root`,
+/// labelled for the network set-up alone, and the public key printed is
+/// the one `wg pubkey` computes.
+#[test]
+fn per_pc_wireguard_key_and_address_are_provisioned_and_checked() {
+    let fx = Fixture::with_shipped(&shipped_with_tunnel());
+    let target = fx.target("pc.raw", 96 * MIB);
+    let before = sha256(&target);
+    let machine = fx.path("pc-0042.toml");
+    std::fs::write(&machine, format!("{UPLINKS}\n[network.classified.wireguard]\naddress = \"10.99.0.42/24\"\n")).unwrap();
+    let m = machine.to_str().unwrap();
+
+    // No key for an image with a tunnel.
+    let e = refused(&fx.flash(&target, &["--machine", m]));
+    assert!(e.contains("--wireguard-key") && e.contains("network.classified.wireguard"), "{e}");
+    // A file that is not a key (a PEM key, say).
+    let pem = fx.path("pc-0042.pem");
+    std::fs::write(&pem, "-----BEGIN PRIVATE KEY-----\nMC4CAQAwBQYDK2VuBCIEIHBh\n-----END PRIVATE KEY-----\n").unwrap();
+    let e = refused(&fx.flash(&target, &["--machine", m, "--wireguard-key", pem.to_str().unwrap()]));
+    assert!(e.contains(&pem.display().to_string()) && e.contains("not a WireGuard private key"), "{e}");
+    // The machine file without the PC's tunnel address.
+    let no_address = fx.path("no-address.toml");
+    std::fs::write(&no_address, UPLINKS).unwrap();
+    let key = fx.path("pc-0042.key");
+    let private = run("wg", &["genkey"]);
+    std::fs::write(&key, &private).unwrap();
+    let e = refused(&fx.flash(&target, &["--machine", no_address.to_str().unwrap(), "--wireguard-key", key.to_str().unwrap()]));
+    assert!(e.contains("network.classified.wireguard.address") && e.contains("machine file"), "{e}");
+    assert_eq!(sha256(&target), before, "a refusal wrote to the target");
+
+    let stdout = ok(&fx.flash(&target, &["--machine", m, "--wireguard-key", key.to_str().unwrap()]));
+    let public = {
+        let mut child = Command::new("wg").arg("pubkey").stdin(std::process::Stdio::piped()).stdout(std::process::Stdio::piped()).spawn().unwrap();
+        std::io::Write::write_all(&mut child.stdin.take().unwrap(), private.as_bytes()).unwrap();
+        String::from_utf8(child.wait_with_output().unwrap().stdout).unwrap().trim().to_owned()
+    };
+    assert!(
+        stdout.contains(&format!("provisioned /var/lib/airlock/provision/wg-classified.key (from {})", key.display()))
+            && stdout.contains(&format!("public key {public} (add it to the tunnel server's peers)")),
+        "{stdout}"
+    );
+    assert!(!stdout.contains(private.trim()), "the private key was printed:\n{stdout}");
+    let table = check_table(&target);
+    let data = table.partitions.iter().find(|p| p.label == labels::DATA).unwrap();
+    let mnt = fx.path("data");
+    let _mounted = mount_partition(&target, data, &mnt, "ext4");
+    let placed = mnt.join("lib/airlock/provision/wg-classified.key");
+    let meta = std::fs::metadata(&placed).unwrap();
+    assert_eq!((meta.uid(), meta.gid(), meta.permissions().mode() & 0o7777), (0, 0, 0o600));
+    assert_eq!(
+        String::from_utf8(xattr::get(&placed, "security.selinux").unwrap().expect("a label")).unwrap(),
+        "system_u:object_r:airlock_wg_key_t:s0"
+    );
+    assert_eq!(std::fs::read_to_string(&placed).unwrap(), private);
+    // The network set-up reads the tunnel as flash checked it.
+    let config = airlockd::config::load(&fx.path("tree/etc/airlock/appliance.toml"), Some(&mnt.join("lib/airlock/provision/appliance.toml"))).unwrap();
+    let wg = config.network.unwrap().classified.wireguard.unwrap();
+    assert_eq!((wg.address.to_string().as_str(), wg.private_key_file.as_str()), ("10.99.0.42/24", "/var/lib/airlock/provision/wg-classified.key"));
+
+    // An image without a tunnel takes no key.
+    let plain = Fixture::with_shipped(include_str!("../../ci/test-agent/overlay/etc/airlock/appliance.toml"));
+    let target = plain.target("pc.raw", 96 * MIB);
+    let uplinks = plain.path("uplinks.toml");
+    std::fs::write(&uplinks, UPLINKS).unwrap();
+    let e = refused(&plain.flash(&target, &["--machine", uplinks.to_str().unwrap(), "--wireguard-key", key.to_str().unwrap()]));
+    assert!(e.contains("no WireGuard tunnel"), "{e}");
 }
 
 /// A real built image (`airlock build` output, with its `SHA256SUMS` and

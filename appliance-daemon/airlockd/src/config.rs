@@ -831,14 +831,28 @@ fn match_network(layers: &[Layer], guest: &mut Guest, net: &airlock_network::Net
 
 /// The provisioning file may only set machine-specific values.
 fn check_provisioning_keys(layer: &Layer) -> Result<(), ConfigError> {
-    let only_shipped = "may only be set in the shipped configuration (the provisioning file on /var may set machine.hostname, a guest's disk, disk_format, memory_mib, vcpus, limits and network.mac, and the network uplinks)";
+    let only_shipped = "may only be set in the shipped configuration (the provisioning file on /var may set machine.hostname, a guest's disk, disk_format, memory_mib, vcpus, limits and network.mac, the network uplinks and network.classified.wireguard.address)";
     if let Some(toml::Value::Table(net)) = &layer.raw.network {
         for (key, value) in net {
             let allowed = match (key.as_str(), value) {
                 ("uplink", _) => true,
                 ("classified" | "general", toml::Value::Table(t)) => {
-                    if let Some(k) = t.keys().find(|k| *k != "uplink") {
-                        let dotted = format!("network.{key}.{k}");
+                    // Per PC: the side's uplink, and the classified tunnel's
+                    // own address (the peer, its key and the allow-list are
+                    // the image's).
+                    let per_pc = |k: &str, v: &toml::Value| match (key.as_str(), k, v) {
+                        (_, "uplink", _) => true,
+                        ("classified", "wireguard", toml::Value::Table(w)) => w.keys().all(|k| k == "address"),
+                        _ => false,
+                    };
+                    if let Some((k, v)) = t.iter().find(|(k, v)| !per_pc(k, v)) {
+                        let dotted = match (k.as_str(), v) {
+                            ("wireguard", toml::Value::Table(w)) => {
+                                let inner = w.keys().find(|k| *k != "address").map_or("", String::as_str);
+                                format!("network.{key}.wireguard.{inner}")
+                            }
+                            _ => format!("network.{key}.{k}"),
+                        };
                         return Err(layer.invalid(&layer.key_span(&dotted), &dotted, only_shipped));
                     }
                     true
@@ -1473,7 +1487,11 @@ disk = "/var/lib/airlock/general/disk/windows.qcow2"
 
     /// A `[network]` section (the network crate's shared-uplink fixture).
     fn with_network() -> String {
-        let net = include_str!("../../network/tests/fixtures/shared.toml");
+        network_doc(include_str!("../../network/tests/fixtures/shared.toml"))
+    }
+
+    /// MINIMAL with a network crate fixture as its `[network]` section.
+    fn network_doc(net: &str) -> String {
         let mut doc = String::from(MINIMAL);
         for line in net.lines() {
             let line = match line.strip_prefix("[[") {
@@ -1536,6 +1554,35 @@ disk = "/var/lib/airlock/general/disk/windows.qcow2"
             let err = parse_layers(&[("shipped", &text, false), ("prov", over, true)]).unwrap_err().to_string();
             assert!(err.contains(key) && err.contains("shipped configuration"), "{err}");
         }
+    }
+
+    #[test]
+    fn provisioning_sets_the_tunnel_address_and_nothing_else_of_the_tunnel() {
+        let shipped = network_doc(include_str!("../../network/tests/fixtures/shared-wireguard.toml")).replacen("address = \"10.99.0.2/24\"\n", "", 1);
+        assert!(shipped.contains("[network.classified.wireguard]") && !shipped.contains("10.99.0.2"), "{shipped}");
+        // The shipped file alone lacks the per-PC address, and says where it goes.
+        let err = parse("shipped", &shipped).unwrap_err().to_string();
+        assert!(err.contains("network.classified.wireguard.address") && err.contains("machine file"), "{err}");
+        let over = "[network.classified.wireguard]\naddress = \"10.99.0.42/24\"\n";
+        let c = parse_layers(&[("shipped", &shipped, false), ("prov", over, true)]).unwrap();
+        let wg = c.network.unwrap().classified.wireguard.unwrap();
+        assert_eq!(wg.address.to_string(), "10.99.0.42/24");
+        assert_eq!(wg.private_key_file, "/var/lib/airlock/provision/wg-classified.key");
+        // With no machine file's address either, the files are named together.
+        let err = parse_layers(&[("shipped", &shipped, false), ("prov", "[network.uplink]\ninterface = \"enp9s0\"\naddress = \"192.168.10.20/24\"\ngateway = \"192.168.10.1\"\n", true)]).unwrap_err().to_string();
+        assert!(err.contains("network.classified.wireguard.address"), "{err}");
+        // The peer, the key file and the port are the image's.
+        for (line, key) in [
+            ("peer_public_key = \"AAAAA5rboUvnH4htodjb6e697QjLERt1NAB4mZqp8Dg=\"", "network.classified.wireguard.peer_public_key"),
+            ("private_key_file = \"/tmp/k\"", "network.classified.wireguard.private_key_file"),
+            ("listen_port = 1", "network.classified.wireguard.listen_port"),
+        ] {
+            let over = format!("{over}{line}\n");
+            let err = parse_layers(&[("shipped", &shipped, false), ("prov", &over, true)]).unwrap_err().to_string();
+            assert!(err.contains(key) && err.contains("shipped configuration") && err.starts_with("prov, line 3"), "{err}");
+        }
+        let err = parse_layers(&[("shipped", &shipped, false), ("prov", "[network.general.wireguard]\naddress = \"10.99.0.42/24\"\n", true)]).unwrap_err().to_string();
+        assert!(err.contains("network.general.wireguard") && err.contains("shipped configuration"), "{err}");
     }
 
     #[test]

@@ -278,8 +278,9 @@ struct RawRateLimit {
 #[serde(deny_unknown_fields)]
 struct RawWireguard {
     interface: Option<String>,
-    address: String,
-    private_key_file: String,
+    /// Per PC: usually set by the machine file, not the shipped one.
+    address: Option<String>,
+    private_key_file: Option<String>,
     listen_port: u16,
     peer_public_key: String,
     peer_endpoint: String,
@@ -374,13 +375,19 @@ pub struct Wireguard {
     pub interface: String,
     /// The host's tunnel address, with the tunnel's prefix.
     pub address: Ipv4Cidr,
-    /// File holding the host's private key (never in the configuration).
+    /// File holding the host's private key (never in the configuration);
+    /// [`WIREGUARD_KEY_FILE`] unless the shipped configuration says otherwise.
     pub private_key_file: String,
     pub listen_port: u16,
     pub peer_public_key: String,
     pub peer_endpoint: SocketAddrV4,
     pub persistent_keepalive: Option<u16>,
 }
+
+/// Where `airlock flash --wireguard-key` puts the PC's own tunnel key: on
+/// the data partition, next to the machine file, with a label only the
+/// network set-up may read (`airlock_wg_key_t`).
+pub const WIREGUARD_KEY_FILE: &str = "/var/lib/airlock/provision/wg-classified.key";
 
 /// Private, link-local and shared address space: the default for
 /// `general.deny`, so that "general reaches the internet" does not include
@@ -549,15 +556,20 @@ fn wireguard(raw: RawWireguard) -> Result<Wireguard, ConfigError> {
         &format!("{K}.interface"),
         raw.interface.as_deref().unwrap_or("wg-classified"),
     )?;
-    let address: Ipv4Cidr = parse(&format!("{K}.address"), &raw.address)?;
-    if !raw.private_key_file.starts_with('/') || raw.private_key_file.contains(char::is_whitespace)
-    {
+    // Two PCs with one tunnel address would take each other's traffic, so
+    // the address is a machine setting; no default.
+    let address = raw.address.as_deref().ok_or_else(|| {
+        invalid(
+            format!("{K}.address"),
+            "missing: each PC's tunnel address is a machine setting (set it in the machine file, `airlock flash --machine`)",
+        )
+    })?;
+    let address: Ipv4Cidr = parse(&format!("{K}.address"), address)?;
+    let private_key_file = raw.private_key_file.unwrap_or_else(|| WIREGUARD_KEY_FILE.to_owned());
+    if !private_key_file.starts_with('/') || private_key_file.contains(char::is_whitespace) {
         return Err(invalid(
             format!("{K}.private_key_file"),
-            format!(
-                "{:?} is not an absolute path without spaces",
-                raw.private_key_file
-            ),
+            format!("{private_key_file:?} is not an absolute path without spaces"),
         ));
     }
     if raw.listen_port == 0 {
@@ -584,7 +596,7 @@ fn wireguard(raw: RawWireguard) -> Result<Wireguard, ConfigError> {
     Ok(Wireguard {
         interface,
         address,
-        private_key_file: raw.private_key_file,
+        private_key_file,
         listen_port: raw.listen_port,
         peer_public_key: raw.peer_public_key,
         peer_endpoint,

@@ -36,6 +36,7 @@ pub mod copy;
 pub mod provision;
 pub mod selabel;
 pub mod target;
+pub mod wgkey;
 
 use std::path::{Path, PathBuf};
 
@@ -60,6 +61,8 @@ pub struct FlashOptions {
     pub guests: Vec<(Side, PathBuf)>,
     /// `--machine FILE`: the provisioning layer of the appliance configuration.
     pub machine: Option<PathBuf>,
+    /// `--wireguard-key FILE`: the PC's own tunnel key, if the image uses one.
+    pub wireguard_key: Option<PathBuf>,
     pub verbose: bool,
 }
 
@@ -109,8 +112,8 @@ pub fn is_bundle(file: &Path) -> Result<bool> {
 /// `airlock flash BUNDLE TARGET`: the update stick.
 fn flash_stick(opts: &FlashOptions, bundle_size: u64) -> Result<FlashReport> {
     let bundle = &opts.image;
-    if !opts.guests.is_empty() || opts.machine.is_some() {
-        bail!("{} is an update bundle: it makes an update stick, which provisions nothing (--guest and --machine are for disk images)", bundle.display());
+    if !opts.guests.is_empty() || opts.machine.is_some() || opts.wireguard_key.is_some() {
+        bail!("{} is an update bundle: it makes an update stick, which provisions nothing (--guest, --machine and --wireguard-key are for disk images)", bundle.display());
     }
     let header = airlock_bundle::format::RawHeader::read(&mut std::io::BufReader::new(std::fs::File::open(bundle)?))
         .map_err(|e| anyhow::anyhow!("{}: {e}", bundle.display()))?;
@@ -335,10 +338,10 @@ pub fn flash(opts: &FlashOptions) -> Result<FlashReport> {
     let grown_data_size = (target.size.saturating_sub(TAIL_RESERVE) / MIB * MIB).saturating_sub(layout.data.start).max(layout.data.size);
 
     // 3. Provisioning inputs, all checked before anything is written.
-    let plan = if opts.guests.is_empty() && opts.machine.is_none() {
+    let plan = if opts.guests.is_empty() && opts.machine.is_none() && opts.wireguard_key.is_none() {
         None
     } else {
-        let inputs = provision::Inputs { guests: opts.guests.clone(), machine: opts.machine.clone() };
+        let inputs = provision::Inputs { guests: opts.guests.clone(), machine: opts.machine.clone(), wireguard_key: opts.wireguard_key.clone() };
         inputs.check_shape()?;
         let root_loop = Loop::attach(&runner, image, layout.root.start, layout.root.size, true)?;
         let root = Mounted::mount(&runner, &root_loop.device, "erofs", "ro")?;

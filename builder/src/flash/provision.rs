@@ -22,7 +22,7 @@
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
@@ -34,6 +34,7 @@ pub use airlockd::config::Side;
 
 use super::copy::{drop_cache, read_full, Progress};
 use super::selabel::{self, FileType};
+use super::wgkey::PrivateKey;
 use crate::exec::Runner;
 
 /// Where the shipped configuration is, inside the image's root.
@@ -54,6 +55,8 @@ pub const DIRS: &[(&str, u32, Owner)] = &[
 pub const MACHINE_MODE: u32 = 0o600;
 /// A guest disk: its side's QEMU user only.
 pub const DISK_MODE: u32 = 0o600;
+/// The PC's tunnel key: root (the network set-up) only.
+pub const KEY_MODE: u32 = 0o600;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Owner {
@@ -80,6 +83,7 @@ pub fn parse_guest_arg(s: &str) -> Result<(Side, PathBuf), String> {
 pub struct Inputs {
     pub guests: Vec<(Side, PathBuf)>,
     pub machine: Option<PathBuf>,
+    pub wireguard_key: Option<PathBuf>,
 }
 
 impl Inputs {
@@ -93,6 +97,9 @@ impl Inputs {
         }
         if !self.guests.is_empty() && self.machine.is_none() {
             bail!("--guest needs --machine FILE: the supervisor starts only on a provisioned appliance (an empty file keeps the shipped settings)");
+        }
+        if self.wireguard_key.is_some() && self.machine.is_none() {
+            bail!("--wireguard-key needs --machine FILE: the PC's tunnel address (network.classified.wireguard.address) is a machine setting");
         }
         Ok(())
     }
@@ -157,10 +164,18 @@ pub struct PlannedGuest {
     pub file_size: u64,
 }
 
+/// The PC's tunnel key, checked.
+#[derive(Debug, Clone)]
+pub struct PlannedKey {
+    pub source: PathBuf,
+    pub key: PrivateKey,
+}
+
 /// Everything validated; what [`apply`] writes.
 #[derive(Debug, Clone)]
 pub struct Plan {
     pub machine: Option<(PathBuf, Vec<u8>)>,
+    pub wireguard_key: Option<PlannedKey>,
     pub guests: Vec<PlannedGuest>,
     /// uid and gid of each side's QEMU user in the image.
     pub owners: BTreeMap<&'static str, (u32, u32)>,
@@ -180,7 +195,8 @@ impl Plan {
     /// will fill it) and 5 % for the filesystem.
     pub fn bytes_needed(&self) -> u64 {
         let files: u64 = self.guests.iter().map(|g| g.file_size.next_multiple_of(4096)).sum::<u64>()
-            + self.machine.as_ref().map_or(0, |(_, b)| b.len() as u64 + 4096);
+            + self.machine.as_ref().map_or(0, |(_, b)| b.len() as u64 + 4096)
+            + self.wireguard_key.as_ref().map_or(0, |_| 4096);
         files + files / 20 + (16 << 20)
     }
 }
@@ -225,6 +241,7 @@ pub fn validate(runner: &Runner, root: &Path, inputs: &Inputs) -> Result<Plan> {
         }
         None => airlockd::config::parse(shipped_name, &shipped).map_err(one_line)?,
     };
+    let wireguard_key = check_wireguard_key(&config, inputs.wireguard_key.as_deref())?;
     let passwd = std::fs::read_to_string(root.join("etc/passwd")).context("reading the image's /etc/passwd")?;
     let mut owners = BTreeMap::new();
     for side in Side::ALL {
@@ -271,7 +288,36 @@ pub fn validate(runner: &Runner, root: &Path, inputs: &Inputs) -> Result<Plan> {
             println!("airlock: note: no --guest {side}=FILE: that guest will not start (its disk {} is missing)", config.guest(side).disk.display());
         }
     }
-    Ok(Plan { machine, guests, owners, var_label, config })
+    Ok(Plan { machine, wireguard_key, guests, owners, var_label, config })
+}
+
+/// A tunnel in the merged configuration needs this PC's own key, placed
+/// where flash puts it; no tunnel, no key (a key nobody reads is a key
+/// that leaks for nothing).
+fn check_wireguard_key(config: &Config, key_file: Option<&Path>) -> Result<Option<PlannedKey>> {
+    let tunnel = config.network.as_ref().and_then(|n| n.classified.wireguard.as_ref());
+    match (tunnel, key_file) {
+        (None, None) => Ok(None),
+        (None, Some(f)) => bail!(
+            "{}: the image's configuration has no WireGuard tunnel (network.classified.wireguard), so --wireguard-key would place a key nothing uses; leave it out",
+            f.display()
+        ),
+        (Some(_), None) => bail!(
+            "the image's configuration sends classified traffic through a WireGuard tunnel (network.classified.wireguard): give this PC's private key with --wireguard-key FILE (make one with `wg genkey`; flash prints its public key for the tunnel server)"
+        ),
+        (Some(wg), Some(f)) => {
+            if wg.private_key_file != airlock_network::config::WIREGUARD_KEY_FILE {
+                bail!(
+                    "network.classified.wireguard.private_key_file is {:?}: flash places the PC's key only at {} (its own SELinux type); remove private_key_file from the shipped configuration",
+                    wg.private_key_file,
+                    airlock_network::config::WIREGUARD_KEY_FILE
+                );
+            }
+            let bytes = std::fs::read(f).with_context(|| format!("reading {}", f.display()))?;
+            let key = PrivateKey::parse(&bytes).with_context(|| format!("{}: not a WireGuard private key", f.display()))?;
+            Ok(Some(PlannedKey { source: f.to_path_buf(), key }))
+        }
+    }
 }
 
 /// The path on the mounted data partition of appliance path `p` (under /var).
@@ -322,6 +368,23 @@ pub fn apply(plan: &Plan, data_root: &Path) -> Result<Vec<String>> {
         let context = set_meta(plan, &entries, &tmp, &path, (0, 0), MACHINE_MODE, FileType::File)?;
         std::fs::rename(&tmp, &at).with_context(|| format!("renaming into {}", path.display()))?;
         lines.push(format!("{} (from {}): root:root {:04o} {context}", path.display(), source.display(), MACHINE_MODE));
+    }
+    if let Some(k) = &plan.wireguard_key {
+        let path = PathBuf::from(airlock_network::config::WIREGUARD_KEY_FILE);
+        let at = on_data(data_root, &path)?;
+        let tmp = at.with_extension("key.tmp");
+        // Created 0600 before a byte of the key is in it.
+        let mut f = OpenOptions::new().write(true).create_new(true).mode(KEY_MODE).open(&tmp).with_context(|| format!("creating {}", path.display()))?;
+        f.write_all(k.key.file_text().as_bytes()).and_then(|()| f.sync_all()).with_context(|| format!("writing {}", path.display()))?;
+        let context = set_meta(plan, &entries, &tmp, &path, (0, 0), KEY_MODE, FileType::File)?;
+        std::fs::rename(&tmp, &at).with_context(|| format!("renaming into {}", path.display()))?;
+        lines.push(format!(
+            "{} (from {}): root:root {:04o} {context}; public key {} (add it to the tunnel server's peers)",
+            path.display(),
+            k.source.display(),
+            KEY_MODE,
+            k.key.public()
+        ));
     }
     for g in &plan.guests {
         let at = on_data(data_root, &g.dest)?;
@@ -423,10 +486,12 @@ mod tests {
     fn shape_of_the_inputs() {
         let g = |s| (s, PathBuf::from("x"));
         let m = Some(PathBuf::from("m.toml"));
-        assert!(Inputs { guests: vec![g(Side::General), g(Side::General)], machine: m.clone() }.check_shape().is_err());
-        assert!(Inputs { guests: vec![g(Side::General)], machine: None }.check_shape().unwrap_err().to_string().contains("--machine"));
-        assert!(Inputs { guests: vec![g(Side::General), g(Side::Classified)], machine: m.clone() }.check_shape().is_ok());
-        assert!(Inputs { guests: vec![], machine: m }.check_shape().is_ok());
+        let k = Some(PathBuf::from("pc.key"));
+        assert!(Inputs { guests: vec![g(Side::General), g(Side::General)], machine: m.clone(), wireguard_key: None }.check_shape().is_err());
+        assert!(Inputs { guests: vec![g(Side::General)], machine: None, wireguard_key: None }.check_shape().unwrap_err().to_string().contains("--machine"));
+        assert!(Inputs { guests: vec![g(Side::General), g(Side::Classified)], machine: m.clone(), wireguard_key: k.clone() }.check_shape().is_ok());
+        assert!(Inputs { guests: vec![], machine: m, wireguard_key: None }.check_shape().is_ok());
+        assert!(Inputs { guests: vec![], machine: None, wireguard_key: k }.check_shape().unwrap_err().to_string().contains("--machine"));
     }
 
     #[test]

@@ -127,6 +127,7 @@ mod tests {
             ("/var/lib/airlock", FileType::Dir, "airlock_var_lib_t"),
             ("/var/lib/airlock/provision", FileType::Dir, "airlock_conf_t"),
             ("/var/lib/airlock/provision/appliance.toml", FileType::File, "airlock_conf_t"),
+            ("/var/lib/airlock/provision/wg-classified.key", FileType::File, "airlock_wg_key_t"),
             ("/var/lib/airlock/classified", FileType::Dir, "airlock_classified_disk_t"),
             ("/var/lib/airlock/classified/disk", FileType::Dir, "airlock_classified_disk_t"),
             ("/var/lib/airlock/classified/disk/windows.qcow2", FileType::File, "airlock_classified_disk_t"),

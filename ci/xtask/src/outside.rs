@@ -19,6 +19,19 @@
 //!   hostile upstream would have, for the inbound probes ([`Outside::tcp`],
 //!   [`Outside::udp`]).
 //!
+//! * the far end of the classified side's WireGuard tunnel (P15): a
+//!   `wireguard-go` device `acc-wg` (this CI kernel has no WireGuard
+//!   module), 10.99.0.1/24, listening on the classified gateway's port
+//!   51820, with the test image's peer key ([`PEER_PRIVATE_KEY`]; its public
+//!   half is in ci/test-agent/overlay/etc/airlock/appliance.toml) and one
+//!   peer: the appliance, with the per-run key [`Outside::appliance_key`]
+//!   that the suite gives `airlock flash --wireguard-key`. Classified
+//!   traffic therefore reaches the classified server from 10.99.0.2, the
+//!   PC's tunnel address (ci/test-agent/machine.toml);
+//! * nftables counters on its input: packets for the classified server that
+//!   came in plain by the classified uplink (there must be none), and those
+//!   that came out of the tunnel ([`Outside::server_packets`]).
+//!
 //! It does not forward (`ip_forward=0`): it is two gateways and two hosts,
 //! not a path between the uplinks. Nothing in it is connected to the CI
 //! host's own interfaces: no veth, no bridge, no route out, so nothing
@@ -41,7 +54,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use airlock::qemu::Nic;
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 
 /// Names of the suite's namespaces: this prefix and the suite's pid.
 pub const NAMESPACE_PREFIX: &str = "airlock-acc-";
@@ -84,6 +97,19 @@ pub const GENERAL_UPLINK: UplinkEnd = UplinkEnd {
 pub const CLASSIFIED_SERVER: Ipv4Addr = Ipv4Addr::new(10, 20, 0, 10);
 /// The internet host.
 pub const INTERNET: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 20);
+
+/// The tunnel's far end in the namespace (`wg` device, its address).
+pub const TUNNEL_DEVICE: &str = "acc-wg";
+pub const TUNNEL_PEER: Ipv4Addr = Ipv4Addr::new(10, 99, 0, 1);
+/// The appliance's tunnel address (`network.classified.wireguard.address`
+/// in ci/test-agent/machine.toml): what the classified server sees.
+pub const TUNNEL_APPLIANCE: Ipv4Addr = Ipv4Addr::new(10, 99, 0, 2);
+/// The peer's port, on the classified gateway (`peer_endpoint`).
+pub const TUNNEL_PORT: u16 = 51820;
+/// The test peer's private key. A test key, public in this repository and
+/// used nowhere else; its public half is the test image's
+/// `peer_public_key` (a unit test below checks that they match).
+pub const PEER_PRIVATE_KEY: &str = "aEsmmOJjiHTqmfIBzr2cbdyfl7lWh6Mf0SgdTBmZ4nA=";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Proto {
@@ -174,6 +200,65 @@ fn in_namespace<T: Send + 'static>(path: PathBuf, f: impl FnOnce() -> Result<T> 
     .map_err(|_| anyhow::anyhow!("the thread in the outside namespace panicked"))?
 }
 
+/// `ip netns exec NS ARGS…` with `input` on stdin; its stdout.
+fn in_ns(ns: &str, args: &[&str], input: Option<&str>) -> Result<String> {
+    use std::process::Stdio;
+    let what = format!("ip netns exec {ns} {}", args.join(" "));
+    let mut child = Command::new("ip")
+        .args(["netns", "exec", ns])
+        .args(args)
+        .stdin(if input.is_some() { Stdio::piped() } else { Stdio::null() })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("running {what}"))?;
+    if let Some(text) = input {
+        child.stdin.take().context("stdin")?.write_all(text.as_bytes())?;
+    }
+    let out = child.wait_with_output()?;
+    if !out.status.success() {
+        bail!("{what}: {}", String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// The counters' table in the namespace (see the module documentation).
+fn counters_ruleset() -> String {
+    format!(
+        "table inet acc {{
+	counter plain_to_server {{ }}
+	counter tunnel_to_server {{ }}
+	counter tunnel_outer {{ }}
+	chain input {{
+		type filter hook input priority filter; policy accept;
+		iifname \"{cls}\" ip daddr {CLASSIFIED_SERVER} counter name plain_to_server
+		iifname \"{TUNNEL_DEVICE}\" ip daddr {CLASSIFIED_SERVER} counter name tunnel_to_server
+		iifname \"{cls}\" udp dport {TUNNEL_PORT} counter name tunnel_outer
+	}}
+}}
+",
+        cls = CLASSIFIED_UPLINK.tap
+    )
+}
+
+/// The packet count in `nft list counter …` output (`packets N bytes M`).
+fn counter_packets(listing: &str) -> Option<u64> {
+    let w: Vec<&str> = listing.split_whitespace().collect();
+    w.windows(2).find(|p| p[0] == "packets").and_then(|p| p[1].parse().ok())
+}
+
+/// Packets the outside received for the classified server, and tunnel
+/// packets by the classified uplink ([`Outside::server_packets`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ServerPackets {
+    /// By the classified uplink, not through the tunnel.
+    pub plain: u64,
+    /// Out of the tunnel.
+    pub tunnelled: u64,
+    /// WireGuard's own UDP packets that came by the classified uplink.
+    pub tunnel_outer: u64,
+}
+
 /// The outside world of one test machine; see the module documentation.
 pub struct Outside {
     name: String,
@@ -181,6 +266,12 @@ pub struct Outside {
     threads: Vec<JoinHandle<()>>,
     /// Every connection and datagram the listeners answered, as their lines.
     seen: Arc<Mutex<Vec<String>>>,
+    /// Key files (the peer's, the appliance's) for this run.
+    keys: tempfile::TempDir,
+    /// The appliance's public key (the tunnel's one peer).
+    appliance_public: String,
+    /// The tunnel's far end (`wireguard-go -f`), killed on drop.
+    tunnel: Option<std::process::Child>,
 }
 
 impl std::fmt::Debug for Outside {
@@ -202,7 +293,16 @@ impl Outside {
         }
         let name = namespace_name(own);
         netns_command(&["add", &name]).context("making the test machine's outside network namespace (needs root)")?;
-        let mut outside = Outside { name, stop: Arc::new(AtomicBool::new(false)), threads: Vec::new(), seen: Arc::new(Mutex::new(Vec::new())) };
+        let keys = tempfile::Builder::new().prefix("airlock-acc-keys.").tempdir().context("a directory for the tunnel keys")?;
+        let mut outside = Outside {
+            name,
+            stop: Arc::new(AtomicBool::new(false)),
+            threads: Vec::new(),
+            seen: Arc::new(Mutex::new(Vec::new())),
+            keys,
+            appliance_public: String::new(),
+            tunnel: None,
+        };
         outside.set_up().with_context(|| format!("setting up network namespace {}", outside.name))?;
         Ok(outside)
     }
@@ -231,6 +331,8 @@ impl Outside {
             // (`onlink`: the tap has no carrier until QEMU opens it.)
             ip(ns, &["route", "add", end.segment, "via", &end.appliance.to_string(), "dev", end.tap, "onlink"])?;
         }
+        self.set_up_tunnel().context("the classified tunnel's far end")?;
+        in_ns(ns, &["nft", "-f", "-"], Some(&counters_ruleset())).context("the outside's packet counters")?;
         let (tcp, udp) = in_namespace(self.path(), || {
             let mut tcp = Vec::new();
             let mut udp = Vec::new();
@@ -275,6 +377,85 @@ impl Outside {
             }));
         }
         Ok(())
+    }
+
+    /// The tunnel's far end: the appliance's key pair for this run, then
+    /// `wireguard-go` in the namespace with the peer key and the appliance
+    /// as its one peer.
+    fn set_up_tunnel(&mut self) -> Result<()> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let ns = self.name.clone();
+        let write_key = |name: &str, text: &str| -> Result<PathBuf> {
+            let path = self.keys.path().join(name);
+            let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&path)?;
+            f.write_all(text.as_bytes())?;
+            Ok(path)
+        };
+        let appliance_private = in_ns(&ns, &["wg", "genkey"], None).context("wg genkey (package wireguard-tools)")?;
+        write_key("appliance.key", &appliance_private)?;
+        self.appliance_public = in_ns(&ns, &["wg", "pubkey"], Some(&appliance_private))?.trim().to_owned();
+        let peer_key = write_key("peer.key", &format!("{PEER_PRIVATE_KEY}\n"))?;
+        // wireguard-go's configuration socket is named after the device in
+        // one directory for every namespace: clear a stale one first.
+        let sock = PathBuf::from(format!("/var/run/wireguard/{TUNNEL_DEVICE}.sock"));
+        let _ = std::fs::remove_file(&sock);
+        let child = Command::new("ip")
+            .args(["netns", "exec", &ns, "wireguard-go", "-f", TUNNEL_DEVICE])
+            .env("LOG_LEVEL", "error")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .context("starting wireguard-go (package wireguard-go)")?;
+        self.tunnel = Some(child);
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !(sock.exists() && in_ns(&ns, &["ip", "link", "show", "dev", TUNNEL_DEVICE], None).is_ok()) {
+            if let Some(status) = self.tunnel.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                bail!("wireguard-go exited ({status}) before making {TUNNEL_DEVICE}");
+            }
+            ensure!(std::time::Instant::now() < deadline, "wireguard-go made no {TUNNEL_DEVICE} in 10 s");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let peer_key = peer_key.display().to_string();
+        let port = TUNNEL_PORT.to_string();
+        let allowed = format!("{TUNNEL_APPLIANCE}/32");
+        let public = self.appliance_public.clone();
+        in_ns(&ns, &["wg", "set", TUNNEL_DEVICE, "private-key", &peer_key, "listen-port", &port, "peer", &public, "allowed-ips", &allowed], None)?;
+        ip(&ns, &["address", "add", &format!("{TUNNEL_PEER}/24"), "dev", TUNNEL_DEVICE])?;
+        ip(&ns, &["link", "set", "dev", TUNNEL_DEVICE, "up"])?;
+        Ok(())
+    }
+
+    /// The appliance's private key for this run, for `airlock flash
+    /// --wireguard-key` (the file given to IT's command).
+    pub fn appliance_key(&self) -> PathBuf {
+        self.keys.path().join("appliance.key")
+    }
+
+    /// The appliance's public key: the tunnel's one peer.
+    pub fn appliance_public(&self) -> &str {
+        &self.appliance_public
+    }
+
+    /// What the counters say so far.
+    pub fn server_packets(&self) -> Result<ServerPackets> {
+        let read = |name: &str| -> Result<u64> {
+            let listing = in_ns(&self.name, &["nft", "list", "counter", "inet", "acc", name], None)?;
+            counter_packets(&listing).with_context(|| format!("no packet count in {listing:?}"))
+        };
+        Ok(ServerPackets { plain: read("plain_to_server")?, tunnelled: read("tunnel_to_server")?, tunnel_outer: read("tunnel_outer")? })
+    }
+
+    /// `wg show acc-wg DUMP` at the far end: the peer's public key, endpoint,
+    /// latest handshake (seconds since the epoch, 0: never), bytes received
+    /// and sent.
+    pub fn tunnel_peer(&self) -> Result<(String, String, u64, u64, u64)> {
+        let dump = in_ns(&self.name, &["wg", "show", TUNNEL_DEVICE, "dump"], None)?;
+        // The first line is the device itself; the second the one peer.
+        let peer = dump.lines().nth(1).with_context(|| format!("no peer in {dump:?}"))?;
+        let f: Vec<&str> = peer.split('\t').collect();
+        ensure!(f.len() >= 7, "unexpected wg dump line {peer:?}");
+        let n = |i: usize| f[i].parse::<u64>().with_context(|| format!("field {i} of {peer:?}"));
+        Ok((f[0].to_owned(), f[2].to_owned(), n(4)?, n(5)?, n(6)?))
     }
 
     /// The namespace's name.
@@ -332,6 +513,11 @@ impl Outside {
 
 impl Drop for Outside {
     fn drop(&mut self) {
+        if let Some(mut tunnel) = self.tunnel.take() {
+            let _ = tunnel.kill();
+            let _ = tunnel.wait();
+            let _ = std::fs::remove_file(format!("/var/run/wireguard/{TUNNEL_DEVICE}.sock"));
+        }
         self.stop.store(true, Ordering::Relaxed);
         for t in self.threads.drain(..) {
             let _ = t.join();
@@ -373,6 +559,25 @@ mod tests {
         }
         assert_ne!(CLASSIFIED_UPLINK.gateway.octets()[..3], GENERAL_UPLINK.gateway.octets()[..3]);
         assert_ne!(CLASSIFIED_UPLINK.mac, GENERAL_UPLINK.mac);
+    }
+
+    #[test]
+    fn the_test_images_peer_key_is_the_public_half_of_ours() {
+        let shipped = include_str!("../../test-agent/overlay/etc/airlock/appliance.toml");
+        let public = airlock::flash::wgkey::PrivateKey::parse(PEER_PRIVATE_KEY.as_bytes()).unwrap().public();
+        assert!(shipped.contains(&format!("peer_public_key = \"{public}\"")), "the test image's peer_public_key is not {public}");
+        assert!(shipped.contains(&format!("peer_endpoint = \"{}:{TUNNEL_PORT}\"", CLASSIFIED_UPLINK.gateway)));
+        let machine = include_str!("../../test-agent/machine.toml");
+        assert!(machine.contains(&format!("address = \"{TUNNEL_APPLIANCE}/24\"")));
+    }
+
+    #[test]
+    fn counters_parse_and_the_ruleset_names_the_devices() {
+        assert_eq!(counter_packets("table inet acc {\n\tcounter plain_to_server {\n\t\tpackets 12 bytes 760\n\t}\n}\n"), Some(12));
+        assert_eq!(counter_packets("table inet acc { }"), None);
+        let r = counters_ruleset();
+        assert!(r.contains("iifname \"acc-cls\" ip daddr 10.20.0.10 counter name plain_to_server"), "{r}");
+        assert!(r.contains("iifname \"acc-wg\" ip daddr 10.20.0.10 counter name tunnel_to_server"), "{r}");
     }
 
     #[test]

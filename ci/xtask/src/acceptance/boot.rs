@@ -81,7 +81,12 @@ pub fn test_image_boots(suite: &mut Suite, images: &Images, opts: &AcceptanceOpt
         let dir = opts.work_dir.join("machines/test");
         // As IT makes a PC: flashed onto a disk larger than the image, with
         // both guest disks and the machine's settings.
-        let flashed = super::provision::flash_test_machine(images, opts, &dir, DISK_GROWTH)?;
+        // Its two uplinks, one NIC per side, lead to the outside world made
+        // for this run on the CI host (the network tests' servers, the
+        // classified tunnel's far end); QEMU runs in that namespace, so its
+        // taps are there too. Made first: it holds the PC's tunnel key.
+        let outside = Outside::create()?;
+        let flashed = super::provision::flash_test_machine(images, opts, &dir, DISK_GROWTH, &outside.appliance_key())?;
         println!("acceptance: test machine flashed and provisioned in {:.1}s", flashed.seconds);
         let disk = flashed.disk.clone();
         let vars = dir.join("OVMF_VARS.fd");
@@ -91,10 +96,6 @@ pub fn test_image_boots(suite: &mut Suite, images: &Images, opts: &AcceptanceOpt
         // the `kiosk:` tests take screendumps of it.
         let mut cfg = machine.config();
         cfg.graphics = Graphics::Std;
-        // Its two uplinks, one NIC per side, lead to the outside world made
-        // for this run on the CI host (the network tests' servers); QEMU runs
-        // in that namespace, so its taps are there too.
-        let outside = Outside::create()?;
         cfg.extra_netdevs = Outside::nics();
         let mut vm = Vm::start_in_netns(cfg, Some(&outside.path()))?;
         let boot_id = vm.agent()?.wait_ready(BOOT_TIMEOUT).map_err(|e| {

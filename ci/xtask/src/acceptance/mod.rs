@@ -38,7 +38,8 @@ pub struct AcceptanceOptions {
     /// Package and tree cache shared with `airlock build`.
     #[arg(long, default_value = airlock::cli::DEFAULT_CACHE)]
     pub cache_dir: PathBuf,
-    /// Run only tests whose name contains this text.
+    /// Run only tests whose name contains this text (or one of several
+    /// texts separated by `|`, e.g. `network:|flash:`).
     #[arg(long)]
     pub filter: Option<String>,
     /// Skip the second, fresh build that checks reproducibility (~2 min).
@@ -75,7 +76,7 @@ impl Suite {
 
     /// True when `name` is selected by the filter.
     pub fn wants(&self, name: &str) -> bool {
-        self.filter.as_deref().is_none_or(|f| name.contains(f))
+        self.filter.as_deref().is_none_or(|f| f.split('|').any(|alt| name.contains(alt)))
     }
 
     /// True when any of `names` is selected (to decide whether to boot at all).

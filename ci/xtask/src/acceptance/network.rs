@@ -14,8 +14,10 @@
 //! packet did reach answers `refused` (RST, or ICMP port unreachable for
 //! UDP), an open one `connected`/a line: so a `timeout` shows the ruleset at
 //! work, not a missing listener, and the allowed probes show the guests'
-//! network works at all. The servers see the uplink address of the side the
-//! packet left by (NAT), which shows each side uses its own uplink.
+//! network works at all. The internet host sees the general uplink's
+//! address (NAT), the classified server the PC's WireGuard tunnel address:
+//! classified traffic leaves only through the tunnel (P15), whose far end
+//! is in the outside world too and counts what reaches the server plain.
 
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::time::Duration;
@@ -39,6 +41,7 @@ pub const TESTS: &[&str] = &[
     "network: from the uplinks' side nothing reaches the host or a guest (P7)",
     "network: a guest sending from a spoofed address or MAC gets nothing through",
     "network: no AVC denial from the network set-up or the guests' taps",
+    "network: classified traffic leaves only through the WireGuard tunnel, keyed with the key airlock flash placed (P15)",
 ];
 
 const CLASSIFIED_IP: &str = "10.10.1.2";
@@ -67,10 +70,12 @@ fn side_values(side: &str) -> (&'static str, &'static str, &'static str) {
     }
 }
 
-/// The address the side's traffic is NATed to: its own uplink's.
-fn uplink_ip(side: &str) -> Ipv4Addr {
+/// The address the side's traffic is NATed to: the general uplink's, and
+/// for classified the PC's tunnel address (its traffic leaves only through
+/// the tunnel).
+fn nat_ip(side: &str) -> Ipv4Addr {
     if side == "classified" {
-        CLASSIFIED_UPLINK.appliance
+        outside::TUNNEL_APPLIANCE
     } else {
         GENERAL_UPLINK.appliance
     }
@@ -106,8 +111,8 @@ pub fn server_line(reply: &str) -> Option<(Ipv4Addr, u16, Ipv4Addr)> {
 }
 
 /// A probe that must get through, by `tcp-fetch` or `udp-fetch`: answered
-/// by that server and port, which saw the side's uplink address (NAT by
-/// the side's own uplink), never the guest's.
+/// by that server and port, which saw the side's NAT address ([`nat_ip`]),
+/// never the guest's.
 fn must_fetch(vm: &mut Vm, side: &str, proto: &str, ip: &str, port: u16) -> Result<String> {
     let probe = match proto {
         "tcp" => format!("tcp-fetch {ip} {port} {PROBE_MS}"),
@@ -116,8 +121,8 @@ fn must_fetch(vm: &mut Vm, side: &str, proto: &str, ip: &str, port: u16) -> Resu
     let reply = guest(vm, side, &probe)?;
     let Some((server, server_port, peer)) = server_line(&reply) else { bail!("{side} → {ip}:{port} {proto} should get through; got {reply:?}") };
     ensure!(server.to_string() == ip && server_port == port, "{side} → {ip}:{port} {proto}: answered by {server}:{server_port}: {reply:?}");
-    let nat = uplink_ip(side);
-    ensure!(peer == nat, "{side} → {ip}:{port} {proto}: the server saw {peer}, not the {side} uplink's address {nat}: {reply:?}");
+    let nat = nat_ip(side);
+    ensure!(peer == nat, "{side} → {ip}:{port} {proto}: the server saw {peer}, not the {side} side's NAT address {nat}: {reply:?}");
     Ok(format!("{side}→{ip}:{port} {proto} ok (server saw {peer})"))
 }
 
@@ -264,14 +269,14 @@ fn check_general(vm: &mut Vm, outside: &Outside) -> Result<String> {
         seen.push(must_drop(vm, "general", &probe)?);
     }
     // What the outside's listeners saw so far (P9 and P10 probes): the
-    // classified server only ever the classified uplink; nothing un-NATed.
+    // classified server only ever the tunnel address; nothing un-NATed.
     let lines = outside.seen();
     let mut by_peer = std::collections::BTreeMap::<String, usize>::new();
     for line in &lines {
         let (server, port, peer) = server_line(line).with_context(|| format!("outside listener line {line:?}"))?;
-        ensure!(peer == CLASSIFIED_UPLINK.appliance || peer == GENERAL_UPLINK.appliance, "the outside saw {peer} (not an uplink address): {line}");
+        ensure!(peer == outside::TUNNEL_APPLIANCE || peer == GENERAL_UPLINK.appliance, "the outside saw {peer} (not the tunnel or the general uplink address): {line}");
         if server.to_string() == SERVER {
-            ensure!(peer == CLASSIFIED_UPLINK.appliance, "the classified server was reached from {peer}: {line}");
+            ensure!(peer == outside::TUNNEL_APPLIANCE, "the classified server was reached from {peer}: {line}");
         }
         *by_peer.entry(format!("{} {server}:{port} from {peer}", &line[..3])).or_default() += 1;
     }
@@ -401,6 +406,39 @@ fn check_avcs(vm: &mut Vm) -> Result<String> {
     Ok(format!("0 denials for airlock_network_t, a tun socket or udev (the uplinks' renaming) this boot; the unit's program is {} (its log lines' sender contexts: {})", label.trim(), logged.trim()))
 }
 
+/// P15: the classified guest's allowed fetch reaches the server out of the
+/// tunnel, from the PC's tunnel address, and not one packet for the server
+/// came plain by the classified uplink; the tunnel's far end has a
+/// handshake with the appliance's key (the one flash placed), by the
+/// classified uplink; on the appliance, the key is the provisioned file
+/// with its own label, and the tunnel device carries the machine file's
+/// address.
+fn check_tunnel(vm: &mut Vm, outside: &Outside) -> Result<String> {
+    let fetched = must_fetch(vm, "classified", "tcp", SERVER, 443)?;
+    let fetched_udp = must_fetch(vm, "classified", "udp", SERVER, 123)?;
+    let packets = outside.server_packets()?;
+    ensure!(packets.plain == 0, "{} packets for the classified server came plain by the classified uplink: {packets:?}", packets.plain);
+    ensure!(packets.tunnelled > 0 && packets.tunnel_outer > 0, "nothing came through the tunnel: {packets:?}");
+    let (peer_key, endpoint, handshake, rx, tx) = outside.tunnel_peer()?;
+    ensure!(peer_key == outside.appliance_public(), "the tunnel's peer is {peer_key}, not the key given to airlock flash ({})", outside.appliance_public());
+    ensure!(handshake > 0 && rx > 0 && tx > 0, "no handshake or no traffic with the appliance: handshake {handshake}, rx {rx}, tx {tx}");
+    let from_uplink = endpoint.starts_with(&format!("{}:", CLASSIFIED_UPLINK.appliance));
+    ensure!(from_uplink, "the tunnel's packets came from {endpoint}, not the classified uplink {}", CLASSIFIED_UPLINK.appliance);
+    let device = sh(vm, "ip -4 -o address show dev wg-classified | awk '{print $4}'; cat /sys/class/net/wg-classified/operstate")?;
+    ensure!(device.split_whitespace().next() == Some(&format!("{}/24", outside::TUNNEL_APPLIANCE) as &str), "wg-classified: {device:?}");
+    let key = sh(vm, "stat -c '%U:%G %a %C' /var/lib/airlock/provision/wg-classified.key")?;
+    ensure!(key.starts_with("root:root 600 ") && key.contains(":airlock_wg_key_t:"), "the tunnel key on the appliance: {key:?}");
+    Ok(format!(
+        "{fetched}; {fetched_udp}; outside counted {} packets for the server out of the tunnel, {} plain by the uplink, {} WireGuard packets by the uplink; far end: peer = the flashed key's public half {}, endpoint {endpoint}, handshake at {handshake}, rx {rx} B, tx {tx} B; appliance: wg-classified {}, key {}",
+        packets.tunnelled,
+        packets.plain,
+        packets.tunnel_outer,
+        &peer_key[..12],
+        device.split_whitespace().collect::<Vec<_>>().join(" "),
+        key.trim()
+    ))
+}
+
 pub fn network_checks(suite: &mut Suite, vm: &mut Vm, outside: &Outside) {
     if !suite.wants_any(TESTS) {
         return;
@@ -410,9 +448,9 @@ pub fn network_checks(suite: &mut Suite, vm: &mut Vm, outside: &Outside) {
     suite.test(TESTS[2], || check_taps(vm));
     // Both guests on their configured addresses first.
     let up = ["classified", "general"].iter().map(|side| net_up(vm, side, None)).collect::<Result<Vec<_>>>();
-    let probes = &TESTS[3..9];
+    let probes: Vec<&str> = TESTS[3..9].iter().chain(&TESTS[10..]).copied().collect();
     match up {
-        Err(e) => suite.fail_all(probes, &e.context("net-up in the test guests")),
+        Err(e) => suite.fail_all(&probes, &e.context("net-up in the test guests")),
         Ok(_) => {
             suite.test(TESTS[3], || check_classified(vm));
             suite.test(TESTS[4], || check_general(vm, outside));
@@ -422,6 +460,7 @@ pub fn network_checks(suite: &mut Suite, vm: &mut Vm, outside: &Outside) {
             suite.test(TESTS[6], || check_host(vm));
             suite.test(TESTS[7], || check_from_outside(vm, outside));
             suite.test(TESTS[8], || check_spoofing(vm));
+            suite.test(TESTS[10], || check_tunnel(vm, outside));
         }
     }
     suite.test(TESTS[9], || check_avcs(vm));

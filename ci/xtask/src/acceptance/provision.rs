@@ -19,7 +19,7 @@ use crate::Vm;
 
 pub const TESTS: &[&str] = &[
     "flash: each guest runs on the disk airlock flash provisioned for it",
-    "flash: the provisioned machine settings are in effect (host name, uplink addresses; labels and owners as flashed)",
+    "flash: the provisioned machine settings are in effect (host name, uplink addresses; labels and owners as flashed, the tunnel key too)",
 ];
 
 /// The machine's settings, as IT writes them for one PC
@@ -44,9 +44,11 @@ pub struct Flashed {
 }
 
 /// Flashes `images.test` onto `dir/disk.raw`, a fresh file `extra` bytes
-/// larger than the image, with both guest disks and [`MACHINE_SETTINGS`],
-/// through the `airlock flash` command line the IT guide gives.
-pub fn flash_test_machine(images: &Images, opts: &AcceptanceOptions, dir: &Path, extra: u64) -> Result<Flashed> {
+/// larger than the image, with both guest disks, [`MACHINE_SETTINGS`] and
+/// the tunnel key, through the `airlock flash` command line the IT guide gives.
+/// `tunnel_key` is the PC's WireGuard private key (`--wireguard-key`): the
+/// outside world's tunnel peer knows its public half.
+pub fn flash_test_machine(images: &Images, opts: &AcceptanceOptions, dir: &Path, extra: u64, tunnel_key: &Path) -> Result<Flashed> {
     let inputs = opts.work_dir.join("provision");
     std::fs::create_dir_all(&inputs)?;
     std::fs::create_dir_all(dir)?;
@@ -74,6 +76,8 @@ pub fn flash_test_machine(images: &Images, opts: &AcceptanceOptions, dir: &Path,
     let machine = std::path::absolute(super::images::source_dir().join("ci/test-agent/machine.toml"))?;
     args.push("--machine".into());
     args.push(machine.display().to_string());
+    args.push("--wireguard-key".into());
+    args.push(tunnel_key.display().to_string());
 
     let disk = dir.join("disk.raw");
     let _ = std::fs::remove_file(&disk);
@@ -129,12 +133,13 @@ pub fn provision_checks(suite: &mut Suite, vm: &mut Vm, flashed: &Flashed) {
         }
         let labels = sh(
             vm,
-            "stat -c '%U:%G %a %C %n' /var/lib/airlock/provision/appliance.toml /var/lib/airlock/classified/disk/test.raw /var/lib/airlock/general/disk/test.raw",
+            "stat -c '%U:%G %a %C %n' /var/lib/airlock/provision/appliance.toml /var/lib/airlock/classified/disk/test.raw /var/lib/airlock/general/disk/test.raw /var/lib/airlock/provision/wg-classified.key",
         )?;
         for (line, owner, label) in [
-            (0, "root:root", "airlock_conf_t"),
-            (1, "airlock-classified:airlock-classified", "airlock_classified_disk_t"),
-            (2, "airlock-general:airlock-general", "airlock_general_disk_t"),
+            (0, "root:root 600", "airlock_conf_t"),
+            (1, "airlock-classified:airlock-classified 600", "airlock_classified_disk_t"),
+            (2, "airlock-general:airlock-general 600", "airlock_general_disk_t"),
+            (3, "root:root 600", "airlock_wg_key_t"),
         ] {
             let l = labels.lines().nth(line).unwrap_or("");
             ensure!(l.starts_with(owner) && l.contains(&format!(":{label}:")), "expected {owner} and {label}: {l:?}");

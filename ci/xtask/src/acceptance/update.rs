@@ -261,7 +261,7 @@ impl<'a> Timeline<'a> {
         let dir = opts.work_dir.join("machines/update");
         // Flashed and provisioned like the test machine (the health gate
         // wants both guests and the host network up), same size as the image.
-        let disk = super::provision::flash_test_machine(images, opts, &dir, 0)?.disk;
+        let disk = super::provision::flash_test_machine(images, opts, &dir, 0, &outside.appliance_key())?.disk;
         let vars = dir.join("OVMF_VARS.fd");
         let _ = std::fs::remove_file(&vars);
         let machine = Machine::new(&disk, &vars)?;
