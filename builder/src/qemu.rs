@@ -115,7 +115,7 @@ fn path_opt(prefix: &str, path: &Path) -> OsString {
 /// The argument list (without the program name) for `qemu-system-x86_64`.
 pub fn qemu_args(cfg: &VmConfig) -> Vec<OsString> {
     let mut a: Vec<OsString> = Vec::new();
-    arg(&mut a, &["-nodefaults", "-no-user-config", "-machine", "q35,smm=on"]);
+    arg(&mut a, &["-nodefaults", "-no-user-config", "-machine", MACHINE]);
     match cfg.accel {
         // `-cpu max` under TCG emulates AMD SVM, so the appliance's own guests
         // get nested KVM even when the outer VM is emulated.
@@ -234,12 +234,18 @@ fn probe_firmware() -> Vec<u8> {
 /// Exit status QEMU reports when the probe firmware ran to its end.
 const PROBE_EXIT_STATUS: i32 = (0x2a << 1) | 1;
 
+/// The machine model of every boot: q35 with System Management Mode, which
+/// OVMF's variable store needs (and the Secure Boot firmware insists on).
+const MACHINE: &str = "q35,smm=on";
+
 /// KVM when it can really run a guest here, TCG otherwise.
 ///
 /// `/dev/kvm` existing is not enough (on the build machines it exists but
-/// fails: "KVM internal error", or an MSR assertion with `-cpu host`), so
-/// this boots a 7-instruction firmware with the same accelerator and CPU
-/// model as a real boot and checks that it ran. `AIRLOCK_ACCEL=kvm|tcg`
+/// fails: "KVM internal error", or an MSR assertion with `-cpu host`; on
+/// one, a bare q35 ran under KVM but "System Management Mode not supported
+/// by this hypervisor" refused the real machine), so this boots a
+/// 7-instruction firmware with the same accelerator, CPU and machine model
+/// as a real boot and checks that it ran. `AIRLOCK_ACCEL=kvm|tcg`
 /// overrides.
 pub fn detect_accel(qemu: &Path) -> Accel {
     match std::env::var("AIRLOCK_ACCEL").as_deref() {
@@ -256,7 +262,7 @@ pub fn detect_accel(qemu: &Path) -> Accel {
         return Accel::Tcg;
     }
     let status = std::process::Command::new(qemu)
-        .args(["-nodefaults", "-display", "none", "-accel", "kvm", "-cpu", "host", "-machine", "q35", "-device", "isa-debug-exit,iobase=0x501,iosize=1", "-bios"])
+        .args(["-nodefaults", "-display", "none", "-accel", "kvm", "-cpu", "host", "-machine", MACHINE, "-device", "isa-debug-exit,iobase=0x501,iosize=1", "-bios"])
         .arg(&rom)
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())

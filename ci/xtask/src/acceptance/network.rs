@@ -154,6 +154,36 @@ fn udp_total(vm: &mut Vm, side: &str) -> Result<u64> {
     Ok(total)
 }
 
+/// Of [`super::boot::listening_sockets`]' lines, those that are not the
+/// kernel WireGuard's sockets (UDP, IPv4 and IPv6, any address, the test
+/// image's tunnel port), and those that are. The classified tunnel must
+/// listen there; a probe of that port would prove nothing (WireGuard
+/// answers nothing but a valid handshake), and the input chain admits it
+/// from the peer's address and port only (the loaded ruleset is the
+/// rendered one, and the render is host-tested).
+pub fn split_tunnel_sockets(found: Vec<String>) -> (Vec<String>, Vec<String>) {
+    let port = format!(":{:04X} state 07", outside::TUNNEL_PORT);
+    found.into_iter().partition(|l| {
+        let tunnel = (l.starts_with("udp local ") || l.starts_with("udp6 local "))
+            && l.ends_with(&port)
+            && l.split_whitespace().nth(2).is_some_and(|a| a.split(':').next().is_some_and(|ip| ip.bytes().all(|b| b == b'0')));
+        !tunnel
+    })
+}
+
+/// The lines of `ss -H -l -n -t -u -w` (netid, state, queues, local,
+/// peer) other than the tunnel's UDP sockets on any address.
+fn ss_without_tunnel(ss: &str) -> Vec<&str> {
+    let port = format!(":{}", outside::TUNNEL_PORT);
+    ss.lines()
+        .filter(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            let tunnel = f.len() >= 5 && f[0] == "udp" && ["0.0.0.0", "[::]", "*"].iter().any(|any| f[4] == format!("{any}{port}"));
+            !tunnel
+        })
+        .collect()
+}
+
 fn check_setup(vm: &mut Vm) -> Result<String> {
     let state = sh(vm, "systemctl show -p ActiveState -p Result -p ExecMainStatus airlock-network.service")?;
     ensure!(state.contains("ActiveState=active") && state.contains("Result=success"), "airlock-network.service: {state}");
@@ -323,12 +353,18 @@ fn check_host(vm: &mut Vm) -> Result<String> {
         }
         seen.push(must_drop(vm, side, &ping(host))?);
     }
+    // Nothing listens but the kernel's WireGuard socket on the tunnel port.
     let listening = sh(vm, "for f in tcp udp raw; do echo \"# $f\"; cat /proc/net/$f; done")?;
-    let found = super::boot::listening_sockets(&listening);
+    let (found, _) = split_tunnel_sockets(super::boot::listening_sockets(&listening));
     ensure!(found.is_empty(), "the host listens: {found:?}");
     let ss = sh(vm, "ss -H -l -n -t -u -w")?;
-    ensure!(ss.trim().is_empty(), "`ss -lntuw` on the host lists:\n{ss}");
-    seen.push("nothing listens in the host's namespace (`ss -H -lntuw` empty; /proc/net/{tcp,udp,raw})".into());
+    let others = ss_without_tunnel(&ss);
+    ensure!(others.is_empty(), "`ss -lntuw` on the host lists:\n{ss}");
+    seen.push(format!(
+        "nothing listens in the host's namespace but the kernel's WireGuard on udp {} (`ss -H -lntuw`: {:?}; /proc/net/{{tcp,udp,raw}})",
+        outside::TUNNEL_PORT,
+        ss.trim()
+    ));
     Ok(seen.join("\n"))
 }
 
@@ -428,8 +464,12 @@ fn check_tunnel(vm: &mut Vm, outside: &Outside) -> Result<String> {
     ensure!(device.split_whitespace().next() == Some(&format!("{}/24", outside::TUNNEL_APPLIANCE) as &str), "wg-classified: {device:?}");
     let key = sh(vm, "stat -c '%U:%G %a %C' /var/lib/airlock/provision/wg-classified.key")?;
     ensure!(key.starts_with("root:root 600 ") && key.contains(":airlock_wg_key_t:"), "the tunnel key on the appliance: {key:?}");
+    // Root in another domain (the test agent's, otherwise unconfined)
+    // cannot read it: only the network set-up can.
+    let read = sh(vm, "cat /var/lib/airlock/provision/wg-classified.key >/dev/null 2>&1 && echo read || echo refused")?;
+    ensure!(read.trim() == "refused", "root in the test agent's domain read the tunnel key");
     Ok(format!(
-        "{fetched}; {fetched_udp}; outside counted {} packets for the server out of the tunnel, {} plain by the uplink, {} WireGuard packets by the uplink; far end: peer = the flashed key's public half {}, endpoint {endpoint}, handshake at {handshake}, rx {rx} B, tx {tx} B; appliance: wg-classified {}, key {}",
+        "{fetched}; {fetched_udp}; outside counted {} packets for the server out of the tunnel, {} plain by the uplink, {} WireGuard packets by the uplink; far end: peer = the flashed key's public half {}, endpoint {endpoint}, handshake at {handshake}, rx {rx} B, tx {tx} B; appliance: wg-classified {}, key {} (root in the test agent's domain: read refused)",
         packets.tunnelled,
         packets.plain,
         packets.tunnel_outer,
@@ -469,6 +509,27 @@ pub fn network_checks(suite: &mut Suite, vm: &mut Vm, outside: &Outside) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ss_lines_of_the_tunnel_are_set_apart() {
+        let ss = "udp   UNCONN 0      0      0.0.0.0:51820 0.0.0.0:*\nudp   UNCONN 0      0         [::]:51820    [::]:*\nudp   UNCONN 0      0    127.0.0.1:51820 0.0.0.0:*\ntcp   LISTEN 0      4096   0.0.0.0:51820 0.0.0.0:*\nudp   UNCONN 0      0      0.0.0.0:53 0.0.0.0:*";
+        assert_eq!(ss_without_tunnel(ss), ss.lines().skip(2).collect::<Vec<_>>());
+        assert!(ss_without_tunnel("").is_empty());
+    }
+
+    #[test]
+    fn only_the_tunnels_wildcard_udp_sockets_are_set_apart() {
+        let lines = [
+            "udp local 00000000:CA6C state 07",
+            "udp6 local 00000000000000000000000000000000:CA6C state 07",
+            "udp local 0100007F:CA6C state 07",
+            "tcp local 00000000:CA6C state 0A",
+            "udp local 00000000:0035 state 07",
+        ];
+        let (others, tunnel) = split_tunnel_sockets(lines.iter().map(|l| l.to_string()).collect());
+        assert_eq!(tunnel, lines[..2]);
+        assert_eq!(others, lines[2..]);
+    }
 
     #[test]
     fn server_lines_parse_after_tcp_and_udp_prefixes() {
