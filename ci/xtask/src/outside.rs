@@ -289,6 +289,17 @@ impl Outside {
             .unwrap_or_default();
         for stale in stale_namespaces(existing.iter().map(String::as_str), own, |pid| PathBuf::from(format!("/proc/{pid}")).exists()) {
             eprintln!("outside: deleting stale network namespace {stale}");
+            // A killed run leaves its processes in it (its QEMU, the
+            // tunnel's wireguard-go): they go first.
+            if let Ok(out) = Command::new("ip").args(["netns", "pids", &stale]).output() {
+                for pid in String::from_utf8_lossy(&out.stdout).split_whitespace().filter_map(|p| p.parse::<i32>().ok()) {
+                    // SAFETY: kill(2) on a pid `ip netns pids` listed; no memory involved.
+                    #[allow(unsafe_code)]
+                    unsafe {
+                        libc::kill(pid, libc::SIGKILL);
+                    }
+                }
+            }
             let _ = netns_command(&["delete", &stale]);
         }
         let name = namespace_name(own);
