@@ -573,7 +573,7 @@ fn a_bad_machine_file_is_refused_naming_file_line_and_key() {
 /// naming its key and line.
 #[test]
 fn machine_uplink_addresses_are_provisioned_and_checked() {
-    let fx = Fixture::with_shipped(include_str!("../../ci/test-agent/overlay/etc/airlock/appliance.toml"));
+    let fx = Fixture::with_shipped(&shipped_without_tunnel());
     let target = fx.target("pc.raw", 96 * MIB);
     let before = sha256(&target);
     let bad = fx.path("bad-uplink.toml");
@@ -593,12 +593,17 @@ fn machine_uplink_addresses_are_provisioned_and_checked() {
     assert!(stdout.contains("provisioned /var/lib/airlock/provision/appliance.toml"), "{stdout}");
 }
 
-/// The test image's shipped configuration with a WireGuard tunnel for the
-/// classified servers, as a site that uses one ships it: the peer and its
-/// key are the image's, the PC's tunnel address and private key are not.
-fn shipped_with_tunnel() -> String {
-    let shipped = include_str!("../../ci/test-agent/overlay/etc/airlock/appliance.toml");
-    format!("{shipped}\n[network.classified.wireguard]\nlisten_port = 51820\npeer_public_key = \"xTIBA5rboUvnH4htodjb6e697QjLERt1NAB4mZqp8Dg=\"\npeer_endpoint = \"192.168.10.5:51820\"\n")
+/// The test image's shipped configuration: a `[network]` section without
+/// uplinks, and a WireGuard tunnel for the classified servers, as a site
+/// that uses one ships it (the peer and its key are the image's; the PC's
+/// tunnel address and private key are not).
+const SHIPPED_WITH_TUNNEL: &str = include_str!("../../ci/test-agent/overlay/etc/airlock/appliance.toml");
+
+/// The same without the tunnel (its table is the file's last).
+fn shipped_without_tunnel() -> String {
+    let at = SHIPPED_WITH_TUNNEL.find("\n[network.classified.wireguard]").expect("the test image ships a tunnel");
+    assert!(!SHIPPED_WITH_TUNNEL[at + 2..].contains("\n["), "the tunnel is not the test image's last table");
+    SHIPPED_WITH_TUNNEL[..at + 1].to_owned()
 }
 
 const UPLINKS: &str = "[network.classified.uplink]\ninterface = \"enp1s0\"\naddress = \"192.168.10.20/24\"\ngateway = \"192.168.10.1\"\n\n\
@@ -612,7 +617,7 @@ const UPLINKS: &str = "[network.classified.uplink]\ninterface = \"enp1s0\"\naddr
 /// the one `wg pubkey` computes.
 #[test]
 fn per_pc_wireguard_key_and_address_are_provisioned_and_checked() {
-    let fx = Fixture::with_shipped(&shipped_with_tunnel());
+    let fx = Fixture::with_shipped(SHIPPED_WITH_TUNNEL);
     let target = fx.target("pc.raw", 96 * MIB);
     let before = sha256(&target);
     let machine = fx.path("pc-0042.toml");
@@ -667,7 +672,7 @@ fn per_pc_wireguard_key_and_address_are_provisioned_and_checked() {
     assert_eq!((wg.address.to_string().as_str(), wg.private_key_file.as_str()), ("10.99.0.42/24", "/var/lib/airlock/provision/wg-classified.key"));
 
     // An image without a tunnel takes no key.
-    let plain = Fixture::with_shipped(include_str!("../../ci/test-agent/overlay/etc/airlock/appliance.toml"));
+    let plain = Fixture::with_shipped(&shipped_without_tunnel());
     let target = plain.target("pc.raw", 96 * MIB);
     let uplinks = plain.path("uplinks.toml");
     std::fs::write(&uplinks, UPLINKS).unwrap();

@@ -561,7 +561,7 @@ fn wireguard(raw: RawWireguard) -> Result<Wireguard, ConfigError> {
     let address = raw.address.as_deref().ok_or_else(|| {
         invalid(
             format!("{K}.address"),
-            "missing: each PC's tunnel address is a machine setting (set it in the machine file, `airlock flash --machine`)",
+            "each PC's tunnel address is a machine setting, and none is set (set it in the machine file, `airlock flash --machine`)",
         )
     })?;
     let address: Ipv4Cidr = parse(&format!("{K}.address"), address)?;
