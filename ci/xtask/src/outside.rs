@@ -323,13 +323,8 @@ impl Outside {
         let ns = ns.as_str();
         // No IPv6 (no router advertisements or neighbour discovery towards
         // the appliance), and no forwarding between the two uplinks.
-        let sysctl = Command::new("ip")
-            .args(["netns", "exec", ns, "sysctl", "-q", "-w", "net.ipv6.conf.all.disable_ipv6=1", "net.ipv6.conf.default.disable_ipv6=1", "net.ipv4.ip_forward=0"])
-            .output()
-            .context("running sysctl in the namespace")?;
-        if !sysctl.status.success() {
-            bail!("sysctl in {ns}: {}", String::from_utf8_lossy(&sysctl.stderr).trim());
-        }
+        in_ns(ns, &["sysctl", "-q", "-w", "net.ipv6.conf.all.disable_ipv6=1", "net.ipv6.conf.default.disable_ipv6=1", "net.ipv4.ip_forward=0"], None)
+            .context("sysctl in the namespace")?;
         ip(ns, &["link", "set", "dev", "lo", "up"])?;
         for host in [CLASSIFIED_SERVER, INTERNET] {
             ip(ns, &["address", "add", &format!("{host}/32"), "dev", "lo"])?;
