@@ -34,35 +34,84 @@ pub enum Profile {
 
 /// Appliance binaries every image carries (the daemons arrive with later work).
 const APPLIANCE_BINARIES: &[BinarySpec] = &[
-    BinarySpec { package: "airlockd", binary: "airlockd", destination: "/usr/bin/airlockd" },
+    BinarySpec {
+        package: "airlockd",
+        binary: "airlockd",
+        destination: "/usr/bin/airlockd",
+    },
     // The same binary for the network set-up at boot (airlock-network.service):
     // its own file, so that it enters its own SELinux domain (airlock_network_t).
-    BinarySpec { package: "airlockd", binary: "airlockd", destination: "/usr/lib/airlock/airlock-network" },
+    BinarySpec {
+        package: "airlockd",
+        binary: "airlockd",
+        destination: "/usr/lib/airlock/airlock-network",
+    },
     // And a third time for the host name (airlock-hostname.service): its
     // own domain, airlock_hostname_t, the only one with CAP_SYS_ADMIN.
-    BinarySpec { package: "airlockd", binary: "airlockd", destination: "/usr/lib/airlock/airlock-hostname" },
+    BinarySpec {
+        package: "airlockd",
+        binary: "airlockd",
+        destination: "/usr/lib/airlock/airlock-hostname",
+    },
     // Started by the supervisor; the gateway starts the sanitiser per item.
-    BinarySpec { package: "airlock-gateway", binary: "airlock-gateway", destination: "/usr/lib/airlock/airlock-gateway" },
-    BinarySpec { package: "airlock-gateway", binary: "airlock-sanitiser", destination: "/usr/lib/airlock/airlock-sanitiser" },
+    BinarySpec {
+        package: "airlock-gateway",
+        binary: "airlock-gateway",
+        destination: "/usr/lib/airlock/airlock-gateway",
+    },
+    BinarySpec {
+        package: "airlock-gateway",
+        binary: "airlock-sanitiser",
+        destination: "/usr/lib/airlock/airlock-sanitiser",
+    },
     // The screen, keyboard and pointer (airlock-kiosk.service). Pure Rust on
     // /dev/dri and /dev/input: no package of its own in the image.
-    BinarySpec { package: "airlock-kiosk", binary: "airlock-kiosk", destination: "/usr/lib/airlock/airlock-kiosk" },
+    BinarySpec {
+        package: "airlock-kiosk",
+        binary: "airlock-kiosk",
+        destination: "/usr/lib/airlock/airlock-kiosk",
+    },
     // The update agent: the health gate of a counted boot
     // (airlock-update-health.service), the drop directory, `apply` by IT.
-    BinarySpec { package: "airlock-update", binary: "airlock-update", destination: "/usr/lib/airlock/airlock-update" },
+    BinarySpec {
+        package: "airlock-update",
+        binary: "airlock-update",
+        destination: "/usr/lib/airlock/airlock-update",
+    },
 ];
 
 /// Files a run-time crate ships next to its code (its `dist/`: units,
 /// tmpfiles, settings), installed before the overlays, so that a profile's
 /// overlay may replace one. Enabled by links in `overlay/`.
 const APPLIANCE_FILES: &[DistFile] = &[
-    DistFile { source: "appliance-daemon/update/dist/airlock-update-health.service", destination: "/usr/lib/systemd/system/airlock-update-health.service" },
-    DistFile { source: "appliance-daemon/update/dist/airlock-update-drop.path", destination: "/usr/lib/systemd/system/airlock-update-drop.path" },
-    DistFile { source: "appliance-daemon/update/dist/airlock-update-drop.service", destination: "/usr/lib/systemd/system/airlock-update-drop.service" },
-    DistFile { source: "appliance-daemon/update/dist/airlock-update-stick@.service", destination: "/usr/lib/systemd/system/airlock-update-stick@.service" },
-    DistFile { source: "appliance-daemon/update/dist/90-airlock-update-stick.rules", destination: "/usr/lib/udev/rules.d/90-airlock-update-stick.rules" },
-    DistFile { source: "appliance-daemon/update/dist/airlock-update.tmpfiles.conf", destination: "/usr/lib/tmpfiles.d/airlock-update.conf" },
-    DistFile { source: "appliance-daemon/update/dist/update.toml", destination: "/etc/airlock/update.toml" },
+    DistFile {
+        source: "appliance-daemon/update/dist/airlock-update-health.service",
+        destination: "/usr/lib/systemd/system/airlock-update-health.service",
+    },
+    DistFile {
+        source: "appliance-daemon/update/dist/airlock-update-drop.path",
+        destination: "/usr/lib/systemd/system/airlock-update-drop.path",
+    },
+    DistFile {
+        source: "appliance-daemon/update/dist/airlock-update-drop.service",
+        destination: "/usr/lib/systemd/system/airlock-update-drop.service",
+    },
+    DistFile {
+        source: "appliance-daemon/update/dist/airlock-update-stick@.service",
+        destination: "/usr/lib/systemd/system/airlock-update-stick@.service",
+    },
+    DistFile {
+        source: "appliance-daemon/update/dist/90-airlock-update-stick.rules",
+        destination: "/usr/lib/udev/rules.d/90-airlock-update-stick.rules",
+    },
+    DistFile {
+        source: "appliance-daemon/update/dist/airlock-update.tmpfiles.conf",
+        destination: "/usr/lib/tmpfiles.d/airlock-update.conf",
+    },
+    DistFile {
+        source: "appliance-daemon/update/dist/update.toml",
+        destination: "/etc/airlock/update.toml",
+    },
 ];
 
 /// Empty directories the image needs as mount points on its read-only root.
@@ -73,11 +122,23 @@ const MOUNT_POINTS: &[&str] = &[
 
 /// The test profile's additions.
 const TEST_BINARIES: &[BinarySpec] = &[
-    BinarySpec { package: "airlock-test-agent", binary: "airlock-test-agent", destination: "/usr/lib/airlock/airlock-test-agent" },
+    BinarySpec {
+        package: "airlock-test-agent",
+        binary: "airlock-test-agent",
+        destination: "/usr/lib/airlock/airlock-test-agent",
+    },
     // Started in a guest's QEMU domain by the suite's attack tests.
-    BinarySpec { package: "airlock-test-agent", binary: "airlock-test-attack", destination: "/usr/lib/airlock/airlock-test-attack" },
+    BinarySpec {
+        package: "airlock-test-agent",
+        binary: "airlock-test-attack",
+        destination: "/usr/lib/airlock/airlock-test-attack",
+    },
     // Drives the nested test guests' test ports.
-    BinarySpec { package: "airlock-test-guest", binary: "airlock-test-guest-ctl", destination: "/usr/lib/airlock/airlock-test-guest-ctl" },
+    BinarySpec {
+        package: "airlock-test-guest",
+        binary: "airlock-test-guest-ctl",
+        destination: "/usr/lib/airlock/airlock-test-guest-ctl",
+    },
 ];
 
 /// Where a profile's overlays, policy modules and binaries come from.
@@ -196,12 +257,21 @@ pub struct Outputs {
 
 pub fn outputs(manifest: &Manifest) -> Outputs {
     let stem = manifest.artifact_stem();
-    Outputs { image: format!("{stem}.raw"), bundle: format!("{stem}.airlock"), report: format!("{stem}.report.json"), selinux_dir: format!("{stem}.selinux") }
+    Outputs {
+        image: format!("{stem}.raw"),
+        bundle: format!("{stem}.airlock"),
+        report: format!("{stem}.report.json"),
+        selinux_dir: format!("{stem}.selinux"),
+    }
 }
 
 /// Digest of every input of a build: manifest, profile, overlays, policy,
 /// package lists, and the builder itself.
-pub fn input_digest(opts: &BuildOptions, manifest_text: &str, inputs: &ProfileInputs) -> Result<String> {
+pub fn input_digest(
+    opts: &BuildOptions,
+    manifest_text: &str,
+    inputs: &ProfileInputs,
+) -> Result<String> {
     let mut h = Sha256::new();
     h.update(manifest_text);
     h.update(format!("{:?}", opts.profile));
@@ -209,7 +279,11 @@ pub fn input_digest(opts: &BuildOptions, manifest_text: &str, inputs: &ProfileIn
     dirs.extend(inputs.policy_dirs.iter().cloned());
     dirs.push(opts.source.join("rootfs"));
     for b in &inputs.binaries {
-        dirs.push(opts.source.join("ci").join(b.package.trim_start_matches("airlock-")));
+        dirs.push(
+            opts.source
+                .join("ci")
+                .join(b.package.trim_start_matches("airlock-")),
+        );
     }
     dirs.push(opts.source.join("appliance-daemon"));
     for dir in dirs.iter().filter(|d| d.exists()) {
@@ -220,12 +294,21 @@ pub fn input_digest(opts: &BuildOptions, manifest_text: &str, inputs: &ProfileIn
             // fuzz crate's target/), judged below the directory itself: an
             // input directory may well live under some target/ (the suite
             // makes the test guest's overlay in target/acceptance/).
-            .filter(|e| !e.path().strip_prefix(dir).is_ok_and(|rel| rel.components().any(|c| c.as_os_str() == "target")))
+            .filter(|e| {
+                !e.path()
+                    .strip_prefix(dir)
+                    .is_ok_and(|rel| rel.components().any(|c| c.as_os_str() == "target"))
+            })
             .map(|e| e.into_path())
             .collect();
         files.sort();
         for f in files {
-            h.update(f.strip_prefix(&opts.source).unwrap_or(&f).to_string_lossy().as_bytes());
+            h.update(
+                f.strip_prefix(&opts.source)
+                    .unwrap_or(&f)
+                    .to_string_lossy()
+                    .as_bytes(),
+            );
             let meta = std::fs::symlink_metadata(&f)?;
             if meta.file_type().is_symlink() {
                 h.update(std::fs::read_link(&f)?.to_string_lossy().as_bytes());
@@ -245,16 +328,24 @@ pub fn input_digest(opts: &BuildOptions, manifest_text: &str, inputs: &ProfileIn
 /// Free bytes on the filesystem holding `dir`.
 fn free_bytes(runner: &Runner, dir: &Path) -> Result<u64> {
     let sh = runner.sh();
-    let out = runner.run("checking free space", cmd!(sh, "df --output=avail -B1 {dir}"))?;
-    out.lines().nth(1).and_then(|l| l.trim().parse().ok()).context("parsing df output")
+    let out = runner.run(
+        "checking free space",
+        cmd!(sh, "df --output=avail -B1 {dir}"),
+    )?;
+    out.lines()
+        .nth(1)
+        .and_then(|l| l.trim().parse().ok())
+        .context("parsing df output")
 }
 
 /// Builds the image. Returns the report.
 pub fn build(opts: &BuildOptions) -> Result<Report> {
     let manifest_text = std::fs::read_to_string(&opts.manifest_path)
         .with_context(|| format!("reading manifest {}", opts.manifest_path.display()))?;
-    let manifest = crate::manifest::parse_manifest(&manifest_text, &opts.manifest_path.display().to_string())?;
-    let trusted_keys = crate::manifest::load_trusted_keys(&manifest, &opts.manifest_path, &manifest_text)?;
+    let manifest =
+        crate::manifest::parse_manifest(&manifest_text, &opts.manifest_path.display().to_string())?;
+    let trusted_keys =
+        crate::manifest::load_trusted_keys(&manifest, &opts.manifest_path, &manifest_text)?;
     let distro_need = match manifest.distro {
         Distro::Debian { .. } => Need::Debian,
         Distro::Fedora { .. } => Need::Fedora,
@@ -265,7 +356,9 @@ pub fn build(opts: &BuildOptions) -> Result<Report> {
     }
     let mut inputs = profile_inputs(&opts.source, opts.profile);
     inputs.overlays.extend(opts.extra_overlays.iter().cloned());
-    inputs.policy_dirs.extend(opts.extra_policy_dirs.iter().cloned());
+    inputs
+        .policy_dirs
+        .extend(opts.extra_policy_dirs.iter().cloned());
     let names = outputs(&manifest);
     let mut digest_text = manifest_text.clone();
     if let Some(keys) = &trusted_keys {
@@ -276,7 +369,11 @@ pub fn build(opts: &BuildOptions) -> Result<Report> {
 
     if opts.reuse_output {
         if let Some(report) = reusable_report(&opts.output, &names, &digest) {
-            println!("airlock: {} is up to date (inputs {}), not rebuilding", names.image, &digest[..12]);
+            println!(
+                "airlock: {} is up to date (inputs {}), not rebuilding",
+                names.image,
+                &digest[..12]
+            );
             return Ok(report);
         }
     }
@@ -290,7 +387,10 @@ pub fn build(opts: &BuildOptions) -> Result<Report> {
         .tempdir_in(&opts.output)
         .with_context(|| format!("output directory {} is not writable", opts.output.display()))?;
     let needed_p = &manifest.partitions;
-    let needed = (needed_p.esp_mib + needed_p.root_mib + needed_p.root_verity_mib + needed_p.data_mib) * 1024 * 1024;
+    let needed =
+        (needed_p.esp_mib + needed_p.root_mib + needed_p.root_verity_mib + needed_p.data_mib)
+            * 1024
+            * 1024;
     let free = free_bytes(&runner, &opts.output)?;
     if free < needed {
         bail!(
@@ -300,7 +400,8 @@ pub fn build(opts: &BuildOptions) -> Result<Report> {
             needed / 1024 / 1024
         );
     }
-    std::fs::create_dir_all(&opts.cache).with_context(|| format!("creating cache directory {}", opts.cache.display()))?;
+    std::fs::create_dir_all(&opts.cache)
+        .with_context(|| format!("creating cache directory {}", opts.cache.display()))?;
     let scratch = tempfile::Builder::new()
         .prefix("airlock-build-")
         .tempdir_in(scratch_parent(&opts.cache))
@@ -311,8 +412,24 @@ pub fn build(opts: &BuildOptions) -> Result<Report> {
     std::fs::create_dir_all(&logs).with_context(|| format!("creating {}", logs.display()))?;
     let log_path = logs.join(format!("{}.build.log", manifest.artifact_stem()));
     runner.log_to(&log_path)?;
-    run_stages(opts, &manifest, trusted_keys.as_ref(), &inputs, &names, &digest, &runner, staging.path(), scratch, &log_path)
-        .with_context(|| format!("build failed; every command and its output: {}", log_path.display()))
+    run_stages(
+        opts,
+        &manifest,
+        trusted_keys.as_ref(),
+        &inputs,
+        &names,
+        &digest,
+        &runner,
+        staging.path(),
+        scratch,
+        &log_path,
+    )
+    .with_context(|| {
+        format!(
+            "build failed; every command and its output: {}",
+            log_path.display()
+        )
+    })
 }
 
 /// The stages proper, once the inputs are checked and the directories exist.
@@ -331,7 +448,9 @@ fn run_stages(
 ) -> Result<Report> {
     let manifest = manifest.clone();
     let digest = digest.to_string();
-    let cache = Cache { root: opts.cache.clone() };
+    let cache = Cache {
+        root: opts.cache.clone(),
+    };
     let mut stages = Stages::new();
     println!(
         "airlock: building {} ({} profile, {}) into {}",
@@ -346,34 +465,59 @@ fn run_stages(
 
     // rootfs
     let sets = rootfs::load_package_sets(&opts.source.join("rootfs"), &manifest)?;
-    let trees = stages.run("rootfs", &format!("{} packages + {} build-only", sets.image.len(), sets.tools.len()), || {
-        rootfs::prepare_trees(runner, &manifest, &sets, &cache, scratch, opts.reuse_trees)
-    })?;
+    let trees = stages.run(
+        "rootfs",
+        &format!(
+            "{} packages + {} build-only",
+            sets.image.len(),
+            sets.tools.len()
+        ),
+        || rootfs::prepare_trees(runner, &manifest, &sets, &cache, scratch, opts.reuse_trees),
+    )?;
     let image_tree = scratch.join("tree");
-    stages.run("copy", "image tree from the base tree", || rootfs::copy_tree(runner, &trees.image_base, &image_tree))?;
+    stages.run("copy", "image tree from the base tree", || {
+        rootfs::copy_tree(runner, &trees.image_base, &image_tree)
+    })?;
     let packages = rootfs::installed_packages(runner, &manifest, &image_tree)?;
     let (kernel_version, kernel_image) = rootfs::find_kernel(&image_tree)?;
 
     // overlay
-    stages.run("overlay", "overlay files, binaries, locked accounts", || {
-        tree::install_files(&opts.source, &image_tree, &inputs.files)?;
-        tree::apply_overlays(runner, &image_tree, &inputs.overlays)?;
-        tree::install_binaries(runner, &opts.source, &image_tree, &inputs.binaries)?;
-        tree::make_mount_points(&image_tree, MOUNT_POINTS)?;
-        seal::stamp_os_release(&image_tree, &manifest)?;
-        if let Some(keys) = trusted_keys {
-            tree::install_trusted_keys(&image_tree, keys)?;
-        }
-        // /etc is read-only on the appliance: system users exist from the build.
-        runner.in_tree_plain("creating system users (systemd-sysusers)", &image_tree, ["systemd-sysusers"])?;
-        tree::lock_accounts(&image_tree)
-    })?;
+    stages.run(
+        "overlay",
+        "overlay files, binaries, locked accounts",
+        || {
+            tree::install_files(&opts.source, &image_tree, &inputs.files)?;
+            tree::apply_overlays(runner, &image_tree, &inputs.overlays)?;
+            tree::install_binaries(runner, &opts.source, &image_tree, &inputs.binaries)?;
+            tree::make_mount_points(&image_tree, MOUNT_POINTS)?;
+            seal::stamp_os_release(&image_tree, &manifest)?;
+            if let Some(keys) = trusted_keys {
+                tree::install_trusted_keys(&image_tree, keys)?;
+            }
+            // /etc is read-only on the appliance: system users exist from the build.
+            runner.in_tree_plain(
+                "creating system users (systemd-sysusers)",
+                &image_tree,
+                ["systemd-sysusers"],
+            )?;
+            tree::lock_accounts(&image_tree)
+        },
+    )?;
 
     // policy
     let policy_name = tree::enforce_selinux(&image_tree)?;
     let modules = stages.run("policy", "compile and install SELinux modules", || {
-        let pp_cache = cache.trees(&rootfs::tree_key(&manifest, &sets)).join("policy");
-        tree::install_policy(runner, &trees.tools, &image_tree, scratch, &inputs.policy_dirs, &pp_cache)
+        let pp_cache = cache
+            .trees(&rootfs::tree_key(&manifest, &sets))
+            .join("policy");
+        tree::install_policy(
+            runner,
+            &trees.tools,
+            &image_tree,
+            scratch,
+            &inputs.policy_dirs,
+            &pp_cache,
+        )
     })?;
 
     // label
@@ -382,7 +526,10 @@ fn run_stages(
         // exists in the source (labelled here) is taken over as it is.
         let lost_found = image_tree.join("var/lost+found");
         std::fs::create_dir_all(&lost_found)?;
-        std::fs::set_permissions(&lost_found, std::os::unix::fs::PermissionsExt::from_mode(0o700))?;
+        std::fs::set_permissions(
+            &lost_found,
+            std::os::unix::fs::PermissionsExt::from_mode(0o700),
+        )?;
         tree::label_tree(runner, &image_tree, &policy_name)?;
         tree::label_gate(&image_tree)
     })?;
@@ -393,19 +540,42 @@ fn run_stages(
     let verity_img = scratch.join("root.verity");
     let root_hash = stages.run("seal", "erofs root + dm-verity", || {
         seal::split_var(&image_tree, &var_dir)?;
-        seal::make_erofs(runner, &manifest, &image_tree, &tree::file_contexts(&image_tree, &policy_name), &root_img)?;
+        seal::make_erofs(
+            runner,
+            &manifest,
+            &image_tree,
+            &tree::file_contexts(&image_tree, &policy_name),
+            &root_img,
+        )?;
         seal::make_verity(runner, &manifest, &root_img, &verity_img, scratch)
     })?;
     let cmdline = seal::kernel_cmdline(&root_hash, &manifest);
     let os_release_path = image_tree.join("usr/lib/os-release");
     let os_release = seal::image_os_release(
-        &std::fs::read_to_string(&os_release_path).with_context(|| format!("reading {}", os_release_path.display()))?,
+        &std::fs::read_to_string(&os_release_path)
+            .with_context(|| format!("reading {}", os_release_path.display()))?,
         &manifest,
     );
     let uki = stages.run("uki", "initrd + unified kernel image", || {
-        let cached_initrd = cache.trees(&rootfs::tree_key(&manifest, &sets)).join(format!("initrd-{}.img", seal::initrd_recipe_digest()));
-        seal::make_initrd(runner, &trees.tools, scratch, &kernel_version, &cached_initrd)?;
-        seal::make_uki(runner, &trees.tools, scratch, &kernel_image, &kernel_version, &cmdline, &os_release)
+        let cached_initrd = cache
+            .trees(&rootfs::tree_key(&manifest, &sets))
+            .join(format!("initrd-{}.img", seal::initrd_recipe_digest()));
+        seal::make_initrd(
+            runner,
+            &trees.tools,
+            scratch,
+            &kernel_version,
+            &cached_initrd,
+        )?;
+        seal::make_uki(
+            runner,
+            &trees.tools,
+            scratch,
+            &kernel_image,
+            &kernel_version,
+            &cmdline,
+            &os_release,
+        )
     })?;
 
     // disk
@@ -429,17 +599,39 @@ fn run_stages(
     let data_img = scratch.join("data.img");
     let root_label = disk::labels::root(&manifest.artifact_stem());
     let verity_label = disk::labels::verity(&manifest.artifact_stem());
-    let part = |label: &str| layout.by_label(label).with_context(|| format!("layout has no partition {label}"));
+    let part = |label: &str| {
+        layout
+            .by_label(label)
+            .with_context(|| format!("layout has no partition {label}"))
+    };
     let contents = [
-        Content { partition: part(disk::labels::ESP)?, image: &esp_img },
-        Content { partition: part(&root_label)?, image: &root_img },
-        Content { partition: part(&verity_label)?, image: &verity_img },
-        Content { partition: part(disk::labels::DATA)?, image: &data_img },
+        Content {
+            partition: part(disk::labels::ESP)?,
+            image: &esp_img,
+        },
+        Content {
+            partition: part(&root_label)?,
+            image: &root_img,
+        },
+        Content {
+            partition: part(&verity_label)?,
+            image: &verity_img,
+        },
+        Content {
+            partition: part(disk::labels::DATA)?,
+            image: &data_img,
+        },
     ];
     stages.run("disk", "ESP, data filesystem, GPT", || {
-        let boot_efi = trees.tools.join("usr/lib/systemd/boot/efi/systemd-bootx64.efi");
+        let boot_efi = trees
+            .tools
+            .join("usr/lib/systemd/boot/efi/systemd-bootx64.efi");
         let build_info = serde_json::to_string_pretty(&info)?;
-        let esp = seal::EspContents { boot_efi: &boot_efi, uki: &uki, build_info: &build_info };
+        let esp = seal::EspContents {
+            boot_efi: &boot_efi,
+            uki: &uki,
+            build_info: &build_info,
+        };
         seal::make_esp(runner, &manifest, &esp, scratch, &esp_img)?;
         seal::make_data(runner, &manifest, &var_dir, &data_img)?;
         disk::assemble(runner, &layout, &contents, &image_path)
@@ -447,28 +639,38 @@ fn run_stages(
 
     // bundle: the update from the very files the disk image holds
     let bundle_path = staging.join(&names.bundle);
-    stages.run("bundle", "update bundle (root, verity, UKI; unsigned)", || {
-        let inputs = crate::bundle::BundleInputs {
-            name: &manifest.name,
-            version: &manifest.version,
-            security_epoch: manifest.security_epoch,
-            compatible: manifest.compatible(),
-            build_id: Some(digest.clone()),
-            root_hash: &root_hash,
-            root: &root_img,
-            verity: &verity_img,
-            uki: &uki,
-        };
-        crate::bundle::write_bundle(&inputs, &bundle_path).map(|_| ())
-    })?;
+    stages.run(
+        "bundle",
+        "update bundle (root, verity, UKI; unsigned)",
+        || {
+            let inputs = crate::bundle::BundleInputs {
+                name: &manifest.name,
+                version: &manifest.version,
+                security_epoch: manifest.security_epoch,
+                compatible: manifest.compatible(),
+                build_id: Some(digest.clone()),
+                root_hash: &root_hash,
+                root: &root_img,
+                verity: &verity_img,
+                uki: &uki,
+            };
+            crate::bundle::write_bundle(&inputs, &bundle_path).map(|_| ())
+        },
+    )?;
 
     // report
     let report = stages.run("report", "hashes, package list, SELinux policy", || {
         let selinux_out = staging.join(&names.selinux_dir);
         std::fs::create_dir_all(&selinux_out)?;
         let policy_file = tree::find_policy_file(&image_tree, &policy_name)?;
-        std::fs::copy(&policy_file, selinux_out.join(policy_file.file_name().expect("name")))?;
-        std::fs::copy(tree::file_contexts(&image_tree, &policy_name), selinux_out.join("file_contexts"))?;
+        std::fs::copy(
+            &policy_file,
+            selinux_out.join(policy_file.file_name().expect("name")),
+        )?;
+        std::fs::copy(
+            tree::file_contexts(&image_tree, &policy_name),
+            selinux_out.join("file_contexts"),
+        )?;
         let (image_sha256, partition_sha256) = disk::hash_image(&layout, &image_path, &contents)?;
         let partitions = layout
             .partitions
@@ -515,7 +717,10 @@ fn run_stages(
     let mut report = report;
     report.stages = stages.timings().to_vec();
     report.total_seconds = (stages.total().as_secs_f64() * 1000.0).round() / 1000.0;
-    std::fs::write(staging.join(&names.report), serde_json::to_string_pretty(&report)? + "\n")?;
+    std::fs::write(
+        staging.join(&names.report),
+        serde_json::to_string_pretty(&report)? + "\n",
+    )?;
     publish(staging, log_path, &opts.output, names, &report)?;
     print_summary(&report, &opts.output);
     Ok(report)
@@ -531,23 +736,42 @@ fn scratch_parent(cache: &Path) -> PathBuf {
 
 /// Moves the finished build from staging into the output directory and
 /// writes `SHA256SUMS`.
-fn publish(staging: &Path, log: &Path, output: &Path, names: &Outputs, report: &Report) -> Result<()> {
+fn publish(
+    staging: &Path,
+    log: &Path,
+    output: &Path,
+    names: &Outputs,
+    report: &Report,
+) -> Result<()> {
     let report_sha = hex::encode(Sha256::digest(std::fs::read(staging.join(&names.report))?));
     std::fs::write(
         staging.join("SHA256SUMS"),
         format!(
             "{}  {}\n{}  {}\n{}  {}\n",
-            report.image_sha256, names.image, report.bundle_sha256, names.bundle, report_sha, names.report
+            report.image_sha256,
+            names.image,
+            report.bundle_sha256,
+            names.bundle,
+            report_sha,
+            names.report
         ),
     )?;
     let log_name = format!("{}.build.log", report.image.trim_end_matches(".raw"));
     std::fs::copy(log, staging.join(&log_name)).context("copying the build log")?;
-    for name in [names.image.as_str(), names.bundle.as_str(), names.report.as_str(), names.selinux_dir.as_str(), "SHA256SUMS", log_name.as_str()] {
+    for name in [
+        names.image.as_str(),
+        names.bundle.as_str(),
+        names.report.as_str(),
+        names.selinux_dir.as_str(),
+        "SHA256SUMS",
+        log_name.as_str(),
+    ] {
         let target = output.join(name);
         if target.is_dir() {
             std::fs::remove_dir_all(&target)?;
         }
-        std::fs::rename(staging.join(name), &target).with_context(|| format!("moving {name} into {}", output.display()))?;
+        std::fs::rename(staging.join(name), &target)
+            .with_context(|| format!("moving {name} into {}", output.display()))?;
     }
     Ok(())
 }
@@ -562,16 +786,32 @@ fn reusable_report(output: &Path, names: &Outputs, digest: &str) -> Option<Repor
 }
 
 fn print_summary(report: &Report, output: &Path) {
-    println!("airlock: built {} in {:.1}s", output.join(&report.image).display(), report.total_seconds);
+    println!(
+        "airlock: built {} in {:.1}s",
+        output.join(&report.image).display(),
+        report.total_seconds
+    );
     println!(
         "airlock:   root hash {} (root filesystem {} MiB + verity {} MiB)",
         report.root_hash,
         report.root_fs_bytes / 1024 / 1024,
         report.root_verity_bytes / 1024 / 1024
     );
-    println!("airlock:   update bundle {} (unsigned: airlock sign --key KEY …)", output.join(&report.bundle).display());
-    println!("airlock:   {} packages, kernel {}, SELinux policy {} (enforcing)", report.packages.len(), report.kernel_version, report.selinux_policy);
-    let timings: Vec<String> = report.stages.iter().map(|s| format!("{} {:.1}s", s.stage, s.seconds)).collect();
+    println!(
+        "airlock:   update bundle {} (unsigned: airlock sign --key KEY …)",
+        output.join(&report.bundle).display()
+    );
+    println!(
+        "airlock:   {} packages, kernel {}, SELinux policy {} (enforcing)",
+        report.packages.len(),
+        report.kernel_version,
+        report.selinux_policy
+    );
+    let timings: Vec<String> = report
+        .stages
+        .iter()
+        .map(|s| format!("{} {:.1}s", s.stage, s.seconds))
+        .collect();
     println!("airlock:   stages: {}", timings.join(", "));
 }
 

@@ -10,9 +10,11 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use airlock_bundle::format::RawHeader;
-use airlock_bundle::trust::{self, TrustedKey};
-use airlock_bundle::{Artifact, ArtifactKind, Manifest, Progress, Trust, VerifiedManifest, Version};
 use airlock_bundle::ssh_key;
+use airlock_bundle::trust::{self, TrustedKey};
+use airlock_bundle::{
+    Artifact, ArtifactKind, Manifest, Progress, Trust, VerifiedManifest, Version,
+};
 use anyhow::{Context, Result};
 use sha2::{Digest, Sha256};
 
@@ -31,7 +33,11 @@ pub struct BundleInputs<'a> {
 
 /// Writes an unsigned bundle to `out`; returns its manifest.
 pub fn write_bundle(inputs: &BundleInputs<'_>, out: &Path) -> Result<Manifest> {
-    let files = [(ArtifactKind::Root, inputs.root), (ArtifactKind::Verity, inputs.verity), (ArtifactKind::Uki, inputs.uki)];
+    let files = [
+        (ArtifactKind::Root, inputs.root),
+        (ArtifactKind::Verity, inputs.verity),
+        (ArtifactKind::Uki, inputs.uki),
+    ];
     let mut artifacts = Vec::new();
     for (kind, path) in files {
         let (size, sha256) = hash_file(path)?;
@@ -47,15 +53,26 @@ pub fn write_bundle(inputs: &BundleInputs<'_>, out: &Path) -> Result<Manifest> {
         root_hash: inputs.root_hash.to_string(),
         artifacts,
     };
-    manifest.validate().map_err(|e| anyhow::anyhow!("bundle manifest: {e}"))?;
-    let header = RawHeader { manifest: manifest.to_json(), signatures: Vec::new() }.encode()?;
-    let mut w = BufWriter::new(File::create(out).with_context(|| format!("creating {}", out.display()))?);
+    manifest
+        .validate()
+        .map_err(|e| anyhow::anyhow!("bundle manifest: {e}"))?;
+    let header = RawHeader {
+        manifest: manifest.to_json(),
+        signatures: Vec::new(),
+    }
+    .encode()?;
+    let mut w =
+        BufWriter::new(File::create(out).with_context(|| format!("creating {}", out.display()))?);
     w.write_all(&header)?;
     for (_, path) in files {
         let mut f = File::open(path).with_context(|| format!("opening {}", path.display()))?;
-        std::io::copy(&mut f, &mut w).with_context(|| format!("copying {} into {}", path.display(), out.display()))?;
+        std::io::copy(&mut f, &mut w)
+            .with_context(|| format!("copying {} into {}", path.display(), out.display()))?;
     }
-    w.into_inner().map_err(|e| e.into_error())?.sync_all().with_context(|| format!("writing {}", out.display()))?;
+    w.into_inner()
+        .map_err(|e| e.into_error())?
+        .sync_all()
+        .with_context(|| format!("writing {}", out.display()))?;
     Ok(manifest)
 }
 
@@ -70,14 +87,16 @@ pub fn sha256_file(path: &Path) -> Result<[u8; 32]> {
 fn hash_file(path: &Path) -> Result<(u64, String)> {
     let mut f = File::open(path).with_context(|| format!("opening {}", path.display()))?;
     let mut h = Sha256::new();
-    let size = std::io::copy(&mut f, &mut h).with_context(|| format!("reading {}", path.display()))?;
+    let size =
+        std::io::copy(&mut f, &mut h).with_context(|| format!("reading {}", path.display()))?;
     Ok((size, hex::encode(h.finalize())))
 }
 
 /// Reads a bundle's header (nothing verified).
 fn read_header(path: &Path) -> Result<(File, RawHeader)> {
     let mut f = File::open(path).with_context(|| format!("opening bundle {}", path.display()))?;
-    let header = RawHeader::read(&mut BufReader::new(&mut f)).with_context(|| format!("{}: refused", path.display()))?;
+    let header = RawHeader::read(&mut BufReader::new(&mut f))
+        .with_context(|| format!("{}: refused", path.display()))?;
     Ok((f, header))
 }
 
@@ -100,12 +119,15 @@ pub fn sign_bundle(path: &Path, signer: Signer<'_>) -> Result<(String, bool)> {
     let (mut file, header) = read_header(path)?;
     let signature = match signer {
         Signer::Key(key_path) => {
-            let key = ssh_key::PrivateKey::read_openssh_file(key_path)
-                .map_err(|e| anyhow::anyhow!("{}: not an OpenSSH private key: {e}", key_path.display()))?;
-            trust::sign(&header.manifest, &key).map_err(|e| anyhow::anyhow!("{}: {e}", key_path.display()))?
+            let key = ssh_key::PrivateKey::read_openssh_file(key_path).map_err(|e| {
+                anyhow::anyhow!("{}: not an OpenSSH private key: {e}", key_path.display())
+            })?;
+            trust::sign(&header.manifest, &key)
+                .map_err(|e| anyhow::anyhow!("{}: {e}", key_path.display()))?
         }
         Signer::Signature(sig_path) => {
-            let armoured = std::fs::read(sig_path).with_context(|| format!("reading {}", sig_path.display()))?;
+            let armoured = std::fs::read(sig_path)
+                .with_context(|| format!("reading {}", sig_path.display()))?;
             trust::check_foreign_signature(&header.manifest, &armoured)
                 .map_err(|e| anyhow::anyhow!("{}: {e}", sig_path.display()))?
                 .1
@@ -113,34 +135,47 @@ pub fn sign_bundle(path: &Path, signer: Signer<'_>) -> Result<(String, bool)> {
     };
     let key = trust::signature_key(&signature).map_err(|e| anyhow::anyhow!("{e}"))?;
     let fingerprint = trust::fingerprint(&key);
-    if header.signatures.iter().any(|s| trust::signature_key(s).ok().as_ref() == Some(&key)) {
+    if header
+        .signatures
+        .iter()
+        .any(|s| trust::signature_key(s).ok().as_ref() == Some(&key))
+    {
         return Ok((fingerprint, false));
     }
     let payload_offset = header.payload_offset();
     let mut signatures = header.signatures;
     signatures.push(signature);
-    let new_header = RawHeader { manifest: header.manifest, signatures }
-        .encode()
-        .with_context(|| format!("{}: cannot add a signature", path.display()))?;
-    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let new_header = RawHeader {
+        manifest: header.manifest,
+        signatures,
+    }
+    .encode()
+    .with_context(|| format!("{}: cannot add a signature", path.display()))?;
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
     let mut tmp = tempfile::Builder::new()
         .prefix(".airlock-sign-")
         .tempfile_in(dir)
         .with_context(|| format!("creating a temporary file in {}", dir.display()))?;
     tmp.write_all(&new_header)?;
     file.seek(SeekFrom::Start(payload_offset))?;
-    std::io::copy(&mut file, tmp.as_file_mut()).with_context(|| format!("copying the payload of {}", path.display()))?;
+    std::io::copy(&mut file, tmp.as_file_mut())
+        .with_context(|| format!("copying the payload of {}", path.display()))?;
     tmp.as_file().sync_all()?;
     let permissions = file.metadata()?.permissions();
     tmp.as_file().set_permissions(permissions)?;
-    tmp.persist(path).with_context(|| format!("replacing {}", path.display()))?;
+    tmp.persist(path)
+        .with_context(|| format!("replacing {}", path.display()))?;
     Ok((fingerprint, true))
 }
 
 /// Loads trusted keys: an `allowed_signers` file, or a directory of `.pub`
 /// files (each one key, its identity the file name without `.pub`).
 pub fn load_trust(keys: &Path, threshold: usize) -> Result<Trust> {
-    let meta = std::fs::metadata(keys).with_context(|| format!("reading trusted keys {}", keys.display()))?;
+    let meta = std::fs::metadata(keys)
+        .with_context(|| format!("reading trusted keys {}", keys.display()))?;
     let list: Vec<TrustedKey> = if meta.is_dir() {
         let mut files: Vec<PathBuf> = std::fs::read_dir(keys)
             .with_context(|| format!("listing {}", keys.display()))?
@@ -151,13 +186,15 @@ pub fn load_trust(keys: &Path, threshold: usize) -> Result<Trust> {
         files
             .iter()
             .map(|f| {
-                let text = std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?;
+                let text = std::fs::read_to_string(f)
+                    .with_context(|| format!("reading {}", f.display()))?;
                 let identity = f.file_stem().unwrap_or_default().to_string_lossy();
                 trust::parse_public_key(&text, &identity).with_context(|| f.display().to_string())
             })
             .collect::<Result<_>>()?
     } else {
-        let text = std::fs::read_to_string(keys).with_context(|| format!("reading {}", keys.display()))?;
+        let text =
+            std::fs::read_to_string(keys).with_context(|| format!("reading {}", keys.display()))?;
         trust::parse_allowed_signers(&text).with_context(|| keys.display().to_string())?
     };
     Trust::new(list, threshold).with_context(|| format!("trusted keys {}", keys.display()))
@@ -165,7 +202,11 @@ pub fn load_trust(keys: &Path, threshold: usize) -> Result<Trust> {
 
 /// Verifies the bundle at `path`; `progress` gets a line now and then
 /// while the payload is hashed.
-pub fn verify_bundle(path: &Path, trust: &Trust, progress: &mut dyn FnMut(&str)) -> Result<VerifiedManifest> {
+pub fn verify_bundle(
+    path: &Path,
+    trust: &Trust,
+    progress: &mut dyn FnMut(&str),
+) -> Result<VerifiedManifest> {
     let refused = || format!("{}: refused", path.display());
     let file = File::open(path).with_context(|| format!("opening bundle {}", path.display()))?;
     let file_len = file.metadata()?.len();
@@ -174,17 +215,29 @@ pub fn verify_bundle(path: &Path, trust: &Trust, progress: &mut dyn FnMut(&str))
     // The length is known here: refuse a cut or extended file before hashing it.
     let expected = verified.bundle_len();
     if file_len < expected {
-        return Err(airlock_bundle::Refusal::Truncated { what: "payload" }).with_context(|| format!("{} ({file_len} of {expected} bytes)", refused()));
+        return Err(airlock_bundle::Refusal::Truncated { what: "payload" })
+            .with_context(|| format!("{} ({file_len} of {expected} bytes)", refused()));
     }
     if file_len > expected {
-        return Err(airlock_bundle::Refusal::TrailingJunk).with_context(|| format!("{} ({file_len} bytes, {expected} expected)", refused()));
+        return Err(airlock_bundle::Refusal::TrailingJunk)
+            .with_context(|| format!("{} ({file_len} bytes, {expected} expected)", refused()));
     }
     let mut ticker = Ticker::new(Duration::from_secs(2));
-    airlock_bundle::read_payload(&mut r, &verified.manifest, &mut |_, _| Ok(()), &mut |p: Progress| {
-        if ticker.due() || p.done == p.total {
-            progress(&format!("hashing {}: {} of {} MiB", p.artifact, p.done >> 20, p.total >> 20));
-        }
-    })
+    airlock_bundle::read_payload(
+        &mut r,
+        &verified.manifest,
+        &mut |_, _| Ok(()),
+        &mut |p: Progress| {
+            if ticker.due() || p.done == p.total {
+                progress(&format!(
+                    "hashing {}: {} of {} MiB",
+                    p.artifact,
+                    p.done >> 20,
+                    p.total >> 20
+                ));
+            }
+        },
+    )
     .with_context(refused)?;
     Ok(verified)
 }
@@ -197,7 +250,10 @@ struct Ticker {
 
 impl Ticker {
     fn new(every: Duration) -> Ticker {
-        Ticker { every, last: Instant::now() }
+        Ticker {
+            every,
+            last: Instant::now(),
+        }
     }
 
     fn due(&mut self) -> bool {
@@ -237,14 +293,31 @@ mod tests {
         let bundle = p("airlock_1.0.airlock");
         write_bundle(&inputs, &bundle).unwrap();
         let key = ssh_key::PrivateKey::from(ssh_key::private::Ed25519Keypair::from_seed(&[1; 32]));
-        key.write_openssh_file(&p("key"), ssh_key::LineEnding::LF).unwrap();
-        std::fs::write(p("allowed_signers"), format!("it@example.org {}\n", key.public_key().to_openssh().unwrap())).unwrap();
+        key.write_openssh_file(&p("key"), ssh_key::LineEnding::LF)
+            .unwrap();
+        std::fs::write(
+            p("allowed_signers"),
+            format!(
+                "it@example.org {}\n",
+                key.public_key().to_openssh().unwrap()
+            ),
+        )
+        .unwrap();
         let trust = load_trust(&p("allowed_signers"), 1).unwrap();
 
-        let unsigned = format!("{:#}", verify_bundle(&bundle, &trust, &mut |_| {}).unwrap_err());
-        assert!(unsigned.contains("not signed") && unsigned.contains("airlock_1.0.airlock"), "{unsigned}");
+        let unsigned = format!(
+            "{:#}",
+            verify_bundle(&bundle, &trust, &mut |_| {}).unwrap_err()
+        );
+        assert!(
+            unsigned.contains("not signed") && unsigned.contains("airlock_1.0.airlock"),
+            "{unsigned}"
+        );
         assert!(sign_bundle(&bundle, Signer::Key(&p("key"))).unwrap().1);
-        assert!(!sign_bundle(&bundle, Signer::Key(&p("key"))).unwrap().1, "signed twice");
+        assert!(
+            !sign_bundle(&bundle, Signer::Key(&p("key"))).unwrap().1,
+            "signed twice"
+        );
         let mut lines = Vec::new();
         let v = verify_bundle(&bundle, &trust, &mut |l| lines.push(l.to_string())).unwrap();
         assert_eq!(v.signers, ["it@example.org"]);
@@ -255,11 +328,17 @@ mod tests {
         let last = bytes.len() - 1;
         bytes[last] ^= 1;
         std::fs::write(&bundle, &bytes).unwrap();
-        let err = format!("{:#}", verify_bundle(&bundle, &trust, &mut |_| {}).unwrap_err());
+        let err = format!(
+            "{:#}",
+            verify_bundle(&bundle, &trust, &mut |_| {}).unwrap_err()
+        );
         assert!(err.contains("artifact uki is corrupted"), "{err}");
         bytes.truncate(last);
         std::fs::write(&bundle, &bytes).unwrap();
-        let err = format!("{:#}", verify_bundle(&bundle, &trust, &mut |_| {}).unwrap_err());
+        let err = format!(
+            "{:#}",
+            verify_bundle(&bundle, &trust, &mut |_| {}).unwrap_err()
+        );
         assert!(err.contains("truncated"), "{err}");
     }
 
@@ -267,8 +346,13 @@ mod tests {
     fn directory_of_pub_files_is_a_trust_source() {
         let dir = tempfile::tempdir().unwrap();
         for seed in [1u8, 2] {
-            let key = ssh_key::PrivateKey::from(ssh_key::private::Ed25519Keypair::from_seed(&[seed; 32]));
-            std::fs::write(dir.path().join(format!("key{seed}.pub")), key.public_key().to_openssh().unwrap()).unwrap();
+            let key =
+                ssh_key::PrivateKey::from(ssh_key::private::Ed25519Keypair::from_seed(&[seed; 32]));
+            std::fs::write(
+                dir.path().join(format!("key{seed}.pub")),
+                key.public_key().to_openssh().unwrap(),
+            )
+            .unwrap();
         }
         std::fs::write(dir.path().join("README"), "not a key").unwrap();
         let trust = load_trust(dir.path(), 2).unwrap();

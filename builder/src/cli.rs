@@ -193,7 +193,17 @@ mod tests {
     #[test]
     fn build_needs_manifest_and_output() {
         assert!(Cli::try_parse_from(["airlock", "build", "--output", "o"]).is_err());
-        let cli = Cli::try_parse_from(["airlock", "build", "--manifest", "m.toml", "--output", "o", "--profile", "test"]).unwrap();
+        let cli = Cli::try_parse_from([
+            "airlock",
+            "build",
+            "--manifest",
+            "m.toml",
+            "--output",
+            "o",
+            "--profile",
+            "test",
+        ])
+        .unwrap();
         match cli.command {
             Command::Build(b) => {
                 assert_eq!(b.profile, Profile::Test);
@@ -214,32 +224,64 @@ mod tests {
     #[test]
     fn flash_takes_image_target_guests_and_machine() {
         let cli = Cli::try_parse_from([
-            "airlock", "flash", "a.raw", "/dev/sdb", "--guest", "classified=c.qcow2", "--guest", "general=g.raw", "--machine", "m.toml",
+            "airlock",
+            "flash",
+            "a.raw",
+            "/dev/sdb",
+            "--guest",
+            "classified=c.qcow2",
+            "--guest",
+            "general=g.raw",
+            "--machine",
+            "m.toml",
         ])
         .unwrap();
         match cli.command {
             Command::Flash(f) => {
                 assert_eq!(f.target, PathBuf::from("/dev/sdb"));
                 assert_eq!(f.guests.len(), 2);
-                assert_eq!(f.guests[1], (crate::flash::Side::General, PathBuf::from("g.raw")));
+                assert_eq!(
+                    f.guests[1],
+                    (crate::flash::Side::General, PathBuf::from("g.raw"))
+                );
                 assert_eq!(f.machine, Some(PathBuf::from("m.toml")));
             }
             other => panic!("{other:?}"),
         }
         assert!(Cli::try_parse_from(["airlock", "flash", "a.raw"]).is_err());
-        assert!(Cli::try_parse_from(["airlock", "flash", "a.raw", "t", "--guest", "secret=x"]).is_err());
+        assert!(
+            Cli::try_parse_from(["airlock", "flash", "a.raw", "t", "--guest", "secret=x"]).is_err()
+        );
     }
 
     #[test]
     fn sign_needs_exactly_one_signer() {
         assert!(Cli::try_parse_from(["airlock", "sign", "b.airlock"]).is_err());
-        assert!(Cli::try_parse_from(["airlock", "sign", "--key", "k", "--signature", "s", "b.airlock"]).is_err());
+        assert!(Cli::try_parse_from([
+            "airlock",
+            "sign",
+            "--key",
+            "k",
+            "--signature",
+            "s",
+            "b.airlock"
+        ])
+        .is_err());
         assert!(Cli::try_parse_from(["airlock", "sign", "--signature", "s", "b.airlock"]).is_ok());
     }
 
     #[test]
     fn verify_defaults_to_one_signature() {
-        match Cli::try_parse_from(["airlock", "verify", "--keys", "allowed_signers", "b.airlock"]).unwrap().command {
+        match Cli::try_parse_from([
+            "airlock",
+            "verify",
+            "--keys",
+            "allowed_signers",
+            "b.airlock",
+        ])
+        .unwrap()
+        .command
+        {
             Command::Verify(v) => assert_eq!(v.threshold, 1),
             other => panic!("{other:?}"),
         }

@@ -73,7 +73,10 @@ pub struct Layout {
 
 /// A UUID derived from the image identity and a purpose (stable across builds).
 pub fn derived_uuid(manifest: &Manifest, purpose: &str) -> Uuid {
-    let digest = Sha256::digest(format!("airlock:{}:{}:{purpose}", manifest.name, manifest.version));
+    let digest = Sha256::digest(format!(
+        "airlock:{}:{}:{purpose}",
+        manifest.name, manifest.version
+    ));
     uuid_from_bytes(&digest[..16])
 }
 
@@ -100,27 +103,71 @@ pub fn plan_layout(manifest: &Manifest, root_hash: &str) -> Result<Layout> {
     let stem = format!("{}_{}", manifest.name, manifest.version);
     let (root_uuid, verity_uuid) = uuids_from_root_hash(root_hash)?;
     let entries: [(String, &str, Uuid, u64); 6] = [
-        (labels::ESP.into(), types::ESP, derived_uuid(manifest, "esp"), p.esp_mib),
-        (labels::root(&stem), types::ROOT_X86_64, root_uuid, p.root_mib),
-        (labels::verity(&stem), types::ROOT_X86_64_VERITY, verity_uuid, p.root_verity_mib),
-        (labels::EMPTY.into(), types::ROOT_X86_64, derived_uuid(manifest, "root-b"), p.root_mib),
-        (labels::EMPTY.into(), types::ROOT_X86_64_VERITY, derived_uuid(manifest, "verity-b"), p.root_verity_mib),
-        (labels::DATA.into(), types::VAR, derived_uuid(manifest, "data"), p.data_mib),
+        (
+            labels::ESP.into(),
+            types::ESP,
+            derived_uuid(manifest, "esp"),
+            p.esp_mib,
+        ),
+        (
+            labels::root(&stem),
+            types::ROOT_X86_64,
+            root_uuid,
+            p.root_mib,
+        ),
+        (
+            labels::verity(&stem),
+            types::ROOT_X86_64_VERITY,
+            verity_uuid,
+            p.root_verity_mib,
+        ),
+        (
+            labels::EMPTY.into(),
+            types::ROOT_X86_64,
+            derived_uuid(manifest, "root-b"),
+            p.root_mib,
+        ),
+        (
+            labels::EMPTY.into(),
+            types::ROOT_X86_64_VERITY,
+            derived_uuid(manifest, "verity-b"),
+            p.root_verity_mib,
+        ),
+        (
+            labels::DATA.into(),
+            types::VAR,
+            derived_uuid(manifest, "data"),
+            p.data_mib,
+        ),
     ];
     let mut offset = FIRST_OFFSET;
     let mut partitions = Vec::new();
     for (i, (label, type_uuid, uuid, mib)) in entries.into_iter().enumerate() {
         let size = mib * MIB;
-        partitions.push(Partition { number: i as u32 + 1, label, type_uuid: type_uuid.into(), uuid: uuid.to_string(), offset, size });
+        partitions.push(Partition {
+            number: i as u32 + 1,
+            label,
+            type_uuid: type_uuid.into(),
+            uuid: uuid.to_string(),
+            offset,
+            size,
+        });
         offset += size;
     }
-    Ok(Layout { disk_uuid: derived_uuid(manifest, "disk").to_string(), size: offset + TAIL_RESERVE, partitions })
+    Ok(Layout {
+        disk_uuid: derived_uuid(manifest, "disk").to_string(),
+        size: offset + TAIL_RESERVE,
+        partitions,
+    })
 }
 
 impl Layout {
     /// The `sfdisk` script for this layout (pure).
     pub fn sfdisk_script(&self) -> String {
-        let mut s = format!("label: gpt\nlabel-id: {}\nunit: sectors\nsector-size: 512\n", self.disk_uuid);
+        let mut s = format!(
+            "label: gpt\nlabel-id: {}\nunit: sectors\nsector-size: 512\n",
+            self.disk_uuid
+        );
         for p in &self.partitions {
             s.push_str(&format!(
                 "start={}, size={}, type={}, uuid={}, name=\"{}\"\n",
@@ -147,17 +194,31 @@ pub struct Content<'a> {
 
 /// Writes the GPT disk `out`: table by `sfdisk`, then each content image at
 /// its partition's offset. Unwritten space stays a hole (sparse file).
-pub fn assemble(runner: &Runner, layout: &Layout, contents: &[Content<'_>], out: &Path) -> Result<()> {
+pub fn assemble(
+    runner: &Runner,
+    layout: &Layout,
+    contents: &[Content<'_>],
+    out: &Path,
+) -> Result<()> {
     {
         let file = File::create(out).with_context(|| format!("creating {}", out.display()))?;
-        file.set_len(layout.size).with_context(|| format!("sizing {}", out.display()))?;
+        file.set_len(layout.size)
+            .with_context(|| format!("sizing {}", out.display()))?;
     }
     let script = layout.sfdisk_script();
     let sh = runner.sh();
-    runner.run("writing the partition table (sfdisk)", cmd!(sh, "sfdisk --quiet --no-reread --no-tell-kernel {out}").stdin(script))?;
-    let mut disk = OpenOptions::new().write(true).open(out).with_context(|| format!("opening {}", out.display()))?;
+    runner.run(
+        "writing the partition table (sfdisk)",
+        cmd!(sh, "sfdisk --quiet --no-reread --no-tell-kernel {out}").stdin(script),
+    )?;
+    let mut disk = OpenOptions::new()
+        .write(true)
+        .open(out)
+        .with_context(|| format!("opening {}", out.display()))?;
     for c in contents {
-        let len = std::fs::metadata(c.image).with_context(|| format!("reading {}", c.image.display()))?.len();
+        let len = std::fs::metadata(c.image)
+            .with_context(|| format!("reading {}", c.image.display()))?
+            .len();
         if len > c.partition.size {
             bail!(
                 "{} is {} MiB, larger than partition {} ({} MiB); raise its size in the manifest's [partitions]",
@@ -167,8 +228,13 @@ pub fn assemble(runner: &Runner, layout: &Layout, contents: &[Content<'_>], out:
                 c.partition.size / MIB
             );
         }
-        copy_sparse(c.image, &mut disk, c.partition.offset)
-            .with_context(|| format!("writing {} into partition {}", c.image.display(), c.partition.label))?;
+        copy_sparse(c.image, &mut disk, c.partition.offset).with_context(|| {
+            format!(
+                "writing {} into partition {}",
+                c.image.display(),
+                c.partition.label
+            )
+        })?;
     }
     disk.sync_all().context("flushing disk image")?;
     Ok(())
@@ -209,36 +275,42 @@ fn read_full(r: &mut impl Read, buf: &mut [u8]) -> std::io::Result<usize> {
 /// each partition's content image, and zeros for the rest of each partition
 /// (the holes of the sparse file), without reading gigabytes of holes back.
 /// `SHA256SUMS` lets anyone check the result against the file itself.
-pub fn hash_image(layout: &Layout, image: &Path, contents: &[Content<'_>]) -> Result<(String, Vec<String>)> {
+pub fn hash_image(
+    layout: &Layout,
+    image: &Path,
+    contents: &[Content<'_>],
+) -> Result<(String, Vec<String>)> {
     let mut disk = File::open(image).with_context(|| format!("opening {}", image.display()))?;
     let mut whole = Sha256::new();
     let mut part_hashes = Vec::new();
     let mut pos = 0u64;
     let zeros = vec![0u8; MIB as usize];
     let mut buf = vec![0u8; MIB as usize];
-    let mut feed_from = |file: &mut File, from: u64, len: u64, hashers: &mut [&mut Sha256]| -> Result<u64> {
-        file.seek(SeekFrom::Start(from))?;
-        let mut remaining = len;
-        while remaining > 0 {
-            let want = remaining.min(MIB) as usize;
-            let n = read_full(file, &mut buf[..want])?;
-            if n == 0 {
-                break;
+    let mut feed_from =
+        |file: &mut File, from: u64, len: u64, hashers: &mut [&mut Sha256]| -> Result<u64> {
+            file.seek(SeekFrom::Start(from))?;
+            let mut remaining = len;
+            while remaining > 0 {
+                let want = remaining.min(MIB) as usize;
+                let n = read_full(file, &mut buf[..want])?;
+                if n == 0 {
+                    break;
+                }
+                for h in hashers.iter_mut() {
+                    h.update(&buf[..n]);
+                }
+                remaining -= n as u64;
             }
-            for h in hashers.iter_mut() {
-                h.update(&buf[..n]);
-            }
-            remaining -= n as u64;
-        }
-        Ok(len - remaining)
-    };
+            Ok(len - remaining)
+        };
     for p in &layout.partitions {
         // Bytes between partitions (the primary GPT before the first one).
         feed_from(&mut disk, pos, p.offset - pos, &mut [&mut whole])?;
         let mut ph = Sha256::new();
         let mut written = 0;
         if let Some(c) = contents.iter().find(|c| c.partition.number == p.number) {
-            let mut f = File::open(c.image).with_context(|| format!("opening {}", c.image.display()))?;
+            let mut f =
+                File::open(c.image).with_context(|| format!("opening {}", c.image.display()))?;
             written = feed_from(&mut f, 0, p.size, &mut [&mut whole, &mut ph])?;
         }
         let mut remaining = p.size - written;
@@ -254,7 +326,11 @@ pub fn hash_image(layout: &Layout, image: &Path, contents: &[Content<'_>]) -> Re
     // The backup GPT at the end.
     let tail = feed_from(&mut disk, pos, layout.size - pos, &mut [&mut whole])?;
     if pos + tail != layout.size {
-        bail!("{} is shorter than its layout ({} bytes)", image.display(), layout.size);
+        bail!(
+            "{} is shorter than its layout ({} bytes)",
+            image.display(),
+            layout.size
+        );
     }
     Ok((hex::encode(whole.finalize()), part_hashes))
 }
@@ -264,7 +340,11 @@ mod tests {
     use super::*;
 
     fn manifest() -> Manifest {
-        crate::manifest::parse_manifest("name=\"airlock\"\nversion=\"1.0\"\n[distro]\nname=\"debian\"\n", "t").unwrap()
+        crate::manifest::parse_manifest(
+            "name=\"airlock\"\nversion=\"1.0\"\n[distro]\nname=\"debian\"\n",
+            "t",
+        )
+        .unwrap()
     }
 
     const HASH: &str = "ab6752906f1cec1c66a19bdb64dd57739eb6502906e443c127fd080532e96c66";
@@ -281,7 +361,17 @@ mod tests {
     fn layout_is_contiguous_aligned_and_ordered() {
         let l = plan_layout(&manifest(), HASH).unwrap();
         let labels: Vec<&str> = l.partitions.iter().map(|p| p.label.as_str()).collect();
-        assert_eq!(labels, ["esp", "root_airlock_1.0", "verity_airlock_1.0", "_empty", "_empty", "data"]);
+        assert_eq!(
+            labels,
+            [
+                "esp",
+                "root_airlock_1.0",
+                "verity_airlock_1.0",
+                "_empty",
+                "_empty",
+                "data"
+            ]
+        );
         assert_eq!(l.partitions[0].offset, MIB);
         for w in l.partitions.windows(2) {
             assert_eq!(w[0].offset + w[0].size, w[1].offset);
@@ -325,13 +415,23 @@ mod tests {
         let esp = dir.path().join("esp");
         std::fs::write(&esp, vec![5u8; 3 * MIB as usize + 17]).unwrap();
         let disk = dir.path().join("disk");
-        let contents = [Content { partition: &layout.partitions[0], image: &esp }];
+        let contents = [Content {
+            partition: &layout.partitions[0],
+            image: &esp,
+        }];
         assemble(&runner, &layout, &contents, &disk).unwrap();
         let (whole, parts) = hash_image(&layout, &disk, &contents).unwrap();
         let bytes = std::fs::read(&disk).unwrap();
         assert_eq!(whole, hex::encode(Sha256::digest(&bytes)));
         for (p, h) in layout.partitions.iter().zip(&parts) {
-            assert_eq!(h, &hex::encode(Sha256::digest(&bytes[p.offset as usize..(p.offset + p.size) as usize])), "{}", p.label);
+            assert_eq!(
+                h,
+                &hex::encode(Sha256::digest(
+                    &bytes[p.offset as usize..(p.offset + p.size) as usize]
+                )),
+                "{}",
+                p.label
+            );
         }
     }
 

@@ -32,8 +32,18 @@ pub struct Tool {
     pub need: Need,
 }
 
-const fn tool(program: &'static str, debian_package: &'static str, fedora_package: &'static str, need: Need) -> Tool {
-    Tool { program, debian_package, fedora_package, need }
+const fn tool(
+    program: &'static str,
+    debian_package: &'static str,
+    fedora_package: &'static str,
+    need: Need,
+) -> Tool {
+    Tool {
+        program,
+        debian_package,
+        fedora_package,
+        need,
+    }
 }
 
 /// Every external program the builder calls.
@@ -57,11 +67,20 @@ pub const TOOLS: &[Tool] = &[
     tool("e2fsck", "e2fsprogs", "e2fsprogs", Need::Flash),
     tool("resize2fs", "e2fsprogs", "e2fsprogs", Need::Flash),
     tool("qemu-img", "qemu-utils", "qemu-img", Need::Flash),
-    tool("qemu-system-x86_64", "qemu-system-x86 (from bookworm-backports on Debian 12)", "qemu-system-x86-core", Need::Boot),
+    tool(
+        "qemu-system-x86_64",
+        "qemu-system-x86 (from bookworm-backports on Debian 12)",
+        "qemu-system-x86-core",
+        Need::Boot,
+    ),
 ];
 
 /// Firmware files `airlock qemu` needs (any one pair).
-const OVMF_CODE: &[&str] = &["/usr/share/OVMF/OVMF_CODE_4M.fd", "/usr/share/edk2/ovmf/OVMF_CODE.fd", "/usr/share/OVMF/OVMF_CODE.fd"];
+const OVMF_CODE: &[&str] = &[
+    "/usr/share/OVMF/OVMF_CODE_4M.fd",
+    "/usr/share/edk2/ovmf/OVMF_CODE.fd",
+    "/usr/share/OVMF/OVMF_CODE.fd",
+];
 
 /// A missing tool, as a line for the user.
 pub fn describe_missing(tool: &Tool) -> String {
@@ -73,7 +92,10 @@ pub fn describe_missing(tool: &Tool) -> String {
 
 /// Tools needed for `needs` that are not on this host.
 pub fn missing_tools(needs: &[Need]) -> Vec<&'static Tool> {
-    TOOLS.iter().filter(|t| needs.contains(&t.need) && find_program(t.program).is_none()).collect()
+    TOOLS
+        .iter()
+        .filter(|t| needs.contains(&t.need) && find_program(t.program).is_none())
+        .collect()
 }
 
 /// Fails with every missing tool named, or returns Ok.
@@ -82,15 +104,25 @@ pub fn require(needs: &[Need]) -> Result<()> {
     if missing.is_empty() {
         return Ok(());
     }
-    let lines: Vec<String> = missing.iter().map(|t| format!("  {}", describe_missing(t))).collect();
-    bail!("host tools missing (run `airlock doctor`):\n{}", lines.join("\n"))
+    let lines: Vec<String> = missing
+        .iter()
+        .map(|t| format!("  {}", describe_missing(t)))
+        .collect();
+    bail!(
+        "host tools missing (run `airlock doctor`):\n{}",
+        lines.join("\n")
+    )
 }
 
 /// True when running as root (needed for the root-mode bootstrap and chroots).
 pub fn is_root() -> bool {
     std::fs::read_to_string("/proc/self/status")
         .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("Uid:")).map(|l| l.split_whitespace().nth(2) == Some("0")))
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .map(|l| l.split_whitespace().nth(2) == Some("0"))
+        })
         .unwrap_or(false)
 }
 
@@ -110,7 +142,12 @@ pub fn report() -> bool {
             Some(path) => println!("ok       {:<20} {:<7} {}", t.program, scope, path.display()),
             None => {
                 ok = false;
-                println!("MISSING  {:<20} {:<7} {}", t.program, scope, describe_missing(t));
+                println!(
+                    "MISSING  {:<20} {:<7} {}",
+                    t.program,
+                    scope,
+                    describe_missing(t)
+                );
             }
         }
     }
@@ -118,7 +155,10 @@ pub fn report() -> bool {
         Some(p) => println!("ok       {:<20} {:<7} {p}", "OVMF", "boot"),
         None => {
             ok = false;
-            println!("MISSING  {:<20} {:<7} install Debian package `ovmf` (Fedora: `edk2-ovmf`)", "OVMF", "boot");
+            println!(
+                "MISSING  {:<20} {:<7} install Debian package `ovmf` (Fedora: `edk2-ovmf`)",
+                "OVMF", "boot"
+            );
         }
     }
     if !is_root() {
@@ -133,8 +173,17 @@ mod tests {
 
     #[test]
     fn missing_tool_message_names_both_packages() {
-        let t = tool("mkfs.erofs", "erofs-utils", "erofs-utils-fedora", Need::Build);
+        let t = tool(
+            "mkfs.erofs",
+            "erofs-utils",
+            "erofs-utils-fedora",
+            Need::Build,
+        );
         let m = describe_missing(&t);
-        assert!(m.contains("`mkfs.erofs`") && m.contains("`erofs-utils`") && m.contains("`erofs-utils-fedora`"));
+        assert!(
+            m.contains("`mkfs.erofs`")
+                && m.contains("`erofs-utils`")
+                && m.contains("`erofs-utils-fedora`")
+        );
     }
 }

@@ -27,12 +27,17 @@ pub struct Runner {
 impl Runner {
     pub fn new(verbose: bool) -> Result<Self> {
         let sh = Shell::new().context("creating command shell")?;
-        Ok(Runner { sh, log: Mutex::new(None), verbose })
+        Ok(Runner {
+            sh,
+            log: Mutex::new(None),
+            verbose,
+        })
     }
 
     /// Sends command lines and their full output to `path` from now on.
     pub fn log_to(&self, path: &Path) -> Result<()> {
-        let file = File::create(path).with_context(|| format!("creating build log {}", path.display()))?;
+        let file =
+            File::create(path).with_context(|| format!("creating build log {}", path.display()))?;
         *self.log.lock().unwrap() = Some(file);
         Ok(())
     }
@@ -117,10 +122,15 @@ where
     I: IntoIterator<Item = S>,
     S: AsRef<OsStr>,
 {
-    let mut command: Vec<OsString> = ["env", "-i", "PATH=/usr/sbin:/usr/bin:/sbin:/bin", "LANG=C.UTF-8"]
-        .iter()
-        .map(OsString::from)
-        .collect();
+    let mut command: Vec<OsString> = [
+        "env",
+        "-i",
+        "PATH=/usr/sbin:/usr/bin:/sbin:/bin",
+        "LANG=C.UTF-8",
+    ]
+    .iter()
+    .map(OsString::from)
+    .collect();
     command.push(format!("SOURCE_DATE_EPOCH={}", source_date_epoch()).into());
     command.extend(argv.into_iter().map(|a| a.as_ref().to_os_string()));
     command
@@ -152,16 +162,28 @@ fn describe_status(status: &std::process::ExitStatus) -> String {
 
 /// The last lines of stderr (or stdout if stderr is empty), indented.
 fn tail(stderr: &str, stdout: &str) -> String {
-    let text = if stderr.trim().is_empty() { stdout } else { stderr };
+    let text = if stderr.trim().is_empty() {
+        stdout
+    } else {
+        stderr
+    };
     let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
     let start = lines.len().saturating_sub(STDERR_TAIL_LINES);
-    lines[start..].iter().map(|l| format!("  | {l}\n")).collect::<String>().trim_end().to_string()
+    lines[start..]
+        .iter()
+        .map(|l| format!("  | {l}\n"))
+        .collect::<String>()
+        .trim_end()
+        .to_string()
 }
 
 /// `SOURCE_DATE_EPOCH` if set (reproducible builds), else a fixed epoch, so
 /// that the same inputs give the same image by default.
 pub fn source_date_epoch() -> u64 {
-    std::env::var("SOURCE_DATE_EPOCH").ok().and_then(|v| v.parse().ok()).unwrap_or(DEFAULT_EPOCH)
+    std::env::var("SOURCE_DATE_EPOCH")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(DEFAULT_EPOCH)
 }
 
 /// 2025-01-01T00:00:00Z.
@@ -184,7 +206,13 @@ mod tests {
         let runner = Runner::new(false).unwrap();
         let sh = runner.sh();
         let err = runner
-            .run("testing errors", cmd!(sh, "sh -c 'echo one >&2; echo E: Unable to locate package nope >&2; exit 3'"))
+            .run(
+                "testing errors",
+                cmd!(
+                    sh,
+                    "sh -c 'echo one >&2; echo E: Unable to locate package nope >&2; exit 3'"
+                ),
+            )
             .unwrap_err()
             .to_string();
         assert!(err.starts_with("testing errors: sh exited 3"), "{err}");
@@ -202,8 +230,19 @@ mod tests {
     #[test]
     fn chroot_commands_get_a_clean_environment() {
         let command = in_clean_env(["semodule", "-n"]);
-        let shown: Vec<String> = command.iter().map(|a| a.to_string_lossy().into_owned()).collect();
-        assert_eq!(&shown[..4], ["env", "-i", "PATH=/usr/sbin:/usr/bin:/sbin:/bin", "LANG=C.UTF-8"]);
+        let shown: Vec<String> = command
+            .iter()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(
+            &shown[..4],
+            [
+                "env",
+                "-i",
+                "PATH=/usr/sbin:/usr/bin:/sbin:/bin",
+                "LANG=C.UTF-8"
+            ]
+        );
         assert!(shown[4].starts_with("SOURCE_DATE_EPOCH="));
         assert_eq!(&shown[5..], ["semodule", "-n"]);
     }
@@ -212,6 +251,10 @@ mod tests {
     fn tail_keeps_last_lines_only() {
         let many: String = (0..40).map(|i| format!("line {i}\n")).collect();
         let t = tail(&many, "");
-        assert!(t.contains("line 39") && !t.contains("line 24\n") && t.lines().count() == STDERR_TAIL_LINES);
+        assert!(
+            t.contains("line 39")
+                && !t.contains("line 24\n")
+                && t.lines().count() == STDERR_TAIL_LINES
+        );
     }
 }

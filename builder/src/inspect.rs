@@ -33,11 +33,19 @@ pub struct InspectedPartition {
 pub fn inspect(image: &Path) -> Result<Inspection> {
     let runner = Runner::new(false)?;
     let sh = runner.sh();
-    let json = runner.run("reading the partition table", cmd!(sh, "sfdisk --json {image}"))?;
+    let json = runner.run(
+        "reading the partition table",
+        cmd!(sh, "sfdisk --json {image}"),
+    )?;
     let table: serde_json::Value = serde_json::from_str(&json).context("parsing sfdisk --json")?;
     let table = &table["partitiontable"];
     let mut partitions = Vec::new();
-    for (i, p) in table["partitions"].as_array().context("no partitions in table")?.iter().enumerate() {
+    for (i, p) in table["partitions"]
+        .as_array()
+        .context("no partitions in table")?
+        .iter()
+        .enumerate()
+    {
         partitions.push(InspectedPartition {
             number: i + 1,
             label: p["name"].as_str().unwrap_or("").to_string(),
@@ -50,12 +58,25 @@ pub fn inspect(image: &Path) -> Result<Inspection> {
     let esp = partitions
         .iter()
         .find(|p| p.type_uuid == types::ESP)
-        .with_context(|| format!("{} has no EFI system partition; not an airlock image", image.display()))?;
+        .with_context(|| {
+            format!(
+                "{} has no EFI system partition; not an airlock image",
+                image.display()
+            )
+        })?;
     let esp_spec = format!("{}@@{}", image.display(), esp.start_sector * 512);
     let _env = sh.push_env("MTOOLS_SKIP_CHECK", "1");
     let info = runner
-        .run("reading /airlock/build.json from the ESP", cmd!(sh, "mtype -i {esp_spec} ::/airlock/build.json"))
-        .with_context(|| format!("{} has no airlock build information on its ESP", image.display()))?;
+        .run(
+            "reading /airlock/build.json from the ESP",
+            cmd!(sh, "mtype -i {esp_spec} ::/airlock/build.json"),
+        )
+        .with_context(|| {
+            format!(
+                "{} has no airlock build information on its ESP",
+                image.display()
+            )
+        })?;
     let build: BuildInfo = serde_json::from_str(&info).context("parsing /airlock/build.json")?;
     Ok(Inspection {
         image: image.display().to_string(),

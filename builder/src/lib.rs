@@ -91,13 +91,17 @@ pub fn run(cli: cli::Cli) -> Result<()> {
             if added {
                 println!("airlock: {}: signed by {fingerprint}", a.bundle.display());
             } else {
-                println!("airlock: {}: already signed by {fingerprint}, unchanged", a.bundle.display());
+                println!(
+                    "airlock: {}: already signed by {fingerprint}, unchanged",
+                    a.bundle.display()
+                );
             }
             Ok(())
         }
         cli::Command::Verify(a) => {
             let trust = bundle::load_trust(&a.keys, a.threshold)?;
-            let v = bundle::verify_bundle(&a.bundle, &trust, &mut |line| eprintln!("airlock: {line}"))?;
+            let v =
+                bundle::verify_bundle(&a.bundle, &trust, &mut |line| eprintln!("airlock: {line}"))?;
             let m = &v.manifest;
             println!(
                 "airlock: {}: valid: {} {} for {} (security epoch {}), signed by {} ({} of {} needed)",
@@ -116,7 +120,9 @@ pub fn run(cli: cli::Cli) -> Result<()> {
             use std::io::Write;
             let bytes = bundle::manifest_bytes(&path)?;
             let mut out = std::io::stdout().lock();
-            out.write_all(&bytes).and_then(|()| out.flush()).context("writing the manifest to stdout")?;
+            out.write_all(&bytes)
+                .and_then(|()| out.flush())
+                .context("writing the manifest to stdout")?;
             Ok(())
         }
         cli::Command::Doctor => {
@@ -131,7 +137,8 @@ pub fn run(cli: cli::Cli) -> Result<()> {
 
 fn boot(a: &cli::QemuArgs) -> Result<()> {
     doctor::require(&[doctor::Need::Boot])?;
-    let qemu_bin = exec::find_program("qemu-system-x86_64").context("qemu-system-x86_64 not found")?;
+    let qemu_bin =
+        exec::find_program("qemu-system-x86_64").context("qemu-system-x86_64 not found")?;
     let dir = tempfile::tempdir().context("creating a directory for the firmware variables")?;
     let firmware = qemu::prepare_firmware(&dir.path().join("OVMF_VARS.fd"))?;
     let accel = qemu::detect_accel(&qemu_bin);

@@ -84,7 +84,9 @@ impl RawDistro {
                 }
                 Ok(Distro::Fedora {
                     release: self.release.ok_or("Fedora needs `release` (e.g. 41)")?,
-                    repositories: self.repositories.ok_or("Fedora needs at least one [[distro.repositories]]")?,
+                    repositories: self
+                        .repositories
+                        .ok_or("Fedora needs at least one [[distro.repositories]]")?,
                 })
             }
         }
@@ -246,12 +248,14 @@ impl Manifest {
 /// Parses and validates manifest text. `origin` names the file in errors.
 pub fn parse_manifest(text: &str, origin: &str) -> Result<Manifest> {
     // toml's error already names the line, column and offending key.
-    let raw: RawManifest =
-        toml::from_str(text).map_err(|e| anyhow::anyhow!("{origin}: {}", e.to_string().trim_end()))?;
-    let distro = raw
-        .distro
-        .into_distro()
-        .map_err(|why| anyhow::anyhow!("{origin}: invalid manifest: table `distro`{}: {why}", line_of_table(text, "distro")))?;
+    let raw: RawManifest = toml::from_str(text)
+        .map_err(|e| anyhow::anyhow!("{origin}: {}", e.to_string().trim_end()))?;
+    let distro = raw.distro.into_distro().map_err(|why| {
+        anyhow::anyhow!(
+            "{origin}: invalid manifest: table `distro`{}: {why}",
+            line_of_table(text, "distro")
+        )
+    })?;
     let manifest = Manifest {
         name: raw.name,
         version: raw.version,
@@ -276,16 +280,38 @@ pub fn load_manifest(path: &Path) -> Result<Manifest> {
 /// Reads and checks the manifest's `[update] allowed_signers` (relative to
 /// the manifest file) against its `threshold`; `None` without `[update]`.
 /// `text` is the manifest's text, for the line in errors.
-pub fn load_trusted_keys(m: &Manifest, manifest_path: &Path, text: &str) -> Result<Option<TrustedKeys>> {
-    let Some(file) = &m.update.allowed_signers else { return Ok(None) };
+pub fn load_trusted_keys(
+    m: &Manifest,
+    manifest_path: &Path,
+    text: &str,
+) -> Result<Option<TrustedKeys>> {
+    let Some(file) = &m.update.allowed_signers else {
+        return Ok(None);
+    };
     let origin = manifest_path.display();
-    let bad = |why: String| anyhow::anyhow!("{origin}: invalid manifest: key `update.allowed_signers`{}: {why}", line_of(text, "allowed_signers"));
+    let bad = |why: String| {
+        anyhow::anyhow!(
+            "{origin}: invalid manifest: key `update.allowed_signers`{}: {why}",
+            line_of(text, "allowed_signers")
+        )
+    };
     let path = manifest_path.parent().unwrap_or(Path::new(".")).join(file);
-    let keys_text = std::fs::read_to_string(&path).map_err(|e| bad(format!("reading {}: {e}", path.display())))?;
-    let keys = airlock_bundle::parse_allowed_signers(&keys_text).map_err(|e| bad(format!("{}: {e}", path.display())))?;
+    let keys_text = std::fs::read_to_string(&path)
+        .map_err(|e| bad(format!("reading {}: {e}", path.display())))?;
+    let keys = airlock_bundle::parse_allowed_signers(&keys_text)
+        .map_err(|e| bad(format!("{}: {e}", path.display())))?;
     let threshold = m.update.threshold.unwrap_or(1);
-    let trust = airlock_bundle::Trust::new(keys, threshold).map_err(|e| bad(format!("{} with threshold {threshold}: {e}", path.display())))?;
-    Ok(Some(TrustedKeys { text: keys_text, threshold, keys: trust.keys().len() }))
+    let trust = airlock_bundle::Trust::new(keys, threshold).map_err(|e| {
+        bad(format!(
+            "{} with threshold {threshold}: {e}",
+            path.display()
+        ))
+    })?;
+    Ok(Some(TrustedKeys {
+        text: keys_text,
+        threshold,
+        keys: trust.keys().len(),
+    }))
 }
 
 /// 1-based line of the first `key =` assignment in the text, for messages
@@ -294,7 +320,8 @@ fn line_of(text: &str, key: &str) -> String {
     text.lines()
         .position(|l| {
             let l = l.trim_start();
-            l.strip_prefix(key).is_some_and(|rest| rest.trim_start().starts_with('='))
+            l.strip_prefix(key)
+                .is_some_and(|rest| rest.trim_start().starts_with('='))
         })
         .map(|i| format!(" (line {})", i + 1))
         .unwrap_or_default()
@@ -310,24 +337,46 @@ fn line_of_table(text: &str, table: &str) -> String {
 }
 
 fn validate(m: &Manifest, text: &str) -> Result<()> {
-    let bad = |key: &str, why: String| anyhow::anyhow!("key `{key}`{}: {why}", line_of(text, key.rsplit('.').next().unwrap_or(key)));
+    let bad = |key: &str, why: String| {
+        anyhow::anyhow!(
+            "key `{key}`{}: {why}",
+            line_of(text, key.rsplit('.').next().unwrap_or(key))
+        )
+    };
     if m.name.is_empty()
         || m.name.len() > 64
-        || !m.name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+        || !m
+            .name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
         || m.name.starts_with('-')
     {
-        return Err(bad("name", format!("{:?} must be 1-64 characters of a-z, 0-9 and '-'", m.name)));
+        return Err(bad(
+            "name",
+            format!("{:?} must be 1-64 characters of a-z, 0-9 and '-'", m.name),
+        ));
     }
     if m.version.is_empty()
-        || m.version.split('.').any(|p| p.is_empty() || !p.chars().all(|c| c.is_ascii_digit()))
+        || m.version
+            .split('.')
+            .any(|p| p.is_empty() || !p.chars().all(|c| c.is_ascii_digit()))
         || airlock_bundle::Version::parse(&m.version).is_err()
     {
-        return Err(bad("version", format!("{:?} must be numbers separated by dots, like 1.4.2", m.version)));
+        return Err(bad(
+            "version",
+            format!(
+                "{:?} must be numbers separated by dots, like 1.4.2",
+                m.version
+            ),
+        ));
     }
     match &m.distro {
         Distro::Debian { suite, mirrors } => {
             if suite.is_empty() || !suite.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') {
-                return Err(bad("distro.suite", format!("{suite:?} is not a Debian suite name")));
+                return Err(bad(
+                    "distro.suite",
+                    format!("{suite:?} is not a Debian suite name"),
+                ));
             }
             if mirrors.is_empty() {
                 return Err(bad("distro.mirrors", "needs at least one mirror".into()));
@@ -336,18 +385,33 @@ fn validate(m: &Manifest, text: &str) -> Result<()> {
                 check_url(mirror).map_err(|why| bad("distro.mirrors", why))?;
             }
         }
-        Distro::Fedora { release, repositories } => {
+        Distro::Fedora {
+            release,
+            repositories,
+        } => {
             if *release < 38 {
-                return Err(bad("distro.release", format!("Fedora {release} is too old (38 or newer)")));
+                return Err(bad(
+                    "distro.release",
+                    format!("Fedora {release} is too old (38 or newer)"),
+                ));
             }
             if repositories.is_empty() {
-                return Err(bad("distro.repositories", "needs at least one repository".into()));
+                return Err(bad(
+                    "distro.repositories",
+                    "needs at least one repository".into(),
+                ));
             }
             for repo in repositories {
                 if repo.id.is_empty()
-                    || !repo.id.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+                    || !repo
+                        .id
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
                 {
-                    return Err(bad("distro.repositories.id", format!("{:?} is not a valid repository id", repo.id)));
+                    return Err(bad(
+                        "distro.repositories.id",
+                        format!("{:?} is not a valid repository id", repo.id),
+                    ));
                 }
                 check_url(&repo.baseurl).map_err(|why| bad("distro.repositories.baseurl", why))?;
                 match (&repo.gpgkey, repo.gpgcheck) {
@@ -365,24 +429,42 @@ fn validate(m: &Manifest, text: &str) -> Result<()> {
     }
     for package in &m.packages.extra {
         if package.is_empty()
-            || !package.chars().all(|c| c.is_ascii_alphanumeric() || "+-._:".contains(c))
+            || !package
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "+-._:".contains(c))
         {
-            return Err(bad("packages.extra", format!("{package:?} is not a package name")));
+            return Err(bad(
+                "packages.extra",
+                format!("{package:?} is not a package name"),
+            ));
         }
     }
     for arg in &m.kernel.cmdline {
         if arg.is_empty() || arg.chars().any(|c| c.is_whitespace() || c.is_control()) {
-            return Err(bad("kernel.cmdline", format!("{arg:?}: one argument per entry, no spaces")));
+            return Err(bad(
+                "kernel.cmdline",
+                format!("{arg:?}: one argument per entry, no spaces"),
+            ));
         }
         let key = arg.split('=').next().unwrap_or(arg);
         if RESERVED_CMDLINE_KEYS.contains(&key) {
-            return Err(bad("kernel.cmdline", format!("{arg:?} overrides a security setting the builder owns")));
+            return Err(bad(
+                "kernel.cmdline",
+                format!("{arg:?} overrides a security setting the builder owns"),
+            ));
         }
     }
     match (&m.update.allowed_signers, m.update.threshold) {
-        (None, Some(_)) => return Err(bad("update.threshold", "needs `allowed_signers`, the keys it counts".into())),
+        (None, Some(_)) => {
+            return Err(bad(
+                "update.threshold",
+                "needs `allowed_signers`, the keys it counts".into(),
+            ))
+        }
         (_, Some(0)) => return Err(bad("update.threshold", "must be at least 1".into())),
-        (Some(f), _) if f.trim().is_empty() => return Err(bad("update.allowed_signers", "names no file".into())),
+        (Some(f), _) if f.trim().is_empty() => {
+            return Err(bad("update.allowed_signers", "names no file".into()))
+        }
         _ => {}
     }
     let p = &m.partitions;
@@ -402,18 +484,35 @@ fn validate(m: &Manifest, text: &str) -> Result<()> {
 /// Command-line keys the builder sets itself; a manifest may not override
 /// them (they carry the verity root hash and the SELinux mode).
 pub const RESERVED_CMDLINE_KEYS: &[&str] = &[
-    "roothash", "usrhash", "root", "ro", "rw", "security", "lsm", "selinux", "enforcing",
-    "init", "rd.shell", "systemd.verity", "systemd.unit", "rd.systemd.unit", "systemd.debug_shell",
+    "roothash",
+    "usrhash",
+    "root",
+    "ro",
+    "rw",
+    "security",
+    "lsm",
+    "selinux",
+    "enforcing",
+    "init",
+    "rd.shell",
+    "systemd.verity",
+    "systemd.unit",
+    "rd.systemd.unit",
+    "systemd.debug_shell",
     "systemd.volatile",
 ];
 
 fn check_url(url: &str) -> std::result::Result<(), String> {
-    let ok = ["http://", "https://", "file:///"].iter().any(|p| url.starts_with(p))
+    let ok = ["http://", "https://", "file:///"]
+        .iter()
+        .any(|p| url.starts_with(p))
         && !url.chars().any(|c| c.is_whitespace() || c.is_control());
     if ok {
         Ok(())
     } else {
-        Err(format!("{url:?} must be an http://, https:// or file:/// URL without spaces"))
+        Err(format!(
+            "{url:?} must be an http://, https:// or file:/// URL without spaces"
+        ))
     }
 }
 
@@ -431,7 +530,13 @@ name = "debian"
     #[test]
     fn minimal_debian_gets_defaults() {
         let m = parse_manifest(DEBIAN, "t.toml").unwrap();
-        assert_eq!(m.distro, Distro::Debian { suite: "trixie".into(), mirrors: vec!["http://deb.debian.org/debian".into()] });
+        assert_eq!(
+            m.distro,
+            Distro::Debian {
+                suite: "trixie".into(),
+                mirrors: vec!["http://deb.debian.org/debian".into()]
+            }
+        );
         assert_eq!(m.partitions, Partitions::default());
         assert_eq!(m.artifact_stem(), "airlock_1.0");
         assert_eq!(m.security_epoch, 0);
@@ -448,27 +553,76 @@ name = "debian"
         }
     }
 
-    const KEY_A: &str = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIMFqCXij7GD1YFB5ZLVlBBskqc5+mFnSGAlAp/xtx/Yf";
+    const KEY_A: &str =
+        "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIMFqCXij7GD1YFB5ZLVlBBskqc5+mFnSGAlAp/xtx/Yf";
 
     #[test]
     fn trusted_keys_are_read_relative_to_the_manifest_and_checked() {
         let dir = tempfile::tempdir().unwrap();
         let manifest_path = dir.path().join("m.toml");
-        let text = format!("{DEBIAN}[update]\nallowed_signers = \"keys/allowed_signers\"\nthreshold = 2\n");
+        let text = format!(
+            "{DEBIAN}[update]\nallowed_signers = \"keys/allowed_signers\"\nthreshold = 2\n"
+        );
         let m = parse_manifest(&text, "m.toml").unwrap();
-        assert_eq!(load_trusted_keys(&parse_manifest(DEBIAN, "m.toml").unwrap(), &manifest_path, DEBIAN).unwrap(), None);
-        let err = format!("{:#}", load_trusted_keys(&m, &manifest_path, &text).unwrap_err());
-        assert!(err.contains("update.allowed_signers") && err.contains("line 7") && err.contains("keys/allowed_signers"), "{err}");
+        assert_eq!(
+            load_trusted_keys(
+                &parse_manifest(DEBIAN, "m.toml").unwrap(),
+                &manifest_path,
+                DEBIAN
+            )
+            .unwrap(),
+            None
+        );
+        let err = format!(
+            "{:#}",
+            load_trusted_keys(&m, &manifest_path, &text).unwrap_err()
+        );
+        assert!(
+            err.contains("update.allowed_signers")
+                && err.contains("line 7")
+                && err.contains("keys/allowed_signers"),
+            "{err}"
+        );
         std::fs::create_dir_all(dir.path().join("keys")).unwrap();
-        std::fs::write(dir.path().join("keys/allowed_signers"), format!("it@example.org {KEY_A}\n")).unwrap();
-        let err = format!("{:#}", load_trusted_keys(&m, &manifest_path, &text).unwrap_err());
-        assert!(err.contains("threshold 2"), "one key cannot meet a threshold of 2: {err}");
-        std::fs::write(dir.path().join("keys/allowed_signers"), "it@example.org ssh-ed25519 not-base64\n").unwrap();
-        let err = format!("{:#}", load_trusted_keys(&m, &manifest_path, &text).unwrap_err());
-        assert!(err.contains("line 1"), "the trust file's own line is named: {err}");
+        std::fs::write(
+            dir.path().join("keys/allowed_signers"),
+            format!("it@example.org {KEY_A}\n"),
+        )
+        .unwrap();
+        let err = format!(
+            "{:#}",
+            load_trusted_keys(&m, &manifest_path, &text).unwrap_err()
+        );
+        assert!(
+            err.contains("threshold 2"),
+            "one key cannot meet a threshold of 2: {err}"
+        );
+        std::fs::write(
+            dir.path().join("keys/allowed_signers"),
+            "it@example.org ssh-ed25519 not-base64\n",
+        )
+        .unwrap();
+        let err = format!(
+            "{:#}",
+            load_trusted_keys(&m, &manifest_path, &text).unwrap_err()
+        );
+        assert!(
+            err.contains("line 1"),
+            "the trust file's own line is named: {err}"
+        );
         let one = text.replace("threshold = 2", "threshold = 1");
-        std::fs::write(dir.path().join("keys/allowed_signers"), format!("# IT\nit@example.org {KEY_A}\n")).unwrap();
-        let keys = load_trusted_keys(&parse_manifest(&one, "m.toml").unwrap(), &manifest_path, &one).unwrap().unwrap();
+        std::fs::write(
+            dir.path().join("keys/allowed_signers"),
+            format!("# IT\nit@example.org {KEY_A}\n"),
+        )
+        .unwrap();
+        let keys = load_trusted_keys(
+            &parse_manifest(&one, "m.toml").unwrap(),
+            &manifest_path,
+            &one,
+        )
+        .unwrap()
+        .unwrap();
         assert_eq!((keys.threshold, keys.keys), (1, 1));
         assert!(keys.text.starts_with("# IT\n"), "installed as written");
     }
@@ -499,9 +653,15 @@ name = "debian"
         for (text, words) in cases {
             let err = format!("{:#}", parse_manifest(text, "m.toml").unwrap_err());
             for word in *words {
-                assert!(err.contains(word), "error for\n{text}\nlacks {word:?}: {err}");
+                assert!(
+                    err.contains(word),
+                    "error for\n{text}\nlacks {word:?}: {err}"
+                );
             }
-            assert!(err.starts_with("m.toml"), "error does not name the file: {err}");
+            assert!(
+                err.starts_with("m.toml"),
+                "error does not name the file: {err}"
+            );
         }
     }
 }

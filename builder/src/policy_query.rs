@@ -23,7 +23,12 @@ pub struct Access {
 
 impl Access {
     pub fn new(source: &str, target: &str, class: &str, permission: &str) -> Self {
-        Access { source: source.into(), target: target.into(), class: class.into(), permission: permission.into() }
+        Access {
+            source: source.into(),
+            target: target.into(),
+            class: class.into(),
+            permission: permission.into(),
+        }
     }
 }
 
@@ -40,9 +45,17 @@ pub struct Answers {
 pub fn tools_tree(source: &Path, manifest_path: &Path, cache: &Path) -> Result<PathBuf> {
     let manifest = crate::manifest::load_manifest(manifest_path)?;
     let sets = rootfs::load_package_sets(&source.join("rootfs"), &manifest)?;
-    let cache = Cache { root: cache.to_path_buf() };
-    let tree = cache.trees(&rootfs::tree_key(&manifest, &sets)).join("tools");
-    ensure!(tree.join("usr").is_dir(), "no tools tree at {} (build the image first)", tree.display());
+    let cache = Cache {
+        root: cache.to_path_buf(),
+    };
+    let tree = cache
+        .trees(&rootfs::tree_key(&manifest, &sets))
+        .join("tools");
+    ensure!(
+        tree.join("usr").is_dir(),
+        "no tools tree at {} (build the image first)",
+        tree.display()
+    );
     Ok(tree)
 }
 
@@ -50,20 +63,41 @@ pub fn tools_tree(source: &Path, manifest_path: &Path, cache: &Path) -> Result<P
 pub fn ask(tools_tree: &Path, policy_file: &Path, questions: &[Access]) -> Result<Answers> {
     let work = tempfile::tempdir().context("making a scratch directory")?;
     let name = policy_file.file_name().context("policy file has no name")?;
-    std::fs::copy(policy_file, work.path().join(name)).with_context(|| format!("copying {}", policy_file.display()))?;
+    std::fs::copy(policy_file, work.path().join(name))
+        .with_context(|| format!("copying {}", policy_file.display()))?;
     std::fs::write(work.path().join("query.py"), SCRIPT)?;
-    let access: Vec<[&str; 4]> =
-        questions.iter().map(|q| [q.source.as_str(), q.target.as_str(), q.class.as_str(), q.permission.as_str()]).collect();
-    let request = serde_json::json!({ "policy": Path::new("/run/airlock").join(name), "access": access });
+    let access: Vec<[&str; 4]> = questions
+        .iter()
+        .map(|q| {
+            [
+                q.source.as_str(),
+                q.target.as_str(),
+                q.class.as_str(),
+                q.permission.as_str(),
+            ]
+        })
+        .collect();
+    let request =
+        serde_json::json!({ "policy": Path::new("/run/airlock").join(name), "access": access });
     std::fs::write(work.path().join("request.json"), request.to_string())?;
     let runner = Runner::new(false)?;
     let out = runner.in_tree(
         "asking setools about the policy",
         tools_tree,
         work.path(),
-        ["sh", "-c", "python3 /run/airlock/query.py < /run/airlock/request.json"],
+        [
+            "sh",
+            "-c",
+            "python3 /run/airlock/query.py < /run/airlock/request.json",
+        ],
     )?;
-    let answers: Answers = serde_json::from_str(&out).with_context(|| format!("setools printed {out:?}"))?;
-    ensure!(answers.access.len() == questions.len(), "setools answered {} of {} questions", answers.access.len(), questions.len());
+    let answers: Answers =
+        serde_json::from_str(&out).with_context(|| format!("setools printed {out:?}"))?;
+    ensure!(
+        answers.access.len() == questions.len(),
+        "setools answered {} of {} questions",
+        answers.access.len(),
+        questions.len()
+    );
     Ok(answers)
 }

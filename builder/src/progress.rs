@@ -27,7 +27,11 @@ pub struct Stages {
 
 impl Stages {
     pub fn new() -> Self {
-        Stages { interactive: std::io::stdout().is_terminal(), timings: Vec::new(), started: Instant::now() }
+        Stages {
+            interactive: std::io::stdout().is_terminal(),
+            timings: Vec::new(),
+            started: Instant::now(),
+        }
     }
 
     /// Runs `f` as stage `name`: `detail` is shown beside the name.
@@ -49,11 +53,20 @@ impl Stages {
         };
         let result = f();
         let took = start.elapsed();
-        self.timings.push(StageTiming { stage: name.to_string(), seconds: round_ms(took) });
+        self.timings.push(StageTiming {
+            stage: name.to_string(),
+            seconds: round_ms(took),
+        });
         let outcome = if result.is_ok() { "done" } else { "FAILED" };
         match spinner {
-            Some(pb) => pb.finish_with_message(format!("{detail} — {outcome} in {:.1}s", took.as_secs_f64())),
-            None => println!("airlock: stage {name}: {outcome} in {:.1}s", took.as_secs_f64()),
+            Some(pb) => pb.finish_with_message(format!(
+                "{detail} — {outcome} in {:.1}s",
+                took.as_secs_f64()
+            )),
+            None => println!(
+                "airlock: stage {name}: {outcome} in {:.1}s",
+                took.as_secs_f64()
+            ),
         }
         result
     }

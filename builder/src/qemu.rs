@@ -115,44 +115,81 @@ fn path_opt(prefix: &str, path: &Path) -> OsString {
 /// The argument list (without the program name) for `qemu-system-x86_64`.
 pub fn qemu_args(cfg: &VmConfig) -> Vec<OsString> {
     let mut a: Vec<OsString> = Vec::new();
-    arg(&mut a, &["-nodefaults", "-no-user-config", "-machine", MACHINE]);
+    arg(
+        &mut a,
+        &["-nodefaults", "-no-user-config", "-machine", MACHINE],
+    );
     match cfg.accel {
         // `-cpu max` under TCG emulates AMD SVM, so the appliance's own guests
         // get nested KVM even when the outer VM is emulated.
         Accel::Tcg => arg(&mut a, &["-accel", "tcg", "-cpu", "max"]),
         Accel::Kvm => arg(&mut a, &["-accel", "kvm", "-cpu", "host"]),
     }
-    arg(&mut a, &["-m", &cfg.memory_mib.to_string(), "-smp", &cfg.cpus.to_string()]);
+    arg(
+        &mut a,
+        &[
+            "-m",
+            &cfg.memory_mib.to_string(),
+            "-smp",
+            &cfg.cpus.to_string(),
+        ],
+    );
     a.push("-drive".into());
     a.push(path_opt(
         "if=pflash,format=raw,unit=0,readonly=on,file=",
         &cfg.firmware.code,
     ));
     a.push("-drive".into());
-    a.push(path_opt("if=pflash,format=raw,unit=1,file=", &cfg.firmware.vars));
+    a.push(path_opt(
+        "if=pflash,format=raw,unit=1,file=",
+        &cfg.firmware.vars,
+    ));
     a.push("-drive".into());
     let mut disk = path_opt("if=none,id=disk0,format=raw,file=", &cfg.disk);
     if cfg.snapshot {
         disk.push(",snapshot=on");
     }
     a.push(disk);
-    arg(&mut a, &["-device", "virtio-blk-pci,drive=disk0,bootindex=1"]);
+    arg(
+        &mut a,
+        &["-device", "virtio-blk-pci,drive=disk0,bootindex=1"],
+    );
     for (i, extra) in cfg.extra_disks.iter().enumerate() {
         a.push("-drive".into());
-        a.push(path_opt(&format!("if=none,id=extra{i},format=raw,file="), extra));
-        arg(&mut a, &["-device", &format!("virtio-blk-pci,drive=extra{i}")]);
+        a.push(path_opt(
+            &format!("if=none,id=extra{i},format=raw,file="),
+            extra,
+        ));
+        arg(
+            &mut a,
+            &["-device", &format!("virtio-blk-pci,drive=extra{i}")],
+        );
     }
     if cfg.usb_controller {
         arg(&mut a, &["-device", "qemu-xhci,id=usb"]);
     }
     for (i, nic) in cfg.extra_netdevs.iter().enumerate() {
         arg(&mut a, &["-netdev", &format!("{},id=net{i}", nic.netdev)]);
-        let mac = nic.mac.as_ref().map_or(String::new(), |m| format!(",mac={m}"));
-        arg(&mut a, &["-device", &format!("virtio-net-pci,netdev=net{i}{mac}")]);
+        let mac = nic
+            .mac
+            .as_ref()
+            .map_or(String::new(), |m| format!(",mac={m}"));
+        arg(
+            &mut a,
+            &["-device", &format!("virtio-net-pci,netdev=net{i}{mac}")],
+        );
     }
     match &cfg.serial {
         // No multiplexing: the human monitor (Ctrl-A c) is never reachable.
-        Serial::Stdio => arg(&mut a, &["-chardev", "stdio,id=con0,signal=off", "-serial", "chardev:con0"]),
+        Serial::Stdio => arg(
+            &mut a,
+            &[
+                "-chardev",
+                "stdio,id=con0,signal=off",
+                "-serial",
+                "chardev:con0",
+            ],
+        ),
         Serial::File(path) => {
             a.push("-chardev".into());
             a.push(path_opt("file,id=con0,append=on,path=", path));
@@ -171,12 +208,15 @@ pub fn qemu_args(cfg: &VmConfig) -> Vec<OsString> {
     if let Some(agent) = &cfg.agent_socket {
         a.push("-chardev".into());
         a.push(path_opt("socket,id=agent0,server=on,wait=off,path=", agent));
-        arg(&mut a, &[
-            "-device",
-            "virtio-serial-pci,id=vser0",
-            "-device",
-            &format!("virtserialport,bus=vser0.0,chardev=agent0,name={TEST_AGENT_PORT}"),
-        ]);
+        arg(
+            &mut a,
+            &[
+                "-device",
+                "virtio-serial-pci,id=vser0",
+                "-device",
+                &format!("virtserialport,bus=vser0.0,chardev=agent0,name={TEST_AGENT_PORT}"),
+            ],
+        );
     }
     if let Some(uuid) = &cfg.uuid {
         arg(&mut a, &["-uuid", uuid]);
@@ -188,9 +228,18 @@ pub fn qemu_args(cfg: &VmConfig) -> Vec<OsString> {
 
 /// Well-known places of the OVMF pair (Debian `ovmf`, Fedora `edk2-ovmf`).
 const OVMF_CANDIDATES: &[(&str, &str)] = &[
-    ("/usr/share/OVMF/OVMF_CODE_4M.fd", "/usr/share/OVMF/OVMF_VARS_4M.fd"),
-    ("/usr/share/edk2/ovmf/OVMF_CODE.fd", "/usr/share/edk2/ovmf/OVMF_VARS.fd"),
-    ("/usr/share/OVMF/OVMF_CODE.fd", "/usr/share/OVMF/OVMF_VARS.fd"),
+    (
+        "/usr/share/OVMF/OVMF_CODE_4M.fd",
+        "/usr/share/OVMF/OVMF_VARS_4M.fd",
+    ),
+    (
+        "/usr/share/edk2/ovmf/OVMF_CODE.fd",
+        "/usr/share/edk2/ovmf/OVMF_VARS.fd",
+    ),
+    (
+        "/usr/share/OVMF/OVMF_CODE.fd",
+        "/usr/share/OVMF/OVMF_VARS.fd",
+    ),
 ];
 
 /// The installed OVMF pair: (code, variable-store template).
@@ -213,18 +262,26 @@ pub fn find_ovmf() -> Result<(PathBuf, PathBuf)> {
 pub fn prepare_firmware(vars: &Path) -> Result<Firmware> {
     let (code, template) = find_ovmf()?;
     if !vars.exists() {
-        std::fs::copy(&template, vars)
-            .with_context(|| format!("copying OVMF variables {} to {}", template.display(), vars.display()))?;
+        std::fs::copy(&template, vars).with_context(|| {
+            format!(
+                "copying OVMF variables {} to {}",
+                template.display(),
+                vars.display()
+            )
+        })?;
     }
-    Ok(Firmware { code, vars: vars.to_path_buf() })
+    Ok(Firmware {
+        code,
+        vars: vars.to_path_buf(),
+    })
 }
 
 /// A 64 KiB firmware image whose reset vector writes 0x2a to the
 /// `isa-debug-exit` port and halts: QEMU then exits with status 85.
 fn probe_firmware() -> Vec<u8> {
     let mut rom = vec![0xf4u8; 64 * 1024]; // hlt everywhere
-    // At the reset vector (0xFFFF0, i.e. 16 bytes before the end):
-    // mov al,0x2a ; mov dx,0x501 ; out dx,al ; hlt
+                                           // At the reset vector (0xFFFF0, i.e. 16 bytes before the end):
+                                           // mov al,0x2a ; mov dx,0x501 ; out dx,al ; hlt
     let code = [0xb0, 0x2a, 0xba, 0x01, 0x05, 0xee, 0xf4];
     let at = rom.len() - 16;
     rom[at..at + code.len()].copy_from_slice(&code);
@@ -253,16 +310,36 @@ pub fn detect_accel(qemu: &Path) -> Accel {
         Ok("tcg") => return Accel::Tcg,
         _ => {}
     }
-    if std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm").is_err() {
+    if std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_err()
+    {
         return Accel::Tcg;
     }
-    let Ok(dir) = tempfile::tempdir() else { return Accel::Tcg };
+    let Ok(dir) = tempfile::tempdir() else {
+        return Accel::Tcg;
+    };
     let rom = dir.path().join("probe.rom");
     if std::fs::write(&rom, probe_firmware()).is_err() {
         return Accel::Tcg;
     }
     let status = std::process::Command::new(qemu)
-        .args(["-nodefaults", "-display", "none", "-accel", "kvm", "-cpu", "host", "-machine", MACHINE, "-device", "isa-debug-exit,iobase=0x501,iosize=1", "-bios"])
+        .args([
+            "-nodefaults",
+            "-display",
+            "none",
+            "-accel",
+            "kvm",
+            "-cpu",
+            "host",
+            "-machine",
+            MACHINE,
+            "-device",
+            "isa-debug-exit,iobase=0x501,iosize=1",
+            "-bios",
+        ])
         .arg(&rom)
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())
@@ -281,13 +358,20 @@ mod tests {
     fn base() -> VmConfig {
         VmConfig::new(
             "/img/a.raw".into(),
-            Firmware { code: "/fw/code.fd".into(), vars: "/tmp/vars.fd".into() },
+            Firmware {
+                code: "/fw/code.fd".into(),
+                vars: "/tmp/vars.fd".into(),
+            },
             Accel::Tcg,
         )
     }
 
     fn joined(cfg: &VmConfig) -> String {
-        qemu_args(cfg).iter().map(|a| a.to_string_lossy().into_owned()).collect::<Vec<_>>().join(" ")
+        qemu_args(cfg)
+            .iter()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect::<Vec<_>>()
+            .join(" ")
     }
 
     #[test]
@@ -321,20 +405,35 @@ mod tests {
     #[test]
     fn extra_nics_get_numbered_netdevs_and_their_macs() {
         let mut cfg = base();
-        assert!(!joined(&cfg).contains("virtio-net-pci"), "no NIC unless asked for");
+        assert!(
+            !joined(&cfg).contains("virtio-net-pci"),
+            "no NIC unless asked for"
+        );
         cfg.extra_netdevs = vec![
-            Nic { netdev: "tap,ifname=a,script=no,downscript=no".into(), mac: Some("52:54:00:77:00:02".into()) },
-            Nic { netdev: "user".into(), mac: None },
+            Nic {
+                netdev: "tap,ifname=a,script=no,downscript=no".into(),
+                mac: Some("52:54:00:77:00:02".into()),
+            },
+            Nic {
+                netdev: "user".into(),
+                mac: None,
+            },
         ];
         let args = joined(&cfg);
         assert!(args.contains("-netdev tap,ifname=a,script=no,downscript=no,id=net0 -device virtio-net-pci,netdev=net0,mac=52:54:00:77:00:02 "), "{args}");
-        assert!(args.contains("-netdev user,id=net1 -device virtio-net-pci,netdev=net1 "), "{args}");
+        assert!(
+            args.contains("-netdev user,id=net1 -device virtio-net-pci,netdev=net1 "),
+            "{args}"
+        );
     }
 
     #[test]
     fn probe_firmware_has_reset_vector_code() {
         let rom = probe_firmware();
         assert_eq!(rom.len(), 65536);
-        assert_eq!(&rom[0xfff0..0xfff7], &[0xb0, 0x2a, 0xba, 0x01, 0x05, 0xee, 0xf4]);
+        assert_eq!(
+            &rom[0xfff0..0xfff7],
+            &[0xb0, 0x2a, 0xba, 0x01, 0x05, 0xee, 0xf4]
+        );
     }
 }

@@ -44,7 +44,8 @@ pub fn load_package_sets(rootfs_dir: &Path, manifest: &Manifest) -> Result<Packa
     let distro = manifest.distro_id();
     let read = |file: String| -> Result<Vec<String>> {
         let path = rootfs_dir.join(&file);
-        let text = std::fs::read_to_string(&path).with_context(|| format!("reading package list {}", path.display()))?;
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("reading package list {}", path.display()))?;
         Ok(parse_package_list(&text))
     };
     let mut image = read(format!("{distro}.packages"))?;
@@ -62,7 +63,10 @@ pub fn tree_key(manifest: &Manifest, sets: &PackageSets) -> String {
     let mut h = Sha256::new();
     h.update(format!("format {TREE_FORMAT}\n"));
     h.update(serde_json::to_vec(&manifest.distro).expect("distro serialises"));
-    h.update(format!("\nimage {:?}\ntools {:?}\n", sets.image, sets.tools));
+    h.update(format!(
+        "\nimage {:?}\ntools {:?}\n",
+        sets.image, sets.tools
+    ));
     hex::encode(h.finalize())[..24].to_string()
 }
 
@@ -91,7 +95,14 @@ pub struct Trees {
 }
 
 /// Makes (or reuses) the tools tree and the image base tree.
-pub fn prepare_trees(runner: &Runner, manifest: &Manifest, sets: &PackageSets, cache: &Cache, scratch: &Path, reuse: bool) -> Result<Trees> {
+pub fn prepare_trees(
+    runner: &Runner,
+    manifest: &Manifest,
+    sets: &PackageSets,
+    cache: &Cache,
+    scratch: &Path,
+    reuse: bool,
+) -> Result<Trees> {
     let key = tree_key(manifest, sets);
     let dir = cache.trees(&key);
     let tools = dir.join("tools");
@@ -99,20 +110,37 @@ pub fn prepare_trees(runner: &Runner, manifest: &Manifest, sets: &PackageSets, c
     let complete = dir.join("complete");
     if reuse && complete.exists() {
         runner.note(&format!("reusing cached trees {}", dir.display()));
-        return Ok(Trees { tools, image_base, reused: true });
+        return Ok(Trees {
+            tools,
+            image_base,
+            reused: true,
+        });
     }
     if dir.exists() {
-        std::fs::remove_dir_all(&dir).with_context(|| format!("removing stale tree cache {}", dir.display()))?;
+        std::fs::remove_dir_all(&dir)
+            .with_context(|| format!("removing stale tree cache {}", dir.display()))?;
     }
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let all: Vec<String> = sets.image.iter().chain(&sets.tools).cloned().collect();
     let packages = cache.packages(manifest.distro_id());
-    std::fs::create_dir_all(&packages).with_context(|| format!("creating package cache {}", packages.display()))?;
+    std::fs::create_dir_all(&packages)
+        .with_context(|| format!("creating package cache {}", packages.display()))?;
     match &manifest.distro {
-        Distro::Debian { suite, mirrors } => debian_bootstrap(runner, suite, mirrors, &all, &tools, &packages)?,
-        Distro::Fedora { release, repositories } => {
-            fedora_install(runner, *release, repositories, &all, &tools, &packages, scratch)?
+        Distro::Debian { suite, mirrors } => {
+            debian_bootstrap(runner, suite, mirrors, &all, &tools, &packages)?
         }
+        Distro::Fedora {
+            release,
+            repositories,
+        } => fedora_install(
+            runner,
+            *release,
+            repositories,
+            &all,
+            &tools,
+            &packages,
+            scratch,
+        )?,
     }
     copy_tree(runner, &tools, &image_base)?;
     match &manifest.distro {
@@ -120,7 +148,11 @@ pub fn prepare_trees(runner: &Runner, manifest: &Manifest, sets: &PackageSets, c
         Distro::Fedora { .. } => fedora_purge(runner, &image_base, &sets.tools)?,
     }
     std::fs::write(&complete, &key).context("marking tree cache complete")?;
-    Ok(Trees { tools, image_base, reused: false })
+    Ok(Trees {
+        tools,
+        image_base,
+        reused: false,
+    })
 }
 
 /// `cp -a`, preserving xattrs and hard links; reflinks where the filesystem can.
@@ -130,11 +162,21 @@ pub fn copy_tree(runner: &Runner, from: &Path, to: &Path) -> Result<()> {
     Ok(())
 }
 
-fn debian_bootstrap(runner: &Runner, suite: &str, mirrors: &[String], packages: &[String], tree: &Path, cache: &Path) -> Result<()> {
+fn debian_bootstrap(
+    runner: &Runner,
+    suite: &str,
+    mirrors: &[String],
+    packages: &[String],
+    tree: &Path,
+    cache: &Path,
+) -> Result<()> {
     let sh = runner.sh();
     let include = format!("--include={}", packages.join(","));
     let mkdir_hook = r#"--setup-hook=mkdir -p "$1"/var/cache/apt/archives"#;
-    let sync_in_hook = format!("--setup-hook=sync-in {} /var/cache/apt/archives/", cache.display());
+    let sync_in_hook = format!(
+        "--setup-hook=sync-in {} /var/cache/apt/archives/",
+        cache.display()
+    );
     // INITRD=No: the kernel package's hooks must not build an initrd; the
     // builder makes its own. Downloaded .deb files are kept in the tree
     // (--skip=…) and moved to the cache afterwards.
@@ -151,12 +193,15 @@ fn debian_bootstrap(runner: &Runner, suite: &str, mirrors: &[String], packages: 
     )?;
     // Move the downloaded packages into the cache.
     let archives = tree.join("var/cache/apt/archives");
-    for entry in std::fs::read_dir(&archives).with_context(|| format!("reading {}", archives.display()))? {
+    for entry in
+        std::fs::read_dir(&archives).with_context(|| format!("reading {}", archives.display()))?
+    {
         let path = entry?.path();
         if path.extension().is_some_and(|e| e == "deb") {
             let target = cache.join(path.file_name().expect("file name"));
             if std::fs::rename(&path, &target).is_err() {
-                std::fs::copy(&path, &target).with_context(|| format!("caching {}", path.display()))?;
+                std::fs::copy(&path, &target)
+                    .with_context(|| format!("caching {}", path.display()))?;
                 std::fs::remove_file(&path)?;
             }
         }
@@ -165,11 +210,24 @@ fn debian_bootstrap(runner: &Runner, suite: &str, mirrors: &[String], packages: 
 }
 
 fn debian_purge(runner: &Runner, tree: &Path, tools: &[String], scratch: &Path) -> Result<()> {
-    let mut argv: Vec<String> = ["env", "DEBIAN_FRONTEND=noninteractive", "apt-get", "purge", "-y", "-q", "--autoremove"]
-        .map(String::from)
-        .to_vec();
+    let mut argv: Vec<String> = [
+        "env",
+        "DEBIAN_FRONTEND=noninteractive",
+        "apt-get",
+        "purge",
+        "-y",
+        "-q",
+        "--autoremove",
+    ]
+    .map(String::from)
+    .to_vec();
     argv.extend(tools.iter().cloned());
-    runner.in_tree("removing build-only packages from the image tree", tree, scratch, argv)?;
+    runner.in_tree(
+        "removing build-only packages from the image tree",
+        tree,
+        scratch,
+        argv,
+    )?;
     Ok(())
 }
 
@@ -184,7 +242,9 @@ pub fn dnf_repo_file(repositories: &[Repository]) -> String {
             repo.id, repo.id, repo.baseurl
         ));
         match (&repo.gpgkey, repo.gpgcheck) {
-            (Some(key), true) => out.push_str(&format!("gpgcheck=1\nrepo_gpgcheck=0\ngpgkey={key}\n")),
+            (Some(key), true) => {
+                out.push_str(&format!("gpgcheck=1\nrepo_gpgcheck=0\ngpgkey={key}\n"))
+            }
             (Some(key), false) => out.push_str(&format!("gpgcheck=0\ngpgkey={key}\n")),
             (None, _) => out.push_str("gpgcheck=0\n"),
         }
@@ -225,15 +285,28 @@ impl DnfConfig {
             std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
         }
         std::fs::write(&self.config, "[main]\n")?;
-        std::fs::write(self.home.join(".rpmmacros"), format!("%_dbpath {RPM_DBPATH}\n"))?;
-        std::fs::write(self.reposdir.join("airlock.repo"), dnf_repo_file(repositories)).context("writing dnf repository file")?;
+        std::fs::write(
+            self.home.join(".rpmmacros"),
+            format!("%_dbpath {RPM_DBPATH}\n"),
+        )?;
+        std::fs::write(
+            self.reposdir.join("airlock.repo"),
+            dnf_repo_file(repositories),
+        )
+        .context("writing dnf repository file")?;
         Ok(())
     }
 }
 
 /// The `dnf` arguments that install `packages` into `tree` from only the
 /// manifest's repositories (pure, unit-tested).
-pub fn dnf_install_args(release: u32, conf: &DnfConfig, tree: &Path, cache: &Path, packages: &[String]) -> Vec<String> {
+pub fn dnf_install_args(
+    release: u32,
+    conf: &DnfConfig,
+    tree: &Path,
+    cache: &Path,
+    packages: &[String],
+) -> Vec<String> {
     let mut args: Vec<String> = vec![
         "--assumeyes".into(),
         "--quiet".into(),
@@ -260,9 +333,23 @@ pub fn dnf_install_args(release: u32, conf: &DnfConfig, tree: &Path, cache: &Pat
 }
 
 /// Files dnf leaves in the installroot that belong to the build, not the image.
-const DNF_LEFTOVERS: &[&str] = &["var/log/dnf.log", "var/log/dnf.librepo.log", "var/log/dnf.rpm.log", "var/log/hawkey.log", "var/cache/dnf"];
+const DNF_LEFTOVERS: &[&str] = &[
+    "var/log/dnf.log",
+    "var/log/dnf.librepo.log",
+    "var/log/dnf.rpm.log",
+    "var/log/hawkey.log",
+    "var/cache/dnf",
+];
 
-fn fedora_install(runner: &Runner, release: u32, repositories: &[Repository], packages: &[String], tree: &Path, cache: &Path, scratch: &Path) -> Result<()> {
+fn fedora_install(
+    runner: &Runner,
+    release: u32,
+    repositories: &[Repository],
+    packages: &[String],
+    tree: &Path,
+    cache: &Path,
+    scratch: &Path,
+) -> Result<()> {
     let conf = DnfConfig::under(&scratch.join("dnf"));
     conf.write(repositories)?;
     std::fs::create_dir_all(tree).with_context(|| format!("creating {}", tree.display()))?;
@@ -293,7 +380,10 @@ fn remove_unowned_dnf_dirs(runner: &Runner, tree: &Path, cache: &Path) -> Result
     let format = "[%{FILENAMES}\n]";
     let out = runner.run(
         "listing files owned by packages",
-        cmd!(sh, "rpm {root} --dbpath {RPM_DBPATH} -qa --queryformat {format}"),
+        cmd!(
+            sh,
+            "rpm {root} --dbpath {RPM_DBPATH} -qa --queryformat {format}"
+        ),
     )?;
     let owned: std::collections::HashSet<&Path> = out.lines().map(Path::new).collect();
     // The first component of the cachedir's path that no package owns holds
@@ -311,7 +401,8 @@ fn remove_unowned_dnf_dirs(runner: &Runner, tree: &Path, cache: &Path) -> Result
             break;
         }
         if !owned.contains(abs.as_path()) {
-            std::fs::remove_dir_all(&path).with_context(|| format!("removing {}", path.display()))?;
+            std::fs::remove_dir_all(&path)
+                .with_context(|| format!("removing {}", path.display()))?;
             break;
         }
     }
@@ -328,7 +419,10 @@ fn remove_unowned_dnf_dirs(runner: &Runner, tree: &Path, cache: &Path) -> Result
 fn fedora_purge(runner: &Runner, tree: &Path, tools: &[String]) -> Result<()> {
     // rpm -e of packages that are not installed fails; only remove what is there.
     let installed = installed_packages_rpm(runner, tree)?;
-    let remove: Vec<&String> = tools.iter().filter(|t| installed.iter().any(|(n, _)| n == *t)).collect();
+    let remove: Vec<&String> = tools
+        .iter()
+        .filter(|t| installed.iter().any(|(n, _)| n == *t))
+        .collect();
     if remove.is_empty() {
         return Ok(());
     }
@@ -336,13 +430,20 @@ fn fedora_purge(runner: &Runner, tree: &Path, tools: &[String]) -> Result<()> {
     let sh = runner.sh();
     runner.run(
         "removing build-only packages from the image tree",
-        cmd!(sh, "rpm {root} --dbpath {RPM_DBPATH} -e --nodeps --noscripts {remove...}"),
+        cmd!(
+            sh,
+            "rpm {root} --dbpath {RPM_DBPATH} -e --nodeps --noscripts {remove...}"
+        ),
     )?;
     Ok(())
 }
 
 /// `(name, version)` of every package installed in `tree`.
-pub fn installed_packages(runner: &Runner, manifest: &Manifest, tree: &Path) -> Result<Vec<(String, String)>> {
+pub fn installed_packages(
+    runner: &Runner,
+    manifest: &Manifest,
+    tree: &Path,
+) -> Result<Vec<(String, String)>> {
     match manifest.distro {
         Distro::Debian { .. } => {
             let admindir = tree.join("var/lib/dpkg");
@@ -364,10 +465,16 @@ fn installed_packages_rpm(runner: &Runner, tree: &Path) -> Result<Vec<(String, S
     let format = "%{NAME}\t%|EPOCH?{%{EPOCH}:}:{}|%{VERSION}-%{RELEASE}\n";
     let out = runner.run(
         "listing installed packages",
-        cmd!(sh, "rpm {root} --dbpath {RPM_DBPATH} -qa --queryformat {format}"),
+        cmd!(
+            sh,
+            "rpm {root} --dbpath {RPM_DBPATH} -qa --queryformat {format}"
+        ),
     )?;
     // gpg-pubkey entries are imported keys, not packages.
-    Ok(parse_name_version(&out).into_iter().filter(|(n, _)| n != "gpg-pubkey").collect())
+    Ok(parse_name_version(&out)
+        .into_iter()
+        .filter(|(n, _)| n != "gpg-pubkey")
+        .collect())
 }
 
 fn parse_name_version(text: &str) -> Vec<(String, String)> {
@@ -390,11 +497,19 @@ pub fn find_kernel(tree: &Path) -> Result<(String, PathBuf)> {
         .map(|e| e.file_name().to_string_lossy().into_owned())
         .collect();
     versions.sort();
-    let Some(version) = versions.pop() else { bail!("no kernel installed in {}", modules.display()) };
+    let Some(version) = versions.pop() else {
+        bail!("no kernel installed in {}", modules.display())
+    };
     if !versions.is_empty() {
-        bail!("more than one kernel in {}: {versions:?} and {version}", modules.display());
+        bail!(
+            "more than one kernel in {}: {versions:?} and {version}",
+            modules.display()
+        );
     }
-    for candidate in [modules.join(&version).join("vmlinuz"), tree.join("boot").join(format!("vmlinuz-{version}"))] {
+    for candidate in [
+        modules.join(&version).join("vmlinuz"),
+        tree.join("boot").join(format!("vmlinuz-{version}")),
+    ] {
         if candidate.exists() {
             return Ok((version, candidate));
         }
@@ -415,20 +530,35 @@ mod tests {
     #[test]
     fn shipped_package_lists_are_not_empty_and_disjoint() {
         for (image, tools) in [
-            (include_str!("../../rootfs/debian.packages"), include_str!("../../rootfs/debian-tools.packages")),
-            (include_str!("../../rootfs/fedora.packages"), include_str!("../../rootfs/fedora-tools.packages")),
+            (
+                include_str!("../../rootfs/debian.packages"),
+                include_str!("../../rootfs/debian-tools.packages"),
+            ),
+            (
+                include_str!("../../rootfs/fedora.packages"),
+                include_str!("../../rootfs/fedora-tools.packages"),
+            ),
         ] {
             let image = parse_package_list(image);
             let tools = parse_package_list(tools);
             assert!(!image.is_empty() && !tools.is_empty());
-            assert!(image.iter().all(|p| !tools.contains(p)), "a package is both shipped and build-only");
+            assert!(
+                image.iter().all(|p| !tools.contains(p)),
+                "a package is both shipped and build-only"
+            );
         }
     }
 
     #[test]
     fn dnf_uses_only_our_repositories_and_cache() {
         let conf = DnfConfig::under(Path::new("/w/dnf"));
-        let args = dnf_install_args(41, &conf, Path::new("/w/tree"), Path::new("/c/dnf"), &["systemd".into()]);
+        let args = dnf_install_args(
+            41,
+            &conf,
+            Path::new("/w/tree"),
+            Path::new("/c/dnf"),
+            &["systemd".into()],
+        );
         assert!(args.contains(&"--setopt=reposdir=/w/dnf/repos.d".to_string()));
         assert!(args.contains(&"--config=/w/dnf/dnf.conf".to_string()));
         assert!(args.contains(&"--setopt=gpgcheck=True".to_string()));
@@ -441,8 +571,18 @@ mod tests {
     #[test]
     fn repo_file_requires_gpg_when_key_given() {
         let repos = [
-            Repository { id: "fedora".into(), baseurl: "https://m/f/".into(), gpgkey: Some("https://k".into()), gpgcheck: true },
-            Repository { id: "local".into(), baseurl: "file:///r".into(), gpgkey: None, gpgcheck: false },
+            Repository {
+                id: "fedora".into(),
+                baseurl: "https://m/f/".into(),
+                gpgkey: Some("https://k".into()),
+                gpgcheck: true,
+            },
+            Repository {
+                id: "local".into(),
+                baseurl: "file:///r".into(),
+                gpgkey: None,
+                gpgcheck: false,
+            },
         ];
         let text = dnf_repo_file(&repos);
         assert!(text.contains("[fedora]\nname=fedora\nbaseurl=https://m/f/\n"));
@@ -452,8 +592,15 @@ mod tests {
 
     #[test]
     fn tree_key_changes_with_packages() {
-        let m = crate::manifest::parse_manifest("name=\"a\"\nversion=\"1\"\n[distro]\nname=\"debian\"\n", "t").unwrap();
-        let a = PackageSets { image: vec!["systemd".into()], tools: vec!["make".into()] };
+        let m = crate::manifest::parse_manifest(
+            "name=\"a\"\nversion=\"1\"\n[distro]\nname=\"debian\"\n",
+            "t",
+        )
+        .unwrap();
+        let a = PackageSets {
+            image: vec!["systemd".into()],
+            tools: vec!["make".into()],
+        };
         let mut b = a.clone();
         b.image.push("vim".into());
         assert_ne!(tree_key(&m, &a), tree_key(&m, &b));

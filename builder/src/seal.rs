@@ -47,7 +47,13 @@ pub fn kernel_cmdline(root_hash: &str, manifest: &Manifest) -> String {
 ///
 /// lz4 rather than lz4hc: measured here on the trixie root, lz4hc (level 9)
 /// takes ~40 s against ~6 s for a root only ~4 % smaller.
-pub fn make_erofs(runner: &Runner, manifest: &Manifest, tree: &Path, file_contexts: &Path, out: &Path) -> Result<()> {
+pub fn make_erofs(
+    runner: &Runner,
+    manifest: &Manifest,
+    tree: &Path,
+    file_contexts: &Path,
+    out: &Path,
+) -> Result<()> {
     let epoch = source_date_epoch().to_string();
     let uuid = derived_uuid(manifest, "root-fs").to_string();
     let fc = format!("--file-contexts={}", file_contexts.display());
@@ -67,8 +73,17 @@ pub fn make_erofs(runner: &Runner, manifest: &Manifest, tree: &Path, file_contex
 /// The verity hash tree of `data` into `hash`; returns the root hash.
 /// Salt and UUID derive from the image identity, so the same root gives
 /// the same hash.
-pub fn make_verity(runner: &Runner, manifest: &Manifest, data: &Path, hash: &Path, scratch: &Path) -> Result<String> {
-    let salt = hex::encode(Sha256::digest(format!("airlock-verity-salt:{}:{}", manifest.name, manifest.version)));
+pub fn make_verity(
+    runner: &Runner,
+    manifest: &Manifest,
+    data: &Path,
+    hash: &Path,
+    scratch: &Path,
+) -> Result<String> {
+    let salt = hex::encode(Sha256::digest(format!(
+        "airlock-verity-salt:{}:{}",
+        manifest.name, manifest.version
+    )));
     let uuid = derived_uuid(manifest, "verity").to_string();
     let root_hash_file = scratch.join("roothash");
     let sh = runner.sh();
@@ -80,7 +95,10 @@ pub fn make_verity(runner: &Runner, manifest: &Manifest, data: &Path, hash: &Pat
              --root-hash-file={root_hash_file} {data} {hash}"
         ),
     )?;
-    let root_hash = std::fs::read_to_string(&root_hash_file).context("reading root hash")?.trim().to_string();
+    let root_hash = std::fs::read_to_string(&root_hash_file)
+        .context("reading root hash")?
+        .trim()
+        .to_string();
     if root_hash.len() != 64 || !root_hash.chars().all(|c| c.is_ascii_hexdigit()) {
         bail!("veritysetup wrote an unexpected root hash {root_hash:?}");
     }
@@ -100,7 +118,13 @@ pub fn initrd_recipe_digest() -> String {
 
 /// Builds the initrd in the tools tree into `scratch/initrd.img`, or reuses
 /// `cached` when it exists; returns the initrd's path.
-pub fn make_initrd(runner: &Runner, tools_tree: &Path, scratch: &Path, kernel_version: &str, cached: &Path) -> Result<PathBuf> {
+pub fn make_initrd(
+    runner: &Runner,
+    tools_tree: &Path,
+    scratch: &Path,
+    kernel_version: &str,
+    cached: &Path,
+) -> Result<PathBuf> {
     let out = scratch.join("initrd.img");
     if cached.exists() {
         runner.note(&format!("reusing initrd {}", cached.display()));
@@ -112,8 +136,20 @@ pub fn make_initrd(runner: &Runner, tools_tree: &Path, scratch: &Path, kernel_ve
         tools_tree,
         scratch,
         [
-            "dracut", "--quiet", "--no-hostonly", "--reproducible", "--force", "--no-early-microcode",
-            "--kver", kernel_version, "-m", DRACUT_MODULES, "--drivers", DRACUT_DRIVERS, "--omit", "selinux",
+            "dracut",
+            "--quiet",
+            "--no-hostonly",
+            "--reproducible",
+            "--force",
+            "--no-early-microcode",
+            "--kver",
+            kernel_version,
+            "-m",
+            DRACUT_MODULES,
+            "--drivers",
+            DRACUT_DRIVERS,
+            "--omit",
+            "selinux",
             "/run/airlock/initrd.img",
         ],
     )?;
@@ -125,7 +161,15 @@ pub fn make_initrd(runner: &Runner, tools_tree: &Path, scratch: &Path, kernel_ve
 
 /// Builds the UKI (systemd-stub + kernel + initrd + command line +
 /// os-release) with the tools tree's ukify; returns its path.
-pub fn make_uki(runner: &Runner, tools_tree: &Path, scratch: &Path, kernel: &Path, kernel_version: &str, cmdline: &str, os_release: &str) -> Result<PathBuf> {
+pub fn make_uki(
+    runner: &Runner,
+    tools_tree: &Path,
+    scratch: &Path,
+    kernel: &Path,
+    kernel_version: &str,
+    cmdline: &str,
+    os_release: &str,
+) -> Result<PathBuf> {
     std::fs::copy(kernel, scratch.join("vmlinuz")).context("copying kernel")?;
     std::fs::write(scratch.join("os-release"), os_release)?;
     runner.in_tree(
@@ -133,9 +177,14 @@ pub fn make_uki(runner: &Runner, tools_tree: &Path, scratch: &Path, kernel: &Pat
         tools_tree,
         scratch,
         [
-            "ukify", "build", "--linux=/run/airlock/vmlinuz", "--initrd=/run/airlock/initrd.img",
-            &format!("--cmdline={cmdline}"), &format!("--uname={kernel_version}"),
-            "--os-release=@/run/airlock/os-release", "--output=/run/airlock/uki.efi",
+            "ukify",
+            "build",
+            "--linux=/run/airlock/vmlinuz",
+            "--initrd=/run/airlock/initrd.img",
+            &format!("--cmdline={cmdline}"),
+            &format!("--uname={kernel_version}"),
+            "--os-release=@/run/airlock/os-release",
+            "--output=/run/airlock/uki.efi",
         ],
     )?;
     Ok(scratch.join("uki.efi"))
@@ -145,7 +194,12 @@ pub fn make_uki(runner: &Runner, tools_tree: &Path, scratch: &Path, kernel: &Pat
 /// (systemd shows them; updates compare IMAGE_VERSION), and the update
 /// bundle's compatible string and security epoch for the update agent.
 pub fn image_os_release(distro_os_release: &str, manifest: &Manifest) -> String {
-    const OURS: &[&str] = &["IMAGE_ID=", "IMAGE_VERSION=", "AIRLOCK_COMPATIBLE=", "AIRLOCK_SECURITY_EPOCH="];
+    const OURS: &[&str] = &[
+        "IMAGE_ID=",
+        "IMAGE_VERSION=",
+        "AIRLOCK_COMPATIBLE=",
+        "AIRLOCK_SECURITY_EPOCH=",
+    ];
     let mut out: String = distro_os_release
         .lines()
         .filter(|l| !OURS.iter().any(|k| l.starts_with(k)))
@@ -167,13 +221,16 @@ pub fn image_os_release(distro_os_release: &str, manifest: &Manifest) -> String 
 /// as the UKI's `.osrel` does.
 pub fn stamp_os_release(tree: &Path, manifest: &Manifest) -> Result<()> {
     let path = tree.join("usr/lib/os-release");
-    let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
-    std::fs::write(&path, image_os_release(&text, manifest)).with_context(|| format!("writing {}", path.display()))
+    let text =
+        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    std::fs::write(&path, image_os_release(&text, manifest))
+        .with_context(|| format!("writing {}", path.display()))
 }
 
 /// systemd-boot settings: no menu, no editor (so the command line in the
 /// UKI cannot be changed at boot), no automatic firmware or OS entries.
-pub const LOADER_CONF: &str = "timeout menu-disabled\neditor no\nauto-entries no\nauto-firmware no\nconsole-mode keep\n";
+pub const LOADER_CONF: &str =
+    "timeout menu-disabled\neditor no\nauto-entries no\nauto-firmware no\nconsole-mode keep\n";
 
 /// File name of the UKI on the ESP.
 pub fn uki_name(manifest: &Manifest) -> String {
@@ -190,26 +247,60 @@ pub struct EspContents<'a> {
 }
 
 /// Makes the FAT32 ESP image (no mount: mkfs.vfat + mtools).
-pub fn make_esp(runner: &Runner, manifest: &Manifest, contents: &EspContents<'_>, scratch: &Path, out: &Path) -> Result<()> {
-    let EspContents { boot_efi, uki, build_info } = contents;
+pub fn make_esp(
+    runner: &Runner,
+    manifest: &Manifest,
+    contents: &EspContents<'_>,
+    scratch: &Path,
+    out: &Path,
+) -> Result<()> {
+    let EspContents {
+        boot_efi,
+        uki,
+        build_info,
+    } = contents;
     let size_mib = manifest.partitions.esp_mib;
     let sh = runner.sh();
     let volume_id = &hex::encode(derived_uuid(manifest, "esp-volume").as_bytes())[..8];
     let kib = (size_mib * 1024).to_string();
     // 512-byte sectors: with 4 KiB sectors a 256 MiB FAT32 has too few
     // clusters and OVMF cannot read it.
-    runner.run("formatting the ESP (mkfs.vfat)", cmd!(sh, "mkfs.vfat -C -F 32 -S 512 -n ESP -i {volume_id} --invariant {out} {kib}"))?;
+    runner.run(
+        "formatting the ESP (mkfs.vfat)",
+        cmd!(
+            sh,
+            "mkfs.vfat -C -F 32 -S 512 -n ESP -i {volume_id} --invariant {out} {kib}"
+        ),
+    )?;
     let loader = scratch.join("loader.conf");
     std::fs::write(&loader, LOADER_CONF)?;
     let info = scratch.join("build.json");
     std::fs::write(&info, build_info)?;
     let uki_target = format!("::/EFI/Linux/{}", uki_name(manifest));
     let _env = sh.push_env("MTOOLS_SKIP_CHECK", "1");
-    runner.run("populating the ESP (mtools)", cmd!(sh, "mmd -i {out} ::/EFI ::/EFI/BOOT ::/EFI/Linux ::/loader ::/airlock"))?;
-    runner.run("populating the ESP (mtools)", cmd!(sh, "mcopy -i {out} {boot_efi} ::/EFI/BOOT/BOOTX64.EFI"))?;
-    runner.run("populating the ESP (mtools)", cmd!(sh, "mcopy -i {out} {uki} {uki_target}"))?;
-    runner.run("populating the ESP (mtools)", cmd!(sh, "mcopy -i {out} {loader} ::/loader/loader.conf"))?;
-    runner.run("populating the ESP (mtools)", cmd!(sh, "mcopy -i {out} {info} ::/airlock/build.json"))?;
+    runner.run(
+        "populating the ESP (mtools)",
+        cmd!(
+            sh,
+            "mmd -i {out} ::/EFI ::/EFI/BOOT ::/EFI/Linux ::/loader ::/airlock"
+        ),
+    )?;
+    runner.run(
+        "populating the ESP (mtools)",
+        cmd!(sh, "mcopy -i {out} {boot_efi} ::/EFI/BOOT/BOOTX64.EFI"),
+    )?;
+    runner.run(
+        "populating the ESP (mtools)",
+        cmd!(sh, "mcopy -i {out} {uki} {uki_target}"),
+    )?;
+    runner.run(
+        "populating the ESP (mtools)",
+        cmd!(sh, "mcopy -i {out} {loader} ::/loader/loader.conf"),
+    )?;
+    runner.run(
+        "populating the ESP (mtools)",
+        cmd!(sh, "mcopy -i {out} {info} ::/airlock/build.json"),
+    )?;
     Ok(())
 }
 
@@ -217,17 +308,34 @@ pub fn make_esp(runner: &Runner, manifest: &Manifest, contents: &EspContents<'_>
 /// persistent state: package databases and caches, the policy store (the
 /// policy is fixed in the read-only root), build-time logs.
 const VAR_EXCLUDED: &[&str] = &[
-    "lib/dpkg", "lib/apt", "cache/apt", "cache/debconf", "lib/selinux", "lib/dnf", "lib/rpm", "cache/dnf",
-    "cache/ldconfig", "log/apt", "log/dpkg.log", "log/alternatives.log", "log/bootstrap.log", "log/dnf.log",
-    "log/dnf.librepo.log", "log/dnf.rpm.log", "log/hawkey.log",
+    "lib/dpkg",
+    "lib/apt",
+    "cache/apt",
+    "cache/debconf",
+    "lib/selinux",
+    "lib/dnf",
+    "lib/rpm",
+    "cache/dnf",
+    "cache/ldconfig",
+    "log/apt",
+    "log/dpkg.log",
+    "log/alternatives.log",
+    "log/bootstrap.log",
+    "log/dnf.log",
+    "log/dnf.librepo.log",
+    "log/dnf.rpm.log",
+    "log/hawkey.log",
 ];
 
 /// Moves the tree's labelled `/var` to `dest` (minus build-only state) and
 /// leaves an empty, labelled `/var` mount point in the tree.
 pub fn split_var(tree: &Path, dest: &Path) -> Result<()> {
     let var = tree.join("var");
-    let label = xattr::get(&var, "security.selinux").context("reading /var label")?.context("/var has no SELinux label")?;
-    std::fs::rename(&var, dest).with_context(|| format!("moving {} to {}", var.display(), dest.display()))?;
+    let label = xattr::get(&var, "security.selinux")
+        .context("reading /var label")?
+        .context("/var has no SELinux label")?;
+    std::fs::rename(&var, dest)
+        .with_context(|| format!("moving {} to {}", var.display(), dest.display()))?;
     std::fs::create_dir(&var)?;
     xattr::set(&var, "security.selinux", &label).context("labelling /var mount point")?;
     for rel in VAR_EXCLUDED {
@@ -246,7 +354,10 @@ pub fn make_data(runner: &Runner, manifest: &Manifest, var_dir: &Path, out: &Pat
     let _time = sh.push_env("E2FSPROGS_FAKE_TIME", source_date_epoch().to_string());
     runner.run(
         "making the data filesystem (mkfs.ext4)",
-        cmd!(sh, "mkfs.ext4 -q -F -L data -U {uuid} -E {extended} -d {var_dir} {out} {size}"),
+        cmd!(
+            sh,
+            "mkfs.ext4 -q -F -L data -U {uuid} -E {extended} -d {var_dir} {out} {size}"
+        ),
     )?;
     Ok(())
 }
@@ -256,7 +367,11 @@ mod tests {
     use super::*;
 
     fn manifest(extra: &str) -> Manifest {
-        crate::manifest::parse_manifest(&format!("name=\"a\"\nversion=\"2.1\"\n[distro]\nname=\"debian\"\n{extra}"), "t").unwrap()
+        crate::manifest::parse_manifest(
+            &format!("name=\"a\"\nversion=\"2.1\"\n[distro]\nname=\"debian\"\n{extra}"),
+            "t",
+        )
+        .unwrap()
     }
 
     #[test]

@@ -21,7 +21,10 @@ pub fn apply_overlays(runner: &Runner, tree: &Path, overlays: &[PathBuf]) -> Res
         let sh = runner.sh();
         let src = format!("{}/.", dir.display());
         // --no-preserve=ownership: files from the git checkout belong to root in the image.
-        runner.run("copying overlay", cmd!(sh, "cp -a --no-preserve=ownership {src} {tree}"))?;
+        runner.run(
+            "copying overlay",
+            cmd!(sh, "cp -a --no-preserve=ownership {src} {tree}"),
+        )?;
     }
     Ok(())
 }
@@ -38,7 +41,12 @@ pub struct BinarySpec {
 }
 
 /// Builds `binaries` with cargo from `workspace` and installs them into `tree`.
-pub fn install_binaries(runner: &Runner, workspace: &Path, tree: &Path, binaries: &[BinarySpec]) -> Result<()> {
+pub fn install_binaries(
+    runner: &Runner,
+    workspace: &Path,
+    tree: &Path,
+    binaries: &[BinarySpec],
+) -> Result<()> {
     if binaries.is_empty() {
         return Ok(());
     }
@@ -49,13 +57,19 @@ pub fn install_binaries(runner: &Runner, workspace: &Path, tree: &Path, binaries
         args.push(format!("--package={}", b.package));
         args.push(format!("--bin={}", b.binary));
     }
-    runner.run("building appliance binaries (cargo)", cmd!(sh, "cargo {args...}"))?;
-    let target = std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| workspace.join("target"));
+    runner.run(
+        "building appliance binaries (cargo)",
+        cmd!(sh, "cargo {args...}"),
+    )?;
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace.join("target"));
     for b in binaries {
         let built = target.join("release").join(b.binary);
         let dest = tree.join(b.destination.trim_start_matches('/'));
         std::fs::create_dir_all(dest.parent().expect("absolute destination"))?;
-        std::fs::copy(&built, &dest).with_context(|| format!("installing {} to {}", built.display(), b.destination))?;
+        std::fs::copy(&built, &dest)
+            .with_context(|| format!("installing {} to {}", built.display(), b.destination))?;
     }
     Ok(())
 }
@@ -75,7 +89,8 @@ pub fn install_files(source: &Path, tree: &Path, files: &[DistFile]) -> Result<(
         let from = source.join(f.source);
         let dest = tree.join(f.destination.trim_start_matches('/'));
         std::fs::create_dir_all(dest.parent().expect("absolute destination"))?;
-        std::fs::copy(&from, &dest).with_context(|| format!("installing {} to {}", from.display(), f.destination))?;
+        std::fs::copy(&from, &dest)
+            .with_context(|| format!("installing {} to {}", from.display(), f.destination))?;
         std::fs::set_permissions(&dest, std::os::unix::fs::PermissionsExt::from_mode(0o644))?;
     }
     Ok(())
@@ -85,7 +100,8 @@ pub fn install_files(source: &Path, tree: &Path, files: &[DistFile]) -> Result<(
 pub fn make_mount_points(tree: &Path, dirs: &[&str]) -> Result<()> {
     for d in dirs {
         let path = tree.join(d);
-        std::fs::create_dir_all(&path).with_context(|| format!("creating mount point {}", path.display()))?;
+        std::fs::create_dir_all(&path)
+            .with_context(|| format!("creating mount point {}", path.display()))?;
         std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
     }
     Ok(())
@@ -107,8 +123,11 @@ pub fn install_trusted_keys(tree: &Path, keys: &crate::manifest::TrustedKeys) ->
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
         Err(e) => return Err(e).with_context(|| format!("reading {}", settings.display())),
     };
-    std::fs::write(&settings, set_top_level_key(&text, "threshold", &keys.threshold.to_string()))
-        .with_context(|| format!("writing {}", settings.display()))
+    std::fs::write(
+        &settings,
+        set_top_level_key(&text, "threshold", &keys.threshold.to_string()),
+    )
+    .with_context(|| format!("writing {}", settings.display()))
 }
 
 /// Sets a top-level `key = value` in TOML text (pure): replaces the
@@ -124,7 +143,9 @@ pub fn set_top_level_key(text: &str, key: &str, value: &str) -> String {
             out.push(line.clone());
             done = true;
         }
-        let is_key = trimmed.strip_prefix(key).is_some_and(|rest| rest.trim_start().starts_with('='));
+        let is_key = trimmed
+            .strip_prefix(key)
+            .is_some_and(|rest| rest.trim_start().starts_with('='));
         if !done && is_key {
             out.push(line.clone());
             done = true;
@@ -179,9 +200,11 @@ pub fn lock_accounts(tree: &Path) -> Result<()> {
         if !path.exists() {
             continue;
         }
-        let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("reading {}", path.display()))?;
         let day = crate::exec::source_date_epoch() / 86_400;
-        std::fs::write(&path, lock_all_accounts(&text, day)).with_context(|| format!("writing {}", path.display()))?;
+        std::fs::write(&path, lock_all_accounts(&text, day))
+            .with_context(|| format!("writing {}", path.display()))?;
     }
     Ok(())
 }
@@ -190,8 +213,12 @@ pub fn lock_accounts(tree: &Path) -> Result<()> {
 /// the policy name (`SELINUXTYPE`).
 pub fn enforce_selinux(tree: &Path) -> Result<String> {
     let path = tree.join("etc/selinux/config");
-    let text = std::fs::read_to_string(&path)
-        .with_context(|| format!("reading {} (is the distro's SELinux policy installed?)", path.display()))?;
+    let text = std::fs::read_to_string(&path).with_context(|| {
+        format!(
+            "reading {} (is the distro's SELinux policy installed?)",
+            path.display()
+        )
+    })?;
     let mut policy = None;
     let mut out = String::new();
     for line in text.lines() {
@@ -220,7 +247,14 @@ pub fn enforce_selinux(tree: &Path) -> Result<String> {
 ///
 /// Compiled modules are cached in `pp_cache`, keyed by their sources (the
 /// tools tree is already fixed by the cache directory's own key).
-pub fn install_policy(runner: &Runner, tools_tree: &Path, image_tree: &Path, scratch: &Path, policy_dirs: &[PathBuf], pp_cache: &Path) -> Result<Vec<String>> {
+pub fn install_policy(
+    runner: &Runner,
+    tools_tree: &Path,
+    image_tree: &Path,
+    scratch: &Path,
+    policy_dirs: &[PathBuf],
+    pp_cache: &Path,
+) -> Result<Vec<String>> {
     let build = scratch.join("policy");
     std::fs::create_dir_all(&build)?;
     let mut modules = Vec::new();
@@ -228,8 +262,15 @@ pub fn install_policy(runner: &Runner, tools_tree: &Path, image_tree: &Path, scr
     for dir in policy_dirs {
         for entry in std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
             let path = entry?.path();
-            let name = path.file_name().unwrap_or_default().to_string_lossy().into_owned();
-            if ["te", "fc", "if"].iter().any(|ext| path.extension().is_some_and(|e| e == *ext)) {
+            let name = path
+                .file_name()
+                .unwrap_or_default()
+                .to_string_lossy()
+                .into_owned();
+            if ["te", "fc", "if"]
+                .iter()
+                .any(|ext| path.extension().is_some_and(|e| e == *ext))
+            {
                 std::fs::copy(&path, build.join(&name))?;
                 if name.ends_with(".te") {
                     modules.push(name.trim_end_matches(".te").to_string());
@@ -261,7 +302,14 @@ pub fn install_policy(runner: &Runner, tools_tree: &Path, image_tree: &Path, scr
             &format!("compiling SELinux module {module}"),
             tools_tree,
             scratch,
-            ["make", "-C", "/run/airlock/policy", "-f", "/usr/share/selinux/devel/Makefile", &format!("{module}.pp")],
+            [
+                "make",
+                "-C",
+                "/run/airlock/policy",
+                "-f",
+                "/usr/share/selinux/devel/Makefile",
+                &format!("{module}.pp"),
+            ],
         )?;
         std::fs::copy(&pp, &cached)?;
     }
@@ -271,7 +319,10 @@ pub fn install_policy(runner: &Runner, tools_tree: &Path, image_tree: &Path, scr
     std::fs::create_dir_all(&staging)?;
     let mut argv: Vec<String> = vec!["semodule".into(), "-n".into()];
     for module in &modules {
-        std::fs::copy(build.join(format!("{module}.pp")), staging.join(format!("{module}.pp")))?;
+        std::fs::copy(
+            build.join(format!("{module}.pp")),
+            staging.join(format!("{module}.pp")),
+        )?;
         argv.push("-i".into());
         argv.push(format!("/tmp/airlock-policy/{module}.pp"));
     }
@@ -299,7 +350,8 @@ pub fn install_policy(runner: &Runner, tools_tree: &Path, image_tree: &Path, scr
 /// isolation promises are neverallow rules, so a build must never skip them.
 pub fn require_neverallow_checks(tree: &Path) -> Result<()> {
     let path = tree.join("etc/selinux/semanage.conf");
-    let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    let text =
+        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
     let mut out: String = text
         .lines()
         .filter(|line| !line.trim_start().starts_with("expand-check"))
@@ -311,7 +363,9 @@ pub fn require_neverallow_checks(tree: &Path) -> Result<()> {
 
 /// Path of the tree's file_contexts for policy `policy`.
 pub fn file_contexts(tree: &Path, policy: &str) -> PathBuf {
-    tree.join("etc/selinux").join(policy).join("contexts/files/file_contexts")
+    tree.join("etc/selinux")
+        .join(policy)
+        .join("contexts/files/file_contexts")
 }
 
 /// Labels the tree on disk (xattrs) from its own file_contexts: the data
@@ -321,8 +375,18 @@ pub fn label_tree(runner: &Runner, tree: &Path, policy: &str) -> Result<()> {
     // -F force, -m don't read mounts (none in a plain chroot anyway); the
     // binary policy validates every context.
     let policy_file = find_policy_file(tree, policy)?;
-    let policy_in_tree = format!("/{}", policy_file.strip_prefix(tree).expect("inside tree").display());
-    runner.in_tree_plain("labelling the tree (setfiles)", tree, ["setfiles", "-F", "-m", "-c", &policy_in_tree, &fc, "/"])?;
+    let policy_in_tree = format!(
+        "/{}",
+        policy_file
+            .strip_prefix(tree)
+            .expect("inside tree")
+            .display()
+    );
+    runner.in_tree_plain(
+        "labelling the tree (setfiles)",
+        tree,
+        ["setfiles", "-F", "-m", "-c", &policy_in_tree, &fc, "/"],
+    )?;
     Ok(())
 }
 
@@ -332,10 +396,15 @@ pub fn find_policy_file(tree: &Path, policy: &str) -> Result<PathBuf> {
     let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
         .with_context(|| format!("reading {}", dir.display()))?
         .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("policy.")))
+        .filter(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("policy."))
+        })
         .collect();
     files.sort();
-    files.pop().with_context(|| format!("no compiled policy in {}", dir.display()))
+    files
+        .pop()
+        .with_context(|| format!("no compiled policy in {}", dir.display()))
 }
 
 /// Mount points of API filesystems: mounted over at boot (their labels come
@@ -349,20 +418,25 @@ pub fn label_gate(tree: &Path) -> Result<BTreeMap<String, usize>> {
     let mut counts = BTreeMap::new();
     let mut problems = Vec::new();
     let mut checked = 0usize;
-    let walker = WalkDir::new(tree).follow_links(false).into_iter().filter_entry(|e| {
-        let rel = e.path().strip_prefix(tree).unwrap_or(e.path());
-        match rel.components().next() {
-            Some(first) => !GATE_SKIP.contains(&first.as_os_str().to_string_lossy().as_ref()),
-            None => true,
-        }
-    });
+    let walker = WalkDir::new(tree)
+        .follow_links(false)
+        .into_iter()
+        .filter_entry(|e| {
+            let rel = e.path().strip_prefix(tree).unwrap_or(e.path());
+            match rel.components().next() {
+                Some(first) => !GATE_SKIP.contains(&first.as_os_str().to_string_lossy().as_ref()),
+                None => true,
+            }
+        });
     for entry in walker {
         let entry = entry.with_context(|| format!("walking {}", tree.display()))?;
         checked += 1;
         let rel = entry.path().strip_prefix(tree).unwrap_or(entry.path());
         match xattr::get(entry.path(), "security.selinux") {
             Ok(Some(raw)) => {
-                let label = String::from_utf8_lossy(&raw).trim_end_matches('\0').to_string();
+                let label = String::from_utf8_lossy(&raw)
+                    .trim_end_matches('\0')
+                    .to_string();
                 let ty = label.split(':').nth(2).unwrap_or("").to_string();
                 if ty.is_empty() || ty == "unlabeled_t" {
                     problems.push(format!("/{}: {label}", rel.display()));
@@ -390,15 +464,26 @@ mod tests {
 
     #[test]
     fn neverallow_checks_are_switched_on_whatever_the_distro_ships() {
-        for shipped in ["module-store = direct\nexpand-check=0\n", "module-store = direct\n", "expand-check = 0\nexpand-check=1\n"] {
+        for shipped in [
+            "module-store = direct\nexpand-check=0\n",
+            "module-store = direct\n",
+            "expand-check = 0\nexpand-check=1\n",
+        ] {
             let dir = tempfile::tempdir().unwrap();
             std::fs::create_dir_all(dir.path().join("etc/selinux")).unwrap();
             std::fs::write(dir.path().join("etc/selinux/semanage.conf"), shipped).unwrap();
             require_neverallow_checks(dir.path()).unwrap();
-            let text = std::fs::read_to_string(dir.path().join("etc/selinux/semanage.conf")).unwrap();
-            let settings: Vec<&str> = text.lines().filter(|l| l.trim_start().starts_with("expand-check")).collect();
+            let text =
+                std::fs::read_to_string(dir.path().join("etc/selinux/semanage.conf")).unwrap();
+            let settings: Vec<&str> = text
+                .lines()
+                .filter(|l| l.trim_start().starts_with("expand-check"))
+                .collect();
             assert_eq!(settings, ["expand-check=1"], "from {shipped:?}");
-            assert_eq!(text.contains("module-store"), shipped.contains("module-store"));
+            assert_eq!(
+                text.contains("module-store"),
+                shipped.contains("module-store")
+            );
         }
     }
 
@@ -431,7 +516,11 @@ mod tests {
     fn selinux_config_becomes_enforcing() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::create_dir_all(dir.path().join("etc/selinux")).unwrap();
-        std::fs::write(dir.path().join("etc/selinux/config"), "# c\nSELINUX=permissive\nSELINUXTYPE=default\n").unwrap();
+        std::fs::write(
+            dir.path().join("etc/selinux/config"),
+            "# c\nSELINUX=permissive\nSELINUXTYPE=default\n",
+        )
+        .unwrap();
         assert_eq!(enforce_selinux(dir.path()).unwrap(), "default");
         let text = std::fs::read_to_string(dir.path().join("etc/selinux/config")).unwrap();
         assert!(text.contains("SELINUX=enforcing\n") && !text.contains("permissive"));
@@ -439,12 +528,22 @@ mod tests {
 
     #[test]
     fn top_level_key_is_replaced_or_added_before_the_first_table() {
-        let shipped = "# keys\nallowed_signers = \"/k\"\nthreshold = 1\n\n[health]\nthreshold_x = 3\n";
-        assert_eq!(set_top_level_key(shipped, "threshold", "2"), "# keys\nallowed_signers = \"/k\"\nthreshold = 2\n\n[health]\nthreshold_x = 3\n");
-        assert_eq!(set_top_level_key("[health]\nx = 1\n", "threshold", "2"), "threshold = 2\n[health]\nx = 1\n");
+        let shipped =
+            "# keys\nallowed_signers = \"/k\"\nthreshold = 1\n\n[health]\nthreshold_x = 3\n";
+        assert_eq!(
+            set_top_level_key(shipped, "threshold", "2"),
+            "# keys\nallowed_signers = \"/k\"\nthreshold = 2\n\n[health]\nthreshold_x = 3\n"
+        );
+        assert_eq!(
+            set_top_level_key("[health]\nx = 1\n", "threshold", "2"),
+            "threshold = 2\n[health]\nx = 1\n"
+        );
         assert_eq!(set_top_level_key("", "threshold", "2"), "threshold = 2\n");
         // A key of the same name inside a table is not the top-level one.
-        assert_eq!(set_top_level_key("a = 1\n[t]\nthreshold = 5\n", "threshold", "2"), "a = 1\nthreshold = 2\n[t]\nthreshold = 5\n");
+        assert_eq!(
+            set_top_level_key("a = 1\n[t]\nthreshold = 5\n", "threshold", "2"),
+            "a = 1\nthreshold = 2\n[t]\nthreshold = 5\n"
+        );
     }
 
     #[test]

@@ -24,7 +24,10 @@ name = "debian"
 /// Fails (never skips) when not root: the builder itself refuses to run
 /// otherwise, and the mount tests need it.
 fn require_root() {
-    assert!(airlock::doctor::is_root(), "bad_input tests need root (airlock build refuses to run without it); CI runs them as root");
+    assert!(
+        airlock::doctor::is_root(),
+        "bad_input tests need root (airlock build refuses to run without it); CI runs them as root"
+    );
 }
 
 /// A temporary directory with a manifest, an output directory that already
@@ -68,7 +71,13 @@ fn listing(dir: &Path) -> BTreeSet<PathBuf> {
     WalkDir::new(dir)
         .min_depth(1)
         .into_iter()
-        .map(|e| e.unwrap_or_else(|e| panic!("listing {}: {e}", dir.display())).path().strip_prefix(dir).expect("under dir").to_path_buf())
+        .map(|e| {
+            e.unwrap_or_else(|e| panic!("listing {}: {e}", dir.display()))
+                .path()
+                .strip_prefix(dir)
+                .expect("under dir")
+                .to_path_buf()
+        })
         .collect()
 }
 
@@ -76,7 +85,11 @@ fn listing(dir: &Path) -> BTreeSet<PathBuf> {
 /// `words`, and `output` lists the same paths afterwards as before.
 fn assert_refused(mut cmd: Command, output: &Path, words: &[&str]) -> String {
     let before = listing(output);
-    let Output { status, stdout, stderr } = cmd.output().expect("starting airlock");
+    let Output {
+        status,
+        stdout,
+        stderr,
+    } = cmd.output().expect("starting airlock");
     let stderr = String::from_utf8_lossy(&stderr).into_owned();
     let after = listing(output);
     assert!(
@@ -85,30 +98,50 @@ fn assert_refused(mut cmd: Command, output: &Path, words: &[&str]) -> String {
         String::from_utf8_lossy(&stdout)
     );
     for word in words {
-        assert!(stderr.contains(word), "stderr does not name {word:?}:\n{stderr}");
+        assert!(
+            stderr.contains(word),
+            "stderr does not name {word:?}:\n{stderr}"
+        );
     }
     let new: Vec<&PathBuf> = after.difference(&before).collect();
     let gone: Vec<&PathBuf> = before.difference(&after).collect();
-    assert!(new.is_empty() && gone.is_empty(), "the failed build changed {}: new {new:?}, gone {gone:?}", output.display());
+    assert!(
+        new.is_empty() && gone.is_empty(),
+        "the failed build changed {}: new {new:?}, gone {gone:?}",
+        output.display()
+    );
     stderr
 }
 
 #[test]
 fn unknown_manifest_key_is_named_with_its_line() {
     let scene = Scene::new("name = \"airlock-test\"\nversion = \"1.0\"\ncolour = \"red\"\n[distro]\nname = \"debian\"\n");
-    assert_refused(scene.build(&scene.output()), &scene.output(), &["manifest.toml", "colour", "line 3"]);
+    assert_refused(
+        scene.build(&scene.output()),
+        &scene.output(),
+        &["manifest.toml", "colour", "line 3"],
+    );
 }
 
 #[test]
 fn wrong_type_is_named_with_its_line() {
     let scene = Scene::new("name = \"airlock-test\"\nversion = 1\n[distro]\nname = \"debian\"\n");
-    assert_refused(scene.build(&scene.output()), &scene.output(), &["version", "line 2", "string"]);
+    assert_refused(
+        scene.build(&scene.output()),
+        &scene.output(),
+        &["version", "line 2", "string"],
+    );
 }
 
 #[test]
 fn unknown_distro_is_named_with_its_line() {
-    let scene = Scene::new("name = \"airlock-test\"\nversion = \"1.0\"\n[distro]\nname = \"gentoo\"\n");
-    assert_refused(scene.build(&scene.output()), &scene.output(), &["gentoo", "line 4", "debian", "fedora"]);
+    let scene =
+        Scene::new("name = \"airlock-test\"\nversion = \"1.0\"\n[distro]\nname = \"gentoo\"\n");
+    assert_refused(
+        scene.build(&scene.output()),
+        &scene.output(),
+        &["gentoo", "line 4", "debian", "fedora"],
+    );
 }
 
 #[test]
@@ -116,8 +149,15 @@ fn missing_output_directory_is_not_created_for_a_bad_manifest() {
     let scene = Scene::new("name = \"airlock-test\"\nversion = 1\n[distro]\nname = \"debian\"\n");
     let output = scene.dir.path().join("not-yet");
     let out = scene.build(&output).output().expect("starting airlock");
-    assert!(!out.status.success(), "airlock build succeeded on a bad manifest");
-    assert!(!output.exists(), "a failed build created the output directory {}", output.display());
+    assert!(
+        !out.status.success(),
+        "airlock build succeeded on a bad manifest"
+    );
+    assert!(
+        !output.exists(),
+        "a failed build created the output directory {}",
+        output.display()
+    );
 }
 
 /// Slow (about a minute; network): mmdebstrap fetches the trixie indices
@@ -127,9 +167,19 @@ fn unknown_debian_package_is_named() {
     let manifest = format!("{VALID_DEBIAN}\n[packages]\nextra = [\"airlock-no-such-package\"]\n");
     let scene = Scene::new(&manifest);
     let started = std::time::Instant::now();
-    let stderr = assert_refused(scene.build(&scene.output()), &scene.output(), &["airlock-no-such-package"]);
-    eprintln!("unknown_debian_package_is_named: airlock failed after {:.1?}", started.elapsed());
-    assert!(stderr.contains("mmdebstrap"), "stderr does not say which step failed:\n{stderr}");
+    let stderr = assert_refused(
+        scene.build(&scene.output()),
+        &scene.output(),
+        &["airlock-no-such-package"],
+    );
+    eprintln!(
+        "unknown_debian_package_is_named: airlock failed after {:.1?}",
+        started.elapsed()
+    );
+    assert!(
+        stderr.contains("mmdebstrap"),
+        "stderr does not say which step failed:\n{stderr}"
+    );
     assert!(
         stderr.contains("Unable to locate package airlock-no-such-package"),
         "stderr lacks apt's own error line (the tail of mmdebstrap's output):\n{stderr}"
@@ -137,10 +187,16 @@ fn unknown_debian_package_is_named() {
     // mmdebstrap must not leave /proc, /dev or /sys of the half-made tree
     // mounted (the temp dir's removal would then walk into the host's).
     let mounts = std::fs::read_to_string("/proc/self/mountinfo").expect("reading mountinfo");
-    let leftover: Vec<&str> = mounts.lines().filter(|l| l.contains(&*scene.dir.path().to_string_lossy())).collect();
+    let leftover: Vec<&str> = mounts
+        .lines()
+        .filter(|l| l.contains(&*scene.dir.path().to_string_lossy()))
+        .collect();
     if !leftover.is_empty() {
         let kept = scene.dir.keep();
-        panic!("mounts left under {} (kept, not removed): {leftover:#?}", kept.display());
+        panic!(
+            "mounts left under {} (kept, not removed): {leftover:#?}",
+            kept.display()
+        );
     }
 }
 
@@ -162,7 +218,10 @@ fn path_without(missing: &str, dir: &Path) {
         };
         std::os::unix::fs::symlink(&target, dir.join(program)).expect("symlink");
     }
-    assert!(find_program(missing).is_some(), "host program `{missing}` is missing already; this test removes it from PATH itself");
+    assert!(
+        find_program(missing).is_some(),
+        "host program `{missing}` is missing already; this test removes it from PATH itself"
+    );
 }
 
 #[test]
@@ -174,7 +233,11 @@ fn missing_host_tool_names_tool_and_package() {
     let mut cmd = scene.build(&scene.output());
     cmd.env("PATH", &bin);
     let stderr = assert_refused(cmd, &scene.output(), &["mkfs.erofs", "erofs-utils"]);
-    assert_eq!(stderr.matches("missing `").count(), 1, "more than mkfs.erofs reported missing:\n{stderr}");
+    assert_eq!(
+        stderr.matches("missing `").count(),
+        1,
+        "more than mkfs.erofs reported missing:\n{stderr}"
+    );
 }
 
 /// A filesystem mounted for one test, unmounted on drop (also on panic),
@@ -207,11 +270,22 @@ impl Mount {
 
 impl Drop for Mount {
     fn drop(&mut self) {
-        let ok = Command::new("umount").arg(&self.point).status().is_ok_and(|s| s.success());
+        let ok = Command::new("umount")
+            .arg(&self.point)
+            .status()
+            .is_ok_and(|s| s.success());
         if !ok {
             // Busy: detach it so the temp dir's removal cannot reach into it.
-            let lazy = Command::new("umount").arg("--lazy").arg(&self.point).status().is_ok_and(|s| s.success());
-            eprintln!("umount {} failed; lazy unmount {}", self.point.display(), if lazy { "done" } else { "failed too" });
+            let lazy = Command::new("umount")
+                .arg("--lazy")
+                .arg(&self.point)
+                .status()
+                .is_ok_and(|s| s.success());
+            eprintln!(
+                "umount {} failed; lazy unmount {}",
+                self.point.display(),
+                if lazy { "done" } else { "failed too" }
+            );
         }
     }
 }
@@ -220,14 +294,22 @@ impl Drop for Mount {
 fn full_output_filesystem_is_refused_with_free_space() {
     let scene = Scene::new(VALID_DEBIAN);
     let mount = Mount::tmpfs("size=16m");
-    assert_refused(scene.build(&mount.point), &mount.point, &[&mount.point.display().to_string(), "MiB free"]);
+    assert_refused(
+        scene.build(&mount.point),
+        &mount.point,
+        &[&mount.point.display().to_string(), "MiB free"],
+    );
 }
 
 #[test]
 fn read_only_output_directory_is_refused() {
     let scene = Scene::new(VALID_DEBIAN);
     let mount = Mount::tmpfs("ro");
-    assert_refused(scene.build(&mount.point), &mount.point, &[&mount.point.display().to_string(), "not writable"]);
+    assert_refused(
+        scene.build(&mount.point),
+        &mount.point,
+        &[&mount.point.display().to_string(), "not writable"],
+    );
 }
 
 /// `airlock doctor` (IT guide §1): on a host set up by
@@ -243,22 +325,44 @@ fn doctor_lists_every_tool_and_names_the_package_of_a_missing_one() {
             cmd.env("PATH", p);
         }
         let out = cmd.output().expect("running airlock doctor");
-        (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
     };
     let (ok, stdout, stderr) = doctor(None);
-    assert!(ok, "airlock doctor on this host (set up by ci/install-host-deps.sh):\n{stdout}{stderr}");
+    assert!(
+        ok,
+        "airlock doctor on this host (set up by ci/install-host-deps.sh):\n{stdout}{stderr}"
+    );
     for t in TOOLS {
-        assert!(stdout.lines().any(|l| l.starts_with("ok ") && l.split_whitespace().nth(1) == Some(t.program)), "no `ok` line for {}:\n{stdout}", t.program);
+        assert!(
+            stdout
+                .lines()
+                .any(|l| l.starts_with("ok ") && l.split_whitespace().nth(1) == Some(t.program)),
+            "no `ok` line for {}:\n{stdout}",
+            t.program
+        );
     }
 
     let dir = tempfile::tempdir().expect("temp dir");
     path_without("mkfs.erofs", dir.path());
     let (ok, stdout, stderr) = doctor(Some(dir.path()));
     assert!(!ok, "airlock doctor exited 0 without mkfs.erofs:\n{stdout}");
-    let line = stdout.lines().find(|l| l.split_whitespace().nth(1) == Some("mkfs.erofs")).unwrap_or("");
-    assert!(line.starts_with("MISSING") && line.contains("erofs-utils"), "the mkfs.erofs line: {line:?}\n{stdout}");
+    let line = stdout
+        .lines()
+        .find(|l| l.split_whitespace().nth(1) == Some("mkfs.erofs"))
+        .unwrap_or("");
+    assert!(
+        line.starts_with("MISSING") && line.contains("erofs-utils"),
+        "the mkfs.erofs line: {line:?}\n{stdout}"
+    );
     assert!(stderr.contains("some host tools are missing"), "{stderr}");
     // What is on that PATH is reported found.
-    let line = stdout.lines().find(|l| l.split_whitespace().nth(1) == Some("sfdisk")).unwrap_or("");
+    let line = stdout
+        .lines()
+        .find(|l| l.split_whitespace().nth(1) == Some("sfdisk"))
+        .unwrap_or("");
     assert!(line.starts_with("ok "), "the sfdisk line: {line:?}");
 }

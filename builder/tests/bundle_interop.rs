@@ -13,7 +13,8 @@ use airlock_bundle::NAMESPACE;
 
 /// Fails (never skips) without ssh-keygen: CI installs it.
 fn ssh_keygen() -> PathBuf {
-    airlock::exec::find_program("ssh-keygen").expect("ssh-keygen not found: install openssh-client (ci/install-host-deps.sh does)")
+    airlock::exec::find_program("ssh-keygen")
+        .expect("ssh-keygen not found: install openssh-client (ci/install-host-deps.sh does)")
 }
 
 fn run(cmd: &mut Command) -> Output {
@@ -22,7 +23,12 @@ fn run(cmd: &mut Command) -> Output {
 
 fn ok(cmd: &mut Command) -> Output {
     let out = run(cmd);
-    assert!(out.status.success(), "{cmd:?} failed: {}\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     out
 }
 
@@ -51,7 +57,11 @@ impl Scene {
     /// A fresh unsigned bundle.
     fn bundle(&self, name: &str) -> PathBuf {
         let out = self.path(name);
-        let (root, verity, uki) = (self.path("root.erofs"), self.path("root.verity"), self.path("uki.efi"));
+        let (root, verity, uki) = (
+            self.path("root.erofs"),
+            self.path("root.verity"),
+            self.path("uki.efi"),
+        );
         let inputs = BundleInputs {
             name: "airlock",
             version: "1.1",
@@ -70,7 +80,9 @@ impl Scene {
     /// An ed25519 key pair made by ssh-keygen; returns the private key's path.
     fn keygen(&self, name: &str, passphrase: &str) -> PathBuf {
         let key = self.path(name);
-        ok(Command::new(ssh_keygen()).args(["-q", "-t", "ed25519", "-C", name, "-N", passphrase, "-f"]).arg(&key));
+        ok(Command::new(ssh_keygen())
+            .args(["-q", "-t", "ed25519", "-C", name, "-N", passphrase, "-f"])
+            .arg(&key));
         key
     }
 
@@ -92,7 +104,10 @@ impl Scene {
     fn manifest(&self, bundle: &Path) -> PathBuf {
         let out = self.path("manifest");
         let file = std::fs::File::create(&out).unwrap();
-        ok(airlock().args(["bundle", "manifest"]).arg(bundle).stdout(Stdio::from(file)));
+        ok(airlock()
+            .args(["bundle", "manifest"])
+            .arg(bundle)
+            .stdout(Stdio::from(file)));
         out
     }
 }
@@ -103,25 +118,64 @@ fn ssh_keygen_signature_verifies_with_airlock_verify() {
     let bundle = s.bundle("a.airlock");
     let key = s.keygen("it-alice", "");
     let manifest = s.manifest(&bundle);
-    assert_eq!(std::fs::read(&manifest).unwrap(), RawHeader::read(&mut std::fs::File::open(&bundle).unwrap()).unwrap().manifest);
-    ok(Command::new(ssh_keygen()).args(["-q", "-Y", "sign", "-n", NAMESPACE, "-f"]).arg(&key).arg(&manifest));
+    assert_eq!(
+        std::fs::read(&manifest).unwrap(),
+        RawHeader::read(&mut std::fs::File::open(&bundle).unwrap())
+            .unwrap()
+            .manifest
+    );
+    ok(Command::new(ssh_keygen())
+        .args(["-q", "-Y", "sign", "-n", NAMESPACE, "-f"])
+        .arg(&key)
+        .arg(&manifest));
     let sig = manifest.with_extension("sig");
-    ok(airlock().arg("sign").arg("--signature").arg(&sig).arg(&bundle));
+    ok(airlock()
+        .arg("sign")
+        .arg("--signature")
+        .arg(&sig)
+        .arg(&bundle));
     let allowed = s.allow("allowed_signers", &[("alice@example.org", &key)]);
-    let out = ok(airlock().arg("verify").arg("--keys").arg(&allowed).arg(&bundle));
+    let out = ok(airlock()
+        .arg("verify")
+        .arg("--keys")
+        .arg(&allowed)
+        .arg(&bundle));
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(stdout.contains("valid") && stdout.contains("alice@example.org"), "{stdout}");
+    assert!(
+        stdout.contains("valid") && stdout.contains("alice@example.org"),
+        "{stdout}"
+    );
 
     // Two of two needed: refused with the reason, exit non-zero.
     let other = s.keygen("it-bob", "");
-    let two = s.allow("two_signers", &[("alice@example.org", &key), ("bob@example.org", &other)]);
-    let out = run(airlock().arg("verify").arg("--keys").arg(&two).args(["--threshold", "2"]).arg(&bundle));
+    let two = s.allow(
+        "two_signers",
+        &[("alice@example.org", &key), ("bob@example.org", &other)],
+    );
+    let out = run(airlock()
+        .arg("verify")
+        .arg("--keys")
+        .arg(&two)
+        .args(["--threshold", "2"])
+        .arg(&bundle));
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success() && stderr.contains("a.airlock: refused") && stderr.contains("1 distinct trusted key(s) signed, 2 needed"), "{stderr}");
+    assert!(
+        !out.status.success()
+            && stderr.contains("a.airlock: refused")
+            && stderr.contains("1 distinct trusted key(s) signed, 2 needed"),
+        "{stderr}"
+    );
     // The second signer, with a passphrase-protected key: ssh-keygen signs, airlock imports.
     let bob_pass = s.keygen("it-bob-pass", "correct horse");
-    let out = run(airlock().arg("sign").arg("--key").arg(&bob_pass).arg(&bundle));
-    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("passphrase"), "{out:?}");
+    let out = run(airlock()
+        .arg("sign")
+        .arg("--key")
+        .arg(&bob_pass)
+        .arg(&bundle));
+    assert!(
+        !out.status.success() && String::from_utf8_lossy(&out.stderr).contains("passphrase"),
+        "{out:?}"
+    );
 }
 
 #[test]
@@ -145,12 +199,20 @@ fn airlock_sign_signature_verifies_with_ssh_keygen() {
             .stdin(Stdio::from(std::fs::File::open(message).unwrap())))
     };
     let out = verify(&manifest);
-    assert!(out.status.success(), "ssh-keygen -Y verify: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "ssh-keygen -Y verify: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     // And OpenSSH refuses it over other bytes.
     let mut altered = std::fs::read(&manifest).unwrap();
     altered[5] ^= 1;
     std::fs::write(s.path("altered"), altered).unwrap();
     assert!(!verify(&s.path("altered")).status.success());
     // airlock verify agrees with the same allowed_signers file.
-    ok(airlock().arg("verify").arg("--keys").arg(&allowed).arg(&bundle));
+    ok(airlock()
+        .arg("verify")
+        .arg("--keys")
+        .arg(&allowed)
+        .arg(&bundle));
 }

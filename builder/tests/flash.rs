@@ -30,12 +30,22 @@ const SHIPPED: &str = include_str!("../../overlay/etc/airlock/appliance.toml");
 const FIXTURE_BUILD_INFO: &str = r#"{"name":"airlock","version":"1.0","distro":"debian","distro_release":"trixie","profile":"production","root_hash":"00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff","kernel_cmdline":"ro","package_count":1}"#;
 
 fn require_root() {
-    assert!(airlock::doctor::is_root(), "flash tests need root (loop devices, mounts); CI runs them as root");
+    assert!(
+        airlock::doctor::is_root(),
+        "flash tests need root (loop devices, mounts); CI runs them as root"
+    );
 }
 
 fn run(program: &str, args: &[&str]) -> String {
-    let out = Command::new(program).args(args).output().unwrap_or_else(|e| panic!("{program}: {e}"));
-    assert!(out.status.success(), "{program} {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    let out = Command::new(program)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("{program}: {e}"));
+    assert!(
+        out.status.success(),
+        "{program} {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
@@ -68,7 +78,10 @@ impl LoopDev {
 
 impl Drop for LoopDev {
     fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-R").arg(format!("{}p6", self.0)).output();
+        let _ = Command::new("umount")
+            .arg("-R")
+            .arg(format!("{}p6", self.0))
+            .output();
         let _ = Command::new("losetup").arg("-d").arg(&self.0).status();
     }
 }
@@ -84,10 +97,25 @@ impl Drop for MountAt {
 
 /// Partition `p` of `disk` mounted read-only at `at` (created), through a
 /// loop device over its bytes; both undone when dropped (mount first).
-fn mount_partition(disk: &Path, p: &airlock::flash::TablePartition, at: &Path, fstype: &str) -> (MountAt, LoopDev) {
-    let lo = LoopDev::attach(&["--read-only", "--offset", &p.start.to_string(), "--sizelimit", &p.size.to_string(), disk.to_str().unwrap()]);
+fn mount_partition(
+    disk: &Path,
+    p: &airlock::flash::TablePartition,
+    at: &Path,
+    fstype: &str,
+) -> (MountAt, LoopDev) {
+    let lo = LoopDev::attach(&[
+        "--read-only",
+        "--offset",
+        &p.start.to_string(),
+        "--sizelimit",
+        &p.size.to_string(),
+        disk.to_str().unwrap(),
+    ]);
     std::fs::create_dir(at).unwrap();
-    run("mount", &["-t", fstype, "-o", "ro", &lo.0, at.to_str().unwrap()]);
+    run(
+        "mount",
+        &["-t", fstype, "-o", "ro", &lo.0, at.to_str().unwrap()],
+    );
     (MountAt(at.to_path_buf()), lo)
 }
 
@@ -121,22 +149,42 @@ impl Fixture {
         std::fs::write(tree.join("etc/airlock/appliance.toml"), shipped).unwrap();
         xattr::set(tree.join("var"), "security.selinux", VAR_LABEL.as_bytes()).unwrap();
         let root_img = d.join("root.erofs");
-        run("mkfs.erofs", &["--quiet", root_img.to_str().unwrap(), tree.to_str().unwrap()]);
+        run(
+            "mkfs.erofs",
+            &[
+                "--quiet",
+                root_img.to_str().unwrap(),
+                tree.to_str().unwrap(),
+            ],
+        );
         // The data partition: /var as a fresh image has it.
         let var = d.join("var");
         std::fs::create_dir_all(var.join("lib/dpkg")).unwrap();
         std::fs::create_dir_all(var.join("log")).unwrap();
         let data_img = d.join("data.ext4");
-        run("mkfs.ext4", &["-q", "-F", "-L", "data", "-d", var.to_str().unwrap(), data_img.to_str().unwrap(), "16M"]);
+        run(
+            "mkfs.ext4",
+            &[
+                "-q",
+                "-F",
+                "-L",
+                "data",
+                "-d",
+                var.to_str().unwrap(),
+                data_img.to_str().unwrap(),
+                "16M",
+            ],
+        );
 
-        let part = |number: u32, label: &str, type_uuid: &str, offset_mib: u64, size_mib: u64| Partition {
-            number,
-            label: label.into(),
-            type_uuid: type_uuid.into(),
-            uuid: uuid::Uuid::from_u128(0x1000 + number as u128).to_string(),
-            offset: offset_mib * MIB,
-            size: size_mib * MIB,
-        };
+        let part =
+            |number: u32, label: &str, type_uuid: &str, offset_mib: u64, size_mib: u64| Partition {
+                number,
+                label: label.into(),
+                type_uuid: type_uuid.into(),
+                uuid: uuid::Uuid::from_u128(0x1000 + number as u128).to_string(),
+                offset: offset_mib * MIB,
+                size: size_mib * MIB,
+            };
         let layout = Layout {
             disk_uuid: uuid::Uuid::from_u128(0x1000).to_string(),
             size: 38 * MIB,
@@ -151,22 +199,50 @@ impl Fixture {
         };
         // The ESP: FAT with the build information `airlock inspect` reads.
         let esp = d.join("esp");
-        run("mkfs.vfat", &["-C", "-n", "ESP", esp.to_str().unwrap(), "1024"]);
+        run(
+            "mkfs.vfat",
+            &["-C", "-n", "ESP", esp.to_str().unwrap(), "1024"],
+        );
         let build = d.join("build.json");
         std::fs::write(&build, FIXTURE_BUILD_INFO).unwrap();
         let esp_spec = esp.to_str().unwrap();
         let mtools = |program: &str, args: &[&str]| {
-            let out = Command::new(program).env("MTOOLS_SKIP_CHECK", "1").args(args).output().unwrap();
-            assert!(out.status.success(), "{program} {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+            let out = Command::new(program)
+                .env("MTOOLS_SKIP_CHECK", "1")
+                .args(args)
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "{program} {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
         };
         mtools("mmd", &["-i", esp_spec, "::/airlock"]);
-        mtools("mcopy", &["-i", esp_spec, build.to_str().unwrap(), "::/airlock/build.json"]);
+        mtools(
+            "mcopy",
+            &[
+                "-i",
+                esp_spec,
+                build.to_str().unwrap(),
+                "::/airlock/build.json",
+            ],
+        );
         let image = d.join("airlock_1.0.raw");
         let runner = Runner::new(false).unwrap();
         let contents = [
-            Content { partition: &layout.partitions[0], image: &esp },
-            Content { partition: &layout.partitions[1], image: &root_img },
-            Content { partition: &layout.partitions[5], image: &data_img },
+            Content {
+                partition: &layout.partitions[0],
+                image: &esp,
+            },
+            Content {
+                partition: &layout.partitions[1],
+                image: &root_img,
+            },
+            Content {
+                partition: &layout.partitions[5],
+                image: &data_img,
+            },
         ];
         disk::assemble(&runner, &layout, &contents, &image).unwrap();
         Fixture { dir, image, layout }
@@ -185,7 +261,15 @@ impl Fixture {
         drop(f);
         let fill = (self.layout.size + MIB).min(size);
         std::fs::write(self.path("fill"), vec![0xaau8; fill as usize]).unwrap();
-        run("dd", &[&format!("if={}", self.path("fill").display()), &format!("of={}", p.display()), "conv=notrunc", "status=none"]);
+        run(
+            "dd",
+            &[
+                &format!("if={}", self.path("fill").display()),
+                &format!("of={}", p.display()),
+                "conv=notrunc",
+                "status=none",
+            ],
+        );
         p
     }
 
@@ -195,21 +279,36 @@ impl Fixture {
 
     /// `airlock flash FILE TARGET …` with another file than the image.
     fn flash_file(&self, file: &Path, target: &Path, extra: &[&str]) -> Output {
-        let mut args = vec!["flash".to_string(), file.display().to_string(), target.display().to_string()];
+        let mut args = vec![
+            "flash".to_string(),
+            file.display().to_string(),
+            target.display().to_string(),
+        ];
         args.extend(extra.iter().map(|s| s.to_string()));
-        Command::new(env!("CARGO_BIN_EXE_airlock")).args(&args).output().unwrap()
+        Command::new(env!("CARGO_BIN_EXE_airlock"))
+            .args(&args)
+            .output()
+            .unwrap()
     }
 }
 
 fn ok(out: &Output) -> String {
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(out.status.success(), "flash failed:\n{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "flash failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     stdout
 }
 
 /// The refusal line (the only line on stderr) of a failed flash.
 fn refused(out: &Output) -> String {
-    assert!(!out.status.success(), "flash succeeded: {}", String::from_utf8_lossy(&out.stdout));
+    assert!(
+        !out.status.success(),
+        "flash succeeded: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     let lines: Vec<&str> = stderr.lines().collect();
     assert_eq!(lines.len(), 1, "one line expected:\n{stderr}");
@@ -218,12 +317,32 @@ fn refused(out: &Output) -> String {
 
 /// `sfdisk --verify` says nothing is wrong, and the table is an airlock one.
 fn check_table(disk: &Path) -> airlock::flash::Table {
-    let verify = Command::new("sfdisk").arg("--verify").arg(disk).output().unwrap();
-    let text = format!("{}{}", String::from_utf8_lossy(&verify.stdout), String::from_utf8_lossy(&verify.stderr));
-    assert!(verify.status.success() && text.contains("No errors detected") && !text.to_lowercase().contains("warning"), "{text}");
-    let table = airlock::flash::parse_sfdisk_json(&run("sfdisk", &["--json", disk.to_str().unwrap()])).unwrap();
+    let verify = Command::new("sfdisk")
+        .arg("--verify")
+        .arg(disk)
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&verify.stdout),
+        String::from_utf8_lossy(&verify.stderr)
+    );
+    assert!(
+        verify.status.success()
+            && text.contains("No errors detected")
+            && !text.to_lowercase().contains("warning"),
+        "{text}"
+    );
+    let table =
+        airlock::flash::parse_sfdisk_json(&run("sfdisk", &["--json", disk.to_str().unwrap()]))
+            .unwrap();
     airlock::flash::image_layout(&table).unwrap();
-    let empty: Vec<u32> = table.partitions.iter().filter(|p| p.label == labels::EMPTY).map(|p| p.number).collect();
+    let empty: Vec<u32> = table
+        .partitions
+        .iter()
+        .filter(|p| p.label == labels::EMPTY)
+        .map(|p| p.number)
+        .collect();
     assert_eq!(empty, [4, 5], "slot B stays _empty");
     table
 }
@@ -236,7 +355,11 @@ fn check_backup_gpt_at_end(disk: &Path, size: u64) {
     let mut sector = [0u8; 512];
     f.seek(SeekFrom::Start(size - 512)).unwrap();
     f.read_exact(&mut sector).unwrap();
-    assert_eq!(&sector[..8], b"EFI PART", "no backup GPT header in the last sector");
+    assert_eq!(
+        &sector[..8],
+        b"EFI PART",
+        "no backup GPT header in the last sector"
+    );
     f.seek(SeekFrom::Start(512)).unwrap();
     f.read_exact(&mut sector).unwrap();
     assert_eq!(&sector[..8], b"EFI PART");
@@ -247,21 +370,45 @@ fn check_backup_gpt_at_end(disk: &Path, size: u64) {
 /// The first five partitions hold the image's bytes.
 fn check_partitions_as_image(fx: &Fixture, disk: &Path) {
     for p in &fx.layout.partitions[..5] {
-        assert_eq!(sha256_range(disk, p.offset, p.size), sha256_range(&fx.image, p.offset, p.size), "partition {}", p.label);
+        assert_eq!(
+            sha256_range(disk, p.offset, p.size),
+            sha256_range(&fx.image, p.offset, p.size),
+            "partition {}",
+            p.label
+        );
     }
 }
 
 /// e2fsck finds the data filesystem clean, and it fills its partition.
 fn check_data_fs(disk: &Path, table: &airlock::flash::Table) {
-    let data = table.partitions.iter().find(|p| p.label == labels::DATA).unwrap();
-    let lo = LoopDev::attach(&["--read-only", "--offset", &data.start.to_string(), "--sizelimit", &data.size.to_string(), disk.to_str().unwrap()]);
+    let data = table
+        .partitions
+        .iter()
+        .find(|p| p.label == labels::DATA)
+        .unwrap();
+    let lo = LoopDev::attach(&[
+        "--read-only",
+        "--offset",
+        &data.start.to_string(),
+        "--sizelimit",
+        &data.size.to_string(),
+        disk.to_str().unwrap(),
+    ]);
     run("e2fsck", &["-f", "-n", &lo.0]);
     let header = run("dumpe2fs", &["-h", &lo.0]);
     let field = |name: &str| -> u64 {
-        header.lines().find_map(|l| l.strip_prefix(name)).map(|v| v.trim().parse().unwrap()).unwrap_or_else(|| panic!("{name} in dumpe2fs"))
+        header
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .map(|v| v.trim().parse().unwrap())
+            .unwrap_or_else(|| panic!("{name} in dumpe2fs"))
     };
     let fs_bytes = field("Block count:") * field("Block size:");
-    assert!(fs_bytes <= data.size && data.size - fs_bytes < 4 * MIB, "ext4 {fs_bytes} bytes in a {} byte partition", data.size);
+    assert!(
+        fs_bytes <= data.size && data.size - fs_bytes < 4 * MIB,
+        "ext4 {fs_bytes} bytes in a {} byte partition",
+        data.size
+    );
 }
 
 #[test]
@@ -270,7 +417,11 @@ fn flash_into_an_image_file_of_the_same_size() {
     let target = fx.target("same.raw", fx.layout.size);
     let stdout = ok(&fx.flash(&target, &[]));
     assert!(stdout.contains("matches the image"), "{stdout}");
-    assert_eq!(sha256(&target), sha256(&fx.image), "the target is the image, byte for byte");
+    assert_eq!(
+        sha256(&target),
+        sha256(&fx.image),
+        "the target is the image, byte for byte"
+    );
     let table = check_table(&target);
     check_backup_gpt_at_end(&target, fx.layout.size);
     check_data_fs(&target, &table);
@@ -284,7 +435,10 @@ fn a_same_size_disk_takes_a_machine_file() {
     let machine = fx.path("m.toml");
     std::fs::write(&machine, MACHINE).unwrap();
     let stdout = ok(&fx.flash(&target, &["--machine", machine.to_str().unwrap()]));
-    assert!(stdout.contains("provisioned /var/lib/airlock/provision/appliance.toml"), "{stdout}");
+    assert!(
+        stdout.contains("provisioned /var/lib/airlock/provision/appliance.toml"),
+        "{stdout}"
+    );
     check_data_fs(&target, &check_table(&target));
 }
 
@@ -294,20 +448,38 @@ fn flash_into_a_larger_image_file_moves_the_backup_gpt_and_grows_the_data_partit
     let size = 200 * MIB;
     let target = fx.target("large.raw", size);
     let stdout = ok(&fx.flash(&target, &[]));
-    assert!(stdout.contains("matches the image") && stdout.contains("data partition grown"), "{stdout}");
-    assert_eq!(std::fs::metadata(&target).unwrap().len(), size, "the target file keeps its size");
+    assert!(
+        stdout.contains("matches the image") && stdout.contains("data partition grown"),
+        "{stdout}"
+    );
+    assert_eq!(
+        std::fs::metadata(&target).unwrap().len(),
+        size,
+        "the target file keeps its size"
+    );
     let table = check_table(&target);
     check_backup_gpt_at_end(&target, size);
     check_partitions_as_image(&fx, &target);
-    let data = table.partitions.iter().find(|p| p.label == labels::DATA).unwrap();
+    let data = table
+        .partitions
+        .iter()
+        .find(|p| p.label == labels::DATA)
+        .unwrap();
     assert_eq!(data.start, fx.layout.partitions[5].offset);
-    assert!(data.start + data.size > size - 2 * MIB, "data partition ends at {} of {size}", data.start + data.size);
+    assert!(
+        data.start + data.size > size - 2 * MIB,
+        "data partition ends at {} of {size}",
+        data.start + data.size
+    );
     // A whole number of MiB: systemd-repart at first boot rounds partitions
     // up to 4 KiB and fails when that rounding does not fit.
     assert_eq!(data.size % MIB, 0, "data partition of {} bytes", data.size);
     check_data_fs(&target, &table);
     // The bytes between the image's end and the disk's end carry nothing stale.
-    assert!(stdout.contains(&format!("{} MiB of a 200 MiB disk", data.size / MIB)), "{stdout}");
+    assert!(
+        stdout.contains(&format!("{} MiB of a 200 MiB disk", data.size / MIB)),
+        "{stdout}"
+    );
 }
 
 #[test]
@@ -317,15 +489,28 @@ fn flash_onto_a_block_device() {
     let lo = LoopDev::attach(&[backing.to_str().unwrap()]);
     let dev = PathBuf::from(&lo.0);
     let stdout = ok(&fx.flash(&dev, &[]));
-    assert!(stdout.contains("block device") && stdout.contains("matches the image"), "{stdout}");
+    assert!(
+        stdout.contains("block device") && stdout.contains("matches the image"),
+        "{stdout}"
+    );
     let table = check_table(&dev);
     check_backup_gpt_at_end(&dev, 96 * MIB);
     check_partitions_as_image(&fx, &dev);
     check_data_fs(&dev, &table);
     // IT guide §9: `airlock inspect /dev/sdX` on a PC's disk.
-    let out = Command::new(env!("CARGO_BIN_EXE_airlock")).args(["inspect", lo.0.as_str()]).output().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_airlock"))
+        .args(["inspect", lo.0.as_str()])
+        .output()
+        .unwrap();
     let shown = ok(&out);
-    assert!(shown.contains("name         airlock 1.0") && shown.contains("root_airlock_1.0") && shown.contains("_empty") && shown.contains(" data "), "airlock inspect {}:\n{shown}", lo.0);
+    assert!(
+        shown.contains("name         airlock 1.0")
+            && shown.contains("root_airlock_1.0")
+            && shown.contains("_empty")
+            && shown.contains(" data "),
+        "airlock inspect {}:\n{shown}",
+        lo.0
+    );
 }
 
 #[test]
@@ -337,7 +522,10 @@ fn a_mounted_or_attached_target_is_refused_and_untouched() {
     let lo = LoopDev::attach(&["--partscan", target.to_str().unwrap()]);
     // Attached, nothing mounted.
     let e = refused(&fx.flash(&target, &[]));
-    assert!(e.contains("is in use") && e.contains(&format!("attached to {}", lo.0)), "{e}");
+    assert!(
+        e.contains("is in use") && e.contains(&format!("attached to {}", lo.0)),
+        "{e}"
+    );
     // A partition mounted: refused as a file, and as the block device.
     let mnt = fx.path("mnt");
     std::fs::create_dir(&mnt).unwrap();
@@ -355,15 +543,28 @@ fn a_mounted_or_attached_target_is_refused_and_untouched() {
     run("mount", &["-o", "ro", &part, mnt.to_str().unwrap()]);
     let _m = MountAt(mnt.clone());
     let e = refused(&fx.flash(&target, &[]));
-    assert!(e.contains(&format!("{part} is mounted on {}", mnt.display())), "{e}");
+    assert!(
+        e.contains(&format!("{part} is mounted on {}", mnt.display())),
+        "{e}"
+    );
     let e = refused(&fx.flash(Path::new(&lo.0), &[]));
-    assert!(e.contains("is in use") && e.contains(&format!("{part} is mounted on")), "{e}");
+    assert!(
+        e.contains("is in use") && e.contains(&format!("{part} is mounted on")),
+        "{e}"
+    );
     // A partition instead of the disk.
     let e = refused(&fx.flash(Path::new(&part), &[]));
-    assert!(e.contains("is a partition") && e.contains(&format!("give the whole disk, {}", lo.0)), "{e}");
+    assert!(
+        e.contains("is a partition") && e.contains(&format!("give the whole disk, {}", lo.0)),
+        "{e}"
+    );
     drop(_m);
     drop(lo);
-    assert_eq!(sha256(&target), before, "a refused flash changed the target");
+    assert_eq!(
+        sha256(&target),
+        before,
+        "a refused flash changed the target"
+    );
 }
 
 #[test]
@@ -372,7 +573,10 @@ fn a_target_smaller_than_the_image_is_refused_and_untouched() {
     let target = fx.target("small.raw", 8 * MIB);
     let before = sha256(&target);
     let e = refused(&fx.flash(&target, &[]));
-    assert!(e.contains("is too small") && e.contains(&format!("needs {} bytes", fx.layout.size)), "{e}");
+    assert!(
+        e.contains("is too small") && e.contains(&format!("needs {} bytes", fx.layout.size)),
+        "{e}"
+    );
     assert_eq!(sha256(&target), before);
     let e = refused(&fx.flash(&fx.path("missing.raw"), &[]));
     assert!(e.contains("does not exist"), "{e}");
@@ -391,18 +595,40 @@ fn a_target_smaller_than_the_image_is_refused_and_untouched() {
 fn guests(fx: &Fixture) -> (PathBuf, PathBuf) {
     let raw = fx.path("classified.img");
     let mut bytes = vec![0u8; 6 * MIB as usize];
-    for (i, b) in bytes.iter_mut().enumerate().skip(MIB as usize).take(MIB as usize) {
+    for (i, b) in bytes
+        .iter_mut()
+        .enumerate()
+        .skip(MIB as usize)
+        .take(MIB as usize)
+    {
         *b = (i % 251) as u8;
     }
     std::fs::write(&raw, &bytes).unwrap();
-    let out = Command::new("sfdisk").args(["--quiet", raw.to_str().unwrap()]).stdin(std::process::Stdio::piped()).spawn().and_then(|mut c| {
-        use std::io::Write;
-        c.stdin.take().unwrap().write_all(b"label: dos\nstart=2048, size=8192, type=7\n")?;
-        c.wait()
-    });
+    let out = Command::new("sfdisk")
+        .args(["--quiet", raw.to_str().unwrap()])
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .and_then(|mut c| {
+            use std::io::Write;
+            c.stdin
+                .take()
+                .unwrap()
+                .write_all(b"label: dos\nstart=2048, size=8192, type=7\n")?;
+            c.wait()
+        });
     assert!(out.unwrap().success());
     let qcow2 = fx.path("general.qcow2");
-    run("qemu-img", &["create", "-q", "-f", "qcow2", qcow2.to_str().unwrap(), "64M"]);
+    run(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            qcow2.to_str().unwrap(),
+            "64M",
+        ],
+    );
     (raw, qcow2)
 }
 
@@ -426,32 +652,84 @@ fn provisioning_places_guests_and_machine_with_owners_modes_and_labels() {
             machine.to_str().unwrap(),
         ],
     ));
-    assert!(stdout.contains("provisioned /var/lib/airlock/classified/disk/windows.img"), "{stdout}");
+    assert!(
+        stdout.contains("provisioned /var/lib/airlock/classified/disk/windows.img"),
+        "{stdout}"
+    );
     let table = check_table(&target);
     check_data_fs(&target, &table);
 
-    let data = table.partitions.iter().find(|p| p.label == labels::DATA).unwrap();
+    let data = table
+        .partitions
+        .iter()
+        .find(|p| p.label == labels::DATA)
+        .unwrap();
     let mnt = fx.path("data");
     let _mounted = mount_partition(&target, data, &mnt, "ext4");
-    let label = |p: &Path| String::from_utf8(xattr::get(p, "security.selinux").unwrap().expect("a label")).unwrap();
+    let label = |p: &Path| {
+        String::from_utf8(xattr::get(p, "security.selinux").unwrap().expect("a label")).unwrap()
+    };
     let check = |rel: &str, uid: u32, mode: u32, type_: &str| {
         let p = mnt.join(rel);
         let m = std::fs::metadata(&p).unwrap_or_else(|e| panic!("{rel}: {e}"));
         assert_eq!((m.uid(), m.gid()), (uid, uid), "{rel} owner");
         assert_eq!(m.permissions().mode() & 0o7777, mode, "{rel} mode");
-        assert_eq!(label(&p), format!("system_u:object_r:{type_}:s0"), "{rel} label");
+        assert_eq!(
+            label(&p),
+            format!("system_u:object_r:{type_}:s0"),
+            "{rel} label"
+        );
     };
     check("lib/airlock", 0, 0o755, "airlock_var_lib_t");
     check("lib/airlock/provision", 0, 0o755, "airlock_conf_t");
-    check("lib/airlock/provision/appliance.toml", 0, 0o600, "airlock_conf_t");
-    check("lib/airlock/classified", 0, 0o755, "airlock_classified_disk_t");
-    check("lib/airlock/classified/disk", CLASSIFIED_ID, 0o700, "airlock_classified_disk_t");
-    check("lib/airlock/classified/disk/windows.img", CLASSIFIED_ID, 0o600, "airlock_classified_disk_t");
-    check("lib/airlock/general/disk", GENERAL_ID, 0o700, "airlock_general_disk_t");
-    check("lib/airlock/general/disk/windows.qcow2", GENERAL_ID, 0o600, "airlock_general_disk_t");
-    assert_eq!(std::fs::read(mnt.join("lib/airlock/provision/appliance.toml")).unwrap(), MACHINE.as_bytes());
-    assert_eq!(sha256(&mnt.join("lib/airlock/classified/disk/windows.img")), sha256(&raw));
-    assert_eq!(sha256(&mnt.join("lib/airlock/general/disk/windows.qcow2")), sha256(&qcow2));
+    check(
+        "lib/airlock/provision/appliance.toml",
+        0,
+        0o600,
+        "airlock_conf_t",
+    );
+    check(
+        "lib/airlock/classified",
+        0,
+        0o755,
+        "airlock_classified_disk_t",
+    );
+    check(
+        "lib/airlock/classified/disk",
+        CLASSIFIED_ID,
+        0o700,
+        "airlock_classified_disk_t",
+    );
+    check(
+        "lib/airlock/classified/disk/windows.img",
+        CLASSIFIED_ID,
+        0o600,
+        "airlock_classified_disk_t",
+    );
+    check(
+        "lib/airlock/general/disk",
+        GENERAL_ID,
+        0o700,
+        "airlock_general_disk_t",
+    );
+    check(
+        "lib/airlock/general/disk/windows.qcow2",
+        GENERAL_ID,
+        0o600,
+        "airlock_general_disk_t",
+    );
+    assert_eq!(
+        std::fs::read(mnt.join("lib/airlock/provision/appliance.toml")).unwrap(),
+        MACHINE.as_bytes()
+    );
+    assert_eq!(
+        sha256(&mnt.join("lib/airlock/classified/disk/windows.img")),
+        sha256(&raw)
+    );
+    assert_eq!(
+        sha256(&mnt.join("lib/airlock/general/disk/windows.qcow2")),
+        sha256(&qcow2)
+    );
     // What was there stays; nothing half-written is left.
     assert!(mnt.join("lib/dpkg").is_dir());
     let leftovers: Vec<_> = walkdir::WalkDir::new(mnt.join("lib/airlock"))
@@ -461,9 +739,16 @@ fn provisioning_places_guests_and_machine_with_owners_modes_and_labels() {
         .collect();
     assert!(leftovers.is_empty(), "{leftovers:?}");
     // The supervisor's configuration code reads the provisioned layer as flash did.
-    let config = airlockd::config::load(&fx.path("tree/etc/airlock/appliance.toml"), Some(&mnt.join("lib/airlock/provision/appliance.toml"))).unwrap();
+    let config = airlockd::config::load(
+        &fx.path("tree/etc/airlock/appliance.toml"),
+        Some(&mnt.join("lib/airlock/provision/appliance.toml")),
+    )
+    .unwrap();
     assert_eq!(config.classified.memory_mib, 6144);
-    assert_eq!(config.classified.disk, PathBuf::from("/var/lib/airlock/classified/disk/windows.img"));
+    assert_eq!(
+        config.classified.disk,
+        PathBuf::from("/var/lib/airlock/classified/disk/windows.img")
+    );
 }
 
 /// IT guide §4, step 7: a disk from elsewhere is refused as it is, and
@@ -481,26 +766,84 @@ fn a_foreign_disk_converted_as_the_guide_says_is_accepted() {
         let target = fx.target("pc.raw", 160 * MIB);
         let classified = format!("classified={}", raw.display());
         let general = format!("general={general}");
-        (fx.flash(&target, &["--guest", &classified, "--guest", &general, "--machine", machine.to_str().unwrap()]), target)
+        (
+            fx.flash(
+                &target,
+                &[
+                    "--guest",
+                    &classified,
+                    "--guest",
+                    &general,
+                    "--machine",
+                    machine.to_str().unwrap(),
+                ],
+            ),
+            target,
+        )
     };
-    run("qemu-img", &["create", "-q", "-f", "vhdx", &path("win.vhdx"), "64M"]);
+    run(
+        "qemu-img",
+        &["create", "-q", "-f", "vhdx", &path("win.vhdx"), "64M"],
+    );
     let (out, _) = flash_general(&path("win.vhdx"));
     let e = refused(&out);
     assert!(e.contains("win.vhdx") && e.contains("vhdx"), "{e}");
 
-    run("qemu-img", &["convert", "-p", "-O", "qcow2", &path("win.vhdx"), &path("win-general.qcow2")]);
+    run(
+        "qemu-img",
+        &[
+            "convert",
+            "-p",
+            "-O",
+            "qcow2",
+            &path("win.vhdx"),
+            &path("win-general.qcow2"),
+        ],
+    );
     let info = run("qemu-img", &["info", &path("win-general.qcow2")]);
-    assert!(info.contains("file format: qcow2") && !info.contains("backing file"), "{info}");
+    assert!(
+        info.contains("file format: qcow2") && !info.contains("backing file"),
+        "{info}"
+    );
     let (out, _) = flash_general(&path("win-general.qcow2"));
     assert!(ok(&out).contains("provisioned /var/lib/airlock/general/disk/"));
 
     // An overlay on that disk: refused; flattened by the same command: accepted.
-    run("qemu-img", &["create", "-q", "-f", "qcow2", "-b", &path("win-general.qcow2"), "-F", "qcow2", &path("overlay.qcow2")]);
+    run(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            &path("win-general.qcow2"),
+            "-F",
+            "qcow2",
+            &path("overlay.qcow2"),
+        ],
+    );
     let (out, _) = flash_general(&path("overlay.qcow2"));
-    assert!(refused(&out).contains("backing file"), "the overlay was not refused for its backing file");
-    run("qemu-img", &["convert", "-p", "-O", "qcow2", &path("overlay.qcow2"), &path("flat.qcow2")]);
+    assert!(
+        refused(&out).contains("backing file"),
+        "the overlay was not refused for its backing file"
+    );
+    run(
+        "qemu-img",
+        &[
+            "convert",
+            "-p",
+            "-O",
+            "qcow2",
+            &path("overlay.qcow2"),
+            &path("flat.qcow2"),
+        ],
+    );
     let info = run("qemu-img", &["info", &path("flat.qcow2")]);
-    assert!(info.contains("file format: qcow2") && !info.contains("backing file"), "{info}");
+    assert!(
+        info.contains("file format: qcow2") && !info.contains("backing file"),
+        "{info}"
+    );
     let (out, _) = flash_general(&path("flat.qcow2"));
     ok(&out);
 }
@@ -514,21 +857,55 @@ fn bad_guest_files_are_refused_before_anything_is_written() {
     let target = fx.target("pc.raw", 160 * MIB);
     let before = sha256(&target);
     let vmdk = fx.path("w.vmdk");
-    run("qemu-img", &["create", "-q", "-f", "vmdk", vmdk.to_str().unwrap(), "16M"]);
+    run(
+        "qemu-img",
+        &["create", "-q", "-f", "vmdk", vmdk.to_str().unwrap(), "16M"],
+    );
     let text = fx.path("notes.txt");
     std::fs::write(&text, "not a disk at all\n".repeat(100)).unwrap();
     let base = fx.path("base.qcow2");
-    run("qemu-img", &["create", "-q", "-f", "qcow2", base.to_str().unwrap(), "16M"]);
+    run(
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", base.to_str().unwrap(), "16M"],
+    );
     let overlay = fx.path("overlay.qcow2");
-    run("qemu-img", &["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", base.to_str().unwrap(), overlay.to_str().unwrap()]);
+    run(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-F",
+            "qcow2",
+            "-b",
+            base.to_str().unwrap(),
+            overlay.to_str().unwrap(),
+        ],
+    );
     let m = machine.to_str().unwrap();
     let cases: Vec<(String, &str)> = vec![
-        (format!("general={}", vmdk.display()), "a vmdk image; airlock takes raw or qcow2"),
+        (
+            format!("general={}", vmdk.display()),
+            "a vmdk image; airlock takes raw or qcow2",
+        ),
         (format!("classified={}", text.display()), "not a disk image"),
-        (format!("general={}", overlay.display()), "has a backing file"),
-        (format!("classified={}", qcow2.display()), "is a qcow2 image, but guest.classified.disk_format is \"raw\""),
-        (format!("general={}", raw.display()), "is a raw image, but guest.general.disk_format is \"qcow2\""),
-        (format!("general={}", fx.path("absent.qcow2").display()), "absent.qcow2"),
+        (
+            format!("general={}", overlay.display()),
+            "has a backing file",
+        ),
+        (
+            format!("classified={}", qcow2.display()),
+            "is a qcow2 image, but guest.classified.disk_format is \"raw\"",
+        ),
+        (
+            format!("general={}", raw.display()),
+            "is a raw image, but guest.general.disk_format is \"qcow2\"",
+        ),
+        (
+            format!("general={}", fx.path("absent.qcow2").display()),
+            "absent.qcow2",
+        ),
     ];
     for (guest, want) in cases {
         let e = refused(&fx.flash(&target, &["--guest", &guest, "--machine", m]));
@@ -538,12 +915,32 @@ fn bad_guest_files_are_refused_before_anything_is_written() {
     // Guests that do not fit the disk, even with the data partition grown.
     let big = fx.path("big.img");
     std::fs::copy(&raw, &big).unwrap();
-    std::fs::File::options().write(true).open(&big).unwrap().set_len(512 * MIB).unwrap();
-    let e = refused(&fx.flash(&target, &["--guest", &format!("classified={}", big.display()), "--machine", m]));
+    std::fs::File::options()
+        .write(true)
+        .open(&big)
+        .unwrap()
+        .set_len(512 * MIB)
+        .unwrap();
+    let e = refused(&fx.flash(
+        &target,
+        &[
+            "--guest",
+            &format!("classified={}", big.display()),
+            "--machine",
+            m,
+        ],
+    ));
     assert!(e.contains("no room for the provisioned files"), "{e}");
-    let e = refused(&fx.flash(&target, &["--guest", &format!("general={}", qcow2.display())]));
+    let e = refused(&fx.flash(
+        &target,
+        &["--guest", &format!("general={}", qcow2.display())],
+    ));
     assert!(e.contains("--guest needs --machine"), "{e}");
-    assert_eq!(sha256(&target), before, "a refused flash changed the target");
+    assert_eq!(
+        sha256(&target),
+        before,
+        "a refused flash changed the target"
+    );
 }
 
 #[test]
@@ -552,19 +949,41 @@ fn a_bad_machine_file_is_refused_naming_file_line_and_key() {
     let target = fx.target("pc.raw", 160 * MIB);
     let before = sha256(&target);
     let cases = [
-        ("[guest.general]\nvcpus = 2\nmemory_mib = 10\n", "line 3: `guest.general.memory_mib`: 10 MiB is outside"),
-        ("\n[guest.classified]\ndevices = [\"usb\"]\n", "line 3: `guest.classified.devices`: may only be set in the shipped configuration"),
-        ("[supervisor]\ntest_mode = true\n", "line 1: `supervisor`: may only be set in the shipped configuration"),
-        ("[guest.general]\ndisk = \"/var/lib/airlock/classified/disk/x.qcow2\"\n", "line 2: `guest.general.disk`"),
-        ("[guest.general]\nmemroy_mib = 4096\n", "unknown field `memroy_mib`"),
+        (
+            "[guest.general]\nvcpus = 2\nmemory_mib = 10\n",
+            "line 3: `guest.general.memory_mib`: 10 MiB is outside",
+        ),
+        (
+            "\n[guest.classified]\ndevices = [\"usb\"]\n",
+            "line 3: `guest.classified.devices`: may only be set in the shipped configuration",
+        ),
+        (
+            "[supervisor]\ntest_mode = true\n",
+            "line 1: `supervisor`: may only be set in the shipped configuration",
+        ),
+        (
+            "[guest.general]\ndisk = \"/var/lib/airlock/classified/disk/x.qcow2\"\n",
+            "line 2: `guest.general.disk`",
+        ),
+        (
+            "[guest.general]\nmemroy_mib = 4096\n",
+            "unknown field `memroy_mib`",
+        ),
     ];
     for (i, (text, want)) in cases.iter().enumerate() {
         let machine = fx.path(&format!("machine-{i}.toml"));
         std::fs::write(&machine, text).unwrap();
         let e = refused(&fx.flash(&target, &["--machine", machine.to_str().unwrap()]));
-        assert!(e.contains(&machine.display().to_string()) && e.contains(want), "{text}: {e}");
+        assert!(
+            e.contains(&machine.display().to_string()) && e.contains(want),
+            "{text}: {e}"
+        );
     }
-    assert_eq!(sha256(&target), before, "a refused flash changed the target");
+    assert_eq!(
+        sha256(&target),
+        before,
+        "a refused flash changed the target"
+    );
 }
 
 /// The test image's shipped configuration has a `[network]` section without
@@ -584,25 +1003,39 @@ fn machine_uplink_addresses_are_provisioned_and_checked() {
     )
     .unwrap();
     let e = refused(&fx.flash(&target, &["--machine", bad.to_str().unwrap()]));
-    assert!(e.contains(&bad.display().to_string()) && e.contains("line 3") && e.contains("network.classified.uplink.address"), "{e}");
+    assert!(
+        e.contains(&bad.display().to_string())
+            && e.contains("line 3")
+            && e.contains("network.classified.uplink.address"),
+        "{e}"
+    );
     assert_eq!(sha256(&target), before);
     let good = fx.path("pc-0042.toml");
     // Both sides' uplinks: the test image ships none (they are per PC).
     std::fs::write(&good, UPLINKS).unwrap();
     let stdout = ok(&fx.flash(&target, &["--machine", good.to_str().unwrap()]));
-    assert!(stdout.contains("provisioned /var/lib/airlock/provision/appliance.toml"), "{stdout}");
+    assert!(
+        stdout.contains("provisioned /var/lib/airlock/provision/appliance.toml"),
+        "{stdout}"
+    );
 }
 
 /// The test image's shipped configuration: a `[network]` section without
 /// uplinks, and a WireGuard tunnel for the classified servers, as a site
 /// that uses one ships it (the peer and its key are the image's; the PC's
 /// tunnel address and private key are not).
-const SHIPPED_WITH_TUNNEL: &str = include_str!("../../ci/test-agent/overlay/etc/airlock/appliance.toml");
+const SHIPPED_WITH_TUNNEL: &str =
+    include_str!("../../ci/test-agent/overlay/etc/airlock/appliance.toml");
 
 /// The same without the tunnel (its table is the file's last).
 fn shipped_without_tunnel() -> String {
-    let at = SHIPPED_WITH_TUNNEL.find("\n[network.classified.wireguard]").expect("the test image ships a tunnel");
-    assert!(!SHIPPED_WITH_TUNNEL[at + 2..].contains("\n["), "the tunnel is not the test image's last table");
+    let at = SHIPPED_WITH_TUNNEL
+        .find("\n[network.classified.wireguard]")
+        .expect("the test image ships a tunnel");
+    assert!(
+        !SHIPPED_WITH_TUNNEL[at + 2..].contains("\n["),
+        "the tunnel is not the test image's last table"
+    );
     SHIPPED_WITH_TUNNEL[..at + 1].to_owned()
 }
 
@@ -621,62 +1054,141 @@ fn per_pc_wireguard_key_and_address_are_provisioned_and_checked() {
     let target = fx.target("pc.raw", 96 * MIB);
     let before = sha256(&target);
     let machine = fx.path("pc-0042.toml");
-    std::fs::write(&machine, format!("{UPLINKS}\n[network.classified.wireguard]\naddress = \"10.99.0.42/24\"\n")).unwrap();
+    std::fs::write(
+        &machine,
+        format!("{UPLINKS}\n[network.classified.wireguard]\naddress = \"10.99.0.42/24\"\n"),
+    )
+    .unwrap();
     let m = machine.to_str().unwrap();
 
     // No key for an image with a tunnel.
     let e = refused(&fx.flash(&target, &["--machine", m]));
-    assert!(e.contains("--wireguard-key") && e.contains("network.classified.wireguard"), "{e}");
+    assert!(
+        e.contains("--wireguard-key") && e.contains("network.classified.wireguard"),
+        "{e}"
+    );
     // A file that is not a key (a PEM key, say).
     let pem = fx.path("pc-0042.pem");
-    std::fs::write(&pem, "-----BEGIN PRIVATE KEY-----\nMC4CAQAwBQYDK2VuBCIEIHBh\n-----END PRIVATE KEY-----\n").unwrap();
-    let e = refused(&fx.flash(&target, &["--machine", m, "--wireguard-key", pem.to_str().unwrap()]));
-    assert!(e.contains(&pem.display().to_string()) && e.contains("not a WireGuard private key"), "{e}");
+    std::fs::write(
+        &pem,
+        "-----BEGIN PRIVATE KEY-----\nMC4CAQAwBQYDK2VuBCIEIHBh\n-----END PRIVATE KEY-----\n",
+    )
+    .unwrap();
+    let e = refused(&fx.flash(
+        &target,
+        &["--machine", m, "--wireguard-key", pem.to_str().unwrap()],
+    ));
+    assert!(
+        e.contains(&pem.display().to_string()) && e.contains("not a WireGuard private key"),
+        "{e}"
+    );
     // The machine file without the PC's tunnel address.
     let no_address = fx.path("no-address.toml");
     std::fs::write(&no_address, UPLINKS).unwrap();
     let key = fx.path("pc-0042.key");
     let private = run("wg", &["genkey"]);
     std::fs::write(&key, &private).unwrap();
-    let e = refused(&fx.flash(&target, &["--machine", no_address.to_str().unwrap(), "--wireguard-key", key.to_str().unwrap()]));
-    assert!(e.contains("network.classified.wireguard.address") && e.contains("machine file"), "{e}");
+    let e = refused(&fx.flash(
+        &target,
+        &[
+            "--machine",
+            no_address.to_str().unwrap(),
+            "--wireguard-key",
+            key.to_str().unwrap(),
+        ],
+    ));
+    assert!(
+        e.contains("network.classified.wireguard.address") && e.contains("machine file"),
+        "{e}"
+    );
     assert_eq!(sha256(&target), before, "a refusal wrote to the target");
 
-    let stdout = ok(&fx.flash(&target, &["--machine", m, "--wireguard-key", key.to_str().unwrap()]));
+    let stdout = ok(&fx.flash(
+        &target,
+        &["--machine", m, "--wireguard-key", key.to_str().unwrap()],
+    ));
     let public = {
-        let mut child = Command::new("wg").arg("pubkey").stdin(std::process::Stdio::piped()).stdout(std::process::Stdio::piped()).spawn().unwrap();
+        let mut child = Command::new("wg")
+            .arg("pubkey")
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
         std::io::Write::write_all(&mut child.stdin.take().unwrap(), private.as_bytes()).unwrap();
-        String::from_utf8(child.wait_with_output().unwrap().stdout).unwrap().trim().to_owned()
+        String::from_utf8(child.wait_with_output().unwrap().stdout)
+            .unwrap()
+            .trim()
+            .to_owned()
     };
     assert!(
-        stdout.contains(&format!("provisioned /var/lib/airlock/provision/wg-classified.key (from {})", key.display()))
-            && stdout.contains(&format!("public key {public} (add it to the tunnel server's peers)")),
+        stdout.contains(&format!(
+            "provisioned /var/lib/airlock/provision/wg-classified.key (from {})",
+            key.display()
+        )) && stdout.contains(&format!(
+            "public key {public} (add it to the tunnel server's peers)"
+        )),
         "{stdout}"
     );
-    assert!(!stdout.contains(private.trim()), "the private key was printed:\n{stdout}");
+    assert!(
+        !stdout.contains(private.trim()),
+        "the private key was printed:\n{stdout}"
+    );
     let table = check_table(&target);
-    let data = table.partitions.iter().find(|p| p.label == labels::DATA).unwrap();
+    let data = table
+        .partitions
+        .iter()
+        .find(|p| p.label == labels::DATA)
+        .unwrap();
     let mnt = fx.path("data");
     let _mounted = mount_partition(&target, data, &mnt, "ext4");
     let placed = mnt.join("lib/airlock/provision/wg-classified.key");
     let meta = std::fs::metadata(&placed).unwrap();
-    assert_eq!((meta.uid(), meta.gid(), meta.permissions().mode() & 0o7777), (0, 0, 0o600));
     assert_eq!(
-        String::from_utf8(xattr::get(&placed, "security.selinux").unwrap().expect("a label")).unwrap(),
+        (meta.uid(), meta.gid(), meta.permissions().mode() & 0o7777),
+        (0, 0, 0o600)
+    );
+    assert_eq!(
+        String::from_utf8(
+            xattr::get(&placed, "security.selinux")
+                .unwrap()
+                .expect("a label")
+        )
+        .unwrap(),
         "system_u:object_r:airlock_wg_key_t:s0"
     );
     assert_eq!(std::fs::read_to_string(&placed).unwrap(), private);
     // The network set-up reads the tunnel as flash checked it.
-    let config = airlockd::config::load(&fx.path("tree/etc/airlock/appliance.toml"), Some(&mnt.join("lib/airlock/provision/appliance.toml"))).unwrap();
+    let config = airlockd::config::load(
+        &fx.path("tree/etc/airlock/appliance.toml"),
+        Some(&mnt.join("lib/airlock/provision/appliance.toml")),
+    )
+    .unwrap();
     let wg = config.network.unwrap().classified.wireguard.unwrap();
-    assert_eq!((wg.address.to_string().as_str(), wg.private_key_file.as_str()), ("10.99.0.42/24", "/var/lib/airlock/provision/wg-classified.key"));
+    assert_eq!(
+        (
+            wg.address.to_string().as_str(),
+            wg.private_key_file.as_str()
+        ),
+        (
+            "10.99.0.42/24",
+            "/var/lib/airlock/provision/wg-classified.key"
+        )
+    );
 
     // An image without a tunnel takes no key.
     let plain = Fixture::with_shipped(&shipped_without_tunnel());
     let target = plain.target("pc.raw", 96 * MIB);
     let uplinks = plain.path("uplinks.toml");
     std::fs::write(&uplinks, UPLINKS).unwrap();
-    let e = refused(&plain.flash(&target, &["--machine", uplinks.to_str().unwrap(), "--wireguard-key", key.to_str().unwrap()]));
+    let e = refused(&plain.flash(
+        &target,
+        &[
+            "--machine",
+            uplinks.to_str().unwrap(),
+            "--wireguard-key",
+            key.to_str().unwrap(),
+        ],
+    ));
     assert!(e.contains("no WireGuard tunnel"), "{e}");
 }
 
@@ -691,13 +1203,21 @@ fn per_pc_wireguard_key_and_address_are_provisioned_and_checked() {
 #[ignore = "needs a built image: AIRLOCK_TEST_IMAGE=out/airlock_1.0.raw"]
 fn a_built_image_flashes_and_provisions_with_its_own_labels() {
     require_root();
-    let image = PathBuf::from(std::env::var_os("AIRLOCK_TEST_IMAGE").expect("set AIRLOCK_TEST_IMAGE to a built .raw image"));
+    let image = PathBuf::from(
+        std::env::var_os("AIRLOCK_TEST_IMAGE")
+            .expect("set AIRLOCK_TEST_IMAGE to a built .raw image"),
+    );
     let out = image.parent().unwrap();
     let stem = image.file_stem().unwrap().to_string_lossy().into_owned();
     let sums = std::fs::read_to_string(out.join("SHA256SUMS")).unwrap();
     let name = image.file_name().unwrap().to_string_lossy().into_owned();
-    let want_sha = sums.lines().find_map(|l| l.strip_suffix(&format!("  {name}"))).expect("the image in SHA256SUMS").to_owned();
-    let contexts = std::fs::read_to_string(out.join(format!("{stem}.selinux/file_contexts"))).unwrap();
+    let want_sha = sums
+        .lines()
+        .find_map(|l| l.strip_suffix(&format!("  {name}")))
+        .expect("the image in SHA256SUMS")
+        .to_owned();
+    let contexts =
+        std::fs::read_to_string(out.join(format!("{stem}.selinux/file_contexts"))).unwrap();
     let context_of = |pattern: &str| -> String {
         contexts
             .lines()
@@ -711,39 +1231,81 @@ fn a_built_image_flashes_and_provisions_with_its_own_labels() {
     let dir = tempfile::tempdir().unwrap();
     let target = dir.path().join("pc.raw");
     let size = std::fs::metadata(&image).unwrap().len() + 2048 * MIB;
-    std::fs::File::create(&target).unwrap().set_len(size).unwrap();
+    std::fs::File::create(&target)
+        .unwrap()
+        .set_len(size)
+        .unwrap();
     let qcow2 = dir.path().join("general.qcow2");
-    run("qemu-img", &["create", "-q", "-f", "qcow2", qcow2.to_str().unwrap(), "1G"]);
+    run(
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", qcow2.to_str().unwrap(), "1G"],
+    );
     let machine = dir.path().join("pc.toml");
     std::fs::write(&machine, "[guest.general]\nvcpus = 1\n").unwrap();
     let output = Command::new(env!("CARGO_BIN_EXE_airlock"))
-        .args(["flash", image.to_str().unwrap(), target.to_str().unwrap(), "--guest"])
+        .args([
+            "flash",
+            image.to_str().unwrap(),
+            target.to_str().unwrap(),
+            "--guest",
+        ])
         .arg(format!("general={}", qcow2.display()))
         .args(["--machine", machine.to_str().unwrap()])
         .output()
         .unwrap();
     let stdout = ok(&output);
-    assert!(stdout.contains(&format!("sha256 {want_sha} matches the image")), "{stdout}");
+    assert!(
+        stdout.contains(&format!("sha256 {want_sha} matches the image")),
+        "{stdout}"
+    );
     let table = check_table(&target);
     check_backup_gpt_at_end(&target, size);
     check_data_fs(&target, &table);
 
-    let part = |label_prefix: &str| table.partitions.iter().find(|p| p.label.starts_with(label_prefix)).unwrap().clone();
+    let part = |label_prefix: &str| {
+        table
+            .partitions
+            .iter()
+            .find(|p| p.label.starts_with(label_prefix))
+            .unwrap()
+            .clone()
+    };
     let (root, data) = (part("root_"), part(labels::DATA));
     let root_mnt = dir.path().join("root");
     let _root = mount_partition(&target, &root, &root_mnt, "erofs");
     let passwd = std::fs::read_to_string(root_mnt.join("etc/passwd")).unwrap();
-    let general_uid = airlock::flash::provision::passwd_ids(&passwd, "airlock-general").expect("airlock-general in the image").0;
+    let general_uid = airlock::flash::provision::passwd_ids(&passwd, "airlock-general")
+        .expect("airlock-general in the image")
+        .0;
 
     let mnt = dir.path().join("data");
     let _data = mount_partition(&target, &data, &mnt, "ext4");
-    let label = |rel: &str| String::from_utf8(xattr::get(mnt.join(rel), "security.selinux").unwrap().expect("a label")).unwrap();
+    let label = |rel: &str| {
+        String::from_utf8(
+            xattr::get(mnt.join(rel), "security.selinux")
+                .unwrap()
+                .expect("a label"),
+        )
+        .unwrap()
+    };
     assert_eq!(label("lib/airlock"), context_of("/var/lib/airlock"));
-    assert_eq!(label("lib/airlock/provision/appliance.toml"), context_of("/var/lib/airlock/provision(/.*)?"));
-    assert_eq!(label("lib/airlock/general/disk/windows.qcow2"), context_of("/var/lib/airlock/general(/.*)?"));
-    assert_eq!(label("lib/airlock/classified/disk"), context_of("/var/lib/airlock/classified(/.*)?"));
+    assert_eq!(
+        label("lib/airlock/provision/appliance.toml"),
+        context_of("/var/lib/airlock/provision(/.*)?")
+    );
+    assert_eq!(
+        label("lib/airlock/general/disk/windows.qcow2"),
+        context_of("/var/lib/airlock/general(/.*)?")
+    );
+    assert_eq!(
+        label("lib/airlock/classified/disk"),
+        context_of("/var/lib/airlock/classified(/.*)?")
+    );
     let m = std::fs::metadata(mnt.join("lib/airlock/general/disk/windows.qcow2")).unwrap();
-    assert_eq!((m.uid(), m.permissions().mode() & 0o7777), (general_uid, 0o600));
+    assert_eq!(
+        (m.uid(), m.permissions().mode() & 0o7777),
+        (general_uid, 0o600)
+    );
 }
 
 /// A signed bundle of 3 MiB of payload, made with `airlock sign`.
@@ -767,11 +1329,39 @@ fn signed_bundle(fx: &Fixture) -> PathBuf {
     };
     write_bundle(&inputs, &bundle).unwrap();
     let unsigned = fx.flash_file(&bundle, &fx.target("unsigned-stick.raw", 8 * MIB), &[]);
-    assert!(refused(&unsigned).contains("is not signed"), "an unsigned bundle made a stick");
+    assert!(
+        refused(&unsigned).contains("is not signed"),
+        "an unsigned bundle made a stick"
+    );
     let key = fx.path("it-key");
-    run("ssh-keygen", &["-q", "-t", "ed25519", "-N", "", "-C", "it", "-f", key.to_str().unwrap()]);
-    let out = Command::new(env!("CARGO_BIN_EXE_airlock")).args(["sign", "--key", key.to_str().unwrap(), bundle.to_str().unwrap()]).output().unwrap();
-    assert!(out.status.success(), "airlock sign: {}", String::from_utf8_lossy(&out.stderr));
+    run(
+        "ssh-keygen",
+        &[
+            "-q",
+            "-t",
+            "ed25519",
+            "-N",
+            "",
+            "-C",
+            "it",
+            "-f",
+            key.to_str().unwrap(),
+        ],
+    );
+    let out = Command::new(env!("CARGO_BIN_EXE_airlock"))
+        .args([
+            "sign",
+            "--key",
+            key.to_str().unwrap(),
+            bundle.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "airlock sign: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     bundle
 }
 
@@ -785,13 +1375,27 @@ fn a_bundle_makes_an_update_stick_written_raw_and_read_back() {
     let lo = LoopDev::attach(&[backing.to_str().unwrap()]);
     let dev = PathBuf::from(&lo.0);
     let stdout = ok(&fx.flash_file(&bundle, &dev, &[]));
-    assert!(stdout.contains("writing update stick") && stdout.contains("airlock 1.1, 1 signature(s)"), "{stdout}");
-    assert!(stdout.contains("matches the bundle") && stdout.contains("update stick with airlock 1.1 written and verified"), "{stdout}");
-    assert_eq!(sha256_range(&dev, 0, len), sha256(&bundle), "the stick does not start with the bundle");
+    assert!(
+        stdout.contains("writing update stick") && stdout.contains("airlock 1.1, 1 signature(s)"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("matches the bundle")
+            && stdout.contains("update stick with airlock 1.1 written and verified"),
+        "{stdout}"
+    );
+    assert_eq!(
+        sha256_range(&dev, 0, len),
+        sha256(&bundle),
+        "the stick does not start with the bundle"
+    );
     drop(lo);
     // No provisioning on a stick; a target too small; a mounted one.
     let e = refused(&fx.flash_file(&bundle, &backing, &["--machine", bundle.to_str().unwrap()]));
-    assert!(e.contains("is an update bundle") && e.contains("provisions nothing"), "{e}");
+    assert!(
+        e.contains("is an update bundle") && e.contains("provisions nothing"),
+        "{e}"
+    );
     let small = fx.target("small-stick.raw", MIB);
     let e = refused(&fx.flash_file(&bundle, &small, &[]));
     assert!(e.contains("is too small"), "{e}");

@@ -36,7 +36,12 @@ pub fn io_max(device: (u32, u32), io: &IoLimits) -> Option<String> {
         return None;
     }
     let mut line = format!("{}:{}", device.0, device.1);
-    for (key, value) in [("rbps", io.read_bps), ("wbps", io.write_bps), ("riops", io.read_iops), ("wiops", io.write_iops)] {
+    for (key, value) in [
+        ("rbps", io.read_bps),
+        ("wbps", io.write_bps),
+        ("riops", io.read_iops),
+        ("wiops", io.write_iops),
+    ] {
         if let Some(v) = value {
             line.push_str(&format!(" {key}={v}"));
         }
@@ -73,18 +78,35 @@ impl GuestCgroup {
 
     /// One log line: applied limits, then those that were not.
     pub fn summary(&self) -> String {
-        let applied: Vec<String> =
-            self.limits.iter().filter(|a| a.outcome.is_ok()).map(|a| format!("{}={:?}", a.file, a.value)).collect();
+        let applied: Vec<String> = self
+            .limits
+            .iter()
+            .filter(|a| a.outcome.is_ok())
+            .map(|a| format!("{}={:?}", a.file, a.value))
+            .collect();
         let missed: Vec<String> = self
             .limits
             .iter()
-            .filter_map(|a| a.outcome.as_ref().err().map(|why| format!("{}={:?} ({why})", a.file, a.value)))
+            .filter_map(|a| {
+                a.outcome
+                    .as_ref()
+                    .err()
+                    .map(|why| format!("{}={:?} ({why})", a.file, a.value))
+            })
             .collect();
         format!(
             "cgroup {}: limits applied: {}; not applied: {}",
             self.dir.display(),
-            if applied.is_empty() { "none".into() } else { applied.join(", ") },
-            if missed.is_empty() { "none".into() } else { missed.join(", ") }
+            if applied.is_empty() {
+                "none".into()
+            } else {
+                applied.join(", ")
+            },
+            if missed.is_empty() {
+                "none".into()
+            } else {
+                missed.join(", ")
+            }
         )
     }
 
@@ -99,19 +121,24 @@ impl GuestCgroup {
 pub fn prepare_root(setting: &CgroupRoot) -> Result<PathBuf> {
     let root = match setting {
         CgroupRoot::Path(dir) => {
-            fs::create_dir_all(dir).with_context(|| format!("creating cgroup {}", dir.display()))?;
+            fs::create_dir_all(dir)
+                .with_context(|| format!("creating cgroup {}", dir.display()))?;
             dir.clone()
         }
         CgroupRoot::Auto => {
-            let text = fs::read_to_string("/proc/self/cgroup").context("reading /proc/self/cgroup")?;
-            let rel = parse_proc_cgroup(&text).context("no cgroup v2 entry in /proc/self/cgroup (is the unified hierarchy mounted?)")?;
+            let text =
+                fs::read_to_string("/proc/self/cgroup").context("reading /proc/self/cgroup")?;
+            let rel = parse_proc_cgroup(&text).context(
+                "no cgroup v2 entry in /proc/self/cgroup (is the unified hierarchy mounted?)",
+            )?;
             let own = Path::new(CGROUP2_MOUNT).join(rel.trim_start_matches('/'));
             if !own.join("cgroup.controllers").exists() {
                 bail!("{} is not a cgroup v2 directory (cgroup v2 must be mounted at {CGROUP2_MOUNT})", own.display());
             }
             let (root, move_into) = guest_root(&own);
             if let Some(sub) = move_into {
-                fs::create_dir_all(&sub).with_context(|| format!("creating cgroup {}", sub.display()))?;
+                fs::create_dir_all(&sub)
+                    .with_context(|| format!("creating cgroup {}", sub.display()))?;
                 fs::write(sub.join("cgroup.procs"), std::process::id().to_string())
                     .with_context(|| format!("moving the supervisor into {}", sub.display()))?;
             }
@@ -122,7 +149,10 @@ pub fn prepare_root(setting: &CgroupRoot) -> Result<PathBuf> {
     for controller in ["cpu", "memory", "io"] {
         if available.split_whitespace().any(|c| c == controller) {
             // Failure shows up per limit when the guest's files are missing.
-            let _ = fs::write(root.join("cgroup.subtree_control"), format!("+{controller}"));
+            let _ = fs::write(
+                root.join("cgroup.subtree_control"),
+                format!("+{controller}"),
+            );
         }
     }
     Ok(root)
@@ -143,24 +173,49 @@ pub fn guest_root(own: &Path) -> (PathBuf, Option<PathBuf>) {
 /// Creates (or reuses) `<root>/guest-<side>`, kills anything left in it by an
 /// earlier supervisor, and writes the limits.
 pub fn prepare_guest(root: &Path, side: Side, limits: &Limits, disk: &Path) -> Result<GuestCgroup> {
-    prepare(root, &format!("guest-{side}"), side.name(), limits.cpu_percent, limits.memory_max_mib, Some((&limits.io, disk)))
+    prepare(
+        root,
+        &format!("guest-{side}"),
+        side.name(),
+        limits.cpu_percent,
+        limits.memory_max_mib,
+        Some((&limits.io, disk)),
+    )
 }
 
 /// Creates (or reuses) the clipboard gateway's cgroup `<root>/gateway` (the
 /// gateway and each sanitiser it starts), kills anything left in it, and
 /// writes its CPU and memory limits.
 pub fn prepare_gateway(root: &Path, cpu_percent: u32, memory_max_mib: u64) -> Result<GuestCgroup> {
-    prepare(root, crate::gateway::CGROUP, "gateway", cpu_percent, memory_max_mib, None)
+    prepare(
+        root,
+        crate::gateway::CGROUP,
+        "gateway",
+        cpu_percent,
+        memory_max_mib,
+        None,
+    )
 }
 
 /// `<root>/<name>` with `cpu.max`, `memory.max` and, given a disk, `io.max`
 /// for that disk's device; `who` names it in log lines.
-fn prepare(root: &Path, name: &str, who: &str, cpu_percent: u32, memory_max_mib: u64, io: Option<(&IoLimits, &Path)>) -> Result<GuestCgroup> {
+fn prepare(
+    root: &Path,
+    name: &str,
+    who: &str,
+    cpu_percent: u32,
+    memory_max_mib: u64,
+    io: Option<(&IoLimits, &Path)>,
+) -> Result<GuestCgroup> {
     let dir = root.join(name);
     fs::create_dir_all(&dir).with_context(|| format!("creating cgroup {}", dir.display()))?;
     let leftover = fs::read_to_string(dir.join("cgroup.procs")).unwrap_or_default();
     if !leftover.trim().is_empty() {
-        crate::log::warn(format!("{who}: killing processes left in {} by an earlier run: {}", dir.display(), leftover.split_whitespace().collect::<Vec<_>>().join(" ")));
+        crate::log::warn(format!(
+            "{who}: killing processes left in {} by an earlier run: {}",
+            dir.display(),
+            leftover.split_whitespace().collect::<Vec<_>>().join(" ")
+        ));
         kill_all(&dir);
     }
     let controllers = fs::read_to_string(dir.join("cgroup.controllers")).unwrap_or_default();
@@ -172,7 +227,11 @@ fn prepare(root: &Path, name: &str, who: &str, cpu_percent: u32, memory_max_mib:
         } else {
             fs::write(dir.join(file), &value).map_err(|e| format!("writing {file}: {e}"))
         };
-        applied.push(Applied { file, value, outcome });
+        applied.push(Applied {
+            file,
+            value,
+            outcome,
+        });
     };
     apply("cpu.max", "cpu", cpu_max(cpu_percent));
     apply("memory.max", "memory", memory_max(memory_max_mib));
@@ -186,14 +245,20 @@ fn prepare(root: &Path, name: &str, who: &str, cpu_percent: u32, memory_max_mib:
             }),
         }
     }
-    Ok(GuestCgroup { dir, limits: applied })
+    Ok(GuestCgroup {
+        dir,
+        limits: applied,
+    })
 }
 
 /// Kills every process in cgroup `dir` (`cgroup.kill`, Linux 5.14+).
 pub fn kill_all(dir: &Path) {
     if fs::write(dir.join("cgroup.kill"), "1").is_err() {
         // Older kernels: one by one.
-        for pid in fs::read_to_string(dir.join("cgroup.procs")).unwrap_or_default().split_whitespace() {
+        for pid in fs::read_to_string(dir.join("cgroup.procs"))
+            .unwrap_or_default()
+            .split_whitespace()
+        {
             if let Ok(pid) = pid.parse::<i32>() {
                 crate::launch::kill(pid);
             }
@@ -205,11 +270,19 @@ pub fn kill_all(dir: &Path) {
 /// wants it (it refuses partitions).
 pub fn block_device_of(path: &Path) -> Result<(u32, u32)> {
     use std::os::unix::fs::MetadataExt;
-    let existing = path.ancestors().find(|p| p.exists()).unwrap_or(Path::new("/"));
-    let dev = fs::metadata(existing).with_context(|| format!("stat {}", existing.display()))?.dev();
+    let existing = path
+        .ancestors()
+        .find(|p| p.exists())
+        .unwrap_or(Path::new("/"));
+    let dev = fs::metadata(existing)
+        .with_context(|| format!("stat {}", existing.display()))?
+        .dev();
     let (major, minor) = (libc::major(dev), libc::minor(dev));
     if major == 0 {
-        bail!("{} is on a filesystem without a block device", existing.display());
+        bail!(
+            "{} is on a filesystem without a block device",
+            existing.display()
+        );
     }
     let sys = PathBuf::from(format!("/sys/dev/block/{major}:{minor}"));
     if sys.join("partition").exists() {
@@ -234,7 +307,12 @@ mod tests {
         assert_eq!(cpu_max(150), "150000 100000");
         assert_eq!(cpu_max(1), "1000 100000");
         assert_eq!(memory_max(4608), "4831838208");
-        let io = IoLimits { read_bps: Some(100), write_bps: None, read_iops: Some(7), write_iops: Some(9) };
+        let io = IoLimits {
+            read_bps: Some(100),
+            write_bps: None,
+            read_iops: Some(7),
+            write_iops: Some(9),
+        };
         assert_eq!(io_max((8, 0), &io).unwrap(), "8:0 rbps=100 riops=7 wiops=9");
         assert_eq!(io_max((8, 0), &IoLimits::default()), None);
     }
@@ -242,13 +320,22 @@ mod tests {
     #[test]
     fn guests_go_next_to_the_supervisor() {
         let unit = Path::new("/sys/fs/cgroup/system.slice/airlockd.service");
-        assert_eq!(guest_root(&unit.join("supervisor")), (unit.to_path_buf(), None));
-        assert_eq!(guest_root(unit), (unit.to_path_buf(), Some(unit.join("supervisor"))));
+        assert_eq!(
+            guest_root(&unit.join("supervisor")),
+            (unit.to_path_buf(), None)
+        );
+        assert_eq!(
+            guest_root(unit),
+            (unit.to_path_buf(), Some(unit.join("supervisor")))
+        );
     }
 
     #[test]
     fn finds_the_v2_line() {
-        assert_eq!(parse_proc_cgroup("1:cpu:/\n0::/system.slice/airlockd.service/supervisor\n"), Some("/system.slice/airlockd.service/supervisor"));
+        assert_eq!(
+            parse_proc_cgroup("1:cpu:/\n0::/system.slice/airlockd.service/supervisor\n"),
+            Some("/system.slice/airlockd.service/supervisor")
+        );
         assert_eq!(parse_proc_cgroup("1:cpu:/\n"), None);
         assert_eq!(parse_dev("259:0"), Some((259, 0)));
     }
@@ -257,16 +344,32 @@ mod tests {
     fn missing_controllers_are_reported_not_hidden() {
         let dir = tempfile::tempdir().unwrap();
         // A plain directory stands in for a cgroup without controllers.
-        let limits = Limits { cpu_percent: 50, memory_max_mib: 100, io: IoLimits { read_bps: Some(1), ..Default::default() } };
+        let limits = Limits {
+            cpu_percent: 50,
+            memory_max_mib: 100,
+            io: IoLimits {
+                read_bps: Some(1),
+                ..Default::default()
+            },
+        };
         let cg = prepare_guest(dir.path(), Side::General, &limits, dir.path()).unwrap();
         assert!(!cg.all_applied());
         let s = cg.summary();
-        assert!(s.contains("not applied: cpu.max=\"50000 100000\" (controller cpu not available)"), "{s}");
+        assert!(
+            s.contains("not applied: cpu.max=\"50000 100000\" (controller cpu not available)"),
+            "{s}"
+        );
         assert!(s.contains("memory.max=\"104857600\""), "{s}");
         assert!(s.contains("io.max"), "{s}");
         assert!(s.contains("applied: none"), "{s}");
         let cg = prepare_gateway(dir.path(), 100, 2048).unwrap();
         assert_eq!(cg.dir, dir.path().join("gateway"));
-        assert_eq!(cg.limits.iter().map(|a| (a.file, a.value.as_str())).collect::<Vec<_>>(), [("cpu.max", "100000 100000"), ("memory.max", "2147483648")]);
+        assert_eq!(
+            cg.limits
+                .iter()
+                .map(|a| (a.file, a.value.as_str()))
+                .collect::<Vec<_>>(),
+            [("cpu.max", "100000 100000"), ("memory.max", "2147483648")]
+        );
     }
 }

@@ -30,7 +30,13 @@ pub const SHIPPED_CONFIG: &str = "/etc/airlock/appliance.toml";
 /// Powers the host off through the service manager's own socket: the
 /// supervisor's SELinux domain may start the power units, not talk to
 /// logind over D-Bus (which `systemctl poweroff` tries first, and fails on).
-pub const DEFAULT_POWEROFF_COMMAND: &[&str] = &["/usr/bin/systemctl", "--no-block", "--job-mode=replace-irreversibly", "start", "poweroff.target"];
+pub const DEFAULT_POWEROFF_COMMAND: &[&str] = &[
+    "/usr/bin/systemctl",
+    "--no-block",
+    "--job-mode=replace-irreversibly",
+    "start",
+    "poweroff.target",
+];
 pub const PROVISION_CONFIG: &str = "/var/lib/airlock/provision/appliance.toml";
 
 /// Longest path a unix socket address can hold (`sun_path` minus the NUL).
@@ -432,7 +438,11 @@ pub enum Boot {
     /// UEFI (OVMF) from the guest's disk: production.
     Firmware(Firmware),
     /// Direct kernel boot: test guests only.
-    Kernel { kernel: PathBuf, initrd: PathBuf, append: String },
+    Kernel {
+        kernel: PathBuf,
+        initrd: PathBuf,
+        append: String,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -469,9 +479,18 @@ pub enum ConfigError {
     #[error("{file}: {message}")]
     Parse { file: String, message: String },
     #[error("{file}, line {line}: `{key}`: {message}")]
-    Invalid { file: String, line: usize, key: String, message: String },
+    Invalid {
+        file: String,
+        line: usize,
+        key: String,
+        message: String,
+    },
     #[error("{file}: `{key}` is missing: {message}")]
-    Missing { file: String, key: String, message: String },
+    Missing {
+        file: String,
+        key: String,
+        message: String,
+    },
 }
 
 // ---------------------------------------------------------------- loading
@@ -487,13 +506,23 @@ struct Layer {
 
 impl Layer {
     fn parse(file: &str, text: &str, provisioning: bool) -> Result<Layer, ConfigError> {
-        let raw: RawFile = toml::from_str(text)
-            .map_err(|e| ConfigError::Parse { file: file.to_owned(), message: e.to_string().trim_end().to_owned() })?;
-        Ok(Layer { file: file.to_owned(), text: text.to_owned(), raw, provisioning })
+        let raw: RawFile = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            file: file.to_owned(),
+            message: e.to_string().trim_end().to_owned(),
+        })?;
+        Ok(Layer {
+            file: file.to_owned(),
+            text: text.to_owned(),
+            raw,
+            provisioning,
+        })
     }
 
     fn line(&self, span: &Range<usize>) -> usize {
-        self.text[..span.start.min(self.text.len())].matches('\n').count() + 1
+        self.text[..span.start.min(self.text.len())]
+            .matches('\n')
+            .count()
+            + 1
     }
 
     /// The span of the line that opens table `header` (e.g. `supervisor`,
@@ -502,9 +531,13 @@ impl Layer {
         let mut offset = 0;
         for line in self.text.split_inclusive('\n') {
             let t = line.trim_start();
-            let table = t.strip_prefix('[').map(|r| r.trim_start_matches('[').trim_start());
+            let table = t
+                .strip_prefix('[')
+                .map(|r| r.trim_start_matches('[').trim_start());
             let hit = match table {
-                Some(rest) => rest.starts_with(header) && rest[header.len()..].starts_with([']', '.', ' ']),
+                Some(rest) => {
+                    rest.starts_with(header) && rest[header.len()..].starts_with([']', '.', ' '])
+                }
                 None => t.starts_with(header) && t[header.len()..].starts_with(['.', ' ', '=']),
             };
             if hit {
@@ -518,7 +551,9 @@ impl Layer {
     /// The span of the line that sets dotted key `key` (found under its
     /// table's header), or of the table's header.
     fn key_span(&self, key: &str) -> Range<usize> {
-        let Some((table, leaf)) = key.rsplit_once('.') else { return self.table_span(key) };
+        let Some((table, leaf)) = key.rsplit_once('.') else {
+            return self.table_span(key);
+        };
         let start = self.table_span(table).start;
         let mut offset = start;
         for (i, line) in self.text[start..].split_inclusive('\n').enumerate() {
@@ -535,7 +570,12 @@ impl Layer {
     }
 
     fn invalid(&self, span: &Range<usize>, key: &str, message: impl Into<String>) -> ConfigError {
-        ConfigError::Invalid { file: self.file.clone(), line: self.line(span), key: key.to_owned(), message: message.into() }
+        ConfigError::Invalid {
+            file: self.file.clone(),
+            line: self.line(span),
+            key: key.to_owned(),
+            message: message.into(),
+        }
     }
 
     fn guest(&self, side: Side) -> Option<&RawGuest> {
@@ -561,14 +601,26 @@ impl<T> Found<'_, T> {
 }
 
 /// The last layer that sets a value wins.
-fn pick<'a, T: 'a>(layers: &'a [Layer], get: impl Fn(&'a Layer) -> Option<&'a Spanned<T>>) -> Option<Found<'a, T>> {
-    layers.iter().rev().find_map(|layer| get(layer).map(|s| Found { value: s.get_ref(), layer, span: s.span() }))
+fn pick<'a, T: 'a>(
+    layers: &'a [Layer],
+    get: impl Fn(&'a Layer) -> Option<&'a Spanned<T>>,
+) -> Option<Found<'a, T>> {
+    layers.iter().rev().find_map(|layer| {
+        get(layer).map(|s| Found {
+            value: s.get_ref(),
+            layer,
+            span: s.span(),
+        })
+    })
 }
 
 /// Reads the shipped configuration and, if it exists, the provisioning file.
 pub fn load(shipped: &Path, provisioning: Option<&Path>) -> Result<Config, ConfigError> {
     let read = |path: &Path| {
-        std::fs::read_to_string(path).map_err(|source| ConfigError::Read { file: path.display().to_string(), source })
+        std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            file: path.display().to_string(),
+            source,
+        })
     };
     let shipped_text = read(shipped)?;
     let mut texts = vec![(shipped.display().to_string(), shipped_text, false)];
@@ -576,10 +628,18 @@ pub fn load(shipped: &Path, provisioning: Option<&Path>) -> Result<Config, Confi
         match std::fs::read_to_string(path) {
             Ok(text) => texts.push((path.display().to_string(), text, true)),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(source) => return Err(ConfigError::Read { file: path.display().to_string(), source }),
+            Err(source) => {
+                return Err(ConfigError::Read {
+                    file: path.display().to_string(),
+                    source,
+                })
+            }
         }
     }
-    let refs: Vec<(&str, &str, bool)> = texts.iter().map(|(f, t, p)| (f.as_str(), t.as_str(), *p)).collect();
+    let refs: Vec<(&str, &str, bool)> = texts
+        .iter()
+        .map(|(f, t, p)| (f.as_str(), t.as_str(), *p))
+        .collect();
     parse_layers(&refs)
 }
 
@@ -591,7 +651,10 @@ pub fn parse(file: &str, text: &str) -> Result<Config, ConfigError> {
 /// Parses and validates layers `(file name, text, is_provisioning)`, later
 /// layers overriding earlier ones.
 pub fn parse_layers(texts: &[(&str, &str, bool)]) -> Result<Config, ConfigError> {
-    let layers = texts.iter().map(|(f, t, p)| Layer::parse(f, t, *p)).collect::<Result<Vec<_>, _>>()?;
+    let layers = texts
+        .iter()
+        .map(|(f, t, p)| Layer::parse(f, t, *p))
+        .collect::<Result<Vec<_>, _>>()?;
     for layer in layers.iter().filter(|l| l.provisioning) {
         check_provisioning_keys(layer)?;
     }
@@ -603,7 +666,11 @@ pub fn parse_layers(texts: &[(&str, &str, bool)]) -> Result<Config, ConfigError>
     let machine = Machine {
         hostname: match pick(&layers, |l| l.raw.machine.as_ref()?.hostname.as_ref()) {
             None => None,
-            Some(f) => Some(check_hostname(f.value).map_err(|why| f.invalid("machine.hostname", why))?.to_owned()),
+            Some(f) => Some(
+                check_hostname(f.value)
+                    .map_err(|why| f.invalid("machine.hostname", why))?
+                    .to_owned(),
+            ),
         },
     };
     if let Some(net) = &network {
@@ -616,15 +683,30 @@ pub fn parse_layers(texts: &[(&str, &str, bool)]) -> Result<Config, ConfigError>
         let message = "both guests would run as the same user; each side needs its own";
         return Err(match found {
             Some(f) => f.invalid("guest.general.user", message),
-            None => ConfigError::Missing { file: layers[0].file.clone(), key: "guest.general.user".into(), message: message.into() },
+            None => ConfigError::Missing {
+                file: layers[0].file.clone(),
+                key: "guest.general.user".into(),
+                message: message.into(),
+            },
         });
     }
-    Ok(Config { supervisor, classified, general, clipboard, machine, network })
+    Ok(Config {
+        supervisor,
+        classified,
+        general,
+        clipboard,
+        machine,
+        network,
+    })
 }
 
 /// The `[clipboard]` section: every value checked against the range the
 /// gateway accepts, each error naming its key.
-fn resolve_clipboard(layers: &[Layer], sup: &Supervisor, guest_users: [&String; 2]) -> Result<Clipboard, ConfigError> {
+fn resolve_clipboard(
+    layers: &[Layer],
+    sup: &Supervisor,
+    guest_users: [&String; 2],
+) -> Result<Clipboard, ConfigError> {
     fn clip(l: &Layer) -> Option<&RawClipboard> {
         l.raw.clipboard.as_ref()
     }
@@ -632,12 +714,21 @@ fn resolve_clipboard(layers: &[Layer], sup: &Supervisor, guest_users: [&String; 
         clip(l)?.limits.as_ref()
     }
     let d = Clipboard::defaults();
-    let number = |key: &str, default: u64, range: std::ops::RangeInclusive<u64>, unit: &str, get: fn(&RawClipboard) -> Option<&Spanned<u64>>| {
+    let number = |key: &str,
+                  default: u64,
+                  range: std::ops::RangeInclusive<u64>,
+                  unit: &str,
+                  get: fn(&RawClipboard) -> Option<&Spanned<u64>>| {
         match pick(layers, |l| get(clip(l)?)) {
             None => Ok(default),
             Some(f) if !range.contains(f.value) => Err(f.invalid(
                 &format!("clipboard.{key}"),
-                format!("{} is outside {}..={}{unit}", f.value, range.start(), range.end()),
+                format!(
+                    "{} is outside {}..={}{unit}",
+                    f.value,
+                    range.start(),
+                    range.end()
+                ),
             )),
             Some(f) => Ok(*f.value),
         }
@@ -657,24 +748,68 @@ fn resolve_clipboard(layers: &[Layer], sup: &Supervisor, guest_users: [&String; 
         let message = format!("{user:?} is a guest's user; the gateway needs its own (so no guest's QEMU can reach the other guest's vdagent socket)");
         return Err(match pick(layers, |l| clip(l)?.user.as_ref()) {
             Some(f) => f.invalid("clipboard.user", message),
-            None => ConfigError::Missing { file: layers[0].file.clone(), key: "clipboard.user".into(), message },
+            None => ConfigError::Missing {
+                file: layers[0].file.clone(),
+                key: "clipboard.user".into(),
+                message,
+            },
         });
     }
-    let max_bytes = number("max_bytes", d.max_bytes.into(), 1..=i32::MAX as u64, " bytes", |c| c.max_bytes.as_ref())? as u32;
-    let max_image_dimension =
-        number("max_image_dimension", d.max_image_dimension.into(), 1..=65535, " pixels", |c| c.max_image_dimension.as_ref())? as u32;
-    let max_image_pixels = number("max_image_pixels", d.max_image_pixels, 1..=100_000_000, " pixels", |c| c.max_image_pixels.as_ref())?;
-    let request_timeout_ms = number("request_timeout_ms", d.request_timeout_ms, 100..=60_000, " ms", |c| c.request_timeout_ms.as_ref())?;
-    let sanitiser_timeout_ms =
-        number("sanitiser_timeout_ms", d.sanitiser_timeout_ms, 100..=120_000, " ms", |c| c.sanitiser_timeout_ms.as_ref())?;
+    let max_bytes = number(
+        "max_bytes",
+        d.max_bytes.into(),
+        1..=i32::MAX as u64,
+        " bytes",
+        |c| c.max_bytes.as_ref(),
+    )? as u32;
+    let max_image_dimension = number(
+        "max_image_dimension",
+        d.max_image_dimension.into(),
+        1..=65535,
+        " pixels",
+        |c| c.max_image_dimension.as_ref(),
+    )? as u32;
+    let max_image_pixels = number(
+        "max_image_pixels",
+        d.max_image_pixels,
+        1..=100_000_000,
+        " pixels",
+        |c| c.max_image_pixels.as_ref(),
+    )?;
+    let request_timeout_ms = number(
+        "request_timeout_ms",
+        d.request_timeout_ms,
+        100..=60_000,
+        " ms",
+        |c| c.request_timeout_ms.as_ref(),
+    )?;
+    let sanitiser_timeout_ms = number(
+        "sanitiser_timeout_ms",
+        d.sanitiser_timeout_ms,
+        100..=120_000,
+        " ms",
+        |c| c.sanitiser_timeout_ms.as_ref(),
+    )?;
     let confirm = pick(layers, |l| clip(l)?.confirm.as_ref()).is_some_and(|f| *f.value);
-    let confirm_timeout_ms = number("confirm_timeout_ms", d.confirm_timeout_ms, 1000..=600_000, " ms", |c| c.confirm_timeout_ms.as_ref())?;
+    let confirm_timeout_ms = number(
+        "confirm_timeout_ms",
+        d.confirm_timeout_ms,
+        1000..=600_000,
+        " ms",
+        |c| c.confirm_timeout_ms.as_ref(),
+    )?;
     if !confirm {
         if let Some(f) = pick(layers, |l| clip(l)?.confirm_timeout_ms.as_ref()) {
-            return Err(f.invalid("clipboard.confirm_timeout_ms", "only means something with clipboard.confirm = true"));
+            return Err(f.invalid(
+                "clipboard.confirm_timeout_ms",
+                "only means something with clipboard.confirm = true",
+            ));
         }
         if let Some(f) = pick(layers, |l| clip(l)?.confirm_group.as_ref()) {
-            return Err(f.invalid("clipboard.confirm_group", "only means something with clipboard.confirm = true"));
+            return Err(f.invalid(
+                "clipboard.confirm_group",
+                "only means something with clipboard.confirm = true",
+            ));
         }
     }
     let confirm_group = match pick(layers, |l| clip(l)?.confirm_group.as_ref()) {
@@ -686,8 +821,14 @@ fn resolve_clipboard(layers: &[Layer], sup: &Supervisor, guest_users: [&String; 
             // the guests' display sockets).
             let taken = [
                 ("root", "root's"),
-                (sup.display_group.as_str(), "the guests' display sockets' group (supervisor.display_group)"),
-                (sup.control_group.as_str(), "the control socket's group (supervisor.control_group)"),
+                (
+                    sup.display_group.as_str(),
+                    "the guests' display sockets' group (supervisor.display_group)",
+                ),
+                (
+                    sup.control_group.as_str(),
+                    "the control socket's group (supervisor.control_group)",
+                ),
                 (guest_users[0].as_str(), "a guest's user's group"),
                 (guest_users[1].as_str(), "a guest's user's group"),
             ];
@@ -703,14 +844,20 @@ fn resolve_clipboard(layers: &[Layer], sup: &Supervisor, guest_users: [&String; 
     let cpu_percent = match pick(layers, |l| lim(l)?.cpu_percent.as_ref()) {
         None => d.cpu_percent,
         Some(f) if !(1..=25_600).contains(f.value) => {
-            return Err(f.invalid("clipboard.limits.cpu_percent", format!("{} is outside 1..=25600 (percent of one CPU)", f.value)))
+            return Err(f.invalid(
+                "clipboard.limits.cpu_percent",
+                format!("{} is outside 1..=25600 (percent of one CPU)", f.value),
+            ))
         }
         Some(f) => *f.value,
     };
     let memory_max_mib = match pick(layers, |l| lim(l)?.memory_max_mib.as_ref()) {
         None => d.memory_max_mib,
         Some(f) if !(128..=1_048_576).contains(f.value) => {
-            return Err(f.invalid("clipboard.limits.memory_max_mib", format!("{} MiB is outside 128..=1048576", f.value)))
+            return Err(f.invalid(
+                "clipboard.limits.memory_max_mib",
+                format!("{} MiB is outside 128..=1048576", f.value),
+            ))
         }
         Some(f) => *f.value,
     };
@@ -733,19 +880,35 @@ fn resolve_clipboard(layers: &[Layer], sup: &Supervisor, guest_users: [&String; 
 /// The `[network]` section: parsed straight from its file when only one
 /// layer has it (so syntax errors keep their line), else from the merged
 /// tables (the provisioning file may only add uplinks).
-fn resolve_network(layers: &[Layer]) -> Result<Option<airlock_network::NetworkConfig>, ConfigError> {
+fn resolve_network(
+    layers: &[Layer],
+) -> Result<Option<airlock_network::NetworkConfig>, ConfigError> {
     use airlock_network::ConfigError as NetError;
     let with: Vec<&Layer> = layers.iter().filter(|l| l.raw.network.is_some()).collect();
     let map_err = |layer: &Layer, e: NetError| match e {
-        NetError::Syntax(message) => ConfigError::Parse { file: layer.file.clone(), message },
+        NetError::Syntax(message) => ConfigError::Parse {
+            file: layer.file.clone(),
+            message,
+        },
         NetError::Invalid { key, message } => {
-            let key = if key.starts_with("network.") { key } else { format!("network.{key}") };
-            ConfigError::Invalid { file: layer.file.clone(), line: layer.line(&layer.key_span(&key)), key, message }
+            let key = if key.starts_with("network.") {
+                key
+            } else {
+                format!("network.{key}")
+            };
+            ConfigError::Invalid {
+                file: layer.file.clone(),
+                line: layer.line(&layer.key_span(&key)),
+                key,
+                message,
+            }
         }
     };
     match with.as_slice() {
         [] => Ok(None),
-        [layer] => airlock_network::NetworkConfig::from_appliance_toml(&layer.text).map(Some).map_err(|e| map_err(layer, e)),
+        [layer] => airlock_network::NetworkConfig::from_appliance_toml(&layer.text)
+            .map(Some)
+            .map_err(|e| map_err(layer, e)),
         _ => {
             let mut merged = toml::Value::Table(Default::default());
             for layer in &with {
@@ -754,30 +917,58 @@ fn resolve_network(layers: &[Layer]) -> Result<Option<airlock_network::NetworkCo
             let last = with.last().expect("two or more");
             let mut doc = toml::map::Map::new();
             doc.insert("network".into(), merged);
-            let text = toml::to_string(&toml::Value::Table(doc)).map_err(|e| ConfigError::Parse { file: last.file.clone(), message: e.to_string() })?;
-            airlock_network::NetworkConfig::from_appliance_toml(&text).map(Some).map_err(|e| {
-                let files = with.iter().map(|l| l.file.as_str()).collect::<Vec<_>>().join(" + ");
-                match e {
-                    NetError::Syntax(message) => ConfigError::Parse { file: files, message },
-                    NetError::Invalid { key, message } => {
-                        let key = if key.starts_with("network.") { key } else { format!("network.{key}") };
-                        // The layer that set the bad value (the last one wins),
-                        // named with its line; a value missing from all of them
-                        // names the files together.
-                        match with.iter().rev().find(|l| l.raw.network.as_ref().is_some_and(|n| sets_dotted(n, &key["network.".len()..]))) {
-                            Some(layer) => layer.invalid(&layer.key_span(&key), &key, message),
-                            None => ConfigError::Missing { file: files, key, message },
+            let text =
+                toml::to_string(&toml::Value::Table(doc)).map_err(|e| ConfigError::Parse {
+                    file: last.file.clone(),
+                    message: e.to_string(),
+                })?;
+            airlock_network::NetworkConfig::from_appliance_toml(&text)
+                .map(Some)
+                .map_err(|e| {
+                    let files = with
+                        .iter()
+                        .map(|l| l.file.as_str())
+                        .collect::<Vec<_>>()
+                        .join(" + ");
+                    match e {
+                        NetError::Syntax(message) => ConfigError::Parse {
+                            file: files,
+                            message,
+                        },
+                        NetError::Invalid { key, message } => {
+                            let key = if key.starts_with("network.") {
+                                key
+                            } else {
+                                format!("network.{key}")
+                            };
+                            // The layer that set the bad value (the last one wins),
+                            // named with its line; a value missing from all of them
+                            // names the files together.
+                            match with.iter().rev().find(|l| {
+                                l.raw
+                                    .network
+                                    .as_ref()
+                                    .is_some_and(|n| sets_dotted(n, &key["network.".len()..]))
+                            }) {
+                                Some(layer) => layer.invalid(&layer.key_span(&key), &key, message),
+                                None => ConfigError::Missing {
+                                    file: files,
+                                    key,
+                                    message,
+                                },
+                            }
                         }
                     }
-                }
-            })
+                })
         }
     }
 }
 
 /// Whether `table` sets the dotted key `key` (e.g. `classified.uplink.address`).
 fn sets_dotted(table: &toml::Value, key: &str) -> bool {
-    key.split('.').try_fold(table, |t, part| t.get(part)).is_some()
+    key.split('.')
+        .try_fold(table, |t, part| t.get(part))
+        .is_some()
 }
 
 /// Deep merge of TOML tables; `over` wins.
@@ -799,25 +990,53 @@ fn merge(base: &mut toml::Value, over: toml::Value) {
 
 /// With a `[network]` section, the guest's NIC is the tap the topology
 /// creates and carries the MAC address the ruleset allows.
-fn match_network(layers: &[Layer], guest: &mut Guest, net: &airlock_network::NetworkConfig) -> Result<(), ConfigError> {
+fn match_network(
+    layers: &[Layer],
+    guest: &mut Guest,
+    net: &airlock_network::NetworkConfig,
+) -> Result<(), ConfigError> {
     let side = guest.side;
-    let Some(nic) = &mut guest.network else { return Ok(()) };
+    let Some(nic) = &mut guest.network else {
+        return Ok(());
+    };
     let net_side = match side {
         Side::Classified => airlock_network::Side::Classified,
         Side::General => airlock_network::Side::General,
     };
     let fail = |field: &str, message: String| {
         let key = format!("guest.{side}.network.{field}");
-        match layers.iter().rev().find(|l| l.guest(side).and_then(|g| g.network.as_ref()).is_some()) {
+        match layers
+            .iter()
+            .rev()
+            .find(|l| l.guest(side).and_then(|g| g.network.as_ref()).is_some())
+        {
             Some(layer) => layer.invalid(&layer.key_span(&key), &key, message),
-            None => ConfigError::Missing { file: layers[0].file.clone(), key, message },
+            None => ConfigError::Missing {
+                file: layers[0].file.clone(),
+                key,
+                message,
+            },
         }
     };
     if nic.tap != net_side.tap() {
-        return Err(fail("tap", format!("{:?}: with [network] configured the guest's tap is {:?}", nic.tap, net_side.tap())));
+        return Err(fail(
+            "tap",
+            format!(
+                "{:?}: with [network] configured the guest's tap is {:?}",
+                nic.tap,
+                net_side.tap()
+            ),
+        ));
     }
     if nic.bridge != net_side.bridge() {
-        return Err(fail("bridge", format!("{:?}: with [network] configured the side's bridge is {:?}", nic.bridge, net_side.bridge())));
+        return Err(fail(
+            "bridge",
+            format!(
+                "{:?}: with [network] configured the side's bridge is {:?}",
+                nic.bridge,
+                net_side.bridge()
+            ),
+        ));
     }
     let mac = net.segment(net_side).guest_mac.to_string();
     match &nic.mac {
@@ -842,13 +1061,18 @@ fn check_provisioning_keys(layer: &Layer) -> Result<(), ConfigError> {
                     // the image's).
                     let per_pc = |k: &str, v: &toml::Value| match (key.as_str(), k, v) {
                         (_, "uplink", _) => true,
-                        ("classified", "wireguard", toml::Value::Table(w)) => w.keys().all(|k| k == "address"),
+                        ("classified", "wireguard", toml::Value::Table(w)) => {
+                            w.keys().all(|k| k == "address")
+                        }
                         _ => false,
                     };
                     if let Some((k, v)) = t.iter().find(|(k, v)| !per_pc(k, v)) {
                         let dotted = match (k.as_str(), v) {
                             ("wireguard", toml::Value::Table(w)) => {
-                                let inner = w.keys().find(|k| *k != "address").map_or("", String::as_str);
+                                let inner = w
+                                    .keys()
+                                    .find(|k| *k != "address")
+                                    .map_or("", String::as_str);
                                 format!("network.{key}.wireguard.{inner}")
                             }
                             _ => format!("network.{key}.{k}"),
@@ -880,8 +1104,18 @@ fn check_provisioning_keys(layer: &Layer) -> Result<(), ConfigError> {
             ("user", g.user.as_ref().map(Spanned::span)),
             ("rtc", g.rtc.as_ref().map(Spanned::span)),
             ("devices", g.devices.as_ref().map(Spanned::span)),
-            ("firmware", g.firmware.as_ref().map(|_| layer.table_span(&p("firmware")))),
-            ("test_boot", g.test_boot.as_ref().map(|_| layer.table_span(&p("test_boot")))),
+            (
+                "firmware",
+                g.firmware
+                    .as_ref()
+                    .map(|_| layer.table_span(&p("firmware"))),
+            ),
+            (
+                "test_boot",
+                g.test_boot
+                    .as_ref()
+                    .map(|_| layer.table_span(&p("test_boot"))),
+            ),
             ("network", None),
         ];
         for (key, span) in spans {
@@ -908,37 +1142,49 @@ fn resolve_supervisor(layers: &[Layer]) -> Result<Supervisor, ConfigError> {
     fn sup(l: &Layer) -> Option<&RawSupervisor> {
         l.raw.supervisor.as_ref()
     }
-    let dir = |key: &'static str, default: &str, get: fn(&RawSupervisor) -> Option<&Spanned<String>>| {
-        match pick(layers, |l| sup(l).and_then(get)) {
-            Some(f) => absolute_path(&f, &format!("supervisor.{key}")),
-            None => Ok(PathBuf::from(default)),
-        }
-    };
+    let dir =
+        |key: &'static str, default: &str, get: fn(&RawSupervisor) -> Option<&Spanned<String>>| {
+            match pick(layers, |l| sup(l).and_then(get)) {
+                Some(f) => absolute_path(&f, &format!("supervisor.{key}")),
+                None => Ok(PathBuf::from(default)),
+            }
+        };
     let run_dir = dir("run_dir", "/run/airlock", |s| s.run_dir.as_ref())?;
     let state_dir = dir("state_dir", "/var/lib/airlock", |s| s.state_dir.as_ref())?;
     let log_dir = dir("log_dir", "/var/log/airlock", |s| s.log_dir.as_ref())?;
     let qemu = dir("qemu", "/usr/bin/qemu-system-x86_64", |s| s.qemu.as_ref())?;
     let swtpm = dir("swtpm", "/usr/bin/swtpm", |s| s.swtpm.as_ref())?;
-    let gateway = dir("gateway", "/usr/lib/airlock/airlock-gateway", |s| s.gateway.as_ref())?;
+    let gateway = dir("gateway", "/usr/lib/airlock/airlock-gateway", |s| {
+        s.gateway.as_ref()
+    })?;
     let cgroup = match pick(layers, |l| sup(l)?.cgroup.as_ref()) {
         None => CgroupRoot::Auto,
         Some(f) if f.value == "auto" => CgroupRoot::Auto,
         Some(f) => {
             let path = absolute_path(&f, "supervisor.cgroup")?;
             if !path.starts_with("/sys/fs/cgroup") {
-                return Err(f.invalid("supervisor.cgroup", "must be \"auto\" or a directory under /sys/fs/cgroup"));
+                return Err(f.invalid(
+                    "supervisor.cgroup",
+                    "must be \"auto\" or a directory under /sys/fs/cgroup",
+                ));
             }
             CgroupRoot::Path(path)
         }
     };
     let strict_limits = pick(layers, |l| sup(l)?.strict_limits.as_ref()).is_none_or(|f| *f.value);
     let poweroff_command = match pick(layers, |l| sup(l)?.poweroff_command.as_ref()) {
-        None => DEFAULT_POWEROFF_COMMAND.iter().map(|a| (*a).to_owned()).collect(),
+        None => DEFAULT_POWEROFF_COMMAND
+            .iter()
+            .map(|a| (*a).to_owned())
+            .collect(),
         Some(f) => {
             match f.value.first() {
                 None => return Err(f.invalid("supervisor.poweroff_command", "must name a program")),
                 Some(p) if !p.starts_with('/') => {
-                    return Err(f.invalid("supervisor.poweroff_command", format!("{p:?}: the program must be an absolute path")))
+                    return Err(f.invalid(
+                        "supervisor.poweroff_command",
+                        format!("{p:?}: the program must be an absolute path"),
+                    ))
                 }
                 Some(_) => {}
             }
@@ -948,7 +1194,10 @@ fn resolve_supervisor(layers: &[Layer]) -> Result<Supervisor, ConfigError> {
     let shutdown_timeout = match pick(layers, |l| sup(l)?.shutdown_timeout_secs.as_ref()) {
         None => Duration::from_secs(90),
         Some(f) if !(1..=3600).contains(f.value) => {
-            return Err(f.invalid("supervisor.shutdown_timeout_secs", format!("{} is outside 1..=3600", f.value)))
+            return Err(f.invalid(
+                "supervisor.shutdown_timeout_secs",
+                format!("{} is outside 1..=3600", f.value),
+            ))
         }
         Some(f) => Duration::from_secs(*f.value),
     };
@@ -986,7 +1235,13 @@ fn resolve_supervisor(layers: &[Layer]) -> Result<Supervisor, ConfigError> {
     let longest = supervisor.run_dir.join("classified").join("display.sock");
     if longest.as_os_str().len() > MAX_SOCKET_PATH {
         let f = pick(layers, |l| sup(l)?.run_dir.as_ref()).expect("the default run_dir is short");
-        return Err(f.invalid("supervisor.run_dir", format!("too long: {} exceeds a unix socket's {MAX_SOCKET_PATH} bytes", longest.display())));
+        return Err(f.invalid(
+            "supervisor.run_dir",
+            format!(
+                "too long: {} exceeds a unix socket's {MAX_SOCKET_PATH} bytes",
+                longest.display()
+            ),
+        ));
     }
     Ok(supervisor)
 }
@@ -997,7 +1252,9 @@ fn resolve_guest(layers: &[Layer], side: Side, sup: &Supervisor) -> Result<Guest
         return Err(ConfigError::Missing {
             file: layers[0].file.clone(),
             key: format!("guest.{side}"),
-            message: "the appliance runs exactly two guests, [guest.classified] and [guest.general]".into(),
+            message:
+                "the appliance runs exactly two guests, [guest.classified] and [guest.general]"
+                    .into(),
         });
     }
     let disk_dir = sup.state_dir.join(side.name()).join("disk");
@@ -1006,7 +1263,10 @@ fn resolve_guest(layers: &[Layer], side: Side, sup: &Supervisor) -> Result<Guest
         Some(f) => {
             let path = absolute_path(&f, &key("disk"))?;
             if !path.starts_with(&disk_dir) || path == disk_dir {
-                return Err(f.invalid(&key("disk"), format!("{} is not inside {}", path.display(), disk_dir.display())));
+                return Err(f.invalid(
+                    &key("disk"),
+                    format!("{} is not inside {}", path.display(), disk_dir.display()),
+                ));
             }
             path
         }
@@ -1018,24 +1278,33 @@ fn resolve_guest(layers: &[Layer], side: Side, sup: &Supervisor) -> Result<Guest
             })
         }
     };
-    let disk_format = pick(layers, |l| l.guest(side)?.disk_format.as_ref()).map_or(DiskFormat::Qcow2, |f| *f.value);
+    let disk_format = pick(layers, |l| l.guest(side)?.disk_format.as_ref())
+        .map_or(DiskFormat::Qcow2, |f| *f.value);
 
     let memory_mib = match pick(layers, |l| l.guest(side)?.memory_mib.as_ref()) {
         None => 4096,
         Some(f) if !(64..=1_048_576).contains(f.value) => {
-            return Err(f.invalid(&key("memory_mib"), format!("{} MiB is outside 64..=1048576", f.value)))
+            return Err(f.invalid(
+                &key("memory_mib"),
+                format!("{} MiB is outside 64..=1048576", f.value),
+            ))
         }
         Some(f) => *f.value,
     };
     let vcpus = match pick(layers, |l| l.guest(side)?.vcpus.as_ref()) {
         None => 2,
-        Some(f) if !(1..=256).contains(f.value) => return Err(f.invalid(&key("vcpus"), format!("{} is outside 1..=256", f.value))),
+        Some(f) if !(1..=256).contains(f.value) => {
+            return Err(f.invalid(&key("vcpus"), format!("{} is outside 1..=256", f.value)))
+        }
         Some(f) => *f.value,
     };
     let accel = match pick(layers, |l| l.guest(side)?.accel.as_ref()) {
         None => Accel::Kvm,
         Some(f) if *f.value == Accel::Tcg && !sup.test_mode => {
-            return Err(f.invalid(&key("accel"), "\"tcg\" is only allowed with supervisor.test_mode = true"))
+            return Err(f.invalid(
+                &key("accel"),
+                "\"tcg\" is only allowed with supervisor.test_mode = true",
+            ))
         }
         Some(f) => *f.value,
     };
@@ -1056,10 +1325,18 @@ fn resolve_guest(layers: &[Layer], side: Side, sup: &Supervisor) -> Result<Guest
         for entry in f.value {
             let device = *entry.get_ref();
             if let Some(why) = device.refusal(side) {
-                return Err(f.layer.invalid(&entry.span(), &key("devices"), format!("\"{}\": {why}", device.name())));
+                return Err(f.layer.invalid(
+                    &entry.span(),
+                    &key("devices"),
+                    format!("\"{}\": {why}", device.name()),
+                ));
             }
             if devices.contains(&device) {
-                return Err(f.layer.invalid(&entry.span(), &key("devices"), format!("\"{}\" is listed twice", device.name())));
+                return Err(f.layer.invalid(
+                    &entry.span(),
+                    &key("devices"),
+                    format!("\"{}\" is listed twice", device.name()),
+                ));
             }
             devices.push(device);
         }
@@ -1071,24 +1348,34 @@ fn resolve_guest(layers: &[Layer], side: Side, sup: &Supervisor) -> Result<Guest
     let cpu_percent = match pick(layers, |l| lim(l, side)?.cpu_percent.as_ref()) {
         None => 100 * vcpus,
         Some(f) if !(1..=25_600).contains(f.value) => {
-            return Err(f.invalid(&key("limits.cpu_percent"), format!("{} is outside 1..=25600 (percent of one CPU)", f.value)))
+            return Err(f.invalid(
+                &key("limits.cpu_percent"),
+                format!("{} is outside 1..=25600 (percent of one CPU)", f.value),
+            ))
         }
         Some(f) => *f.value,
     };
     let memory_max_mib = match pick(layers, |l| lim(l, side)?.memory_max_mib.as_ref()) {
         None => memory_mib + DEFAULT_MEMORY_HEADROOM_MIB,
-        Some(f) if *f.value < memory_mib + QEMU_OVERHEAD_MIB => {
-            return Err(f.invalid(
-                &key("limits.memory_max_mib"),
-                format!("{} MiB leaves QEMU no room above the guest's {memory_mib} MiB (needs at least {})", f.value, memory_mib + QEMU_OVERHEAD_MIB),
-            ))
-        }
+        Some(f) if *f.value < memory_mib + QEMU_OVERHEAD_MIB => return Err(f.invalid(
+            &key("limits.memory_max_mib"),
+            format!(
+                "{} MiB leaves QEMU no room above the guest's {memory_mib} MiB (needs at least {})",
+                f.value,
+                memory_mib + QEMU_OVERHEAD_MIB
+            ),
+        )),
         Some(f) => *f.value,
     };
-    let io_limit = |name: &str, get: fn(&RawLimits) -> Option<&Spanned<u64>>| -> Result<Option<u64>, ConfigError> {
+    let io_limit = |name: &str,
+                    get: fn(&RawLimits) -> Option<&Spanned<u64>>|
+     -> Result<Option<u64>, ConfigError> {
         match pick(layers, |l| get(lim(l, side)?)) {
             None => Ok(None),
-            Some(f) if *f.value == 0 => Err(f.invalid(&key(&format!("limits.{name}")), "must be positive (leave it out for no limit)")),
+            Some(f) if *f.value == 0 => Err(f.invalid(
+                &key(&format!("limits.{name}")),
+                "must be positive (leave it out for no limit)",
+            )),
             Some(f) => Ok(Some(*f.value)),
         }
     };
@@ -1102,41 +1389,80 @@ fn resolve_guest(layers: &[Layer], side: Side, sup: &Supervisor) -> Result<Guest
     fn fw(l: &Layer, side: Side) -> Option<&RawFirmware> {
         l.guest(side)?.firmware.as_ref()
     }
-    let test_boot = layers.iter().rev().find_map(|l| l.guest(side)?.test_boot.as_ref().map(|tb| (l, tb)));
+    let test_boot = layers
+        .iter()
+        .rev()
+        .find_map(|l| l.guest(side)?.test_boot.as_ref().map(|tb| (l, tb)));
     let boot = match test_boot {
         Some((layer, _)) if !sup.test_mode => {
             let span = layer.table_span(&key("test_boot"));
-            return Err(layer.invalid(&span, &key("test_boot"), "direct kernel boot is only allowed with supervisor.test_mode = true"));
+            return Err(layer.invalid(
+                &span,
+                &key("test_boot"),
+                "direct kernel boot is only allowed with supervisor.test_mode = true",
+            ));
         }
         Some((layer, tb)) => {
             let need = |name: &str, v: &Option<Spanned<String>>| -> Result<PathBuf, ConfigError> {
                 match v {
-                    Some(s) => absolute_path(&Found { value: s.get_ref(), layer, span: s.span() }, &key(&format!("test_boot.{name}"))),
-                    None => Err(layer.invalid(&layer.table_span(&key("test_boot")), &key(&format!("test_boot.{name}")), "is missing")),
+                    Some(s) => absolute_path(
+                        &Found {
+                            value: s.get_ref(),
+                            layer,
+                            span: s.span(),
+                        },
+                        &key(&format!("test_boot.{name}")),
+                    ),
+                    None => Err(layer.invalid(
+                        &layer.table_span(&key("test_boot")),
+                        &key(&format!("test_boot.{name}")),
+                        "is missing",
+                    )),
                 }
             };
             Boot::Kernel {
                 kernel: need("kernel", &tb.kernel)?,
                 initrd: need("initrd", &tb.initrd)?,
-                append: tb.append.as_ref().map_or_else(String::new, |s| s.get_ref().clone()),
+                append: tb
+                    .append
+                    .as_ref()
+                    .map_or_else(String::new, |s| s.get_ref().clone()),
             }
         }
         None => {
-            let path = |name: &str, default: PathBuf, get: fn(&RawFirmware) -> Option<&Spanned<String>>| {
+            let path = |name: &str,
+                        default: PathBuf,
+                        get: fn(&RawFirmware) -> Option<&Spanned<String>>| {
                 match pick(layers, |l| get(fw(l, side)?)) {
                     Some(f) => absolute_path(&f, &key(&format!("firmware.{name}"))),
                     None => Ok(default),
                 }
             };
-            let code = path("code", "/usr/share/OVMF/OVMF_CODE_4M.fd".into(), |f| f.code.as_ref())?;
-            let vars_template = path("vars_template", "/usr/share/OVMF/OVMF_VARS_4M.fd".into(), |f| f.vars_template.as_ref())?;
+            let code = path("code", "/usr/share/OVMF/OVMF_CODE_4M.fd".into(), |f| {
+                f.code.as_ref()
+            })?;
+            let vars_template = path(
+                "vars_template",
+                "/usr/share/OVMF/OVMF_VARS_4M.fd".into(),
+                |f| f.vars_template.as_ref(),
+            )?;
             let vars = path("vars", disk_dir.join("OVMF_VARS.fd"), |f| f.vars.as_ref())?;
             if !vars.starts_with(&disk_dir) {
-                let f = pick(layers, |l| fw(l, side)?.vars.as_ref()).expect("the default is inside");
-                return Err(f.invalid(&key("firmware.vars"), format!("{} is not inside {}", vars.display(), disk_dir.display())));
+                let f =
+                    pick(layers, |l| fw(l, side)?.vars.as_ref()).expect("the default is inside");
+                return Err(f.invalid(
+                    &key("firmware.vars"),
+                    format!("{} is not inside {}", vars.display(), disk_dir.display()),
+                ));
             }
-            let secure_boot = pick(layers, |l| fw(l, side)?.secure_boot.as_ref()).is_some_and(|f| *f.value);
-            Boot::Firmware(Firmware { code, vars_template, vars, secure_boot })
+            let secure_boot =
+                pick(layers, |l| fw(l, side)?.secure_boot.as_ref()).is_some_and(|f| *f.value);
+            Boot::Firmware(Firmware {
+                code,
+                vars_template,
+                vars,
+                secure_boot,
+            })
         }
     };
 
@@ -1148,13 +1474,17 @@ fn resolve_guest(layers: &[Layer], side: Side, sup: &Supervisor) -> Result<Guest
     let network = if pick(layers, |l| net(l, side)?.enabled.as_ref()).is_some_and(|f| !*f.value) {
         None
     } else {
-        let name = |field: &str, default: String, get: fn(&RawNetwork) -> Option<&Spanned<String>>| match pick(layers, |l| get(net(l, side)?)) {
-            None => Ok(default),
-            Some(f) => {
-                check_ifname(f.value).map_err(|why| f.invalid(&key(&format!("network.{field}")), why))?;
-                Ok(f.value.clone())
-            }
-        };
+        let name =
+            |field: &str, default: String, get: fn(&RawNetwork) -> Option<&Spanned<String>>| {
+                match pick(layers, |l| get(net(l, side)?)) {
+                    None => Ok(default),
+                    Some(f) => {
+                        check_ifname(f.value)
+                            .map_err(|why| f.invalid(&key(&format!("network.{field}")), why))?;
+                        Ok(f.value.clone())
+                    }
+                }
+            };
         let tap = name("tap", format!("tap-{side}"), |n| n.tap.as_ref())?;
         let bridge = name("bridge", format!("br-{side}"), |n| n.bridge.as_ref())?;
         let mac = match pick(layers, |l| net(l, side)?.mac.as_ref()) {
@@ -1177,7 +1507,11 @@ fn resolve_guest(layers: &[Layer], side: Side, sup: &Supervisor) -> Result<Guest
         user,
         rtc,
         devices,
-        limits: Limits { cpu_percent, memory_max_mib, io },
+        limits: Limits {
+            cpu_percent,
+            memory_max_mib,
+            io,
+        },
         boot,
         tpm,
         network,
@@ -1190,11 +1524,17 @@ fn absolute_path(f: &Found<'_, String>, key: &str) -> Result<PathBuf, ConfigErro
     if !path.is_absolute() {
         return Err(f.invalid(key, format!("{:?} must be an absolute path", f.value)));
     }
-    if path.components().any(|c| matches!(c, Component::ParentDir | Component::CurDir)) {
+    if path
+        .components()
+        .any(|c| matches!(c, Component::ParentDir | Component::CurDir))
+    {
         return Err(f.invalid(key, format!("{:?} may not contain `.` or `..`", f.value)));
     }
     if f.value.contains(',') || f.value.chars().any(char::is_control) {
-        return Err(f.invalid(key, format!("{:?} may not contain commas or control characters", f.value)));
+        return Err(f.invalid(
+            key,
+            format!("{:?} may not contain commas or control characters", f.value),
+        ));
     }
     Ok(path.components().collect())
 }
@@ -1203,7 +1543,9 @@ fn absolute_path(f: &Found<'_, String>, key: &str) -> Result<PathBuf, ConfigErro
 fn check_name(name: &str) -> Result<(), String> {
     let ok = !name.is_empty()
         && name.len() <= 32
-        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
         && !name.starts_with('-');
     if ok {
         Ok(())
@@ -1217,7 +1559,11 @@ fn check_name(name: &str) -> Result<(), String> {
 /// all (the kernel's limit).
 fn check_hostname(name: &str) -> Result<&str, String> {
     let label_ok = |l: &str| {
-        !l.is_empty() && l.len() <= 63 && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') && !l.starts_with('-') && !l.ends_with('-')
+        !l.is_empty()
+            && l.len() <= 63
+            && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+            && !l.starts_with('-')
+            && !l.ends_with('-')
     };
     if name.len() <= 64 && name.split('.').all(label_ok) {
         Ok(name)
@@ -1230,18 +1576,25 @@ fn check_hostname(name: &str) -> Result<&str, String> {
 fn check_ifname(name: &str) -> Result<(), String> {
     let ok = !name.is_empty()
         && name.len() <= 15
-        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.');
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.');
     if ok {
         Ok(())
     } else {
-        Err(format!("{name:?} is not a valid interface name (1-15 of A-Z a-z 0-9 - _ .)"))
+        Err(format!(
+            "{name:?} is not a valid interface name (1-15 of A-Z a-z 0-9 - _ .)"
+        ))
     }
 }
 
 /// A unicast MAC address `xx:xx:xx:xx:xx:xx`.
 fn check_mac(mac: &str) -> Result<(), String> {
     let parts: Vec<&str> = mac.split(':').collect();
-    let hex = parts.len() == 6 && parts.iter().all(|p| p.len() == 2 && p.bytes().all(|b| b.is_ascii_hexdigit()));
+    let hex = parts.len() == 6
+        && parts
+            .iter()
+            .all(|p| p.len() == 2 && p.bytes().all(|b| b.is_ascii_hexdigit()));
     if !hex {
         return Err(format!("{mac:?} is not a MAC address (xx:xx:xx:xx:xx:xx)"));
     }
@@ -1276,13 +1629,19 @@ disk = "/var/lib/airlock/general/disk/windows.qcow2"
         for side in Side::ALL {
             let g = c.guest(side);
             assert_eq!(g.accel, Accel::Kvm);
-            assert!(g.devices.is_empty(), "no device unless the allow-list names it");
+            assert!(
+                g.devices.is_empty(),
+                "no device unless the allow-list names it"
+            );
             assert_eq!(g.user, format!("airlock-{side}"));
             assert_eq!(g.limits.cpu_percent, 200);
             assert_eq!(g.limits.memory_max_mib, 4096 + 512);
             assert_eq!(g.network.as_ref().unwrap().tap, format!("tap-{side}"));
             match &g.boot {
-                Boot::Firmware(fw) => assert_eq!(fw.vars, Path::new(&format!("/var/lib/airlock/{side}/disk/OVMF_VARS.fd"))),
+                Boot::Firmware(fw) => assert_eq!(
+                    fw.vars,
+                    Path::new(&format!("/var/lib/airlock/{side}/disk/OVMF_VARS.fd"))
+                ),
                 Boot::Kernel { .. } => panic!("kernel boot by default"),
             }
         }
@@ -1292,26 +1651,55 @@ disk = "/var/lib/airlock/general/disk/windows.qcow2"
     fn clipboard_defaults_are_the_gateways_and_safe() {
         let c = parse("t.toml", MINIMAL).unwrap();
         assert_eq!(c.clipboard, Clipboard::defaults());
-        assert!(c.clipboard.enabled, "the clipboard gateway runs unless switched off");
+        assert!(
+            c.clipboard.enabled,
+            "the clipboard gateway runs unless switched off"
+        );
         assert!(!c.clipboard.confirm, "confirm mode is off by default");
         assert_eq!(c.clipboard.user, "airlock-gateway");
-        assert_eq!(c.supervisor.gateway, Path::new("/usr/lib/airlock/airlock-gateway"));
+        assert_eq!(
+            c.supervisor.gateway,
+            Path::new("/usr/lib/airlock/airlock-gateway")
+        );
         let text = format!("{MINIMAL}[clipboard]\nenabled = false\nuser = \"airlock-general\"\n");
-        assert!(!parse("t.toml", &text).unwrap().clipboard.enabled, "a disabled gateway's user is not checked against the guests'");
+        assert!(
+            !parse("t.toml", &text).unwrap().clipboard.enabled,
+            "a disabled gateway's user is not checked against the guests'"
+        );
         let text = format!("{MINIMAL}[clipboard]\nconfirm = true\nconfirm_timeout_ms = 60000\nmax_bytes = 1048576\n[clipboard.limits]\nmemory_max_mib = 512\n");
         let c = parse("t.toml", &text).unwrap().clipboard;
-        assert!(c.confirm && c.confirm_timeout_ms == 60000 && c.max_bytes == 1 << 20 && c.memory_max_mib == 512, "{c:?}");
-        assert_eq!(c.confirm_group, "airlock-confirm", "the group sysusers.d/airlockd.conf makes");
+        assert!(
+            c.confirm
+                && c.confirm_timeout_ms == 60000
+                && c.max_bytes == 1 << 20
+                && c.memory_max_mib == 512,
+            "{c:?}"
+        );
+        assert_eq!(
+            c.confirm_group, "airlock-confirm",
+            "the group sysusers.d/airlockd.conf makes"
+        );
         let text = format!("{MINIMAL}[clipboard]\nconfirm = true\nconfirm_group = \"clip-ok\"\n");
-        assert_eq!(parse("t.toml", &text).unwrap().clipboard.confirm_group, "clip-ok");
+        assert_eq!(
+            parse("t.toml", &text).unwrap().clipboard.confirm_group,
+            "clip-ok"
+        );
     }
 
     #[test]
     fn shipped_example_is_valid() {
         let c = parse("appliance.toml", crate::SHIPPED_CONFIG_TEXT).unwrap();
-        assert!(c.classified.devices.iter().all(|d| d.refusal(Side::Classified).is_none()));
+        assert!(c
+            .classified
+            .devices
+            .iter()
+            .all(|d| d.refusal(Side::Classified).is_none()));
         assert!(!c.supervisor.test_mode);
-        assert!(c.clipboard.enabled && !c.clipboard.confirm, "{:?}", c.clipboard);
+        assert!(
+            c.clipboard.enabled && !c.clipboard.confirm,
+            "{:?}",
+            c.clipboard
+        );
         assert_eq!(c.clipboard.user, "airlock-gateway");
     }
 
@@ -1320,8 +1708,16 @@ disk = "/var/lib/airlock/general/disk/windows.qcow2"
         // The test image's shipped configuration and the test PC's machine
         // settings (its uplinks), as the acceptance suite provisions them.
         let c = parse_layers(&[
-            ("appliance-test.toml", include_str!("../../../ci/test-agent/overlay/etc/airlock/appliance.toml"), false),
-            ("machine.toml", include_str!("../../../ci/test-agent/machine.toml"), true),
+            (
+                "appliance-test.toml",
+                include_str!("../../../ci/test-agent/overlay/etc/airlock/appliance.toml"),
+                false,
+            ),
+            (
+                "machine.toml",
+                include_str!("../../../ci/test-agent/machine.toml"),
+                true,
+            ),
         ])
         .unwrap();
         assert!(c.network.is_some(), "the test PC has a host network");
@@ -1422,7 +1818,10 @@ disk = "/var/lib/airlock/general/disk/windows.qcow2"
                 Err(e) => e.to_string(),
             };
             for word in words {
-                assert!(err.contains(word), "error for\n{text}\nis {err:?}, lacks {word:?}");
+                assert!(
+                    err.contains(word),
+                    "error for\n{text}\nis {err:?}, lacks {word:?}"
+                );
             }
         }
     }
@@ -1435,43 +1834,113 @@ disk = "/var/lib/airlock/general/disk/windows.qcow2"
         assert_eq!(c.general.limits.memory_max_mib, 9000);
         assert_eq!(c.general.limits.cpu_percent, 150);
         assert_eq!(c.classified.memory_mib, 4096);
-        assert_eq!(c.classified.network.as_ref().unwrap().mac.as_deref(), Some("52:54:00:aa:bb:cc"));
+        assert_eq!(
+            c.classified.network.as_ref().unwrap().mac.as_deref(),
+            Some("52:54:00:aa:bb:cc")
+        );
 
         for (over, words) in [
-            ("[guest.classified]\ndevices = [\"tablet\"]\n", ["guest.classified.devices", "prov, line 2"]),
-            ("[supervisor]\ntest_mode = true\n", ["supervisor", "prov, line 1"]),
-            ("\n[guest.general]\naccel = \"kvm\"\n", ["guest.general.accel", "prov, line 3"]),
-            ("[guest.general.firmware]\ntpm = true\n", ["guest.general.firmware", "prov, line 1"]),
-            ("[guest.general.network]\ntap = \"tap-x\"\n", ["guest.general.network.tap", "prov, line 2"]),
-            ("[guest.general]\nuser = \"nobody\"\n", ["guest.general.user", "prov, line 2"]),
-            ("[clipboard]\nenabled = false\n", ["clipboard", "prov, line 1"]),
-            ("\n[clipboard.limits]\nmemory_max_mib = 512\n", ["clipboard", "prov, line 2"]),
+            (
+                "[guest.classified]\ndevices = [\"tablet\"]\n",
+                ["guest.classified.devices", "prov, line 2"],
+            ),
+            (
+                "[supervisor]\ntest_mode = true\n",
+                ["supervisor", "prov, line 1"],
+            ),
+            (
+                "\n[guest.general]\naccel = \"kvm\"\n",
+                ["guest.general.accel", "prov, line 3"],
+            ),
+            (
+                "[guest.general.firmware]\ntpm = true\n",
+                ["guest.general.firmware", "prov, line 1"],
+            ),
+            (
+                "[guest.general.network]\ntap = \"tap-x\"\n",
+                ["guest.general.network.tap", "prov, line 2"],
+            ),
+            (
+                "[guest.general]\nuser = \"nobody\"\n",
+                ["guest.general.user", "prov, line 2"],
+            ),
+            (
+                "[clipboard]\nenabled = false\n",
+                ["clipboard", "prov, line 1"],
+            ),
+            (
+                "\n[clipboard.limits]\nmemory_max_mib = 512\n",
+                ["clipboard", "prov, line 2"],
+            ),
         ] {
-            let err = parse_layers(&[("shipped", MINIMAL, false), ("prov", over, true)]).unwrap_err().to_string();
+            let err = parse_layers(&[("shipped", MINIMAL, false), ("prov", over, true)])
+                .unwrap_err()
+                .to_string();
             assert!(err.contains("shipped configuration"), "{err}");
             for w in words {
                 assert!(err.contains(w), "{err:?} lacks {w:?}");
             }
         }
         // A provisioning value is validated like a shipped one, and blamed on its own file.
-        let err = parse_layers(&[("shipped", MINIMAL, false), ("prov", "[guest.general]\nvcpus = 1000\n", true)]).unwrap_err();
-        assert!(err.to_string().starts_with("prov, line 2: `guest.general.vcpus`"), "{err}");
+        let err = parse_layers(&[
+            ("shipped", MINIMAL, false),
+            ("prov", "[guest.general]\nvcpus = 1000\n", true),
+        ])
+        .unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with("prov, line 2: `guest.general.vcpus`"),
+            "{err}"
+        );
     }
 
     #[test]
     fn the_host_name_is_a_machine_setting_and_checked() {
         assert_eq!(parse("shipped", MINIMAL).unwrap().machine.hostname, None);
-        let c = parse_layers(&[("shipped", MINIMAL, false), ("prov", "[machine]\nhostname = \"desk-0042\"\n", true)]).unwrap();
+        let c = parse_layers(&[
+            ("shipped", MINIMAL, false),
+            ("prov", "[machine]\nhostname = \"desk-0042\"\n", true),
+        ])
+        .unwrap();
         assert_eq!(c.machine.hostname.as_deref(), Some("desk-0042"));
-        let c = parse_layers(&[("shipped", MINIMAL, false), ("prov", "[machine]\nhostname = \"desk-0042.it.example\"\n", true)]).unwrap();
+        let c = parse_layers(&[
+            ("shipped", MINIMAL, false),
+            (
+                "prov",
+                "[machine]\nhostname = \"desk-0042.it.example\"\n",
+                true,
+            ),
+        ])
+        .unwrap();
         assert_eq!(c.machine.hostname.as_deref(), Some("desk-0042.it.example"));
         let long = format!("{}.b", "a".repeat(63));
-        for bad in ["", "-desk", "desk-", "desk_42", "desk 42", "desk..42", "dësk", "a\\nb", long.as_str()] {
+        for bad in [
+            "",
+            "-desk",
+            "desk-",
+            "desk_42",
+            "desk 42",
+            "desk..42",
+            "dësk",
+            "a\\nb",
+            long.as_str(),
+        ] {
             let text = format!("\n[machine]\nhostname = {bad:?}\n");
-            let err = parse_layers(&[("shipped", MINIMAL, false), ("prov", &text, true)]).unwrap_err().to_string();
-            assert!(err.starts_with("prov, line 3: `machine.hostname`") && err.contains("is not a host name"), "{bad:?}: {err}");
+            let err = parse_layers(&[("shipped", MINIMAL, false), ("prov", &text, true)])
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.starts_with("prov, line 3: `machine.hostname`")
+                    && err.contains("is not a host name"),
+                "{bad:?}: {err}"
+            );
         }
-        let err = parse_layers(&[("shipped", MINIMAL, false), ("prov", "[machine]\nname = \"x\"\n", true)]).unwrap_err().to_string();
+        let err = parse_layers(&[
+            ("shipped", MINIMAL, false),
+            ("prov", "[machine]\nname = \"x\"\n", true),
+        ])
+        .unwrap_err()
+        .to_string();
         assert!(err.contains("name"), "{err}");
     }
 
@@ -1481,7 +1950,9 @@ disk = "/var/lib/airlock/general/disk/windows.qcow2"
         let shipped = dir.path().join("a.toml");
         std::fs::write(&shipped, MINIMAL).unwrap();
         load(&shipped, Some(&dir.path().join("absent.toml"))).unwrap();
-        let err = load(&dir.path().join("nope.toml"), None).unwrap_err().to_string();
+        let err = load(&dir.path().join("nope.toml"), None)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("nope.toml"), "{err}");
     }
 
@@ -1512,25 +1983,48 @@ disk = "/var/lib/airlock/general/disk/windows.qcow2"
         let text = with_network();
         let c = parse("a.toml", &text).unwrap_or_else(|e| panic!("{e}\n{text}"));
         let net = c.network.as_ref().unwrap();
-        assert_eq!(c.classified.network.as_ref().unwrap().mac.as_deref(), Some(net.classified.segment.guest_mac.to_string().as_str()));
-        assert_eq!(c.general.network.as_ref().unwrap().mac.as_deref(), Some(net.general.segment.guest_mac.to_string().as_str()));
+        assert_eq!(
+            c.classified.network.as_ref().unwrap().mac.as_deref(),
+            Some(net.classified.segment.guest_mac.to_string().as_str())
+        );
+        assert_eq!(
+            c.general.network.as_ref().unwrap().mac.as_deref(),
+            Some(net.general.segment.guest_mac.to_string().as_str())
+        );
         assert!(parse("a.toml", MINIMAL).unwrap().network.is_none());
     }
 
     #[test]
     fn network_section_errors_name_key_and_line() {
         let text = with_network();
-        let mac_line = text.lines().position(|l| l.starts_with("guest_mac")).unwrap() + 1;
+        let mac_line = text
+            .lines()
+            .position(|l| l.starts_with("guest_mac"))
+            .unwrap()
+            + 1;
         let bad = text.replacen("guest_mac = \"", "guest_mac = \"zz", 1);
         let err = parse("a.toml", &bad).unwrap_err().to_string();
-        assert!(err.contains("guest_mac") && err.contains(&format!("line {mac_line}")), "{err}");
+        assert!(
+            err.contains("guest_mac") && err.contains(&format!("line {mac_line}")),
+            "{err}"
+        );
         // A guest MAC that the ruleset would not let through.
-        let bad = text.replacen("[guest.general]\n", "[guest.general.network]\nmac = \"52:54:00:00:00:09\"\n[guest.general]\n", 1);
+        let bad = text.replacen(
+            "[guest.general]\n",
+            "[guest.general.network]\nmac = \"52:54:00:00:00:09\"\n[guest.general]\n",
+            1,
+        );
         let err = parse("a.toml", &bad).unwrap_err().to_string();
-        assert!(err.contains("guest.general.network.mac") && err.contains("line 6"), "{err}");
+        assert!(
+            err.contains("guest.general.network.mac") && err.contains("line 6"),
+            "{err}"
+        );
         // An unknown key inside [network].
         let bad = text.replacen("[network]\n", "[network]\ncolour = 1\n", 1);
-        assert!(parse("a.toml", &bad).unwrap_err().to_string().contains("colour"));
+        assert!(parse("a.toml", &bad)
+            .unwrap_err()
+            .to_string()
+            .contains("colour"));
     }
 
     #[test]
@@ -1544,8 +2038,13 @@ disk = "/var/lib/airlock/general/disk/windows.qcow2"
         }
         // A bad value in the provisioning layer is named with its file and line.
         let bad = "# pc-0042\n[network.uplink]\ninterface = \"enp9s0\"\naddress = \"198.51.100.300/24\"\ngateway = \"198.51.100.1\"\n";
-        let err = parse_layers(&[("shipped", &text, false), ("prov", bad, true)]).unwrap_err().to_string();
-        assert!(err.starts_with("prov, line 4: `network.uplink.address`"), "{err}");
+        let err = parse_layers(&[("shipped", &text, false), ("prov", bad, true)])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("prov, line 4: `network.uplink.address`"),
+            "{err}"
+        );
         for (over, key) in [
             ("[[network.classified.servers]]\naddress = \"10.0.0.0/8\"\nprotocol = \"tcp\"\nports = [1]\n", "network.classified.servers"),
             ("[network.general]\ndeny = []\n", "network.general.deny"),
@@ -1558,31 +2057,74 @@ disk = "/var/lib/airlock/general/disk/windows.qcow2"
 
     #[test]
     fn provisioning_sets_the_tunnel_address_and_nothing_else_of_the_tunnel() {
-        let shipped = network_doc(include_str!("../../network/tests/fixtures/shared-wireguard.toml")).replacen("address = \"10.99.0.2/24\"\n", "", 1);
-        assert!(shipped.contains("[network.classified.wireguard]") && !shipped.contains("10.99.0.2"), "{shipped}");
+        let shipped = network_doc(include_str!(
+            "../../network/tests/fixtures/shared-wireguard.toml"
+        ))
+        .replacen("address = \"10.99.0.2/24\"\n", "", 1);
+        assert!(
+            shipped.contains("[network.classified.wireguard]") && !shipped.contains("10.99.0.2"),
+            "{shipped}"
+        );
         // The shipped file alone lacks the per-PC address, and says where it goes.
         let err = parse("shipped", &shipped).unwrap_err().to_string();
-        assert!(err.contains("network.classified.wireguard.address") && err.contains("machine file"), "{err}");
+        assert!(
+            err.contains("network.classified.wireguard.address") && err.contains("machine file"),
+            "{err}"
+        );
         let over = "[network.classified.wireguard]\naddress = \"10.99.0.42/24\"\n";
         let c = parse_layers(&[("shipped", &shipped, false), ("prov", over, true)]).unwrap();
         let wg = c.network.unwrap().classified.wireguard.unwrap();
         assert_eq!(wg.address.to_string(), "10.99.0.42/24");
-        assert_eq!(wg.private_key_file, "/var/lib/airlock/provision/wg-classified.key");
+        assert_eq!(
+            wg.private_key_file,
+            "/var/lib/airlock/provision/wg-classified.key"
+        );
         // With no machine file's address either, the files are named together.
         let err = parse_layers(&[("shipped", &shipped, false), ("prov", "[network.uplink]\ninterface = \"enp9s0\"\naddress = \"192.168.10.20/24\"\ngateway = \"192.168.10.1\"\n", true)]).unwrap_err().to_string();
-        assert!(err.contains("network.classified.wireguard.address"), "{err}");
+        assert!(
+            err.contains("network.classified.wireguard.address"),
+            "{err}"
+        );
         // The peer, the key file and the port are the image's.
         for (line, key) in [
-            ("peer_public_key = \"AAAAA5rboUvnH4htodjb6e697QjLERt1NAB4mZqp8Dg=\"", "network.classified.wireguard.peer_public_key"),
-            ("private_key_file = \"/tmp/k\"", "network.classified.wireguard.private_key_file"),
-            ("listen_port = 1", "network.classified.wireguard.listen_port"),
+            (
+                "peer_public_key = \"AAAAA5rboUvnH4htodjb6e697QjLERt1NAB4mZqp8Dg=\"",
+                "network.classified.wireguard.peer_public_key",
+            ),
+            (
+                "private_key_file = \"/tmp/k\"",
+                "network.classified.wireguard.private_key_file",
+            ),
+            (
+                "listen_port = 1",
+                "network.classified.wireguard.listen_port",
+            ),
         ] {
             let over = format!("{over}{line}\n");
-            let err = parse_layers(&[("shipped", &shipped, false), ("prov", &over, true)]).unwrap_err().to_string();
-            assert!(err.contains(key) && err.contains("shipped configuration") && err.starts_with("prov, line 3"), "{err}");
+            let err = parse_layers(&[("shipped", &shipped, false), ("prov", &over, true)])
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains(key)
+                    && err.contains("shipped configuration")
+                    && err.starts_with("prov, line 3"),
+                "{err}"
+            );
         }
-        let err = parse_layers(&[("shipped", &shipped, false), ("prov", "[network.general.wireguard]\naddress = \"10.99.0.42/24\"\n", true)]).unwrap_err().to_string();
-        assert!(err.contains("network.general.wireguard") && err.contains("shipped configuration"), "{err}");
+        let err = parse_layers(&[
+            ("shipped", &shipped, false),
+            (
+                "prov",
+                "[network.general.wireguard]\naddress = \"10.99.0.42/24\"\n",
+                true,
+            ),
+        ])
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("network.general.wireguard") && err.contains("shipped configuration"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -1604,6 +2146,8 @@ user = "nobody"
 "#;
         let c = parse("t", text).unwrap();
         assert_eq!(c.classified.accel, Accel::Tcg);
-        assert!(matches!(&c.classified.boot, Boot::Kernel { append, .. } if append == "console=ttyS0"));
+        assert!(
+            matches!(&c.classified.boot, Boot::Kernel { append, .. } if append == "console=ttyS0")
+        );
     }
 }

@@ -72,8 +72,16 @@ pub struct Status {
 }
 
 /// The status line for the given guest and gateway states.
-pub fn status(phase: Phase, guests: &BTreeMap<Side, GuestStatus>, gateway: &GatewayStatus) -> Status {
-    let all = |f: fn(&GuestState) -> bool| Side::ALL.iter().all(|s| guests.get(s).is_some_and(|g| f(&g.state)));
+pub fn status(
+    phase: Phase,
+    guests: &BTreeMap<Side, GuestStatus>,
+    gateway: &GatewayStatus,
+) -> Status {
+    let all = |f: fn(&GuestState) -> bool| {
+        Side::ALL
+            .iter()
+            .all(|s| guests.get(s).is_some_and(|g| f(&g.state)))
+    };
     Status {
         event: "status",
         phase,
@@ -98,26 +106,30 @@ impl Server {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => return Err(e).with_context(|| format!("removing stale {}", path.display())),
         }
-        let listener = UnixListener::bind(path).with_context(|| format!("binding {}", path.display()))?;
+        let listener =
+            UnixListener::bind(path).with_context(|| format!("binding {}", path.display()))?;
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))
             .with_context(|| format!("chmod {}", path.display()))?;
         if let Some(gid) = gid {
-            std::os::unix::fs::chown(path, None, Some(gid)).with_context(|| format!("chgrp {gid} {}", path.display()))?;
+            std::os::unix::fs::chown(path, None, Some(gid))
+                .with_context(|| format!("chgrp {gid} {}", path.display()))?;
         }
         let clients: Arc<Mutex<Vec<UnixStream>>> = Arc::default();
         let last: Arc<Mutex<String>> = Arc::default();
         let (c, l) = (clients.clone(), last.clone());
-        std::thread::Builder::new().name("control".into()).spawn(move || {
-            for stream in listener.incoming() {
-                let Ok(mut stream) = stream else { continue };
-                let _ = stream.set_write_timeout(Some(Duration::from_secs(1)));
-                let mut clients = c.lock().unwrap_or_else(|p| p.into_inner());
-                let line = l.lock().unwrap_or_else(|p| p.into_inner()).clone();
-                if line.is_empty() || stream.write_all(line.as_bytes()).is_ok() {
-                    clients.push(stream);
+        std::thread::Builder::new()
+            .name("control".into())
+            .spawn(move || {
+                for stream in listener.incoming() {
+                    let Ok(mut stream) = stream else { continue };
+                    let _ = stream.set_write_timeout(Some(Duration::from_secs(1)));
+                    let mut clients = c.lock().unwrap_or_else(|p| p.into_inner());
+                    let line = l.lock().unwrap_or_else(|p| p.into_inner()).clone();
+                    if line.is_empty() || stream.write_all(line.as_bytes()).is_ok() {
+                        clients.push(stream);
+                    }
                 }
-            }
-        })?;
+            })?;
         Ok(Server { clients, last })
     }
 
@@ -138,8 +150,20 @@ mod tests {
 
     fn guests(a: GuestState, b: GuestState) -> BTreeMap<Side, GuestStatus> {
         BTreeMap::from([
-            (Side::Classified, GuestStatus { state: a, restarts: 0 }),
-            (Side::General, GuestStatus { state: b, restarts: 2 }),
+            (
+                Side::Classified,
+                GuestStatus {
+                    state: a,
+                    restarts: 0,
+                },
+            ),
+            (
+                Side::General,
+                GuestStatus {
+                    state: b,
+                    restarts: 2,
+                },
+            ),
         ])
     }
 
@@ -150,13 +174,38 @@ mod tests {
     #[test]
     fn ready_and_both_off_need_both_guests() {
         let running = gw(GatewayState::Running { pid: 3 });
-        let s = status(Phase::Running, &guests(GuestState::Running { pid: 1 }, GuestState::Running { pid: 2 }), &running);
+        let s = status(
+            Phase::Running,
+            &guests(
+                GuestState::Running { pid: 1 },
+                GuestState::Running { pid: 2 },
+            ),
+            &running,
+        );
         assert!(s.ready && !s.both_off);
-        let s = status(Phase::Running, &guests(GuestState::Running { pid: 1 }, GuestState::Running { pid: 2 }), &gw(GatewayState::Starting));
+        let s = status(
+            Phase::Running,
+            &guests(
+                GuestState::Running { pid: 1 },
+                GuestState::Running { pid: 2 },
+            ),
+            &gw(GatewayState::Starting),
+        );
         assert!(s.ready, "the gateway does not hold up `ready`");
-        let s = status(Phase::Running, &guests(GuestState::Running { pid: 1 }, GuestState::Off), &running);
+        let s = status(
+            Phase::Running,
+            &guests(GuestState::Running { pid: 1 }, GuestState::Off),
+            &running,
+        );
         assert!(!s.ready && !s.both_off);
-        let s = status(Phase::PoweringOff, &guests(GuestState::Off, GuestState::Off), &GatewayStatus { state: GatewayState::Stopped, restarts: 1 });
+        let s = status(
+            Phase::PoweringOff,
+            &guests(GuestState::Off, GuestState::Off),
+            &GatewayStatus {
+                state: GatewayState::Stopped,
+                restarts: 1,
+            },
+        );
         assert!(!s.ready && s.both_off);
         let json = serde_json::to_string(&s).unwrap();
         assert_eq!(
@@ -170,15 +219,26 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("control.sock");
         let server = Server::bind(&path, None).unwrap();
-        assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o660);
-        server.publish(&status(Phase::Running, &guests(GuestState::Starting, GuestState::Starting), &gw(GatewayState::Disabled)));
+        assert_eq!(
+            std::fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+            0o660
+        );
+        server.publish(&status(
+            Phase::Running,
+            &guests(GuestState::Starting, GuestState::Starting),
+            &gw(GatewayState::Disabled),
+        ));
         let mut client = BufReader::new(UnixStream::connect(&path).unwrap());
         let mut line = String::new();
         client.read_line(&mut line).unwrap();
         assert!(line.contains("\"starting\""), "{line}");
         // The accept thread may still be adding the client; publish until it hears.
         for _ in 0..50 {
-            server.publish(&status(Phase::Running, &guests(GuestState::Off, GuestState::Off), &gw(GatewayState::Disabled)));
+            server.publish(&status(
+                Phase::Running,
+                &guests(GuestState::Off, GuestState::Off),
+                &gw(GatewayState::Disabled),
+            ));
             if server.clients.lock().unwrap().len() == 1 {
                 break;
             }

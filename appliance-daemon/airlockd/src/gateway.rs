@@ -103,11 +103,17 @@ pub fn lookup_confirm_group(cfg: &Config) -> Option<u32> {
     match crate::users::lookup_group(&c.confirm_group) {
         Ok(Some(gid)) => Some(gid),
         Ok(None) => {
-            crate::log::warn(format!("group {:?} (clipboard.confirm_group) does not exist: {consequence}", c.confirm_group));
+            crate::log::warn(format!(
+                "group {:?} (clipboard.confirm_group) does not exist: {consequence}",
+                c.confirm_group
+            ));
             None
         }
         Err(e) => {
-            crate::log::warn(format!("group {:?} (clipboard.confirm_group): {e:#}; {consequence}", c.confirm_group));
+            crate::log::warn(format!(
+                "group {:?} (clipboard.confirm_group): {e:#}; {consequence}",
+                c.confirm_group
+            ));
             None
         }
     }
@@ -198,15 +204,26 @@ mod tests {
         let cfg = config::parse("t.toml", &text).unwrap();
         let args = command_line(&cfg, Some(985));
         assert!(args.join(" ").ends_with("--confirm-socket /run/airlock/clipboard/confirm.sock --confirm-timeout-ms 5000 --confirm-group 985"), "{args:?}");
-        let opts = GatewayOpts::try_parse_from(std::iter::once("airlock-gateway".to_owned()).chain(args.clone()))
-            .unwrap_or_else(|e| panic!("{e}\n{args:?}"));
+        let opts = GatewayOpts::try_parse_from(
+            std::iter::once("airlock-gateway".to_owned()).chain(args.clone()),
+        )
+        .unwrap_or_else(|e| panic!("{e}\n{args:?}"));
         let g = opts.into_config().unwrap();
-        assert_eq!(g.classified, Path::new("/run/airlock/classified/vdagent.sock"));
+        assert_eq!(
+            g.classified,
+            Path::new("/run/airlock/classified/vdagent.sock")
+        );
         assert_eq!(g.general, Path::new("/run/airlock/general/vdagent.sock"));
-        assert_eq!(g.audit_log.as_deref(), Some(Path::new("/var/log/airlock/clipboard.log")));
+        assert_eq!(
+            g.audit_log.as_deref(),
+            Some(Path::new("/var/log/airlock/clipboard.log"))
+        );
         assert_eq!(g.max_bytes, 1000);
         assert_eq!(g.request_timeout, Duration::from_millis(3000));
-        assert_eq!(g.runner.program, Path::new("/usr/lib/airlock/airlock-sanitiser"));
+        assert_eq!(
+            g.runner.program,
+            Path::new("/usr/lib/airlock/airlock-sanitiser")
+        );
         assert_eq!(g.runner.timeout, Duration::from_millis(4000));
         assert_eq!(g.runner.limits.max_text_bytes, 1000);
         assert_eq!(g.runner.limits.max_dimension, 500);
@@ -220,13 +237,20 @@ mod tests {
             })
         );
         // Without the group, the socket stays the gateway's alone.
-        let g = GatewayOpts::try_parse_from(std::iter::once("g".to_owned()).chain(command_line(&cfg, None))).unwrap().into_config().unwrap();
+        let g = GatewayOpts::try_parse_from(
+            std::iter::once("g".to_owned()).chain(command_line(&cfg, None)),
+        )
+        .unwrap()
+        .into_config()
+        .unwrap();
         assert_eq!(g.confirm.map(|c| c.group), Some(None));
         // And with confirm mode off, no confirm socket (a gid changes nothing).
-        let g = GatewayOpts::try_parse_from(std::iter::once("g".to_owned()).chain(command_line(&shipped(), Some(985))))
-            .unwrap()
-            .into_config()
-            .unwrap();
+        let g = GatewayOpts::try_parse_from(
+            std::iter::once("g".to_owned()).chain(command_line(&shipped(), Some(985))),
+        )
+        .unwrap()
+        .into_config()
+        .unwrap();
         assert_eq!(g.confirm, None);
     }
 
@@ -239,7 +263,10 @@ mod tests {
         let cfg = config::parse("t.toml", &text).unwrap();
         let p = GatewayPaths::new(&cfg.supervisor);
         assert_eq!(p.sanitiser, Path::new("/opt/bin/airlock-sanitiser"));
-        assert_eq!(p.classified_vdagent, Path::new("/tmp/r/classified/vdagent.sock"));
+        assert_eq!(
+            p.classified_vdagent,
+            Path::new("/tmp/r/classified/vdagent.sock")
+        );
         assert_eq!(p.audit_log, Path::new("/tmp/l/clipboard.log"));
         assert_eq!(p.confirm_socket, Path::new("/tmp/r/clipboard/confirm.sock"));
         // The vdagent socket the gateway is given is the one QEMU listens on.
@@ -251,7 +278,10 @@ mod tests {
     fn confirm_dir_is_shared_with_the_group_only() {
         let gw = Ids { uid: 990, gid: 990 };
         // The kiosk (group) may pass through, not list, not write; others nothing.
-        assert_eq!(confirm_dir_access(Some(gw), Some(985)), (0o710, Some(Ids { uid: 990, gid: 985 })));
+        assert_eq!(
+            confirm_dir_access(Some(gw), Some(985)),
+            (0o710, Some(Ids { uid: 990, gid: 985 }))
+        );
         assert_eq!(CONFIRM_DIR_SHARED_MODE & 0o007, 0);
         assert_eq!(CONFIRM_DIR_SHARED_MODE & 0o070, 0o010);
         // No group: the gateway's alone.

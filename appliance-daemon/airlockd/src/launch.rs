@@ -64,10 +64,22 @@ struct Prepared {
 /// failure between fork and exec comes back as a bare errno.
 pub fn spawn(spec: Spec) -> Result<Child> {
     let prepared = Prepared {
-        cgroup_procs: spec.cgroup_procs.as_ref().map(|p| CString::new(p.as_os_str().as_bytes())).transpose()?,
-        selinux_context: spec.selinux_context.as_ref().map(|c| CString::new(c.as_bytes())).transpose()?,
+        cgroup_procs: spec
+            .cgroup_procs
+            .as_ref()
+            .map(|p| CString::new(p.as_os_str().as_bytes()))
+            .transpose()?,
+        selinux_context: spec
+            .selinux_context
+            .as_ref()
+            .map(|c| CString::new(c.as_bytes()))
+            .transpose()?,
         user: spec.user.as_ref().map(|a| a.ids),
-        groups: spec.user.as_ref().map(|a| a.groups.clone()).unwrap_or_default(),
+        groups: spec
+            .user
+            .as_ref()
+            .map(|a| a.groups.clone())
+            .unwrap_or_default(),
         // SAFETY: getpid has no preconditions.
         #[allow(unsafe_code)]
         parent: unsafe { libc::getpid() },
@@ -89,8 +101,14 @@ pub fn spawn(spec: Spec) -> Result<Child> {
     unsafe {
         command.pre_exec(move || child_setup(&prepared));
     }
-    let steps = describe(&spec.cgroup_procs, &spec.selinux_context, spec.user.as_ref());
-    command.spawn().with_context(|| format!("starting {} ({steps})", spec.program.display()))
+    let steps = describe(
+        &spec.cgroup_procs,
+        &spec.selinux_context,
+        spec.user.as_ref(),
+    );
+    command
+        .spawn()
+        .with_context(|| format!("starting {} ({steps})", spec.program.display()))
 }
 
 fn describe(cgroup: &Option<PathBuf>, context: &Option<String>, user: Option<&Account>) -> String {
@@ -102,7 +120,10 @@ fn describe(cgroup: &Option<PathBuf>, context: &Option<String>, user: Option<&Ac
         steps.push(format!("SELinux exec context {c}"));
     }
     if let Some(u) = user {
-        steps.push(format!("user {} (uid {} gid {} groups {:?})", u.name, u.ids.uid, u.ids.gid, u.groups));
+        steps.push(format!(
+            "user {} (uid {} gid {} groups {:?})",
+            u.name, u.ids.uid, u.ids.gid, u.groups
+        ));
     }
     if steps.is_empty() {
         "as the supervisor's user".into()
@@ -164,7 +185,14 @@ fn child_setup(p: &Prepared) -> io::Result<()> {
                 return Err(io::Error::last_os_error());
             }
         }
-        if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0, 0, 0) != 0 {
+        if libc::prctl(
+            libc::PR_SET_PDEATHSIG,
+            libc::SIGKILL as libc::c_ulong,
+            0,
+            0,
+            0,
+        ) != 0
+        {
             return Err(io::Error::last_os_error());
         }
         // The supervisor died before the line above: do not outlive it.
@@ -200,5 +228,6 @@ pub fn terminate(pid: i32) {
 
 /// `chown path uid:gid`.
 pub fn chown(path: &Path, ids: Ids) -> Result<()> {
-    std::os::unix::fs::chown(path, Some(ids.uid), Some(ids.gid)).with_context(|| format!("chown {}:{} {}", ids.uid, ids.gid, path.display()))
+    std::os::unix::fs::chown(path, Some(ids.uid), Some(ids.gid))
+        .with_context(|| format!("chown {}:{} {}", ids.uid, ids.gid, path.display()))
 }

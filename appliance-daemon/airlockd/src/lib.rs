@@ -25,4 +25,5 @@ pub mod users;
 /// The configuration the image ships (`/etc/airlock/appliance.toml`), for
 /// unit tests: the overlay file itself, so tests and image cannot drift.
 #[cfg(test)]
-pub(crate) const SHIPPED_CONFIG_TEXT: &str = include_str!("../../../overlay/etc/airlock/appliance.toml");
+pub(crate) const SHIPPED_CONFIG_TEXT: &str =
+    include_str!("../../../overlay/etc/airlock/appliance.toml");

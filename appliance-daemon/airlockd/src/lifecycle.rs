@@ -33,7 +33,10 @@ pub fn classify(code: Option<i32>, signal: Option<i32>, shutdown: Option<&Shutdo
     match (code, shutdown) {
         (Some(0), Some(s)) if s.guest && s.reason == "guest-shutdown" => ExitKind::PoweredOff,
         (Some(0), Some(s)) if s.guest && s.reason == "guest-reset" => ExitKind::Rebooted,
-        (Some(0), Some(s)) => ExitKind::Crashed(format!("QEMU exited 0 after SHUTDOWN reason {:?} (guest: {})", s.reason, s.guest)),
+        (Some(0), Some(s)) => ExitKind::Crashed(format!(
+            "QEMU exited 0 after SHUTDOWN reason {:?} (guest: {})",
+            s.reason, s.guest
+        )),
         (Some(0), None) => ExitKind::Crashed("QEMU exited 0 without a SHUTDOWN event".into()),
         (Some(c), _) => ExitKind::Crashed(format!("QEMU exited with status {c}")),
         (None, _) => ExitKind::Crashed(match signal {
@@ -108,11 +111,18 @@ pub enum GatewayState {
     /// `clipboard.enabled = false`.
     Disabled,
     /// It cannot run on this appliance (no program, no user); not retried.
-    Unavailable { reason: String },
+    Unavailable {
+        reason: String,
+    },
     Starting,
-    Running { pid: u32 },
+    Running {
+        pid: u32,
+    },
     /// It ended; restart in `delay_ms`.
-    Restarting { delay_ms: u64, reason: String },
+    Restarting {
+        delay_ms: u64,
+        reason: String,
+    },
     /// Host shutdown or power-off: stopped.
     Stopped,
 }
@@ -122,13 +132,22 @@ mod tests {
     use super::*;
 
     fn sd(guest: bool, reason: &str) -> Shutdown {
-        Shutdown { guest, reason: reason.into() }
+        Shutdown {
+            guest,
+            reason: reason.into(),
+        }
     }
 
     #[test]
     fn only_a_guest_power_off_keeps_it_off() {
-        assert_eq!(classify(Some(0), None, Some(&sd(true, "guest-shutdown"))), ExitKind::PoweredOff);
-        assert_eq!(classify(Some(0), None, Some(&sd(true, "guest-reset"))), ExitKind::Rebooted);
+        assert_eq!(
+            classify(Some(0), None, Some(&sd(true, "guest-shutdown"))),
+            ExitKind::PoweredOff
+        );
+        assert_eq!(
+            classify(Some(0), None, Some(&sd(true, "guest-reset"))),
+            ExitKind::Rebooted
+        );
         for (code, signal, shutdown) in [
             (None, Some(9), None),
             (Some(1), None, None),
@@ -138,9 +157,18 @@ mod tests {
             (Some(0), None, Some(sd(false, "host-qmp-quit"))),
             (Some(0), None, Some(sd(true, "guest-panic"))),
         ] {
-            assert!(matches!(classify(code, signal, shutdown.as_ref()), ExitKind::Crashed(_)), "{code:?} {signal:?} {shutdown:?}");
+            assert!(
+                matches!(
+                    classify(code, signal, shutdown.as_ref()),
+                    ExitKind::Crashed(_)
+                ),
+                "{code:?} {signal:?} {shutdown:?}"
+            );
         }
-        assert_eq!(classify(None, Some(9), None), ExitKind::Crashed("QEMU was killed by signal 9".into()));
+        assert_eq!(
+            classify(None, Some(9), None),
+            ExitKind::Crashed("QEMU was killed by signal 9".into())
+        );
     }
 
     #[test]
@@ -165,14 +193,26 @@ mod tests {
 
     #[test]
     fn states_serialise_for_the_control_socket() {
-        assert_eq!(serde_json::to_string(&GuestState::Running { pid: 7 }).unwrap(), r#"{"state":"running","pid":7}"#);
-        assert_eq!(serde_json::to_string(&GuestState::Off).unwrap(), r#"{"state":"off"}"#);
         assert_eq!(
-            serde_json::to_string(&GuestState::NoDisk { path: "/var/lib/airlock/general/disk/windows.qcow2".into() }).unwrap(),
+            serde_json::to_string(&GuestState::Running { pid: 7 }).unwrap(),
+            r#"{"state":"running","pid":7}"#
+        );
+        assert_eq!(
+            serde_json::to_string(&GuestState::Off).unwrap(),
+            r#"{"state":"off"}"#
+        );
+        assert_eq!(
+            serde_json::to_string(&GuestState::NoDisk {
+                path: "/var/lib/airlock/general/disk/windows.qcow2".into()
+            })
+            .unwrap(),
             r#"{"state":"no-disk","path":"/var/lib/airlock/general/disk/windows.qcow2"}"#
         );
         assert_eq!(
-            serde_json::to_string(&GatewayState::Unavailable { reason: "no user".into() }).unwrap(),
+            serde_json::to_string(&GatewayState::Unavailable {
+                reason: "no user".into()
+            })
+            .unwrap(),
             r#"{"state":"unavailable","reason":"no user"}"#
         );
     }

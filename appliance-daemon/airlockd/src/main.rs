@@ -99,25 +99,56 @@ fn real_main(cli: Cli) -> Result<()> {
             let cfg = args.load()?;
             out(&format!("{}\n", serde_json::to_string_pretty(&cfg)?))
         }
-        Command::Cmdline { config, side, gateway } => {
+        Command::Cmdline {
+            config,
+            side,
+            gateway,
+        } => {
             let cfg = config.load()?;
             match side {
                 Some(side) if !gateway => {
                     let args = airlockd::qemu::command_line(cfg.guest(side), &cfg.supervisor)?;
-                    out(&format!("{} {}\n", cfg.supervisor.qemu.display(), args.join(" ")))
+                    out(&format!(
+                        "{} {}\n",
+                        cfg.supervisor.qemu.display(),
+                        args.join(" ")
+                    ))
                 }
                 _ => {
-                    let args = airlockd::gateway::command_line(&cfg, airlockd::gateway::lookup_confirm_group(&cfg));
-                    out(&format!("{} {}\n", cfg.supervisor.gateway.display(), args.join(" ")))
+                    let args = airlockd::gateway::command_line(
+                        &cfg,
+                        airlockd::gateway::lookup_confirm_group(&cfg),
+                    );
+                    out(&format!(
+                        "{} {}\n",
+                        cfg.supervisor.gateway.display(),
+                        args.join(" ")
+                    ))
                 }
             }
         }
-        Command::Net { what: NetCommand::Apply(args) } => {
+        Command::Net {
+            what: NetCommand::Apply(args),
+        } => {
             let cfg = args.load()?;
-            let net = cfg.network.as_ref().with_context(|| format!("{} has no [network] section", args.config.display()))?;
-            let mut uplinks = vec![net.uplink(airlock_network::Side::Classified).interface.as_str(), net.uplink(airlock_network::Side::General).interface.as_str()];
+            let net = cfg
+                .network
+                .as_ref()
+                .with_context(|| format!("{} has no [network] section", args.config.display()))?;
+            let mut uplinks = vec![
+                net.uplink(airlock_network::Side::Classified)
+                    .interface
+                    .as_str(),
+                net.uplink(airlock_network::Side::General)
+                    .interface
+                    .as_str(),
+            ];
             uplinks.dedup();
-            airlockd::netapply::wait_for_interfaces(std::path::Path::new("/sys/class/net"), &uplinks, UPLINK_TIMEOUT)?;
+            airlockd::netapply::wait_for_interfaces(
+                std::path::Path::new("/sys/class/net"),
+                &uplinks,
+                UPLINK_TIMEOUT,
+            )?;
             let n = airlockd::netapply::run_plan(&airlock_network::boot_plan(net))?;
             airlockd::log::info(format!("network set up ({n} steps)"));
             Ok(())
@@ -131,7 +162,8 @@ fn real_main(cli: Cli) -> Result<()> {
                     #[allow(unsafe_code)]
                     let rc = unsafe { libc::sethostname(name.as_ptr().cast(), name.len()) };
                     if rc != 0 {
-                        return Err(std::io::Error::last_os_error()).with_context(|| format!("setting the host name to {name:?}"));
+                        return Err(std::io::Error::last_os_error())
+                            .with_context(|| format!("setting the host name to {name:?}"));
                     }
                     airlockd::log::info(format!("host name set to {name:?} (machine.hostname)"));
                 }
@@ -145,14 +177,24 @@ fn real_main(cli: Cli) -> Result<()> {
                 NetCommand::Apply(_) => unreachable!("handled above"),
             };
             let cfg = args.load()?;
-            let net = cfg.network.as_ref().with_context(|| format!("{} has no [network] section", args.config.display()))?;
-            let text = if ruleset { airlock_network::render(net) } else { airlock_network::render_topology_script(net) };
+            let net = cfg
+                .network
+                .as_ref()
+                .with_context(|| format!("{} has no [network] section", args.config.display()))?;
+            let text = if ruleset {
+                airlock_network::render(net)
+            } else {
+                airlock_network::render_topology_script(net)
+            };
             out(&text)
         }
         Command::Status { socket } => {
-            let stream = std::os::unix::net::UnixStream::connect(&socket).with_context(|| format!("connecting to {}", socket.display()))?;
+            let stream = std::os::unix::net::UnixStream::connect(&socket)
+                .with_context(|| format!("connecting to {}", socket.display()))?;
             let mut line = String::new();
-            BufReader::new(stream).read_line(&mut line).context("reading the status")?;
+            BufReader::new(stream)
+                .read_line(&mut line)
+                .context("reading the status")?;
             out(&line)
         }
     }
@@ -172,15 +214,43 @@ mod tests {
 
     #[test]
     fn cli_parses() {
-        let cli = Cli::try_parse_from(["airlockd", "cmdline", "--side", "general", "--config", "/x.toml"]).unwrap();
-        assert!(matches!(cli.command, Command::Cmdline { side: Some(Side::General), gateway: false, .. }));
+        let cli = Cli::try_parse_from([
+            "airlockd", "cmdline", "--side", "general", "--config", "/x.toml",
+        ])
+        .unwrap();
+        assert!(matches!(
+            cli.command,
+            Command::Cmdline {
+                side: Some(Side::General),
+                gateway: false,
+                ..
+            }
+        ));
         assert!(Cli::try_parse_from(["airlockd", "cmdline", "--side", "secret"]).is_err());
-        assert!(Cli::try_parse_from(["airlockd", "cmdline"]).is_err(), "a side or --gateway");
-        assert!(Cli::try_parse_from(["airlockd", "cmdline", "--side", "general", "--gateway"]).is_err());
+        assert!(
+            Cli::try_parse_from(["airlockd", "cmdline"]).is_err(),
+            "a side or --gateway"
+        );
+        assert!(
+            Cli::try_parse_from(["airlockd", "cmdline", "--side", "general", "--gateway"]).is_err()
+        );
         let cli = Cli::try_parse_from(["airlockd", "cmdline", "--gateway"]).unwrap();
-        assert!(matches!(cli.command, Command::Cmdline { side: None, gateway: true, .. }));
-        let cli = Cli::try_parse_from(["airlockd", "net", "render", "--config", "/a.toml"]).unwrap();
-        assert!(matches!(cli.command, Command::Net { what: NetCommand::Render(_) }));
+        assert!(matches!(
+            cli.command,
+            Command::Cmdline {
+                side: None,
+                gateway: true,
+                ..
+            }
+        ));
+        let cli =
+            Cli::try_parse_from(["airlockd", "net", "render", "--config", "/a.toml"]).unwrap();
+        assert!(matches!(
+            cli.command,
+            Command::Net {
+                what: NetCommand::Render(_)
+            }
+        ));
         let cli = Cli::try_parse_from(["airlockd", "run"]).unwrap();
         match cli.command {
             Command::Run(a) => assert_eq!(a.config, PathBuf::from("/etc/airlock/appliance.toml")),

@@ -93,7 +93,11 @@ impl GuestPaths {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum CommandLineError {
     #[error("the {side} guest may not have device \"{device}\": {why}")]
-    ForbiddenDevice { side: Side, device: &'static str, why: &'static str },
+    ForbiddenDevice {
+        side: Side,
+        device: &'static str,
+        why: &'static str,
+    },
     #[error("the {side} guest: {what} is only allowed in test mode")]
     TestOnly { side: Side, what: &'static str },
 }
@@ -124,15 +128,25 @@ pub fn command_line(guest: &Guest, sup: &Supervisor) -> Result<Vec<String>, Comm
     let side = guest.side;
     for device in &guest.devices {
         if let Some(why) = device.refusal(side) {
-            return Err(CommandLineError::ForbiddenDevice { side, device: device.name(), why });
+            return Err(CommandLineError::ForbiddenDevice {
+                side,
+                device: device.name(),
+                why,
+            });
         }
     }
     if !sup.test_mode {
         if guest.accel == Accel::Tcg {
-            return Err(CommandLineError::TestOnly { side, what: "TCG emulation" });
+            return Err(CommandLineError::TestOnly {
+                side,
+                what: "TCG emulation",
+            });
         }
         if matches!(guest.boot, Boot::Kernel { .. }) {
-            return Err(CommandLineError::TestOnly { side, what: "direct kernel boot" });
+            return Err(CommandLineError::TestOnly {
+                side,
+                what: "direct kernel boot",
+            });
         }
     }
     let paths = GuestPaths::new(sup, side);
@@ -150,18 +164,33 @@ pub fn command_line(guest: &Guest, sup: &Supervisor) -> Result<Vec<String>, Comm
         Accel::Kvm => push(&["-accel", "kvm", "-cpu", "host"]),
         Accel::Tcg => push(&["-accel", "tcg", "-cpu", "max"]),
     }
-    push(&["-m", &guest.memory_mib.to_string(), "-smp", &guest.vcpus.to_string()]);
+    push(&[
+        "-m",
+        &guest.memory_mib.to_string(),
+        "-smp",
+        &guest.vcpus.to_string(),
+    ]);
     // A guest reboot ends this QEMU; the supervisor starts a fresh one.
     push(&["-no-reboot"]);
     push(&["-sandbox", SANDBOX]);
     push(&["-msg", "timestamp=on"]);
     push(&["-monitor", "none", "-parallel", "none"]);
     if sup.test_mode {
-        push(&["-chardev", &format!("file,id=serial0,append=on,path={}", p(&paths.serial_log)), "-serial", "chardev:serial0"]);
+        push(&[
+            "-chardev",
+            &format!("file,id=serial0,append=on,path={}", p(&paths.serial_log)),
+            "-serial",
+            "chardev:serial0",
+        ]);
     } else {
         push(&["-serial", "none"]);
     }
-    push(&["-chardev", &format!("socket,id=qmp,path={},server=on,wait=off", p(&paths.qmp)), "-mon", "chardev=qmp,mode=control"]);
+    push(&[
+        "-chardev",
+        &format!("socket,id=qmp,path={},server=on,wait=off", p(&paths.qmp)),
+        "-mon",
+        "chardev=qmp,mode=control",
+    ]);
     match guest.rtc {
         Rtc::Localtime => push(&["-rtc", "base=localtime"]),
         Rtc::Utc => push(&["-rtc", "base=utc"]),
@@ -169,27 +198,59 @@ pub fn command_line(guest: &Guest, sup: &Supervisor) -> Result<Vec<String>, Comm
 
     match &guest.boot {
         Boot::Firmware(fw) => {
-            push(&["-drive", &format!("if=pflash,format=raw,unit=0,readonly=on,file={}", p(&fw.code))]);
-            push(&["-drive", &format!("if=pflash,format=raw,unit=1,file={}", p(&fw.vars))]);
+            push(&[
+                "-drive",
+                &format!(
+                    "if=pflash,format=raw,unit=0,readonly=on,file={}",
+                    p(&fw.code)
+                ),
+            ]);
+            push(&[
+                "-drive",
+                &format!("if=pflash,format=raw,unit=1,file={}", p(&fw.vars)),
+            ]);
             if fw.secure_boot {
                 // Only SMM code may write the variable store (secure-boot OVMF requires it).
                 push(&["-global", "driver=cfi.pflash01,property=secure,value=on"]);
             }
         }
-        Boot::Kernel { kernel, initrd, append } => {
-            push(&["-kernel", &p(kernel), "-initrd", &p(initrd), "-append", append]);
+        Boot::Kernel {
+            kernel,
+            initrd,
+            append,
+        } => {
+            push(&[
+                "-kernel",
+                &p(kernel),
+                "-initrd",
+                &p(initrd),
+                "-append",
+                append,
+            ]);
         }
     }
 
     if guest.tpm {
         // swtpm, started by the supervisor just before QEMU.
-        push(&["-chardev", &format!("socket,id=swtpm,path={}", p(&paths.swtpm))]);
-        push(&["-tpmdev", "emulator,id=tpm0,chardev=swtpm", "-device", "tpm-crb,tpmdev=tpm0"]);
+        push(&[
+            "-chardev",
+            &format!("socket,id=swtpm,path={}", p(&paths.swtpm)),
+        ]);
+        push(&[
+            "-tpmdev",
+            "emulator,id=tpm0,chardev=swtpm",
+            "-device",
+            "tpm-crb,tpmdev=tpm0",
+        ]);
     }
 
     // The disk, throttled by QEMU itself (the cgroup's io.max is the limit
     // that still holds if QEMU is compromised).
-    let mut drive = format!("if=none,id=disk0,format={},file={},discard=unmap", guest.disk_format.name(), p(&guest.disk));
+    let mut drive = format!(
+        "if=none,id=disk0,format={},file={},discard=unmap",
+        guest.disk_format.name(),
+        p(&guest.disk)
+    );
     let io = &guest.limits.io;
     for (name, value) in [
         ("bps-read", io.read_bps),
@@ -201,10 +262,18 @@ pub fn command_line(guest: &Guest, sup: &Supervisor) -> Result<Vec<String>, Comm
             drive.push_str(&format!(",throttling.{name}={v}"));
         }
     }
-    push(&["-drive", &drive, "-device", "virtio-blk-pci,drive=disk0,bootindex=1"]);
+    push(&[
+        "-drive",
+        &drive,
+        "-device",
+        "virtio-blk-pci,drive=disk0,bootindex=1",
+    ]);
 
     if let Some(net) = &guest.network {
-        push(&["-netdev", &format!("tap,id=net0,ifname={},script=no,downscript=no", net.tap)]);
+        push(&[
+            "-netdev",
+            &format!("tap,id=net0,ifname={},script=no,downscript=no", net.tap),
+        ]);
         let mut nic = "virtio-net-pci,netdev=net0".to_owned();
         if let Some(mac) = &net.mac {
             nic.push_str(&format!(",mac={mac}"));
@@ -213,7 +282,10 @@ pub fn command_line(guest: &Guest, sup: &Supervisor) -> Result<Vec<String>, Comm
     }
 
     // Display: a standard VGA card, exported only as VNC on a unix socket.
-    let audio = guest.devices.iter().any(|d| matches!(d, Device::Sound | Device::SoundCapture));
+    let audio = guest
+        .devices
+        .iter()
+        .any(|d| matches!(d, Device::Sound | Device::SoundCapture));
     if audio {
         // Sound goes to the kiosk over the VNC audio extension, nowhere else.
         push(&["-audiodev", "none,id=audio0"]);
@@ -222,31 +294,69 @@ pub fn command_line(guest: &Guest, sup: &Supervisor) -> Result<Vec<String>, Comm
     if audio {
         vnc.push_str(",audiodev=audio0");
     }
-    push(&["-display", "none", "-vga", "none", "-device", "VGA", "-vnc", &vnc]);
+    push(&[
+        "-display", "none", "-vga", "none", "-device", "VGA", "-vnc", &vnc,
+    ]);
 
     // The SPICE agent port for the clipboard gateway (and the test port).
     push(&["-device", "virtio-serial-pci,id=vser0"]);
-    push(&["-chardev", &format!("socket,id=vdagent,path={},server=on,wait=off", p(&paths.vdagent))]);
-    push(&["-device", &format!("virtserialport,bus=vser0.0,chardev=vdagent,name={VDAGENT_PORT}")]);
+    push(&[
+        "-chardev",
+        &format!(
+            "socket,id=vdagent,path={},server=on,wait=off",
+            p(&paths.vdagent)
+        ),
+    ]);
+    push(&[
+        "-device",
+        &format!("virtserialport,bus=vser0.0,chardev=vdagent,name={VDAGENT_PORT}"),
+    ]);
     if sup.test_mode {
-        push(&["-chardev", &format!("socket,id=test,path={},server=on,wait=off", p(&paths.test))]);
-        push(&["-device", &format!("virtserialport,bus=vser0.0,chardev=test,name={TEST_PORT}")]);
-        push(&["-chardev", &format!("socket,id=qmptest,path={},server=on,wait=off", p(&paths.qmp_test))]);
+        push(&[
+            "-chardev",
+            &format!("socket,id=test,path={},server=on,wait=off", p(&paths.test)),
+        ]);
+        push(&[
+            "-device",
+            &format!("virtserialport,bus=vser0.0,chardev=test,name={TEST_PORT}"),
+        ]);
+        push(&[
+            "-chardev",
+            &format!(
+                "socket,id=qmptest,path={},server=on,wait=off",
+                p(&paths.qmp_test)
+            ),
+        ]);
         push(&["-mon", "chardev=qmptest,mode=control"]);
     }
 
     for device in &guest.devices {
         match device {
             Device::Tablet => push(&["-device", "virtio-tablet-pci"]),
-            Device::Usb => push(&["-device", "qemu-xhci,id=usb", "-device", "usb-tablet,bus=usb.0"]),
+            Device::Usb => push(&[
+                "-device",
+                "qemu-xhci,id=usb",
+                "-device",
+                "usb-tablet,bus=usb.0",
+            ]),
             Device::Cdrom => push(&[
                 "-drive",
                 "if=none,id=cd0,media=cdrom,readonly=on",
                 "-device",
                 "ide-cd,drive=cd0,bus=ide.2",
             ]),
-            Device::Sound => push(&["-device", "ich9-intel-hda,id=sound0", "-device", "hda-output,bus=sound0.0,audiodev=audio0"]),
-            Device::SoundCapture => push(&["-device", "ich9-intel-hda,id=sound0", "-device", "hda-duplex,bus=sound0.0,audiodev=audio0"]),
+            Device::Sound => push(&[
+                "-device",
+                "ich9-intel-hda,id=sound0",
+                "-device",
+                "hda-output,bus=sound0.0,audiodev=audio0",
+            ]),
+            Device::SoundCapture => push(&[
+                "-device",
+                "ich9-intel-hda,id=sound0",
+                "-device",
+                "hda-duplex,bus=sound0.0,audiodev=audio0",
+            ]),
             Device::Floppy | Device::Parallel | Device::Serial | Device::SharedFolder => {
                 unreachable!("refused above for every side")
             }
@@ -284,9 +394,34 @@ mod tests {
 
     /// Words that would reveal a USB, removable-media, printer or sound device.
     const CLASSIFIED_NEVER: &[&str] = &[
-        "usb", "xhci", "ehci", "uhci", "ohci", "cdrom", "ide-cd", "scsi-cd", "floppy", "fdc", "isa-parallel", "parallel,",
-        "hda", "intel-hda", "ac97", "sb16", "es1370", "audiodev", "isa-serial", "pci-serial", "virtfs", "virtiofs", "9p",
-        "fsdev", "usb-storage", "mass-storage", "sd-card", "sdhci",
+        "usb",
+        "xhci",
+        "ehci",
+        "uhci",
+        "ohci",
+        "cdrom",
+        "ide-cd",
+        "scsi-cd",
+        "floppy",
+        "fdc",
+        "isa-parallel",
+        "parallel,",
+        "hda",
+        "intel-hda",
+        "ac97",
+        "sb16",
+        "es1370",
+        "audiodev",
+        "isa-serial",
+        "pci-serial",
+        "virtfs",
+        "virtiofs",
+        "9p",
+        "fsdev",
+        "usb-storage",
+        "mass-storage",
+        "sd-card",
+        "sdhci",
     ];
 
     #[test]
@@ -296,10 +431,21 @@ mod tests {
         // validation: either refused, or nothing forbidden on the line.
         for mask in 0u32..(1 << ALL_DEVICES.len()) {
             let mut guest = cfg.classified.clone();
-            guest.devices = ALL_DEVICES.iter().enumerate().filter(|(i, _)| mask & (1 << i) != 0).map(|(_, d)| *d).collect();
+            guest.devices = ALL_DEVICES
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| mask & (1 << i) != 0)
+                .map(|(_, d)| *d)
+                .collect();
             match command_line(&guest, &cfg.supervisor) {
-                Err(CommandLineError::ForbiddenDevice { side: Side::Classified, .. }) => {
-                    assert!(guest.devices.iter().any(|d| d.refusal(Side::Classified).is_some()));
+                Err(CommandLineError::ForbiddenDevice {
+                    side: Side::Classified,
+                    ..
+                }) => {
+                    assert!(guest
+                        .devices
+                        .iter()
+                        .any(|d| d.refusal(Side::Classified).is_some()));
                 }
                 Err(e) => panic!("unexpected error {e}"),
                 Ok(args) => {
@@ -307,18 +453,28 @@ mod tests {
                     for word in CLASSIFIED_NEVER {
                         assert!(!line.contains(word), "{word:?} in {line}");
                     }
-                    assert!(guest.devices.iter().all(|d| *d == Device::Tablet), "only the tablet may pass: {:?}", guest.devices);
+                    assert!(
+                        guest.devices.iter().all(|d| *d == Device::Tablet),
+                        "only the tablet may pass: {:?}",
+                        guest.devices
+                    );
                 }
             }
         }
         // And through the configuration: every forbidden device is refused.
-        for device in ALL_DEVICES.iter().filter(|d| d.refusal(Side::Classified).is_some()) {
+        for device in ALL_DEVICES
+            .iter()
+            .filter(|d| d.refusal(Side::Classified).is_some())
+        {
             let text = crate::SHIPPED_CONFIG_TEXT.replacen(
                 "devices = [\"tablet\"]",
                 &format!("devices = [\"tablet\", \"{}\"]", device.name()),
                 1,
             );
-            assert!(config::parse("a", &text).is_err(), "{device:?} accepted for classified");
+            assert!(
+                config::parse("a", &text).is_err(),
+                "{device:?} accepted for classified"
+            );
         }
     }
 
@@ -340,21 +496,45 @@ mod tests {
                 &format!("socket,id=qmp,path=/run/airlock/{side}/qmp.sock,server=on,wait=off"),
                 "-mon chardev=qmp,mode=control",
                 &format!("-vnc unix:/run/airlock/{side}/display.sock"),
-                &format!("socket,id=vdagent,path=/run/airlock/{side}/vdagent.sock,server=on,wait=off"),
+                &format!(
+                    "socket,id=vdagent,path=/run/airlock/{side}/vdagent.sock,server=on,wait=off"
+                ),
                 "virtserialport,bus=vser0.0,chardev=vdagent,name=com.redhat.spice.0",
                 &format!("tap,id=net0,ifname=tap-{side},script=no,downscript=no"),
                 "virtio-net-pci,netdev=net0",
                 &format!("format=qcow2,file=/var/lib/airlock/{side}/disk/windows.qcow2"),
                 "virtio-blk-pci,drive=disk0,bootindex=1",
-                &format!("if=pflash,format=raw,unit=1,file=/var/lib/airlock/{side}/disk/OVMF_VARS.fd"),
+                &format!(
+                    "if=pflash,format=raw,unit=1,file=/var/lib/airlock/{side}/disk/OVMF_VARS.fd"
+                ),
             ] {
-                assert!(line.contains(needle), "{side}: {needle:?} missing from {line}");
+                assert!(
+                    line.contains(needle),
+                    "{side}: {needle:?} missing from {line}"
+                );
             }
-            for never in ["readline", "mux=on", "stdio", "-runas", "-daemonize", "tcp:", "telnet", "qemu-vdagent", "spicevmc", TEST_PORT, "qmp-test", "-kernel"] {
+            for never in [
+                "readline",
+                "mux=on",
+                "stdio",
+                "-runas",
+                "-daemonize",
+                "tcp:",
+                "telnet",
+                "qemu-vdagent",
+                "spicevmc",
+                TEST_PORT,
+                "qmp-test",
+                "-kernel",
+            ] {
                 assert!(!line.contains(never), "{side}: {never:?} in {line}");
             }
             assert_eq!(args.iter().filter(|a| *a == "-serial").count(), 1);
-            assert_eq!(args.iter().filter(|a| *a == "-mon").count(), 1, "one QMP monitor, the supervisor's");
+            assert_eq!(
+                args.iter().filter(|a| *a == "-mon").count(),
+                1,
+                "one QMP monitor, the supervisor's"
+            );
         }
     }
 
@@ -366,15 +546,25 @@ mod tests {
             "throttling.bps-read=104857600,throttling.bps-write=52428800,throttling.iops-read=2000,throttling.iops-write=1000"
         ), "{line}");
         let mut g = cfg.general.clone();
-        g.limits.io = IoLimits { write_iops: Some(7), ..IoLimits::default() };
+        g.limits.io = IoLimits {
+            write_iops: Some(7),
+            ..IoLimits::default()
+        };
         let line = joined(&g, &cfg.supervisor);
-        assert!(line.contains("discard=unmap,throttling.iops-write=7 "), "{line}");
+        assert!(
+            line.contains("discard=unmap,throttling.iops-write=7 "),
+            "{line}"
+        );
         assert!(!joined(&cfg.classified, &cfg.supervisor).contains("throttling"));
     }
 
     #[test]
     fn memory_and_vcpus_appear_as_configured() {
-        let text = crate::SHIPPED_CONFIG_TEXT.replacen("memory_mib = 4096\nvcpus = 2", "memory_mib = 3000\nvcpus = 3", 1);
+        let text = crate::SHIPPED_CONFIG_TEXT.replacen(
+            "memory_mib = 4096\nvcpus = 2",
+            "memory_mib = 3000\nvcpus = 3",
+            1,
+        );
         let cfg = config::parse("a", &text).unwrap();
         assert!(joined(&cfg.classified, &cfg.supervisor).contains("-m 3000 -smp 3 "));
     }
@@ -383,12 +573,21 @@ mod tests {
     fn general_devices_only_when_listed() {
         let cfg = shipped();
         let line = joined(&cfg.general, &cfg.supervisor);
-        assert!(line.contains("hda-output,bus=sound0.0,audiodev=audio0") && line.contains(",audiodev=audio0 "), "{line}");
+        assert!(
+            line.contains("hda-output,bus=sound0.0,audiodev=audio0")
+                && line.contains(",audiodev=audio0 "),
+            "{line}"
+        );
         assert!(!line.contains("xhci") && !line.contains("ide-cd") && !line.contains("hda-duplex"));
         let mut g = cfg.general.clone();
         g.devices = vec![Device::Usb, Device::Cdrom];
         let line = joined(&g, &cfg.supervisor);
-        assert!(line.contains("qemu-xhci") && line.contains("ide-cd,drive=cd0") && !line.contains("hda"), "{line}");
+        assert!(
+            line.contains("qemu-xhci")
+                && line.contains("ide-cd,drive=cd0")
+                && !line.contains("hda"),
+            "{line}"
+        );
     }
 
     #[test]
@@ -420,22 +619,41 @@ user = "nobody"
         assert!(!line.contains("-serial none"));
         assert!(line.contains("name=org.airlock.test.0"));
         assert!(line.contains("path=/tmp/t/run/classified/qmp-test.sock,server=on,wait=off -mon chardev=qmptest,mode=control"));
-        assert!(line.contains("-accel tcg -cpu max") && line.contains("-kernel /k/vmlinuz -initrd /k/initrd -append console=ttyS0 panic=-1"));
-        assert!(!line.contains("pflash") && !line.contains("-netdev"), "{line}");
+        assert!(
+            line.contains("-accel tcg -cpu max")
+                && line.contains(
+                    "-kernel /k/vmlinuz -initrd /k/initrd -append console=ttyS0 panic=-1"
+                )
+        );
+        assert!(
+            !line.contains("pflash") && !line.contains("-netdev"),
+            "{line}"
+        );
         // The same guest outside test mode is refused, not quietly changed.
         let mut sup = cfg.supervisor.clone();
         sup.test_mode = false;
-        assert!(matches!(command_line(&cfg.classified, &sup), Err(CommandLineError::TestOnly { .. })));
+        assert!(matches!(
+            command_line(&cfg.classified, &sup),
+            Err(CommandLineError::TestOnly { .. })
+        ));
     }
 
     #[test]
     fn secure_boot_locks_the_flash_to_smm() {
         let cfg = shipped();
         assert!(!joined(&cfg.general, &cfg.supervisor).contains("cfi.pflash01"));
-        let text = crate::SHIPPED_CONFIG_TEXT.replacen("secure_boot = false\ntpm = false", "secure_boot = true\ntpm = true", 1);
+        let text = crate::SHIPPED_CONFIG_TEXT.replacen(
+            "secure_boot = false\ntpm = false",
+            "secure_boot = true\ntpm = true",
+            1,
+        );
         let cfg = config::parse("a", &text).unwrap();
         let line = joined(&cfg.classified, &cfg.supervisor);
-        assert!(line.contains("-machine q35,smm=on") && line.contains("-global driver=cfi.pflash01,property=secure,value=on"), "{line}");
+        assert!(
+            line.contains("-machine q35,smm=on")
+                && line.contains("-global driver=cfi.pflash01,property=secure,value=on"),
+            "{line}"
+        );
         assert!(line.contains("tpm-crb"), "{line}");
     }
 
@@ -445,6 +663,7 @@ user = "nobody"
         assert!(!joined(&cfg.classified, &cfg.supervisor).contains("tpm"));
         let mut g = cfg.classified.clone();
         g.tpm = true;
-        assert!(joined(&g, &cfg.supervisor).contains("-tpmdev emulator,id=tpm0,chardev=swtpm -device tpm-crb,tpmdev=tpm0"));
+        assert!(joined(&g, &cfg.supervisor)
+            .contains("-tpmdev emulator,id=tpm0,chardev=swtpm -device tpm-crb,tpmdev=tpm0"));
     }
 }

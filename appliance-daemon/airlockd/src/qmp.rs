@@ -26,8 +26,17 @@ impl Event {
     /// (`guest-shutdown`, `guest-reset`, `guest-panic`, `host-signal`, ...).
     pub fn shutdown(&self) -> Option<Shutdown> {
         (self.name == "SHUTDOWN").then(|| Shutdown {
-            guest: self.data.get("guest").and_then(Value::as_bool).unwrap_or(false),
-            reason: self.data.get("reason").and_then(Value::as_str).unwrap_or_default().to_owned(),
+            guest: self
+                .data
+                .get("guest")
+                .and_then(Value::as_bool)
+                .unwrap_or(false),
+            reason: self
+                .data
+                .get("reason")
+                .and_then(Value::as_str)
+                .unwrap_or_default()
+                .to_owned(),
         })
     }
 }
@@ -43,7 +52,10 @@ pub struct Shutdown {
 pub fn parse_event(line: &str) -> Option<Event> {
     let v: Value = serde_json::from_str(line).ok()?;
     let name = v.get("event")?.as_str()?.to_owned();
-    Some(Event { name, data: v.get("data").cloned().unwrap_or(Value::Null) })
+    Some(Event {
+        name,
+        data: v.get("data").cloned().unwrap_or(Value::Null),
+    })
 }
 
 /// A QMP connection past the handshake.
@@ -68,14 +80,23 @@ impl Session {
         };
         stream.set_read_timeout(Some(HANDSHAKE_TIMEOUT))?;
         let writer = stream.try_clone()?;
-        let mut session = Session { reader: BufReader::new(stream), writer };
-        let greeting = session.read_line()?.context("QMP closed before its greeting")?;
+        let mut session = Session {
+            reader: BufReader::new(stream),
+            writer,
+        };
+        let greeting = session
+            .read_line()?
+            .context("QMP closed before its greeting")?;
         if !greeting.contains("\"QMP\"") {
             bail!("unexpected QMP greeting {greeting:?}");
         }
-        session.writer.write_all(b"{\"execute\":\"qmp_capabilities\"}\n")?;
+        session
+            .writer
+            .write_all(b"{\"execute\":\"qmp_capabilities\"}\n")?;
         loop {
-            let line = session.read_line()?.context("QMP closed during the handshake")?;
+            let line = session
+                .read_line()?
+                .context("QMP closed during the handshake")?;
             if line.contains("\"return\"") {
                 break;
             }
@@ -89,7 +110,11 @@ impl Session {
 
     fn read_line(&mut self) -> Result<Option<String>> {
         let mut line = String::new();
-        match self.reader.read_line(&mut line).context("reading from QMP")? {
+        match self
+            .reader
+            .read_line(&mut line)
+            .context("reading from QMP")?
+        {
             0 => Ok(None),
             _ => Ok(Some(line)),
         }
@@ -97,7 +122,9 @@ impl Session {
 
     /// A handle for sending commands from another thread.
     pub fn commander(&self) -> Result<Commander> {
-        Ok(Commander { stream: self.writer.try_clone()? })
+        Ok(Commander {
+            stream: self.writer.try_clone()?,
+        })
     }
 
     /// The next event; `None` when QEMU closed the socket (it exited).
@@ -125,7 +152,8 @@ pub struct Commander {
 impl Commander {
     /// Presses the guest's ACPI power button.
     pub fn system_powerdown(&mut self) -> std::io::Result<()> {
-        self.stream.write_all(b"{\"execute\":\"system_powerdown\"}\n")
+        self.stream
+            .write_all(b"{\"execute\":\"system_powerdown\"}\n")
     }
 }
 
@@ -136,10 +164,28 @@ mod tests {
     #[test]
     fn reads_shutdown_events() {
         let e = parse_event(r#"{"timestamp": {"seconds": 1, "microseconds": 2}, "event": "SHUTDOWN", "data": {"guest": true, "reason": "guest-shutdown"}}"#).unwrap();
-        assert_eq!(e.shutdown(), Some(Shutdown { guest: true, reason: "guest-shutdown".into() }));
-        let e = parse_event(r#"{"event": "SHUTDOWN", "data": {"guest": false, "reason": "host-signal"}}"#).unwrap();
-        assert_eq!(e.shutdown(), Some(Shutdown { guest: false, reason: "host-signal".into() }));
-        assert_eq!(parse_event(r#"{"event": "POWERDOWN"}"#).unwrap().shutdown(), None);
+        assert_eq!(
+            e.shutdown(),
+            Some(Shutdown {
+                guest: true,
+                reason: "guest-shutdown".into()
+            })
+        );
+        let e = parse_event(
+            r#"{"event": "SHUTDOWN", "data": {"guest": false, "reason": "host-signal"}}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            e.shutdown(),
+            Some(Shutdown {
+                guest: false,
+                reason: "host-signal".into()
+            })
+        );
+        assert_eq!(
+            parse_event(r#"{"event": "POWERDOWN"}"#).unwrap().shutdown(),
+            None
+        );
         assert!(parse_event(r#"{"return": {}}"#).is_none());
         assert!(parse_event("garbage").is_none());
     }
@@ -156,7 +202,8 @@ mod tests {
             let mut line = String::new();
             r.read_line(&mut line).unwrap();
             assert!(line.contains("qmp_capabilities"));
-            s.write_all(b"{\"return\": {}}\n{\"event\": \"POWERDOWN\"}\n").unwrap();
+            s.write_all(b"{\"return\": {}}\n{\"event\": \"POWERDOWN\"}\n")
+                .unwrap();
             line.clear();
             r.read_line(&mut line).unwrap();
             assert!(line.contains("system_powerdown"), "{line}");

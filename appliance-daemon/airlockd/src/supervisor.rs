@@ -97,7 +97,12 @@ impl Shared {
             if left.is_zero() {
                 return;
             }
-            guard = self.wake.1.wait_timeout(guard, left).unwrap_or_else(|p| p.into_inner()).0;
+            guard = self
+                .wake
+                .1
+                .wait_timeout(guard, left)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
         }
     }
 
@@ -108,7 +113,12 @@ impl Shared {
     }
 
     fn power_down(&self, side: Side) {
-        if let Some(c) = self.commanders.lock().unwrap_or_else(|p| p.into_inner()).get_mut(&side) {
+        if let Some(c) = self
+            .commanders
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get_mut(&side)
+        {
             match c.system_powerdown() {
                 Ok(()) => log::info(format!("{side}: ACPI power-down sent")),
                 Err(e) => log::warn(format!("{side}: sending ACPI power-down: {e}")),
@@ -177,19 +187,28 @@ pub fn run(config: Config) -> Result<()> {
             log::info(format!("guest cgroups under {}", dir.display()));
             Some(dir)
         }
-        Err(e) if sup.strict_limits => return Err(e.context("setting up cgroups (strict_limits is on)")),
+        Err(e) if sup.strict_limits => {
+            return Err(e.context("setting up cgroups (strict_limits is on)"))
+        }
         Err(e) => {
-            log::warn(format!("guests run without their own cgroups and limits: {e:#}"));
+            log::warn(format!(
+                "guests run without their own cgroups and limits: {e:#}"
+            ));
             None
         }
     };
 
-    fs::create_dir_all(&sup.run_dir).with_context(|| format!("creating {}", sup.run_dir.display()))?;
+    fs::create_dir_all(&sup.run_dir)
+        .with_context(|| format!("creating {}", sup.run_dir.display()))?;
     fs::set_permissions(&sup.run_dir, fs::Permissions::from_mode(0o755))?;
     let mut users_by_side = BTreeMap::new();
     for side in Side::ALL {
         let guest = config.guest(side);
-        let user = if root { Some(users::lookup_account(&guest.user)?) } else { None };
+        let user = if root {
+            Some(users::lookup_account(&guest.user)?)
+        } else {
+            None
+        };
         prepare_guest_files(guest, &sup, user.as_ref().map(|a| a.ids))?;
         users_by_side.insert(side, user);
     }
@@ -197,7 +216,10 @@ pub fn run(config: Config) -> Result<()> {
     let control_gid = match users::lookup_group(&sup.control_group) {
         Ok(Some(gid)) => Some(gid),
         Ok(None) => {
-            log::warn(format!("group {:?} does not exist: the control socket is root-only", sup.control_group));
+            log::warn(format!(
+                "group {:?} does not exist: the control socket is root-only",
+                sup.control_group
+            ));
             None
         }
         Err(e) => {
@@ -221,7 +243,9 @@ pub fn run(config: Config) -> Result<()> {
                 None
             }
             Err(e) => {
-                log::warn(format!("the guests' display sockets stay their QEMU's own: {e:#}"));
+                log::warn(format!(
+                    "the guests' display sockets stay their QEMU's own: {e:#}"
+                ));
                 None
             }
         }
@@ -235,21 +259,28 @@ pub fn run(config: Config) -> Result<()> {
         Ok(None)
     } else {
         prepare_gateway(&config, root).map(Some).map_err(|e| {
-            log::error(format!("clipboard gateway cannot run: {e:#}; the guests run without a clipboard"));
+            log::error(format!(
+                "clipboard gateway cannot run: {e:#}; the guests run without a clipboard"
+            ));
             format!("{e:#}")
         })
     };
     let mut gateway_status = GatewayStatus {
         state: match &gateway_plan {
             Ok(None) => GatewayState::Disabled,
-            Err(reason) => GatewayState::Unavailable { reason: reason.clone() },
+            Err(reason) => GatewayState::Unavailable {
+                reason: reason.clone(),
+            },
             Ok(Some(_)) => GatewayState::Starting,
         },
         restarts: 0,
     };
     let gateway_plan = gateway_plan.ok().flatten();
     let socket_groups = SocketGroups {
-        gateway: gateway_plan.as_ref().and_then(|p| p.user.as_ref()).map(|a| a.ids.gid),
+        gateway: gateway_plan
+            .as_ref()
+            .and_then(|p| p.user.as_ref())
+            .map(|a| a.ids.gid),
         kiosk: kiosk_gid,
     };
 
@@ -257,8 +288,18 @@ pub fn run(config: Config) -> Result<()> {
     signals::forward(tx.clone(), Msg::Signal);
     let shared = Arc::new(Shared::default());
     let mut runners = Vec::new();
-    let mut states: BTreeMap<Side, GuestStatus> =
-        Side::ALL.iter().map(|s| (*s, GuestStatus { state: GuestState::Starting, restarts: 0 })).collect();
+    let mut states: BTreeMap<Side, GuestStatus> = Side::ALL
+        .iter()
+        .map(|s| {
+            (
+                *s,
+                GuestStatus {
+                    state: GuestState::Starting,
+                    restarts: 0,
+                },
+            )
+        })
+        .collect();
     for side in Side::ALL {
         let ctx = RunnerContext {
             tx: tx.clone(),
@@ -270,14 +311,27 @@ pub fn run(config: Config) -> Result<()> {
             socket_groups,
         };
         let guest = config.guest(side).clone();
-        runners.push(thread::Builder::new().name(format!("guest-{side}")).spawn(move || runner(guest, ctx))?);
+        runners.push(
+            thread::Builder::new()
+                .name(format!("guest-{side}"))
+                .spawn(move || runner(guest, ctx))?,
+        );
     }
     // The gateway's runner is the thread that spawns it, so it must live as
     // long as the gateway (the parent-death signal follows the thread).
     let mut gateway_thread = match gateway_plan {
         Some(plan) => {
-            let ctx = GatewayContext { tx: tx.clone(), shared: shared.clone(), cgroup_root: cgroup_root.clone(), strict_limits: sup.strict_limits };
-            Some(thread::Builder::new().name("gateway".into()).spawn(move || gateway_runner(plan, ctx))?)
+            let ctx = GatewayContext {
+                tx: tx.clone(),
+                shared: shared.clone(),
+                cgroup_root: cgroup_root.clone(),
+                strict_limits: sup.strict_limits,
+            };
+            Some(
+                thread::Builder::new()
+                    .name("gateway".into())
+                    .spawn(move || gateway_runner(plan, ctx))?,
+            )
         }
         None => None,
     };
@@ -302,7 +356,9 @@ pub fn run(config: Config) -> Result<()> {
             Ok(Msg::State(side, state)) => {
                 let entry = states.get_mut(&side).expect("both sides");
                 entry.state = state;
-                if phase == Phase::Running && control::status(phase, &states, &gateway_status).both_off {
+                if phase == Phase::Running
+                    && control::status(phase, &states, &gateway_status).both_off
+                {
                     phase = Phase::PoweringOff;
                 }
                 control.publish(&control::status(phase, &states, &gateway_status));
@@ -313,7 +369,9 @@ pub fn run(config: Config) -> Result<()> {
                     break run_poweroff(&sup.poweroff_command);
                 }
                 if phase == Phase::Stopping
-                    && states.values().all(|g| matches!(g.state, GuestState::Stopped | GuestState::Off))
+                    && states
+                        .values()
+                        .all(|g| matches!(g.state, GuestState::Stopped | GuestState::Off))
                 {
                     log::info("both guests are stopped");
                     break Ok(());
@@ -326,7 +384,10 @@ pub fn run(config: Config) -> Result<()> {
             }
             Ok(Msg::GatewayRestarted) => gateway_status.restarts += 1,
             Ok(Msg::Signal(signal)) if phase == Phase::Running => {
-                log::info(format!("signal {signal}: host shutdown, powering both guests down (up to {:?})", sup.shutdown_timeout));
+                log::info(format!(
+                    "signal {signal}: host shutdown, powering both guests down (up to {:?})",
+                    sup.shutdown_timeout
+                ));
                 phase = Phase::Stopping;
                 shared.begin_stop();
                 for side in Side::ALL {
@@ -343,11 +404,18 @@ pub fn run(config: Config) -> Result<()> {
                 deadline = Some(Instant::now() + KILL_GRACE);
             }
             Err(RecvTimeoutError::Timeout) if !shared.kill_now.load(Ordering::SeqCst) => {
-                log::warn(format!("guests still running {:?} after ACPI power-down: killing them", sup.shutdown_timeout));
+                log::warn(format!(
+                    "guests still running {:?} after ACPI power-down: killing them",
+                    sup.shutdown_timeout
+                ));
                 shared.kill_now.store(true, Ordering::SeqCst);
                 deadline = Some(Instant::now() + KILL_GRACE);
             }
-            Err(RecvTimeoutError::Timeout) => break Err(anyhow::anyhow!("killed guests were not reaped within {KILL_GRACE:?}")),
+            Err(RecvTimeoutError::Timeout) => {
+                break Err(anyhow::anyhow!(
+                    "killed guests were not reaped within {KILL_GRACE:?}"
+                ))
+            }
             Err(RecvTimeoutError::Disconnected) => break Ok(()),
         }
     };
@@ -360,7 +428,11 @@ pub fn run(config: Config) -> Result<()> {
         }
     }
     if let Some(root) = &cgroup_root {
-        for name in Side::ALL.map(|side| format!("guest-{side}")).into_iter().chain([gateway::CGROUP.to_owned()]) {
+        for name in Side::ALL
+            .map(|side| format!("guest-{side}"))
+            .into_iter()
+            .chain([gateway::CGROUP.to_owned()])
+        {
             // Only succeeds once empty.
             let _ = fs::remove_dir(root.join(name));
         }
@@ -371,7 +443,10 @@ pub fn run(config: Config) -> Result<()> {
 /// `classified: running, general: off, clipboard: running`.
 fn describe(states: &BTreeMap<Side, GuestStatus>, gateway: &GatewayStatus) -> String {
     fn name<T: serde::Serialize>(state: &T) -> String {
-        serde_json::to_value(state).ok().and_then(|v| v["state"].as_str().map(str::to_owned)).unwrap_or_default()
+        serde_json::to_value(state)
+            .ok()
+            .and_then(|v| v["state"].as_str().map(str::to_owned))
+            .unwrap_or_default()
     }
     states
         .iter()
@@ -391,19 +466,38 @@ fn prepare_guest_files(guest: &Guest, sup: &Supervisor, user: Option<Ids>) -> Re
     // pass through but not list it: the gateway reaches the vdagent socket
     // and the kiosk the display socket, each handed to its group after each
     // start, and nothing else.
-    fs::set_permissions(&paths.run_dir, fs::Permissions::from_mode(qemu::SIDE_RUN_DIR_MODE))?;
+    fs::set_permissions(
+        &paths.run_dir,
+        fs::Permissions::from_mode(qemu::SIDE_RUN_DIR_MODE),
+    )?;
     fs::set_permissions(&paths.config_dir, fs::Permissions::from_mode(0o750))?;
     fs::set_permissions(&paths.log_dir, fs::Permissions::from_mode(0o750))?;
     if let Some(ids) = user {
         launch::chown(&paths.run_dir, ids)?;
         // QEMU may read its command line and reach the serial log; the
         // directories stay root's.
-        launch::chown(&paths.config_dir, Ids { uid: 0, gid: ids.gid })?;
-        launch::chown(&paths.log_dir, Ids { uid: 0, gid: ids.gid })?;
+        launch::chown(
+            &paths.config_dir,
+            Ids {
+                uid: 0,
+                gid: ids.gid,
+            },
+        )?;
+        launch::chown(
+            &paths.log_dir,
+            Ids {
+                uid: 0,
+                gid: ids.gid,
+            },
+        )?;
     }
     if sup.test_mode {
         // QEMU opens the serial log itself.
-        let log = OpenOptions::new().create(true).append(true).mode(0o640).open(&paths.serial_log)
+        let log = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .mode(0o640)
+            .open(&paths.serial_log)
             .with_context(|| format!("creating {}", paths.serial_log.display()))?;
         drop(log);
         if let Some(ids) = user {
@@ -412,17 +506,27 @@ fn prepare_guest_files(guest: &Guest, sup: &Supervisor, user: Option<Ids>) -> Re
     }
     if let Boot::Firmware(fw) = &guest.boot {
         if !fw.vars.exists() {
-            fs::copy(&fw.vars_template, &fw.vars)
-                .with_context(|| format!("copying UEFI variables {} to {}", fw.vars_template.display(), fw.vars.display()))?;
+            fs::copy(&fw.vars_template, &fw.vars).with_context(|| {
+                format!(
+                    "copying UEFI variables {} to {}",
+                    fw.vars_template.display(),
+                    fw.vars.display()
+                )
+            })?;
             fs::set_permissions(&fw.vars, fs::Permissions::from_mode(0o600))?;
             if let Some(ids) = user {
                 launch::chown(&fw.vars, ids)?;
             }
-            log::info(format!("{}: new UEFI variable store {}", guest.side, fw.vars.display()));
+            log::info(format!(
+                "{}: new UEFI variable store {}",
+                guest.side,
+                fw.vars.display()
+            ));
         }
     }
     if guest.tpm {
-        fs::create_dir_all(&paths.tpm_state).with_context(|| format!("creating {}", paths.tpm_state.display()))?;
+        fs::create_dir_all(&paths.tpm_state)
+            .with_context(|| format!("creating {}", paths.tpm_state.display()))?;
         fs::set_permissions(&paths.tpm_state, fs::Permissions::from_mode(0o700))?;
         if let Some(ids) = user {
             launch::chown(&paths.tpm_state, ids)?;
@@ -451,18 +555,24 @@ fn runner(guest: Guest, ctx: RunnerContext) {
                     "{side}: no guest disk: {} {why}; QEMU not started (looking again every {DISK_RECHECK:?}; provision it with airlock flash --guest {side}=FILE)",
                     guest.disk.display()
                 ));
-                send(GuestState::NoDisk { path: guest.disk.display().to_string() });
+                send(GuestState::NoDisk {
+                    path: guest.disk.display().to_string(),
+                });
                 no_disk = true;
             }
             ctx.shared.sleep(DISK_RECHECK);
             continue;
         }
         if std::mem::take(&mut no_disk) {
-            log::info(format!("{side}: the guest disk {} is there now", guest.disk.display()));
+            log::info(format!(
+                "{side}: the guest disk {} is there now",
+                guest.disk.display()
+            ));
         }
         send(GuestState::Starting);
         let started = Instant::now();
-        let outcome = run_once(&guest, &ctx).unwrap_or_else(|e| ExitKind::Crashed(format!("{e:#}")));
+        let outcome =
+            run_once(&guest, &ctx).unwrap_or_else(|e| ExitKind::Crashed(format!("{e:#}")));
         if ctx.shared.stopping() {
             log::info(format!("{side}: QEMU ended during host shutdown"));
             send(GuestState::Stopped);
@@ -470,7 +580,9 @@ fn runner(guest: Guest, ctx: RunnerContext) {
         }
         match outcome {
             ExitKind::PoweredOff => {
-                log::info(format!("{side}: the guest powered itself off; it stays off"));
+                log::info(format!(
+                    "{side}: the guest powered itself off; it stays off"
+                ));
                 send(GuestState::Off);
                 return;
             }
@@ -480,9 +592,14 @@ fn runner(guest: Guest, ctx: RunnerContext) {
             }
             ExitKind::Crashed(reason) => {
                 let (in_a_row, delay) = crashes.record(started.elapsed());
-                log::error(format!("{side}: guest crashed: {reason}; restart {in_a_row} in a row, in {delay:?}"));
+                log::error(format!(
+                    "{side}: guest crashed: {reason}; restart {in_a_row} in a row, in {delay:?}"
+                ));
                 let _ = ctx.tx.send(Msg::Restarted(side));
-                send(GuestState::Restarting { delay_ms: delay.as_millis() as u64, reason });
+                send(GuestState::Restarting {
+                    delay_ms: delay.as_millis() as u64,
+                    reason,
+                });
                 ctx.shared.sleep(delay);
             }
         }
@@ -497,7 +614,12 @@ fn missing_disk(disk: &Path) -> Option<&'static str> {
     match fs::metadata(disk) {
         Ok(m) if m.is_file() => None,
         Ok(_) => Some("is not a regular file"),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound || e.raw_os_error() == Some(libc::ENOTDIR) => Some("is missing"),
+        Err(e)
+            if e.kind() == std::io::ErrorKind::NotFound
+                || e.raw_os_error() == Some(libc::ENOTDIR) =>
+        {
+            Some("is missing")
+        }
         Err(_) => None,
     }
 }
@@ -523,11 +645,19 @@ fn run_once(guest: &Guest, ctx: &RunnerContext) -> Result<ExitKind> {
         }
         None => None,
     };
-    for sock in [&paths.qmp, &paths.display, &paths.vdagent, &paths.test, &paths.qmp_test, &paths.swtpm] {
+    for sock in [
+        &paths.qmp,
+        &paths.display,
+        &paths.vdagent,
+        &paths.test,
+        &paths.qmp_test,
+        &paths.swtpm,
+    ] {
         let _ = fs::remove_file(sock);
     }
     let shown = format!("{} {}\n", ctx.sup.qemu.display(), args.join(" "));
-    fs::write(paths.config_dir.join("cmdline"), &shown).with_context(|| format!("writing {}", paths.config_dir.display()))?;
+    fs::write(paths.config_dir.join("cmdline"), &shown)
+        .with_context(|| format!("writing {}", paths.config_dir.display()))?;
     let mut log_file = OpenOptions::new()
         .create(true)
         .append(true)
@@ -541,7 +671,11 @@ fn run_once(guest: &Guest, ctx: &RunnerContext) -> Result<ExitKind> {
     // The vTPM first: QEMU connects to it at start-up. It dies with QEMU
     // (--terminate), and is killed if it outlives it.
     let swtpm = if guest.tpm {
-        let log = OpenOptions::new().create(true).append(true).mode(0o640).open(&paths.swtpm_log)
+        let log = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .mode(0o640)
+            .open(&paths.swtpm_log)
             .with_context(|| format!("opening {}", paths.swtpm_log.display()))?;
         let mut child = launch::spawn(Spec {
             program: ctx.sup.swtpm.clone(),
@@ -554,12 +688,20 @@ fn run_once(guest: &Guest, ctx: &RunnerContext) -> Result<ExitKind> {
         let deadline = Instant::now() + SWTPM_TIMEOUT;
         while !paths.swtpm.exists() {
             if let Some(status) = child.try_wait()? {
-                bail!("swtpm {} before creating {}; see {}", describe_status(status), paths.swtpm.display(), paths.swtpm_log.display());
+                bail!(
+                    "swtpm {} before creating {}; see {}",
+                    describe_status(status),
+                    paths.swtpm.display(),
+                    paths.swtpm_log.display()
+                );
             }
             if Instant::now() > deadline {
                 let _ = child.kill();
                 let _ = child.wait();
-                bail!("swtpm did not create {} within {SWTPM_TIMEOUT:?}", paths.swtpm.display());
+                bail!(
+                    "swtpm did not create {} within {SWTPM_TIMEOUT:?}",
+                    paths.swtpm.display()
+                );
             }
             thread::sleep(Duration::from_millis(20));
         }
@@ -580,7 +722,9 @@ fn run_once(guest: &Guest, ctx: &RunnerContext) -> Result<ExitKind> {
     log::info(format!("{side}: QEMU started, pid {pid}"));
     let child = std::cell::RefCell::new(child);
 
-    let session = Session::connect(&paths.qmp, QMP_TIMEOUT, || matches!(child.borrow_mut().try_wait(), Ok(None)));
+    let session = Session::connect(&paths.qmp, QMP_TIMEOUT, || {
+        matches!(child.borrow_mut().try_wait(), Ok(None))
+    });
     let mut session = match session {
         Ok(s) => s,
         Err(e) => {
@@ -588,16 +732,26 @@ fn run_once(guest: &Guest, ctx: &RunnerContext) -> Result<ExitKind> {
             let _ = child.kill();
             let status = child.wait()?;
             let tail = log_tail(&paths.qemu_log, log_start);
-            bail!("QMP did not come up ({e:#}); QEMU {}; its log ends: {tail}", describe_status(status));
+            bail!(
+                "QMP did not come up ({e:#}); QEMU {}; its log ends: {tail}",
+                describe_status(status)
+            );
         }
     };
     let commander = session.commander()?;
-    ctx.shared.commanders.lock().unwrap_or_else(|p| p.into_inner()).insert(side, commander);
+    ctx.shared
+        .commanders
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .insert(side, commander);
     // QMP answers once every chardev and the VNC server exist, so the
     // vdagent and display sockets are there.
     for (socket, client, gid) in handovers(&paths, ctx.socket_groups) {
         match hand_over(socket, gid) {
-            Ok(()) => log::info(format!("{side}: {} handed to {client}'s group", socket.display())),
+            Ok(()) => log::info(format!(
+                "{side}: {} handed to {client}'s group",
+                socket.display()
+            )),
             Err(e) => log::warn(format!("{side}: {client} cannot reach this guest: {e:#}")),
         }
     }
@@ -607,16 +761,24 @@ fn run_once(guest: &Guest, ctx: &RunnerContext) -> Result<ExitKind> {
     let last_shutdown: Arc<Mutex<Option<Shutdown>>> = Arc::default();
     let reader = {
         let last_shutdown = last_shutdown.clone();
-        thread::Builder::new().name(format!("qmp-{side}")).spawn(move || {
-            while let Some(event) = session.next_event() {
-                if let Some(s) = event.shutdown() {
-                    log::info(format!("{side}: QMP SHUTDOWN (guest: {}, reason: {})", s.guest, s.reason));
-                    *last_shutdown.lock().unwrap_or_else(|p| p.into_inner()) = Some(s);
-                } else if matches!(event.name.as_str(), "POWERDOWN" | "RESET" | "GUEST_PANICKED" | "STOP") {
-                    log::info(format!("{side}: QMP {}", event.name));
+        thread::Builder::new()
+            .name(format!("qmp-{side}"))
+            .spawn(move || {
+                while let Some(event) = session.next_event() {
+                    if let Some(s) = event.shutdown() {
+                        log::info(format!(
+                            "{side}: QMP SHUTDOWN (guest: {}, reason: {})",
+                            s.guest, s.reason
+                        ));
+                        *last_shutdown.lock().unwrap_or_else(|p| p.into_inner()) = Some(s);
+                    } else if matches!(
+                        event.name.as_str(),
+                        "POWERDOWN" | "RESET" | "GUEST_PANICKED" | "STOP"
+                    ) {
+                        log::info(format!("{side}: QMP {}", event.name));
+                    }
                 }
-            }
-        })?
+            })?
     };
     let _ = ctx.tx.send(Msg::State(side, GuestState::Running { pid }));
 
@@ -632,13 +794,26 @@ fn run_once(guest: &Guest, ctx: &RunnerContext) -> Result<ExitKind> {
     };
     let _ = reader.join();
     drop(swtpm);
-    ctx.shared.commanders.lock().unwrap_or_else(|p| p.into_inner()).remove(&side);
-    let shutdown = last_shutdown.lock().unwrap_or_else(|p| p.into_inner()).clone();
-    log::info(format!("{side}: QEMU (pid {pid}) {}", describe_status(status)));
+    ctx.shared
+        .commanders
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .remove(&side);
+    let shutdown = last_shutdown
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone();
+    log::info(format!(
+        "{side}: QEMU (pid {pid}) {}",
+        describe_status(status)
+    ));
     let kind = lifecycle::classify(status.code(), status.signal(), shutdown.as_ref());
     Ok(match kind {
         ExitKind::Crashed(reason) if status.code().is_some_and(|c| c != 0) => {
-            ExitKind::Crashed(format!("{reason}; its log ends: {}", log_tail(&paths.qemu_log, log_start)))
+            ExitKind::Crashed(format!(
+                "{reason}; its log ends: {}",
+                log_tail(&paths.qemu_log, log_start)
+            ))
         }
         other => other,
     })
@@ -649,17 +824,21 @@ fn run_once(guest: &Guest, ctx: &RunnerContext) -> Result<ExitKind> {
 /// group, `display.sock` to the kiosk's. QMP, swtpm's and the test ports
 /// never leave QEMU's user.
 fn handovers(paths: &GuestPaths, groups: SocketGroups) -> Vec<(&Path, &'static str, u32)> {
-    [(&paths.vdagent, "the clipboard gateway", groups.gateway), (&paths.display, "the kiosk", groups.kiosk)]
-        .into_iter()
-        .filter_map(|(socket, client, gid)| Some((socket.as_path(), client, gid?)))
-        .collect()
+    [
+        (&paths.vdagent, "the clipboard gateway", groups.gateway),
+        (&paths.display, "the kiosk", groups.kiosk),
+    ]
+    .into_iter()
+    .filter_map(|(socket, client, gid)| Some((socket.as_path(), client, gid?)))
+    .collect()
 }
 
 /// Gives one client's group (alone) access to a new socket of a guest's
 /// QEMU: group `gid`, mode 0660 ([`qemu::HANDED_SOCKET_MODE`]), the owner
 /// stays QEMU's user.
 fn hand_over(socket: &Path, gid: u32) -> Result<()> {
-    std::os::unix::fs::chown(socket, None, Some(gid)).with_context(|| format!("chgrp {gid} {}", socket.display()))?;
+    std::os::unix::fs::chown(socket, None, Some(gid))
+        .with_context(|| format!("chgrp {gid} {}", socket.display()))?;
     fs::set_permissions(socket, fs::Permissions::from_mode(qemu::HANDED_SOCKET_MODE))
         .with_context(|| format!("chmod {:o} {}", qemu::HANDED_SOCKET_MODE, socket.display()))
 }
@@ -673,29 +852,42 @@ fn prepare_gateway(config: &Config, root: bool) -> Result<GatewayPlan> {
     if !paths.program.is_file() {
         bail!("{} is missing", paths.program.display());
     }
-    let user = if root { Some(users::lookup_account(&config.clipboard.user)?) } else { None };
+    let user = if root {
+        Some(users::lookup_account(&config.clipboard.user)?)
+    } else {
+        None
+    };
     let ids = user.as_ref().map(|a| a.ids);
     prepare_audit_log(&paths.audit_log, ids)?;
     // Confirm mode: the socket's directory, shared with the kiosk through
     // the confirm group (pass through, no listing), or private without it.
     // Not root: no group (the supervisor could not give it away).
-    let confirm_gid = if root { gateway::lookup_confirm_group(config) } else { None };
+    let confirm_gid = if root {
+        gateway::lookup_confirm_group(config)
+    } else {
+        None
+    };
     if config.clipboard.confirm {
         let dir = &paths.confirm_dir;
         let (mode, owner) = gateway::confirm_dir_access(ids, confirm_gid);
         fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-        fs::set_permissions(dir, fs::Permissions::from_mode(gateway::CONFIRM_DIR_PRIVATE_MODE))?;
+        fs::set_permissions(
+            dir,
+            fs::Permissions::from_mode(gateway::CONFIRM_DIR_PRIVATE_MODE),
+        )?;
         if let Some(owner) = owner {
             launch::chown(dir, owner)?;
         }
-        fs::set_permissions(dir, fs::Permissions::from_mode(mode)).with_context(|| format!("chmod {mode:o} {}", dir.display()))?;
+        fs::set_permissions(dir, fs::Permissions::from_mode(mode))
+            .with_context(|| format!("chmod {mode:o} {}", dir.display()))?;
     }
     let args = gateway::command_line(config, confirm_gid);
     log::info(format!(
         "clipboard gateway: {} {} (as {})",
         paths.program.display(),
         args.join(" "),
-        user.as_ref().map_or("the supervisor's user", |a| a.name.as_str())
+        user.as_ref()
+            .map_or("the supervisor's user", |a| a.name.as_str())
     ));
     Ok(GatewayPlan {
         program: paths.program,
@@ -713,12 +905,22 @@ fn prepare_audit_log(path: &Path, owner: Option<Ids>) -> Result<()> {
         Ok(m) if !m.file_type().is_file() => bail!("{} is not a regular file", path.display()),
         Ok(m) => {
             if let Some(ids) = owner.filter(|ids| (m.uid(), m.gid()) != (ids.uid, ids.gid)) {
-                log::warn(format!("{} belonged to {}:{}; giving it to the gateway's user", path.display(), m.uid(), m.gid()));
+                log::warn(format!(
+                    "{} belonged to {}:{}; giving it to the gateway's user",
+                    path.display(),
+                    m.uid(),
+                    m.gid()
+                ));
                 launch::chown(path, ids)?;
             }
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            OpenOptions::new().create_new(true).append(true).mode(0o640).open(path).with_context(|| format!("creating {}", path.display()))?;
+            OpenOptions::new()
+                .create_new(true)
+                .append(true)
+                .mode(0o640)
+                .open(path)
+                .with_context(|| format!("creating {}", path.display()))?;
             if let Some(ids) = owner {
                 launch::chown(path, ids)?;
             }
@@ -759,9 +961,14 @@ fn gateway_runner(plan: GatewayPlan, ctx: GatewayContext) {
             return;
         }
         let (in_a_row, delay) = crashes.record(started.elapsed());
-        log::error(format!("clipboard gateway: {reason}; restart {in_a_row} in a row, in {delay:?}"));
+        log::error(format!(
+            "clipboard gateway: {reason}; restart {in_a_row} in a row, in {delay:?}"
+        ));
         let _ = ctx.tx.send(Msg::GatewayRestarted);
-        send(GatewayState::Restarting { delay_ms: delay.as_millis() as u64, reason });
+        send(GatewayState::Restarting {
+            delay_ms: delay.as_millis() as u64,
+            reason,
+        });
         ctx.shared.sleep(delay);
     }
 }
@@ -781,7 +988,11 @@ fn run_gateway_once(plan: &GatewayPlan, ctx: &GatewayContext) -> Result<Option<S
         None => None,
     };
     // Its log lines go where the supervisor's go (the journal).
-    let log = File::from(std::os::fd::AsFd::as_fd(&std::io::stderr()).try_clone_to_owned().context("duplicating stderr")?);
+    let log = File::from(
+        std::os::fd::AsFd::as_fd(&std::io::stderr())
+            .try_clone_to_owned()
+            .context("duplicating stderr")?,
+    );
     let mut child = launch::spawn(Spec {
         program: plan.program.clone(),
         args: plan.args.clone(),
@@ -799,7 +1010,10 @@ fn run_gateway_once(plan: &GatewayPlan, ctx: &GatewayContext) -> Result<Option<S
     let _ = ctx.tx.send(Msg::Gateway(GatewayState::Running { pid }));
     loop {
         if let Some(status) = child.try_wait()? {
-            return Ok(Some(format!("the gateway (pid {pid}) {}", describe_status(status))));
+            return Ok(Some(format!(
+                "the gateway (pid {pid}) {}",
+                describe_status(status)
+            )));
         }
         if ctx.shared.stopping() {
             launch::terminate(pid as i32);
@@ -847,7 +1061,10 @@ fn log_tail(path: &Path, from: u64) -> String {
         Err(e) => return format!("(could not read {}: {e})", path.display()),
     };
     let text = String::from_utf8_lossy(text.get(from as usize..).unwrap_or_default()).into_owned();
-    let lines: Vec<&str> = text.lines().filter(|l| !l.starts_with("airlockd: ")).collect();
+    let lines: Vec<&str> = text
+        .lines()
+        .filter(|l| !l.starts_with("airlockd: "))
+        .collect();
     let tail = &lines[lines.len().saturating_sub(LOG_TAIL)..];
     if tail.is_empty() {
         "(nothing)".into()
@@ -870,11 +1087,18 @@ fn run_poweroff(command: &[String]) -> Result<()> {
             if status.success() {
                 return Ok(());
             }
-            bail!("the power-off action {} {}", command.join(" "), describe_status(status));
+            bail!(
+                "the power-off action {} {}",
+                command.join(" "),
+                describe_status(status)
+            );
         }
         if Instant::now() >= deadline {
             let _ = child.kill();
-            bail!("the power-off action {} did not finish within {POWEROFF_TIMEOUT:?}", command.join(" "));
+            bail!(
+                "the power-off action {} did not finish within {POWEROFF_TIMEOUT:?}",
+                command.join(" ")
+            );
         }
         thread::sleep(POLL);
     }
@@ -885,7 +1109,9 @@ fn run_poweroff(command: &[String]) -> Result<()> {
 fn sd_notify(message: &str) {
     use std::os::linux::net::SocketAddrExt;
     use std::os::unix::net::{SocketAddr, UnixDatagram};
-    let Some(target) = std::env::var_os("NOTIFY_SOCKET") else { return };
+    let Some(target) = std::env::var_os("NOTIFY_SOCKET") else {
+        return;
+    };
     let target = target.to_string_lossy().into_owned();
     let addr = match target.strip_prefix('@') {
         Some(name) => SocketAddr::from_abstract_name(name.as_bytes()),
@@ -904,8 +1130,15 @@ mod tests {
     use std::os::unix::net::UnixListener;
 
     fn paths_in(dir: &Path) -> GuestPaths {
-        let text = format!("[supervisor]\ntest_mode = true\nrun_dir = \"{}\"\n{}", dir.display(), config::tests::MINIMAL);
-        GuestPaths::new(&config::parse("t.toml", &text).unwrap().supervisor, Side::General)
+        let text = format!(
+            "[supervisor]\ntest_mode = true\nrun_dir = \"{}\"\n{}",
+            dir.display(),
+            config::tests::MINIMAL
+        );
+        GuestPaths::new(
+            &config::parse("t.toml", &text).unwrap().supervisor,
+            Side::General,
+        )
     }
 
     #[test]
@@ -937,7 +1170,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mark = dir.path().join("qemu-ran");
         let fake_qemu = dir.path().join("qemu");
-        fs::write(&fake_qemu, format!("#!/bin/sh\ntouch {}\nexit 1\n", mark.display())).unwrap();
+        fs::write(
+            &fake_qemu,
+            format!("#!/bin/sh\ntouch {}\nexit 1\n", mark.display()),
+        )
+        .unwrap();
         fs::set_permissions(&fake_qemu, fs::Permissions::from_mode(0o755)).unwrap();
         let text = format!(
             "[supervisor]\ntest_mode = true\nrun_dir = \"{0}/run\"\nstate_dir = \"{0}/state\"\nlog_dir = \"{0}/log\"\nqemu = \"{1}\"\n\
@@ -967,41 +1204,106 @@ mod tests {
         };
         let thread = thread::spawn(move || runner(guest, ctx));
         let first = rx.recv_timeout(Duration::from_secs(10)).expect("a state");
-        let Msg::State(Side::General, state) = first else { panic!("not a guest state") };
-        assert_eq!(state, GuestState::NoDisk { path: disk.display().to_string() });
+        let Msg::State(Side::General, state) = first else {
+            panic!("not a guest state")
+        };
+        assert_eq!(
+            state,
+            GuestState::NoDisk {
+                path: disk.display().to_string()
+            }
+        );
         // It waits (DISK_RECHECK) without another word and without QEMU.
-        assert!(matches!(rx.recv_timeout(Duration::from_millis(300)), Err(RecvTimeoutError::Timeout)));
+        assert!(matches!(
+            rx.recv_timeout(Duration::from_millis(300)),
+            Err(RecvTimeoutError::Timeout)
+        ));
         assert!(!mark.exists(), "QEMU was started");
         shared.begin_stop();
-        let Ok(Msg::State(Side::General, GuestState::Stopped)) = rx.recv_timeout(Duration::from_secs(10)) else {
+        let Ok(Msg::State(Side::General, GuestState::Stopped)) =
+            rx.recv_timeout(Duration::from_secs(10))
+        else {
             panic!("no `stopped` after the host shutdown began")
         };
         thread.join().unwrap();
-        assert!(rx.try_recv().is_err(), "nothing after `stopped`: no restart counted");
+        assert!(
+            rx.try_recv().is_err(),
+            "nothing after `stopped`: no restart counted"
+        );
         assert!(!mark.exists(), "QEMU was started");
 
-        let no_disk = |side: Side| GuestStatus { state: GuestState::NoDisk { path: format!("/var/lib/airlock/{side}/disk/w") }, restarts: 0 };
-        let states = BTreeMap::from([(Side::Classified, no_disk(Side::Classified)), (Side::General, no_disk(Side::General))]);
-        let status = control::status(Phase::Running, &states, &GatewayStatus { state: GatewayState::Disabled, restarts: 0 });
+        let no_disk = |side: Side| GuestStatus {
+            state: GuestState::NoDisk {
+                path: format!("/var/lib/airlock/{side}/disk/w"),
+            },
+            restarts: 0,
+        };
+        let states = BTreeMap::from([
+            (Side::Classified, no_disk(Side::Classified)),
+            (Side::General, no_disk(Side::General)),
+        ]);
+        let status = control::status(
+            Phase::Running,
+            &states,
+            &GatewayStatus {
+                state: GatewayState::Disabled,
+                restarts: 0,
+            },
+        );
         assert!(!status.both_off && !status.ready);
-        assert_eq!(describe(&states, &status.gateway), "classified: no-disk, general: no-disk, clipboard: disabled");
+        assert_eq!(
+            describe(&states, &status.gateway),
+            "classified: no-disk, general: no-disk, clipboard: disabled"
+        );
     }
 
     /// Each socket to its one client's group, and nothing else of the guest.
     #[test]
     fn vdagent_goes_to_the_gateway_and_display_to_the_kiosk() {
         let paths = paths_in(Path::new("/run/airlock"));
-        let both = handovers(&paths, SocketGroups { gateway: Some(991), kiosk: Some(992) });
+        let both = handovers(
+            &paths,
+            SocketGroups {
+                gateway: Some(991),
+                kiosk: Some(992),
+            },
+        );
         assert_eq!(
             both,
             vec![
-                (Path::new("/run/airlock/general/vdagent.sock"), "the clipboard gateway", 991),
-                (Path::new("/run/airlock/general/display.sock"), "the kiosk", 992),
+                (
+                    Path::new("/run/airlock/general/vdagent.sock"),
+                    "the clipboard gateway",
+                    991
+                ),
+                (
+                    Path::new("/run/airlock/general/display.sock"),
+                    "the kiosk",
+                    992
+                ),
             ]
         );
         // A client that is not there (disabled gateway, missing group) gets nothing.
-        assert_eq!(handovers(&paths, SocketGroups { gateway: None, kiosk: Some(992) }), vec![(paths.display.as_path(), "the kiosk", 992)]);
-        assert_eq!(handovers(&paths, SocketGroups { gateway: Some(991), kiosk: None }), vec![(paths.vdagent.as_path(), "the clipboard gateway", 991)]);
+        assert_eq!(
+            handovers(
+                &paths,
+                SocketGroups {
+                    gateway: None,
+                    kiosk: Some(992)
+                }
+            ),
+            vec![(paths.display.as_path(), "the kiosk", 992)]
+        );
+        assert_eq!(
+            handovers(
+                &paths,
+                SocketGroups {
+                    gateway: Some(991),
+                    kiosk: None
+                }
+            ),
+            vec![(paths.vdagent.as_path(), "the clipboard gateway", 991)]
+        );
         assert!(handovers(&paths, SocketGroups::default()).is_empty());
     }
 
@@ -1022,15 +1324,30 @@ mod tests {
             })
             .collect();
         let gid = fs::metadata(dir.path()).unwrap().gid();
-        for (socket, _, gid) in handovers(&paths, SocketGroups { gateway: Some(gid), kiosk: Some(gid) }) {
+        for (socket, _, gid) in handovers(
+            &paths,
+            SocketGroups {
+                gateway: Some(gid),
+                kiosk: Some(gid),
+            },
+        ) {
             hand_over(socket, gid).unwrap();
         }
         for socket in [&paths.display, &paths.vdagent] {
             let m = fs::metadata(socket).unwrap();
             assert!(m.file_type().is_socket());
-            assert_eq!((m.gid(), m.mode() & 0o7777), (gid, 0o660), "{}", socket.display());
+            assert_eq!(
+                (m.gid(), m.mode() & 0o7777),
+                (gid, 0o660),
+                "{}",
+                socket.display()
+            );
         }
-        assert_eq!(fs::metadata(&paths.qmp).unwrap().mode() & 0o7777, 0o770, "QMP is never handed over");
+        assert_eq!(
+            fs::metadata(&paths.qmp).unwrap().mode() & 0o7777,
+            0o770,
+            "QMP is never handed over"
+        );
         // A socket QEMU did not create is an error (logged; the guest runs on).
         let err = hand_over(&paths.run_dir.join("missing.sock"), gid).unwrap_err();
         assert!(format!("{err:#}").contains("missing.sock"), "{err:#}");

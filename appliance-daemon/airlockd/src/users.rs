@@ -51,7 +51,9 @@ pub fn parse_member_groups(text: &str, name: &str) -> Vec<u32> {
     text.lines()
         .filter_map(|line| {
             let f: Vec<&str> = line.split(':').collect();
-            (f.len() == 4 && f[3].split(',').any(|m| m == name)).then(|| f[2].parse().ok()).flatten()
+            (f.len() == 4 && f[3].split(',').any(|m| m == name))
+                .then(|| f[2].parse().ok())
+                .flatten()
         })
         .collect()
 }
@@ -60,20 +62,28 @@ pub fn parse_member_groups(text: &str, name: &str) -> Vec<u32> {
 pub fn lookup_account(name: &str) -> Result<Account> {
     let ids = lookup_user(name)?;
     let text = std::fs::read_to_string("/etc/group").context("reading /etc/group")?;
-    Ok(Account { name: name.to_owned(), ids, groups: parse_member_groups(&text, name) })
+    Ok(Account {
+        name: name.to_owned(),
+        ids,
+        groups: parse_member_groups(&text, name),
+    })
 }
 
 /// The uid and gid of system user `name`.
 pub fn lookup_user(name: &str) -> Result<Ids> {
     let path = Path::new("/etc/passwd");
-    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    parse_passwd(&text, name).with_context(|| format!("user {name:?} does not exist (the image's sysusers.d creates it)"))
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    parse_passwd(&text, name).with_context(|| {
+        format!("user {name:?} does not exist (the image's sysusers.d creates it)")
+    })
 }
 
 /// The gid of group `name`, if it exists.
 pub fn lookup_group(name: &str) -> Result<Option<u32>> {
     let path = Path::new("/etc/group");
-    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     Ok(parse_group(&text, name))
 }
 
@@ -92,9 +102,18 @@ mod tests {
     #[test]
     fn finds_users_and_groups_exactly() {
         let passwd = "root:x:0:0:root:/root:/bin/sh\nairlock-general:x:990:990::/:/usr/sbin/nologin\nairlock-generalx:x:5:5::/:/x\n";
-        assert_eq!(parse_passwd(passwd, "airlock-general"), Some(Ids { uid: 990, gid: 990 }));
+        assert_eq!(
+            parse_passwd(passwd, "airlock-general"),
+            Some(Ids { uid: 990, gid: 990 })
+        );
         assert_eq!(parse_passwd(passwd, "airlock"), None);
-        assert_eq!(parse_group("wheel:x:10:a,b\nairlock-control:x:991:\n", "airlock-control"), Some(991));
+        assert_eq!(
+            parse_group(
+                "wheel:x:10:a,b\nairlock-control:x:991:\n",
+                "airlock-control"
+            ),
+            Some(991)
+        );
         assert_eq!(parse_group("wheel:x:10:\n", "airlock-control"), None);
         let group = "kvm:x:104:airlock-general,airlock-classified\nrender:x:105:airlock-generalx\naudio:x:29:\n";
         assert_eq!(parse_member_groups(group, "airlock-general"), vec![104]);

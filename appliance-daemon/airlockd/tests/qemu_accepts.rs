@@ -18,9 +18,15 @@ fn qemu_runs_the_firmware_command_line() {
     let d = dir.path().display();
     let fw = |side: &str, secure: bool| {
         let (code, vars) = if secure {
-            ("/usr/share/OVMF/OVMF_CODE_4M.secboot.fd", "/usr/share/OVMF/OVMF_VARS_4M.ms.fd")
+            (
+                "/usr/share/OVMF/OVMF_CODE_4M.secboot.fd",
+                "/usr/share/OVMF/OVMF_VARS_4M.ms.fd",
+            )
         } else {
-            ("/usr/share/OVMF/OVMF_CODE_4M.fd", "/usr/share/OVMF/OVMF_VARS_4M.fd")
+            (
+                "/usr/share/OVMF/OVMF_CODE_4M.fd",
+                "/usr/share/OVMF/OVMF_VARS_4M.fd",
+            )
         };
         format!("[guest.{side}.firmware]\ncode = \"{code}\"\nvars_template = \"{vars}\"\nsecure_boot = {secure}\n")
     };
@@ -62,12 +68,20 @@ enabled = false
     for side in Side::ALL {
         let guest = cfg.guest(side);
         let paths = GuestPaths::new(&cfg.supervisor, side);
-        for p in [&paths.run_dir, &paths.log_dir, &guest.disk.parent().unwrap().to_path_buf()] {
+        for p in [
+            &paths.run_dir,
+            &paths.log_dir,
+            &guest.disk.parent().unwrap().to_path_buf(),
+        ] {
             std::fs::create_dir_all(p).unwrap();
         }
         std::fs::write(&guest.disk, vec![0u8; 1 << 20]).unwrap();
-        let config::Boot::Firmware(fw) = &guest.boot else { panic!("firmware boot expected") };
-        std::fs::copy(&fw.vars_template, &fw.vars).unwrap_or_else(|e| panic!("{}: {e} (Debian package ovmf)", fw.vars_template.display()));
+        let config::Boot::Firmware(fw) = &guest.boot else {
+            panic!("firmware boot expected")
+        };
+        std::fs::copy(&fw.vars_template, &fw.vars).unwrap_or_else(|e| {
+            panic!("{}: {e} (Debian package ovmf)", fw.vars_template.display())
+        });
         let args = command_line(guest, &cfg.supervisor).unwrap();
         let log = std::fs::File::create(&paths.qemu_log).unwrap();
         let mut qemu = Command::new("qemu-system-x86_64")
@@ -90,12 +104,15 @@ enabled = false
                     Err(_) => std::thread::sleep(Duration::from_millis(50)),
                 }
             };
-            stream.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+            stream
+                .set_read_timeout(Some(Duration::from_secs(20)))
+                .unwrap();
             let mut w = stream.try_clone().unwrap();
             let mut r = BufReader::new(stream);
             let mut line = String::new();
             r.read_line(&mut line).unwrap();
-            w.write_all(b"{\"execute\":\"qmp_capabilities\"}\n{\"execute\":\"query-status\"}\n").unwrap();
+            w.write_all(b"{\"execute\":\"qmp_capabilities\"}\n{\"execute\":\"query-status\"}\n")
+                .unwrap();
             loop {
                 line.clear();
                 if r.read_line(&mut line).unwrap() == 0 {
@@ -115,6 +132,9 @@ enabled = false
             Ok(status) => assert!(status.contains("\"running\""), "{side}: {status}\n{log}"),
             Err(e) => panic!("{side}: {e}\nQEMU said:\n{log}\nargs: {}", args.join(" ")),
         }
-        assert!(sockets_ok, "{side}: display.sock and vdagent.sock must exist");
+        assert!(
+            sockets_ok,
+            "{side}: display.sock and vdagent.sock must exist"
+        );
     }
 }

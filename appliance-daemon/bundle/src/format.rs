@@ -28,7 +28,8 @@ pub struct RawHeader {
 impl RawHeader {
     /// Bytes from the start of the file to the first payload byte.
     pub fn payload_offset(&self) -> u64 {
-        (16 + self.manifest.len() + 4 + self.signatures.iter().map(|s| 4 + s.len()).sum::<usize>()) as u64
+        (16 + self.manifest.len() + 4 + self.signatures.iter().map(|s| 4 + s.len()).sum::<usize>())
+            as u64
     }
 
     /// The header's bytes; refuses what a reader would refuse.
@@ -75,27 +76,42 @@ impl RawHeader {
             read_exact(r, &mut sig, "signature block")?;
             signatures.push(sig);
         }
-        Ok(RawHeader { manifest, signatures })
+        Ok(RawHeader {
+            manifest,
+            signatures,
+        })
     }
 }
 
 fn check_manifest_len(len: u64) -> Result<(), Refusal> {
     if len == 0 || len > MAX_MANIFEST_BYTES as u64 {
-        return Err(Refusal::AbsurdSize { what: "manifest", size: len, limit: MAX_MANIFEST_BYTES as u64 });
+        return Err(Refusal::AbsurdSize {
+            what: "manifest",
+            size: len,
+            limit: MAX_MANIFEST_BYTES as u64,
+        });
     }
     Ok(())
 }
 
 fn check_signature_count(count: u64) -> Result<(), Refusal> {
     if count > MAX_SIGNATURES as u64 {
-        return Err(Refusal::AbsurdSize { what: "signature count", size: count, limit: MAX_SIGNATURES as u64 });
+        return Err(Refusal::AbsurdSize {
+            what: "signature count",
+            size: count,
+            limit: MAX_SIGNATURES as u64,
+        });
     }
     Ok(())
 }
 
 fn check_signature_len(len: u64) -> Result<(), Refusal> {
     if len == 0 || len > MAX_SIGNATURE_BYTES as u64 {
-        return Err(Refusal::AbsurdSize { what: "signature", size: len, limit: MAX_SIGNATURE_BYTES as u64 });
+        return Err(Refusal::AbsurdSize {
+            what: "signature",
+            size: len,
+            limit: MAX_SIGNATURE_BYTES as u64,
+        });
     }
     Ok(())
 }
@@ -107,10 +123,17 @@ fn read_u32<R: Read>(r: &mut R, what: &'static str) -> Result<u32, Refusal> {
 }
 
 /// `read_exact`, with end of file reported as truncation of `what`.
-pub(crate) fn read_exact<R: Read>(r: &mut R, buf: &mut [u8], what: &'static str) -> Result<(), Refusal> {
+pub(crate) fn read_exact<R: Read>(
+    r: &mut R,
+    buf: &mut [u8],
+    what: &'static str,
+) -> Result<(), Refusal> {
     r.read_exact(buf).map_err(|e| match e.kind() {
         io::ErrorKind::UnexpectedEof => Refusal::Truncated { what },
-        _ => Refusal::Io { during: what, error: e },
+        _ => Refusal::Io {
+            during: what,
+            error: e,
+        },
     })
 }
 
@@ -120,7 +143,10 @@ mod tests {
 
     #[test]
     fn header_round_trips_and_layout_is_as_documented() {
-        let h = RawHeader { manifest: b"{}".to_vec(), signatures: vec![b"sig".to_vec()] };
+        let h = RawHeader {
+            manifest: b"{}".to_vec(),
+            signatures: vec![b"sig".to_vec()],
+        };
         let bytes = h.encode().unwrap();
         assert_eq!(bytes.len() as u64, h.payload_offset());
         assert_eq!(&bytes[..8], b"AIRLOCKB");
@@ -134,15 +160,42 @@ mod tests {
     fn limits_are_checked_before_allocating() {
         let mut huge = b"AIRLOCKB\0\0\0\x01".to_vec();
         huge.extend_from_slice(&u32::MAX.to_be_bytes());
-        assert!(matches!(RawHeader::read(&mut &huge[..]), Err(Refusal::AbsurdSize { what: "manifest", .. })));
+        assert!(matches!(
+            RawHeader::read(&mut &huge[..]),
+            Err(Refusal::AbsurdSize {
+                what: "manifest",
+                ..
+            })
+        ));
         let mut many = b"AIRLOCKB\0\0\0\x01\0\0\0\x02{}".to_vec();
         many.extend_from_slice(&17u32.to_be_bytes());
-        assert!(matches!(RawHeader::read(&mut &many[..]), Err(Refusal::AbsurdSize { what: "signature count", .. })));
+        assert!(matches!(
+            RawHeader::read(&mut &many[..]),
+            Err(Refusal::AbsurdSize {
+                what: "signature count",
+                ..
+            })
+        ));
         let mut long = b"AIRLOCKB\0\0\0\x01\0\0\0\x02{}\0\0\0\x01".to_vec();
         long.extend_from_slice(&(1u32 << 20).to_be_bytes());
-        assert!(matches!(RawHeader::read(&mut &long[..]), Err(Refusal::AbsurdSize { what: "signature", .. })));
-        assert!(matches!(RawHeader::read(&mut &b"AIRLOCKB\0\0\0\x02"[..]), Err(Refusal::Truncated { .. })));
-        assert!(matches!(RawHeader::read(&mut &b"AIRLOCKB\0\0\0\x02\0\0\0\x01{"[..]), Err(Refusal::UnsupportedFormat(2))));
-        assert!(matches!(RawHeader::read(&mut &b"ELF\0\0\0\0\0\0\0\0\0\0\0\0\0"[..]), Err(Refusal::NotABundle)));
+        assert!(matches!(
+            RawHeader::read(&mut &long[..]),
+            Err(Refusal::AbsurdSize {
+                what: "signature",
+                ..
+            })
+        ));
+        assert!(matches!(
+            RawHeader::read(&mut &b"AIRLOCKB\0\0\0\x02"[..]),
+            Err(Refusal::Truncated { .. })
+        ));
+        assert!(matches!(
+            RawHeader::read(&mut &b"AIRLOCKB\0\0\0\x02\0\0\0\x01{"[..]),
+            Err(Refusal::UnsupportedFormat(2))
+        ));
+        assert!(matches!(
+            RawHeader::read(&mut &b"ELF\0\0\0\0\0\0\0\0\0\0\0\0\0"[..]),
+            Err(Refusal::NotABundle)
+        ));
     }
 }

@@ -26,7 +26,8 @@ pub enum ArtifactKind {
 
 impl ArtifactKind {
     /// Every kind; a manifest lists each exactly once.
-    pub const ALL: [ArtifactKind; 3] = [ArtifactKind::Root, ArtifactKind::Verity, ArtifactKind::Uki];
+    pub const ALL: [ArtifactKind; 3] =
+        [ArtifactKind::Root, ArtifactKind::Verity, ArtifactKind::Uki];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -88,7 +89,8 @@ pub struct ManifestError(pub String);
 impl Manifest {
     /// Parses and validates manifest bytes (pure).
     pub fn from_json(bytes: &[u8]) -> Result<Manifest, ManifestError> {
-        let m: Manifest = serde_json::from_slice(bytes).map_err(|e| ManifestError(e.to_string()))?;
+        let m: Manifest =
+            serde_json::from_slice(bytes).map_err(|e| ManifestError(e.to_string()))?;
         m.validate()?;
         Ok(m)
     }
@@ -104,15 +106,27 @@ impl Manifest {
     pub fn validate(&self) -> Result<(), ManifestError> {
         let bad = |why: String| Err(ManifestError(why));
         if !is_name(&self.name) {
-            return bad(format!("name {:?} must be 1-64 characters of a-z, 0-9 and '-'", self.name));
+            return bad(format!(
+                "name {:?} must be 1-64 characters of a-z, 0-9 and '-'",
+                self.name
+            ));
         }
         if self.compatible.is_empty()
             || self.compatible.len() > 128
-            || !self.compatible.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+            || !self
+                .compatible
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
         {
-            return bad(format!("compatible {:?} must be 1-128 characters of letters, digits, '-', '_' and '.'", self.compatible));
+            return bad(format!(
+                "compatible {:?} must be 1-128 characters of letters, digits, '-', '_' and '.'",
+                self.compatible
+            ));
         }
-        for (field, value) in [("build_id", &self.build_id), ("build_date", &self.build_date)] {
+        for (field, value) in [
+            ("build_id", &self.build_id),
+            ("build_date", &self.build_date),
+        ] {
             if let Some(v) = value {
                 if v.len() > 128 || v.chars().any(|c| c.is_control()) {
                     return bad(format!("{field} must be at most 128 printable characters"));
@@ -120,23 +134,37 @@ impl Manifest {
             }
         }
         if !is_sha256_hex(&self.root_hash) {
-            return bad(format!("root_hash {:?} must be 64 lower-case hex digits", self.root_hash));
+            return bad(format!(
+                "root_hash {:?} must be 64 lower-case hex digits",
+                self.root_hash
+            ));
         }
         if self.artifacts.len() != ArtifactKind::ALL.len() {
-            return bad(format!("artifacts: {} listed, exactly root, verity and uki expected", self.artifacts.len()));
+            return bad(format!(
+                "artifacts: {} listed, exactly root, verity and uki expected",
+                self.artifacts.len()
+            ));
         }
         for kind in ArtifactKind::ALL {
             let count = self.artifacts.iter().filter(|a| a.kind == kind).count();
             if count != 1 {
-                return bad(format!("artifacts: {kind} listed {count} times, exactly once expected"));
+                return bad(format!(
+                    "artifacts: {kind} listed {count} times, exactly once expected"
+                ));
             }
         }
         for a in &self.artifacts {
             if a.size == 0 || a.size > MAX_ARTIFACT_BYTES {
-                return bad(format!("artifact {}: size {} is outside 1..={MAX_ARTIFACT_BYTES}", a.kind, a.size));
+                return bad(format!(
+                    "artifact {}: size {} is outside 1..={MAX_ARTIFACT_BYTES}",
+                    a.kind, a.size
+                ));
             }
             if !is_sha256_hex(&a.sha256) {
-                return bad(format!("artifact {}: sha256 {:?} must be 64 lower-case hex digits", a.kind, a.sha256));
+                return bad(format!(
+                    "artifact {}: sha256 {:?} must be 64 lower-case hex digits",
+                    a.kind, a.sha256
+                ));
             }
         }
         Ok(())
@@ -170,11 +198,14 @@ fn is_name(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 64
         && !s.starts_with('-')
-        && s.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+        && s.chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
 }
 
 fn is_sha256_hex(s: &str) -> bool {
-    s.len() == 64 && s.chars().all(|c| c.is_ascii_digit() || ('a'..='f').contains(&c))
+    s.len() == 64
+        && s.chars()
+            .all(|c| c.is_ascii_digit() || ('a'..='f').contains(&c))
 }
 
 /// An image version: 1 to 8 dot-separated decimal numbers (`1.0`, `2.13.4`).
@@ -189,19 +220,32 @@ pub struct Version {
 
 impl Version {
     pub fn parse(text: &str) -> Result<Version, ManifestError> {
-        let bad = || ManifestError(format!("version {text:?} must be 1-8 numbers separated by dots, like 1.4.2"));
+        let bad = || {
+            ManifestError(format!(
+                "version {text:?} must be 1-8 numbers separated by dots, like 1.4.2"
+            ))
+        };
         if text.is_empty() || text.len() > 64 {
             return Err(bad());
         }
         let parts = text
             .split('.')
-            .map(|p| if !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()) { p.parse::<u64>().ok() } else { None })
+            .map(|p| {
+                if !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()) {
+                    p.parse::<u64>().ok()
+                } else {
+                    None
+                }
+            })
             .collect::<Option<Vec<u64>>>()
             .ok_or_else(bad)?;
         if parts.len() > 8 {
             return Err(bad());
         }
-        Ok(Version { text: text.to_string(), parts })
+        Ok(Version {
+            text: text.to_string(),
+            parts,
+        })
     }
 
     pub fn as_str(&self) -> &str {
@@ -232,7 +276,10 @@ impl Ord for Version {
     fn cmp(&self, other: &Self) -> Ordering {
         let n = self.parts.len().max(other.parts.len());
         let at = |v: &Version, i: usize| v.parts.get(i).copied().unwrap_or(0);
-        (0..n).map(|i| at(self, i).cmp(&at(other, i))).find(|o| o.is_ne()).unwrap_or(Ordering::Equal)
+        (0..n)
+            .map(|i| at(self, i).cmp(&at(other, i)))
+            .find(|o| o.is_ne())
+            .unwrap_or(Ordering::Equal)
     }
 }
 
@@ -265,7 +312,11 @@ pub(crate) mod tests {
             root_hash: "ab".repeat(32),
             artifacts: ArtifactKind::ALL
                 .iter()
-                .map(|&kind| Artifact { kind, size: 1, sha256: "00".repeat(32) })
+                .map(|&kind| Artifact {
+                    kind,
+                    size: 1,
+                    sha256: "00".repeat(32),
+                })
                 .collect(),
         }
     }
@@ -278,7 +329,18 @@ pub(crate) mod tests {
         assert_eq!(v("1.0"), v("1"));
         assert_eq!(v("1.01"), v("1.1"));
         assert!(v("1.0.1") > v("1"));
-        for bad in ["", "1.", ".1", "1..2", "1.x", "-1", "1.2-rc1", " 1", "1.2.3.4.5.6.7.8.9", "99999999999999999999999"] {
+        for bad in [
+            "",
+            "1.",
+            ".1",
+            "1..2",
+            "1.x",
+            "-1",
+            "1.2-rc1",
+            " 1",
+            "1.2.3.4.5.6.7.8.9",
+            "99999999999999999999999",
+        ] {
             assert!(Version::parse(bad).is_err(), "{bad:?} accepted");
         }
     }
@@ -298,28 +360,63 @@ pub(crate) mod tests {
         type Mutation = Box<dyn Fn(&mut serde_json::Value)>;
         let cases: Vec<(Mutation, &str)> = vec![
             (Box::new(|v| v["colour"] = "red".into()), "unknown field"),
-            (Box::new(|v| v["artifacts"][0]["extra"] = 1.into()), "unknown field"),
-            (Box::new(|v| v["artifacts"][0]["kind"] = "initrd".into()), "unknown variant"),
-            (Box::new(|v| v["artifacts"][1]["kind"] = "root".into()), "root listed 2 times"),
-            (Box::new(|v| v["artifacts"].as_array_mut().unwrap().truncate(2)), "2 listed"),
-            (Box::new(|v| v["artifacts"][0]["size"] = (MAX_ARTIFACT_BYTES + 1).into()), "outside"),
-            (Box::new(|v| v["artifacts"][0]["size"] = 0.into()), "outside"),
-            (Box::new(|v| v["artifacts"][2]["sha256"] = "AB".repeat(32).into()), "sha256"),
+            (
+                Box::new(|v| v["artifacts"][0]["extra"] = 1.into()),
+                "unknown field",
+            ),
+            (
+                Box::new(|v| v["artifacts"][0]["kind"] = "initrd".into()),
+                "unknown variant",
+            ),
+            (
+                Box::new(|v| v["artifacts"][1]["kind"] = "root".into()),
+                "root listed 2 times",
+            ),
+            (
+                Box::new(|v| v["artifacts"].as_array_mut().unwrap().truncate(2)),
+                "2 listed",
+            ),
+            (
+                Box::new(|v| v["artifacts"][0]["size"] = (MAX_ARTIFACT_BYTES + 1).into()),
+                "outside",
+            ),
+            (
+                Box::new(|v| v["artifacts"][0]["size"] = 0.into()),
+                "outside",
+            ),
+            (
+                Box::new(|v| v["artifacts"][2]["sha256"] = "AB".repeat(32).into()),
+                "sha256",
+            ),
             (Box::new(|v| v["root_hash"] = "ab".into()), "root_hash"),
             (Box::new(|v| v["version"] = "1.x".into()), "version"),
             (Box::new(|v| v["security_epoch"] = (-1).into()), "u32"),
             (Box::new(|v| v["name"] = "A".into()), "name"),
             (Box::new(|v| v["compatible"] = "".into()), "compatible"),
-            (Box::new(|v| v.as_object_mut().unwrap().remove("compatible").map(|_| ()).unwrap()), "missing field"),
+            (
+                Box::new(|v| {
+                    v.as_object_mut()
+                        .unwrap()
+                        .remove("compatible")
+                        .map(|_| ())
+                        .unwrap()
+                }),
+                "missing field",
+            ),
         ];
         for (mutate, word) in cases {
             let mut v: serde_json::Value = serde_json::from_slice(&sample().to_json()).unwrap();
             mutate(&mut v);
-            let err = Manifest::from_json(&serde_json::to_vec(&v).unwrap()).unwrap_err().to_string();
+            let err = Manifest::from_json(&serde_json::to_vec(&v).unwrap())
+                .unwrap_err()
+                .to_string();
             assert!(err.contains(word), "{v}: {err:?} lacks {word:?}");
         }
         let dup = br#"{"name":"a","name":"b"}"#;
-        assert!(Manifest::from_json(dup).unwrap_err().to_string().contains("duplicate"));
+        assert!(Manifest::from_json(dup)
+            .unwrap_err()
+            .to_string()
+            .contains("duplicate"));
     }
 }
 
@@ -341,7 +438,9 @@ mod slot_uuid_tests {
 
     #[test]
     fn halves_of_the_root_hash() {
-        let hash = "00112233445566778899aabbccddeeff".repeat(2).replacen("00", "ff", 1);
+        let hash = "00112233445566778899aabbccddeeff"
+            .repeat(2)
+            .replacen("00", "ff", 1);
         let (root, verity) = slot_partition_uuids(&hash).unwrap();
         assert_eq!(root[0], 0xff);
         assert_eq!(verity[0], 0x00);

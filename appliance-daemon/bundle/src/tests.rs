@@ -30,8 +30,16 @@ fn manifest() -> Manifest {
 /// A bundle of `m` signed by the test keys with these seeds.
 fn bundle_of(m: &Manifest, seeds: &[u8]) -> Vec<u8> {
     let manifest = m.to_json();
-    let signatures = seeds.iter().map(|&s| trust::sign(&manifest, &key(s)).unwrap()).collect();
-    let mut out = RawHeader { manifest, signatures }.encode().unwrap();
+    let signatures = seeds
+        .iter()
+        .map(|&s| trust::sign(&manifest, &key(s)).unwrap())
+        .collect();
+    let mut out = RawHeader {
+        manifest,
+        signatures,
+    }
+    .encode()
+    .unwrap();
     for data in [ROOT, VERITY, UKI] {
         out.extend_from_slice(data);
     }
@@ -44,7 +52,11 @@ fn bundle(seeds: &[u8]) -> Vec<u8> {
 
 /// Keys 1, 2 and 3 trusted, `threshold` of them needed.
 fn trust(threshold: usize) -> Trust {
-    Trust::new(vec![trusted(1, "alice"), trusted(2, "bob"), trusted(3, "carol")], threshold).unwrap()
+    Trust::new(
+        vec![trusted(1, "alice"), trusted(2, "bob"), trusted(3, "carol")],
+        threshold,
+    )
+    .unwrap()
 }
 
 fn refusal(bytes: &[u8], trust: &Trust) -> Refusal {
@@ -69,8 +81,14 @@ fn signed_bundle_verifies() {
 #[test]
 fn wrong_key_is_refused() {
     match refusal(&bundle(&[9]), &trust(1)) {
-        Refusal::NoTrustedSignature { signatures: 1, untrusted } => {
-            assert_eq!(untrusted, [trust::fingerprint(key(9).public_key().key_data())])
+        Refusal::NoTrustedSignature {
+            signatures: 1,
+            untrusted,
+        } => {
+            assert_eq!(
+                untrusted,
+                [trust::fingerprint(key(9).public_key().key_data())]
+            )
         }
         other => panic!("{other}"),
     }
@@ -79,23 +97,62 @@ fn wrong_key_is_refused() {
 #[test]
 fn unsigned_bundle_is_refused() {
     let r = refusal(&bundle(&[]), &trust(1));
-    assert!(matches!(r, Refusal::NoTrustedSignature { signatures: 0, .. }), "{r}");
+    assert!(
+        matches!(r, Refusal::NoTrustedSignature { signatures: 0, .. }),
+        "{r}"
+    );
     assert_eq!(r.to_string(), "the bundle is not signed");
 }
 
 #[test]
 fn below_threshold_is_refused_and_one_key_counts_once() {
-    assert!(matches!(refusal(&bundle(&[1]), &trust(2)), Refusal::BelowThreshold { valid: 1, needed: 2 }));
-    assert!(matches!(refusal(&bundle(&[1, 1, 1]), &trust(2)), Refusal::BelowThreshold { valid: 1, needed: 2 }));
-    assert!(matches!(refusal(&bundle(&[1, 9]), &trust(2)), Refusal::BelowThreshold { valid: 1, needed: 2 }));
+    assert!(matches!(
+        refusal(&bundle(&[1]), &trust(2)),
+        Refusal::BelowThreshold {
+            valid: 1,
+            needed: 2
+        }
+    ));
+    assert!(matches!(
+        refusal(&bundle(&[1, 1, 1]), &trust(2)),
+        Refusal::BelowThreshold {
+            valid: 1,
+            needed: 2
+        }
+    ));
+    assert!(matches!(
+        refusal(&bundle(&[1, 9]), &trust(2)),
+        Refusal::BelowThreshold {
+            valid: 1,
+            needed: 2
+        }
+    ));
     // The same key listed twice in the trust file is one key.
-    let doubled = Trust::new(vec![trusted(1, "alice"), trusted(1, "alice-laptop"), trusted(2, "bob")], 2).unwrap();
-    assert!(matches!(refusal(&bundle(&[1]), &doubled), Refusal::BelowThreshold { valid: 1, needed: 2 }));
+    let doubled = Trust::new(
+        vec![
+            trusted(1, "alice"),
+            trusted(1, "alice-laptop"),
+            trusted(2, "bob"),
+        ],
+        2,
+    )
+    .unwrap();
+    assert!(matches!(
+        refusal(&bundle(&[1]), &doubled),
+        Refusal::BelowThreshold {
+            valid: 1,
+            needed: 2
+        }
+    ));
 }
 
 #[test]
 fn corrupted_payload_byte_is_refused() {
-    for (kind, offset) in [(ArtifactKind::Root, 0), (ArtifactKind::Verity, ROOT.len()), (ArtifactKind::Uki, ROOT.len() + VERITY.len() + 3)] {
+    for (kind, offset) in [
+        (ArtifactKind::Root, 0),
+        (ArtifactKind::Verity, ROOT.len()),
+        (ArtifactKind::Uki, ROOT.len() + VERITY.len() + 3),
+    ] {
         let mut b = bundle(&[1]);
         let at = payload_offset(&b) + offset;
         b[at] ^= 0x01;
@@ -116,7 +173,10 @@ fn corrupted_manifest_byte_is_refused() {
         let at = 16 + text.find(needle).unwrap() + needle.len() - 1;
         b[at] ^= 0x01;
         let r = refusal(&b, &trust(1));
-        assert!(matches!(r, Refusal::SignatureMismatch { ref identity } if identity == "alice"), "{needle}: {r}");
+        assert!(
+            matches!(r, Refusal::SignatureMismatch { ref identity } if identity == "alice"),
+            "{needle}: {r}"
+        );
     }
 }
 
@@ -126,15 +186,29 @@ fn signed_but_invalid_manifest_is_refused_after_the_signature_check() {
     v["artifacts"][2]["kind"] = "initrd".into();
     let manifest = serde_json::to_vec(&v).unwrap();
     let signatures = vec![trust::sign(&manifest, &key(1)).unwrap()];
-    let b = RawHeader { manifest, signatures }.encode().unwrap();
-    assert!(matches!(refusal(&b, &trust(1)), Refusal::CorruptManifest(why) if why.contains("initrd")));
+    let b = RawHeader {
+        manifest,
+        signatures,
+    }
+    .encode()
+    .unwrap();
+    assert!(
+        matches!(refusal(&b, &trust(1)), Refusal::CorruptManifest(why) if why.contains("initrd"))
+    );
 }
 
 #[test]
 fn truncated_file_is_refused() {
     let b = bundle(&[1]);
     let start = payload_offset(&b);
-    for (len, part) in [(0, "header"), (10, "header"), (20, "manifest"), (start - 3, "signature block"), (start, "payload"), (b.len() - 1, "payload")] {
+    for (len, part) in [
+        (0, "header"),
+        (10, "header"),
+        (20, "manifest"),
+        (start - 3, "signature block"),
+        (start, "payload"),
+        (b.len() - 1, "payload"),
+    ] {
         match refusal(&b[..len], &trust(1)) {
             Refusal::Truncated { what } => assert_eq!(what, part, "cut at {len}"),
             other => panic!("cut at {len}: {other}"),
@@ -155,24 +229,51 @@ fn absurd_sizes_are_refused() {
     let mut v: serde_json::Value = serde_json::from_slice(&manifest().to_json()).unwrap();
     v["artifacts"][0]["size"] = (crate::MAX_ARTIFACT_BYTES + 1).into();
     let m = serde_json::to_vec(&v).unwrap();
-    let b = RawHeader { signatures: vec![trust::sign(&m, &key(1)).unwrap()], manifest: m }.encode().unwrap();
-    assert!(matches!(refusal(&b, &trust(1)), Refusal::CorruptManifest(why) if why.contains("outside")));
+    let b = RawHeader {
+        signatures: vec![trust::sign(&m, &key(1)).unwrap()],
+        manifest: m,
+    }
+    .encode()
+    .unwrap();
+    assert!(
+        matches!(refusal(&b, &trust(1)), Refusal::CorruptManifest(why) if why.contains("outside"))
+    );
     // A manifest length of 4 GiB in the header.
     let mut b = bundle(&[1]);
     b[12..16].copy_from_slice(&u32::MAX.to_be_bytes());
-    assert!(matches!(refusal(&b, &trust(1)), Refusal::AbsurdSize { what: "manifest", .. }));
+    assert!(matches!(
+        refusal(&b, &trust(1)),
+        Refusal::AbsurdSize {
+            what: "manifest",
+            ..
+        }
+    ));
     // A signature count of 1000.
     let mut b = bundle(&[1]);
     let at = 16 + manifest().to_json().len();
     b[at..at + 4].copy_from_slice(&1000u32.to_be_bytes());
-    assert!(matches!(refusal(&b, &trust(1)), Refusal::AbsurdSize { what: "signature count", .. }));
+    assert!(matches!(
+        refusal(&b, &trust(1)),
+        Refusal::AbsurdSize {
+            what: "signature count",
+            ..
+        }
+    ));
 }
 
 #[test]
 fn signature_for_another_namespace_is_refused() {
     let m = manifest().to_json();
-    let sig = SshSig::sign(&key(1), "git", HashAlg::Sha512, &m).unwrap().to_pem(LineEnding::LF).unwrap();
-    let mut b = RawHeader { manifest: m, signatures: vec![sig.into_bytes()] }.encode().unwrap();
+    let sig = SshSig::sign(&key(1), "git", HashAlg::Sha512, &m)
+        .unwrap()
+        .to_pem(LineEnding::LF)
+        .unwrap();
+    let mut b = RawHeader {
+        manifest: m,
+        signatures: vec![sig.into_bytes()],
+    }
+    .encode()
+    .unwrap();
     b.extend_from_slice(&[ROOT, VERITY, UKI].concat());
     assert!(matches!(refusal(&b, &trust(1)), Refusal::WrongNamespace { found } if found == "git"));
 }
@@ -191,11 +292,26 @@ fn running(version: &str, epoch: u32, compatible: &str) -> RunningSystem {
 #[test]
 fn verified_bundle_meets_policy_checks() {
     let v = verify(&mut &bundle(&[1])[..], &trust(1)).unwrap();
-    assert_eq!(check_policy(&v.manifest, &running("1.1", 3, "airlock-debian-x86_64")), Ok(()));
-    assert!(matches!(check_policy(&v.manifest, &running("1.2", 3, "airlock-debian-x86_64")), Err(PolicyRefusal::NotNewer { .. })));
-    assert!(matches!(check_policy(&v.manifest, &running("1.3", 3, "airlock-debian-x86_64")), Err(PolicyRefusal::NotNewer { .. })));
-    assert!(matches!(check_policy(&v.manifest, &running("1.1", 4, "airlock-debian-x86_64")), Err(PolicyRefusal::EpochBelow { .. })));
-    assert!(matches!(check_policy(&v.manifest, &running("1.1", 3, "airlock-fedora-x86_64")), Err(PolicyRefusal::WrongCompatible { .. })));
+    assert_eq!(
+        check_policy(&v.manifest, &running("1.1", 3, "airlock-debian-x86_64")),
+        Ok(())
+    );
+    assert!(matches!(
+        check_policy(&v.manifest, &running("1.2", 3, "airlock-debian-x86_64")),
+        Err(PolicyRefusal::NotNewer { .. })
+    ));
+    assert!(matches!(
+        check_policy(&v.manifest, &running("1.3", 3, "airlock-debian-x86_64")),
+        Err(PolicyRefusal::NotNewer { .. })
+    ));
+    assert!(matches!(
+        check_policy(&v.manifest, &running("1.1", 4, "airlock-debian-x86_64")),
+        Err(PolicyRefusal::EpochBelow { .. })
+    ));
+    assert!(matches!(
+        check_policy(&v.manifest, &running("1.1", 3, "airlock-fedora-x86_64")),
+        Err(PolicyRefusal::WrongCompatible { .. })
+    ));
 }
 
 /// `sk-ssh-ed25519@openssh.com` (FIDO2) signatures, made the way a security
@@ -219,16 +335,38 @@ fn fido2_ed25519_signatures_verify_only_with_user_presence() {
         bytes.push(flags);
         bytes.extend_from_slice(&42u32.to_be_bytes());
         let sig = Signature::new(Algorithm::SkEd25519, bytes).unwrap();
-        SshSig::new(public.clone(), trust::NAMESPACE, HashAlg::Sha512, sig).unwrap().to_pem(LineEnding::LF).unwrap().into_bytes()
+        SshSig::new(public.clone(), trust::NAMESPACE, HashAlg::Sha512, sig)
+            .unwrap()
+            .to_pem(LineEnding::LF)
+            .unwrap()
+            .into_bytes()
     };
-    let fido = Trust::new(vec![crate::TrustedKey { identity: "yubikey".into(), key: PublicKey::new(public.clone(), "") }], 1).unwrap();
+    let fido = Trust::new(
+        vec![crate::TrustedKey {
+            identity: "yubikey".into(),
+            key: PublicKey::new(public.clone(), ""),
+        }],
+        1,
+    )
+    .unwrap();
     let with = |sig: Vec<u8>| {
-        let mut b = RawHeader { manifest: m.clone(), signatures: vec![sig] }.encode().unwrap();
+        let mut b = RawHeader {
+            manifest: m.clone(),
+            signatures: vec![sig],
+        }
+        .encode()
+        .unwrap();
         b.extend_from_slice(&[ROOT, VERITY, UKI].concat());
         b
     };
-    assert_eq!(verify(&mut &with(sk_sig(0x01))[..], &fido).unwrap().signers, ["yubikey"]);
-    assert!(matches!(refusal(&with(sk_sig(0x00)), &fido), Refusal::SignatureMismatch { .. }));
+    assert_eq!(
+        verify(&mut &with(sk_sig(0x01))[..], &fido).unwrap().signers,
+        ["yubikey"]
+    );
+    assert!(matches!(
+        refusal(&with(sk_sig(0x00)), &fido),
+        Refusal::SignatureMismatch { .. }
+    ));
     assert!(trust::check_foreign_signature(&m, &sk_sig(0x01)).is_ok());
 }
 
@@ -276,7 +414,11 @@ fn signature_version_other_than_one_is_refused() {
     let mut b = two_signed().to_vec();
     let armour = b"-----BEGIN SSH SIGNATURE-----\n";
     let start = b.windows(armour.len()).position(|w| w == armour).unwrap() + armour.len();
-    assert_eq!(&b[start..start + 16], b"U1NIU0lHAAAAAQAA", "SSHSIG magic, then version 1");
+    assert_eq!(
+        &b[start..start + 16],
+        b"U1NIU0lHAAAAAQAA",
+        "SSHSIG magic, then version 1"
+    );
     b[start + 13] = b'A';
     assert!(verify(&mut &b[..], &trust(2)).is_err());
 }

@@ -65,7 +65,10 @@ impl Trust {
         let mut distinct: Vec<TrustedKey> = Vec::new();
         for k in keys {
             check_algorithm(&k.key).map_err(TrustError::Key)?;
-            if !distinct.iter().any(|d| d.key.key_data() == k.key.key_data()) {
+            if !distinct
+                .iter()
+                .any(|d| d.key.key_data() == k.key.key_data())
+            {
                 distinct.push(k);
             }
         }
@@ -76,9 +79,15 @@ impl Trust {
             return Err(TrustError::TooManyKeys);
         }
         if threshold == 0 || threshold > distinct.len() {
-            return Err(TrustError::Threshold { threshold, keys: distinct.len() });
+            return Err(TrustError::Threshold {
+                threshold,
+                keys: distinct.len(),
+            });
         }
-        Ok(Trust { keys: distinct, threshold })
+        Ok(Trust {
+            keys: distinct,
+            threshold,
+        })
     }
 
     pub fn keys(&self) -> &[TrustedKey] {
@@ -93,7 +102,9 @@ impl Trust {
 fn check_algorithm(key: &PublicKey) -> Result<(), String> {
     match key.algorithm() {
         Algorithm::Ed25519 | Algorithm::SkEd25519 => Ok(()),
-        other => Err(format!("{other} keys are not accepted; use ed25519 (ssh-keygen -t ed25519 or -t ed25519-sk)")),
+        other => Err(format!(
+            "{other} keys are not accepted; use ed25519 (ssh-keygen -t ed25519 or -t ed25519-sk)"
+        )),
     }
 }
 
@@ -111,9 +122,15 @@ pub fn parse_allowed_signers(text: &str) -> Result<Vec<TrustedKey>, TrustError> 
         if line.is_empty() || line.starts_with('#') {
             continue;
         }
-        let (identity, rest) = line.split_once(char::is_whitespace).ok_or_else(|| bad("expected `identity key-type key`".into()))?;
+        let (identity, rest) = line
+            .split_once(char::is_whitespace)
+            .ok_or_else(|| bad("expected `identity key-type key`".into()))?;
         let rest = rest.trim_start();
-        let (options, key_text) = if is_key_type(rest) { ("", rest) } else { split_options(rest).ok_or_else(|| bad("unterminated quote in options".into()))? };
+        let (options, key_text) = if is_key_type(rest) {
+            ("", rest)
+        } else {
+            split_options(rest).ok_or_else(|| bad("unterminated quote in options".into()))?
+        };
         let mut for_us = true;
         for option in split_commas(options) {
             match option.split_once('=') {
@@ -121,13 +138,21 @@ pub fn parse_allowed_signers(text: &str) -> Result<Vec<TrustedKey>, TrustError> 
                     let list = value.trim_matches('"');
                     for_us = list.split(',').any(|n| n.trim() == NAMESPACE);
                 }
-                _ => return Err(bad(format!("option {option:?} is not supported (only namespaces=\"…\")"))),
+                _ => {
+                    return Err(bad(format!(
+                        "option {option:?} is not supported (only namespaces=\"…\")"
+                    )))
+                }
             }
         }
-        let key = PublicKey::from_openssh(key_text.trim()).map_err(|e| bad(format!("not an OpenSSH public key: {e}")))?;
+        let key = PublicKey::from_openssh(key_text.trim())
+            .map_err(|e| bad(format!("not an OpenSSH public key: {e}")))?;
         check_algorithm(&key).map_err(bad)?;
         if for_us {
-            keys.push(TrustedKey { identity: identity.to_string(), key });
+            keys.push(TrustedKey {
+                identity: identity.to_string(),
+                key,
+            });
         }
     }
     Ok(keys)
@@ -136,9 +161,13 @@ pub fn parse_allowed_signers(text: &str) -> Result<Vec<TrustedKey>, TrustError> 
 /// Parses one `.pub` file (`ssh-ed25519 AAAA… comment`); `identity` is
 /// usually the file's name.
 pub fn parse_public_key(text: &str, identity: &str) -> Result<TrustedKey, TrustError> {
-    let key = PublicKey::from_openssh(text.trim()).map_err(|e| TrustError::Key(format!("not an OpenSSH public key: {e}")))?;
+    let key = PublicKey::from_openssh(text.trim())
+        .map_err(|e| TrustError::Key(format!("not an OpenSSH public key: {e}")))?;
     check_algorithm(&key).map_err(TrustError::Key)?;
-    Ok(TrustedKey { identity: identity.to_string(), key })
+    Ok(TrustedKey {
+        identity: identity.to_string(),
+        key,
+    })
 }
 
 fn is_key_type(s: &str) -> bool {
@@ -186,21 +215,31 @@ pub fn fingerprint(key: &KeyData) -> String {
 /// `ssh-keygen -Y sign` writes it.
 pub fn parse_signature(armoured: &[u8]) -> Result<SshSig, String> {
     if armoured.len() > MAX_SIGNATURE_BYTES {
-        return Err(format!("{} bytes, more than {MAX_SIGNATURE_BYTES}", armoured.len()));
+        return Err(format!(
+            "{} bytes, more than {MAX_SIGNATURE_BYTES}",
+            armoured.len()
+        ));
     }
     let sig = SshSig::from_pem(armoured).map_err(|e| format!("not an SSH signature: {e}"))?;
     // ssh-key accepts any version up to its own and keeps it, and the
     // version is not covered by the signature: a 0 would verify too (the
     // bit-flip property test found that). Only the one OpenSSH writes.
     if sig.version() != SshSig::VERSION {
-        return Err(format!("SSH signature version {}, only {} is accepted", sig.version(), SshSig::VERSION));
+        return Err(format!(
+            "SSH signature version {}, only {} is accepted",
+            sig.version(),
+            SshSig::VERSION
+        ));
     }
     Ok(sig)
 }
 
 /// The one encoding a bundle stores: PEM with 70-column lines and LF.
 pub fn canonical(sig: &SshSig) -> Result<Vec<u8>, String> {
-    Ok(sig.to_pem(LineEnding::LF).map_err(|e| format!("encoding the signature: {e}"))?.into_bytes())
+    Ok(sig
+        .to_pem(LineEnding::LF)
+        .map_err(|e| format!("encoding the signature: {e}"))?
+        .into_bytes())
 }
 
 /// Parses a signature stored in a bundle, which must be in [`canonical`]
@@ -219,14 +258,23 @@ fn parse_stored_signature(armoured: &[u8]) -> Result<SshSig, String> {
 /// threshold. Refusals, most alarming first: a trusted key's signature
 /// that does not match (altered manifest), a wrong namespace, no trusted
 /// signer at all, too few.
-pub fn check_signatures(manifest: &[u8], signatures: &[Vec<u8>], trust: &Trust) -> Result<Vec<String>, Refusal> {
+pub fn check_signatures(
+    manifest: &[u8],
+    signatures: &[Vec<u8>],
+    trust: &Trust,
+) -> Result<Vec<String>, Refusal> {
     let mut signers: BTreeSet<usize> = BTreeSet::new();
     let mut untrusted: Vec<String> = Vec::new();
     let mut mismatch: Option<String> = None;
     let mut wrong_namespace: Option<String> = None;
     for (i, armoured) in signatures.iter().enumerate() {
-        let sig = parse_stored_signature(armoured).map_err(|why| Refusal::BadSignatureBlock(format!("signature {}: {why}", i + 1)))?;
-        let Some(index) = trust.keys.iter().position(|k| k.key.key_data() == sig.public_key()) else {
+        let sig = parse_stored_signature(armoured)
+            .map_err(|why| Refusal::BadSignatureBlock(format!("signature {}: {why}", i + 1)))?;
+        let Some(index) = trust
+            .keys
+            .iter()
+            .position(|k| k.key.key_data() == sig.public_key())
+        else {
             untrusted.push(fingerprint(sig.public_key()));
             continue;
         };
@@ -242,7 +290,10 @@ pub fn check_signatures(manifest: &[u8], signatures: &[Vec<u8>], trust: &Trust) 
         signers.insert(index);
     }
     if signers.len() >= trust.threshold {
-        return Ok(signers.into_iter().map(|i| trust.keys[i].identity.clone()).collect());
+        return Ok(signers
+            .into_iter()
+            .map(|i| trust.keys[i].identity.clone())
+            .collect());
     }
     if let Some(identity) = mismatch {
         return Err(Refusal::SignatureMismatch { identity });
@@ -251,9 +302,15 @@ pub fn check_signatures(manifest: &[u8], signatures: &[Vec<u8>], trust: &Trust) 
         return Err(Refusal::WrongNamespace { found });
     }
     if signers.is_empty() {
-        return Err(Refusal::NoTrustedSignature { signatures: signatures.len(), untrusted });
+        return Err(Refusal::NoTrustedSignature {
+            signatures: signatures.len(),
+            untrusted,
+        });
     }
-    Err(Refusal::BelowThreshold { valid: signers.len(), needed: trust.threshold })
+    Err(Refusal::BelowThreshold {
+        valid: signers.len(),
+        needed: trust.threshold,
+    })
 }
 
 /// FIDO2 signatures end with flags (1 byte) and a counter (4 bytes); flag
@@ -273,7 +330,8 @@ pub fn sign(manifest: &[u8], key: &PrivateKey) -> Result<Vec<u8>, String> {
         return Err("the private key is passphrase-protected; sign with `ssh-keygen -Y sign` and import with `airlock sign --signature`".into());
     }
     check_algorithm(key.public_key())?;
-    let sig = SshSig::sign(key, NAMESPACE, HashAlg::Sha512, manifest).map_err(|e| format!("signing: {e}"))?;
+    let sig = SshSig::sign(key, NAMESPACE, HashAlg::Sha512, manifest)
+        .map_err(|e| format!("signing: {e}"))?;
     canonical(&sig)
 }
 
@@ -281,14 +339,21 @@ pub fn sign(manifest: &[u8], key: &PrivateKey) -> Result<Vec<u8>, String> {
 /// parses, uses [`NAMESPACE`], an accepted algorithm, and matches the
 /// manifest bytes under its own key. Returns that key and the signature
 /// in the [`canonical`] form a bundle stores.
-pub fn check_foreign_signature(manifest: &[u8], armoured: &[u8]) -> Result<(PublicKey, Vec<u8>), String> {
+pub fn check_foreign_signature(
+    manifest: &[u8],
+    armoured: &[u8],
+) -> Result<(PublicKey, Vec<u8>), String> {
     let sig = parse_signature(armoured)?;
     if sig.namespace() != NAMESPACE {
-        return Err(format!("namespace is {:?}, not {NAMESPACE:?} (ssh-keygen -Y sign -n {NAMESPACE})", sig.namespace()));
+        return Err(format!(
+            "namespace is {:?}, not {NAMESPACE:?} (ssh-keygen -Y sign -n {NAMESPACE})",
+            sig.namespace()
+        ));
     }
     let key = PublicKey::new(sig.public_key().clone(), "");
     check_algorithm(&key)?;
-    key.verify(NAMESPACE, manifest, &sig).map_err(|_| "the signature does not match this bundle's manifest bytes".to_string())?;
+    key.verify(NAMESPACE, manifest, &sig)
+        .map_err(|_| "the signature does not match this bundle's manifest bytes".to_string())?;
     if !user_present(&sig) {
         return Err("the FIDO2 signature was made without user presence (touch)".into());
     }
@@ -311,7 +376,10 @@ pub(crate) mod tests {
     }
 
     pub(crate) fn trusted(seed: u8, identity: &str) -> TrustedKey {
-        TrustedKey { identity: identity.into(), key: key(seed).public_key().clone() }
+        TrustedKey {
+            identity: identity.into(),
+            key: key(seed).public_key().clone(),
+        }
     }
 
     #[test]
@@ -328,7 +396,10 @@ pub(crate) mod tests {
             (format!("x valid-after=\"20250101\" {a}"), "valid-after"),
             ("x ssh-ed25519 AAAAnot-base64".to_string(), "line 1"),
             ("x".to_string(), "expected"),
-            ("x ssh-rsa AAAAB3NzaC1yc2EAAAADAQABAAAAgQC0 x".to_string(), "line 1"),
+            (
+                "x ssh-rsa AAAAB3NzaC1yc2EAAAADAQABAAAAgQC0 x".to_string(),
+                "line 1",
+            ),
         ] {
             let err = parse_allowed_signers(&bad).unwrap_err().to_string();
             assert!(err.contains(word), "{bad}: {err}");
@@ -339,8 +410,17 @@ pub(crate) mod tests {
     fn threshold_must_be_reachable_and_duplicates_count_once() {
         let keys = vec![trusted(1, "a"), trusted(1, "a-again"), trusted(2, "b")];
         assert_eq!(Trust::new(keys.clone(), 2).unwrap().keys().len(), 2);
-        assert!(matches!(Trust::new(keys.clone(), 3), Err(TrustError::Threshold { threshold: 3, keys: 2 })));
-        assert!(matches!(Trust::new(keys, 0), Err(TrustError::Threshold { .. })));
+        assert!(matches!(
+            Trust::new(keys.clone(), 3),
+            Err(TrustError::Threshold {
+                threshold: 3,
+                keys: 2
+            })
+        ));
+        assert!(matches!(
+            Trust::new(keys, 0),
+            Err(TrustError::Threshold { .. })
+        ));
         assert!(matches!(Trust::new(vec![], 1), Err(TrustError::NoKeys)));
     }
 
@@ -348,9 +428,22 @@ pub(crate) mod tests {
     fn foreign_signature_is_checked_before_import() {
         let manifest = b"{}";
         let sig = sign(manifest, &key(1)).unwrap();
-        assert_eq!(&check_foreign_signature(manifest, &sig).unwrap().0.key_data(), &key(1).public_key().key_data());
-        assert!(check_foreign_signature(b"{ }", &sig).unwrap_err().contains("does not match"));
-        let other_ns = SshSig::sign(&key(1), "file", HashAlg::Sha512, manifest).unwrap().to_pem(LineEnding::LF).unwrap();
-        assert!(check_foreign_signature(manifest, other_ns.as_bytes()).unwrap_err().contains("namespace"));
+        assert_eq!(
+            &check_foreign_signature(manifest, &sig)
+                .unwrap()
+                .0
+                .key_data(),
+            &key(1).public_key().key_data()
+        );
+        assert!(check_foreign_signature(b"{ }", &sig)
+            .unwrap_err()
+            .contains("does not match"));
+        let other_ns = SshSig::sign(&key(1), "file", HashAlg::Sha512, manifest)
+            .unwrap()
+            .to_pem(LineEnding::LF)
+            .unwrap();
+        assert!(check_foreign_signature(manifest, other_ns.as_bytes())
+            .unwrap_err()
+            .contains("namespace"));
     }
 }

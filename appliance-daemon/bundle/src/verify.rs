@@ -41,8 +41,14 @@ impl VerifiedManifest {
 pub fn open<R: Read>(r: &mut R, trust: &Trust) -> Result<VerifiedManifest, Refusal> {
     let header = RawHeader::read(r)?;
     let signers = check_signatures(&header.manifest, &header.signatures, trust)?;
-    let manifest = Manifest::from_json(&header.manifest).map_err(|e| Refusal::CorruptManifest(e.0))?;
-    Ok(VerifiedManifest { payload_offset: header.payload_offset(), manifest, manifest_bytes: header.manifest, signers })
+    let manifest =
+        Manifest::from_json(&header.manifest).map_err(|e| Refusal::CorruptManifest(e.0))?;
+    Ok(VerifiedManifest {
+        payload_offset: header.payload_offset(),
+        manifest,
+        manifest_bytes: header.manifest,
+        signers,
+    })
 }
 
 /// Where the payload pass is: bytes done of the total.
@@ -72,14 +78,25 @@ pub fn read_payload<R: Read>(
             let n = left.min(CHUNK as u64) as usize;
             read_exact(r, &mut buf[..n], "payload")?;
             hash.update(&buf[..n]);
-            sink(artifact.kind, &buf[..n]).map_err(|error| Refusal::Io { during: "writing the payload", error })?;
+            sink(artifact.kind, &buf[..n]).map_err(|error| Refusal::Io {
+                during: "writing the payload",
+                error,
+            })?;
             left -= n as u64;
             done += n as u64;
-            progress(Progress { artifact: artifact.kind, done, total });
+            progress(Progress {
+                artifact: artifact.kind,
+                done,
+                total,
+            });
         }
         let actual = hex::encode(hash.finalize());
         if actual != artifact.sha256 {
-            return Err(Refusal::CorruptPayload { artifact: artifact.kind, expected: artifact.sha256.clone(), actual });
+            return Err(Refusal::CorruptPayload {
+                artifact: artifact.kind,
+                expected: artifact.sha256.clone(),
+                actual,
+            });
         }
     }
     let mut probe = [0u8; 1];
@@ -88,7 +105,12 @@ pub fn read_payload<R: Read>(
             Ok(0) => return Ok(()),
             Ok(_) => return Err(Refusal::TrailingJunk),
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(error) => return Err(Refusal::Io { during: "end of bundle", error }),
+            Err(error) => {
+                return Err(Refusal::Io {
+                    during: "end of bundle",
+                    error,
+                })
+            }
         }
     }
 }
@@ -100,7 +122,11 @@ pub fn verify<R: Read>(r: &mut R, trust: &Trust) -> Result<VerifiedManifest, Ref
 }
 
 /// [`verify`], reporting the payload pass to `progress`.
-pub fn verify_with_progress<R: Read>(r: &mut R, trust: &Trust, progress: &mut dyn FnMut(Progress)) -> Result<VerifiedManifest, Refusal> {
+pub fn verify_with_progress<R: Read>(
+    r: &mut R,
+    trust: &Trust,
+    progress: &mut dyn FnMut(Progress),
+) -> Result<VerifiedManifest, Refusal> {
     let verified = open(r, trust)?;
     read_payload(r, &verified.manifest, &mut |_, _| Ok(()), progress)?;
     Ok(verified)

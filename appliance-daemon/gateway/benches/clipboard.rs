@@ -19,7 +19,8 @@ use common::*;
 use std::time::{Duration, Instant};
 
 fn text(len: usize) -> Vec<u8> {
-    let line = b"The quick brown fox jumps over the lazy dog 0123456789 -- airlock clipboard bench\n";
+    let line =
+        b"The quick brown fox jumps over the lazy dog 0123456789 -- airlock clipboard bench\n";
     line.iter().copied().cycle().take(len).collect()
 }
 
@@ -33,7 +34,11 @@ fn image_4mp() -> Vec<u8> {
         seed ^= seed << 17;
         let n = (seed & 0x0f) as u8;
         let band = ((y / 64) % 4) as u8 * 40;
-        image::Rgb([((x / 8) as u8).wrapping_add(n), band.wrapping_add(n), ((x ^ y) as u8) / 2])
+        image::Rgb([
+            ((x / 8) as u8).wrapping_add(n),
+            band.wrapping_add(n),
+            ((x ^ y) as u8) / 2,
+        ])
     });
     let mut out = Vec::new();
     image::DynamicImage::ImageRgb8(img)
@@ -53,7 +58,10 @@ fn ms(d: Duration) -> String {
 
 fn main() {
     // `cargo bench` passes --bench; an optional number scales the runs.
-    let scale: usize = std::env::args().skip(1).find_map(|a| a.parse().ok()).unwrap_or(1);
+    let scale: usize = std::env::args()
+        .skip(1)
+        .find_map(|a| a.parse().ok())
+        .unwrap_or(1);
     let dir = tempfile::tempdir().unwrap();
     let gport = FakePort::bind(dir.path(), "general");
     let cport = FakePort::bind(dir.path(), "classified");
@@ -62,12 +70,34 @@ fn main() {
     let mut classified = cport.accept();
 
     let workloads: Vec<(&str, ClipboardType, Vec<u8>, usize)> = vec![
-        ("1 KiB text", ClipboardType::Utf8Text, text(1024), 50 * scale),
-        ("1 MiB text", ClipboardType::Utf8Text, text(1 << 20), 20 * scale),
-        ("4 MP image (2048x2048 PNG)", ClipboardType::Png, image_4mp(), 10 * scale),
+        (
+            "1 KiB text",
+            ClipboardType::Utf8Text,
+            text(1024),
+            50 * scale,
+        ),
+        (
+            "1 MiB text",
+            ClipboardType::Utf8Text,
+            text(1 << 20),
+            20 * scale,
+        ),
+        (
+            "4 MP image (2048x2048 PNG)",
+            ClipboardType::Png,
+            image_4mp(),
+            10 * scale,
+        ),
     ];
-    println!("clipboard bench: gateway {} (pid {})", env!("CARGO_BIN_EXE_airlock-gateway"), gw.pid());
-    println!("{:<28} {:>6} {:>11} {:>11} {:>11} {:>11}", "workload", "runs", "input", "median", "p99", "max");
+    println!(
+        "clipboard bench: gateway {} (pid {})",
+        env!("CARGO_BIN_EXE_airlock-gateway"),
+        gw.pid()
+    );
+    println!(
+        "{:<28} {:>6} {:>11} {:>11} {:>11} {:>11}",
+        "workload", "runs", "input", "median", "p99", "max"
+    );
     for (name, ty, data, runs) in &workloads {
         let mut times = Vec::with_capacity(*runs);
         let mut out_len = 0;
@@ -92,15 +122,31 @@ fn main() {
     }
     gw.assert_running();
     let status = std::fs::read_to_string(format!("/proc/{}/status", gw.pid())).unwrap();
-    let hwm = status.lines().find(|l| l.starts_with("VmHWM:")).unwrap_or("VmHWM: ?").to_string();
+    let hwm = status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .unwrap_or("VmHWM: ?")
+        .to_string();
     let sanitiser_peak = gw
         .stderr()
         .lines()
         .filter_map(|l| l.split("sanitiser peak RSS ").nth(1))
         .filter_map(|s| s.split_whitespace().next()?.parse::<u64>().ok())
         .max();
-    println!("gateway peak RSS:   {} kB", hwm.trim_start_matches("VmHWM:").trim().trim_end_matches(" kB"));
-    println!("sanitiser peak RSS: {} kB (largest of all runs)", sanitiser_peak.map_or("?".into(), |k| k.to_string()));
-    let accepted = gw.audit_lines().iter().filter(|l| l.contains("result=accepted")).count();
+    println!(
+        "gateway peak RSS:   {} kB",
+        hwm.trim_start_matches("VmHWM:")
+            .trim()
+            .trim_end_matches(" kB")
+    );
+    println!(
+        "sanitiser peak RSS: {} kB (largest of all runs)",
+        sanitiser_peak.map_or("?".into(), |k| k.to_string())
+    );
+    let accepted = gw
+        .audit_lines()
+        .iter()
+        .filter(|l| l.contains("result=accepted"))
+        .count();
     println!("audit: {accepted} accepted transfers");
 }

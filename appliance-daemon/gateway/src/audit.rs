@@ -63,7 +63,9 @@ impl AuditLog {
             .mode(0o640)
             .open(path)
             .with_context(|| format!("opening audit log {}", path.display()))?;
-        Ok(AuditLog { sink: Sink::File(file) })
+        Ok(AuditLog {
+            sink: Sink::File(file),
+        })
     }
 
     /// Audit lines on standard error (no `--audit-log` given).
@@ -158,8 +160,14 @@ mod tests {
     #[test]
     fn timestamps() {
         assert_eq!(rfc3339_utc(UNIX_EPOCH), "1970-01-01T00:00:00.000Z");
-        assert_eq!(rfc3339_utc(UNIX_EPOCH + Duration::from_millis(951_782_400_123)), "2000-02-29T00:00:00.123Z");
-        assert_eq!(rfc3339_utc(UNIX_EPOCH + Duration::from_secs(1_795_652_655)), "2026-11-26T00:24:15.000Z");
+        assert_eq!(
+            rfc3339_utc(UNIX_EPOCH + Duration::from_millis(951_782_400_123)),
+            "2000-02-29T00:00:00.123Z"
+        );
+        assert_eq!(
+            rfc3339_utc(UNIX_EPOCH + Duration::from_secs(1_795_652_655)),
+            "2026-11-26T00:24:15.000Z"
+        );
     }
 
     #[test]
@@ -193,7 +201,12 @@ mod tests {
                 rejected: Some("a \"quoted\"\nreason"),
             },
         );
-        assert!(line.ends_with("size_out=0 sha256=- result=rejected reason=\"a \\\"quoted\\\"\\u{a}reason\"\n"), "{line}");
+        assert!(
+            line.ends_with(
+                "size_out=0 sha256=- result=rejected reason=\"a \\\"quoted\\\"\\u{a}reason\"\n"
+            ),
+            "{line}"
+        );
         assert_eq!(line.lines().count(), 1);
     }
 

@@ -45,7 +45,12 @@ pub struct GatewayOpts {
     #[arg(long, value_name = "PATH")]
     pub confirm_socket: Option<PathBuf>,
     /// Confirm mode: how long the user has to accept.
-    #[arg(long, value_name = "MS", default_value_t = 30000, requires = "confirm_socket")]
+    #[arg(
+        long,
+        value_name = "MS",
+        default_value_t = 30000,
+        requires = "confirm_socket"
+    )]
     pub confirm_timeout_ms: u64,
     /// Confirm mode: give the socket to this group (numeric gid; this
     /// program's user must be a member), mode 0660, so that the kiosk (a
@@ -129,33 +134,101 @@ mod tests {
 
     #[test]
     fn gateway_cli() {
-        let o = GatewayOpts::try_parse_from(["g", "--classified", "/c", "--general", "/g"]).unwrap();
+        let o =
+            GatewayOpts::try_parse_from(["g", "--classified", "/c", "--general", "/g"]).unwrap();
         assert_eq!(o.max_bytes, 32 << 20);
-        let c = GatewayOpts::try_parse_from(["g", "--classified", "/c", "--general", "/g", "--max-bytes", "10", "--sanitiser", "/s"])
-            .unwrap()
-            .into_config()
-            .unwrap();
+        let c = GatewayOpts::try_parse_from([
+            "g",
+            "--classified",
+            "/c",
+            "--general",
+            "/g",
+            "--max-bytes",
+            "10",
+            "--sanitiser",
+            "/s",
+        ])
+        .unwrap()
+        .into_config()
+        .unwrap();
         assert_eq!(c.runner.limits.max_text_bytes, 10);
         assert_eq!(c.runner.program, PathBuf::from("/s"));
         assert!(GatewayOpts::try_parse_from(["g", "--classified", "/c"]).is_err());
-        assert!(GatewayOpts::try_parse_from(["g", "--classified", "/c", "--general", "/g", "--max-bytes", "0"]).is_err());
-        assert!(GatewayOpts::try_parse_from(["g", "--classified", "/c", "--general", "/g", "--max-bytes", "4294967295"]).is_err());
+        assert!(GatewayOpts::try_parse_from([
+            "g",
+            "--classified",
+            "/c",
+            "--general",
+            "/g",
+            "--max-bytes",
+            "0"
+        ])
+        .is_err());
+        assert!(GatewayOpts::try_parse_from([
+            "g",
+            "--classified",
+            "/c",
+            "--general",
+            "/g",
+            "--max-bytes",
+            "4294967295"
+        ])
+        .is_err());
     }
 
     #[test]
     fn confirm_options() {
         let parse = |extra: &[&str]| {
-            GatewayOpts::try_parse_from(["g", "--classified", "/c", "--general", "/g", "--sanitiser", "/s"].iter().chain(extra))
-                .map(|o| o.into_config().unwrap().confirm)
+            GatewayOpts::try_parse_from(
+                [
+                    "g",
+                    "--classified",
+                    "/c",
+                    "--general",
+                    "/g",
+                    "--sanitiser",
+                    "/s",
+                ]
+                .iter()
+                .chain(extra),
+            )
+            .map(|o| o.into_config().unwrap().confirm)
         };
         assert_eq!(parse(&[]).unwrap(), None);
-        let c = parse(&["--confirm-socket", "/r/confirm.sock"]).unwrap().unwrap();
-        assert_eq!(c, ConfirmConfig { socket: "/r/confirm.sock".into(), timeout: Duration::from_millis(30000), group: None });
-        let c = parse(&["--confirm-socket", "/r/c.sock", "--confirm-group", "985", "--confirm-timeout-ms", "5000"]).unwrap().unwrap();
-        assert_eq!((c.group, c.timeout), (Some(985), Duration::from_millis(5000)));
+        let c = parse(&["--confirm-socket", "/r/confirm.sock"])
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            c,
+            ConfirmConfig {
+                socket: "/r/confirm.sock".into(),
+                timeout: Duration::from_millis(30000),
+                group: None
+            }
+        );
+        let c = parse(&[
+            "--confirm-socket",
+            "/r/c.sock",
+            "--confirm-group",
+            "985",
+            "--confirm-timeout-ms",
+            "5000",
+        ])
+        .unwrap()
+        .unwrap();
+        assert_eq!(
+            (c.group, c.timeout),
+            (Some(985), Duration::from_millis(5000))
+        );
         // A group without a socket, or not a gid, is refused.
         assert!(parse(&["--confirm-group", "985"]).is_err());
-        assert!(parse(&["--confirm-socket", "/r/c.sock", "--confirm-group", "airlock-confirm"]).is_err());
+        assert!(parse(&[
+            "--confirm-socket",
+            "/r/c.sock",
+            "--confirm-group",
+            "airlock-confirm"
+        ])
+        .is_err());
         assert!(parse(&["--confirm-socket", "/r/c.sock", "--confirm-group", "-1"]).is_err());
     }
 }

@@ -85,7 +85,9 @@ pub fn serve(
 ) {
     for conn in listener.incoming() {
         let Ok(conn) = conn else { continue };
-        let Ok(writer) = conn.try_clone() else { continue };
+        let Ok(writer) = conn.try_clone() else {
+            continue;
+        };
         if !on_client(writer) {
             return;
         }
@@ -120,9 +122,29 @@ mod tests {
 
     #[test]
     fn kiosk_lines() {
-        assert_eq!(parse_line("accept 7\n"), Some(Verdict { transfer: 7, accept: true }));
-        assert_eq!(parse_line("reject 12"), Some(Verdict { transfer: 12, accept: false }));
-        for bad in ["", "accept", "accept x", "accept 1 2", "ACCEPT 1", "yes 1", "accept -1"] {
+        assert_eq!(
+            parse_line("accept 7\n"),
+            Some(Verdict {
+                transfer: 7,
+                accept: true
+            })
+        );
+        assert_eq!(
+            parse_line("reject 12"),
+            Some(Verdict {
+                transfer: 12,
+                accept: false
+            })
+        );
+        for bad in [
+            "",
+            "accept",
+            "accept x",
+            "accept 1 2",
+            "ACCEPT 1",
+            "yes 1",
+            "accept -1",
+        ] {
             assert_eq!(parse_line(bad), None, "{bad:?}");
         }
         assert_eq!(pending_line(3, "png", 10), "pending 3 png 10\n");
@@ -155,9 +177,15 @@ mod tests {
             let member: Vec<u32> = status
                 .lines()
                 .find_map(|l| l.strip_prefix("Groups:"))
-                .map(|g| g.split_whitespace().filter_map(|n| n.parse().ok()).collect())
+                .map(|g| {
+                    g.split_whitespace()
+                        .filter_map(|n| n.parse().ok())
+                        .collect()
+                })
                 .unwrap_or_default();
-            let foreign = (60000..65000).find(|g| *g != ours && !member.contains(g)).unwrap();
+            let foreign = (60000..65000)
+                .find(|g| *g != ours && !member.contains(g))
+                .unwrap();
             let _l = bind(&path, Some(foreign)).unwrap();
             assert_eq!(mode_and_group(&path), (PRIVATE_MODE, ours));
         }

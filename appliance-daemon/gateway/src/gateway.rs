@@ -16,8 +16,8 @@
 
 use crate::audit::{AuditLog, Direction, Record};
 use crate::confirm::{self, Verdict};
-use crate::sanitise::Clean;
 use crate::runner::{Outcome, Runner};
+use crate::sanitise::Clean;
 use airlock_vdagent::{cap, encode, Capabilities, ClipboardType, DecodeError, Decoder, Message};
 use anyhow::{Context, Result};
 use std::io::{Read, Write};
@@ -43,8 +43,12 @@ const CLASSIFIED_MAX_MESSAGE: u32 = 4096;
 const EVENT_QUEUE: usize = 256;
 
 /// Types accepted from the general guest, best first.
-const PREFERENCE: [ClipboardType; 4] =
-    [ClipboardType::Utf8Text, ClipboardType::Png, ClipboardType::Bmp, ClipboardType::Jpg];
+const PREFERENCE: [ClipboardType; 4] = [
+    ClipboardType::Utf8Text,
+    ClipboardType::Png,
+    ClipboardType::Bmp,
+    ClipboardType::Jpg,
+];
 
 /// Everything the gateway needs to run.
 #[derive(Debug, Clone)]
@@ -101,12 +105,35 @@ macro_rules! log {
 }
 
 enum Event {
-    Connected { side: Side, conn: u64, stream: UnixStream },
-    Closed { side: Side, conn: u64, reason: String },
-    Msg { side: Side, conn: u64, msg: Message },
-    Refused { side: Side, conn: u64, err: DecodeError },
-    Sanitised { transfer: u64, ty: ClipboardType, size_in: usize, outcome: Outcome },
-    KioskConnected { stream: UnixStream },
+    Connected {
+        side: Side,
+        conn: u64,
+        stream: UnixStream,
+    },
+    Closed {
+        side: Side,
+        conn: u64,
+        reason: String,
+    },
+    Msg {
+        side: Side,
+        conn: u64,
+        msg: Message,
+    },
+    Refused {
+        side: Side,
+        conn: u64,
+        err: DecodeError,
+    },
+    Sanitised {
+        transfer: u64,
+        ty: ClipboardType,
+        size_in: usize,
+        outcome: Outcome,
+    },
+    KioskConnected {
+        stream: UnixStream,
+    },
     Verdict(Verdict),
 }
 
@@ -152,8 +179,8 @@ pub fn run(cfg: Config) -> Result<()> {
     // (and so its socket), not the gateway's memory.
     let (tx, rx) = mpsc::sync_channel(EVENT_QUEUE);
     if let Some(c) = &cfg.confirm {
-        let listener =
-            confirm::bind(&c.socket, c.group).with_context(|| format!("binding confirm socket {}", c.socket.display()))?;
+        let listener = confirm::bind(&c.socket, c.group)
+            .with_context(|| format!("binding confirm socket {}", c.socket.display()))?;
         let (t1, t2) = (tx.clone(), tx.clone());
         std::thread::Builder::new()
             .name("confirm".into())
@@ -167,8 +194,16 @@ pub fn run(cfg: Config) -> Result<()> {
             .context("starting the confirm thread")?;
     }
     for (side, path, cap) in [
-        (Side::General, cfg.general.clone(), cfg.max_bytes.saturating_add(4)),
-        (Side::Classified, cfg.classified.clone(), CLASSIFIED_MAX_MESSAGE),
+        (
+            Side::General,
+            cfg.general.clone(),
+            cfg.max_bytes.saturating_add(4),
+        ),
+        (
+            Side::Classified,
+            cfg.classified.clone(),
+            CLASSIFIED_MAX_MESSAGE,
+        ),
     ] {
         let tx = tx.clone();
         std::thread::Builder::new()
@@ -190,13 +225,23 @@ pub fn run(cfg: Config) -> Result<()> {
         sanitising: None,
         queued: None,
     };
-    log!("info", "started; general {}, classified {}", core.cfg.general.display(), core.cfg.classified.display());
+    log!(
+        "info",
+        "started; general {}, classified {}",
+        core.cfg.general.display(),
+        core.cfg.classified.display()
+    );
     loop {
-        let next = [core.pending.as_ref().map(|p| p.deadline), core.awaiting.as_ref().map(|a| a.deadline)]
-            .into_iter()
-            .flatten()
-            .min();
-        let wait = next.map_or(Duration::from_secs(3600), |d| d.saturating_duration_since(Instant::now()));
+        let next = [
+            core.pending.as_ref().map(|p| p.deadline),
+            core.awaiting.as_ref().map(|a| a.deadline),
+        ]
+        .into_iter()
+        .flatten()
+        .min();
+        let wait = next.map_or(Duration::from_secs(3600), |d| {
+            d.saturating_duration_since(Instant::now())
+        });
         match rx.recv_timeout(wait) {
             Ok(ev) => core.handle(ev),
             Err(RecvTimeoutError::Timeout) => {}
@@ -226,7 +271,14 @@ fn connection_loop(side: Side, path: PathBuf, cap: u32, tx: Sender<Event>) {
                     }
                 };
                 let _ = writer.set_write_timeout(Some(WRITE_TIMEOUT));
-                if tx.send(Event::Connected { side, conn, stream: writer }).is_err() {
+                if tx
+                    .send(Event::Connected {
+                        side,
+                        conn,
+                        stream: writer,
+                    })
+                    .is_err()
+                {
                     return;
                 }
                 let started = Instant::now();
@@ -242,7 +294,12 @@ fn connection_loop(side: Side, path: PathBuf, cap: u32, tx: Sender<Event>) {
             Err(e) => {
                 let msg = e.to_string();
                 if msg != last_error {
-                    log!("warn", "{}: cannot connect to {}: {msg}; retrying with back-off", side.name(), path.display());
+                    log!(
+                        "warn",
+                        "{}: cannot connect to {}: {msg}; retrying with back-off",
+                        side.name(),
+                        path.display()
+                    );
                     last_error = msg;
                 }
             }
@@ -252,7 +309,13 @@ fn connection_loop(side: Side, path: PathBuf, cap: u32, tx: Sender<Event>) {
     }
 }
 
-fn read_loop(side: Side, conn: u64, mut stream: &UnixStream, cap: u32, tx: &Sender<Event>) -> String {
+fn read_loop(
+    side: Side,
+    conn: u64,
+    mut stream: &UnixStream,
+    cap: u32,
+    tx: &Sender<Event>,
+) -> String {
     let mut decoder = Decoder::new(cap);
     let mut buf = vec![0u8; 64 * 1024];
     loop {
@@ -263,7 +326,11 @@ fn read_loop(side: Side, conn: u64, mut stream: &UnixStream, cap: u32, tx: &Send
             Err(e) => return format!("read error: {e}"),
         };
         for item in decoder.feed(&buf[..n]) {
-            let fatal = item.as_ref().err().map(DecodeError::is_fatal).unwrap_or(false);
+            let fatal = item
+                .as_ref()
+                .err()
+                .map(DecodeError::is_fatal)
+                .unwrap_or(false);
             let reason = item.as_ref().err().map(ToString::to_string);
             let ev = match item {
                 Ok(msg) => Event::Msg { side, conn, msg },
@@ -273,7 +340,10 @@ fn read_loop(side: Side, conn: u64, mut stream: &UnixStream, cap: u32, tx: &Send
                 return "gateway stopping".into();
             }
             if fatal {
-                return format!("dropped after framing error: {}", reason.unwrap_or_default());
+                return format!(
+                    "dropped after framing error: {}",
+                    reason.unwrap_or_default()
+                );
             }
         }
     }
@@ -305,7 +375,13 @@ impl Core {
                 if side == Side::General {
                     self.pending = None;
                 }
-                self.send(side, &Message::AnnounceCapabilities { request: true, caps: our_capabilities() });
+                self.send(
+                    side,
+                    &Message::AnnounceCapabilities {
+                        request: true,
+                        caps: our_capabilities(),
+                    },
+                );
                 self.session_start(side);
             }
             Event::Closed { side, conn, reason } => {
@@ -314,7 +390,13 @@ impl Core {
                     self.conns[side.idx()] = None;
                     if side == Side::General {
                         if let Some(p) = self.pending.take() {
-                            self.reject(p.transfer, Direction::GeneralToClassified, &p.ty.name(), 0, "general guest disconnected before answering");
+                            self.reject(
+                                p.transfer,
+                                Direction::GeneralToClassified,
+                                &p.ty.name(),
+                                0,
+                                "general guest disconnected before answering",
+                            );
                         }
                     }
                 }
@@ -338,43 +420,75 @@ impl Core {
                         Side::General => Direction::GeneralToClassified,
                         Side::Classified => Direction::ClassifiedToGeneral,
                     };
-                    self.reject(transfer, direction, &format!("file-transfer-{msg_type}"), size as usize, "file transfer refused");
+                    self.reject(
+                        transfer,
+                        direction,
+                        &format!("file-transfer-{msg_type}"),
+                        size as usize,
+                        "file transfer refused",
+                    );
                 } else if side == Side::General {
                     // A refused message from general may be the answer we
                     // wait for (too large, malformed): fail the transfer now
                     // rather than at the timeout.
                     let size = match &err {
-                        DecodeError::MessageTooLarge { msg_type: 4, size, .. } => Some(*size as usize),
+                        DecodeError::MessageTooLarge {
+                            msg_type: 4, size, ..
+                        } => Some(*size as usize),
                         DecodeError::BadPayload { msg_type: 4, .. } => Some(0),
                         e if e.is_fatal() => Some(0),
                         _ => None,
                     };
                     if let Some(size) = size {
                         if let Some(p) = self.pending.take() {
-                            self.reject(p.transfer, Direction::GeneralToClassified, &p.ty.name(), size, &err.to_string());
+                            self.reject(
+                                p.transfer,
+                                Direction::GeneralToClassified,
+                                &p.ty.name(),
+                                size,
+                                &err.to_string(),
+                            );
                         }
                     }
                 }
             }
-            Event::Sanitised { transfer, ty, size_in, outcome } => self.sanitised(transfer, ty, size_in, outcome),
+            Event::Sanitised {
+                transfer,
+                ty,
+                size_in,
+                outcome,
+            } => self.sanitised(transfer, ty, size_in, outcome),
             Event::KioskConnected { stream } => {
                 log!("info", "confirm: kiosk connected");
                 self.kiosk = Some(stream);
                 if let Some(a) = &self.awaiting {
-                    let line = confirm::pending_line(a.transfer, &a.clean.ty.name(), a.clean.data.len());
+                    let line =
+                        confirm::pending_line(a.transfer, &a.clean.ty.name(), a.clean.data.len());
                     self.notify_kiosk(&line);
                 }
             }
             Event::Verdict(v) => match self.awaiting.take_if(|a| a.transfer == v.transfer) {
                 Some(a) if v.accept => self.offer(a.transfer, a.ty, a.size_in, a.clean),
-                Some(a) => self.reject(a.transfer, Direction::GeneralToClassified, &a.ty.name(), a.size_in, "refused at the confirmation prompt"),
-                None => log!("warn", "confirm: verdict for transfer {} which is not pending; ignored", v.transfer),
+                Some(a) => self.reject(
+                    a.transfer,
+                    Direction::GeneralToClassified,
+                    &a.ty.name(),
+                    a.size_in,
+                    "refused at the confirmation prompt",
+                ),
+                None => log!(
+                    "warn",
+                    "confirm: verdict for transfer {} which is not pending; ignored",
+                    v.transfer
+                ),
             },
         }
     }
 
     fn is_current(&self, side: Side, conn: u64) -> bool {
-        self.conns[side.idx()].as_ref().is_some_and(|c| c.id == conn)
+        self.conns[side.idx()]
+            .as_ref()
+            .is_some_and(|c| c.id == conn)
     }
 
     /// The guest's agent is (again) ready: tell it our limit, and give the
@@ -397,21 +511,39 @@ impl Core {
 
     fn announce_reply(&mut self, side: Side, request: bool, caps: &Capabilities) {
         if !caps.has(cap::CLIPBOARD_BY_DEMAND) {
-            log!("warn", "{}: agent does not announce CLIPBOARD_BY_DEMAND", side.name());
+            log!(
+                "warn",
+                "{}: agent does not announce CLIPBOARD_BY_DEMAND",
+                side.name()
+            );
         }
         if request {
-            self.send(side, &Message::AnnounceCapabilities { request: false, caps: our_capabilities() });
+            self.send(
+                side,
+                &Message::AnnounceCapabilities {
+                    request: false,
+                    caps: our_capabilities(),
+                },
+            );
             self.session_start(side);
         }
     }
 
     fn on_general(&mut self, msg: Message) {
         match msg {
-            Message::AnnounceCapabilities { request, caps } => self.announce_reply(Side::General, request, &caps),
+            Message::AnnounceCapabilities { request, caps } => {
+                self.announce_reply(Side::General, request, &caps)
+            }
             Message::ClipboardGrab(types) => {
                 let transfer = self.new_transfer();
                 if let Some(p) = self.pending.take() {
-                    self.reject(p.transfer, Direction::GeneralToClassified, &p.ty.name(), 0, "superseded by a newer copy");
+                    self.reject(
+                        p.transfer,
+                        Direction::GeneralToClassified,
+                        &p.ty.name(),
+                        0,
+                        "superseded by a newer copy",
+                    );
                 }
                 let offered = types.iter().map(|t| t.name()).collect::<Vec<_>>().join(",");
                 let Some(ty) = PREFERENCE.into_iter().find(|t| types.contains(t)) else {
@@ -423,25 +555,59 @@ impl Core {
                     self.reject(transfer, Direction::GeneralToClassified, &offered, 0, &why);
                     return;
                 };
-                log!("info", "transfer {transfer}: general offers {offered}; requesting {}", ty.name());
-                self.pending = Some(Pending { transfer, ty, deadline: Instant::now() + self.cfg.request_timeout });
+                log!(
+                    "info",
+                    "transfer {transfer}: general offers {offered}; requesting {}",
+                    ty.name()
+                );
+                self.pending = Some(Pending {
+                    transfer,
+                    ty,
+                    deadline: Instant::now() + self.cfg.request_timeout,
+                });
                 self.send(Side::General, &Message::ClipboardRequest(ty));
             }
             Message::Clipboard { ty, data } => {
-                let Some(p) = self.pending.take_if(|p| p.ty == ty || ty == ClipboardType::None) else {
-                    log!("warn", "general: unrequested clipboard data ({}, {} bytes) dropped", ty.name(), data.len());
+                let Some(p) = self
+                    .pending
+                    .take_if(|p| p.ty == ty || ty == ClipboardType::None)
+                else {
+                    log!(
+                        "warn",
+                        "general: unrequested clipboard data ({}, {} bytes) dropped",
+                        ty.name(),
+                        data.len()
+                    );
                     return;
                 };
                 if ty == ClipboardType::None {
-                    self.reject(p.transfer, Direction::GeneralToClassified, &p.ty.name(), 0, "general guest sent no data");
+                    self.reject(
+                        p.transfer,
+                        Direction::GeneralToClassified,
+                        &p.ty.name(),
+                        0,
+                        "general guest sent no data",
+                    );
                     return;
                 }
                 if let Some(busy) = self.sanitising {
                     // One sanitiser at a time; the newest copy waits, an
                     // older waiting one is dropped.
-                    log!("info", "transfer {}: queued behind transfer {busy}", p.transfer);
-                    if let Some((old, old_ty, old_data)) = self.queued.replace((p.transfer, ty, data)) {
-                        self.reject(old, Direction::GeneralToClassified, &old_ty.name(), old_data.len(), "superseded by a newer copy");
+                    log!(
+                        "info",
+                        "transfer {}: queued behind transfer {busy}",
+                        p.transfer
+                    );
+                    if let Some((old, old_ty, old_data)) =
+                        self.queued.replace((p.transfer, ty, data))
+                    {
+                        self.reject(
+                            old,
+                            Direction::GeneralToClassified,
+                            &old_ty.name(),
+                            old_data.len(),
+                            "superseded by a newer copy",
+                        );
                     }
                     return;
                 }
@@ -451,7 +617,13 @@ impl Core {
                 // We never own the general clipboard; whatever it asks for,
                 // the answer is empty and immediate.
                 log!("info", "general: request for {} answered empty", ty.name());
-                self.send(Side::General, &Message::Clipboard { ty: ClipboardType::None, data: Vec::new() });
+                self.send(
+                    Side::General,
+                    &Message::Clipboard {
+                        ty: ClipboardType::None,
+                        data: Vec::new(),
+                    },
+                );
             }
             Message::ClipboardRelease => log!("info", "general: clipboard released"),
             Message::MaxClipboard(_) => {}
@@ -460,29 +632,61 @@ impl Core {
 
     fn on_classified(&mut self, msg: Message) {
         match msg {
-            Message::AnnounceCapabilities { request, caps } => self.announce_reply(Side::Classified, request, &caps),
+            Message::AnnounceCapabilities { request, caps } => {
+                self.announce_reply(Side::Classified, request, &caps)
+            }
             Message::ClipboardGrab(types) => {
                 // The classified guest took its own clipboard: our offer is
                 // gone there. Nothing is forwarded, nothing is requested.
                 self.offer = None;
                 let offered = types.iter().map(|t| t.name()).collect::<Vec<_>>().join(",");
                 let transfer = self.new_transfer();
-                self.reject(transfer, Direction::ClassifiedToGeneral, &offered, 0, "reverse direction is never forwarded");
+                self.reject(
+                    transfer,
+                    Direction::ClassifiedToGeneral,
+                    &offered,
+                    0,
+                    "reverse direction is never forwarded",
+                );
             }
             Message::ClipboardRequest(ty) => {
-                match self.offer.as_ref().filter(|o| o.ty == ty).map(|o| (Arc::clone(&o.answer), o.len)) {
+                match self
+                    .offer
+                    .as_ref()
+                    .filter(|o| o.ty == ty)
+                    .map(|o| (Arc::clone(&o.answer), o.len))
+                {
                     Some((answer, len)) => {
-                        log!("info", "classified: request for {} answered ({len} bytes)", ty.name());
+                        log!(
+                            "info",
+                            "classified: request for {} answered ({len} bytes)",
+                            ty.name()
+                        );
                         self.send_encoded(Side::Classified, &answer, "clipboard");
                     }
                     None => {
-                        log!("info", "classified: request for {} answered empty", ty.name());
-                        self.send(Side::Classified, &Message::Clipboard { ty: ClipboardType::None, data: Vec::new() });
+                        log!(
+                            "info",
+                            "classified: request for {} answered empty",
+                            ty.name()
+                        );
+                        self.send(
+                            Side::Classified,
+                            &Message::Clipboard {
+                                ty: ClipboardType::None,
+                                data: Vec::new(),
+                            },
+                        );
                     }
                 }
             }
             Message::Clipboard { ty, data } => {
-                log!("warn", "classified: unrequested clipboard data ({}, {} bytes) dropped", ty.name(), data.len());
+                log!(
+                    "warn",
+                    "classified: unrequested clipboard data ({}, {} bytes) dropped",
+                    ty.name(),
+                    data.len()
+                );
             }
             Message::ClipboardRelease => log!("info", "classified: clipboard released"),
             Message::MaxClipboard(_) => {}
@@ -496,7 +700,12 @@ impl Core {
         std::thread::spawn(move || {
             let size_in = data.len();
             let outcome = runner.run(ty, data);
-            let _ = tx.send(Event::Sanitised { transfer, ty, size_in, outcome });
+            let _ = tx.send(Event::Sanitised {
+                transfer,
+                ty,
+                size_in,
+                outcome,
+            });
         });
     }
 
@@ -506,9 +715,19 @@ impl Core {
             self.start_sanitiser(next, next_ty, next_data);
         }
         let rss = outcome.peak_rss_kib.map_or("?".into(), |k| k.to_string());
-        log!("info", "transfer {transfer}: sanitiser took {} ms, sanitiser peak RSS {rss} KiB", outcome.elapsed.as_millis());
+        log!(
+            "info",
+            "transfer {transfer}: sanitiser took {} ms, sanitiser peak RSS {rss} KiB",
+            outcome.elapsed.as_millis()
+        );
         match outcome.result {
-            Err(why) => self.reject(transfer, Direction::GeneralToClassified, &ty.name(), size_in, &why),
+            Err(why) => self.reject(
+                transfer,
+                Direction::GeneralToClassified,
+                &ty.name(),
+                size_in,
+                &why,
+            ),
             Ok(_) if transfer < self.latest_applied => self.reject(
                 transfer,
                 Direction::GeneralToClassified,
@@ -522,13 +741,32 @@ impl Core {
                     None => self.offer(transfer, ty, size_in, clean),
                     Some(timeout) => {
                         if let Some(old) = self.awaiting.take() {
-                            self.reject(old.transfer, Direction::GeneralToClassified, &old.ty.name(), old.size_in, "superseded by a newer copy");
+                            self.reject(
+                                old.transfer,
+                                Direction::GeneralToClassified,
+                                &old.ty.name(),
+                                old.size_in,
+                                "superseded by a newer copy",
+                            );
                         }
-                        let line = confirm::pending_line(transfer, &clean.ty.name(), clean.data.len());
-                        self.awaiting = Some(Awaiting { transfer, ty, size_in, clean, deadline: Instant::now() + timeout });
+                        let line =
+                            confirm::pending_line(transfer, &clean.ty.name(), clean.data.len());
+                        self.awaiting = Some(Awaiting {
+                            transfer,
+                            ty,
+                            size_in,
+                            clean,
+                            deadline: Instant::now() + timeout,
+                        });
                         if !self.notify_kiosk(&line) {
                             let a = self.awaiting.take().expect("just set");
-                            self.reject(a.transfer, Direction::GeneralToClassified, &a.ty.name(), a.size_in, "no confirmation client connected");
+                            self.reject(
+                                a.transfer,
+                                Direction::GeneralToClassified,
+                                &a.ty.name(),
+                                a.size_in,
+                                "no confirmation client connected",
+                            );
                         }
                     }
                 }
@@ -546,16 +784,30 @@ impl Core {
             delivered: Some(&clean.data),
             rejected: None,
         });
-        log!("info", "transfer {transfer}: offering {} ({} bytes) to classified", clean.ty.name(), clean.data.len());
+        log!(
+            "info",
+            "transfer {transfer}: offering {} ({} bytes) to classified",
+            clean.ty.name(),
+            clean.data.len()
+        );
         let out_ty = clean.ty;
         let len = clean.data.len();
-        let answer = encode(&Message::Clipboard { ty: out_ty, data: clean.data });
-        self.offer = Some(Offer { ty: out_ty, answer: Arc::new(answer), len });
+        let answer = encode(&Message::Clipboard {
+            ty: out_ty,
+            data: clean.data,
+        });
+        self.offer = Some(Offer {
+            ty: out_ty,
+            answer: Arc::new(answer),
+            len,
+        });
         self.send(Side::Classified, &Message::ClipboardGrab(vec![out_ty]));
     }
 
     fn notify_kiosk(&mut self, line: &str) -> bool {
-        let Some(k) = &mut self.kiosk else { return false };
+        let Some(k) = &mut self.kiosk else {
+            return false;
+        };
         if confirm::notify(k, line) {
             true
         } else {
@@ -567,11 +819,23 @@ impl Core {
 
     fn check_deadline(&mut self) {
         if let Some(a) = self.awaiting.take_if(|a| Instant::now() >= a.deadline) {
-            self.reject(a.transfer, Direction::GeneralToClassified, &a.ty.name(), a.size_in, "not confirmed in time");
+            self.reject(
+                a.transfer,
+                Direction::GeneralToClassified,
+                &a.ty.name(),
+                a.size_in,
+                "not confirmed in time",
+            );
         }
         if let Some(p) = self.pending.take_if(|p| Instant::now() >= p.deadline) {
             let ms = self.cfg.request_timeout.as_millis();
-            self.reject(p.transfer, Direction::GeneralToClassified, &p.ty.name(), 0, &format!("general guest did not answer within {ms} ms"));
+            self.reject(
+                p.transfer,
+                Direction::GeneralToClassified,
+                &p.ty.name(),
+                0,
+                &format!("general guest did not answer within {ms} ms"),
+            );
         }
     }
 
@@ -583,7 +847,14 @@ impl Core {
 
     fn reject(&mut self, transfer: u64, direction: Direction, ty: &str, size_in: usize, why: &str) {
         log!("warn", "transfer {transfer} rejected: {why}");
-        self.audit.record(&Record { transfer, direction, ty, size_in, delivered: None, rejected: Some(why) });
+        self.audit.record(&Record {
+            transfer,
+            direction,
+            ty,
+            size_in,
+            delivered: None,
+            rejected: Some(why),
+        });
     }
 
     fn send(&mut self, side: Side, msg: &Message) {
@@ -596,7 +867,11 @@ impl Core {
             return;
         };
         if let Err(e) = conn.stream.write_all(bytes) {
-            log!("warn", "{}: write failed ({e}); dropping the connection", side.name());
+            log!(
+                "warn",
+                "{}: write failed ({e}); dropping the connection",
+                side.name()
+            );
             let _ = conn.stream.shutdown(Shutdown::Both);
             self.conns[side.idx()] = None;
         }

@@ -38,7 +38,8 @@ pub enum Reply {
 }
 
 pub fn write_request(w: &mut impl Write, ty: ClipboardType, data: &[u8]) -> io::Result<()> {
-    let len = u32::try_from(data.len()).map_err(|_| io::Error::other("request larger than 4 GiB"))?;
+    let len =
+        u32::try_from(data.len()).map_err(|_| io::Error::other("request larger than 4 GiB"))?;
     w.write_all(REQUEST_MAGIC)?;
     w.write_all(&ty.to_u32().to_le_bytes())?;
     w.write_all(&len.to_le_bytes())?;
@@ -87,10 +88,15 @@ pub fn read_reply(r: &mut impl Read, max: usize) -> Result<Reply, IpcError> {
     let ty = ClipboardType::from_u32(u32::from_le_bytes(hdr[5..9].try_into().expect("4 bytes")));
     let len = u32::from_le_bytes(hdr[9..13].try_into().expect("4 bytes"));
     match status {
-        0 => Ok(Reply::Clean(Clean { ty, data: read_bounded(r, len, max)? })),
+        0 => Ok(Reply::Clean(Clean {
+            ty,
+            data: read_bounded(r, len, max)?,
+        })),
         1 => {
             let bytes = read_bounded(r, len, MAX_REASON)?;
-            Ok(Reply::Rejected(String::from_utf8(bytes).map_err(|_| IpcError::BadReason)?))
+            Ok(Reply::Rejected(
+                String::from_utf8(bytes).map_err(|_| IpcError::BadReason)?,
+            ))
         }
         s => Err(IpcError::BadStatus(s)),
     }
@@ -123,19 +129,37 @@ mod tests {
     fn request_round_trip_and_limit() {
         let mut buf = Vec::new();
         write_request(&mut buf, ClipboardType::Png, b"abc").unwrap();
-        assert_eq!(read_request(&mut &buf[..], 3).unwrap(), (ClipboardType::Png, b"abc".to_vec()));
-        assert!(matches!(read_request(&mut &buf[..], 2), Err(IpcError::TooLong { got: 3, max: 2 })));
+        assert_eq!(
+            read_request(&mut &buf[..], 3).unwrap(),
+            (ClipboardType::Png, b"abc".to_vec())
+        );
+        assert!(matches!(
+            read_request(&mut &buf[..], 2),
+            Err(IpcError::TooLong { got: 3, max: 2 })
+        ));
         buf[0] = b'X';
-        assert!(matches!(read_request(&mut &buf[..], 3), Err(IpcError::BadMagic(_))));
+        assert!(matches!(
+            read_request(&mut &buf[..], 3),
+            Err(IpcError::BadMagic(_))
+        ));
     }
 
     #[test]
     fn reply_round_trip_and_limits() {
-        let ok = Ok(Clean { ty: ClipboardType::Utf8Text, data: b"hi".to_vec() });
+        let ok = Ok(Clean {
+            ty: ClipboardType::Utf8Text,
+            data: b"hi".to_vec(),
+        });
         let mut buf = Vec::new();
         write_reply(&mut buf, &ok).unwrap();
-        assert_eq!(read_reply(&mut &buf[..], 2).unwrap(), Reply::Clean(ok.clone().unwrap()));
-        assert!(matches!(read_reply(&mut &buf[..], 1), Err(IpcError::TooLong { .. })));
+        assert_eq!(
+            read_reply(&mut &buf[..], 2).unwrap(),
+            Reply::Clean(ok.clone().unwrap())
+        );
+        assert!(matches!(
+            read_reply(&mut &buf[..], 1),
+            Err(IpcError::TooLong { .. })
+        ));
         let mut buf = Vec::new();
         write_reply(&mut buf, &Err(Rejection::BadUtf8(3))).unwrap();
         assert_eq!(
@@ -146,6 +170,9 @@ mod tests {
         let mut buf = Vec::new();
         write_reply(&mut buf, &ok).unwrap();
         buf[9..13].copy_from_slice(&100u32.to_le_bytes());
-        assert!(matches!(read_reply(&mut &buf[..], 1000), Err(IpcError::Io(_))));
+        assert!(matches!(
+            read_reply(&mut &buf[..], 1000),
+            Err(IpcError::Io(_))
+        ));
     }
 }

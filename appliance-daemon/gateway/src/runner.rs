@@ -60,10 +60,18 @@ impl Runner {
             Ok((r, rss)) => (r, rss),
             Err(e) => (Err(e), None),
         };
-        Outcome { result, elapsed: start.elapsed(), peak_rss_kib }
+        Outcome {
+            result,
+            elapsed: start.elapsed(),
+            peak_rss_kib,
+        }
     }
 
-    fn run_inner(&self, ty: ClipboardType, data: Vec<u8>) -> Result<(Result<Clean, String>, Option<u64>), String> {
+    fn run_inner(
+        &self,
+        ty: ClipboardType,
+        data: Vec<u8>,
+    ) -> Result<(Result<Clean, String>, Option<u64>), String> {
         let mut child = self
             .command()
             .spawn()
@@ -95,8 +103,12 @@ impl Runner {
         let input = data;
         // The writer hands stdin back: the sanitiser waits for its EOF
         // after replying, which gives us a moment to read its peak RSS.
-        let writer = std::thread::spawn(move || ipc::write_request(&mut stdin, ty, &input).map(|()| stdin));
-        let max_out = self.limits.max_text_bytes.max(self.limits.max_image_bytes.saturating_mul(4));
+        let writer =
+            std::thread::spawn(move || ipc::write_request(&mut stdin, ty, &input).map(|()| stdin));
+        let max_out = self
+            .limits
+            .max_text_bytes
+            .max(self.limits.max_image_bytes.saturating_mul(4));
         let reply = ipc::read_reply(&mut stdout, max_out);
         let peak_rss_kib = if reply.is_ok() { vm_hwm_kib(pid) } else { None };
         drop(stdout);
@@ -110,7 +122,10 @@ impl Runner {
         let timed_out = watchdog.join().unwrap_or(false);
         let status = status.map_err(|e| format!("waiting for sanitiser: {e}"))?;
         if timed_out {
-            return Err(format!("sanitiser killed after {} ms", self.timeout.as_millis()));
+            return Err(format!(
+                "sanitiser killed after {} ms",
+                self.timeout.as_millis()
+            ));
         }
         let reply = match reply {
             Ok(r) => r,
@@ -130,7 +145,10 @@ fn check_reply(reply: Reply, limits: &Limits) -> Result<Clean, String> {
         Reply::Clean(c) => match c.ty {
             ClipboardType::Utf8Text if is_clean_text(&c.data, limits.max_text_bytes) => Ok(c),
             ClipboardType::Png if looks_like_png(&c.data) => Ok(c),
-            other => Err(format!("sanitiser returned an output that fails the gateway's check (type {})", other.name())),
+            other => Err(format!(
+                "sanitiser returned an output that fails the gateway's check (type {})",
+                other.name()
+            )),
         },
     }
 }
@@ -141,5 +159,10 @@ fn check_reply(reply: Reply, limits: &Limits) -> Result<Clean, String> {
 fn vm_hwm_kib(pid: u32) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-    line.trim_start_matches("VmHWM:").trim().trim_end_matches("kB").trim().parse().ok()
+    line.trim_start_matches("VmHWM:")
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()
 }

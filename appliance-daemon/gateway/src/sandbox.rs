@@ -10,8 +10,8 @@
 use anyhow::{Context, Result};
 use rustix::process::{setrlimit, Resource, Rlimit};
 use seccompiler::{
-    apply_filter, BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter,
-    SeccompRule,
+    apply_filter, BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition,
+    SeccompFilter, SeccompRule,
 };
 use std::collections::BTreeMap;
 
@@ -24,7 +24,14 @@ pub const CPU_SECONDS: u64 = 20;
 /// Applies the resource limits, then the seccomp filter.
 pub fn confine() -> Result<()> {
     let limit = |r, v: u64| {
-        setrlimit(r, Rlimit { current: Some(v), maximum: Some(v) }).with_context(|| format!("setrlimit {r:?}"))
+        setrlimit(
+            r,
+            Rlimit {
+                current: Some(v),
+                maximum: Some(v),
+            },
+        )
+        .with_context(|| format!("setrlimit {r:?}"))
     };
     limit(Resource::As, ADDRESS_SPACE_BYTES)?;
     limit(Resource::Cpu, CPU_SECONDS)?;
@@ -42,7 +49,12 @@ fn arg_eq(arg: u8, value: u64) -> Result<SeccompCondition, seccompiler::BackendE
 }
 
 fn no_exec(arg: u8) -> Result<SeccompCondition, seccompiler::BackendError> {
-    SeccompCondition::new(arg, SeccompCmpArgLen::Dword, SeccompCmpOp::MaskedEq(libc::PROT_EXEC as u64), 0)
+    SeccompCondition::new(
+        arg,
+        SeccompCmpArgLen::Dword,
+        SeccompCmpOp::MaskedEq(libc::PROT_EXEC as u64),
+        0,
+    )
 }
 
 /// The allow-list.
@@ -52,10 +64,16 @@ pub fn filter() -> Result<BpfProgram> {
     rules.insert(libc::SYS_read, vec![SeccompRule::new(vec![arg_eq(0, 0)?])?]);
     rules.insert(
         libc::SYS_write,
-        vec![SeccompRule::new(vec![arg_eq(0, 1)?])?, SeccompRule::new(vec![arg_eq(0, 2)?])?],
+        vec![
+            SeccompRule::new(vec![arg_eq(0, 1)?])?,
+            SeccompRule::new(vec![arg_eq(0, 2)?])?,
+        ],
     );
     rules.insert(libc::SYS_mmap, vec![SeccompRule::new(vec![no_exec(2)?])?]);
-    rules.insert(libc::SYS_mprotect, vec![SeccompRule::new(vec![no_exec(2)?])?]);
+    rules.insert(
+        libc::SYS_mprotect,
+        vec![SeccompRule::new(vec![no_exec(2)?])?],
+    );
     for sys in [
         libc::SYS_munmap,
         libc::SYS_mremap,
@@ -70,7 +88,14 @@ pub fn filter() -> Result<BpfProgram> {
     ] {
         rules.insert(sys, always.clone());
     }
-    let arch = std::env::consts::ARCH.try_into().context("seccomp: unsupported architecture")?;
-    let filter = SeccompFilter::new(rules, SeccompAction::KillProcess, SeccompAction::Allow, arch)?;
+    let arch = std::env::consts::ARCH
+        .try_into()
+        .context("seccomp: unsupported architecture")?;
+    let filter = SeccompFilter::new(
+        rules,
+        SeccompAction::KillProcess,
+        SeccompAction::Allow,
+        arch,
+    )?;
     Ok(filter.try_into()?)
 }

@@ -61,8 +61,15 @@ pub enum Rejection {
     TextTooLong { got: usize, max: usize },
     #[error("image of {got} bytes exceeds the limit of {max}")]
     ImageTooLarge { got: usize, max: usize },
-    #[error("image is {width}x{height}, over the limit ({max_dimension} per side, {max_pixels} pixels)")]
-    ImageDimensions { width: u32, height: u32, max_dimension: u32, max_pixels: u64 },
+    #[error(
+        "image is {width}x{height}, over the limit ({max_dimension} per side, {max_pixels} pixels)"
+    )]
+    ImageDimensions {
+        width: u32,
+        height: u32,
+        max_dimension: u32,
+        max_pixels: u64,
+    },
     #[error("image does not decode as {format}: {reason}")]
     ImageDecode { format: String, reason: String },
     #[error("re-encoding the image failed: {0}")]
@@ -79,9 +86,10 @@ pub struct Clean {
 /// Sanitises one clipboard item of the given type.
 pub fn sanitise(ty: ClipboardType, data: &[u8], limits: &Limits) -> Result<Clean, Rejection> {
     match ty {
-        ClipboardType::Utf8Text => {
-            Ok(Clean { ty: ClipboardType::Utf8Text, data: sanitise_text(data, limits.max_text_bytes)?.into_bytes() })
-        }
+        ClipboardType::Utf8Text => Ok(Clean {
+            ty: ClipboardType::Utf8Text,
+            data: sanitise_text(data, limits.max_text_bytes)?.into_bytes(),
+        }),
         ClipboardType::Png => reencode_image(data, ImageFormat::Png, limits),
         ClipboardType::Bmp => reencode_image(data, ImageFormat::Bmp, limits),
         ClipboardType::Jpg => reencode_image(data, ImageFormat::Jpeg, limits),
@@ -115,7 +123,10 @@ pub fn sanitise_text(data: &[u8], max_bytes: usize) -> Result<String, Rejection>
             c => out.push(c),
         }
         if out.len() > max_bytes {
-            return Err(Rejection::TextTooLong { got: out.len() + chars.as_str_len(), max: max_bytes });
+            return Err(Rejection::TextTooLong {
+                got: out.len() + chars.as_str_len(),
+                max: max_bytes,
+            });
         }
     }
     Ok(out)
@@ -136,7 +147,9 @@ impl RemainingLen for std::iter::Peekable<std::str::Chars<'_>> {
 /// sanitiser's answer, so a subverted sanitiser can pass on no more than
 /// a well-formed text).
 pub fn is_clean_text(text: &[u8], max_bytes: usize) -> bool {
-    let Ok(s) = std::str::from_utf8(text) else { return false };
+    let Ok(s) = std::str::from_utf8(text) else {
+        return false;
+    };
     if s.len() > max_bytes {
         return false;
     }
@@ -166,10 +179,16 @@ pub fn looks_like_png(data: &[u8]) -> bool {
 
 fn reencode_image(data: &[u8], format: ImageFormat, limits: &Limits) -> Result<Clean, Rejection> {
     if data.len() > limits.max_image_bytes {
-        return Err(Rejection::ImageTooLarge { got: data.len(), max: limits.max_image_bytes });
+        return Err(Rejection::ImageTooLarge {
+            got: data.len(),
+            max: limits.max_image_bytes,
+        });
     }
     let fmt_name = format!("{format:?}").to_lowercase();
-    let decode_err = |e: image::ImageError| Rejection::ImageDecode { format: fmt_name.clone(), reason: e.to_string() };
+    let decode_err = |e: image::ImageError| Rejection::ImageDecode {
+        format: fmt_name.clone(),
+        reason: e.to_string(),
+    };
     // The decoder's own allocation cap; width and height are checked
     // below, from the header, with a clearer message than the crate's.
     let mut il = image::Limits::default();
@@ -208,8 +227,13 @@ fn reencode_image(data: &[u8], format: ImageFormat, limits: &Limits) -> Result<C
         image::codecs::png::CompressionType::Fast,
         image::codecs::png::FilterType::Adaptive,
     );
-    pixels.write_with_encoder(encoder).map_err(|e| Rejection::ImageEncode(e.to_string()))?;
-    Ok(Clean { ty: ClipboardType::Png, data: out })
+    pixels
+        .write_with_encoder(encoder)
+        .map_err(|e| Rejection::ImageEncode(e.to_string()))?;
+    Ok(Clean {
+        ty: ClipboardType::Png,
+        data: out,
+    })
 }
 
 #[cfg(test)]
@@ -228,26 +252,45 @@ mod tests {
             (b"a\r\nb\rc\n", Ok("a\r\nb\r\nc\r\n")),
             (b"\r\n\r\n", Ok("\r\n\r\n")),
             (b"tab\tkept", Ok("tab\tkept")),
-            (b"nul\0bell\x07esc\x1b[31m del\x7f", Ok("nulbellesc[31m del")),
+            (
+                b"nul\0bell\x07esc\x1b[31m del\x7f",
+                Ok("nulbellesc[31m del"),
+            ),
             ("c1\u{85}\u{9b}x".as_bytes(), Ok("c1x")),
             ("abc\u{202E}fed\u{202C}".as_bytes(), Ok("abcfed")),
-            ("\u{2066}iso\u{2069}\u{202A}\u{202B}\u{202D}".as_bytes(), Ok("iso")),
-            ("keep \u{200F} marks and é 漢字 🙂".as_bytes(), Ok("keep \u{200F} marks and é 漢字 🙂")),
+            (
+                "\u{2066}iso\u{2069}\u{202A}\u{202B}\u{202D}".as_bytes(),
+                Ok("iso"),
+            ),
+            (
+                "keep \u{200F} marks and é 漢字 🙂".as_bytes(),
+                Ok("keep \u{200F} marks and é 漢字 🙂"),
+            ),
             (b"bad \xff utf8", Err(Rejection::BadUtf8(4))),
             (b"\xc3", Err(Rejection::BadUtf8(0))),
             (b"", Ok("")),
         ];
         for (input, want) in cases {
-            assert_eq!(text(input).as_deref().map_err(Clone::clone), want.clone(), "{input:?}");
+            assert_eq!(
+                text(input).as_deref().map_err(Clone::clone),
+                want.clone(),
+                "{input:?}"
+            );
         }
     }
 
     #[test]
     fn length_cap_counts_the_output() {
         assert_eq!(sanitise_text(&[b'a'; 64], 64).unwrap().len(), 64);
-        assert!(matches!(sanitise_text(&[b'a'; 65], 64), Err(Rejection::TextTooLong { max: 64, .. })));
+        assert!(matches!(
+            sanitise_text(&[b'a'; 65], 64),
+            Err(Rejection::TextTooLong { max: 64, .. })
+        ));
         // 40 newlines become 80 bytes.
-        assert!(matches!(sanitise_text(&[b'\n'; 40], 64), Err(Rejection::TextTooLong { .. })));
+        assert!(matches!(
+            sanitise_text(&[b'\n'; 40], 64),
+            Err(Rejection::TextTooLong { .. })
+        ));
     }
 
     #[test]
@@ -265,7 +308,9 @@ mod tests {
     fn png(width: u32, height: u32) -> Vec<u8> {
         let img = image::RgbImage::from_fn(width, height, |x, y| image::Rgb([x as u8, y as u8, 7]));
         let mut out = Vec::new();
-        image::DynamicImage::ImageRgb8(img).write_to(&mut Cursor::new(&mut out), ImageFormat::Png).unwrap();
+        image::DynamicImage::ImageRgb8(img)
+            .write_to(&mut Cursor::new(&mut out), ImageFormat::Png)
+            .unwrap();
         out
     }
 
@@ -277,15 +322,24 @@ mod tests {
         assert_eq!(out.ty, ClipboardType::Png);
         assert!(looks_like_png(&out.data));
         assert!(!out.data.windows(8).any(|w| w == b"trailing"));
-        let back = image::load_from_memory_with_format(&out.data, ImageFormat::Png).unwrap().to_rgb8();
+        let back = image::load_from_memory_with_format(&out.data, ImageFormat::Png)
+            .unwrap()
+            .to_rgb8();
         assert_eq!(back.dimensions(), (40, 30));
         assert_eq!(back.get_pixel(39, 29), &image::Rgb([39, 29, 7]));
     }
 
     #[test]
     fn bmp_and_jpeg_become_png() {
-        let img = image::DynamicImage::ImageRgb8(image::RgbImage::from_pixel(16, 8, image::Rgb([200, 10, 10])));
-        for (ty, fmt) in [(ClipboardType::Bmp, ImageFormat::Bmp), (ClipboardType::Jpg, ImageFormat::Jpeg)] {
+        let img = image::DynamicImage::ImageRgb8(image::RgbImage::from_pixel(
+            16,
+            8,
+            image::Rgb([200, 10, 10]),
+        ));
+        for (ty, fmt) in [
+            (ClipboardType::Bmp, ImageFormat::Bmp),
+            (ClipboardType::Jpg, ImageFormat::Jpeg),
+        ] {
             let mut input = Vec::new();
             img.write_to(&mut Cursor::new(&mut input), fmt).unwrap();
             let out = sanitise(ty, &input, &Limits::default()).unwrap();
@@ -301,9 +355,22 @@ mod tests {
         // its dimensions before a pixel is decoded.
         let bomb = png_header_only(30000, 30000);
         let err = sanitise(ClipboardType::Png, &bomb, &Limits::default()).unwrap_err();
-        assert!(matches!(err, Rejection::ImageDimensions { width: 30000, height: 30000, .. }), "{err}");
+        assert!(
+            matches!(
+                err,
+                Rejection::ImageDimensions {
+                    width: 30000,
+                    height: 30000,
+                    ..
+                }
+            ),
+            "{err}"
+        );
         // Within each side's limit but over the pixel count.
-        let limits = Limits { max_pixels: 1000, ..Limits::default() };
+        let limits = Limits {
+            max_pixels: 1000,
+            ..Limits::default()
+        };
         let err = sanitise(ClipboardType::Png, &png(40, 30), &limits).unwrap_err();
         assert!(matches!(err, Rejection::ImageDimensions { .. }), "{err}");
     }
@@ -311,15 +378,32 @@ mod tests {
     #[test]
     fn wrong_or_broken_images_refused() {
         let p = png(4, 4);
-        assert!(matches!(sanitise(ClipboardType::Bmp, &p, &Limits::default()), Err(Rejection::ImageDecode { .. })));
+        assert!(matches!(
+            sanitise(ClipboardType::Bmp, &p, &Limits::default()),
+            Err(Rejection::ImageDecode { .. })
+        ));
         assert!(matches!(
             sanitise(ClipboardType::Png, &p[..p.len() / 2], &Limits::default()),
             Err(Rejection::ImageDecode { .. })
         ));
-        let limits = Limits { max_image_bytes: 10, ..Limits::default() };
-        assert!(matches!(sanitise(ClipboardType::Png, &p, &limits), Err(Rejection::ImageTooLarge { .. })));
-        for ty in [ClipboardType::Tiff, ClipboardType::FileList, ClipboardType::None, ClipboardType::Other(77)] {
-            assert!(matches!(sanitise(ty, b"x", &Limits::default()), Err(Rejection::UnsupportedType(_))));
+        let limits = Limits {
+            max_image_bytes: 10,
+            ..Limits::default()
+        };
+        assert!(matches!(
+            sanitise(ClipboardType::Png, &p, &limits),
+            Err(Rejection::ImageTooLarge { .. })
+        ));
+        for ty in [
+            ClipboardType::Tiff,
+            ClipboardType::FileList,
+            ClipboardType::None,
+            ClipboardType::Other(77),
+        ] {
+            assert!(matches!(
+                sanitise(ty, b"x", &Limits::default()),
+                Err(Rejection::UnsupportedType(_))
+            ));
         }
     }
 
@@ -352,7 +436,11 @@ pub mod testutil {
         ihdr.extend_from_slice(&[8, 2, 0, 0, 0]);
         chunk(&mut out, b"IHDR", &ihdr);
         // zlib: a stored empty block is enough to look like data.
-        chunk(&mut out, b"IDAT", &[0x78, 0x9c, 0x03, 0x00, 0x00, 0x00, 0x00, 0x01]);
+        chunk(
+            &mut out,
+            b"IDAT",
+            &[0x78, 0x9c, 0x03, 0x00, 0x00, 0x00, 0x00, 0x01],
+        );
         chunk(&mut out, b"IEND", &[]);
         out
     }
@@ -362,7 +450,11 @@ pub mod testutil {
         for &b in data {
             crc ^= u32::from(b);
             for _ in 0..8 {
-                crc = if crc & 1 != 0 { (crc >> 1) ^ 0xedb8_8320 } else { crc >> 1 };
+                crc = if crc & 1 != 0 {
+                    (crc >> 1) ^ 0xedb8_8320
+                } else {
+                    crc >> 1
+                };
             }
         }
         !crc

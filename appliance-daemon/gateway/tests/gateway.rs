@@ -11,21 +11,37 @@ use std::time::Duration;
 fn text_copied_in_general_arrives_in_classified() {
     let (_d, gw, _gp, _cp, mut general, mut classified) = setup(&[]);
     // Both sides are told the limits: general the real one, classified 0.
-    assert_eq!(general.expect(|m| matches!(m, Message::MaxClipboard(_))), Message::MaxClipboard(65536));
-    assert_eq!(classified.expect(|m| matches!(m, Message::MaxClipboard(_))), Message::MaxClipboard(0));
+    assert_eq!(
+        general.expect(|m| matches!(m, Message::MaxClipboard(_))),
+        Message::MaxClipboard(65536)
+    );
+    assert_eq!(
+        classified.expect(|m| matches!(m, Message::MaxClipboard(_))),
+        Message::MaxClipboard(0)
+    );
 
-    general_copies(&mut general, ClipboardType::Utf8Text, "line one\nline two ✓".as_bytes());
+    general_copies(
+        &mut general,
+        ClipboardType::Utf8Text,
+        "line one\nline two ✓".as_bytes(),
+    );
     let (ty, data) = classified_pastes(&mut classified);
     assert_eq!(ty, ClipboardType::Utf8Text);
     assert_eq!(data, "line one\r\nline two ✓".as_bytes());
 
     let line = gw.audit_line_after(0);
     assert!(line.contains("direction=general->classified"), "{line}");
-    assert!(line.contains("type=utf8-text->utf8-text size_in=21 size_out=22"), "{line}");
+    assert!(
+        line.contains("type=utf8-text->utf8-text size_in=21 size_out=22"),
+        "{line}"
+    );
     assert!(line.contains("result=accepted"), "{line}");
     let sha = sha256_hex(&data);
     assert!(line.contains(&format!("sha256={sha}")), "{line}");
-    assert!(!line.contains("line one"), "audit log never holds content: {line}");
+    assert!(
+        !line.contains("line one"),
+        "audit log never holds content: {line}"
+    );
 }
 
 #[test]
@@ -34,14 +50,23 @@ fn copy_in_classified_never_reaches_general() {
     let secret = b"CLASSIFIED-SECRET-4711";
     // Classified copies, then even sends its data unasked, several times.
     for _ in 0..3 {
-        classified.send(&Message::ClipboardGrab(vec![ClipboardType::Utf8Text, ClipboardType::Png]));
-        classified.send(&Message::Clipboard { ty: ClipboardType::Utf8Text, data: secret.to_vec() });
+        classified.send(&Message::ClipboardGrab(vec![
+            ClipboardType::Utf8Text,
+            ClipboardType::Png,
+        ]));
+        classified.send(&Message::Clipboard {
+            ty: ClipboardType::Utf8Text,
+            data: secret.to_vec(),
+        });
     }
     // General pastes (asks the host for its clipboard): gets an empty answer.
     general.send(&Message::ClipboardRequest(ClipboardType::Utf8Text));
     assert_eq!(
         general.expect(|m| matches!(m, Message::Clipboard { .. })),
-        Message::Clipboard { ty: ClipboardType::None, data: vec![] }
+        Message::Clipboard {
+            ty: ClipboardType::None,
+            data: vec![]
+        }
     );
     let later = general.collect_for(Duration::from_millis(700));
     let to_classified = classified.collect_for(Duration::from_millis(100));
@@ -49,16 +74,32 @@ fn copy_in_classified_never_reaches_general() {
     // Nothing but the handshake and the empty answer went to general.
     for m in &later {
         assert!(
-            !matches!(m, Message::ClipboardGrab(_) | Message::Clipboard { .. } | Message::ClipboardRequest(_)),
+            !matches!(
+                m,
+                Message::ClipboardGrab(_)
+                    | Message::Clipboard { .. }
+                    | Message::ClipboardRequest(_)
+            ),
             "unexpected message to general: {m:?}"
         );
     }
-    assert!(!general.raw.windows(secret.len()).any(|w| w == secret), "classified data on the general socket");
+    assert!(
+        !general.raw.windows(secret.len()).any(|w| w == secret),
+        "classified data on the general socket"
+    );
     // The gateway never asked classified for its data.
-    assert!(to_classified.iter().all(|m| !matches!(m, Message::ClipboardRequest(_))), "{to_classified:?}");
+    assert!(
+        to_classified
+            .iter()
+            .all(|m| !matches!(m, Message::ClipboardRequest(_))),
+        "{to_classified:?}"
+    );
     // Each reverse attempt is audited as rejected.
     let line = gw.audit_line_after(2);
-    assert!(line.contains("direction=classified->general") && line.contains("result=rejected"), "{line}");
+    assert!(
+        line.contains("direction=classified->general") && line.contains("result=rejected"),
+        "{line}"
+    );
 }
 
 /// A bad input from general, what the audit log must say about it, and
@@ -90,24 +131,101 @@ fn bad_inputs_are_dropped_and_logged_while_the_gateway_keeps_serving() {
     let mut lying = raw_frame(1, 1, 4, b"\x01\0\0\0hello");
     lying[24..28].copy_from_slice(&4u32.to_le_bytes()); // message says 4 bytes, chunk holds 9
     let cases = vec![
-        Bad { name: "text over the limit after CRLF", send: grab_and_answer(ClipboardType::Utf8Text, vec![b'\n'; limit / 2 + 1]), reason: "exceeds the limit", reconnects: false },
-        Bad { name: "bad UTF-8", send: grab_and_answer(ClipboardType::Utf8Text, b"ok \xc3\x28 bad".to_vec()), reason: "not valid UTF-8", reconnects: false },
-        Bad { name: "message over the size limit", send: grab_then_raw(raw_frame(1, 1, 4, &over_limit)), reason: "exceeds the limit of 65540 bytes", reconnects: false },
-        Bad { name: "lying length field", send: grab_then_raw(lying), reason: "runs past the end of its message", reconnects: true },
-        Bad { name: "port 2", send: grab_then_raw(raw_frame(2, 1, 4, b"\x01\0\0\0hi")), reason: "only port 1", reconnects: true },
-        Bad { name: "protocol 7", send: grab_then_raw(raw_frame(1, 7, 4, b"\x01\0\0\0hi")), reason: "protocol 7, only 1", reconnects: true },
-        Bad { name: "file transfer start", send: Box::new(|g: &mut FakeAgent| g.send_raw(&raw_frame(1, 1, 10, b"[vdagent-file-xfer]\nname=x.exe\n"))), reason: "file transfer refused", reconnects: false },
-        Bad { name: "file list grab", send: Box::new(|g: &mut FakeAgent| g.send(&Message::ClipboardGrab(vec![ClipboardType::FileList]))), reason: "file copy refused", reconnects: false },
-        Bad { name: "tiff only", send: Box::new(|g: &mut FakeAgent| g.send(&Message::ClipboardGrab(vec![ClipboardType::Tiff]))), reason: "no accepted type among tiff", reconnects: false },
-        Bad { name: "image bomb", send: grab_and_answer(ClipboardType::Png, airlock_gateway::sanitise::testutil::png_header_only(60000, 60000)), reason: "60000x60000, over the limit", reconnects: false },
-        Bad { name: "truncated png", send: grab_and_answer(ClipboardType::Png, png(64, 64)[..200].to_vec()), reason: "does not decode as png", reconnects: false },
-        Bad { name: "png declared as jpeg", send: grab_and_answer(ClipboardType::Jpg, png(8, 8)), reason: "does not decode as jpeg", reconnects: false },
-        Bad { name: "general sends none", send: grab_and_answer(ClipboardType::Utf8Text, vec![]).then_none(), reason: "sent no data", reconnects: false },
+        Bad {
+            name: "text over the limit after CRLF",
+            send: grab_and_answer(ClipboardType::Utf8Text, vec![b'\n'; limit / 2 + 1]),
+            reason: "exceeds the limit",
+            reconnects: false,
+        },
+        Bad {
+            name: "bad UTF-8",
+            send: grab_and_answer(ClipboardType::Utf8Text, b"ok \xc3\x28 bad".to_vec()),
+            reason: "not valid UTF-8",
+            reconnects: false,
+        },
+        Bad {
+            name: "message over the size limit",
+            send: grab_then_raw(raw_frame(1, 1, 4, &over_limit)),
+            reason: "exceeds the limit of 65540 bytes",
+            reconnects: false,
+        },
+        Bad {
+            name: "lying length field",
+            send: grab_then_raw(lying),
+            reason: "runs past the end of its message",
+            reconnects: true,
+        },
+        Bad {
+            name: "port 2",
+            send: grab_then_raw(raw_frame(2, 1, 4, b"\x01\0\0\0hi")),
+            reason: "only port 1",
+            reconnects: true,
+        },
+        Bad {
+            name: "protocol 7",
+            send: grab_then_raw(raw_frame(1, 7, 4, b"\x01\0\0\0hi")),
+            reason: "protocol 7, only 1",
+            reconnects: true,
+        },
+        Bad {
+            name: "file transfer start",
+            send: Box::new(|g: &mut FakeAgent| {
+                g.send_raw(&raw_frame(1, 1, 10, b"[vdagent-file-xfer]\nname=x.exe\n"))
+            }),
+            reason: "file transfer refused",
+            reconnects: false,
+        },
+        Bad {
+            name: "file list grab",
+            send: Box::new(|g: &mut FakeAgent| {
+                g.send(&Message::ClipboardGrab(vec![ClipboardType::FileList]))
+            }),
+            reason: "file copy refused",
+            reconnects: false,
+        },
+        Bad {
+            name: "tiff only",
+            send: Box::new(|g: &mut FakeAgent| {
+                g.send(&Message::ClipboardGrab(vec![ClipboardType::Tiff]))
+            }),
+            reason: "no accepted type among tiff",
+            reconnects: false,
+        },
+        Bad {
+            name: "image bomb",
+            send: grab_and_answer(
+                ClipboardType::Png,
+                airlock_gateway::sanitise::testutil::png_header_only(60000, 60000),
+            ),
+            reason: "60000x60000, over the limit",
+            reconnects: false,
+        },
+        Bad {
+            name: "truncated png",
+            send: grab_and_answer(ClipboardType::Png, png(64, 64)[..200].to_vec()),
+            reason: "does not decode as png",
+            reconnects: false,
+        },
+        Bad {
+            name: "png declared as jpeg",
+            send: grab_and_answer(ClipboardType::Jpg, png(8, 8)),
+            reason: "does not decode as jpeg",
+            reconnects: false,
+        },
+        Bad {
+            name: "general sends none",
+            send: grab_and_answer(ClipboardType::Utf8Text, vec![]).then_none(),
+            reason: "sent no data",
+            reconnects: false,
+        },
     ];
     let dir = tempfile::tempdir().unwrap();
     let gport = FakePort::bind(dir.path(), "general");
     let cport = FakePort::bind(dir.path(), "classified");
-    let mut gw = Gateway::start(dir.path(), &["--max-bytes", LIMIT, "--request-timeout-ms", "600"]);
+    let mut gw = Gateway::start(
+        dir.path(),
+        &["--max-bytes", LIMIT, "--request-timeout-ms", "600"],
+    );
     let mut general = gport.accept();
     let mut classified = cport.accept();
     classified.collect_for(Duration::from_millis(100));
@@ -117,18 +235,36 @@ fn bad_inputs_are_dropped_and_logged_while_the_gateway_keeps_serving() {
         let line = gw.audit_line_after(lines);
         lines += 1;
         assert!(line.contains("result=rejected"), "{}: {line}", case.name);
-        assert!(line.contains(case.reason), "{}: expected {:?} in {line}", case.name, case.reason);
+        assert!(
+            line.contains(case.reason),
+            "{}: expected {:?} in {line}",
+            case.name,
+            case.reason
+        );
         if case.reconnects {
-            assert!(general.closed_within(Duration::from_secs(5)), "{}: connection kept after a framing error", case.name);
+            assert!(
+                general.closed_within(Duration::from_secs(5)),
+                "{}: connection kept after a framing error",
+                case.name
+            );
             general = gport.accept();
         }
         // Nothing reached classified...
         let got = classified.collect_for(Duration::from_millis(50));
-        assert!(got.iter().all(|m| !matches!(m, Message::ClipboardGrab(_))), "{}: {got:?}", case.name);
+        assert!(
+            got.iter().all(|m| !matches!(m, Message::ClipboardGrab(_))),
+            "{}: {got:?}",
+            case.name
+        );
         // ...and the next good copy still goes through.
         let text = format!("good copy {i}");
         general_copies(&mut general, ClipboardType::Utf8Text, text.as_bytes());
-        assert_eq!(classified_pastes(&mut classified).1, text.as_bytes(), "{}", case.name);
+        assert_eq!(
+            classified_pastes(&mut classified).1,
+            text.as_bytes(),
+            "{}",
+            case.name
+        );
         let ok = gw.audit_line_after(lines);
         lines += 1;
         assert!(ok.contains("result=accepted"), "{}: {ok}", case.name);
@@ -147,7 +283,10 @@ impl ThenNone for Box<dyn Fn(&mut FakeAgent)> {
         Box::new(|g: &mut FakeAgent| {
             g.send(&Message::ClipboardGrab(vec![ClipboardType::Utf8Text]));
             g.expect(|m| matches!(m, Message::ClipboardRequest(_)));
-            g.send(&Message::Clipboard { ty: ClipboardType::None, data: vec![] });
+            g.send(&Message::Clipboard {
+                ty: ClipboardType::None,
+                data: vec![],
+            });
         })
     }
 }
@@ -158,7 +297,10 @@ fn bidi_and_control_characters_are_removed() {
     let evil = "if (admin\u{202E} \u{2066}// check\u{2069}\u{202C}) {\x1b[2J\0\r}";
     general_copies(&mut general, ClipboardType::Utf8Text, evil.as_bytes());
     let (_, data) = classified_pastes(&mut classified);
-    assert_eq!(String::from_utf8(data).unwrap(), "if (admin // check) {[2J\r\n}");
+    assert_eq!(
+        String::from_utf8(data).unwrap(),
+        "if (admin // check) {[2J\r\n}"
+    );
 }
 
 #[test]
@@ -168,13 +310,21 @@ fn images_arrive_as_png_and_bombs_do_not() {
     general_copies(&mut general, ClipboardType::Png, &input);
     let (ty, data) = classified_pastes(&mut classified);
     assert_eq!(ty, ClipboardType::Png);
-    let img = image::load_from_memory_with_format(&data, image::ImageFormat::Png).unwrap().to_rgb8();
+    let img = image::load_from_memory_with_format(&data, image::ImageFormat::Png)
+        .unwrap()
+        .to_rgb8();
     assert_eq!(img.dimensions(), (300, 200));
-    assert_eq!(img.get_pixel(299, 199), &image::Rgb([(299u32 % 256) as u8, 199, ((299u32 ^ 199) % 256) as u8]));
+    assert_eq!(
+        img.get_pixel(299, 199),
+        &image::Rgb([(299u32 % 256) as u8, 199, ((299u32 ^ 199) % 256) as u8])
+    );
 
     // BMP in, PNG out.
     let mut bmp = Vec::new();
-    image::load_from_memory(&input).unwrap().write_to(&mut std::io::Cursor::new(&mut bmp), image::ImageFormat::Bmp).unwrap();
+    image::load_from_memory(&input)
+        .unwrap()
+        .write_to(&mut std::io::Cursor::new(&mut bmp), image::ImageFormat::Bmp)
+        .unwrap();
     general_copies(&mut general, ClipboardType::Bmp, &bmp);
     let (ty, data) = classified_pastes(&mut classified);
     assert_eq!(ty, ClipboardType::Png);
@@ -190,7 +340,10 @@ fn request_timeout_then_next_copy_works() {
     let line = gw.audit_line_after(0);
     assert!(line.contains("did not answer within 300 ms"), "{line}");
     // A late answer is dropped, not delivered.
-    general.send(&Message::Clipboard { ty: ClipboardType::Utf8Text, data: b"late".to_vec() });
+    general.send(&Message::Clipboard {
+        ty: ClipboardType::Utf8Text,
+        data: b"late".to_vec(),
+    });
     general_copies(&mut general, ClipboardType::Utf8Text, b"on time");
     assert_eq!(classified_pastes(&mut classified).1, b"on time");
 }
@@ -201,8 +354,15 @@ fn gateway_reconnects_when_a_guest_restarts() {
     // General's QEMU restarts: connection gone.
     drop(general);
     let mut general = gport.accept();
-    general_copies(&mut general, ClipboardType::Utf8Text, b"after general restart");
-    assert_eq!(classified_pastes(&mut classified).1, b"after general restart");
+    general_copies(
+        &mut general,
+        ClipboardType::Utf8Text,
+        b"after general restart",
+    );
+    assert_eq!(
+        classified_pastes(&mut classified).1,
+        b"after general restart"
+    );
     // Classified restarts: the gateway reconnects and offers the last item again.
     drop(classified);
     let mut classified = cport.accept();
@@ -221,20 +381,36 @@ fn classified_grab_withdraws_the_offer() {
     classified.send(&Message::ClipboardRequest(ClipboardType::Utf8Text));
     assert_eq!(
         classified.expect(|m| matches!(m, Message::Clipboard { .. })),
-        Message::Clipboard { ty: ClipboardType::None, data: vec![] }
+        Message::Clipboard {
+            ty: ClipboardType::None,
+            data: vec![]
+        }
     );
 }
 
 #[test]
 fn sanitiser_is_confined_by_seccomp() {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_airlock-sanitiser"))
-        .args(["--max-text-bytes", "10", "--max-image-bytes", "10", "--max-dimension", "10", "--max-pixels", "10"])
+        .args([
+            "--max-text-bytes",
+            "10",
+            "--max-image-bytes",
+            "10",
+            "--max-dimension",
+            "10",
+            "--max-pixels",
+            "10",
+        ])
         .arg("--probe-forbidden-syscall")
         .stdin(std::process::Stdio::null())
         .output()
         .unwrap();
     use std::os::unix::process::ExitStatusExt;
-    assert_eq!(out.status.signal(), Some(libc::SIGSYS), "open(2) after confinement must kill: {out:?}");
+    assert_eq!(
+        out.status.signal(),
+        Some(libc::SIGSYS),
+        "open(2) after confinement must kill: {out:?}"
+    );
 }
 
 fn sha256_hex(data: &[u8]) -> String {
@@ -262,7 +438,10 @@ fn hung_sanitiser_is_killed_and_the_transfer_rejected() {
     let line = gw.audit_line_after(0);
     assert!(line.contains("sanitiser killed after 300 ms"), "{line}");
     assert!(t.elapsed() < Duration::from_secs(10));
-    assert!(classified.collect_for(Duration::from_millis(100)).iter().all(|m| !matches!(m, Message::ClipboardGrab(_))));
+    assert!(classified
+        .collect_for(Duration::from_millis(100))
+        .iter()
+        .all(|m| !matches!(m, Message::ClipboardGrab(_))));
     gw.assert_running();
 }
 
@@ -279,7 +458,10 @@ fn subverted_sanitiser_output_is_checked_by_the_gateway() {
     general_copies(&mut general, ClipboardType::Utf8Text, b"anything");
     let line = gw.audit_line_after(0);
     assert!(line.contains("fails the gateway's check"), "{line}");
-    assert!(classified.collect_for(Duration::from_millis(200)).iter().all(|m| !matches!(m, Message::ClipboardGrab(_))));
+    assert!(classified
+        .collect_for(Duration::from_millis(200))
+        .iter()
+        .all(|m| !matches!(m, Message::ClipboardGrab(_))));
 }
 
 #[test]
@@ -293,7 +475,9 @@ fn confirm_mode_waits_for_the_kiosk() {
 
     // No kiosk connected: refused.
     general_copies(&mut general, ClipboardType::Utf8Text, b"nobody to confirm");
-    assert!(gw.audit_line_after(0).contains("no confirmation client connected"));
+    assert!(gw
+        .audit_line_after(0)
+        .contains("no confirmation client connected"));
 
     let kiosk = std::os::unix::net::UnixStream::connect(&sock).unwrap();
     let mut lines = BufReader::new(kiosk.try_clone().unwrap());
@@ -308,24 +492,40 @@ fn confirm_mode_waits_for_the_kiosk() {
     // Accepted: offered only after the verdict.
     general_copies(&mut general, ClipboardType::Utf8Text, b"confirm me");
     let line = read_line();
-    assert!(line.starts_with("pending ") && line.ends_with(" utf8-text 10\n"), "{line:?}");
+    assert!(
+        line.starts_with("pending ") && line.ends_with(" utf8-text 10\n"),
+        "{line:?}"
+    );
     let transfer: u64 = line.split_whitespace().nth(1).unwrap().parse().unwrap();
-    assert!(classified.collect_for(Duration::from_millis(200)).iter().all(|m| !matches!(m, Message::ClipboardGrab(_))));
+    assert!(classified
+        .collect_for(Duration::from_millis(200))
+        .iter()
+        .all(|m| !matches!(m, Message::ClipboardGrab(_))));
     writeln!(kiosk, "accept {transfer}").unwrap();
     assert_eq!(classified_pastes(&mut classified).1, b"confirm me");
     assert!(gw.audit_line_after(1).contains("result=accepted"));
 
     // Rejected by the user.
     general_copies(&mut general, ClipboardType::Utf8Text, b"no thanks");
-    let transfer: u64 = read_line().split_whitespace().nth(1).unwrap().parse().unwrap();
+    let transfer: u64 = read_line()
+        .split_whitespace()
+        .nth(1)
+        .unwrap()
+        .parse()
+        .unwrap();
     writeln!(kiosk, "reject {transfer}").unwrap();
-    assert!(gw.audit_line_after(2).contains("refused at the confirmation prompt"));
+    assert!(gw
+        .audit_line_after(2)
+        .contains("refused at the confirmation prompt"));
 
     // No answer in time.
     general_copies(&mut general, ClipboardType::Utf8Text, b"too slow");
     read_line();
     assert!(gw.audit_line_after(3).contains("not confirmed in time"));
-    assert!(classified.collect_for(Duration::from_millis(100)).iter().all(|m| !matches!(m, Message::ClipboardGrab(_))));
+    assert!(classified
+        .collect_for(Duration::from_millis(100))
+        .iter()
+        .all(|m| !matches!(m, Message::ClipboardGrab(_))));
 }
 
 #[test]
@@ -335,22 +535,39 @@ fn a_flood_of_copies_runs_one_sanitiser_at_a_time() {
     let scratch = tempfile::tempdir().unwrap();
     let slow = fake_sanitiser(
         scratch.path(),
-        &format!("sleep 0.3; exec {} \"$@\"", env!("CARGO_BIN_EXE_airlock-sanitiser")),
+        &format!(
+            "sleep 0.3; exec {} \"$@\"",
+            env!("CARGO_BIN_EXE_airlock-sanitiser")
+        ),
     );
     let (_d, gw, _gp, _cp, mut general, mut classified) = setup(&["--sanitiser", &slow]);
     for i in 0..20 {
-        general_copies(&mut general, ClipboardType::Utf8Text, format!("copy {i}").as_bytes());
+        general_copies(
+            &mut general,
+            ClipboardType::Utf8Text,
+            format!("copy {i}").as_bytes(),
+        );
     }
     let mut last = Vec::new();
     let deadline = std::time::Instant::now() + Duration::from_secs(15);
     while last != b"copy 19" {
-        assert!(std::time::Instant::now() < deadline, "newest copy never offered; last {last:?}");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "newest copy never offered; last {last:?}"
+        );
         last = classified_pastes(&mut classified).1;
     }
     let log = gw.stderr();
     let started = log.matches("sanitiser took").count();
-    assert!(started <= 3, "{started} sanitiser runs for a burst of 20 copies:\n{log}");
-    let superseded = gw.audit_lines().iter().filter(|l| l.contains("superseded")).count();
+    assert!(
+        started <= 3,
+        "{started} sanitiser runs for a burst of 20 copies:\n{log}"
+    );
+    let superseded = gw
+        .audit_lines()
+        .iter()
+        .filter(|l| l.contains("superseded"))
+        .count();
     assert!(superseded >= 17, "{superseded} superseded");
 }
 
@@ -375,7 +592,15 @@ fn garbage_from_classified_costs_only_its_own_connection() {
         if data == b"during" {
             break;
         }
-        assert!(std::time::Instant::now() < deadline, "newest offer never arrived");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "newest offer never arrived"
+        );
     }
-    assert!(gw.stderr().contains("classified: input dropped: chunk names port 2"), "{}", gw.stderr());
+    assert!(
+        gw.stderr()
+            .contains("classified: input dropped: chunk names port 2"),
+        "{}",
+        gw.stderr()
+    );
 }

@@ -29,7 +29,9 @@ const TOOLS: [&str; 4] = ["spice-vdagentd", "spice-vdagent", "Xvfb", "xclip"];
 const PACKAGES: [&str; 3] = ["spice-vdagent", "xvfb", "xclip"];
 
 fn find_tool(name: &str) -> bool {
-    ["/usr/bin", "/usr/sbin", "/bin", "/sbin"].iter().any(|d| Path::new(d).join(name).exists())
+    ["/usr/bin", "/usr/sbin", "/bin", "/sbin"]
+        .iter()
+        .any(|d| Path::new(d).join(name).exists())
 }
 
 /// True if the tools are present (installing them under CI=true).
@@ -54,7 +56,10 @@ fn tools_available() -> bool {
     }
     eprintln!("\n################################################################");
     eprintln!("## SKIPPED: interop test with the real spice-vdagent needs the");
-    eprintln!("## Debian packages {PACKAGES:?}: apt-get install {}", PACKAGES.join(" "));
+    eprintln!(
+        "## Debian packages {PACKAGES:?}: apt-get install {}",
+        PACKAGES.join(" ")
+    );
     eprintln!("################################################################\n");
     false
 }
@@ -89,23 +94,41 @@ impl RealGuest {
 
         // Xvfb on a free display; it tells us which on stdout.
         let mut xvfb = Command::new("Xvfb")
-            .args(["-displayfd", "1", "-screen", "0", "1024x768x24", "-nolisten", "tcp", "-noreset"])
+            .args([
+                "-displayfd",
+                "1",
+                "-screen",
+                "0",
+                "1024x768x24",
+                "-nolisten",
+                "tcp",
+                "-noreset",
+            ])
             .stdout(Stdio::piped())
             .stderr(File::create(dir.join("xvfb.log")).unwrap())
             .spawn()
             .expect("starting Xvfb");
         let mut line = String::new();
-        BufReader::new(xvfb.stdout.take().unwrap()).read_line(&mut line).unwrap();
+        BufReader::new(xvfb.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
         let display = format!(":{}", line.trim());
         assert!(display.len() > 1, "{name}: Xvfb gave no display number");
         procs.push(Proc(xvfb));
 
         // The pty: the slave (raw mode) is the agent's "virtio port".
-        let master = openpt(OpenptFlags::RDWR | OpenptFlags::NOCTTY | OpenptFlags::CLOEXEC).unwrap();
+        let master =
+            openpt(OpenptFlags::RDWR | OpenptFlags::NOCTTY | OpenptFlags::CLOEXEC).unwrap();
         grantpt(&master).unwrap();
         unlockpt(&master).unwrap();
-        let slave_path = PathBuf::from(ptsname(&master, Vec::new()).unwrap().into_string().unwrap());
-        let slave = rustix::fs::open(&slave_path, OFlags::RDWR | OFlags::NOCTTY | OFlags::CLOEXEC, Mode::empty()).unwrap();
+        let slave_path =
+            PathBuf::from(ptsname(&master, Vec::new()).unwrap().into_string().unwrap());
+        let slave = rustix::fs::open(
+            &slave_path,
+            OFlags::RDWR | OFlags::NOCTTY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .unwrap();
         let mut t = rustix::termios::tcgetattr(&slave).unwrap();
         t.make_raw();
         rustix::termios::tcsetattr(&slave, rustix::termios::OptionalActions::Now, &t).unwrap();
@@ -182,7 +205,10 @@ impl RealGuest {
         procs.push(Proc(vdagentd));
         let deadline = Instant::now() + Duration::from_secs(10);
         while !daemon_sock.exists() {
-            assert!(Instant::now() < deadline, "{name}: spice-vdagentd made no socket");
+            assert!(
+                Instant::now() < deadline,
+                "{name}: spice-vdagentd made no socket"
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
         let vdagent = Command::new("spice-vdagent")
@@ -198,20 +224,34 @@ impl RealGuest {
             .spawn()
             .expect("starting spice-vdagent");
         procs.push(Proc(vdagent));
-        RealGuest { name, dir, display, to_guest, from_guest, procs, _slave: slave, socket }
+        RealGuest {
+            name,
+            dir,
+            display,
+            to_guest,
+            from_guest,
+            procs,
+            _slave: slave,
+            socket,
+        }
     }
 
     fn logs(&self) -> String {
         let mut s = String::new();
         for f in ["vdagentd.log", "vdagent.log", "xvfb.log"] {
-            s += &format!("--- {} {f}:\n{}\n", self.name, std::fs::read_to_string(self.dir.join(f)).unwrap_or_default());
+            s += &format!(
+                "--- {} {f}:\n{}\n",
+                self.name,
+                std::fs::read_to_string(self.dir.join(f)).unwrap_or_default()
+            );
         }
         s
     }
 
     fn xclip(&self) -> Command {
         let mut c = Command::new("xclip");
-        c.env("DISPLAY", &self.display).args(["-selection", "clipboard"]);
+        c.env("DISPLAY", &self.display)
+            .args(["-selection", "clipboard"]);
         c
     }
 
@@ -234,9 +274,22 @@ impl RealGuest {
     fn paste(&self, mime: &str, wait: Duration) -> Option<Vec<u8>> {
         let deadline = Instant::now() + wait;
         loop {
-            let targets = self.xclip().args(["-o", "-t", "TARGETS"]).stderr(Stdio::null()).output().unwrap();
-            if String::from_utf8_lossy(&targets.stdout).lines().any(|l| l.trim() == mime) {
-                let out = self.xclip().args(["-o", "-t", mime]).stderr(Stdio::null()).output().unwrap();
+            let targets = self
+                .xclip()
+                .args(["-o", "-t", "TARGETS"])
+                .stderr(Stdio::null())
+                .output()
+                .unwrap();
+            if String::from_utf8_lossy(&targets.stdout)
+                .lines()
+                .any(|l| l.trim() == mime)
+            {
+                let out = self
+                    .xclip()
+                    .args(["-o", "-t", mime])
+                    .stderr(Stdio::null())
+                    .output()
+                    .unwrap();
                 if out.status.success() {
                     return Some(out.stdout);
                 }
@@ -253,10 +306,18 @@ impl RealGuest {
         loop {
             let bytes = self.from_guest.lock().unwrap().clone();
             let msgs = Decoder::new(1 << 24).feed(&bytes);
-            if msgs.iter().any(|m| matches!(m, Ok(Message::AnnounceCapabilities { .. }))) {
+            if msgs
+                .iter()
+                .any(|m| matches!(m, Ok(Message::AnnounceCapabilities { .. })))
+            {
                 return;
             }
-            assert!(Instant::now() < deadline, "{}: the agent never announced\n{}", self.name, self.logs());
+            assert!(
+                Instant::now() < deadline,
+                "{}: the agent never announced\n{}",
+                self.name,
+                self.logs()
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
     }
@@ -270,10 +331,13 @@ fn real_linux_agents_copy_general_to_classified_only() {
     let dir = tempfile::tempdir().unwrap();
     let mut general = RealGuest::start(dir.path(), "general");
     let mut classified = RealGuest::start(dir.path(), "classified");
-    let gw = common::Gateway::start_with_sockets(dir.path(), &general.socket, &classified.socket, &[]);
+    let gw =
+        common::Gateway::start_with_sockets(dir.path(), &general.socket, &classified.socket, &[]);
     general.wait_for_agent_announce();
     classified.wait_for_agent_announce();
-    let diag = |g: &RealGuest, c: &RealGuest| format!("{}{}--- gateway:\n{}", g.logs(), c.logs(), gw.stderr());
+    let diag = |g: &RealGuest, c: &RealGuest| {
+        format!("{}{}--- gateway:\n{}", g.logs(), c.logs(), gw.stderr())
+    };
 
     // Text.
     general.copy("UTF8_STRING", "interop text ✓\nline two".as_bytes());
@@ -289,9 +353,12 @@ fn real_linux_agents_copy_general_to_classified_only() {
     let input = png(64, 48);
     general.copy("image/png", &input);
     let got = classified.paste("image/png", Duration::from_secs(20));
-    let got = got.unwrap_or_else(|| panic!("image did not arrive\n{}", diag(&general, &classified)));
+    let got =
+        got.unwrap_or_else(|| panic!("image did not arrive\n{}", diag(&general, &classified)));
     let want = image::load_from_memory(&input).unwrap().to_rgb8();
-    let got = image::load_from_memory_with_format(&got, image::ImageFormat::Png).unwrap().to_rgb8();
+    let got = image::load_from_memory_with_format(&got, image::ImageFormat::Png)
+        .unwrap()
+        .to_rgb8();
     assert_eq!(got, want, "image pixels differ");
 
     // Nothing flows back.
@@ -301,28 +368,56 @@ fn real_linux_agents_copy_general_to_classified_only() {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let lines = gw.audit_lines();
-        if lines.iter().any(|l| l.contains("direction=classified->general")) {
+        if lines
+            .iter()
+            .any(|l| l.contains("direction=classified->general"))
+        {
             break;
         }
-        assert!(Instant::now() < deadline, "classified grab never reached the gateway\n{}", diag(&general, &classified));
+        assert!(
+            Instant::now() < deadline,
+            "classified grab never reached the gateway\n{}",
+            diag(&general, &classified)
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
     // ...and general never sees it: not on the wire, not in its clipboard.
     std::thread::sleep(Duration::from_secs(1));
     let to_general = general.to_guest.lock().unwrap().clone();
-    assert!(!to_general.windows(secret.len()).any(|w| w == secret), "classified data reached general's port");
+    assert!(
+        !to_general.windows(secret.len()).any(|w| w == secret),
+        "classified data reached general's port"
+    );
     for m in Decoder::new(1 << 24).feed(&to_general) {
         let m = m.expect("gateway sent general a malformed stream");
         assert!(
-            !matches!(m, Message::ClipboardGrab(_)) && !matches!(&m, Message::Clipboard { data, .. } if !data.is_empty()),
+            !matches!(m, Message::ClipboardGrab(_))
+                && !matches!(&m, Message::Clipboard { data, .. } if !data.is_empty()),
             "gateway offered general something: {m:?}"
         );
     }
-    let general_clip = general.paste("UTF8_STRING", Duration::from_millis(500)).unwrap_or_default();
+    let general_clip = general
+        .paste("UTF8_STRING", Duration::from_millis(500))
+        .unwrap_or_default();
     assert!(!general_clip.windows(secret.len()).any(|w| w == secret));
 
     let audit = gw.audit_lines();
-    assert_eq!(audit.iter().filter(|l| l.contains("result=accepted")).count(), 2, "{audit:#?}");
-    assert!(audit.iter().any(|l| l.contains("type=utf8-text->utf8-text")), "{audit:#?}");
-    assert!(audit.iter().any(|l| l.contains("type=png->png")), "{audit:#?}");
+    assert_eq!(
+        audit
+            .iter()
+            .filter(|l| l.contains("result=accepted"))
+            .count(),
+        2,
+        "{audit:#?}"
+    );
+    assert!(
+        audit
+            .iter()
+            .any(|l| l.contains("type=utf8-text->utf8-text")),
+        "{audit:#?}"
+    );
+    assert!(
+        audit.iter().any(|l| l.contains("type=png->png")),
+        "{audit:#?}"
+    );
 }

@@ -49,7 +49,11 @@ fn start() -> Confirm {
     wait_for_socket(&socket, &gw);
     let meta = std::fs::symlink_metadata(&socket).unwrap();
     assert!(meta.file_type().is_socket());
-    assert_eq!((meta.mode() & 0o7777, meta.gid().to_string()), (0o660, gid), "confirm socket mode and group");
+    assert_eq!(
+        (meta.mode() & 0o7777, meta.gid().to_string()),
+        (0o660, gid),
+        "confirm socket mode and group"
+    );
 
     let (events, kiosk) = mpsc::channel();
     let answer = Answer::default();
@@ -60,13 +64,30 @@ fn start() -> Confirm {
         std::thread::spawn(move || confirm::follow(&socket, answer, events));
     }
     gw.wait_for_log("confirm: kiosk connected");
-    Confirm { _dir: dir, gw, general, classified, answer, kiosk, _ports: (gp, cp), _scratch: scratch }
+    Confirm {
+        _dir: dir,
+        gw,
+        general,
+        classified,
+        answer,
+        kiosk,
+        _ports: (gp, cp),
+        _scratch: scratch,
+    }
 }
 
 fn wait_for_socket(path: &Path, gw: &Gateway) {
     let deadline = std::time::Instant::now() + WAIT;
-    while std::fs::symlink_metadata(path).map(|m| m.mode() & 0o777 != 0o660).unwrap_or(true) {
-        assert!(std::time::Instant::now() < deadline, "no confirm socket at {}; log:\n{}", path.display(), gw.stderr());
+    while std::fs::symlink_metadata(path)
+        .map(|m| m.mode() & 0o777 != 0o660)
+        .unwrap_or(true)
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no confirm socket at {}; log:\n{}",
+            path.display(),
+            gw.stderr()
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
 }
@@ -76,16 +97,25 @@ impl Confirm {
     fn next_pending(&self) -> Pending {
         match self.kiosk.recv_timeout(WAIT) {
             Ok(Event::Pending(Some(p))) => p,
-            Ok(Event::Pending(None)) => panic!("the kiosk lost the confirm socket; gateway log:\n{}", self.gw.stderr()),
+            Ok(Event::Pending(None)) => panic!(
+                "the kiosk lost the confirm socket; gateway log:\n{}",
+                self.gw.stderr()
+            ),
             Ok(other) => panic!("unexpected kiosk event {other:?}"),
-            Err(e) => panic!("no pending transfer reached the kiosk ({e}); gateway log:\n{}", self.gw.stderr()),
+            Err(e) => panic!(
+                "no pending transfer reached the kiosk ({e}); gateway log:\n{}",
+                self.gw.stderr()
+            ),
         }
     }
 
     /// Classified was offered nothing within `d`.
     fn classified_offered_nothing(&mut self, d: Duration) {
         let got = self.classified.collect_for(d);
-        assert!(got.iter().all(|m| !matches!(m, Message::ClipboardGrab(_))), "offered before the user's answer: {got:?}");
+        assert!(
+            got.iter().all(|m| !matches!(m, Message::ClipboardGrab(_))),
+            "offered before the user's answer: {got:?}"
+        );
     }
 }
 
@@ -101,31 +131,57 @@ fn kiosk_accepts_and_classified_gets_the_sanitised_text() {
     assert_eq!(p.kind, "utf8-text");
     assert_eq!(p.bytes, clean.len() as u64);
     c.classified_offered_nothing(Duration::from_millis(300));
-    assert!(c.gw.audit_lines().is_empty(), "decided before the user: {:?}", c.gw.audit_lines());
+    assert!(
+        c.gw.audit_lines().is_empty(),
+        "decided before the user: {:?}",
+        c.gw.audit_lines()
+    );
 
     // The host-owned key: the kiosk answers `accept <transfer>`.
-    assert!(c.answer.accept(p.transfer), "the kiosk's answer found no gateway");
+    assert!(
+        c.answer.accept(p.transfer),
+        "the kiosk's answer found no gateway"
+    );
     let (ty, data) = classified_pastes(&mut c.classified);
     assert_eq!(ty, ClipboardType::Utf8Text);
     assert_eq!(String::from_utf8(data).unwrap(), clean);
     let line = c.gw.audit_line_after(0);
-    assert!(line.contains(&format!(" transfer={} ", p.transfer)), "{line}");
-    assert!(line.contains("result=accepted") && line.contains("type=utf8-text->utf8-text"), "{line}");
-    assert!(!line.contains("admin"), "audit log never holds content: {line}");
+    assert!(
+        line.contains(&format!(" transfer={} ", p.transfer)),
+        "{line}"
+    );
+    assert!(
+        line.contains("result=accepted") && line.contains("type=utf8-text->utf8-text"),
+        "{line}"
+    );
+    assert!(
+        !line.contains("admin"),
+        "audit log never holds content: {line}"
+    );
 }
 
 #[test]
 fn nobody_accepts_so_the_transfer_is_rejected_after_the_timeout() {
     let mut c = start();
-    general_copies(&mut c.general, ClipboardType::Utf8Text, b"nobody presses the key");
+    general_copies(
+        &mut c.general,
+        ClipboardType::Utf8Text,
+        b"nobody presses the key",
+    );
     let p = c.next_pending();
     assert_eq!((p.kind.as_str(), p.bytes), ("utf8-text", 22));
     let shown = std::time::Instant::now();
 
     let line = c.gw.audit_line_after(0);
-    assert!(line.contains(&format!(" transfer={} ", p.transfer)), "{line}");
+    assert!(
+        line.contains(&format!(" transfer={} ", p.transfer)),
+        "{line}"
+    );
     let waited = shown.elapsed();
-    assert!(line.contains("result=rejected") && line.contains("not confirmed in time"), "{line}");
+    assert!(
+        line.contains("result=rejected") && line.contains("not confirmed in time"),
+        "{line}"
+    );
     assert!(
         waited >= Duration::from_millis(CONFIRM_TIMEOUT_MS - 300),
         "rejected after {waited:?}, before the {CONFIRM_TIMEOUT_MS} ms timeout: {line}"
@@ -134,7 +190,10 @@ fn nobody_accepts_so_the_transfer_is_rejected_after_the_timeout() {
 
     // Too late: accepting now changes nothing (the gateway ignores it).
     assert!(c.answer.accept(p.transfer));
-    c.gw.wait_for_log(&format!("verdict for transfer {} which is not pending", p.transfer));
+    c.gw.wait_for_log(&format!(
+        "verdict for transfer {} which is not pending",
+        p.transfer
+    ));
     c.classified_offered_nothing(Duration::from_millis(200));
     assert_eq!(c.gw.audit_lines().len(), 1);
 }

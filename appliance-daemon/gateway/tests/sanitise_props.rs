@@ -7,7 +7,10 @@ use proptest::prelude::*;
 fn nasty_char() -> impl Strategy<Value = char> {
     prop_oneof![
         any::<char>(),
-        prop::sample::select(vec!['\r', '\n', '\t', '\0', '\u{1b}', '\u{7f}', '\u{85}', '\u{202A}', '\u{202E}', '\u{2066}', '\u{2069}', '\u{200F}']),
+        prop::sample::select(vec![
+            '\r', '\n', '\t', '\0', '\u{1b}', '\u{7f}', '\u{85}', '\u{202A}', '\u{202E}',
+            '\u{2066}', '\u{2069}', '\u{200F}'
+        ]),
     ]
 }
 

@@ -59,7 +59,12 @@ fn image_name(os_release: &str) -> String {
     let field = |key: &str| {
         os_release.lines().find_map(|l| {
             let value = l.strip_prefix(key)?.strip_prefix('=')?;
-            Some(value.trim().trim_matches(|c| c == '"' || c == '\'').to_owned())
+            Some(
+                value
+                    .trim()
+                    .trim_matches(|c| c == '"' || c == '\'')
+                    .to_owned(),
+            )
         })
     };
     match (field("IMAGE_ID"), field("IMAGE_VERSION")) {
@@ -80,10 +85,18 @@ fn update_lines(file: std::io::Result<String>, path: &Path) -> Vec<String> {
     };
     let last: LastResult = match serde_json::from_str(&text) {
         Ok(last) => last,
-        Err(e) => return vec![format!("last update: unknown ({} unreadable: {e})", path.display())],
+        Err(e) => {
+            return vec![format!(
+                "last update: unknown ({} unreadable: {e})",
+                path.display()
+            )]
+        }
     };
     let when = humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_secs(last.at));
-    let mut lines = vec![clip(&format!("last update: {} ({}) at {when}", last.result, last.action))];
+    let mut lines = vec![clip(&format!(
+        "last update: {} ({}) at {when}",
+        last.result, last.action
+    ))];
     // A refusal starts with the staged file's path: the reason is what IT needs.
     let message = match last.message.split_once(": ") {
         Some((path, rest)) if path.starts_with('/') => rest,
@@ -113,7 +126,10 @@ fn read_small(path: &Path) -> std::io::Result<String> {
 
 /// This machine's host name (`uname`: no file to read).
 pub fn host_name() -> String {
-    rustix::system::uname().nodename().to_string_lossy().into_owned()
+    rustix::system::uname()
+        .nodename()
+        .to_string_lossy()
+        .into_owned()
 }
 
 #[cfg(test)]
@@ -129,7 +145,11 @@ mod tests {
     #[test]
     fn the_page_names_the_image_the_host_and_the_last_update() {
         let dir = tempfile::tempdir().unwrap();
-        let os = write(dir.path(), "os-release", "ID=debian\nIMAGE_ID=airlock\nIMAGE_VERSION=\"1.0.1\"\n");
+        let os = write(
+            dir.path(),
+            "os-release",
+            "ID=debian\nIMAGE_ID=airlock\nIMAGE_VERSION=\"1.0.1\"\n",
+        );
         let st = write(
             dir.path(),
             "update.json",
@@ -152,7 +172,11 @@ mod tests {
     #[test]
     fn a_refusal_shows_its_reason_printable_and_short() {
         let dir = tempfile::tempdir().unwrap();
-        let os = write(dir.path(), "os-release", "IMAGE_ID=airlock\nIMAGE_VERSION=1.0\n");
+        let os = write(
+            dir.path(),
+            "os-release",
+            "IMAGE_ID=airlock\nIMAGE_VERSION=1.0\n",
+        );
         let reason = format!("signed by no trusted key \u{1b}[2J{}", "x".repeat(400));
         let json = serde_json::json!({
             "action": "apply", "result": "refused", "at": 0,
@@ -160,12 +184,21 @@ mod tests {
         });
         let st = write(dir.path(), "update.json", &json.to_string());
         let lines = page(&os, &st, "pc", "hint");
-        assert_eq!(lines[2], "last update: refused (apply) at 1970-01-01T00:00:00Z");
-        assert!(lines[3].starts_with("  signed by no trusted key ?[2J"), "{lines:?}");
+        assert_eq!(
+            lines[2],
+            "last update: refused (apply) at 1970-01-01T00:00:00Z"
+        );
+        assert!(
+            lines[3].starts_with("  signed by no trusted key ?[2J"),
+            "{lines:?}"
+        );
         assert_eq!(lines.len(), 2 + 1 + MESSAGE_LINES + 2, "{lines:?}");
         assert!(lines[2 + MESSAGE_LINES].ends_with("..."), "{lines:?}");
         for line in &lines {
-            assert!(line.chars().all(|c| c == ' ' || c.is_ascii_graphic()), "{line:?}");
+            assert!(
+                line.chars().all(|c| c == ' ' || c.is_ascii_graphic()),
+                "{line:?}"
+            );
             assert!(line.chars().count() <= WRAP + 16, "{line:?}");
         }
     }
@@ -173,13 +206,21 @@ mod tests {
     #[test]
     fn missing_or_bad_files_say_so() {
         let dir = tempfile::tempdir().unwrap();
-        let lines = page(&dir.path().join("none"), &dir.path().join("none.json"), "pc", "hint");
+        let lines = page(
+            &dir.path().join("none"),
+            &dir.path().join("none.json"),
+            "pc",
+            "hint",
+        );
         assert!(lines[0].starts_with("image:       unknown ("), "{lines:?}");
         assert_eq!(lines[2], "last update: none on this PC yet");
         let bad = write(dir.path(), "update.json", "{\"result\":");
         let os = write(dir.path(), "os-release", "ID=debian\n");
         let lines = page(&os, &bad, "pc", "hint");
-        assert_eq!(lines[0], "image:       unknown (no IMAGE_ID/IMAGE_VERSION in os-release)");
+        assert_eq!(
+            lines[0],
+            "image:       unknown (no IMAGE_ID/IMAGE_VERSION in os-release)"
+        );
         assert!(lines[2].starts_with("last update: unknown ("), "{lines:?}");
     }
 

@@ -153,7 +153,9 @@ impl KeyRouter {
                 // Ctrl + switch opens or closes the page; the switch key
                 // alone closes it too (back to the same guest).
                 self.info_shown = !self.info_shown;
-                actions.push(KeyAction::Info { shown: self.info_shown });
+                actions.push(KeyAction::Info {
+                    shown: self.info_shown,
+                });
             } else {
                 self.on_screen = side.other();
                 actions.push(KeyAction::Switch { to: self.on_screen });
@@ -232,11 +234,25 @@ mod tests {
     #[test]
     fn ctrl_and_the_switch_key_open_the_info_page_and_no_key_reaches_a_guest_then() {
         let mut r = KeyRouter::new(KEY_SCROLLLOCK, Classified);
-        assert_eq!(r.key(CTRL, 1), [Forward { side: Classified, code: CTRL, down: true }]);
+        assert_eq!(
+            r.key(CTRL, 1),
+            [Forward {
+                side: Classified,
+                code: CTRL,
+                down: true
+            }]
+        );
         // The guest had Ctrl down: it is released to it as the page opens.
         assert_eq!(
             r.key(KEY_SCROLLLOCK, 1),
-            [Forward { side: Classified, code: CTRL, down: false }, Info { shown: true }]
+            [
+                Forward {
+                    side: Classified,
+                    code: CTRL,
+                    down: false
+                },
+                Info { shown: true }
+            ]
         );
         assert_eq!(r.key(KEY_SCROLLLOCK, 0), []);
         assert_eq!(r.key(CTRL, 0), []);
@@ -246,11 +262,35 @@ mod tests {
         // The switch key alone closes it, back to the same guest.
         assert_eq!(r.key(KEY_SCROLLLOCK, 1), [Info { shown: false }]);
         assert_eq!(r.on_screen(), Classified);
-        assert_eq!(r.key(A, 1), [Forward { side: Classified, code: A, down: true }]);
-        assert_eq!(r.key(A, 0), [Forward { side: Classified, code: A, down: false }]);
+        assert_eq!(
+            r.key(A, 1),
+            [Forward {
+                side: Classified,
+                code: A,
+                down: true
+            }]
+        );
+        assert_eq!(
+            r.key(A, 0),
+            [Forward {
+                side: Classified,
+                code: A,
+                down: false
+            }]
+        );
         // Right Ctrl works the same; Ctrl + switch again closes it.
         r.key(97, 1);
-        assert_eq!(r.key(KEY_SCROLLLOCK, 1), [Forward { side: Classified, code: 97, down: false }, Info { shown: true }]);
+        assert_eq!(
+            r.key(KEY_SCROLLLOCK, 1),
+            [
+                Forward {
+                    side: Classified,
+                    code: 97,
+                    down: false
+                },
+                Info { shown: true }
+            ]
+        );
         assert_eq!(r.key(KEY_SCROLLLOCK, 1), [Info { shown: false }]);
         r.key(97, 0);
         assert_eq!(r.key(KEY_SCROLLLOCK, 1), [Switch { to: General }]);

@@ -220,7 +220,10 @@ fn draw_message(canvas: &mut Canvas<'_>, top: u32, message: &Message, side: Side
     canvas.fill(0, top, width, area_h, xrgb(NO_GUEST_RGB));
     let margin = width.min(area_h) / 20;
     let (bx, by) = (margin, top + margin);
-    let (bw, bh) = (width.saturating_sub(2 * margin), area_h.saturating_sub(2 * margin));
+    let (bw, bh) = (
+        width.saturating_sub(2 * margin),
+        area_h.saturating_sub(2 * margin),
+    );
     canvas.fill(bx, by, bw, bh, xrgb(MESSAGE_RGB));
     let pad = (bw.min(bh) / 24).max(1);
     let (inner_w, inner_h) = (bw.saturating_sub(2 * pad), bh.saturating_sub(2 * pad));
@@ -248,10 +251,14 @@ fn draw_message(canvas: &mut Canvas<'_>, top: u32, message: &Message, side: Side
     let head = head_scale(body);
     let mut y = by + pad + inner_h.saturating_sub(total_height(body)) / 2;
     let clip = |text: &str, scale: u32| -> String {
-        text.chars().take((inner_w / (8 * scale)) as usize).collect()
+        text.chars()
+            .take((inner_w / (8 * scale)) as usize)
+            .collect()
     };
     // The block of lines centred, each line left-aligned in it.
-    let block_w = (headline.len() as u32 * 8 * head).max(longest * 8 * body).min(inner_w);
+    let block_w = (headline.len() as u32 * 8 * head)
+        .max(longest * 8 * body)
+        .min(inner_w);
     let x = bx + pad + (inner_w - block_w) / 2;
     let bottom = by + pad + inner_h;
     if y + 8 * head <= bottom {
@@ -286,7 +293,10 @@ fn draw_strip(canvas: &mut Canvas<'_>, label: &Label, strip: u32) {
         ),
     };
     let room = width.saturating_sub(after_word + 2 * pad);
-    let small = [(big * 2 / 3).max(1), 1].into_iter().find(|&s| text_width(&status, s) <= room).unwrap_or(1);
+    let small = [(big * 2 / 3).max(1), 1]
+        .into_iter()
+        .find(|&s| text_width(&status, s) <= room)
+        .unwrap_or(1);
     let status_w = text_width(&status, small);
     let x = width.saturating_sub(status_w + pad).max(after_word + pad);
     canvas.text(x, (strip - 8 * small) / 2, small, &status, WHITE);
@@ -408,7 +418,11 @@ mod tests {
     fn area_counts(pixels: &[u32], width: u32, height: u32) -> (usize, usize, usize, usize) {
         let area = &pixels[(strip_height(height).min(height) * width) as usize..];
         let count = |c: u32| area.iter().filter(|&&p| p == c).count();
-        let (amber, black, grey) = (count(xrgb(MESSAGE_RGB)), count(BLACK), count(xrgb(NO_GUEST_RGB)));
+        let (amber, black, grey) = (
+            count(xrgb(MESSAGE_RGB)),
+            count(BLACK),
+            count(xrgb(NO_GUEST_RGB)),
+        );
         (amber, black, grey, area.len() - amber - black - grey)
     }
 
@@ -424,7 +438,10 @@ mod tests {
                         Side::General => &mut l.general_message,
                     } = Some(message.clone());
                     let (amber, ..) = area_counts(&draw(width, height, &l, None), width, height);
-                    assert_eq!(amber, 0, "{width}x{height} {side:?}: the other side's message");
+                    assert_eq!(
+                        amber, 0,
+                        "{width}x{height} {side:?}: the other side's message"
+                    );
                     l.classified_message = Some(message.clone());
                     l.general_message = Some(message.clone());
                     // …and it covers a guest's picture, stale or not.
@@ -433,8 +450,14 @@ mod tests {
                     let pixels = draw(width, height, &l, Some(&fb));
                     let (amber, black, grey, other) = area_counts(&pixels, width, height);
                     let area = (amber + black + grey + other) as f64;
-                    assert!(amber as f64 / area > 0.6, "{width}x{height} {message:?}: amber {amber} of {area}");
-                    assert!(black as f64 / area > 0.01, "{width}x{height} {message:?}: text {black}");
+                    assert!(
+                        amber as f64 / area > 0.6,
+                        "{width}x{height} {message:?}: amber {amber} of {area}"
+                    );
+                    assert!(
+                        black as f64 / area > 0.01,
+                        "{width}x{height} {message:?}: text {black}"
+                    );
                     assert_eq!(other, 0, "{width}x{height}: only grey, amber and black");
                     // The strip stays as it was.
                     assert!(pixels[..(strip_height(height) * width) as usize]
@@ -457,13 +480,24 @@ mod tests {
                 let pixels = draw(width, height, &l, None);
                 for y in strip_height(height)..height {
                     let row = &pixels[(y * width) as usize..((y + 1) * width) as usize];
-                    let Some(first) = row.iter().position(|&p| p == BLACK) else { continue };
+                    let Some(first) = row.iter().position(|&p| p == BLACK) else {
+                        continue;
+                    };
                     let last = row.iter().rposition(|&p| p == BLACK).unwrap();
-                    assert!(row[..first].contains(&xrgb(MESSAGE_RGB)), "{width}x{height} row {y}");
-                    assert!(row[last..].contains(&xrgb(MESSAGE_RGB)), "{width}x{height} row {y}");
+                    assert!(
+                        row[..first].contains(&xrgb(MESSAGE_RGB)),
+                        "{width}x{height} row {y}"
+                    );
+                    assert!(
+                        row[last..].contains(&xrgb(MESSAGE_RGB)),
+                        "{width}x{height} row {y}"
+                    );
                 }
                 let (_, black, ..) = area_counts(&pixels, width, height);
-                assert!(black > 500, "{width}x{height} {message:?}: text is drawn ({black})");
+                assert!(
+                    black > 500,
+                    "{width}x{height} {message:?}: text is drawn ({black})"
+                );
             }
         }
     }
@@ -478,7 +512,16 @@ mod tests {
 
     #[test]
     fn tiny_screens_do_not_panic() {
-        for (w, h) in [(1, 1), (24, 24), (30, 25), (8, 200), (200, 8), (100, 60), (320, 200), (640, 480)] {
+        for (w, h) in [
+            (1, 1),
+            (24, 24),
+            (30, 25),
+            (8, 200),
+            (200, 8),
+            (100, 60),
+            (320, 200),
+            (640, 480),
+        ] {
             let fb = Framebuffer::new(3, 3);
             draw(w, h, &label(Side::Classified), Some(&fb));
             draw(w, h, &label(Side::Classified), None);

@@ -209,7 +209,10 @@ pub fn run(options: &Options) -> Result<()> {
                 Event::Display(side) => redraw |= side == router.on_screen(),
                 Event::Status(c, g) => {
                     for line in message::new_log_lines(
-                        [label.classified_message.as_ref(), label.general_message.as_ref()],
+                        [
+                            label.classified_message.as_ref(),
+                            label.general_message.as_ref(),
+                        ],
                         [c.message.as_ref(), g.message.as_ref()],
                     ) {
                         eprintln!("{line}");
@@ -269,17 +272,33 @@ pub fn run(options: &Options) -> Result<()> {
                             KeyAction::Info { shown } => {
                                 // The pointer's buttons are released to the guest the page covers.
                                 if shown && buttons != 0 {
-                                    send_pointer(display(router.on_screen()), &screen, pointer_x, pointer_y, 0);
+                                    send_pointer(
+                                        display(router.on_screen()),
+                                        &screen,
+                                        pointer_x,
+                                        pointer_y,
+                                        0,
+                                    );
                                     buttons = 0;
                                 }
                                 label.info = shown.then(|| {
-                                    let close = format!("Ctrl+{} or {}: back to the guest", options.switch_key_name, options.switch_key_name);
+                                    let close = format!(
+                                        "Ctrl+{} or {}: back to the guest",
+                                        options.switch_key_name, options.switch_key_name
+                                    );
                                     message::Message::Info {
-                                        lines: info::page(&options.os_release, &options.update_status, &info::host_name(), &close),
+                                        lines: info::page(
+                                            &options.os_release,
+                                            &options.update_status,
+                                            &info::host_name(),
+                                            &close,
+                                        ),
                                     }
                                 });
                                 match &label.info {
-                                    Some(page) => eprintln!("{}", page.log_line(router.on_screen())),
+                                    Some(page) => {
+                                        eprintln!("{}", page.log_line(router.on_screen()))
+                                    }
                                     None => eprintln!("airlock-kiosk: info page closed"),
                                 }
                                 redraw = true;

@@ -42,7 +42,11 @@ impl Screen {
             .with_context(|| format!("listing {}", dir.display()))?
             .flatten()
             .map(|e| e.path())
-            .filter(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("card")))
+            .filter(|p| {
+                p.file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|n| n.starts_with("card"))
+            })
             .collect();
         cards.sort();
         let mut errors = Vec::new();

@@ -102,10 +102,7 @@ pub fn follow(socket: &Path, machine_file: &Path, updates: Sender<Event>) {
             }
         }
         let report = without_supervisor(failures, machine_file);
-        if updates
-            .send(Event::Status(report.clone(), report))
-            .is_err()
-        {
+        if updates.send(Event::Status(report.clone(), report)).is_err() {
             return;
         }
         thread::sleep(Duration::from_secs(1));
@@ -153,7 +150,12 @@ mod tests {
         // A hostile path is made printable; a path with another state is ignored.
         let line = r#"{"event":"status","guests":{"classified":{"state":"no-disk","path":"/a\u001b[2J\nb"},"general":{"state":"off","path":"/x"}}}"#;
         let (c, g) = parse_status(line).unwrap();
-        assert_eq!(c.message, Some(Message::NoDisk { path: "/a?[2J?b".into() }));
+        assert_eq!(
+            c.message,
+            Some(Message::NoDisk {
+                path: "/a?[2J?b".into()
+            })
+        );
         assert_eq!(g.message, None);
     }
 
@@ -167,7 +169,8 @@ mod tests {
             Some(("run2Jningverylongstatewo".into(), "unknown".into()))
         );
         // Only the exact word makes a message.
-        let near = r#"{"event":"status","guests":{"classified":{"state":"no-disk\u001b","path":"/x"}}}"#;
+        let near =
+            r#"{"event":"status","guests":{"classified":{"state":"no-disk\u001b","path":"/x"}}}"#;
         assert_eq!(parse_status(near).unwrap().0.message, None);
     }
 
@@ -176,13 +179,19 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("appliance.toml");
         for failures in 0..NOT_PROVISIONED_AFTER {
-            assert_eq!(without_supervisor(failures, &file), GuestReport::new(NO_SUPERVISOR, None));
+            assert_eq!(
+                without_supervisor(failures, &file),
+                GuestReport::new(NO_SUPERVISOR, None)
+            );
         }
         assert_eq!(
             without_supervisor(NOT_PROVISIONED_AFTER, &file),
             GuestReport::new(NO_SUPERVISOR, Some(Message::NotProvisioned))
         );
         std::fs::write(&file, "").unwrap();
-        assert_eq!(without_supervisor(100, &file), GuestReport::new(NO_SUPERVISOR, None));
+        assert_eq!(
+            without_supervisor(100, &file),
+            GuestReport::new(NO_SUPERVISOR, None)
+        );
     }
 }

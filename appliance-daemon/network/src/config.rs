@@ -34,7 +34,9 @@ fn invalid(key: impl Into<String>, message: impl Into<String>) -> ConfigError {
 
 /// The two sides. Names are part of the run-time contract (`br-<side>`,
 /// `tap-<side>`, user `airlock-<side>`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Deserialize, serde::Serialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Deserialize, serde::Serialize,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Side {
     Classified,
@@ -565,7 +567,9 @@ fn wireguard(raw: RawWireguard) -> Result<Wireguard, ConfigError> {
         )
     })?;
     let address: Ipv4Cidr = parse(&format!("{K}.address"), address)?;
-    let private_key_file = raw.private_key_file.unwrap_or_else(|| WIREGUARD_KEY_FILE.to_owned());
+    let private_key_file = raw
+        .private_key_file
+        .unwrap_or_else(|| WIREGUARD_KEY_FILE.to_owned());
     if !private_key_file.starts_with('/') || private_key_file.contains(char::is_whitespace) {
         return Err(invalid(
             format!("{K}.private_key_file"),

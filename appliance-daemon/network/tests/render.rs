@@ -495,16 +495,31 @@ fn wireguard_errors_name_the_key() {
 
 #[test]
 fn wireguard_key_file_has_a_default_and_the_address_has_none() {
-    let without_key = SHARED_WG.replacen("private_key_file = \"/var/lib/airlock/provision/wg-classified.key\"\n", "", 1);
+    let without_key = SHARED_WG.replacen(
+        "private_key_file = \"/var/lib/airlock/provision/wg-classified.key\"\n",
+        "",
+        1,
+    );
     assert_ne!(without_key, SHARED_WG, "fixture sets private_key_file");
     let wg = cfg(&without_key).classified.wireguard.expect("tunnel");
-    assert_eq!(wg.private_key_file, airlock_network::config::WIREGUARD_KEY_FILE);
+    assert_eq!(
+        wg.private_key_file,
+        airlock_network::config::WIREGUARD_KEY_FILE
+    );
     // Two PCs with one tunnel address would take each other's traffic: the
     // address is never defaulted.
     let without_address = SHARED_WG.replacen("address = \"10.99.0.2/24\"\n", "", 1);
-    assert_ne!(without_address, SHARED_WG, "fixture sets the tunnel address");
-    let e = NetworkConfig::from_toml(&without_address).unwrap_err().to_string();
-    assert!(e.contains("network.classified.wireguard.address") && e.contains("machine file"), "{e}");
+    assert_ne!(
+        without_address, SHARED_WG,
+        "fixture sets the tunnel address"
+    );
+    let e = NetworkConfig::from_toml(&without_address)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("network.classified.wireguard.address") && e.contains("machine file"),
+        "{e}"
+    );
 }
 
 /// The example in README.md is a valid configuration, and renders.

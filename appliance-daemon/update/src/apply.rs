@@ -42,7 +42,9 @@ use std::num::NonZeroU64;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
-use airlock_bundle::{check_policy, ArtifactKind, Manifest, RunningSystem, Trust, VerifiedManifest};
+use airlock_bundle::{
+    check_policy, ArtifactKind, Manifest, RunningSystem, Trust, VerifiedManifest,
+};
 use anyhow::{Context, Result};
 use sha2::{Digest, Sha256};
 
@@ -89,9 +91,17 @@ struct Plan {
 
 /// Reads the trust file and threshold.
 pub fn load_trust(cfg: &Config) -> Result<Trust> {
-    let text = std::fs::read_to_string(&cfg.allowed_signers).with_context(|| format!("reading the trusted keys {}", cfg.allowed_signers.display()))?;
-    let keys = airlock_bundle::parse_allowed_signers(&text).with_context(|| format!("trusted keys {}", cfg.allowed_signers.display()))?;
-    Trust::new(keys, cfg.threshold).with_context(|| format!("trusted keys {} with threshold {}", cfg.allowed_signers.display(), cfg.threshold))
+    let text = std::fs::read_to_string(&cfg.allowed_signers)
+        .with_context(|| format!("reading the trusted keys {}", cfg.allowed_signers.display()))?;
+    let keys = airlock_bundle::parse_allowed_signers(&text)
+        .with_context(|| format!("trusted keys {}", cfg.allowed_signers.display()))?;
+    Trust::new(keys, cfg.threshold).with_context(|| {
+        format!(
+            "trusted keys {} with threshold {}",
+            cfg.allowed_signers.display(),
+            cfg.threshold
+        )
+    })
 }
 
 /// The disk holding the slots: configured, or the booted root's disk.
@@ -105,16 +115,25 @@ pub fn open_disk(cfg: &Config, root_hash: &str) -> Result<Disk> {
 
 /// Takes the bundle from its source: a path to read (local file, dropped
 /// file or finished download) and, for a dropped file, that file again.
-pub fn fetch(cfg: &Config, src: &Source, http: &HttpOptions, log: &mut dyn FnMut(String)) -> Result<(PathBuf, Option<PathBuf>)> {
+pub fn fetch(
+    cfg: &Config,
+    src: &Source,
+    http: &HttpOptions,
+    log: &mut dyn FnMut(String),
+) -> Result<(PathBuf, Option<PathBuf>)> {
     match src {
         Source::File(p) => Ok((p.clone(), None)),
         Source::DropDir(dir) => match source::newest_in_drop_dir(dir)? {
             Some(p) => Ok((p.clone(), Some(p))),
             None => Err(Refused::NothingDropped(dir.clone()).into()),
         },
-        Source::Stick(disk) => Ok((source::stage_from_stick(disk, &cfg.staging_dir, &load_trust(cfg)?, log)?, None)),
+        Source::Stick(disk) => Ok((
+            source::stage_from_stick(disk, &cfg.staging_dir, &load_trust(cfg)?, log)?,
+            None,
+        )),
         Source::Url(url) => {
-            let p = source::download(url, &cfg.staging_dir, http, log).map_err(|e| e.context(Failure::Source))?;
+            let p = source::download(url, &cfg.staging_dir, http, log)
+                .map_err(|e| e.context(Failure::Source))?;
             Ok((p, None))
         }
     }
@@ -122,14 +141,29 @@ pub fn fetch(cfg: &Config, src: &Source, http: &HttpOptions, log: &mut dyn FnMut
 
 /// `apply`: fetch, check, write; records the outcome in the state file.
 /// A dropped bundle is renamed `*.applied` or `*.refused` afterwards.
-pub fn apply(cfg: &Config, src: &Source, opts: &ApplyOptions, log: &mut dyn FnMut(String)) -> Result<Applied> {
-    std::fs::create_dir_all(&cfg.state_dir).with_context(|| format!("creating {}", cfg.state_dir.display()))?;
+pub fn apply(
+    cfg: &Config,
+    src: &Source,
+    opts: &ApplyOptions,
+    log: &mut dyn FnMut(String),
+) -> Result<Applied> {
+    std::fs::create_dir_all(&cfg.state_dir)
+        .with_context(|| format!("creating {}", cfg.state_dir.display()))?;
     let _lock = lock(&cfg.state_dir.join("lock"))?;
     let (path, dropped) = fetch(cfg, src, &opts.http, log)?;
     let result = check_and_write(cfg, &path, opts, log);
     let last = match &result {
-        Ok(a) => LastResult::now("apply", "applied", format!("{} written to slot {} ({}), reboot pending", a.version, a.slot, a.entry)),
-        Err(e) if crate::refusal::refused(e).is_some() => LastResult::now("apply", "refused", format!("{}: {e:#}", path.display())),
+        Ok(a) => LastResult::now(
+            "apply",
+            "applied",
+            format!(
+                "{} written to slot {} ({}), reboot pending",
+                a.version, a.slot, a.entry
+            ),
+        ),
+        Err(e) if crate::refusal::refused(e).is_some() => {
+            LastResult::now("apply", "refused", format!("{}: {e:#}", path.display()))
+        }
         Err(e) => LastResult::now("apply", "failed", format!("{}: {e:#}", path.display())),
     };
     let refused = last.result == "refused";
@@ -138,7 +172,8 @@ pub fn apply(cfg: &Config, src: &Source, opts: &ApplyOptions, log: &mut dyn FnMu
     }
     if let Some(d) = dropped {
         if result.is_ok() || refused {
-            if let Err(e) = source::retire_dropped(&d, if refused { "refused" } else { "applied" }) {
+            if let Err(e) = source::retire_dropped(&d, if refused { "refused" } else { "applied" })
+            {
                 log(format!("warning: {e:#}"));
             }
         }
@@ -152,7 +187,12 @@ pub fn apply(cfg: &Config, src: &Source, opts: &ApplyOptions, log: &mut dyn FnMu
     result
 }
 
-fn check_and_write(cfg: &Config, bundle: &Path, opts: &ApplyOptions, log: &mut dyn FnMut(String)) -> Result<Applied> {
+fn check_and_write(
+    cfg: &Config,
+    bundle: &Path,
+    opts: &ApplyOptions,
+    log: &mut dyn FnMut(String),
+) -> Result<Applied> {
     let plan = check(cfg, bundle, log)?;
     write(cfg, &plan, &opts.fail, log)
 }
@@ -164,7 +204,8 @@ fn check(cfg: &Config, bundle: &Path, log: &mut dyn FnMut(String)) -> Result<Pla
     let root_hash = system::load_root_hash(&cfg.cmdline)?;
     let state = system::load_state(&cfg.state_file())?;
     let disk = open_disk(cfg, &root_hash)?;
-    let all = slots::slots(&disk.table()?).with_context(|| format!("slots on {}", disk.path.display()))?;
+    let all = slots::slots(&disk.table()?)
+        .with_context(|| format!("slots on {}", disk.path.display()))?;
     let (booted, inactive) = slots::booted_and_inactive(&all, &root_hash)?;
     let esp = Esp::open(&cfg.esp)?;
 
@@ -172,11 +213,21 @@ fn check(cfg: &Config, bundle: &Path, log: &mut dyn FnMut(String)) -> Result<Pla
     let mut r = open_bundle(bundle)?;
     let verified = airlock_bundle::open(&mut r, &trust).map_err(bundle_error)?;
     let m = &verified.manifest;
-    log(format!("{}: {} {} signed by {}", bundle.display(), m.name, m.version, verified.signers.join(", ")));
+    log(format!(
+        "{}: {} {} signed by {}",
+        bundle.display(),
+        m.name,
+        m.version,
+        verified.signers.join(", ")
+    ));
 
     // 2. The running system.
     if m.name != image.name {
-        return Err(Refused::WrongImage { bundle: m.name.clone(), running: image.name.clone() }.into());
+        return Err(Refused::WrongImage {
+            bundle: m.name.clone(),
+            running: image.name.clone(),
+        }
+        .into());
     }
     let running = RunningSystem {
         compatible: image.compatible.clone(),
@@ -193,12 +244,24 @@ fn check(cfg: &Config, bundle: &Path, log: &mut dyn FnMut(String)) -> Result<Pla
     let free = esp_free_bytes(&esp.dir)?;
     // Room for the new UKI, less what step 1 of the writes frees.
     let freed: u64 = match inactive.stem() {
-        Some(stem) if Some(stem) != booted.stem() => esp.entries_for(stem)?.iter().map(|e| std::fs::metadata(esp.dir.join(&e.file)).map(|m| m.len()).unwrap_or(0)).sum(),
+        Some(stem) if Some(stem) != booted.stem() => esp
+            .entries_for(stem)?
+            .iter()
+            .map(|e| {
+                std::fs::metadata(esp.dir.join(&e.file))
+                    .map(|m| m.len())
+                    .unwrap_or(0)
+            })
+            .sum(),
         _ => 0,
     };
     let need = uki_size + (1 << 20);
     if free + freed < need {
-        return Err(Refused::NoRoom { free: free + freed, need }.into());
+        return Err(Refused::NoRoom {
+            free: free + freed,
+            need,
+        }
+        .into());
     }
 
     // 3. The running boot is blessed.
@@ -210,15 +273,40 @@ fn check(cfg: &Config, bundle: &Path, log: &mut dyn FnMut(String)) -> Result<Pla
     }
 
     // 4. The whole payload.
-    airlock_bundle::read_payload(&mut r, m, &mut |_, _| Ok(()), &mut |_| {}).map_err(bundle_error)?;
-    log(format!("{}: payload verified; writing slot {} (partitions {} and {} of {})", bundle.display(), inactive.name, inactive.root.number, inactive.verity.number, disk.path.display()));
-    Ok(Plan { bundle: bundle.to_path_buf(), verified, disk, booted, inactive, esp })
+    airlock_bundle::read_payload(&mut r, m, &mut |_, _| Ok(()), &mut |_| {})
+        .map_err(bundle_error)?;
+    log(format!(
+        "{}: payload verified; writing slot {} (partitions {} and {} of {})",
+        bundle.display(),
+        inactive.name,
+        inactive.root.number,
+        inactive.verity.number,
+        disk.path.display()
+    ));
+    Ok(Plan {
+        bundle: bundle.to_path_buf(),
+        verified,
+        disk,
+        booted,
+        inactive,
+        esp,
+    })
 }
 
-fn write(cfg: &Config, plan: &Plan, fail: &FailPoints, log: &mut dyn FnMut(String)) -> Result<Applied> {
+fn write(
+    cfg: &Config,
+    plan: &Plan,
+    fail: &FailPoints,
+    log: &mut dyn FnMut(String),
+) -> Result<Applied> {
     let m = &plan.verified.manifest;
     let stem = format!("{}_{}", m.name, m.version);
-    let Plan { disk, inactive, esp, .. } = plan;
+    let Plan {
+        disk,
+        inactive,
+        esp,
+        ..
+    } = plan;
     // Opened first (block devices exclusively): a partition in use stops
     // the update before anything changes.
     let root_extent = disk.extent(&inactive.root);
@@ -228,7 +316,12 @@ fn write(cfg: &Config, plan: &Plan, fail: &FailPoints, log: &mut dyn FnMut(Strin
 
     // 1. No entry points at the inactive slot any more.
     let mut stale = vec![stem.clone()];
-    stale.extend(inactive.stem().filter(|s| Some(*s) != plan.booted.stem()).map(str::to_owned));
+    stale.extend(
+        inactive
+            .stem()
+            .filter(|s| Some(*s) != plan.booted.stem())
+            .map(str::to_owned),
+    );
     for s in &stale {
         for file in esp.remove_stem(s)? {
             log(format!("removed ESP entry {file}"));
@@ -243,21 +336,28 @@ fn write(cfg: &Config, plan: &Plan, fail: &FailPoints, log: &mut dyn FnMut(Strin
     }
 
     // 3. Payload into the partitions (and the UKI to staging), then read back.
-    std::fs::create_dir_all(&cfg.staging_dir).with_context(|| format!("creating {}", cfg.staging_dir.display()))?;
+    std::fs::create_dir_all(&cfg.staging_dir)
+        .with_context(|| format!("creating {}", cfg.staging_dir.display()))?;
     let staged_uki = cfg.staging_dir.join(format!("{stem}.efi.staged"));
     {
         let mut r = open_bundle(&plan.bundle)?;
         let again = airlock_bundle::open(&mut r, &load_trust(cfg)?).map_err(bundle_error)?;
         if again.manifest_bytes != plan.verified.manifest_bytes {
-            anyhow::bail!("{} changed while it was being installed", plan.bundle.display());
+            anyhow::bail!(
+                "{} changed while it was being installed",
+                plan.bundle.display()
+            );
         }
-        let uki_file = File::create(&staged_uki).with_context(|| format!("creating {}", staged_uki.display()))?;
+        let uki_file = File::create(&staged_uki)
+            .with_context(|| format!("creating {}", staged_uki.display()))?;
         let mut written = [0u64; 3];
         let mut total = 0u64;
         let mut sink = |kind: ArtifactKind, bytes: &[u8]| -> std::io::Result<()> {
             if let Some(limit) = fail.stop_slot_write_after {
                 if total + bytes.len() as u64 > limit {
-                    return Err(std::io::Error::other(format!("fail point: slot write stopped after {total} bytes")));
+                    return Err(std::io::Error::other(format!(
+                        "fail point: slot write stopped after {total} bytes"
+                    )));
                 }
             }
             let (file, base, i) = match kind {
@@ -271,16 +371,31 @@ fn write(cfg: &Config, plan: &Plan, fail: &FailPoints, log: &mut dyn FnMut(Strin
             Ok(())
         };
         airlock_bundle::read_payload(&mut r, m, &mut sink, &mut |_| {}).map_err(bundle_error)?;
-        for (f, what) in [(&root_file, "root partition"), (&verity_file, "verity partition"), (&uki_file, "staged UKI")] {
-            f.sync_all().with_context(|| format!("flushing the {what}"))?;
+        for (f, what) in [
+            (&root_file, "root partition"),
+            (&verity_file, "verity partition"),
+            (&uki_file, "staged UKI"),
+        ] {
+            f.sync_all()
+                .with_context(|| format!("flushing the {what}"))?;
         }
     }
     drop((root_file, verity_file));
-    for (kind, extent, what) in [(ArtifactKind::Root, &root_extent, "root"), (ArtifactKind::Verity, &verity_extent, "verity")] {
-        let a = m.artifact(kind).context("validated manifest has every artifact")?;
+    for (kind, extent, what) in [
+        (ArtifactKind::Root, &root_extent, "root"),
+        (ArtifactKind::Verity, &verity_extent, "verity"),
+    ] {
+        let a = m
+            .artifact(kind)
+            .context("validated manifest has every artifact")?;
         let actual = read_back(extent, a.size)?;
         if actual != a.sha256 {
-            return Err(Failure::ReadBack { what: format!("slot {} {what} partition", inactive.name), expected: a.sha256.clone(), actual }.into());
+            return Err(Failure::ReadBack {
+                what: format!("slot {} {what} partition", inactive.name),
+                expected: a.sha256.clone(),
+                actual,
+            }
+            .into());
         }
     }
     log(format!("slot {} written and read back", inactive.name));
@@ -296,11 +411,18 @@ fn write(cfg: &Config, plan: &Plan, fail: &FailPoints, log: &mut dyn FnMut(Strin
     }
 
     // 6. Last: the boot entry.
-    let uki = m.artifact(ArtifactKind::Uki).context("validated manifest has every artifact")?;
+    let uki = m
+        .artifact(ArtifactKind::Uki)
+        .context("validated manifest has every artifact")?;
     let entry = esp.install(&staged_uki, &stem, cfg.tries, &uki.sha256)?;
     let _ = std::fs::remove_file(&staged_uki);
     log(format!("installed {} on the ESP: reboot pending", entry));
-    Ok(Applied { version: m.version.to_string(), slot: inactive.name, entry, signers: plan.verified.signers.clone() })
+    Ok(Applied {
+        version: m.version.to_string(),
+        slot: inactive.name,
+        entry,
+        signers: plan.verified.signers.clone(),
+    })
 }
 
 /// A bundle refusal as an error: reading or writing failed (`Io`) is a
@@ -328,17 +450,25 @@ fn open_extent(e: &Extent) -> Result<File> {
         // A block device opened O_EXCL fails while mounted or in use.
         o.custom_flags(rustix::fs::OFlags::EXCL.bits() as i32);
     }
-    o.open(&e.path).with_context(|| format!("opening {} for writing", e.path.display()))
+    o.open(&e.path)
+        .with_context(|| format!("opening {} for writing", e.path.display()))
 }
 
 /// Drops the cached pages of an extent and hashes its first `len` bytes
 /// as they are on the medium.
 fn read_back(e: &Extent, len: u64) -> Result<String> {
     let mut f = File::open(&e.path).with_context(|| format!("opening {}", e.path.display()))?;
-    let _ = rustix::fs::fadvise(&f, e.offset, NonZeroU64::new(len), rustix::fs::Advice::DontNeed);
-    f.seek(SeekFrom::Start(e.offset)).with_context(|| format!("seeking in {}", e.path.display()))?;
+    let _ = rustix::fs::fadvise(
+        &f,
+        e.offset,
+        NonZeroU64::new(len),
+        rustix::fs::Advice::DontNeed,
+    );
+    f.seek(SeekFrom::Start(e.offset))
+        .with_context(|| format!("seeking in {}", e.path.display()))?;
     let mut h = Sha256::new();
-    let n = std::io::copy(&mut (&mut f).take(len), &mut h).with_context(|| format!("reading back {}", e.path.display()))?;
+    let n = std::io::copy(&mut (&mut f).take(len), &mut h)
+        .with_context(|| format!("reading back {}", e.path.display()))?;
     if n != len {
         anyhow::bail!("{} ends after {n} of {len} bytes", e.path.display());
     }
@@ -352,8 +482,14 @@ fn esp_free_bytes(dir: &Path) -> Result<u64> {
 
 /// An exclusive lock on `path`, held while the guard lives.
 fn lock(path: &Path) -> Result<File> {
-    let f = OpenOptions::new().create(true).truncate(false).write(true).open(path).with_context(|| format!("opening {}", path.display()))?;
-    rustix::fs::flock(&f, rustix::fs::FlockOperation::NonBlockingLockExclusive).map_err(|_| Failure::Busy(path.to_path_buf()))?;
+    let f = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    rustix::fs::flock(&f, rustix::fs::FlockOperation::NonBlockingLockExclusive)
+        .map_err(|_| Failure::Busy(path.to_path_buf()))?;
     Ok(f)
 }
 

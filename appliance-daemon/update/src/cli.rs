@@ -64,9 +64,7 @@ pub enum Cmd {
     /// Verify a bundle and write it to the inactive slot; ends with "reboot pending".
     Apply(ApplyArgs),
     /// Verify a bundle completely (signatures, running system, payload); write nothing.
-    Check {
-        bundle: PathBuf,
-    },
+    Check { bundle: PathBuf },
     /// The health gate of a new boot (run before boot-complete.target).
     Health,
     /// Slots, versions, booted and blessed entries, stored epoch, last result.
@@ -164,7 +162,10 @@ pub fn main(cli: Cli) -> u8 {
         Err(e) => {
             let code = refusal::exit_code(&e);
             let refused = refusal::refused(&e).is_some();
-            eprintln!("airlock-update: {}: {e:#}", if refused { "refused" } else { "error" });
+            eprintln!(
+                "airlock-update: {}: {e:#}",
+                if refused { "refused" } else { "error" }
+            );
             code
         }
     }
@@ -174,7 +175,12 @@ fn run(cli: Cli) -> Result<()> {
     let cfg = cli.paths.config()?;
     match cli.command {
         Cmd::Apply(a) => {
-            let src = match (a.source.file, a.source.drop_dir, a.source.stick, a.source.url) {
+            let src = match (
+                a.source.file,
+                a.source.drop_dir,
+                a.source.stick,
+                a.source.url,
+            ) {
                 (Some(f), ..) => Source::File(f),
                 (_, Some(d), ..) => Source::DropDir(d.unwrap_or_else(|| cfg.drop_dir.clone())),
                 (_, _, Some(s), _) => Source::Stick(s),
@@ -185,30 +191,59 @@ fn run(cli: Cli) -> Result<()> {
                 // Every USB disk plugged in starts the agent (udev): one
                 // that is not an update stick is none of its business.
                 if !crate::source::is_update_stick(disk)? {
-                    println!("{}: no update bundle on this disk; left alone", disk.display());
+                    println!(
+                        "{}: no update bundle on this disk; left alone",
+                        disk.display()
+                    );
                     return Ok(());
                 }
                 // Left in after its update: the version it carries runs
                 // already (read unverified: it only decides to do nothing).
                 if let Some(running) = crate::source::stick_runs_already(disk, &cfg.cmdline) {
-                    println!("{}: carries {running}, which is running already; nothing to do", disk.display());
+                    println!(
+                        "{}: carries {running}, which is running already; nothing to do",
+                        disk.display()
+                    );
                     return Ok(());
                 }
             }
             let opts = ApplyOptions {
-                http: HttpOptions { retry_delay: Duration::from_secs(a.retry_delay), ..HttpOptions::default() },
-                fail: FailPoints { stop_slot_write_after: a.fail_slot_write_after, stop_before_uki: a.fail_before_uki },
+                http: HttpOptions {
+                    retry_delay: Duration::from_secs(a.retry_delay),
+                    ..HttpOptions::default()
+                },
+                fail: FailPoints {
+                    stop_slot_write_after: a.fail_slot_write_after,
+                    stop_before_uki: a.fail_before_uki,
+                },
             };
             let applied = crate::apply::apply(&cfg, &src, &opts, &mut log)?;
-            println!("{} installed in slot {} as {} (signed by {}): reboot pending", applied.version, applied.slot, applied.entry, applied.signers.join(", "));
+            println!(
+                "{} installed in slot {} as {} (signed by {}): reboot pending",
+                applied.version,
+                applied.slot,
+                applied.entry,
+                applied.signers.join(", ")
+            );
             if a.reboot_when_idle {
-                crate::reboot::reboot_when_idle(&cfg.control_socket, &cfg.reboot_command, &mut log)?;
+                crate::reboot::reboot_when_idle(
+                    &cfg.control_socket,
+                    &cfg.reboot_command,
+                    &mut log,
+                )?;
             }
             Ok(())
         }
         Cmd::Check { bundle } => {
             let m = crate::apply::verify_only(&cfg, &bundle)?;
-            println!("{}: valid bundle {} {} (epoch {}, {})", bundle.display(), m.name, m.version, m.security_epoch, m.compatible);
+            println!(
+                "{}: valid bundle {} {} (epoch {}, {})",
+                bundle.display(),
+                m.name,
+                m.version,
+                m.security_epoch,
+                m.compatible
+            );
             Ok(())
         }
         Cmd::Health => {
@@ -236,32 +271,90 @@ mod tests {
     #[test]
     fn exactly_one_source_is_required() {
         assert!(Cli::try_parse_from(["airlock-update", "apply"]).is_err());
-        assert!(Cli::try_parse_from(["airlock-update", "apply", "--file", "a", "--url", "http://x/a.airlock"]).is_err());
-        assert!(Cli::try_parse_from(["airlock-update", "apply", "--stick", "/dev/sdb", "--file", "a"]).is_err());
+        assert!(Cli::try_parse_from([
+            "airlock-update",
+            "apply",
+            "--file",
+            "a",
+            "--url",
+            "http://x/a.airlock"
+        ])
+        .is_err());
+        assert!(Cli::try_parse_from([
+            "airlock-update",
+            "apply",
+            "--stick",
+            "/dev/sdb",
+            "--file",
+            "a"
+        ])
+        .is_err());
         let c = Cli::try_parse_from(["airlock-update", "apply", "--stick", "/dev/sdb"]).unwrap();
-        assert!(matches!(c.command, Cmd::Apply(ApplyArgs { source: SourceArgs { stick: Some(_), .. }, .. })));
+        assert!(matches!(
+            c.command,
+            Cmd::Apply(ApplyArgs {
+                source: SourceArgs { stick: Some(_), .. },
+                ..
+            })
+        ));
         let c = Cli::try_parse_from(["airlock-update", "apply", "--drop-dir"]).unwrap();
-        assert!(matches!(c.command, Cmd::Apply(ApplyArgs { source: SourceArgs { drop_dir: Some(None), .. }, .. })));
-        let c = Cli::try_parse_from(["airlock-update", "--esp", "/tmp/esp", "status", "--json"]).unwrap();
+        assert!(matches!(
+            c.command,
+            Cmd::Apply(ApplyArgs {
+                source: SourceArgs {
+                    drop_dir: Some(None),
+                    ..
+                },
+                ..
+            })
+        ));
+        let c = Cli::try_parse_from(["airlock-update", "--esp", "/tmp/esp", "status", "--json"])
+            .unwrap();
         assert!(matches!(c.command, Cmd::Status { json: true }));
-        assert_eq!(c.paths.esp.as_deref(), Some(std::path::Path::new("/tmp/esp")));
+        assert_eq!(
+            c.paths.esp.as_deref(),
+            Some(std::path::Path::new("/tmp/esp"))
+        );
     }
 
     #[test]
     fn state_dir_override_moves_staging_along() {
-        let c = Cli::try_parse_from(["airlock-update", "--config", "/nonexistent", "status"]).unwrap();
-        assert!(c.paths.config().is_err(), "an explicit missing config file is an error");
+        let c =
+            Cli::try_parse_from(["airlock-update", "--config", "/nonexistent", "status"]).unwrap();
+        assert!(
+            c.paths.config().is_err(),
+            "an explicit missing config file is an error"
+        );
         let c = Cli::try_parse_from(["airlock-update", "--state-dir", "/tmp/s", "status"]).unwrap();
         let cfg = c.paths.config().unwrap();
         assert_eq!(cfg.staging_dir, PathBuf::from("/tmp/s/staging"));
-        assert_eq!(cfg.screen_status, PathBuf::from("/tmp/s/screen-status.json"));
+        assert_eq!(
+            cfg.screen_status,
+            PathBuf::from("/tmp/s/screen-status.json")
+        );
     }
 
     #[test]
     fn tries_can_be_overridden_within_bounds() {
-        let c = Cli::try_parse_from(["airlock-update", "--config", "/dev/null", "--tries", "1", "status"]).unwrap();
+        let c = Cli::try_parse_from([
+            "airlock-update",
+            "--config",
+            "/dev/null",
+            "--tries",
+            "1",
+            "status",
+        ])
+        .unwrap();
         assert_eq!(c.paths.config().unwrap().tries, 1);
-        let c = Cli::try_parse_from(["airlock-update", "--config", "/dev/null", "--tries", "9", "status"]).unwrap();
+        let c = Cli::try_parse_from([
+            "airlock-update",
+            "--config",
+            "/dev/null",
+            "--tries",
+            "9",
+            "status",
+        ])
+        .unwrap();
         assert!(c.paths.config().is_err(), "tries 9 must be refused");
     }
 }

@@ -124,8 +124,12 @@ impl Config {
     /// Loads `path`; a missing file at the default path means all defaults.
     pub fn load(path: &Path, explicit: bool) -> Result<Config> {
         match std::fs::read_to_string(path) {
-            Ok(text) => Config::parse(&text).with_context(|| format!("configuration {}", path.display())),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !explicit => Ok(Config::default()),
+            Ok(text) => {
+                Config::parse(&text).with_context(|| format!("configuration {}", path.display()))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !explicit => {
+                Ok(Config::default())
+            }
             Err(e) => Err(e).with_context(|| format!("reading configuration {}", path.display())),
         }
     }
@@ -154,7 +158,10 @@ mod tests {
 
     #[test]
     fn shipped_example_is_the_defaults() {
-        assert_eq!(Config::parse(include_str!("../dist/update.toml")).unwrap(), Config::default());
+        assert_eq!(
+            Config::parse(include_str!("../dist/update.toml")).unwrap(),
+            Config::default()
+        );
     }
 
     #[test]
@@ -164,8 +171,13 @@ mod tests {
 
     #[test]
     fn keys_override_defaults_and_unknown_keys_are_refused() {
-        let c = Config::parse("threshold = 2\nesp = \"/boot\"\n[health]\nguests_timeout_secs = 10\n").unwrap();
-        assert_eq!((c.threshold, c.esp.as_path(), c.health.guests_timeout_secs), (2, Path::new("/boot"), 10));
+        let c =
+            Config::parse("threshold = 2\nesp = \"/boot\"\n[health]\nguests_timeout_secs = 10\n")
+                .unwrap();
+        assert_eq!(
+            (c.threshold, c.esp.as_path(), c.health.guests_timeout_secs),
+            (2, Path::new("/boot"), 10)
+        );
         assert_eq!(c.allowed_signers, Config::default().allowed_signers);
         assert!(Config::parse("treshold = 2\n").is_err());
         assert!(Config::parse("threshold = 0\n").is_err());

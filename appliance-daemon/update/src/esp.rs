@@ -48,9 +48,17 @@ impl Entry {
                 Some((l, d)) => (l.parse().ok()?, d.parse().ok()?),
                 None => (counter.parse().ok()?, 0),
             };
-            return Some(Entry { file: file.into(), stem: stem.into(), counter: Some((left, done)) });
+            return Some(Entry {
+                file: file.into(),
+                stem: stem.into(),
+                counter: Some((left, done)),
+            });
         }
-        Some(Entry { file: file.into(), stem: base.into(), counter: None })
+        Some(Entry {
+            file: file.into(),
+            stem: base.into(),
+            counter: None,
+        })
     }
 
     pub fn blessing(&self) -> Blessing {
@@ -66,7 +74,9 @@ impl std::fmt::Display for Blessing {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Blessing::Good => f.write_str("blessed"),
-            Blessing::Trying { left, done } => write!(f, "on trial ({left} tries left, {done} used)"),
+            Blessing::Trying { left, done } => {
+                write!(f, "on trial ({left} tries left, {done} used)")
+            }
             Blessing::Bad { done } => write!(f, "bad (all {done} tries failed)"),
         }
     }
@@ -82,7 +92,11 @@ impl Esp {
     pub fn open(root: &Path) -> Result<Esp> {
         let dir = root.join("EFI/Linux");
         if !dir.is_dir() {
-            bail!("{} is not a directory: is the ESP mounted at {}?", dir.display(), root.display());
+            bail!(
+                "{} is not a directory: is the ESP mounted at {}?",
+                dir.display(),
+                root.display()
+            );
         }
         Ok(Esp { dir })
     }
@@ -90,7 +104,9 @@ impl Esp {
     /// Every boot entry, sorted by file name.
     pub fn entries(&self) -> Result<Vec<Entry>> {
         let mut out = Vec::new();
-        for e in std::fs::read_dir(&self.dir).with_context(|| format!("listing {}", self.dir.display()))? {
+        for e in std::fs::read_dir(&self.dir)
+            .with_context(|| format!("listing {}", self.dir.display()))?
+        {
             let e = e.with_context(|| format!("listing {}", self.dir.display()))?;
             if let Some(entry) = e.file_name().to_str().and_then(Entry::parse) {
                 out.push(entry);
@@ -102,7 +118,11 @@ impl Esp {
 
     /// Entries for one `<name>_<version>`.
     pub fn entries_for(&self, stem: &str) -> Result<Vec<Entry>> {
-        Ok(self.entries()?.into_iter().filter(|e| e.stem == stem).collect())
+        Ok(self
+            .entries()?
+            .into_iter()
+            .filter(|e| e.stem == stem)
+            .collect())
     }
 
     /// Removes the entries of `stem` and leftovers of interrupted installs,
@@ -114,12 +134,17 @@ impl Esp {
             std::fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
             removed.push(e.file);
         }
-        for e in std::fs::read_dir(&self.dir).with_context(|| format!("listing {}", self.dir.display()))? {
-            let name = e.with_context(|| format!("listing {}", self.dir.display()))?.file_name();
+        for e in std::fs::read_dir(&self.dir)
+            .with_context(|| format!("listing {}", self.dir.display()))?
+        {
+            let name = e
+                .with_context(|| format!("listing {}", self.dir.display()))?
+                .file_name();
             let name = name.to_string_lossy();
             if name.starts_with('.') && name.ends_with(".tmp") {
                 let path = self.dir.join(&*name);
-                std::fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
+                std::fs::remove_file(&path)
+                    .with_context(|| format!("removing {}", path.display()))?;
                 removed.push(name.into_owned());
             }
         }
@@ -135,19 +160,26 @@ impl Esp {
         let tmp = self.dir.join(format!(".{name}.tmp"));
         {
             let mut src = File::open(uki).with_context(|| format!("opening {}", uki.display()))?;
-            let mut dst = File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
-            std::io::copy(&mut src, &mut dst).with_context(|| format!("copying the UKI to {}", tmp.display()))?;
+            let mut dst =
+                File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+            std::io::copy(&mut src, &mut dst)
+                .with_context(|| format!("copying the UKI to {}", tmp.display()))?;
             dst.flush()?;
-            dst.sync_all().with_context(|| format!("flushing {}", tmp.display()))?;
+            dst.sync_all()
+                .with_context(|| format!("flushing {}", tmp.display()))?;
         }
         crate::fsutil::sync_dir(&self.dir)?;
         let actual = sha256_file(&tmp)?;
         if actual != sha256 {
             let _ = std::fs::remove_file(&tmp);
-            bail!("the UKI copied to {} reads back with sha256 {actual}, expected {sha256}", tmp.display());
+            bail!(
+                "the UKI copied to {} reads back with sha256 {actual}, expected {sha256}",
+                tmp.display()
+            );
         }
         let target = self.dir.join(&name);
-        std::fs::rename(&tmp, &target).with_context(|| format!("renaming {} to {}", tmp.display(), target.display()))?;
+        std::fs::rename(&tmp, &target)
+            .with_context(|| format!("renaming {} to {}", tmp.display(), target.display()))?;
         crate::fsutil::sync_dir(&self.dir)?;
         Ok(name)
     }
@@ -158,7 +190,9 @@ pub fn sha256_file(path: &Path) -> Result<String> {
     let mut h = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
     loop {
-        let n = f.read(&mut buf).with_context(|| format!("reading {}", path.display()))?;
+        let n = f
+            .read(&mut buf)
+            .with_context(|| format!("reading {}", path.display()))?;
         if n == 0 {
             break;
         }
@@ -186,8 +220,14 @@ mod tests {
             let got = Entry::parse(file).map(|e| (e.stem.clone(), e.counter));
             assert_eq!(got, want.map(|(s, c)| (s.to_string(), c)), "{file}");
         }
-        assert_eq!(Entry::parse("a_1+2-1.efi").unwrap().blessing(), Blessing::Trying { left: 2, done: 1 });
-        assert_eq!(Entry::parse("a_1+0-3.efi").unwrap().blessing(), Blessing::Bad { done: 3 });
+        assert_eq!(
+            Entry::parse("a_1+2-1.efi").unwrap().blessing(),
+            Blessing::Trying { left: 2, done: 1 }
+        );
+        assert_eq!(
+            Entry::parse("a_1+0-3.efi").unwrap().blessing(),
+            Blessing::Bad { done: 3 }
+        );
         assert_eq!(Entry::parse("a_1.efi").unwrap().blessing(), Blessing::Good);
     }
 
@@ -199,12 +239,27 @@ mod tests {
         let uki = dir.path().join("uki");
         std::fs::write(&uki, b"MZ uki").unwrap();
         let good = sha256_file(&uki).unwrap();
-        assert!(esp.install(&uki, "airlock_1.1", 3, &"00".repeat(32)).is_err());
+        assert!(esp
+            .install(&uki, "airlock_1.1", 3, &"00".repeat(32))
+            .is_err());
         assert!(esp.entries().unwrap().is_empty());
-        assert_eq!(std::fs::read_dir(&esp.dir).unwrap().count(), 0, "temporary file left behind");
-        assert_eq!(esp.install(&uki, "airlock_1.1", 3, &good).unwrap(), "airlock_1.1+3.efi");
-        assert_eq!(std::fs::read(esp.dir.join("airlock_1.1+3.efi")).unwrap(), b"MZ uki");
+        assert_eq!(
+            std::fs::read_dir(&esp.dir).unwrap().count(),
+            0,
+            "temporary file left behind"
+        );
+        assert_eq!(
+            esp.install(&uki, "airlock_1.1", 3, &good).unwrap(),
+            "airlock_1.1+3.efi"
+        );
+        assert_eq!(
+            std::fs::read(esp.dir.join("airlock_1.1+3.efi")).unwrap(),
+            b"MZ uki"
+        );
         std::fs::write(esp.dir.join(".x.efi.tmp"), b"left over").unwrap();
-        assert_eq!(esp.remove_stem("airlock_1.1").unwrap(), ["airlock_1.1+3.efi", ".x.efi.tmp"]);
+        assert_eq!(
+            esp.remove_stem("airlock_1.1").unwrap(),
+            ["airlock_1.1+3.efi", ".x.efi.tmp"]
+        );
     }
 }

@@ -20,9 +20,14 @@ pub fn write_atomic_public(path: &Path, bytes: &[u8]) -> Result<()> {
 }
 
 fn write_atomic_mode(path: &Path, bytes: &[u8], mode: Option<u32>) -> Result<()> {
-    let dir = path.parent().context("a file path has a parent directory")?;
+    let dir = path
+        .parent()
+        .context("a file path has a parent directory")?;
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let name = path.file_name().context("a file path has a name")?.to_string_lossy();
+    let name = path
+        .file_name()
+        .context("a file path has a name")?
+        .to_string_lossy();
     let tmp = dir.join(format!(".{name}.tmp"));
     {
         let mut f = File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
@@ -31,14 +36,19 @@ fn write_atomic_mode(path: &Path, bytes: &[u8], mode: Option<u32>) -> Result<()>
             f.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(mode))
                 .with_context(|| format!("setting the mode of {}", tmp.display()))?;
         }
-        f.write_all(bytes).with_context(|| format!("writing {}", tmp.display()))?;
-        f.sync_all().with_context(|| format!("flushing {}", tmp.display()))?;
+        f.write_all(bytes)
+            .with_context(|| format!("writing {}", tmp.display()))?;
+        f.sync_all()
+            .with_context(|| format!("flushing {}", tmp.display()))?;
     }
-    std::fs::rename(&tmp, path).with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
+    std::fs::rename(&tmp, path)
+        .with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
     sync_dir(dir)
 }
 
 /// fsync of a directory, so a rename or unlink in it is durable.
 pub fn sync_dir(dir: &Path) -> Result<()> {
-    File::open(dir).and_then(|d| d.sync_all()).with_context(|| format!("flushing directory {}", dir.display()))
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .with_context(|| format!("flushing directory {}", dir.display()))
 }

@@ -36,10 +36,14 @@ impl Check for SelinuxEnforcing {
         "selinux"
     }
     fn run(&self) -> Result<String> {
-        let v = std::fs::read_to_string(&self.enforce).with_context(|| format!("reading {} (is SELinux enabled?)", self.enforce.display()))?;
+        let v = std::fs::read_to_string(&self.enforce)
+            .with_context(|| format!("reading {} (is SELinux enabled?)", self.enforce.display()))?;
         match v.trim() {
             "1" => Ok("enforcing".into()),
-            other => bail!("SELinux is not enforcing ({} reads {other:?})", self.enforce.display()),
+            other => bail!(
+                "SELinux is not enforcing ({} reads {other:?})",
+                self.enforce.display()
+            ),
         }
     }
 }
@@ -58,7 +62,10 @@ impl Check for GuestsRunning {
     }
     fn run(&self) -> Result<String> {
         if !self.provision_marker.exists() {
-            return Ok(format!("unprovisioned ({} absent): no guest expected", self.provision_marker.display()));
+            return Ok(format!(
+                "unprovisioned ({} absent): no guest expected",
+                self.provision_marker.display()
+            ));
         }
         let deadline = std::time::Instant::now() + self.timeout;
         // The supervisor may not have created its socket yet: retry until the deadline.
@@ -70,8 +77,14 @@ impl Check for GuestsRunning {
                         .context("waiting for both guests to run")?;
                     return Ok("both guests running".into());
                 }
-                Connection::NoSupervisor if std::time::Instant::now() < deadline => std::thread::sleep(Duration::from_secs(1)),
-                Connection::NoSupervisor => bail!("no supervisor on {} after {:?}", self.socket.display(), self.timeout),
+                Connection::NoSupervisor if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_secs(1))
+                }
+                Connection::NoSupervisor => bail!(
+                    "no supervisor on {} after {:?}",
+                    self.socket.display(),
+                    self.timeout
+                ),
             }
         }
     }
@@ -88,12 +101,19 @@ impl Check for UnitActive {
         "kiosk"
     }
     fn run(&self) -> Result<String> {
-        let out = Command::new(&self.systemctl).args(["is-active", &self.unit]).output().with_context(|| format!("running {}", self.systemctl.display()))?;
+        let out = Command::new(&self.systemctl)
+            .args(["is-active", &self.unit])
+            .output()
+            .with_context(|| format!("running {}", self.systemctl.display()))?;
         let state = String::from_utf8_lossy(&out.stdout).trim().to_string();
         if out.status.success() && state == "active" {
             Ok(format!("{} active", self.unit))
         } else {
-            bail!("{} is {}", self.unit, if state.is_empty() { "unknown" } else { &state })
+            bail!(
+                "{} is {}",
+                self.unit,
+                if state.is_empty() { "unknown" } else { &state }
+            )
         }
     }
 }
@@ -109,7 +129,11 @@ pub struct NoFailedUnits {
 
 /// The unit names of `systemctl list-units --plain --no-legend` output (pure).
 pub fn failed_units(listing: &str) -> Vec<String> {
-    listing.lines().filter_map(|l| l.split_whitespace().find(|t| *t != "●")).map(str::to_owned).collect()
+    listing
+        .lines()
+        .filter_map(|l| l.split_whitespace().find(|t| *t != "●"))
+        .map(str::to_owned)
+        .collect()
 }
 
 impl Check for NoFailedUnits {
@@ -118,15 +142,28 @@ impl Check for NoFailedUnits {
     }
     fn run(&self) -> Result<String> {
         let out = Command::new(&self.systemctl)
-            .args(["list-units", "--state=failed", "--plain", "--no-legend", "--no-pager"])
+            .args([
+                "list-units",
+                "--state=failed",
+                "--plain",
+                "--no-legend",
+                "--no-pager",
+            ])
             .output()
             .with_context(|| format!("running {}", self.systemctl.display()))?;
         if !out.status.success() {
-            bail!("systemctl list-units exited {}: {}", out.status, String::from_utf8_lossy(&out.stderr).trim());
+            bail!(
+                "systemctl list-units exited {}: {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
         }
         // A stick somebody plugged in and the agent refused says nothing
         // about the new slot (its refusal is in `status` and the journal).
-        let failed: Vec<String> = failed_units(&String::from_utf8_lossy(&out.stdout)).into_iter().filter(|u| !u.starts_with(STICK_UNIT_PREFIX)).collect();
+        let failed: Vec<String> = failed_units(&String::from_utf8_lossy(&out.stdout))
+            .into_iter()
+            .filter(|u| !u.starts_with(STICK_UNIT_PREFIX))
+            .collect();
         if failed.is_empty() {
             Ok("no failed unit".into())
         } else {
@@ -139,10 +176,21 @@ impl Check for NoFailedUnits {
 pub fn standard_checks(cfg: &Config) -> Vec<Box<dyn Check>> {
     let h = &cfg.health;
     vec![
-        Box::new(SelinuxEnforcing { enforce: h.selinux_enforce.clone() }),
-        Box::new(GuestsRunning { socket: cfg.control_socket.clone(), provision_marker: h.provision_marker.clone(), timeout: Duration::from_secs(h.guests_timeout_secs) }),
-        Box::new(UnitActive { systemctl: h.systemctl.clone(), unit: h.kiosk_unit.clone() }),
-        Box::new(NoFailedUnits { systemctl: h.systemctl.clone() }),
+        Box::new(SelinuxEnforcing {
+            enforce: h.selinux_enforce.clone(),
+        }),
+        Box::new(GuestsRunning {
+            socket: cfg.control_socket.clone(),
+            provision_marker: h.provision_marker.clone(),
+            timeout: Duration::from_secs(h.guests_timeout_secs),
+        }),
+        Box::new(UnitActive {
+            systemctl: h.systemctl.clone(),
+            unit: h.kiosk_unit.clone(),
+        }),
+        Box::new(NoFailedUnits {
+            systemctl: h.systemctl.clone(),
+        }),
     ]
 }
 
@@ -163,7 +211,9 @@ pub fn run(cfg: &Config, checks: &[Box<dyn Check>], log: &mut dyn FnMut(String))
     let state_file = cfg.state_file();
     if !problems.is_empty() {
         let msg = problems.join("; ");
-        if let Err(e) = system::record_outcome(cfg, LastResult::now("health", "unhealthy", msg.clone())) {
+        if let Err(e) =
+            system::record_outcome(cfg, LastResult::now("health", "unhealthy", msg.clone()))
+        {
             log(format!("warning: recording the result: {e:#}"));
         }
         return Err(Failure::Unhealthy(msg).into());
@@ -172,10 +222,17 @@ pub fn run(cfg: &Config, checks: &[Box<dyn Check>], log: &mut dyn FnMut(String))
     let mut state = system::load_state(&state_file)?;
     let raised = image.security_epoch > state.security_epoch;
     if raised {
-        log(format!("security epoch raised from {} to {}", state.security_epoch, image.security_epoch));
+        log(format!(
+            "security epoch raised from {} to {}",
+            state.security_epoch, image.security_epoch
+        ));
         state.security_epoch = image.security_epoch;
     }
-    let last = LastResult::now("health", "healthy", format!("{} {} passed the health gate", image.name, image.version));
+    let last = LastResult::now(
+        "health",
+        "healthy",
+        format!("{} {} passed the health gate", image.name, image.version),
+    );
     state.last = Some(last.clone());
     system::store_state(&state_file, &state)?;
     // The screen's copy is for IT's eyes: not having it is no reason to
@@ -207,39 +264,75 @@ mod tests {
     fn cfg(dir: &std::path::Path, epoch: u32) -> Config {
         let os = dir.join("os-release");
         std::fs::write(&os, format!("IMAGE_ID=airlock\nIMAGE_VERSION=1.1\nAIRLOCK_COMPATIBLE=c\nAIRLOCK_SECURITY_EPOCH={epoch}\n")).unwrap();
-        Config { os_release: os, state_dir: dir.join("state"), screen_status: dir.join("status/update.json"), ..Config::default() }
+        Config {
+            os_release: os,
+            state_dir: dir.join("state"),
+            screen_status: dir.join("status/update.json"),
+            ..Config::default()
+        }
     }
 
     #[test]
     fn success_raises_the_epoch_and_failure_does_not() {
         let dir = tempfile::tempdir().unwrap();
         let c = cfg(dir.path(), 5);
-        let bad: Vec<Box<dyn Check>> = vec![Box::new(Fake("a", true)), Box::new(Fake("b", false)), Box::new(Fake("c", false))];
+        let bad: Vec<Box<dyn Check>> = vec![
+            Box::new(Fake("a", true)),
+            Box::new(Fake("b", false)),
+            Box::new(Fake("c", false)),
+        ];
         let e = run(&c, &bad, &mut |_| {}).unwrap_err();
         assert_eq!(crate::refusal::exit_code(&e), 40);
         assert!(e.to_string().contains("b: broken; c: broken"), "{e}");
         let s = system::load_state(&c.state_file()).unwrap();
-        assert_eq!((s.security_epoch, s.last.unwrap().result.as_str()), (0, "unhealthy"));
+        assert_eq!(
+            (s.security_epoch, s.last.unwrap().result.as_str()),
+            (0, "unhealthy")
+        );
 
         let good: Vec<Box<dyn Check>> = vec![Box::new(Fake("a", true))];
         run(&c, &good, &mut |_| {}).unwrap();
         let s = system::load_state(&c.state_file()).unwrap();
-        assert_eq!((s.security_epoch, s.last.unwrap().result.as_str()), (5, "healthy"));
+        assert_eq!(
+            (s.security_epoch, s.last.unwrap().result.as_str()),
+            (5, "healthy")
+        );
         // The screen's copy: the same result, readable by every user.
-        let shown: LastResult = serde_json::from_slice(&std::fs::read(&c.screen_status).unwrap()).unwrap();
-        assert_eq!((shown.action.as_str(), shown.result.as_str()), ("health", "healthy"));
+        let shown: LastResult =
+            serde_json::from_slice(&std::fs::read(&c.screen_status).unwrap()).unwrap();
+        assert_eq!(
+            (shown.action.as_str(), shown.result.as_str()),
+            ("health", "healthy")
+        );
         assert_eq!(shown.message, "airlock 1.1 passed the health gate");
         use std::os::unix::fs::PermissionsExt;
-        assert_eq!(std::fs::metadata(&c.screen_status).unwrap().permissions().mode() & 0o777, 0o644);
+        assert_eq!(
+            std::fs::metadata(&c.screen_status)
+                .unwrap()
+                .permissions()
+                .mode()
+                & 0o777,
+            0o644
+        );
     }
 
     #[test]
     fn the_epoch_is_never_lowered() {
         let dir = tempfile::tempdir().unwrap();
         let c = cfg(dir.path(), 2);
-        system::store_state(&c.state_file(), &system::State { security_epoch: 7, last: None }).unwrap();
+        system::store_state(
+            &c.state_file(),
+            &system::State {
+                security_epoch: 7,
+                last: None,
+            },
+        )
+        .unwrap();
         run(&c, &[], &mut |_| {}).unwrap();
-        assert_eq!(system::load_state(&c.state_file()).unwrap().security_epoch, 7);
+        assert_eq!(
+            system::load_state(&c.state_file()).unwrap().security_epoch,
+            7
+        );
     }
 
     #[test]
@@ -260,20 +353,38 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let socket = dir.path().join("control.sock");
         let marker = dir.path().join("appliance.toml");
-        let c = GuestsRunning { socket: socket.clone(), provision_marker: marker.clone(), timeout: Duration::from_secs(5) };
+        let c = GuestsRunning {
+            socket: socket.clone(),
+            provision_marker: marker.clone(),
+            timeout: Duration::from_secs(5),
+        };
         assert!(c.run().unwrap().contains("unprovisioned"));
         std::fs::write(&marker, "").unwrap();
         let listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
         let server = std::thread::spawn(move || {
             let (mut s, _) = listener.accept().unwrap();
-            writeln!(s, r#"{{"event":"status","phase":"running","ready":false,"both_off":false}}"#).unwrap();
-            writeln!(s, r#"{{"event":"status","phase":"running","ready":true,"both_off":false}}"#).unwrap();
+            writeln!(
+                s,
+                r#"{{"event":"status","phase":"running","ready":false,"both_off":false}}"#
+            )
+            .unwrap();
+            writeln!(
+                s,
+                r#"{{"event":"status","phase":"running","ready":true,"both_off":false}}"#
+            )
+            .unwrap();
             std::thread::sleep(Duration::from_millis(200));
         });
         assert_eq!(c.run().unwrap(), "both guests running");
         server.join().unwrap();
-        let short = GuestsRunning { timeout: Duration::from_millis(1500), ..c };
-        assert!(short.run().is_err(), "no supervisor listening must fail the gate");
+        let short = GuestsRunning {
+            timeout: Duration::from_millis(1500),
+            ..c
+        };
+        assert!(
+            short.run().is_err(),
+            "no supervisor listening must fail the gate"
+        );
     }
 
     /// A stand-in for systemctl: prints `out` and exits `code`.
@@ -288,21 +399,53 @@ mod tests {
     #[test]
     fn unit_checks_read_systemctl() {
         let dir = tempfile::tempdir().unwrap();
-        let kiosk = |out, code| UnitActive { systemctl: fake_systemctl(dir.path(), out, code), unit: "airlock-kiosk.service".into() };
-        assert_eq!(kiosk("active\n", 0).run().unwrap(), "airlock-kiosk.service active");
-        assert!(kiosk("activating\n", 3).run().unwrap_err().to_string().contains("is activating"));
+        let kiosk = |out, code| UnitActive {
+            systemctl: fake_systemctl(dir.path(), out, code),
+            unit: "airlock-kiosk.service".into(),
+        };
+        assert_eq!(
+            kiosk("active\n", 0).run().unwrap(),
+            "airlock-kiosk.service active"
+        );
+        assert!(kiosk("activating\n", 3)
+            .run()
+            .unwrap_err()
+            .to_string()
+            .contains("is activating"));
         assert!(kiosk("failed\n", 3).run().is_err());
-        let units = |out, code| NoFailedUnits { systemctl: fake_systemctl(dir.path(), out, code) };
+        let units = |out, code| NoFailedUnits {
+            systemctl: fake_systemctl(dir.path(), out, code),
+        };
         assert!(units("", 0).run().is_ok());
-        assert!(units("x.service loaded failed failed X\n", 0).run().unwrap_err().to_string().contains("failed units: x.service"));
-        assert!(units("", 1).run().is_err(), "a systemctl that fails must fail the gate");
-        assert!(units("airlock-update-stick@sda.service loaded failed failed X\n", 0).run().is_ok(), "a refused stick is not the slot's failure");
+        assert!(units("x.service loaded failed failed X\n", 0)
+            .run()
+            .unwrap_err()
+            .to_string()
+            .contains("failed units: x.service"));
+        assert!(
+            units("", 1).run().is_err(),
+            "a systemctl that fails must fail the gate"
+        );
+        assert!(
+            units(
+                "airlock-update-stick@sda.service loaded failed failed X\n",
+                0
+            )
+            .run()
+            .is_ok(),
+            "a refused stick is not the slot's failure"
+        );
         assert!(units("airlock-update-stick@sda.service loaded failed failed X\nx.service loaded failed failed X\n", 0).run().is_err());
     }
 
     #[test]
     fn failed_units_are_named() {
-        assert_eq!(failed_units("foo.service loaded failed failed Foo\n● bar.mount loaded failed failed Bar\n"), ["foo.service", "bar.mount"]);
+        assert_eq!(
+            failed_units(
+                "foo.service loaded failed failed Foo\n● bar.mount loaded failed failed Bar\n"
+            ),
+            ["foo.service", "bar.mount"]
+        );
         assert!(failed_units("").is_empty());
     }
 }

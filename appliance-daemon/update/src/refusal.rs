@@ -32,7 +32,11 @@ pub enum Refused {
 #[derive(Debug, thiserror::Error)]
 pub enum Failure {
     #[error("{what} reads back with sha256 {actual}, the manifest says {expected}")]
-    ReadBack { what: String, expected: String, actual: String },
+    ReadBack {
+        what: String,
+        expected: String,
+        actual: String,
+    },
     #[error("fetching the bundle failed")]
     Source,
     #[error("the health gate failed: {0}")]
@@ -86,12 +90,14 @@ impl Failure {
 /// The [`Refused`] in an error, whether it is the error itself, a cause, or
 /// a context layer.
 pub fn refused(err: &anyhow::Error) -> Option<&Refused> {
-    err.downcast_ref::<Refused>().or_else(|| err.chain().find_map(|c| c.downcast_ref::<Refused>()))
+    err.downcast_ref::<Refused>()
+        .or_else(|| err.chain().find_map(|c| c.downcast_ref::<Refused>()))
 }
 
 /// The [`Failure`] in an error, found the same way.
 pub fn failure(err: &anyhow::Error) -> Option<&Failure> {
-    err.downcast_ref::<Failure>().or_else(|| err.chain().find_map(|c| c.downcast_ref::<Failure>()))
+    err.downcast_ref::<Failure>()
+        .or_else(|| err.chain().find_map(|c| c.downcast_ref::<Failure>()))
 }
 
 /// The exit code for an error: its [`Refused`] or [`Failure`], else 1.
@@ -119,7 +125,9 @@ mod tests {
     fn codes_are_found_through_context_layers() {
         let e = anyhow::Error::from(Refused::SameRoot).context("applying");
         assert_eq!(exit_code(&e), 21);
-        let e = anyhow::anyhow!("HTTP 404").context(Failure::Source).context("downloading");
+        let e = anyhow::anyhow!("HTTP 404")
+            .context(Failure::Source)
+            .context("downloading");
         assert_eq!(exit_code(&e), 31);
         assert_eq!(exit_code(&anyhow::anyhow!("disk full")), 1);
     }

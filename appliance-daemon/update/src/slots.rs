@@ -80,16 +80,30 @@ struct SfdiskPart {
 /// Parses `sfdisk --json` output (pure). Partition numbers come from the
 /// node names' trailing digits, as sfdisk numbers them.
 pub fn parse_sfdisk_json(text: &str) -> Result<Table> {
-    let out: SfdiskOut = serde_json::from_str(text).context("sfdisk --json output is not what sfdisk prints")?;
+    let out: SfdiskOut =
+        serde_json::from_str(text).context("sfdisk --json output is not what sfdisk prints")?;
     let t = out.partitiontable;
     if t.label != "gpt" {
         bail!("the disk has a {} partition table, not GPT", t.label);
     }
     let mut partitions = Vec::new();
     for p in t.partitions {
-        let digits: String = p.node.chars().rev().take_while(|c| c.is_ascii_digit()).collect::<Vec<_>>().into_iter().rev().collect();
-        let number = digits.parse().with_context(|| format!("partition node {:?} does not end in its number", p.node))?;
-        let (offset, size) = match (p.start.checked_mul(t.sectorsize), p.size.checked_mul(t.sectorsize)) {
+        let digits: String = p
+            .node
+            .chars()
+            .rev()
+            .take_while(|c| c.is_ascii_digit())
+            .collect::<Vec<_>>()
+            .into_iter()
+            .rev()
+            .collect();
+        let number = digits
+            .parse()
+            .with_context(|| format!("partition node {:?} does not end in its number", p.node))?;
+        let (offset, size) = match (
+            p.start.checked_mul(t.sectorsize),
+            p.size.checked_mul(t.sectorsize),
+        ) {
             (Some(o), Some(s)) => (o, s),
             _ => bail!("partition {} has an impossible extent", p.node),
         };
@@ -135,10 +149,21 @@ impl Slot {
 /// The slots of a table: exactly two root and two verity partitions, each
 /// root before its verity partition.
 pub fn slots(table: &Table) -> Result<Vec<Slot>> {
-    let of = |t: &str| table.partitions.iter().filter(|p| p.type_uuid == t).cloned().collect::<Vec<_>>();
+    let of = |t: &str| {
+        table
+            .partitions
+            .iter()
+            .filter(|p| p.type_uuid == t)
+            .cloned()
+            .collect::<Vec<_>>()
+    };
     let (roots, verities) = (of(ROOT_TYPE), of(VERITY_TYPE));
     if roots.len() != 2 || verities.len() != 2 {
-        bail!("expected 2 root and 2 verity partitions (slots A and B), found {} and {}", roots.len(), verities.len());
+        bail!(
+            "expected 2 root and 2 verity partitions (slots A and B), found {} and {}",
+            roots.len(),
+            verities.len()
+        );
     }
     roots
         .into_iter()
@@ -146,7 +171,11 @@ pub fn slots(table: &Table) -> Result<Vec<Slot>> {
         .zip(['A', 'B'])
         .map(|((root, verity), name)| {
             if verity.number < root.number {
-                bail!("slot {name}: verity partition {} comes before its root partition {}", verity.number, root.number);
+                bail!(
+                    "slot {name}: verity partition {} comes before its root partition {}",
+                    verity.number,
+                    root.number
+                );
             }
             Ok(Slot { name, root, verity })
         })
@@ -170,7 +199,10 @@ pub fn booted_and_inactive(slots: &[Slot], root_hash: &str) -> Result<(Slot, Slo
 pub fn uuids_from_root_hash(root_hash: &str) -> Result<(String, String)> {
     let (root, verity) = airlock_bundle::slot_partition_uuids(root_hash)
         .with_context(|| format!("root hash {root_hash:?} is not 64 hex digits"))?;
-    Ok((uuid::Uuid::from_bytes(root).to_string(), uuid::Uuid::from_bytes(verity).to_string()))
+    Ok((
+        uuid::Uuid::from_bytes(root).to_string(),
+        uuid::Uuid::from_bytes(verity).to_string(),
+    ))
 }
 
 /// The disk that holds the slots, and how to reach it.
@@ -198,23 +230,44 @@ impl Disk {
         let meta = std::fs::metadata(path).with_context(|| format!("disk {}", path.display()))?;
         let is_block = meta.file_type().is_block_device();
         if !is_block && !meta.is_file() {
-            bail!("disk {} is neither a block device nor a disk image file", path.display());
+            bail!(
+                "disk {} is neither a block device nor a disk image file",
+                path.display()
+            );
         }
-        Ok(Disk { path: path.to_path_buf(), is_block, sfdisk: sfdisk.to_path_buf() })
+        Ok(Disk {
+            path: path.to_path_buf(),
+            is_block,
+            sfdisk: sfdisk.to_path_buf(),
+        })
     }
 
     /// Reads the partition table.
     pub fn table(&self) -> Result<Table> {
-        let out = self.sfdisk(&[std::ffi::OsStr::new("--json"), self.path.as_os_str()], "reading the partition table")?;
-        parse_sfdisk_json(&out).with_context(|| format!("partition table of {}", self.path.display()))
+        let out = self.sfdisk(
+            &[std::ffi::OsStr::new("--json"), self.path.as_os_str()],
+            "reading the partition table",
+        )?;
+        parse_sfdisk_json(&out)
+            .with_context(|| format!("partition table of {}", self.path.display()))
     }
 
     /// The bytes of a partition.
     pub fn extent(&self, part: &Part) -> Extent {
         if self.is_block {
-            Extent { path: part.node.clone(), offset: 0, len: part.size, exclusive: true }
+            Extent {
+                path: part.node.clone(),
+                offset: 0,
+                len: part.size,
+                exclusive: true,
+            }
         } else {
-            Extent { path: self.path.clone(), offset: part.offset, len: part.size, exclusive: false }
+            Extent {
+                path: self.path.clone(),
+                offset: part.offset,
+                len: part.size,
+                exclusive: false,
+            }
         }
     }
 
@@ -222,16 +275,32 @@ impl Disk {
     pub fn set_label(&self, number: u32, label: &str) -> Result<()> {
         let n = number.to_string();
         let args = ["--no-reread", "--no-tell-kernel", "--part-label"].map(std::ffi::OsStr::new);
-        let all = [&args[..], &[self.path.as_os_str(), n.as_ref(), label.as_ref()]].concat();
-        self.sfdisk(&all, &format!("setting the label of partition {number} to {label:?}")).map(drop)
+        let all = [
+            &args[..],
+            &[self.path.as_os_str(), n.as_ref(), label.as_ref()],
+        ]
+        .concat();
+        self.sfdisk(
+            &all,
+            &format!("setting the label of partition {number} to {label:?}"),
+        )
+        .map(drop)
     }
 
     /// Sets a partition's PARTUUID.
     pub fn set_uuid(&self, number: u32, uuid: &str) -> Result<()> {
         let n = number.to_string();
         let args = ["--no-reread", "--no-tell-kernel", "--part-uuid"].map(std::ffi::OsStr::new);
-        let all = [&args[..], &[self.path.as_os_str(), n.as_ref(), uuid.as_ref()]].concat();
-        self.sfdisk(&all, &format!("setting the PARTUUID of partition {number} to {uuid}")).map(drop)
+        let all = [
+            &args[..],
+            &[self.path.as_os_str(), n.as_ref(), uuid.as_ref()],
+        ]
+        .concat();
+        self.sfdisk(
+            &all,
+            &format!("setting the PARTUUID of partition {number} to {uuid}"),
+        )
+        .map(drop)
     }
 
     fn sfdisk(&self, args: &[&std::ffi::OsStr], what: &str) -> Result<String> {
@@ -242,8 +311,20 @@ impl Disk {
             .with_context(|| format!("{what}: running {}", self.sfdisk.display()))?;
         if !out.status.success() {
             let stderr = String::from_utf8_lossy(&out.stderr);
-            let tail: Vec<&str> = stderr.lines().rev().take(3).collect::<Vec<_>>().into_iter().rev().collect();
-            bail!("{what}: sfdisk {} exited {}: {}", self.path.display(), out.status, tail.join(" / "));
+            let tail: Vec<&str> = stderr
+                .lines()
+                .rev()
+                .take(3)
+                .collect::<Vec<_>>()
+                .into_iter()
+                .rev()
+                .collect();
+            bail!(
+                "{what}: sfdisk {} exited {}: {}",
+                self.path.display(),
+                out.status,
+                tail.join(" / ")
+            );
         }
         String::from_utf8(out.stdout).with_context(|| format!("{what}: sfdisk printed non-UTF-8"))
     }
@@ -254,11 +335,16 @@ impl Disk {
 pub fn discover_disk(by_partuuid: &Path, root_hash: &str) -> Result<PathBuf> {
     let (root_uuid, _) = uuids_from_root_hash(root_hash)?;
     let link = by_partuuid.join(&root_uuid);
-    let node = std::fs::canonicalize(&link).with_context(|| format!("finding the booted root partition {}", link.display()))?;
+    let node = std::fs::canonicalize(&link)
+        .with_context(|| format!("finding the booted root partition {}", link.display()))?;
     let name = node.file_name().context("partition node has a name")?;
     let sys = Path::new("/sys/class/block").join(name);
-    let sys = std::fs::canonicalize(&sys).with_context(|| format!("resolving {}", sys.display()))?;
-    let disk = sys.parent().and_then(|p| p.file_name()).with_context(|| format!("{} has no parent disk", sys.display()))?;
+    let sys =
+        std::fs::canonicalize(&sys).with_context(|| format!("resolving {}", sys.display()))?;
+    let disk = sys
+        .parent()
+        .and_then(|p| p.file_name())
+        .with_context(|| format!("{} has no parent disk", sys.display()))?;
     Ok(Path::new("/dev").join(disk))
 }
 
@@ -270,17 +356,60 @@ mod tests {
 
     pub(crate) fn sample_json() -> String {
         let part = |n: u32, start: u64, t: &str, uuid: &str, name: &str| {
-            format!(r#"{{"node":"/dev/vda{n}","start":{start},"size":2048,"type":"{}","uuid":"{}","name":"{name}"}}"#, t.to_uppercase(), uuid.to_uppercase())
+            format!(
+                r#"{{"node":"/dev/vda{n}","start":{start},"size":2048,"type":"{}","uuid":"{}","name":"{name}"}}"#,
+                t.to_uppercase(),
+                uuid.to_uppercase()
+            )
         };
         let parts = [
-            part(1, 2048, "C12A7328-F81F-11D2-BA4B-00A0C93EC93B", "11111111-1111-4111-8111-111111111111", "esp"),
-            part(2, 4096, ROOT_TYPE, "ab675290-6f1c-ec1c-66a1-9bdb64dd5773", "root_airlock_1.0"),
-            part(3, 6144, VERITY_TYPE, "9eb65029-06e4-43c1-27fd-080532e96c66", "verity_airlock_1.0"),
-            part(4, 8192, ROOT_TYPE, "22222222-2222-4222-8222-222222222222", "_empty"),
-            part(5, 10240, VERITY_TYPE, "33333333-3333-4333-8333-333333333333", "_empty"),
-            part(6, 12288, "4D21B016-B534-45C2-A9FB-5C16E091FD2D", "44444444-4444-4444-8444-444444444444", "data"),
+            part(
+                1,
+                2048,
+                "C12A7328-F81F-11D2-BA4B-00A0C93EC93B",
+                "11111111-1111-4111-8111-111111111111",
+                "esp",
+            ),
+            part(
+                2,
+                4096,
+                ROOT_TYPE,
+                "ab675290-6f1c-ec1c-66a1-9bdb64dd5773",
+                "root_airlock_1.0",
+            ),
+            part(
+                3,
+                6144,
+                VERITY_TYPE,
+                "9eb65029-06e4-43c1-27fd-080532e96c66",
+                "verity_airlock_1.0",
+            ),
+            part(
+                4,
+                8192,
+                ROOT_TYPE,
+                "22222222-2222-4222-8222-222222222222",
+                "_empty",
+            ),
+            part(
+                5,
+                10240,
+                VERITY_TYPE,
+                "33333333-3333-4333-8333-333333333333",
+                "_empty",
+            ),
+            part(
+                6,
+                12288,
+                "4D21B016-B534-45C2-A9FB-5C16E091FD2D",
+                "44444444-4444-4444-8444-444444444444",
+                "data",
+            ),
         ];
-        format!(r#"{{"partitiontable":{{"label":"gpt","sectorsize":512,"partitions":[{}]}}}}"#, parts.join(","))
+        format!(
+            r#"{{"partitiontable":{{"label":"gpt","sectorsize":512,"partitions":[{}]}}}}"#,
+            parts.join(",")
+        )
     }
 
     #[test]
@@ -288,17 +417,28 @@ mod tests {
         let t = parse_sfdisk_json(&sample_json()).unwrap();
         assert_eq!(t.partitions.len(), 6);
         let p = &t.partitions[3];
-        assert_eq!((p.number, p.offset, p.size, p.label.as_str()), (4, 8192 * 512, 2048 * 512, "_empty"));
+        assert_eq!(
+            (p.number, p.offset, p.size, p.label.as_str()),
+            (4, 8192 * 512, 2048 * 512, "_empty")
+        );
         assert_eq!(p.type_uuid, ROOT_TYPE);
-        assert!(parse_sfdisk_json(r#"{"partitiontable":{"label":"dos","partitions":[]}}"#).is_err());
+        assert!(
+            parse_sfdisk_json(r#"{"partitiontable":{"label":"dos","partitions":[]}}"#).is_err()
+        );
     }
 
     #[test]
     fn booted_slot_is_the_one_holding_the_running_root_hash() {
         let s = slots(&parse_sfdisk_json(&sample_json()).unwrap()).unwrap();
         let (booted, inactive) = booted_and_inactive(&s, HASH_A).unwrap();
-        assert_eq!((booted.name, booted.root.number, booted.verity.number), ('A', 2, 3));
-        assert_eq!((inactive.name, inactive.root.number, inactive.verity.number), ('B', 4, 5));
+        assert_eq!(
+            (booted.name, booted.root.number, booted.verity.number),
+            ('A', 2, 3)
+        );
+        assert_eq!(
+            (inactive.name, inactive.root.number, inactive.verity.number),
+            ('B', 4, 5)
+        );
         assert_eq!(booted.stem(), Some("airlock_1.0"));
         assert_eq!(inactive.stem(), None);
         let e = booted_and_inactive(&s, &"00".repeat(32)).unwrap_err();
@@ -309,7 +449,10 @@ mod tests {
     fn a_disk_without_two_slots_is_refused() {
         let mut t = parse_sfdisk_json(&sample_json()).unwrap();
         t.partitions.remove(4);
-        assert!(slots(&t).unwrap_err().to_string().contains("2 root and 2 verity"));
+        assert!(slots(&t)
+            .unwrap_err()
+            .to_string()
+            .contains("2 root and 2 verity"));
     }
 
     #[test]

@@ -54,7 +54,10 @@ pub fn is_update_stick(disk: &Path) -> Result<bool> {
 /// or when either cannot be read (then the apply decides, and says why).
 pub fn stick_runs_already(disk: &Path, cmdline: &Path) -> Option<String> {
     let booted = crate::system::load_root_hash(cmdline).ok()?;
-    let header = airlock_bundle::format::RawHeader::read(&mut std::io::BufReader::new(File::open(disk).ok()?)).ok()?;
+    let header = airlock_bundle::format::RawHeader::read(&mut std::io::BufReader::new(
+        File::open(disk).ok()?,
+    ))
+    .ok()?;
     let m = airlock_bundle::Manifest::from_json(&header.manifest).ok()?;
     (m.root_hash == booted).then(|| format!("{} {}", m.name, m.version.as_str()))
 }
@@ -64,18 +67,35 @@ pub fn stick_runs_already(disk: &Path, cmdline: &Path) -> Option<String> {
 /// before a byte of payload is read), exactly the bundle's length; returns
 /// the copy. Refusals are the bundle format's (not a bundle, truncated,
 /// untrusted, …).
-pub fn stage_from_stick(disk: &Path, staging: &Path, trust: &airlock_bundle::Trust, log: &mut dyn FnMut(String)) -> Result<PathBuf> {
+pub fn stage_from_stick(
+    disk: &Path,
+    staging: &Path,
+    trust: &airlock_bundle::Trust,
+    log: &mut dyn FnMut(String),
+) -> Result<PathBuf> {
     let open = || File::open(disk).with_context(|| format!("opening {}", disk.display()));
     let mut header = std::io::BufReader::new(open()?);
     let verified = airlock_bundle::open(&mut header, trust).map_err(crate::apply::bundle_error)?;
     drop(header);
     let len = verified.bundle_len();
     if len > MAX_BUNDLE_BYTES {
-        bail!("{}: a bundle of {len} bytes, more than any bundle ({MAX_BUNDLE_BYTES})", disk.display());
+        bail!(
+            "{}: a bundle of {len} bytes, more than any bundle ({MAX_BUNDLE_BYTES})",
+            disk.display()
+        );
     }
     let m = &verified.manifest;
-    log(format!("{}: update stick with {} {} signed by {}; copying {} MiB to {}", disk.display(), m.name, m.version, verified.signers.join(", "), len.div_ceil(1 << 20), staging.display()));
-    std::fs::create_dir_all(staging).with_context(|| format!("creating the staging directory {}", staging.display()))?;
+    log(format!(
+        "{}: update stick with {} {} signed by {}; copying {} MiB to {}",
+        disk.display(),
+        m.name,
+        m.version,
+        verified.signers.join(", "),
+        len.div_ceil(1 << 20),
+        staging.display()
+    ));
+    std::fs::create_dir_all(staging)
+        .with_context(|| format!("creating the staging directory {}", staging.display()))?;
     let part = staging.join("stick.airlock.part");
     let done = staging.join("stick.airlock");
     let mut out = File::create(&part).with_context(|| format!("creating {}", part.display()))?;
@@ -86,15 +106,27 @@ pub fn stage_from_stick(disk: &Path, staging: &Path, trust: &airlock_bundle::Tru
         Ok(n) => n,
         Err(e) => {
             let _ = std::fs::remove_file(&part);
-            return Err(anyhow::Error::new(e).context(format!("copying the bundle ({} MiB) from {} to {}", len.div_ceil(1 << 20), disk.display(), part.display())));
+            return Err(anyhow::Error::new(e).context(format!(
+                "copying the bundle ({} MiB) from {} to {}",
+                len.div_ceil(1 << 20),
+                disk.display(),
+                part.display()
+            )));
         }
     };
     if copied != len {
         let _ = std::fs::remove_file(&part);
-        return Err(crate::refusal::Refused::Bundle(airlock_bundle::Refusal::Truncated { what: "the bundle on the stick" }).into());
+        return Err(
+            crate::refusal::Refused::Bundle(airlock_bundle::Refusal::Truncated {
+                what: "the bundle on the stick",
+            })
+            .into(),
+        );
     }
-    out.sync_all().with_context(|| format!("flushing {}", part.display()))?;
-    std::fs::rename(&part, &done).with_context(|| format!("renaming {} to {}", part.display(), done.display()))?;
+    out.sync_all()
+        .with_context(|| format!("flushing {}", part.display()))?;
+    std::fs::rename(&part, &done)
+        .with_context(|| format!("renaming {} to {}", part.display(), done.display()))?;
     crate::fsutil::sync_dir(staging)?;
     Ok(done)
 }
@@ -103,18 +135,30 @@ pub fn stage_from_stick(disk: &Path, staging: &Path, trust: &airlock_bundle::Tru
 /// then name), or `None` when there is none.
 pub fn newest_in_drop_dir(dir: &Path) -> Result<Option<PathBuf>> {
     let mut best: Option<(std::time::SystemTime, PathBuf)> = None;
-    for e in std::fs::read_dir(dir).with_context(|| format!("listing the drop directory {}", dir.display()))? {
+    for e in std::fs::read_dir(dir)
+        .with_context(|| format!("listing the drop directory {}", dir.display()))?
+    {
         let e = e.with_context(|| format!("listing {}", dir.display()))?;
         let path = e.path();
-        if path.extension().map_or(true, |x| x != "airlock") || path.file_name().is_some_and(|n| n.to_string_lossy().starts_with('.')) {
+        if path.extension().map_or(true, |x| x != "airlock")
+            || path
+                .file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with('.'))
+        {
             continue;
         }
-        let meta = std::fs::symlink_metadata(&path).with_context(|| format!("reading {}", path.display()))?;
+        let meta = std::fs::symlink_metadata(&path)
+            .with_context(|| format!("reading {}", path.display()))?;
         if !meta.is_file() {
             continue;
         }
-        let mtime = meta.modified().with_context(|| format!("reading {}", path.display()))?;
-        if best.as_ref().map_or(true, |(t, p)| (mtime, &path) > (*t, p)) {
+        let mtime = meta
+            .modified()
+            .with_context(|| format!("reading {}", path.display()))?;
+        if best
+            .as_ref()
+            .map_or(true, |(t, p)| (mtime, &path) > (*t, p))
+        {
             best = Some((mtime, path));
         }
     }
@@ -124,10 +168,14 @@ pub fn newest_in_drop_dir(dir: &Path) -> Result<Option<PathBuf>> {
 /// Marks a dropped bundle as handled (`<file>.applied` / `<file>.refused`)
 /// so the drop directory's path unit does not start again for it.
 pub fn retire_dropped(path: &Path, outcome: &str) -> Result<PathBuf> {
-    let mut name = path.file_name().context("dropped file has a name")?.to_os_string();
+    let mut name = path
+        .file_name()
+        .context("dropped file has a name")?
+        .to_os_string();
     name.push(format!(".{outcome}"));
     let to = path.with_file_name(name);
-    std::fs::rename(path, &to).with_context(|| format!("renaming {} to {}", path.display(), to.display()))?;
+    std::fs::rename(path, &to)
+        .with_context(|| format!("renaming {} to {}", path.display(), to.display()))?;
     Ok(to)
 }
 
@@ -141,7 +189,11 @@ pub struct HttpOptions {
 
 impl Default for HttpOptions {
     fn default() -> HttpOptions {
-        HttpOptions { timeout: Duration::from_secs(60), retry_delay: Duration::from_secs(5), attempts: DOWNLOAD_ATTEMPTS }
+        HttpOptions {
+            timeout: Duration::from_secs(60),
+            retry_delay: Duration::from_secs(5),
+            attempts: DOWNLOAD_ATTEMPTS,
+        }
     }
 }
 
@@ -150,7 +202,11 @@ impl Default for HttpOptions {
 pub fn staging_name(url: &str) -> String {
     let path = url.split(['?', '#']).next().unwrap_or("");
     let last = path.rsplit('/').next().unwrap_or("");
-    let plain = !last.starts_with('.') && last.len() <= 128 && last.chars().all(|c| c.is_ascii_alphanumeric() || "._-+".contains(c));
+    let plain = !last.starts_with('.')
+        && last.len() <= 128
+        && last
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "._-+".contains(c));
     if plain && last.ends_with(".airlock") && last.len() > ".airlock".len() {
         last.to_string()
     } else {
@@ -163,16 +219,26 @@ pub fn staging_name(url: &str) -> String {
 /// request; the server's validator (ETag or Last-Modified, kept in
 /// `<name>.part.validator`) goes in `If-Range`, so a file that changed on
 /// the server is fetched whole instead of spliced.
-pub fn download(url: &str, staging: &Path, opts: &HttpOptions, log: &mut dyn FnMut(String)) -> Result<PathBuf> {
+pub fn download(
+    url: &str,
+    staging: &Path,
+    opts: &HttpOptions,
+    log: &mut dyn FnMut(String),
+) -> Result<PathBuf> {
     if !(url.starts_with("https://") || url.starts_with("http://")) {
         bail!("{url}: only http:// and https:// URLs are supported");
     }
-    std::fs::create_dir_all(staging).with_context(|| format!("creating the staging directory {}", staging.display()))?;
+    std::fs::create_dir_all(staging)
+        .with_context(|| format!("creating the staging directory {}", staging.display()))?;
     let name = staging_name(url);
     let done = staging.join(&name);
     let part = staging.join(format!("{name}.part"));
     let validator_file = staging.join(format!("{name}.part.validator"));
-    let agent = ureq::AgentBuilder::new().timeout_connect(opts.timeout).timeout_read(opts.timeout).redirects(5).build();
+    let agent = ureq::AgentBuilder::new()
+        .timeout_connect(opts.timeout)
+        .timeout_read(opts.timeout)
+        .redirects(5)
+        .build();
     let mut last_error = None;
     for attempt in 1..=opts.attempts.max(1) {
         if attempt > 1 {
@@ -180,15 +246,22 @@ pub fn download(url: &str, staging: &Path, opts: &HttpOptions, log: &mut dyn FnM
         }
         match fetch_once(&agent, url, &part, &validator_file, log) {
             Ok(()) => {
-                File::open(&part).and_then(|f| f.sync_all()).with_context(|| format!("flushing {}", part.display()))?;
-                std::fs::rename(&part, &done).with_context(|| format!("renaming {} to {}", part.display(), done.display()))?;
+                File::open(&part)
+                    .and_then(|f| f.sync_all())
+                    .with_context(|| format!("flushing {}", part.display()))?;
+                std::fs::rename(&part, &done).with_context(|| {
+                    format!("renaming {} to {}", part.display(), done.display())
+                })?;
                 let _ = std::fs::remove_file(&validator_file);
                 crate::fsutil::sync_dir(staging)?;
                 return Ok(done);
             }
             Err(Fetch::Fatal(e)) => return Err(e.context(format!("downloading {url}"))),
             Err(Fetch::Retry(e)) => {
-                log(format!("download attempt {attempt} of {}: {e:#}", opts.attempts));
+                log(format!(
+                    "download attempt {attempt} of {}: {e:#}",
+                    opts.attempts
+                ));
                 last_error = Some(e);
             }
         }
@@ -204,14 +277,26 @@ enum Fetch {
     Fatal(anyhow::Error),
 }
 
-fn fetch_once(agent: &ureq::Agent, url: &str, part: &Path, validator_file: &Path, log: &mut dyn FnMut(String)) -> Result<(), Fetch> {
+fn fetch_once(
+    agent: &ureq::Agent,
+    url: &str,
+    part: &Path,
+    validator_file: &Path,
+    log: &mut dyn FnMut(String),
+) -> Result<(), Fetch> {
     let fatal = |e: anyhow::Error| Fetch::Fatal(e);
     let have = match std::fs::metadata(part) {
         Ok(m) => m.len(),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => 0,
-        Err(e) => return Err(fatal(anyhow::Error::new(e).context(format!("reading {}", part.display())))),
+        Err(e) => {
+            return Err(fatal(
+                anyhow::Error::new(e).context(format!("reading {}", part.display())),
+            ))
+        }
     };
-    let validator = std::fs::read_to_string(validator_file).ok().filter(|v| !v.trim().is_empty());
+    let validator = std::fs::read_to_string(validator_file)
+        .ok()
+        .filter(|v| !v.trim().is_empty());
     let mut req = agent.get(url);
     if have > 0 {
         req = req.set("Range", &format!("bytes={have}-"));
@@ -224,46 +309,87 @@ fn fetch_once(agent: &ureq::Agent, url: &str, part: &Path, validator_file: &Path
         Ok(r) => r,
         Err(ureq::Error::Status(416, r)) if have > 0 => {
             // Range past the end: complete if the server's total is what we have.
-            let total = r.header("Content-Range").and_then(|v| v.strip_prefix("bytes */")).and_then(|t| t.trim().parse::<u64>().ok());
+            let total = r
+                .header("Content-Range")
+                .and_then(|v| v.strip_prefix("bytes */"))
+                .and_then(|t| t.trim().parse::<u64>().ok());
             if total == Some(have) {
                 return Ok(());
             }
             let _ = std::fs::remove_file(part);
-            return Err(Fetch::Retry(anyhow::anyhow!("the server refused resuming at byte {have}; starting over")));
+            return Err(Fetch::Retry(anyhow::anyhow!(
+                "the server refused resuming at byte {have}; starting over"
+            )));
         }
-        Err(ureq::Error::Status(code, _)) if (500..600).contains(&code) || code == 408 || code == 429 => {
+        Err(ureq::Error::Status(code, _))
+            if (500..600).contains(&code) || code == 408 || code == 429 =>
+        {
             return Err(Fetch::Retry(anyhow::anyhow!("HTTP {code}")));
         }
-        Err(ureq::Error::Status(code, r)) => return Err(fatal(anyhow::anyhow!("HTTP {code} {}", r.status_text()))),
+        Err(ureq::Error::Status(code, r)) => {
+            return Err(fatal(anyhow::anyhow!("HTTP {code} {}", r.status_text())))
+        }
         Err(e @ ureq::Error::Transport(_)) => return Err(Fetch::Retry(anyhow::Error::new(e))),
     };
     let (start, total) = match resp.status() {
         206 => parse_content_range(resp.header("Content-Range")).map_err(fatal)?,
-        200 => (0, resp.header("Content-Length").and_then(|v| v.trim().parse::<u64>().ok())),
-        code => return Err(fatal(anyhow::anyhow!("unexpected HTTP {code} {}", resp.status_text()))),
+        200 => (
+            0,
+            resp.header("Content-Length")
+                .and_then(|v| v.trim().parse::<u64>().ok()),
+        ),
+        code => {
+            return Err(fatal(anyhow::anyhow!(
+                "unexpected HTTP {code} {}",
+                resp.status_text()
+            )))
+        }
     };
     if start != 0 && start != have {
-        return Err(fatal(anyhow::anyhow!("the server answered a request for byte {have} with bytes from {start}")));
+        return Err(fatal(anyhow::anyhow!(
+            "the server answered a request for byte {have} with bytes from {start}"
+        )));
     }
     if let Some(t) = total {
         if t > MAX_BUNDLE_BYTES {
-            return Err(fatal(anyhow::anyhow!("the server announces {t} bytes, more than any bundle ({MAX_BUNDLE_BYTES})")));
+            return Err(fatal(anyhow::anyhow!(
+                "the server announces {t} bytes, more than any bundle ({MAX_BUNDLE_BYTES})"
+            )));
         }
     }
-    let new_validator = resp.header("ETag").or_else(|| resp.header("Last-Modified")).map(str::to_owned);
-    let mut file = OpenOptions::new().create(true).write(true).truncate(false).open(part).map_err(|e| fatal(anyhow::Error::new(e).context(format!("opening {}", part.display()))))?;
+    let new_validator = resp
+        .header("ETag")
+        .or_else(|| resp.header("Last-Modified"))
+        .map(str::to_owned);
+    let mut file = OpenOptions::new()
+        .create(true)
+        .write(true)
+        .truncate(false)
+        .open(part)
+        .map_err(|e| fatal(anyhow::Error::new(e).context(format!("opening {}", part.display()))))?;
     if start == 0 {
         if have > 0 {
-            log(format!("{url}: the server sent the whole file; starting over"));
+            log(format!(
+                "{url}: the server sent the whole file; starting over"
+            ));
         }
         file.set_len(0).map_err(|e| fatal(e.into()))?;
         match &new_validator {
             Some(v) => std::fs::write(validator_file, v),
-            None => std::fs::remove_file(validator_file).or_else(|e| if e.kind() == std::io::ErrorKind::NotFound { Ok(()) } else { Err(e) }),
+            None => std::fs::remove_file(validator_file).or_else(|e| {
+                if e.kind() == std::io::ErrorKind::NotFound {
+                    Ok(())
+                } else {
+                    Err(e)
+                }
+            }),
         }
-        .map_err(|e| fatal(anyhow::Error::new(e).context(format!("writing {}", validator_file.display()))))?;
+        .map_err(|e| {
+            fatal(anyhow::Error::new(e).context(format!("writing {}", validator_file.display())))
+        })?;
     }
-    file.seek(SeekFrom::Start(start)).map_err(|e| fatal(e.into()))?;
+    file.seek(SeekFrom::Start(start))
+        .map_err(|e| fatal(e.into()))?;
     let mut body = resp.into_reader();
     let mut pos = start;
     let mut buf = vec![0u8; 256 << 10];
@@ -274,18 +400,28 @@ fn fetch_once(agent: &ureq::Agent, url: &str, part: &Path, validator_file: &Path
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
             Err(e) => {
                 let _ = file.sync_data();
-                return Err(Fetch::Retry(anyhow::Error::new(e).context(format!("connection lost after byte {pos}"))));
+                return Err(Fetch::Retry(
+                    anyhow::Error::new(e).context(format!("connection lost after byte {pos}")),
+                ));
             }
         };
         pos += n as u64;
         if pos > MAX_BUNDLE_BYTES || total.is_some_and(|t| pos > t) {
-            return Err(fatal(anyhow::anyhow!("the server sent more bytes than it announced")));
+            return Err(fatal(anyhow::anyhow!(
+                "the server sent more bytes than it announced"
+            )));
         }
-        file.write_all(&buf[..n]).map_err(|e| fatal(anyhow::Error::new(e).context(format!("writing {}", part.display()))))?;
+        file.write_all(&buf[..n]).map_err(|e| {
+            fatal(anyhow::Error::new(e).context(format!("writing {}", part.display())))
+        })?;
     }
-    file.sync_data().map_err(|e| fatal(anyhow::Error::new(e).context(format!("flushing {}", part.display()))))?;
+    file.sync_data().map_err(|e| {
+        fatal(anyhow::Error::new(e).context(format!("flushing {}", part.display())))
+    })?;
     match total {
-        Some(t) if pos < t => Err(Fetch::Retry(anyhow::anyhow!("the connection ended at byte {pos} of {t}"))),
+        Some(t) if pos < t => Err(Fetch::Retry(anyhow::anyhow!(
+            "the connection ended at byte {pos} of {t}"
+        ))),
         _ => Ok(()),
     }
 }
@@ -293,10 +429,26 @@ fn fetch_once(agent: &ureq::Agent, url: &str, part: &Path, validator_file: &Path
 /// `bytes START-END/TOTAL` (TOTAL may be `*`) → (START, TOTAL).
 fn parse_content_range(v: Option<&str>) -> Result<(u64, Option<u64>)> {
     let v = v.context("HTTP 206 without Content-Range")?;
-    let spec = v.trim().strip_prefix("bytes ").with_context(|| format!("Content-Range {v:?} is not in bytes"))?;
-    let (range, total) = spec.split_once('/').with_context(|| format!("Content-Range {v:?} has no total"))?;
-    let start = range.split_once('-').and_then(|(s, _)| s.parse().ok()).with_context(|| format!("Content-Range {v:?} has no start"))?;
-    let total = if total == "*" { None } else { Some(total.parse().with_context(|| format!("Content-Range {v:?}: bad total"))?) };
+    let spec = v
+        .trim()
+        .strip_prefix("bytes ")
+        .with_context(|| format!("Content-Range {v:?} is not in bytes"))?;
+    let (range, total) = spec
+        .split_once('/')
+        .with_context(|| format!("Content-Range {v:?} has no total"))?;
+    let start = range
+        .split_once('-')
+        .and_then(|(s, _)| s.parse().ok())
+        .with_context(|| format!("Content-Range {v:?} has no start"))?;
+    let total = if total == "*" {
+        None
+    } else {
+        Some(
+            total
+                .parse()
+                .with_context(|| format!("Content-Range {v:?}: bad total"))?,
+        )
+    };
     Ok((start, total))
 }
 
@@ -306,16 +458,34 @@ mod tests {
 
     #[test]
     fn staging_name_keeps_plain_bundle_names_only() {
-        assert_eq!(staging_name("https://it.example/u/airlock_1.2.airlock"), "airlock_1.2.airlock");
-        assert_eq!(staging_name("https://it.example/u/airlock_1.2.airlock?sig=abc"), "airlock_1.2.airlock");
-        assert_eq!(staging_name("https://it.example/u/..%2f..%2fetc"), "download.airlock");
-        assert_eq!(staging_name("https://it.example/latest"), "download.airlock");
-        assert_eq!(staging_name("https://it.example/.airlock"), "download.airlock");
+        assert_eq!(
+            staging_name("https://it.example/u/airlock_1.2.airlock"),
+            "airlock_1.2.airlock"
+        );
+        assert_eq!(
+            staging_name("https://it.example/u/airlock_1.2.airlock?sig=abc"),
+            "airlock_1.2.airlock"
+        );
+        assert_eq!(
+            staging_name("https://it.example/u/..%2f..%2fetc"),
+            "download.airlock"
+        );
+        assert_eq!(
+            staging_name("https://it.example/latest"),
+            "download.airlock"
+        );
+        assert_eq!(
+            staging_name("https://it.example/.airlock"),
+            "download.airlock"
+        );
     }
 
     #[test]
     fn content_range_is_parsed() {
-        assert_eq!(parse_content_range(Some("bytes 100-199/200")).unwrap(), (100, Some(200)));
+        assert_eq!(
+            parse_content_range(Some("bytes 100-199/200")).unwrap(),
+            (100, Some(200))
+        );
         assert_eq!(parse_content_range(Some("bytes 0-9/*")).unwrap(), (0, None));
         assert!(parse_content_range(Some("items 0-9/10")).is_err());
         assert!(parse_content_range(None).is_err());
@@ -330,7 +500,12 @@ mod tests {
         std::fs::write(&old, b"x").unwrap();
         std::fs::write(&new, b"y").unwrap();
         let past = std::time::SystemTime::now() - Duration::from_secs(3600);
-        File::options().write(true).open(&old).unwrap().set_modified(past).unwrap();
+        File::options()
+            .write(true)
+            .open(&old)
+            .unwrap()
+            .set_modified(past)
+            .unwrap();
         std::fs::write(dir.path().join("airlock_1.3.airlock.applied"), b"z").unwrap();
         std::fs::write(dir.path().join(".airlock_1.4.airlock"), b"partial upload").unwrap();
         std::fs::create_dir(dir.path().join("dir.airlock")).unwrap();

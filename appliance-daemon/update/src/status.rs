@@ -53,7 +53,9 @@ pub fn report(cfg: &Config) -> Result<Report> {
         .iter()
         .map(|s| {
             let image = s.stem().map(str::to_owned);
-            let entry = image.as_ref().and_then(|st| entries.iter().find(|e| &e.stem == st));
+            let entry = image
+                .as_ref()
+                .and_then(|st| entries.iter().find(|e| &e.stem == st));
             SlotReport {
                 slot: s.name,
                 booted: s.holds(&root_hash),
@@ -71,14 +73,23 @@ pub fn report(cfg: &Config) -> Result<Report> {
         stored_epoch: state.security_epoch,
         disk: disk.path.display().to_string(),
         slots,
-        entries: entries.iter().map(|e| EntryReport { file: e.file.clone(), blessing: e.blessing().to_string() }).collect(),
+        entries: entries
+            .iter()
+            .map(|e| EntryReport {
+                file: e.file.clone(),
+                blessing: e.blessing().to_string(),
+            })
+            .collect(),
         last: state.last,
     })
 }
 
 /// The report as text for a person (pure).
 pub fn render(r: &Report) -> String {
-    let mut out = format!("running {} (security epoch {}, stored {}), disk {}\n", r.running_version, r.running_epoch, r.stored_epoch, r.disk);
+    let mut out = format!(
+        "running {} (security epoch {}, stored {}), disk {}\n",
+        r.running_version, r.running_epoch, r.stored_epoch, r.disk
+    );
     for s in &r.slots {
         out.push_str(&format!(
             "slot {}: {}{} (partitions {}+{}){}\n",

@@ -46,30 +46,43 @@ pub fn parse_os_release(text: &str) -> Result<Image> {
     let epoch = field("AIRLOCK_SECURITY_EPOCH")?;
     Ok(Image {
         name: field("IMAGE_ID")?,
-        version: Version::parse(&version).map_err(|e| anyhow::anyhow!("os-release: IMAGE_VERSION {version:?}: {e}"))?,
+        version: Version::parse(&version)
+            .map_err(|e| anyhow::anyhow!("os-release: IMAGE_VERSION {version:?}: {e}"))?,
         compatible: field("AIRLOCK_COMPATIBLE")?,
-        security_epoch: epoch.parse().with_context(|| format!("os-release: AIRLOCK_SECURITY_EPOCH {epoch:?} is not a number"))?,
+        security_epoch: epoch.parse().with_context(|| {
+            format!("os-release: AIRLOCK_SECURITY_EPOCH {epoch:?} is not a number")
+        })?,
     })
 }
 
 pub fn load_os_release(path: &Path) -> Result<Image> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     parse_os_release(&text).with_context(|| format!("{}", path.display()))
 }
 
 /// The `roothash=` of a kernel command line (pure): 64 hex digits.
 pub fn parse_root_hash(cmdline: &str) -> Result<String> {
-    let hashes: Vec<&str> = cmdline.split_ascii_whitespace().filter_map(|a| a.strip_prefix("roothash=")).collect();
+    let hashes: Vec<&str> = cmdline
+        .split_ascii_whitespace()
+        .filter_map(|a| a.strip_prefix("roothash="))
+        .collect();
     match hashes.as_slice() {
-        [h] if h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit()) => Ok(h.to_ascii_lowercase()),
+        [h] if h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit()) => {
+            Ok(h.to_ascii_lowercase())
+        }
         [h] => bail!("roothash={h} on the kernel command line is not 64 hex digits"),
         [] => bail!("the kernel command line has no roothash= (not booted from a verity slot)"),
-        _ => bail!("the kernel command line has {} roothash= arguments", hashes.len()),
+        _ => bail!(
+            "the kernel command line has {} roothash= arguments",
+            hashes.len()
+        ),
     }
 }
 
 pub fn load_root_hash(path: &Path) -> Result<String> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     parse_root_hash(&text).with_context(|| format!("{}", path.display()))
 }
 
@@ -101,15 +114,24 @@ pub struct LastResult {
 
 impl LastResult {
     pub fn now(action: &str, result: &str, message: impl Into<String>) -> LastResult {
-        let at = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
-        LastResult { action: action.into(), result: result.into(), message: message.into(), at }
+        let at = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        LastResult {
+            action: action.into(),
+            result: result.into(),
+            message: message.into(),
+            at,
+        }
     }
 }
 
 /// Reads `state.json`; a missing file is the fresh state (epoch 0).
 pub fn load_state(path: &Path) -> Result<State> {
     match std::fs::read(path) {
-        Ok(bytes) => serde_json::from_slice(&bytes).with_context(|| format!("{} is not a valid state file", path.display())),
+        Ok(bytes) => serde_json::from_slice(&bytes)
+            .with_context(|| format!("{} is not a valid state file", path.display())),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(State::default()),
         Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
     }
@@ -137,7 +159,8 @@ pub fn record_last(path: &Path, last: LastResult) -> Result<()> {
 pub fn publish_last(path: &Path, last: &LastResult) -> Result<()> {
     let mut bytes = serde_json::to_vec(last).context("serialising the result")?;
     bytes.push(b'\n');
-    crate::fsutil::write_atomic_public(path, &bytes).with_context(|| format!("the result for the screen, {}", path.display()))
+    crate::fsutil::write_atomic_public(path, &bytes)
+        .with_context(|| format!("the result for the screen, {}", path.display()))
 }
 
 /// [`record_last`] in the state file and [`publish_last`] for the screen;
@@ -163,16 +186,23 @@ mod tests {
 
     #[test]
     fn os_release_without_our_fields_is_an_error_naming_the_field() {
-        let e = parse_os_release("ID=debian\nIMAGE_ID=a\nIMAGE_VERSION=1\nAIRLOCK_COMPATIBLE=x\n").unwrap_err();
+        let e = parse_os_release("ID=debian\nIMAGE_ID=a\nIMAGE_VERSION=1\nAIRLOCK_COMPATIBLE=x\n")
+            .unwrap_err();
         assert!(e.to_string().contains("AIRLOCK_SECURITY_EPOCH"), "{e}");
-        let e = parse_os_release("IMAGE_ID=a\nIMAGE_VERSION=1\nAIRLOCK_COMPATIBLE=x\nAIRLOCK_SECURITY_EPOCH=-1\n").unwrap_err();
+        let e = parse_os_release(
+            "IMAGE_ID=a\nIMAGE_VERSION=1\nAIRLOCK_COMPATIBLE=x\nAIRLOCK_SECURITY_EPOCH=-1\n",
+        )
+        .unwrap_err();
         assert!(e.to_string().contains("not a number"), "{e}");
     }
 
     #[test]
     fn root_hash_is_taken_from_the_command_line() {
         let h = "AB".repeat(32);
-        assert_eq!(parse_root_hash(&format!("BOOT_IMAGE=x roothash={h} ro")).unwrap(), "ab".repeat(32));
+        assert_eq!(
+            parse_root_hash(&format!("BOOT_IMAGE=x roothash={h} ro")).unwrap(),
+            "ab".repeat(32)
+        );
         assert!(parse_root_hash("ro quiet").is_err());
         assert!(parse_root_hash("roothash=abc").is_err());
         assert!(parse_root_hash(&format!("roothash={h} roothash={h}")).is_err());
@@ -183,7 +213,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("state.json");
         assert_eq!(load_state(&path).unwrap(), State::default());
-        let s = State { security_epoch: 4, last: Some(LastResult::now("apply", "applied", "1.1 to slot B")) };
+        let s = State {
+            security_epoch: 4,
+            last: Some(LastResult::now("apply", "applied", "1.1 to slot B")),
+        };
         store_state(&path, &s).unwrap();
         assert_eq!(load_state(&path).unwrap(), s);
         std::fs::write(&path, "{\"security_epoch\": \"x\"}").unwrap();

@@ -20,7 +20,10 @@ struct Server {
 /// Serves `body` with ETag `etag`; the first `drops` responses stop after half the body.
 fn serve(body: Vec<u8>, etag: &'static str, drops: usize) -> Server {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let url = format!("http://{}/updates/airlock_1.1.airlock", listener.local_addr().unwrap());
+    let url = format!(
+        "http://{}/updates/airlock_1.1.airlock",
+        listener.local_addr().unwrap()
+    );
     let requests = Arc::new(Mutex::new(Vec::new()));
     let seen = requests.clone();
     std::thread::spawn(move || {
@@ -42,7 +45,9 @@ fn serve(body: Vec<u8>, etag: &'static str, drops: usize) -> Server {
                 }
             }
             seen.lock().unwrap().push((range.clone(), if_range.clone()));
-            let start = range.strip_prefix("bytes=").and_then(|r| r.trim_end_matches('-').parse::<usize>().ok());
+            let start = range
+                .strip_prefix("bytes=")
+                .and_then(|r| r.trim_end_matches('-').parse::<usize>().ok());
             let start = match start {
                 Some(s) if if_range == "-" || if_range == etag => s,
                 _ => 0,
@@ -71,37 +76,64 @@ fn serve(body: Vec<u8>, etag: &'static str, drops: usize) -> Server {
 #[test]
 fn download_resumes_after_a_dropped_connection_and_installs() {
     let s = Scene::new();
-    let bundle = std::fs::read(s.bundle("src.airlock", &BundleSpec::new("1.1"), &["alice"])).unwrap();
+    let bundle =
+        std::fs::read(s.bundle("src.airlock", &BundleSpec::new("1.1"), &["alice"])).unwrap();
     let server = serve(bundle.clone(), "\"v1\"", 1);
-    let out = run(s.agent().args(["apply", "--retry-delay", "0", "--url", &server.url]));
+    let out = run(s
+        .agent()
+        .args(["apply", "--retry-delay", "0", "--url", &server.url]));
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
     assert!(String::from_utf8_lossy(&out.stdout).contains("reboot pending"));
     let reqs = server.requests.lock().unwrap().clone();
     assert_eq!(reqs.len(), 2, "{reqs:?}");
     assert_eq!(reqs[0], ("-".to_string(), "-".to_string()));
     let half = bundle.len() / 2;
-    assert_eq!(reqs[1], (format!("bytes={half}-"), "\"v1\"".to_string()), "resume must ask for the rest only");
+    assert_eq!(
+        reqs[1],
+        (format!("bytes={half}-"), "\"v1\"".to_string()),
+        "resume must ask for the rest only"
+    );
     assert!(s.path("esp/EFI/Linux/airlock_1.1+3.efi").exists());
-    assert!(walk(&s.path("state/staging")).is_empty(), "download left in staging");
+    assert!(
+        walk(&s.path("state/staging")).is_empty(),
+        "download left in staging"
+    );
 }
 
 #[test]
 fn a_partial_download_is_resumed_by_the_next_run_or_restarted_if_the_file_changed() {
     let s = Scene::new();
-    let bundle = std::fs::read(s.bundle("src.airlock", &BundleSpec::new("1.1"), &["alice"])).unwrap();
+    let bundle =
+        std::fs::read(s.bundle("src.airlock", &BundleSpec::new("1.1"), &["alice"])).unwrap();
     // The server drops every response: the run gives up, keeping the part file.
     let server = serve(bundle.clone(), "\"v1\"", usize::MAX);
-    let out = run(s.agent().args(["apply", "--retry-delay", "0", "--url", &server.url]));
+    let out = run(s
+        .agent()
+        .args(["apply", "--retry-delay", "0", "--url", &server.url]));
     assert_eq!(out.status.code(), Some(31), "{}", text(&out));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("gave up after"), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("gave up after"),
+        "{}",
+        text(&out)
+    );
     let part = s.path("state/staging/airlock_1.1.airlock.part");
     let have = std::fs::metadata(&part).unwrap().len() as usize;
-    assert!(have > bundle.len() / 2 && have < bundle.len(), "{have} of {}", bundle.len());
-    assert_eq!(std::fs::read(&part).unwrap(), bundle[..have], "the part file must be a prefix of the bundle");
+    assert!(
+        have > bundle.len() / 2 && have < bundle.len(),
+        "{have} of {}",
+        bundle.len()
+    );
+    assert_eq!(
+        std::fs::read(&part).unwrap(),
+        bundle[..have],
+        "the part file must be a prefix of the bundle"
+    );
 
     // Another server with the same file resumes where the part ends.
     let same = serve(bundle.clone(), "\"v1\"", 0);
-    let out = run(s.agent().args(["apply", "--retry-delay", "0", "--url", &same.url]));
+    let out = run(s
+        .agent()
+        .args(["apply", "--retry-delay", "0", "--url", &same.url]));
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
     assert_eq!(same.requests.lock().unwrap()[0].0, format!("bytes={have}-"));
 
@@ -109,10 +141,27 @@ fn a_partial_download_is_resumed_by_the_next_run_or_restarted_if_the_file_change
     let s = Scene::new();
     let v1 = std::fs::read(s.bundle("v1.airlock", &BundleSpec::new("1.1"), &["alice"])).unwrap();
     let first = serve(v1, "\"v1\"", usize::MAX);
-    assert_eq!(run(s.agent().args(["apply", "--retry-delay", "0", "--url", &first.url])).status.code(), Some(31));
-    let v2 = std::fs::read(s.bundle("v2.airlock", &BundleSpec { uki_len: 200_000, ..BundleSpec::new("1.1") }, &["bob"])).unwrap();
+    assert_eq!(
+        run(s
+            .agent()
+            .args(["apply", "--retry-delay", "0", "--url", &first.url]))
+        .status
+        .code(),
+        Some(31)
+    );
+    let v2 = std::fs::read(s.bundle(
+        "v2.airlock",
+        &BundleSpec {
+            uki_len: 200_000,
+            ..BundleSpec::new("1.1")
+        },
+        &["bob"],
+    ))
+    .unwrap();
     let changed = serve(v2, "\"v2\"", 0);
-    let out = run(s.agent().args(["apply", "--retry-delay", "0", "--url", &changed.url]));
+    let out = run(s
+        .agent()
+        .args(["apply", "--retry-delay", "0", "--url", &changed.url]));
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
     let reqs = changed.requests.lock().unwrap().clone();
     assert_eq!(reqs[0].1, "\"v1\"", "the old validator goes in If-Range");
@@ -128,10 +177,18 @@ fn a_missing_file_fails_at_once() {
         for mut c in listener.incoming().flatten() {
             let mut buf = [0u8; 4096];
             let _ = c.read(&mut buf);
-            let _ = c.write_all(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+            let _ = c.write_all(
+                b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+            );
         }
     });
-    let out = run(s.agent().args(["apply", "--retry-delay", "0", "--url", &url]));
+    let out = run(s
+        .agent()
+        .args(["apply", "--retry-delay", "0", "--url", &url]));
     assert_eq!(out.status.code(), Some(31), "{}", text(&out));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("HTTP 404"), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("HTTP 404"),
+        "{}",
+        text(&out)
+    );
 }

@@ -63,9 +63,18 @@ impl DecodeError {
 
 #[derive(Debug)]
 enum MsgState {
-    Header { buf: [u8; MESSAGE_HEADER_LEN], have: usize },
-    Body { msg_type: u32, size: u32, data: Vec<u8> },
-    Skip { left: u32 },
+    Header {
+        buf: [u8; MESSAGE_HEADER_LEN],
+        have: usize,
+    },
+    Body {
+        msg_type: u32,
+        size: u32,
+        data: Vec<u8>,
+    },
+    Skip {
+        left: u32,
+    },
 }
 
 /// Streaming vdagent decoder with a message size cap.
@@ -88,7 +97,10 @@ impl Decoder {
             chunk_hdr: [0; CHUNK_HEADER_LEN],
             chunk_hdr_have: 0,
             chunk_left: 0,
-            msg: MsgState::Header { buf: [0; MESSAGE_HEADER_LEN], have: 0 },
+            msg: MsgState::Header {
+                buf: [0; MESSAGE_HEADER_LEN],
+                have: 0,
+            },
             poisoned: false,
         }
     }
@@ -119,7 +131,8 @@ impl Decoder {
         while !input.is_empty() {
             if self.chunk_left == 0 {
                 let n = (CHUNK_HEADER_LEN - self.chunk_hdr_have).min(input.len());
-                self.chunk_hdr[self.chunk_hdr_have..self.chunk_hdr_have + n].copy_from_slice(&input[..n]);
+                self.chunk_hdr[self.chunk_hdr_have..self.chunk_hdr_have + n]
+                    .copy_from_slice(&input[..n]);
                 self.chunk_hdr_have += n;
                 input = &input[n..];
                 if self.chunk_hdr_have < CHUNK_HEADER_LEN {
@@ -150,7 +163,10 @@ impl Decoder {
         e: DecodeError,
     ) -> Vec<Result<Message, DecodeError>> {
         self.poisoned = true;
-        self.msg = MsgState::Header { buf: [0; MESSAGE_HEADER_LEN], have: 0 };
+        self.msg = MsgState::Header {
+            buf: [0; MESSAGE_HEADER_LEN],
+            have: 0,
+        };
         out.push(Err(e));
         out
     }
@@ -169,7 +185,10 @@ impl Decoder {
         };
         if let Some(message_left) = message_left {
             if size > message_left {
-                return Err(DecodeError::ChunkPastMessage { chunk: size, message_left });
+                return Err(DecodeError::ChunkPastMessage {
+                    chunk: size,
+                    message_left,
+                });
             }
         }
         self.chunk_left = size;
@@ -209,27 +228,41 @@ impl Decoder {
                             message_left: size,
                         });
                     }
-                    let max =
-                        if msg_type == msg_type::CLIPBOARD { self.max_message } else { self.max_message.min(MAX_CONTROL_MESSAGE) };
+                    let max = if msg_type == msg_type::CLIPBOARD {
+                        self.max_message
+                    } else {
+                        self.max_message.min(MAX_CONTROL_MESSAGE)
+                    };
                     let refusal = if msg_type::is_file_transfer(msg_type) {
                         Some(DecodeError::FileTransferRefused { msg_type, size })
                     } else if !Message::is_known_type(msg_type) {
                         Some(DecodeError::UnknownType { msg_type, size })
                     } else if size > max {
-                        Some(DecodeError::MessageTooLarge { msg_type, size, max })
+                        Some(DecodeError::MessageTooLarge {
+                            msg_type,
+                            size,
+                            max,
+                        })
                     } else {
                         None
                     };
                     if let Some(e) = refusal {
                         out.push(Err(e));
                         self.msg = if size == 0 {
-                            MsgState::Header { buf: [0; MESSAGE_HEADER_LEN], have: 0 }
+                            MsgState::Header {
+                                buf: [0; MESSAGE_HEADER_LEN],
+                                have: 0,
+                            }
                         } else {
                             MsgState::Skip { left: size }
                         };
                     } else {
                         // `size` is at most `max` here: the allocation is bounded.
-                        self.msg = MsgState::Body { msg_type, size, data: Vec::with_capacity(size as usize) };
+                        self.msg = MsgState::Body {
+                            msg_type,
+                            size,
+                            data: Vec::with_capacity(size as usize),
+                        };
                         self.finish_if_complete(out);
                     }
                 }
@@ -244,7 +277,10 @@ impl Decoder {
                     *left -= n as u32;
                     bytes = &bytes[n..];
                     if *left == 0 {
-                        self.msg = MsgState::Header { buf: [0; MESSAGE_HEADER_LEN], have: 0 };
+                        self.msg = MsgState::Header {
+                            buf: [0; MESSAGE_HEADER_LEN],
+                            have: 0,
+                        };
                     }
                 }
             }
@@ -260,12 +296,19 @@ impl Decoder {
         } else {
             return;
         }
-        let MsgState::Body { msg_type, data, .. } =
-            std::mem::replace(&mut self.msg, MsgState::Header { buf: [0; MESSAGE_HEADER_LEN], have: 0 })
-        else {
+        let MsgState::Body { msg_type, data, .. } = std::mem::replace(
+            &mut self.msg,
+            MsgState::Header {
+                buf: [0; MESSAGE_HEADER_LEN],
+                have: 0,
+            },
+        ) else {
             unreachable!()
         };
-        out.push(Message::parse(msg_type, data).map_err(|source| DecodeError::BadPayload { msg_type, source }));
+        out.push(
+            Message::parse(msg_type, data)
+                .map_err(|source| DecodeError::BadPayload { msg_type, source }),
+        );
     }
 }
 

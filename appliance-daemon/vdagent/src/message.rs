@@ -6,7 +6,9 @@
 //! `CLIPBOARD_GRAB_SERIAL`, so no payload here carries a selection prefix or
 //! a grab serial.
 
-use crate::{msg_type, CHUNK_HEADER_LEN, CLIENT_PORT, MAX_CHUNK_PAYLOAD, MESSAGE_HEADER_LEN, PROTOCOL};
+use crate::{
+    msg_type, CHUNK_HEADER_LEN, CLIENT_PORT, MAX_CHUNK_PAYLOAD, MESSAGE_HEADER_LEN, PROTOCOL,
+};
 
 /// Clipboard data types (`VD_AGENT_CLIPBOARD_*`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -114,7 +116,11 @@ pub enum Message {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum PayloadError {
     #[error("{what} must be {expected} bytes, got {got}")]
-    WrongSize { what: &'static str, expected: &'static str, got: usize },
+    WrongSize {
+        what: &'static str,
+        expected: &'static str,
+        got: usize,
+    },
     #[error("announce-capabilities request flag must be 0 or 1, got {0}")]
     BadRequestFlag(u32),
     #[error("clipboard grab lists no types")]
@@ -153,13 +159,21 @@ impl Message {
         let words = |what: &'static str, d: &[u8]| -> Result<Vec<u32>, PayloadError> {
             #[allow(clippy::manual_is_multiple_of)] // is_multiple_of is newer than the MSRV (1.80)
             if d.len() % 4 != 0 {
-                return Err(PayloadError::WrongSize { what, expected: "a multiple of 4", got: d.len() });
+                return Err(PayloadError::WrongSize {
+                    what,
+                    expected: "a multiple of 4",
+                    got: d.len(),
+                });
             }
             Ok(d.chunks_exact(4).map(le32).collect())
         };
         let exact = |what: &'static str, d: &[u8], n: usize, expected: &'static str| {
             if d.len() != n {
-                Err(PayloadError::WrongSize { what, expected, got: d.len() })
+                Err(PayloadError::WrongSize {
+                    what,
+                    expected,
+                    got: d.len(),
+                })
             } else {
                 Ok(())
             }
@@ -179,22 +193,33 @@ impl Message {
                     1 => true,
                     n => return Err(PayloadError::BadRequestFlag(n)),
                 };
-                Ok(Message::AnnounceCapabilities { request, caps: Capabilities(w[1..].to_vec()) })
+                Ok(Message::AnnounceCapabilities {
+                    request,
+                    caps: Capabilities(w[1..].to_vec()),
+                })
             }
             msg_type::CLIPBOARD_GRAB => {
                 let w = words("clipboard-grab", &data)?;
                 if w.is_empty() {
                     return Err(PayloadError::EmptyGrab);
                 }
-                Ok(Message::ClipboardGrab(w.into_iter().map(ClipboardType::from_u32).collect()))
+                Ok(Message::ClipboardGrab(
+                    w.into_iter().map(ClipboardType::from_u32).collect(),
+                ))
             }
             msg_type::CLIPBOARD_REQUEST => {
                 exact("clipboard-request", &data, 4, "4")?;
-                Ok(Message::ClipboardRequest(ClipboardType::from_u32(le32(&data))))
+                Ok(Message::ClipboardRequest(ClipboardType::from_u32(le32(
+                    &data,
+                ))))
             }
             msg_type::CLIPBOARD => {
                 if data.len() < 4 {
-                    return Err(PayloadError::WrongSize { what: "clipboard", expected: "at least 4", got: data.len() });
+                    return Err(PayloadError::WrongSize {
+                        what: "clipboard",
+                        expected: "at least 4",
+                        got: data.len(),
+                    });
                 }
                 let ty = ClipboardType::from_u32(le32(&data));
                 let mut data = data;

@@ -10,8 +10,12 @@ fn clip_type() -> impl Strategy<Value = ClipboardType> {
 
 fn message() -> impl Strategy<Value = Message> {
     prop_oneof![
-        (any::<bool>(), prop::collection::vec(any::<u32>(), 0..8))
-            .prop_map(|(request, caps)| Message::AnnounceCapabilities { request, caps: Capabilities(caps) }),
+        (any::<bool>(), prop::collection::vec(any::<u32>(), 0..8)).prop_map(|(request, caps)| {
+            Message::AnnounceCapabilities {
+                request,
+                caps: Capabilities(caps),
+            }
+        }),
         prop::collection::vec(clip_type(), 1..8).prop_map(Message::ClipboardGrab),
         clip_type().prop_map(Message::ClipboardRequest),
         (clip_type(), prop::collection::vec(any::<u8>(), 0..9000))

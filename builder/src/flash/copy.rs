@@ -43,7 +43,9 @@ impl Progress {
     pub fn new(what: &str, total: u64) -> Progress {
         let bar = std::io::stdout().is_terminal().then(|| {
             let pb = ProgressBar::new(total);
-            if let Ok(style) = ProgressStyle::with_template("{prefix:>10} [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}") {
+            if let Ok(style) = ProgressStyle::with_template(
+                "{prefix:>10} [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+            ) {
                 pb.set_style(style.progress_chars("=> "));
             }
             pb.set_prefix(what.to_owned());
@@ -52,7 +54,15 @@ impl Progress {
         if bar.is_none() {
             println!("airlock: {what}: 0% of {} MiB", total >> 20);
         }
-        Progress { what: what.to_owned(), total, done: 0, bar, last_percent: 0, last_line: Instant::now(), started: Instant::now() }
+        Progress {
+            what: what.to_owned(),
+            total,
+            done: 0,
+            bar,
+            last_percent: 0,
+            last_line: Instant::now(),
+            started: Instant::now(),
+        }
     }
 
     pub fn add(&mut self, n: u64) {
@@ -61,8 +71,15 @@ impl Progress {
             Some(pb) => pb.set_position(self.done),
             None => {
                 let percent = (self.done * 100).checked_div(self.total).unwrap_or(100);
-                if percent >= self.last_percent + LINE_EVERY_PERCENT || (self.last_line.elapsed() >= LINE_EVERY && percent < 100) {
-                    println!("airlock: {}: {percent}% ({} of {} MiB)", self.what, self.done >> 20, self.total >> 20);
+                if percent >= self.last_percent + LINE_EVERY_PERCENT
+                    || (self.last_line.elapsed() >= LINE_EVERY && percent < 100)
+                {
+                    println!(
+                        "airlock: {}: {percent}% ({} of {} MiB)",
+                        self.what,
+                        self.done >> 20,
+                        self.total >> 20
+                    );
                     self.last_percent = percent - percent % LINE_EVERY_PERCENT;
                     self.last_line = Instant::now();
                 }
@@ -74,7 +91,11 @@ impl Progress {
         let secs = self.started.elapsed().as_secs_f64();
         match self.bar {
             Some(pb) => pb.finish(),
-            None if self.last_percent < 100 => println!("airlock: {}: 100% ({} MiB) in {secs:.1}s", self.what, self.done >> 20),
+            None if self.last_percent < 100 => println!(
+                "airlock: {}: 100% ({} MiB) in {secs:.1}s",
+                self.what,
+                self.done >> 20
+            ),
             None => println!("airlock: {}: done in {secs:.1}s", self.what),
         }
     }
@@ -102,7 +123,9 @@ pub fn open_for_write(target: &Target) -> Result<File> {
     if target.kind == Kind::Block {
         options.custom_flags(rustix::fs::OFlags::EXCL.bits() as i32);
     }
-    options.open(&target.path).with_context(|| format!("opening {} for writing", target.path.display()))
+    options
+        .open(&target.path)
+        .with_context(|| format!("opening {} for writing", target.path.display()))
 }
 
 /// Writes `image` onto the target, syncs, and returns the image's sha256.
@@ -110,14 +133,17 @@ pub fn write_image(image: &Path, image_size: u64, target: &Target) -> Result<Str
     let mut input = File::open(image).with_context(|| format!("opening {}", image.display()))?;
     let mut out = open_for_write(target)?;
     if target.kind == Kind::File {
-        out.set_len(0).and_then(|()| out.set_len(target.size)).with_context(|| format!("emptying {}", target.path.display()))?;
+        out.set_len(0)
+            .and_then(|()| out.set_len(target.size))
+            .with_context(|| format!("emptying {}", target.path.display()))?;
     }
     let mut hash = Sha256::new();
     let mut buf = vec![0u8; CHUNK];
     let mut progress = Progress::new("writing", image_size);
     let mut pos = 0u64;
     loop {
-        let n = read_full(&mut input, &mut buf).with_context(|| format!("reading {}", image.display()))?;
+        let n = read_full(&mut input, &mut buf)
+            .with_context(|| format!("reading {}", image.display()))?;
         if n == 0 {
             break;
         }
@@ -132,9 +158,13 @@ pub fn write_image(image: &Path, image_size: u64, target: &Target) -> Result<Str
         progress.add(n as u64);
     }
     if pos != image_size {
-        bail!("{} changed while it was written: read {pos} bytes, expected {image_size}", image.display());
+        bail!(
+            "{} changed while it was written: read {pos} bytes, expected {image_size}",
+            image.display()
+        );
     }
-    out.sync_all().with_context(|| format!("flushing {} (fsync)", target.path.display()))?;
+    out.sync_all()
+        .with_context(|| format!("flushing {} (fsync)", target.path.display()))?;
     drop_cache(&out);
     progress.finish();
     Ok(hex::encode(hash.finalize()))
@@ -147,7 +177,8 @@ pub fn drop_cache(file: &File) {
 
 /// sha256 of the first `len` bytes of `path`, read back from the device.
 pub fn read_back(path: &Path, len: u64) -> Result<String> {
-    let mut f = File::open(path).with_context(|| format!("opening {} to read it back", path.display()))?;
+    let mut f =
+        File::open(path).with_context(|| format!("opening {} to read it back", path.display()))?;
     drop_cache(&f);
     let mut hash = Sha256::new();
     let mut buf = vec![0u8; CHUNK];
@@ -155,9 +186,13 @@ pub fn read_back(path: &Path, len: u64) -> Result<String> {
     let mut progress = Progress::new("verifying", len);
     while left > 0 {
         let want = left.min(CHUNK as u64) as usize;
-        let n = read_full(&mut f, &mut buf[..want]).with_context(|| format!("reading {} back", path.display()))?;
+        let n = read_full(&mut f, &mut buf[..want])
+            .with_context(|| format!("reading {} back", path.display()))?;
         if n == 0 {
-            bail!("{} ended {left} bytes early while reading it back", path.display());
+            bail!(
+                "{} ended {left} bytes early while reading it back",
+                path.display()
+            );
         }
         hash.update(&buf[..n]);
         left -= n as u64;
@@ -181,7 +216,11 @@ mod tests {
         std::fs::write(&image, &bytes).unwrap();
         let target_path = dir.path().join("target");
         std::fs::write(&target_path, vec![0xffu8; 16 << 20]).unwrap();
-        let target = Target { path: target_path.clone(), kind: Kind::File, size: 16 << 20 };
+        let target = Target {
+            path: target_path.clone(),
+            kind: Kind::File,
+            size: 16 << 20,
+        };
         let sha = write_image(&image, bytes.len() as u64, &target).unwrap();
         assert_eq!(sha, hex::encode(Sha256::digest(&bytes)));
         assert_eq!(read_back(&target_path, bytes.len() as u64).unwrap(), sha);

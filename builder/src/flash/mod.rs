@@ -97,7 +97,10 @@ fn write_verified(source: &Path, size: u64, target: &target::Target, what: &str)
     if back != sha256 {
         bail!("{}: read-back sha256 {back} differs from the {what}'s {sha256}: the disk did not store what was written", target.path.display());
     }
-    println!("airlock: read back {} MiB, sha256 {sha256} matches the {what}", size.div_ceil(MIB));
+    println!(
+        "airlock: read back {} MiB, sha256 {sha256} matches the {what}",
+        size.div_ceil(MIB)
+    );
     Ok(sha256)
 }
 
@@ -115,11 +118,18 @@ fn flash_stick(opts: &FlashOptions, bundle_size: u64) -> Result<FlashReport> {
     if !opts.guests.is_empty() || opts.machine.is_some() || opts.wireguard_key.is_some() {
         bail!("{} is an update bundle: it makes an update stick, which provisions nothing (--guest, --machine and --wireguard-key are for disk images)", bundle.display());
     }
-    let header = airlock_bundle::format::RawHeader::read(&mut std::io::BufReader::new(std::fs::File::open(bundle)?))
-        .map_err(|e| anyhow::anyhow!("{}: {e}", bundle.display()))?;
-    let manifest = airlock_bundle::Manifest::from_json(&header.manifest).map_err(|e| anyhow::anyhow!("{}: {}", bundle.display(), e.0))?;
+    let header = airlock_bundle::format::RawHeader::read(&mut std::io::BufReader::new(
+        std::fs::File::open(bundle)?,
+    ))
+    .map_err(|e| anyhow::anyhow!("{}: {e}", bundle.display()))?;
+    let manifest = airlock_bundle::Manifest::from_json(&header.manifest)
+        .map_err(|e| anyhow::anyhow!("{}: {}", bundle.display(), e.0))?;
     if header.signatures.is_empty() {
-        bail!("{} is not signed: every PC would refuse it (sign it first: airlock sign --key KEY {})", bundle.display(), bundle.display());
+        bail!(
+            "{} is not signed: every PC would refuse it (sign it first: airlock sign --key KEY {})",
+            bundle.display(),
+            bundle.display()
+        );
     }
     let target = probe_fitting(&opts.target, bundle, bundle_size)?;
     println!(
@@ -134,7 +144,13 @@ fn flash_stick(opts: &FlashOptions, bundle_size: u64) -> Result<FlashReport> {
     );
     let sha256 = write_verified(bundle, bundle_size, &target, "bundle")?;
     let stick = format!("{} {}", manifest.name, manifest.version.as_str());
-    Ok(FlashReport { image_sha256: sha256, target_size: target.size, data_size: 0, provisioned: Vec::new(), stick: Some(stick) })
+    Ok(FlashReport {
+        image_sha256: sha256,
+        target_size: target.size,
+        data_size: 0,
+        provisioned: Vec::new(),
+        stick: Some(stick),
+    })
 }
 
 /// One partition of a GPT as `sfdisk --json` shows it.
@@ -165,17 +181,27 @@ pub fn parse_sfdisk_json(json: &str) -> Result<Table> {
     let mut partitions = Vec::new();
     for p in t["partitions"].as_array().context("no partitions")? {
         let node = p["node"].as_str().unwrap_or("");
-        let number = node.trim_end_matches(|c: char| !c.is_ascii_digit()).chars().rev().take_while(char::is_ascii_digit).collect::<String>();
+        let number = node
+            .trim_end_matches(|c: char| !c.is_ascii_digit())
+            .chars()
+            .rev()
+            .take_while(char::is_ascii_digit)
+            .collect::<String>();
         let number: String = number.chars().rev().collect();
         partitions.push(TablePartition {
-            number: number.parse().with_context(|| format!("partition node {node:?} has no number"))?,
+            number: number
+                .parse()
+                .with_context(|| format!("partition node {node:?} has no number"))?,
             label: p["name"].as_str().unwrap_or("").to_owned(),
             type_uuid: p["type"].as_str().unwrap_or("").to_lowercase(),
             start: p["start"].as_u64().context("partition without start")? * sector,
             size: p["size"].as_u64().context("partition without size")? * sector,
         });
     }
-    Ok(Table { partitions, last_lba: t["lastlba"].as_u64().unwrap_or(0) })
+    Ok(Table {
+        partitions,
+        last_lba: t["lastlba"].as_u64().unwrap_or(0),
+    })
 }
 
 /// The partitions of an airlock image flash relies on.
@@ -188,28 +214,55 @@ pub struct ImageLayout {
 /// Checks a table is an airlock image's: one root slot in use, slot B
 /// `_empty` (root and verity), the data partition last (pure).
 pub fn image_layout(table: &Table) -> Result<ImageLayout> {
-    let roots: Vec<&TablePartition> = table.partitions.iter().filter(|p| p.type_uuid == types::ROOT_X86_64).collect();
+    let roots: Vec<&TablePartition> = table
+        .partitions
+        .iter()
+        .filter(|p| p.type_uuid == types::ROOT_X86_64)
+        .collect();
     let used: Vec<&&TablePartition> = roots.iter().filter(|p| p.label != labels::EMPTY).collect();
-    let [root] = used.as_slice() else { bail!("expected one root partition in use and slot B labelled {:?}, found {} in use", labels::EMPTY, used.len()) };
-    let empty = table.partitions.iter().filter(|p| p.label == labels::EMPTY).count();
+    let [root] = used.as_slice() else {
+        bail!(
+            "expected one root partition in use and slot B labelled {:?}, found {} in use",
+            labels::EMPTY,
+            used.len()
+        )
+    };
+    let empty = table
+        .partitions
+        .iter()
+        .filter(|p| p.label == labels::EMPTY)
+        .count();
     if empty != 2 {
-        bail!("expected slot B (root and verity) labelled {:?}, found {empty} such partitions", labels::EMPTY);
+        bail!(
+            "expected slot B (root and verity) labelled {:?}, found {empty} such partitions",
+            labels::EMPTY
+        );
     }
     let data = table
         .partitions
         .iter()
         .find(|p| p.type_uuid == types::VAR && p.label == labels::DATA)
         .with_context(|| format!("no data partition (type var, label {:?})", labels::DATA))?;
-    let last = table.partitions.iter().max_by_key(|p| p.start + p.size).context("no partitions")?;
+    let last = table
+        .partitions
+        .iter()
+        .max_by_key(|p| p.start + p.size)
+        .context("no partitions")?;
     if last.number != data.number {
         bail!("the data partition is not the last one on the disk; it could not grow");
     }
-    Ok(ImageLayout { root: (**root).clone(), data: data.clone() })
+    Ok(ImageLayout {
+        root: (**root).clone(),
+        data: data.clone(),
+    })
 }
 
 fn read_table(runner: &Runner, path: &Path) -> Result<Table> {
     let sh = runner.sh();
-    let json = runner.run("reading the partition table", cmd!(sh, "sfdisk --json {path}"))?;
+    let json = runner.run(
+        "reading the partition table",
+        cmd!(sh, "sfdisk --json {path}"),
+    )?;
     parse_sfdisk_json(&json).with_context(|| format!("{}", path.display()))
 }
 
@@ -221,25 +274,42 @@ pub struct Loop<'r> {
 }
 
 impl<'r> Loop<'r> {
-    pub fn attach(runner: &'r Runner, backing: &Path, offset: u64, size: u64, read_only: bool) -> Result<Loop<'r>> {
+    pub fn attach(
+        runner: &'r Runner,
+        backing: &Path,
+        offset: u64,
+        size: u64,
+        read_only: bool,
+    ) -> Result<Loop<'r>> {
         let sh = runner.sh();
         let (offset, size) = (offset.to_string(), size.to_string());
         let ro: &[&str] = if read_only { &["--read-only"] } else { &[] };
         let out = runner.run(
             &format!("attaching a loop device to {}", backing.display()),
-            cmd!(sh, "losetup --find --show {ro...} --offset {offset} --sizelimit {size} {backing}"),
+            cmd!(
+                sh,
+                "losetup --find --show {ro...} --offset {offset} --sizelimit {size} {backing}"
+            ),
         )?;
-        Ok(Loop { runner, device: PathBuf::from(out.trim()), attached: true })
+        Ok(Loop {
+            runner,
+            device: PathBuf::from(out.trim()),
+            attached: true,
+        })
     }
 
     pub fn close(mut self) -> Result<()> {
         self.attached = false;
         let sh = self.runner.sh();
         let dev = &self.device;
-        self.runner.run("detaching the loop device", cmd!(sh, "losetup -d {dev}"))?;
+        self.runner
+            .run("detaching the loop device", cmd!(sh, "losetup -d {dev}"))?;
         // The kernel detaches at the last close (udev may still probe it):
         // wait, so the next command (or flash) does not see it attached.
-        let name = dev.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let name = dev
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
         let backing = Path::new("/sys/block").join(name).join("loop/backing_file");
         for _ in 0..100 {
             if !backing.exists() {
@@ -247,7 +317,10 @@ impl<'r> Loop<'r> {
             }
             std::thread::sleep(std::time::Duration::from_millis(50));
         }
-        eprintln!("airlock: warning: {} still attached 5 s after `losetup -d`", dev.display());
+        eprintln!(
+            "airlock: warning: {} still attached 5 s after `losetup -d`",
+            dev.display()
+        );
         Ok(())
     }
 }
@@ -255,7 +328,10 @@ impl<'r> Loop<'r> {
 impl Drop for Loop<'_> {
     fn drop(&mut self) {
         if self.attached {
-            let _ = std::process::Command::new("losetup").arg("-d").arg(&self.device).status();
+            let _ = std::process::Command::new("losetup")
+                .arg("-d")
+                .arg(&self.device)
+                .status();
         }
     }
 }
@@ -268,12 +344,27 @@ pub struct Mounted<'r> {
 }
 
 impl<'r> Mounted<'r> {
-    pub fn mount(runner: &'r Runner, device: &Path, fstype: &str, options: &str) -> Result<Mounted<'r>> {
-        let dir = tempfile::Builder::new().prefix("airlock-flash-").tempdir().context("creating a mount point")?;
+    pub fn mount(
+        runner: &'r Runner,
+        device: &Path,
+        fstype: &str,
+        options: &str,
+    ) -> Result<Mounted<'r>> {
+        let dir = tempfile::Builder::new()
+            .prefix("airlock-flash-")
+            .tempdir()
+            .context("creating a mount point")?;
         let sh = runner.sh();
         let at = dir.path();
-        runner.run(&format!("mounting {} ({fstype})", device.display()), cmd!(sh, "mount -t {fstype} -o {options} {device} {at}"))?;
-        Ok(Mounted { runner, dir, mounted: true })
+        runner.run(
+            &format!("mounting {} ({fstype})", device.display()),
+            cmd!(sh, "mount -t {fstype} -o {options} {device} {at}"),
+        )?;
+        Ok(Mounted {
+            runner,
+            dir,
+            mounted: true,
+        })
     }
 
     pub fn path(&self) -> &Path {
@@ -284,14 +375,18 @@ impl<'r> Mounted<'r> {
         self.mounted = false;
         let sh = self.runner.sh();
         let at = self.dir.path();
-        self.runner.run("unmounting", cmd!(sh, "umount {at}")).map(drop)
+        self.runner
+            .run("unmounting", cmd!(sh, "umount {at}"))
+            .map(drop)
     }
 }
 
 impl Drop for Mounted<'_> {
     fn drop(&mut self) {
         if self.mounted {
-            let _ = std::process::Command::new("umount").arg(self.dir.path()).status();
+            let _ = std::process::Command::new("umount")
+                .arg(self.dir.path())
+                .status();
         }
     }
 }
@@ -301,7 +396,8 @@ impl Drop for Mounted<'_> {
 fn data_used_bytes(runner: &Runner, image: &Path, data: &TablePartition) -> Result<u64> {
     let data_loop = Loop::attach(runner, image, data.start, data.size, true)?;
     let mounted = Mounted::mount(runner, &data_loop.device, "ext4", "ro,noload")?;
-    let stat = rustix::fs::statvfs(mounted.path()).with_context(|| format!("statvfs of {}'s data partition", image.display()));
+    let stat = rustix::fs::statvfs(mounted.path())
+        .with_context(|| format!("statvfs of {}'s data partition", image.display()));
     mounted.close()?;
     data_loop.close()?;
     let stat = stat?;
@@ -312,7 +408,8 @@ fn data_used_bytes(runner: &Runner, image: &Path, data: &TablePartition) -> Resu
 pub fn flash(opts: &FlashOptions) -> Result<FlashReport> {
     let runner = Runner::new(opts.verbose)?;
     let image = &opts.image;
-    let image_meta = std::fs::metadata(image).with_context(|| format!("reading {}", image.display()))?;
+    let image_meta =
+        std::fs::metadata(image).with_context(|| format!("reading {}", image.display()))?;
     if !image_meta.is_file() {
         bail!("{} is not an image file", image.display());
     }
@@ -320,7 +417,8 @@ pub fn flash(opts: &FlashOptions) -> Result<FlashReport> {
     if is_bundle(image)? {
         return flash_stick(opts, image_size);
     }
-    let layout = image_layout(&read_table(&runner, image)?).with_context(|| format!("{} is not an airlock image", image.display()))?;
+    let layout = image_layout(&read_table(&runner, image)?)
+        .with_context(|| format!("{} is not an airlock image", image.display()))?;
 
     // 2. The target.
     let target = probe_fitting(&opts.target, image, image_size)?;
@@ -335,13 +433,19 @@ pub fn flash(opts: &FlashOptions) -> Result<FlashReport> {
         },
         target.size / MIB
     );
-    let grown_data_size = (target.size.saturating_sub(TAIL_RESERVE) / MIB * MIB).saturating_sub(layout.data.start).max(layout.data.size);
+    let grown_data_size = (target.size.saturating_sub(TAIL_RESERVE) / MIB * MIB)
+        .saturating_sub(layout.data.start)
+        .max(layout.data.size);
 
     // 3. Provisioning inputs, all checked before anything is written.
     let plan = if opts.guests.is_empty() && opts.machine.is_none() && opts.wireguard_key.is_none() {
         None
     } else {
-        let inputs = provision::Inputs { guests: opts.guests.clone(), machine: opts.machine.clone(), wireguard_key: opts.wireguard_key.clone() };
+        let inputs = provision::Inputs {
+            guests: opts.guests.clone(),
+            machine: opts.machine.clone(),
+            wireguard_key: opts.wireguard_key.clone(),
+        };
         inputs.check_shape()?;
         let root_loop = Loop::attach(&runner, image, layout.root.start, layout.root.size, true)?;
         let root = Mounted::mount(&runner, &root_loop.device, "erofs", "ro")?;
@@ -374,7 +478,10 @@ pub fn flash(opts: &FlashOptions) -> Result<FlashReport> {
         // `sfdisk -N` below would also write the backup header at the end
         // when it saves the table; relocating first says so explicitly and
         // spares it the "backup GPT not at the end" warnings.
-        runner.run("moving the backup GPT to the end of the disk", cmd!(sh, "sfdisk --relocate gpt-bak-std {tpath}"))?;
+        runner.run(
+            "moving the backup GPT to the end of the disk",
+            cmd!(sh, "sfdisk --relocate gpt-bak-std {tpath}"),
+        )?;
         let number = layout.data.number.to_string();
         // An explicit size, a whole number of MiB, not `+` (every sector up
         // to the last usable one): systemd-repart at first boot rounds each
@@ -384,26 +491,50 @@ pub fn flash(opts: &FlashOptions) -> Result<FlashReport> {
         let size = format!(", {}\n", grown_data_size / 512);
         runner.run(
             "growing the data partition to the end of the disk",
-            cmd!(sh, "sfdisk --quiet --no-reread --no-tell-kernel -N {number} {tpath}").stdin(size),
+            cmd!(
+                sh,
+                "sfdisk --quiet --no-reread --no-tell-kernel -N {number} {tpath}"
+            )
+            .stdin(size),
         )?;
         let table = read_table(&runner, tpath)?;
-        let data = table.partitions.iter().find(|p| p.number == layout.data.number).context("the data partition vanished")?;
+        let data = table
+            .partitions
+            .iter()
+            .find(|p| p.number == layout.data.number)
+            .context("the data partition vanished")?;
         data_size = data.size;
         let data_loop = Loop::attach(&runner, tpath, data.start, data.size, false)?;
         let dev = &data_loop.device;
-        runner.run("checking the data filesystem (e2fsck)", cmd!(sh, "e2fsck -f -p {dev}"))?;
-        runner.run("growing the data filesystem (resize2fs)", cmd!(sh, "resize2fs {dev}"))?;
+        runner.run(
+            "checking the data filesystem (e2fsck)",
+            cmd!(sh, "e2fsck -f -p {dev}"),
+        )?;
+        runner.run(
+            "growing the data filesystem (resize2fs)",
+            cmd!(sh, "resize2fs {dev}"),
+        )?;
         data_loop.close()?;
-        println!("airlock: data partition grown to {} MiB (backup GPT at the end of the disk)", data_size / MIB);
+        println!(
+            "airlock: data partition grown to {} MiB (backup GPT at the end of the disk)",
+            data_size / MIB
+        );
     }
     let table = read_table(&runner, tpath)?;
     image_layout(&table).with_context(|| format!("{} after flashing", tpath.display()))?;
-    runner.run("checking the partition table (sfdisk --verify)", cmd!(sh, "sfdisk --verify {tpath}"))?;
+    runner.run(
+        "checking the partition table (sfdisk --verify)",
+        cmd!(sh, "sfdisk --verify {tpath}"),
+    )?;
 
     // 6. Provision.
     let mut provisioned = Vec::new();
     if let Some(plan) = plan {
-        let data = table.partitions.iter().find(|p| p.number == layout.data.number).context("the data partition vanished")?;
+        let data = table
+            .partitions
+            .iter()
+            .find(|p| p.number == layout.data.number)
+            .context("the data partition vanished")?;
         let data_loop = Loop::attach(&runner, tpath, data.start, data.size, false)?;
         let mounted = Mounted::mount(&runner, &data_loop.device, "ext4", "nodev,nosuid,noexec")?;
         let applied = provision::apply(&plan, mounted.path());
@@ -413,11 +544,20 @@ pub fn flash(opts: &FlashOptions) -> Result<FlashReport> {
     }
     if target.kind == target::Kind::Block {
         // The kernel learns the new table; failing that, the next boot reads it.
-        if let Err(e) = runner.run("re-reading the partition table", cmd!(sh, "blockdev --rereadpt {tpath}")) {
+        if let Err(e) = runner.run(
+            "re-reading the partition table",
+            cmd!(sh, "blockdev --rereadpt {tpath}"),
+        ) {
             eprintln!("airlock: warning: {e:#}");
         }
     }
-    Ok(FlashReport { image_sha256, target_size: target.size, data_size, provisioned, stick: None })
+    Ok(FlashReport {
+        image_sha256,
+        target_size: target.size,
+        data_size,
+        provisioned,
+        stick: None,
+    })
 }
 
 #[cfg(test)]
@@ -438,16 +578,25 @@ mod tests {
         let t = parse_sfdisk_json(JSON).unwrap();
         assert_eq!(t.partitions.len(), 6);
         let l = image_layout(&t).unwrap();
-        assert_eq!((l.root.number, l.root.start, l.root.size), (2, 4096 * 512, 4096 * 512));
+        assert_eq!(
+            (l.root.number, l.root.start, l.root.size),
+            (2, 4096 * 512, 4096 * 512)
+        );
         assert_eq!((l.data.number, l.data.start), (6, 16384 * 512));
     }
 
     #[test]
     fn tables_flash_cannot_rely_on_are_refused() {
         let filled = JSON.replacen("\"_empty\"", "\"root_airlock_1.1\"", 1);
-        assert!(image_layout(&parse_sfdisk_json(&filled).unwrap()).unwrap_err().to_string().contains("one root partition in use"));
+        assert!(image_layout(&parse_sfdisk_json(&filled).unwrap())
+            .unwrap_err()
+            .to_string()
+            .contains("one root partition in use"));
         let no_data = JSON.replace("\"data\"", "\"home\"");
-        assert!(image_layout(&parse_sfdisk_json(&no_data).unwrap()).unwrap_err().to_string().contains("no data partition"));
+        assert!(image_layout(&parse_sfdisk_json(&no_data).unwrap())
+            .unwrap_err()
+            .to_string()
+            .contains("no data partition"));
         assert!(parse_sfdisk_json(&JSON.replace("\"gpt\"", "\"dos\"")).is_err());
         let nvme = JSON.replace("/tmp/a.raw6", "/dev/nvme0n1p6");
         assert_eq!(parse_sfdisk_json(&nvme).unwrap().partitions[5].number, 6);

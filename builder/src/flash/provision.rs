@@ -29,8 +29,8 @@ use anyhow::{bail, Context, Result};
 use sha2::{Digest, Sha256};
 use xshell::cmd;
 
-use airlockd::config::{Config, DiskFormat};
 pub use airlockd::config::Side;
+use airlockd::config::{Config, DiskFormat};
 
 use super::copy::{drop_cache, read_full, Progress};
 use super::selabel::{self, FileType};
@@ -66,11 +66,17 @@ pub enum Owner {
 
 /// `--guest SIDE=FILE` (clap value parser).
 pub fn parse_guest_arg(s: &str) -> Result<(Side, PathBuf), String> {
-    let (side, file) = s.split_once('=').ok_or_else(|| format!("{s:?}: expected SIDE=FILE, e.g. classified=win-classified.qcow2"))?;
+    let (side, file) = s.split_once('=').ok_or_else(|| {
+        format!("{s:?}: expected SIDE=FILE, e.g. classified=win-classified.qcow2")
+    })?;
     let side = match side {
         "classified" => Side::Classified,
         "general" => Side::General,
-        other => return Err(format!("{other:?}: the side is \"classified\" or \"general\"")),
+        other => {
+            return Err(format!(
+                "{other:?}: the side is \"classified\" or \"general\""
+            ))
+        }
     };
     if file.is_empty() {
         return Err(format!("{s:?}: no file after '='"));
@@ -116,14 +122,17 @@ pub struct GuestImage {
 /// qcow2, no backing file, not encrypted, not marked corrupt.
 pub fn check_qemu_img_info(json: &str, file: &Path) -> Result<GuestImage> {
     let f = file.display();
-    let v: serde_json::Value = serde_json::from_str(json).with_context(|| format!("{f}: parsing qemu-img info"))?;
+    let v: serde_json::Value =
+        serde_json::from_str(json).with_context(|| format!("{f}: parsing qemu-img info"))?;
     let format = match v["format"].as_str() {
         Some("raw") => DiskFormat::Raw,
         Some("qcow2") => DiskFormat::Qcow2,
         Some(other) => bail!("{f}: a {other} image; airlock takes raw or qcow2 (convert: qemu-img convert -O qcow2 {f} OUT.qcow2)"),
         None => bail!("{f}: qemu-img reports no format"),
     };
-    let virtual_size = v["virtual-size"].as_u64().with_context(|| format!("{f}: qemu-img reports no virtual size"))?;
+    let virtual_size = v["virtual-size"]
+        .as_u64()
+        .with_context(|| format!("{f}: qemu-img reports no virtual size"))?;
     if virtual_size == 0 || virtual_size % 512 != 0 {
         bail!("{f}: a disk of {virtual_size} bytes is no disk (not a positive multiple of 512)");
     }
@@ -136,7 +145,10 @@ pub fn check_qemu_img_info(json: &str, file: &Path) -> Result<GuestImage> {
     if v["format-specific"]["data"]["corrupt"].as_bool() == Some(true) {
         bail!("{f}: qemu-img marks this qcow2 corrupt (repair: qemu-img check -r all {f})");
     }
-    Ok(GuestImage { format, virtual_size })
+    Ok(GuestImage {
+        format,
+        virtual_size,
+    })
 }
 
 /// A raw disk must start with a partition table (MBR or GPT's protective
@@ -187,15 +199,25 @@ pub struct Plan {
 impl Plan {
     /// uid and gid of `side`'s QEMU user in the image.
     pub fn owner(&self, side: Side) -> Result<(u32, u32)> {
-        self.owners.get(side.name()).copied().with_context(|| format!("no user known for the {side} side"))
+        self.owners
+            .get(side.name())
+            .copied()
+            .with_context(|| format!("no user known for the {side} side"))
     }
 
     /// Room the provisioned files need on the data partition: the guest
     /// files' full size (a sparse raw image is counted whole: the guest
     /// will fill it) and 5 % for the filesystem.
     pub fn bytes_needed(&self) -> u64 {
-        let files: u64 = self.guests.iter().map(|g| g.file_size.next_multiple_of(4096)).sum::<u64>()
-            + self.machine.as_ref().map_or(0, |(_, b)| b.len() as u64 + 4096)
+        let files: u64 = self
+            .guests
+            .iter()
+            .map(|g| g.file_size.next_multiple_of(4096))
+            .sum::<u64>()
+            + self
+                .machine
+                .as_ref()
+                .map_or(0, |(_, b)| b.len() as u64 + 4096)
             + self.wireguard_key.as_ref().map_or(0, |_| 4096);
         files + files / 20 + (16 << 20)
     }
@@ -208,8 +230,19 @@ impl Plan {
 pub fn one_line(e: airlockd::config::ConfigError) -> anyhow::Error {
     match e {
         airlockd::config::ConfigError::Parse { file, message } if message.contains('\n') => {
-            let position = message.lines().next().unwrap_or("").trim_start_matches("TOML parse error at ").to_owned();
-            let reason = message.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("").trim().to_owned();
+            let position = message
+                .lines()
+                .next()
+                .unwrap_or("")
+                .trim_start_matches("TOML parse error at ")
+                .to_owned();
+            let reason = message
+                .lines()
+                .rev()
+                .find(|l| !l.trim().is_empty())
+                .unwrap_or("")
+                .trim()
+                .to_owned();
             anyhow::anyhow!("{file}, {position}: {reason}")
         }
         other => other.into(),
@@ -220,7 +253,9 @@ pub fn one_line(e: airlockd::config::ConfigError) -> anyhow::Error {
 pub fn passwd_ids(passwd: &str, user: &str) -> Option<(u32, u32)> {
     passwd.lines().find_map(|l| {
         let f: Vec<&str> = l.split(':').collect();
-        (f.len() >= 4 && f[0] == user).then(|| Some((f[2].parse().ok()?, f[3].parse().ok()?))).flatten()
+        (f.len() >= 4 && f[0] == user)
+            .then(|| Some((f[2].parse().ok()?, f[3].parse().ok()?)))
+            .flatten()
     })
 }
 
@@ -228,43 +263,63 @@ pub fn passwd_ids(passwd: &str, user: &str) -> Option<(u32, u32)> {
 pub fn validate(runner: &Runner, root: &Path, inputs: &Inputs) -> Result<Plan> {
     inputs.check_shape()?;
     let shipped_path = root.join(SHIPPED);
-    let shipped = std::fs::read_to_string(&shipped_path).context("reading the image's /etc/airlock/appliance.toml")?;
+    let shipped = std::fs::read_to_string(&shipped_path)
+        .context("reading the image's /etc/airlock/appliance.toml")?;
     let shipped_name = "(image) /etc/airlock/appliance.toml";
     let machine = match &inputs.machine {
-        Some(path) => Some((path.clone(), std::fs::read(path).with_context(|| format!("reading {}", path.display()))?)),
+        Some(path) => Some((
+            path.clone(),
+            std::fs::read(path).with_context(|| format!("reading {}", path.display()))?,
+        )),
         None => None,
     };
     let config = match &machine {
         Some((path, bytes)) => {
-            let text = std::str::from_utf8(bytes).map_err(|_| anyhow::anyhow!("{}: not UTF-8 text", path.display()))?;
-            airlockd::config::parse_layers(&[(shipped_name, &shipped, false), (&path.display().to_string(), text, true)]).map_err(one_line)?
+            let text = std::str::from_utf8(bytes)
+                .map_err(|_| anyhow::anyhow!("{}: not UTF-8 text", path.display()))?;
+            airlockd::config::parse_layers(&[
+                (shipped_name, &shipped, false),
+                (&path.display().to_string(), text, true),
+            ])
+            .map_err(one_line)?
         }
         None => airlockd::config::parse(shipped_name, &shipped).map_err(one_line)?,
     };
     let wireguard_key = check_wireguard_key(&config, inputs.wireguard_key.as_deref())?;
-    let passwd = std::fs::read_to_string(root.join("etc/passwd")).context("reading the image's /etc/passwd")?;
+    let passwd = std::fs::read_to_string(root.join("etc/passwd"))
+        .context("reading the image's /etc/passwd")?;
     let mut owners = BTreeMap::new();
     for side in Side::ALL {
         let user = &config.guest(side).user;
-        let ids = passwd_ids(&passwd, user).with_context(|| format!("the image has no user {user:?} (guest.{side}.user) in /etc/passwd"))?;
+        let ids = passwd_ids(&passwd, user).with_context(|| {
+            format!("the image has no user {user:?} (guest.{side}.user) in /etc/passwd")
+        })?;
         owners.insert(side.name(), ids);
     }
     let var_label = xattr::get(root.join("var"), "security.selinux")
         .ok()
         .flatten()
-        .map(|l| String::from_utf8_lossy(&l).trim_end_matches('\0').to_owned())
+        .map(|l| {
+            String::from_utf8_lossy(&l)
+                .trim_end_matches('\0')
+                .to_owned()
+        })
         .context("the image's /var carries no SELinux label; not an airlock image")?;
     selabel::context_like(&var_label, "x_t")?;
 
     let mut guests = Vec::new();
     for (side, source) in &inputs.guests {
         let f = source.display();
-        let meta = std::fs::metadata(source).with_context(|| format!("{f}: guest image for {side}"))?;
+        let meta =
+            std::fs::metadata(source).with_context(|| format!("{f}: guest image for {side}"))?;
         if !meta.is_file() {
             bail!("{f}: not a file");
         }
         let sh = runner.sh();
-        let json = runner.run(&format!("{f}: reading the guest image (qemu-img info)"), cmd!(sh, "qemu-img info --output=json {source}"))?;
+        let json = runner.run(
+            &format!("{f}: reading the guest image (qemu-img info)"),
+            cmd!(sh, "qemu-img info --output=json {source}"),
+        )?;
         let image = check_qemu_img_info(&json, source)?;
         if image.format == DiskFormat::Raw {
             check_raw_is_a_disk(source)?;
@@ -279,23 +334,42 @@ pub fn validate(runner: &Runner, root: &Path, inputs: &Inputs) -> Result<Plan> {
             );
         }
         if !guest.disk.starts_with(VAR) {
-            bail!("guest.{side}.disk {} is not on the data partition ({VAR})", guest.disk.display());
+            bail!(
+                "guest.{side}.disk {} is not on the data partition ({VAR})",
+                guest.disk.display()
+            );
         }
-        guests.push(PlannedGuest { side: *side, source: source.clone(), dest: guest.disk.clone(), image, file_size: meta.len() });
+        guests.push(PlannedGuest {
+            side: *side,
+            source: source.clone(),
+            dest: guest.disk.clone(),
+            image,
+            file_size: meta.len(),
+        });
     }
     for side in Side::ALL {
         if machine.is_some() && !guests.iter().any(|g| g.side == side) {
             println!("airlock: note: no --guest {side}=FILE: that guest will not start (its disk {} is missing)", config.guest(side).disk.display());
         }
     }
-    Ok(Plan { machine, wireguard_key, guests, owners, var_label, config })
+    Ok(Plan {
+        machine,
+        wireguard_key,
+        guests,
+        owners,
+        var_label,
+        config,
+    })
 }
 
 /// A tunnel in the merged configuration needs this PC's own key, placed
 /// where flash puts it; no tunnel, no key (a key nobody reads is a key
 /// that leaks for nothing).
 fn check_wireguard_key(config: &Config, key_file: Option<&Path>) -> Result<Option<PlannedKey>> {
-    let tunnel = config.network.as_ref().and_then(|n| n.classified.wireguard.as_ref());
+    let tunnel = config
+        .network
+        .as_ref()
+        .and_then(|n| n.classified.wireguard.as_ref());
     match (tunnel, key_file) {
         (None, None) => Ok(None),
         (None, Some(f)) => bail!(
@@ -322,18 +396,32 @@ fn check_wireguard_key(config: &Config, key_file: Option<&Path>) -> Result<Optio
 
 /// The path on the mounted data partition of appliance path `p` (under /var).
 fn on_data(data_root: &Path, p: &Path) -> Result<PathBuf> {
-    let rel = p.strip_prefix(VAR).with_context(|| format!("{} is not under {VAR}", p.display()))?;
+    let rel = p
+        .strip_prefix(VAR)
+        .with_context(|| format!("{} is not under {VAR}", p.display()))?;
     Ok(data_root.join(rel))
 }
 
 /// Sets owner, mode and the label `airlock.fc` gives appliance path `path`.
-fn set_meta(plan: &Plan, entries: &[selabel::Entry], at: &Path, path: &Path, ids: (u32, u32), mode: u32, ft: FileType) -> Result<String> {
+fn set_meta(
+    plan: &Plan,
+    entries: &[selabel::Entry],
+    at: &Path,
+    path: &Path,
+    ids: (u32, u32),
+    mode: u32,
+    ft: FileType,
+) -> Result<String> {
     let shown = path.display();
-    std::os::unix::fs::chown(at, Some(ids.0), Some(ids.1)).with_context(|| format!("{shown}: chown"))?;
-    std::fs::set_permissions(at, std::fs::Permissions::from_mode(mode)).with_context(|| format!("{shown}: chmod"))?;
-    let type_ = selabel::lookup(entries, &path.to_string_lossy(), ft).with_context(|| format!("{shown}: policy/airlock.fc has no label for it"))?;
+    std::os::unix::fs::chown(at, Some(ids.0), Some(ids.1))
+        .with_context(|| format!("{shown}: chown"))?;
+    std::fs::set_permissions(at, std::fs::Permissions::from_mode(mode))
+        .with_context(|| format!("{shown}: chmod"))?;
+    let type_ = selabel::lookup(entries, &path.to_string_lossy(), ft)
+        .with_context(|| format!("{shown}: policy/airlock.fc has no label for it"))?;
     let context = selabel::context_like(&plan.var_label, type_)?;
-    xattr::set(at, "security.selinux", context.as_bytes()).with_context(|| format!("{shown}: setting its SELinux label"))?;
+    xattr::set(at, "security.selinux", context.as_bytes())
+        .with_context(|| format!("{shown}: setting its SELinux label"))?;
     Ok(context)
 }
 
@@ -355,7 +443,15 @@ pub fn apply(plan: &Plan, data_root: &Path) -> Result<Vec<String>> {
             if !at.is_dir() {
                 std::fs::create_dir(&at).with_context(|| format!("creating {}", path.display()))?;
             }
-            set_meta(plan, &entries, &at, &path, ids_of(*owner, side)?, *mode, FileType::Dir)?;
+            set_meta(
+                plan,
+                &entries,
+                &at,
+                &path,
+                ids_of(*owner, side)?,
+                *mode,
+                FileType::Dir,
+            )?;
         }
     }
     let mut lines = Vec::new();
@@ -364,19 +460,49 @@ pub fn apply(plan: &Plan, data_root: &Path) -> Result<Vec<String>> {
         let at = on_data(data_root, &path)?;
         let tmp = at.with_extension("toml.tmp");
         let mut f = File::create(&tmp).with_context(|| format!("creating {}", path.display()))?;
-        f.write_all(bytes).and_then(|()| f.sync_all()).with_context(|| format!("writing {}", path.display()))?;
-        let context = set_meta(plan, &entries, &tmp, &path, (0, 0), MACHINE_MODE, FileType::File)?;
+        f.write_all(bytes)
+            .and_then(|()| f.sync_all())
+            .with_context(|| format!("writing {}", path.display()))?;
+        let context = set_meta(
+            plan,
+            &entries,
+            &tmp,
+            &path,
+            (0, 0),
+            MACHINE_MODE,
+            FileType::File,
+        )?;
         std::fs::rename(&tmp, &at).with_context(|| format!("renaming into {}", path.display()))?;
-        lines.push(format!("{} (from {}): root:root {:04o} {context}", path.display(), source.display(), MACHINE_MODE));
+        lines.push(format!(
+            "{} (from {}): root:root {:04o} {context}",
+            path.display(),
+            source.display(),
+            MACHINE_MODE
+        ));
     }
     if let Some(k) = &plan.wireguard_key {
         let path = PathBuf::from(airlock_network::config::WIREGUARD_KEY_FILE);
         let at = on_data(data_root, &path)?;
         let tmp = at.with_extension("key.tmp");
         // Created 0600 before a byte of the key is in it.
-        let mut f = OpenOptions::new().write(true).create_new(true).mode(KEY_MODE).open(&tmp).with_context(|| format!("creating {}", path.display()))?;
-        f.write_all(k.key.file_text().as_bytes()).and_then(|()| f.sync_all()).with_context(|| format!("writing {}", path.display()))?;
-        let context = set_meta(plan, &entries, &tmp, &path, (0, 0), KEY_MODE, FileType::File)?;
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(KEY_MODE)
+            .open(&tmp)
+            .with_context(|| format!("creating {}", path.display()))?;
+        f.write_all(k.key.file_text().as_bytes())
+            .and_then(|()| f.sync_all())
+            .with_context(|| format!("writing {}", path.display()))?;
+        let context = set_meta(
+            plan,
+            &entries,
+            &tmp,
+            &path,
+            (0, 0),
+            KEY_MODE,
+            FileType::File,
+        )?;
         std::fs::rename(&tmp, &at).with_context(|| format!("renaming into {}", path.display()))?;
         lines.push(format!(
             "{} (from {}): root:root {:04o} {context}; public key {} (add it to the tunnel server's peers)",
@@ -408,10 +534,24 @@ pub fn apply(plan: &Plan, data_root: &Path) -> Result<Vec<String>> {
             }
             set_meta(plan, &entries, &dat, dir, ids, 0o700, FileType::Dir)?;
         }
-        let tmp = at.with_file_name(format!(".{}.airlock-tmp", at.file_name().map(|n| n.to_string_lossy()).unwrap_or_default()));
+        let tmp = at.with_file_name(format!(
+            ".{}.airlock-tmp",
+            at.file_name()
+                .map(|n| n.to_string_lossy())
+                .unwrap_or_default()
+        ));
         let sha = copy_sparse_verified(&g.source, &tmp, &format!("{} guest", g.side))?;
-        let context = set_meta(plan, &entries, &tmp, &g.dest, ids, DISK_MODE, FileType::File)?;
-        std::fs::rename(&tmp, &at).with_context(|| format!("renaming into {}", g.dest.display()))?;
+        let context = set_meta(
+            plan,
+            &entries,
+            &tmp,
+            &g.dest,
+            ids,
+            DISK_MODE,
+            FileType::File,
+        )?;
+        std::fs::rename(&tmp, &at)
+            .with_context(|| format!("renaming into {}", g.dest.display()))?;
         lines.push(format!(
             "{} (from {}, {}, {} MiB virtual, sha256 {sha}): uid {} gid {} {:04o} {context}",
             g.dest.display(),
@@ -428,7 +568,9 @@ pub fn apply(plan: &Plan, data_root: &Path) -> Result<Vec<String>> {
 }
 
 fn sync_dir(dir: &Path) -> Result<()> {
-    File::open(dir).and_then(|d| d.sync_all()).with_context(|| format!("syncing {}", dir.display()))
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .with_context(|| format!("syncing {}", dir.display()))
 }
 
 /// Copies `src` to a new file `dst`, leaving all-zero MiB blocks as holes,
@@ -437,24 +579,33 @@ fn copy_sparse_verified(src: &Path, dst: &Path, what: &str) -> Result<String> {
     const BLOCK: usize = 1 << 20;
     let mut input = File::open(src).with_context(|| format!("opening {}", src.display()))?;
     let total = input.metadata().map(|m| m.len()).unwrap_or(0);
-    let mut out = OpenOptions::new().write(true).create_new(true).open(dst).with_context(|| format!("creating {}", dst.display()))?;
+    let mut out = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(dst)
+        .with_context(|| format!("creating {}", dst.display()))?;
     let mut hash = Sha256::new();
     let mut buf = vec![0u8; BLOCK];
     let mut pos = 0u64;
     let mut progress = Progress::new(&format!("copying {what}"), total);
     loop {
-        let n = read_full(&mut input, &mut buf).with_context(|| format!("reading {}", src.display()))?;
+        let n = read_full(&mut input, &mut buf)
+            .with_context(|| format!("reading {}", src.display()))?;
         if n == 0 {
             break;
         }
         hash.update(&buf[..n]);
         if buf[..n].iter().any(|&b| b != 0) {
-            out.seek(SeekFrom::Start(pos)).and_then(|_| out.write_all(&buf[..n])).with_context(|| format!("writing {}", dst.display()))?;
+            out.seek(SeekFrom::Start(pos))
+                .and_then(|_| out.write_all(&buf[..n]))
+                .with_context(|| format!("writing {}", dst.display()))?;
         }
         pos += n as u64;
         progress.add(n as u64);
     }
-    out.set_len(pos).and_then(|()| out.sync_all()).with_context(|| format!("flushing {}", dst.display()))?;
+    out.set_len(pos)
+        .and_then(|()| out.sync_all())
+        .with_context(|| format!("flushing {}", dst.display()))?;
     drop_cache(&out);
     progress.finish();
     let sha = hex::encode(hash.finalize());
@@ -475,9 +626,17 @@ mod tests {
 
     #[test]
     fn guest_arguments() {
-        assert_eq!(parse_guest_arg("classified=/x/a.qcow2").unwrap(), (Side::Classified, PathBuf::from("/x/a.qcow2")));
-        assert_eq!(parse_guest_arg("general=b=c.raw").unwrap(), (Side::General, PathBuf::from("b=c.raw")));
-        assert!(parse_guest_arg("secret=a").unwrap_err().contains("classified"));
+        assert_eq!(
+            parse_guest_arg("classified=/x/a.qcow2").unwrap(),
+            (Side::Classified, PathBuf::from("/x/a.qcow2"))
+        );
+        assert_eq!(
+            parse_guest_arg("general=b=c.raw").unwrap(),
+            (Side::General, PathBuf::from("b=c.raw"))
+        );
+        assert!(parse_guest_arg("secret=a")
+            .unwrap_err()
+            .contains("classified"));
         assert!(parse_guest_arg("a.qcow2").is_err());
         assert!(parse_guest_arg("general=").is_err());
     }
@@ -487,24 +646,81 @@ mod tests {
         let g = |s| (s, PathBuf::from("x"));
         let m = Some(PathBuf::from("m.toml"));
         let k = Some(PathBuf::from("pc.key"));
-        assert!(Inputs { guests: vec![g(Side::General), g(Side::General)], machine: m.clone(), wireguard_key: None }.check_shape().is_err());
-        assert!(Inputs { guests: vec![g(Side::General)], machine: None, wireguard_key: None }.check_shape().unwrap_err().to_string().contains("--machine"));
-        assert!(Inputs { guests: vec![g(Side::General), g(Side::Classified)], machine: m.clone(), wireguard_key: k.clone() }.check_shape().is_ok());
-        assert!(Inputs { guests: vec![], machine: m, wireguard_key: None }.check_shape().is_ok());
-        assert!(Inputs { guests: vec![], machine: None, wireguard_key: k }.check_shape().unwrap_err().to_string().contains("--machine"));
+        assert!(Inputs {
+            guests: vec![g(Side::General), g(Side::General)],
+            machine: m.clone(),
+            wireguard_key: None
+        }
+        .check_shape()
+        .is_err());
+        assert!(Inputs {
+            guests: vec![g(Side::General)],
+            machine: None,
+            wireguard_key: None
+        }
+        .check_shape()
+        .unwrap_err()
+        .to_string()
+        .contains("--machine"));
+        assert!(Inputs {
+            guests: vec![g(Side::General), g(Side::Classified)],
+            machine: m.clone(),
+            wireguard_key: k.clone()
+        }
+        .check_shape()
+        .is_ok());
+        assert!(Inputs {
+            guests: vec![],
+            machine: m,
+            wireguard_key: None
+        }
+        .check_shape()
+        .is_ok());
+        assert!(Inputs {
+            guests: vec![],
+            machine: None,
+            wireguard_key: k
+        }
+        .check_shape()
+        .unwrap_err()
+        .to_string()
+        .contains("--machine"));
     }
 
     #[test]
     fn qemu_img_info_decides_what_is_a_guest_image() {
         let f = Path::new("w.img");
         let ok = check_qemu_img_info(r#"{"format":"qcow2","virtual-size":21474836480,"format-specific":{"type":"qcow2","data":{"corrupt":false}}}"#, f).unwrap();
-        assert_eq!(ok, GuestImage { format: DiskFormat::Qcow2, virtual_size: 21474836480 });
-        assert_eq!(check_qemu_img_info(r#"{"format":"raw","virtual-size":1048576}"#, f).unwrap().format, DiskFormat::Raw);
+        assert_eq!(
+            ok,
+            GuestImage {
+                format: DiskFormat::Qcow2,
+                virtual_size: 21474836480
+            }
+        );
+        assert_eq!(
+            check_qemu_img_info(r#"{"format":"raw","virtual-size":1048576}"#, f)
+                .unwrap()
+                .format,
+            DiskFormat::Raw
+        );
         let refused = [
-            (r#"{"format":"vmdk","virtual-size":1048576}"#, "a vmdk image"),
-            (r#"{"format":"qcow2","virtual-size":1048576,"backing-filename":"/base.qcow2"}"#, "backing file"),
-            (r#"{"format":"qcow2","virtual-size":1048576,"encrypted":true}"#, "encrypted"),
-            (r#"{"format":"qcow2","virtual-size":1048576,"format-specific":{"data":{"corrupt":true}}}"#, "corrupt"),
+            (
+                r#"{"format":"vmdk","virtual-size":1048576}"#,
+                "a vmdk image",
+            ),
+            (
+                r#"{"format":"qcow2","virtual-size":1048576,"backing-filename":"/base.qcow2"}"#,
+                "backing file",
+            ),
+            (
+                r#"{"format":"qcow2","virtual-size":1048576,"encrypted":true}"#,
+                "encrypted",
+            ),
+            (
+                r#"{"format":"qcow2","virtual-size":1048576,"format-specific":{"data":{"corrupt":true}}}"#,
+                "corrupt",
+            ),
             (r#"{"format":"raw","virtual-size":1000}"#, "no disk"),
             (r#"{"format":"raw","virtual-size":0}"#, "no disk"),
             ("not json", "parsing"),

@@ -49,16 +49,24 @@ pub fn parse_fc(text: &str) -> Result<Vec<Entry>> {
                     "-d" => FileType::Dir,
                     "--" => FileType::File,
                     "-s" => FileType::Socket,
-                    other => bail!("airlock.fc line {}: file type {other:?} not understood", i + 1),
+                    other => bail!(
+                        "airlock.fc line {}: file type {other:?} not understood",
+                        i + 1
+                    ),
                 },
                 *c,
             ),
-            _ => bail!("airlock.fc line {}: expected `pattern [type] context`", i + 1),
+            _ => bail!(
+                "airlock.fc line {}: expected `pattern [type] context`",
+                i + 1
+            ),
         };
         let inner = context
             .strip_prefix("gen_context(")
             .and_then(|c| c.strip_suffix(')'))
-            .with_context(|| format!("airlock.fc line {}: context is not gen_context(...)", i + 1))?;
+            .with_context(|| {
+                format!("airlock.fc line {}: context is not gen_context(...)", i + 1)
+            })?;
         let type_ = inner
             .split(',')
             .next()
@@ -72,14 +80,23 @@ pub fn parse_fc(text: &str) -> Result<Vec<Entry>> {
         let mut chars = body.chars();
         while let Some(c) = chars.next() {
             match c {
-                '\\' => path.push(chars.next().with_context(|| format!("airlock.fc line {}: trailing backslash", i + 1))?),
+                '\\' => {
+                    path.push(chars.next().with_context(|| {
+                        format!("airlock.fc line {}: trailing backslash", i + 1)
+                    })?)
+                }
                 '.' | '*' | '+' | '?' | '(' | ')' | '[' | ']' | '{' | '}' | '|' | '^' | '$' => {
                     bail!("airlock.fc line {}: pattern {pattern:?} uses regular-expression syntax flash does not understand", i + 1)
                 }
                 c => path.push(c),
             }
         }
-        entries.push(Entry { path, subtree, file_type, type_: type_.to_owned() });
+        entries.push(Entry {
+            path,
+            subtree,
+            file_type,
+            type_: type_.to_owned(),
+        });
     }
     Ok(entries)
 }
@@ -88,13 +105,23 @@ pub fn parse_fc(text: &str) -> Result<Vec<Entry>> {
 /// gets: an exact entry before a subtree entry, the longest subtree first.
 pub fn lookup<'a>(entries: &'a [Entry], path: &str, file_type: FileType) -> Option<&'a str> {
     let fits = |e: &&Entry| e.file_type == FileType::Any || e.file_type == file_type;
-    if let Some(e) = entries.iter().filter(fits).find(|e| !e.subtree && e.path == path) {
+    if let Some(e) = entries
+        .iter()
+        .filter(fits)
+        .find(|e| !e.subtree && e.path == path)
+    {
         return Some(&e.type_);
     }
     entries
         .iter()
         .filter(fits)
-        .filter(|e| e.subtree && (e.path == path || path.strip_prefix(e.path.as_str()).is_some_and(|rest| rest.starts_with('/'))))
+        .filter(|e| {
+            e.subtree
+                && (e.path == path
+                    || path
+                        .strip_prefix(e.path.as_str())
+                        .is_some_and(|rest| rest.starts_with('/')))
+        })
         .max_by_key(|e| e.path.len())
         .map(|e| e.type_.as_str())
 }
@@ -125,14 +152,46 @@ mod tests {
         let e = parse_fc(AIRLOCK_FC).unwrap();
         let cases = [
             ("/var/lib/airlock", FileType::Dir, "airlock_var_lib_t"),
-            ("/var/lib/airlock/provision", FileType::Dir, "airlock_conf_t"),
-            ("/var/lib/airlock/provision/appliance.toml", FileType::File, "airlock_conf_t"),
-            ("/var/lib/airlock/provision/wg-classified.key", FileType::File, "airlock_wg_key_t"),
-            ("/var/lib/airlock/classified", FileType::Dir, "airlock_classified_disk_t"),
-            ("/var/lib/airlock/classified/disk", FileType::Dir, "airlock_classified_disk_t"),
-            ("/var/lib/airlock/classified/disk/windows.qcow2", FileType::File, "airlock_classified_disk_t"),
-            ("/var/lib/airlock/general/disk/windows.qcow2", FileType::File, "airlock_general_disk_t"),
-            ("/run/airlock/control.sock", FileType::Socket, "airlock_control_sock_t"),
+            (
+                "/var/lib/airlock/provision",
+                FileType::Dir,
+                "airlock_conf_t",
+            ),
+            (
+                "/var/lib/airlock/provision/appliance.toml",
+                FileType::File,
+                "airlock_conf_t",
+            ),
+            (
+                "/var/lib/airlock/provision/wg-classified.key",
+                FileType::File,
+                "airlock_wg_key_t",
+            ),
+            (
+                "/var/lib/airlock/classified",
+                FileType::Dir,
+                "airlock_classified_disk_t",
+            ),
+            (
+                "/var/lib/airlock/classified/disk",
+                FileType::Dir,
+                "airlock_classified_disk_t",
+            ),
+            (
+                "/var/lib/airlock/classified/disk/windows.qcow2",
+                FileType::File,
+                "airlock_classified_disk_t",
+            ),
+            (
+                "/var/lib/airlock/general/disk/windows.qcow2",
+                FileType::File,
+                "airlock_general_disk_t",
+            ),
+            (
+                "/run/airlock/control.sock",
+                FileType::Socket,
+                "airlock_control_sock_t",
+            ),
         ];
         for (path, ft, want) in cases {
             assert_eq!(lookup(&e, path, ft), Some(want), "{path}");
@@ -152,9 +211,18 @@ mod tests {
 
     #[test]
     fn context_takes_user_role_and_level_from_the_image() {
-        assert_eq!(context_like("system_u:object_r:var_t:s0", "airlock_conf_t").unwrap(), "system_u:object_r:airlock_conf_t:s0");
-        assert_eq!(context_like("system_u:object_r:var_t:s0:c0.c1023\0", "x_t").unwrap(), "system_u:object_r:x_t:s0:c0.c1023");
-        assert_eq!(context_like("system_u:object_r:var_t", "x_t").unwrap(), "system_u:object_r:x_t");
+        assert_eq!(
+            context_like("system_u:object_r:var_t:s0", "airlock_conf_t").unwrap(),
+            "system_u:object_r:airlock_conf_t:s0"
+        );
+        assert_eq!(
+            context_like("system_u:object_r:var_t:s0:c0.c1023\0", "x_t").unwrap(),
+            "system_u:object_r:x_t:s0:c0.c1023"
+        );
+        assert_eq!(
+            context_like("system_u:object_r:var_t", "x_t").unwrap(),
+            "system_u:object_r:x_t"
+        );
         assert!(context_like("nonsense", "x_t").is_err());
     }
 }

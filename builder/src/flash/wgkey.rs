@@ -31,7 +31,9 @@ impl PrivateKey {
         let bytes = base64::engine::general_purpose::STANDARD
             .decode(line)
             .map_err(|e| anyhow::anyhow!("not base64 ({e}); make a key with `wg genkey`"))?;
-        let key: [u8; 32] = bytes.try_into().map_err(|_| anyhow::anyhow!("not 32 bytes"))?;
+        let key: [u8; 32] = bytes
+            .try_into()
+            .map_err(|_| anyhow::anyhow!("not 32 bytes"))?;
         if key == [0; 32] {
             bail!("the key is all zeros");
         }
@@ -40,7 +42,10 @@ impl PrivateKey {
 
     /// The key file's text as written onto the PC (the format `wg` reads).
     pub fn file_text(&self) -> String {
-        format!("{}\n", base64::engine::general_purpose::STANDARD.encode(self.0))
+        format!(
+            "{}\n",
+            base64::engine::general_purpose::STANDARD.encode(self.0)
+        )
     }
 
     /// The public key, as `wg pubkey` prints it: X25519 of the clamped key
@@ -59,8 +64,12 @@ mod tests {
     /// public key it gives.
     #[test]
     fn public_key_is_x25519_of_the_private_one() {
-        let private = hex::decode("77076d0a7318a57d3c16c17251b26645df4c2f87ebc0992ab177fba51db92c2a").unwrap();
-        let public = hex::decode("8520f0098930a754748b7ddcb43ef75a0dbf3a0d26381af4eba4a98eaa9b4e6a").unwrap();
+        let private =
+            hex::decode("77076d0a7318a57d3c16c17251b26645df4c2f87ebc0992ab177fba51db92c2a")
+                .unwrap();
+        let public =
+            hex::decode("8520f0098930a754748b7ddcb43ef75a0dbf3a0d26381af4eba4a98eaa9b4e6a")
+                .unwrap();
         let b64 = |b: &[u8]| base64::engine::general_purpose::STANDARD.encode(b);
         let key = PrivateKey::parse(format!("{}\n", b64(&private)).as_bytes()).unwrap();
         assert_eq!(key.public(), b64(&public));
@@ -74,9 +83,15 @@ mod tests {
         assert!(PrivateKey::parse(good.as_bytes()).is_ok());
         for (text, why) in [
             ("", "0 characters"),
-            ("yAnz5TF+lXXJte14tji3zlMNq+hd2rYUIgJBgB3fBm=", "43 characters"),
+            (
+                "yAnz5TF+lXXJte14tji3zlMNq+hd2rYUIgJBgB3fBm=",
+                "43 characters",
+            ),
             ("yAnz5TF+lXXJte14tji3zlMNq+hd2rYUIgJBgB3fBm!=", "not base64"),
-            ("yAnz5TF+lXXJte14tji3zlMNq+hd2rYUIgJBgB3fBmk=\n\n", "one line"),
+            (
+                "yAnz5TF+lXXJte14tji3zlMNq+hd2rYUIgJBgB3fBmk=\n\n",
+                "one line",
+            ),
             (" yAnz5TF+lXXJte14tji3zlMNq+hd2rYUIgJBgB3fBmk=", "one line"),
             ("AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=", "all zeros"),
             ("-----BEGIN PRIVATE KEY-----", "characters"),
@@ -84,6 +99,9 @@ mod tests {
             let e = PrivateKey::parse(text.as_bytes()).unwrap_err().to_string();
             assert!(e.contains(why), "{text:?}: {e}");
         }
-        assert!(PrivateKey::parse(&[0xff, 0xfe]).unwrap_err().to_string().contains("not text"));
+        assert!(PrivateKey::parse(&[0xff, 0xfe])
+            .unwrap_err()
+            .to_string()
+            .contains("not text"));
     }
 }

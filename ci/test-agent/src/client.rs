@@ -116,10 +116,23 @@ impl CommandOutput {
         } else {
             format!("was killed by signal {}", self.signal.unwrap_or(0))
         };
-        let (name, text) = if self.stderr.trim().is_empty() { ("stdout", &self.stdout) } else { ("stderr", &self.stderr) };
+        let (name, text) = if self.stderr.trim().is_empty() {
+            ("stdout", &self.stdout)
+        } else {
+            ("stderr", &self.stderr)
+        };
         let tail = tail_lines(text, TAIL_LINES);
-        let tail = if tail.is_empty() { String::new() } else { format!("; {name}:\n{tail}") };
-        Err(CommandFailed { what: what.to_owned(), command: shell_words(&self.argv), status, tail })
+        let tail = if tail.is_empty() {
+            String::new()
+        } else {
+            format!("; {name}:\n{tail}")
+        };
+        Err(CommandFailed {
+            what: what.to_owned(),
+            command: shell_words(&self.argv),
+            status,
+            tail,
+        })
     }
 }
 
@@ -132,7 +145,10 @@ fn tail_lines(text: &str, n: usize) -> String {
 /// `argv` the way a person would type it, quoting words that need it.
 fn shell_words(argv: &[String]) -> String {
     let quote = |w: &String| {
-        if !w.is_empty() && w.chars().all(|c| c.is_ascii_alphanumeric() || "-_./=:,+@%".contains(c)) {
+        if !w.is_empty()
+            && w.chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_./=:,+@%".contains(c))
+        {
             w.clone()
         } else {
             format!("'{}'", w.replace('\'', r"'\''"))
@@ -157,7 +173,10 @@ pub struct AgentClient {
 
 impl fmt::Debug for AgentClient {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("AgentClient").field("next_id", &self.next_id).field("readies", &self.readies).finish()
+        f.debug_struct("AgentClient")
+            .field("next_id", &self.next_id)
+            .field("readies", &self.readies)
+            .finish()
     }
 }
 
@@ -170,7 +189,10 @@ impl AgentClient {
             match UnixStream::connect(socket) {
                 Ok(stream) => return Self::from_stream(stream),
                 Err(e) if Instant::now() >= deadline => {
-                    return Err(ClientError::Connect { socket: socket.to_owned(), source: e })
+                    return Err(ClientError::Connect {
+                        socket: socket.to_owned(),
+                        source: e,
+                    })
                 }
                 Err(_) => thread::sleep(CONNECT_RETRY),
             }
@@ -180,7 +202,14 @@ impl AgentClient {
     /// A client over an already connected stream.
     pub fn from_stream(stream: UnixStream) -> Result<Self, ClientError> {
         let writer = stream.try_clone()?;
-        Ok(AgentClient { reader: LineReader::new(stream), writer, next_id: 1, readies: VecDeque::new(), seen_ready: false, current_boot: None })
+        Ok(AgentClient {
+            reader: LineReader::new(stream),
+            writer,
+            next_id: 1,
+            readies: VecDeque::new(),
+            seen_ready: false,
+            current_boot: None,
+        })
     }
 
     /// Waits for the next `ready` event not yet returned and gives its boot
@@ -199,12 +228,18 @@ impl AgentClient {
                 break boot_id;
             }
             // Anything else is stale: replies to requests given up on.
-            self.next_message(deadline, timeout, "the test agent to announce itself (ready)")?;
+            self.next_message(
+                deadline,
+                timeout,
+                "the test agent to announce itself (ready)",
+            )?;
         };
         self.current_boot = Some(boot_id.clone());
         self.readies.retain(|queued| queued != &boot_id);
         for _ in 0..SETTLE_ATTEMPTS {
-            let left = deadline.saturating_duration_since(Instant::now()).max(Duration::from_secs(1));
+            let left = deadline
+                .saturating_duration_since(Instant::now())
+                .max(Duration::from_secs(1));
             match self.run(&["true"], left) {
                 Ok(_) => return Ok(boot_id),
                 Err(ClientError::AgentReopened { .. }) => continue,
@@ -225,7 +260,12 @@ impl AgentClient {
     }
 
     /// [`run`](Self::run), feeding `stdin` to the command.
-    pub fn run_with_stdin(&mut self, argv: &[&str], stdin: Option<&str>, timeout: Duration) -> Result<CommandOutput, ClientError> {
+    pub fn run_with_stdin(
+        &mut self,
+        argv: &[&str],
+        stdin: Option<&str>,
+        timeout: Duration,
+    ) -> Result<CommandOutput, ClientError> {
         let id = self.next_id;
         self.next_id += 1;
         let request = Request {
@@ -234,18 +274,26 @@ impl AgentClient {
             timeout_ms: timeout.as_millis().try_into().unwrap_or(u64::MAX),
             stdin: stdin.map(str::to_owned),
         };
-        self.writer.write_all(&wire::encode(&request)).map_err(disconnected)?;
+        self.writer
+            .write_all(&wire::encode(&request))
+            .map_err(disconnected)?;
         // A `ready` after one was already seen means the agent started over
         // and dropped our request; the first one merely precedes the reply.
         let restart_possible = self.seen_ready;
         let wait = timeout + REPLY_GRACE;
         let deadline = Instant::now() + wait;
-        let what = format!("the reply to `{}` (request {id})", shell_words(&request.argv));
+        let what = format!(
+            "the reply to `{}` (request {id})",
+            shell_words(&request.argv)
+        );
         loop {
             match self.next_message(deadline, wait, &what)? {
                 Message::Response(r) if r.id == id => return Ok(CommandOutput::new(argv, r)),
                 Message::Error(e) if e.id == Some(id) || e.id.is_none() => {
-                    return Err(ClientError::Rejected { id, message: e.error })
+                    return Err(ClientError::Rejected {
+                        id,
+                        message: e.error,
+                    })
                 }
                 Message::Event(Event::Ready { boot_id }) if restart_possible => {
                     if self.current_boot.as_ref() == Some(&boot_id) {
@@ -260,17 +308,27 @@ impl AgentClient {
 
     /// The next decodable message; `ready` events are also queued for
     /// [`wait_ready`](Self::wait_ready).
-    fn next_message(&mut self, deadline: Instant, waited: Duration, what: &str) -> Result<Message, ClientError> {
+    fn next_message(
+        &mut self,
+        deadline: Instant,
+        waited: Duration,
+        what: &str,
+    ) -> Result<Message, ClientError> {
         loop {
             let line = match self.reader.read_line(deadline) {
                 Ok(Some(line)) => line,
                 Ok(None) => return Err(ClientError::Disconnected),
                 Err(e) if e.kind() == io::ErrorKind::TimedOut => {
-                    return Err(ClientError::Timeout { what: what.to_owned(), after: waited })
+                    return Err(ClientError::Timeout {
+                        what: what.to_owned(),
+                        after: waited,
+                    })
                 }
                 Err(e) => return Err(disconnected(e)),
             };
-            let Ok(message) = wire::decode_message(&line) else { continue };
+            let Ok(message) = wire::decode_message(&line) else {
+                continue;
+            };
             if let Message::Event(Event::Ready { boot_id }) = &message {
                 // A repeat of the current boot is a reopened port: nothing
                 // for a later `wait_ready` to hand out.
@@ -347,7 +405,10 @@ mod tests {
         let mut client = client_with_agent("b-1");
         assert_eq!(client.wait_ready(SHORT).unwrap(), "b-1");
         let out = client.run(&["sh", "-c", "echo hi; exit 4"], SHORT).unwrap();
-        assert_eq!((out.exit_code, out.stdout.as_str(), out.success()), (Some(4), "hi\n", false));
+        assert_eq!(
+            (out.exit_code, out.stdout.as_str(), out.success()),
+            (Some(4), "hi\n", false)
+        );
         let out = client.run_with_stdin(&["cat"], Some("fed"), SHORT).unwrap();
         assert_eq!(out.stdout, "fed");
     }
@@ -357,10 +418,16 @@ mod tests {
         let mut client = client_with_agent("b-1");
         client.wait_ready(SHORT).unwrap();
         let started = Instant::now();
-        let out = client.run(&["sleep", "5"], Duration::from_millis(200)).unwrap();
+        let out = client
+            .run(&["sleep", "5"], Duration::from_millis(200))
+            .unwrap();
         assert!(out.timed_out && !out.success());
         assert_eq!(out.signal, Some(libc::SIGKILL));
-        assert!(started.elapsed() < Duration::from_secs(3), "took {:?}", started.elapsed());
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "took {:?}",
+            started.elapsed()
+        );
     }
 
     #[test]
@@ -374,20 +441,27 @@ mod tests {
     fn missing_program_is_rejected() {
         let mut client = client_with_agent("b-1");
         let err = client.run(&["/no/such/program"], SHORT).unwrap_err();
-        assert!(matches!(err, ClientError::Rejected { id: 1, .. }), "{err:?}");
+        assert!(
+            matches!(err, ClientError::Rejected { id: 1, .. }),
+            "{err:?}"
+        );
     }
 
     #[test]
     fn reboot_mid_line_is_survived_and_gives_a_new_boot_id() {
         let mut client = client_with_script(|guest| {
-            guest.write_all(b"\n{\"event\":\"ready\",\"boot_id\":\"A\"}\n").unwrap();
+            guest
+                .write_all(b"\n{\"event\":\"ready\",\"boot_id\":\"A\"}\n")
+                .unwrap();
             answer_ping(guest);
             let request = read_request(guest);
             guest.write_all(&reply_to(&request, "first")).unwrap();
             // The old boot dies while writing a stale line; the new agent's
             // leading newline ends it.
             guest.write_all(b"{\"id\":99,\"stdout\":\"cut").unwrap();
-            guest.write_all(b"\n{\"event\":\"ready\",\"boot_id\":\"B\"}\n").unwrap();
+            guest
+                .write_all(b"\n{\"event\":\"ready\",\"boot_id\":\"B\"}\n")
+                .unwrap();
             answer_ping(guest);
             let request = read_request(guest);
             guest.write_all(&reply_to(&request, "second")).unwrap();
@@ -401,32 +475,47 @@ mod tests {
     #[test]
     fn agent_restart_while_waiting_is_reported_and_the_ready_kept() {
         let mut client = client_with_script(|guest| {
-            guest.write_all(b"{\"event\":\"ready\",\"boot_id\":\"A\"}\n").unwrap();
+            guest
+                .write_all(b"{\"event\":\"ready\",\"boot_id\":\"A\"}\n")
+                .unwrap();
             answer_ping(guest);
             let _ignored = read_request(guest);
-            guest.write_all(b"\n{\"event\":\"ready\",\"boot_id\":\"B\"}\n").unwrap();
+            guest
+                .write_all(b"\n{\"event\":\"ready\",\"boot_id\":\"B\"}\n")
+                .unwrap();
             answer_ping(guest);
         });
         client.wait_ready(SHORT).unwrap();
         let err = client.run(&["systemctl", "reboot"], SHORT).unwrap_err();
-        assert!(matches!(&err, ClientError::AgentRestarted { boot_id, .. } if boot_id == "B"), "{err:?}");
+        assert!(
+            matches!(&err, ClientError::AgentRestarted { boot_id, .. } if boot_id == "B"),
+            "{err:?}"
+        );
         assert_eq!(client.wait_ready(SHORT).unwrap(), "B");
     }
 
     #[test]
     fn port_reopened_early_in_a_boot_is_absorbed_by_wait_ready() {
         let mut client = client_with_script(|guest| {
-            guest.write_all(b"\n{\"event\":\"ready\",\"boot_id\":\"A\"}\n").unwrap();
+            guest
+                .write_all(b"\n{\"event\":\"ready\",\"boot_id\":\"A\"}\n")
+                .unwrap();
             // The port flaps: the ping is dropped and the same boot announced again.
             let _lost = read_request(guest);
-            guest.write_all(b"\n{\"event\":\"ready\",\"boot_id\":\"A\"}\n").unwrap();
+            guest
+                .write_all(b"\n{\"event\":\"ready\",\"boot_id\":\"A\"}\n")
+                .unwrap();
             answer_ping(guest);
             let request = read_request(guest);
             guest.write_all(&reply_to(&request, "after")).unwrap();
             // Later in the boot it flaps again while a command runs.
             let _lost = read_request(guest);
-            guest.write_all(b"\n{\"event\":\"ready\",\"boot_id\":\"A\"}\n").unwrap();
-            guest.write_all(b"\n{\"event\":\"ready\",\"boot_id\":\"B\"}\n").unwrap();
+            guest
+                .write_all(b"\n{\"event\":\"ready\",\"boot_id\":\"A\"}\n")
+                .unwrap();
+            guest
+                .write_all(b"\n{\"event\":\"ready\",\"boot_id\":\"B\"}\n")
+                .unwrap();
             answer_ping(guest);
         });
         assert_eq!(client.wait_ready(SHORT).unwrap(), "A");
@@ -440,10 +529,15 @@ mod tests {
     #[test]
     fn stale_replies_are_skipped() {
         let mut client = client_with_script(|guest| {
-            guest.write_all(b"{\"event\":\"ready\",\"boot_id\":\"A\"}\n").unwrap();
+            guest
+                .write_all(b"{\"event\":\"ready\",\"boot_id\":\"A\"}\n")
+                .unwrap();
             answer_ping(guest);
             let request = read_request(guest);
-            let stale = Request { id: request.id + 100, ..request.clone() };
+            let stale = Request {
+                id: request.id + 100,
+                ..request.clone()
+            };
             guest.write_all(&reply_to(&stale, "stale")).unwrap();
             guest.write_all(&reply_to(&request, "mine")).unwrap();
         });
@@ -466,11 +560,17 @@ mod tests {
     #[test]
     fn connect_gives_up_after_the_timeout() {
         let dir = std::env::temp_dir().join(format!("agent-test-{}", std::process::id()));
-        let err = AgentClient::connect(&dir.join("missing.sock"), Duration::from_millis(200)).unwrap_err();
+        let err = AgentClient::connect(&dir.join("missing.sock"), Duration::from_millis(200))
+            .unwrap_err();
         assert!(err.to_string().contains("missing.sock"), "{err}");
     }
 
-    fn output(exit_code: Option<i32>, signal: Option<i32>, timed_out: bool, stderr: &str) -> CommandOutput {
+    fn output(
+        exit_code: Option<i32>,
+        signal: Option<i32>,
+        timed_out: bool,
+        stderr: &str,
+    ) -> CommandOutput {
         CommandOutput {
             argv: vec!["systemctl".into(), "is-active".into(), "foo bar".into()],
             exit_code,
@@ -505,7 +605,10 @@ mod tests {
 
     #[test]
     fn shell_words_quotes_only_when_needed() {
-        let argv: Vec<String> = ["ls", "-l", "/a b", "it's", ""].iter().map(|s| s.to_string()).collect();
+        let argv: Vec<String> = ["ls", "-l", "/a b", "it's", ""]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
         assert_eq!(shell_words(&argv), r"ls -l '/a b' 'it'\''s' ''");
     }
 }

@@ -51,12 +51,18 @@ fn execute(request: &Request, cap: usize) -> Result<Response, String> {
     command
         .args(args)
         .process_group(0)
-        .stdin(if request.stdin.is_some() { Stdio::piped() } else { Stdio::null() })
+        .stdin(if request.stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
     let started = Instant::now();
     let deadline = started + Duration::from_millis(request.timeout_ms);
-    let mut child = command.spawn().map_err(|e| format!("starting {program:?}: {e}"))?;
+    let mut child = command
+        .spawn()
+        .map_err(|e| format!("starting {program:?}: {e}"))?;
 
     if let (Some(mut pipe), Some(input)) = (child.stdin.take(), request.stdin.clone()) {
         // Ignoring errors: a command that does not read its stdin closes the
@@ -74,7 +80,9 @@ fn execute(request: &Request, cap: usize) -> Result<Response, String> {
         Some(status) => (status, false),
         None => {
             kill_group(pgid);
-            let status = child.wait().map_err(|e| format!("waiting for {program:?}: {e}"))?;
+            let status = child
+                .wait()
+                .map_err(|e| format!("waiting for {program:?}: {e}"))?;
             (status, true)
         }
     };
@@ -83,7 +91,11 @@ fn execute(request: &Request, cap: usize) -> Result<Response, String> {
     // Both readers finish once every holder of the pipes is gone.
     let mut open_pipes = 2;
     let mut wait_pipes = |until: Instant| {
-        while open_pipes > 0 && done_rx.recv_timeout(until.saturating_duration_since(Instant::now())).is_ok() {
+        while open_pipes > 0
+            && done_rx
+                .recv_timeout(until.saturating_duration_since(Instant::now()))
+                .is_ok()
+        {
             open_pipes -= 1;
         }
         open_pipes == 0
@@ -94,7 +106,8 @@ fn execute(request: &Request, cap: usize) -> Result<Response, String> {
         wait_pipes(Instant::now() + PIPE_GRACE);
     }
 
-    let take = |shared: &Shared| std::mem::take(&mut *shared.lock().unwrap_or_else(|p| p.into_inner()));
+    let take =
+        |shared: &Shared| std::mem::take(&mut *shared.lock().unwrap_or_else(|p| p.into_inner()));
     let (out, err) = (take(&stdout), take(&stderr));
     Ok(Response {
         id: request.id,
@@ -129,7 +142,11 @@ fn wait_until(child: &mut Child, deadline: Instant) -> Option<ExitStatus> {
 }
 
 /// Reads `pipe` to its end in a thread, keeping the first `cap` bytes.
-fn spawn_reader(pipe: Option<impl Read + Send + 'static>, cap: usize, done: mpsc::Sender<()>) -> Shared {
+fn spawn_reader(
+    pipe: Option<impl Read + Send + 'static>,
+    cap: usize,
+    done: mpsc::Sender<()>,
+) -> Shared {
     let shared = Shared::default();
     let capture = Arc::clone(&shared);
     thread::spawn(move || {
@@ -170,7 +187,12 @@ mod tests {
     use super::*;
 
     fn request(argv: &[&str], timeout_ms: u64) -> Request {
-        Request { id: 7, argv: argv.iter().map(|s| s.to_string()).collect(), timeout_ms, stdin: None }
+        Request {
+            id: 7,
+            argv: argv.iter().map(|s| s.to_string()).collect(),
+            timeout_ms,
+            stdin: None,
+        }
     }
 
     fn response(reply: Reply) -> Response {
@@ -182,8 +204,14 @@ mod tests {
 
     #[test]
     fn captures_exit_code_and_both_streams() {
-        let r = response(run(&request(&["sh", "-c", "echo out; echo err >&2; exit 3"], 10_000)));
-        assert_eq!((r.id, r.exit_code, r.signal, r.timed_out), (7, Some(3), None, false));
+        let r = response(run(&request(
+            &["sh", "-c", "echo out; echo err >&2; exit 3"],
+            10_000,
+        )));
+        assert_eq!(
+            (r.id, r.exit_code, r.signal, r.timed_out),
+            (7, Some(3), None, false)
+        );
         assert_eq!((r.stdout.as_str(), r.stderr.as_str()), ("out\n", "err\n"));
         assert!(!r.truncated);
     }
@@ -203,7 +231,10 @@ mod tests {
 
     #[test]
     fn stdin_is_empty_when_not_given() {
-        assert_eq!(response(run(&request(&["wc", "-c"], 10_000))).stdout.trim(), "0");
+        assert_eq!(
+            response(run(&request(&["wc", "-c"], 10_000))).stdout.trim(),
+            "0"
+        );
     }
 
     #[test]
@@ -211,7 +242,11 @@ mod tests {
         let r = response(run(&request(&["sleep", "5"], 200)));
         assert!(r.timed_out);
         assert_eq!((r.exit_code, r.signal), (None, Some(libc::SIGKILL)));
-        assert!((200..2_000).contains(&r.duration_ms), "took {} ms", r.duration_ms);
+        assert!(
+            (200..2_000).contains(&r.duration_ms),
+            "took {} ms",
+            r.duration_ms
+        );
     }
 
     #[test]
@@ -220,26 +255,46 @@ mod tests {
         let started = Instant::now();
         let r = response(run(&request(&["sh", "-c", "sleep 5 & sleep 5"], 200)));
         assert!(r.timed_out);
-        assert!(started.elapsed() < Duration::from_secs(3), "took {:?}", started.elapsed());
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "took {:?}",
+            started.elapsed()
+        );
     }
 
     #[test]
     fn background_process_holding_the_pipe_is_killed_at_the_deadline() {
         let started = Instant::now();
         let r = response(run(&request(&["sh", "-c", "echo hi; sleep 5 &"], 300)));
-        assert_eq!((r.exit_code, r.timed_out, r.stdout.as_str()), (Some(0), false, "hi\n"));
-        assert!(started.elapsed() < Duration::from_secs(3), "took {:?}", started.elapsed());
+        assert_eq!(
+            (r.exit_code, r.timed_out, r.stdout.as_str()),
+            (Some(0), false, "hi\n")
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "took {:?}",
+            started.elapsed()
+        );
     }
 
     #[test]
     fn exit_by_signal_reports_the_signal() {
         let r = response(run(&request(&["sh", "-c", "kill -TERM $$"], 10_000)));
-        assert_eq!((r.exit_code, r.signal, r.timed_out), (None, Some(libc::SIGTERM), false));
+        assert_eq!(
+            (r.exit_code, r.signal, r.timed_out),
+            (None, Some(libc::SIGTERM), false)
+        );
     }
 
     #[test]
     fn output_is_capped_and_flagged() {
-        let r = response(run_capped(&request(&["sh", "-c", "head -c 100000 /dev/zero | tr '\\0' x"], 10_000), 1000));
+        let r = response(run_capped(
+            &request(
+                &["sh", "-c", "head -c 100000 /dev/zero | tr '\\0' x"],
+                10_000,
+            ),
+            1000,
+        ));
         assert_eq!(r.stdout.len(), 1000);
         assert!(r.truncated);
         assert_eq!(r.exit_code, Some(0));

@@ -21,7 +21,12 @@ pub struct LineReader {
 
 impl LineReader {
     pub fn new(stream: UnixStream) -> Self {
-        LineReader { stream, buf: Vec::new(), scanned: 0, eof: false }
+        LineReader {
+            stream,
+            buf: Vec::new(),
+            scanned: 0,
+            eof: false,
+        }
     }
 
     /// The next line without its `\n` (and without a trailing `\r`).
@@ -47,7 +52,10 @@ impl LineReader {
             }
             let remaining = deadline.saturating_duration_since(Instant::now());
             if remaining.is_zero() {
-                return Err(io::Error::new(io::ErrorKind::TimedOut, "deadline passed while reading a line"));
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "deadline passed while reading a line",
+                ));
             }
             self.stream.set_read_timeout(Some(remaining))?;
             let mut chunk = [0u8; 64 * 1024];
@@ -55,8 +63,16 @@ impl LineReader {
                 Ok(0) => self.eof = true,
                 Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
-                    return Err(io::Error::new(io::ErrorKind::TimedOut, "deadline passed while reading a line"));
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    return Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        "deadline passed while reading a line",
+                    ));
                 }
                 Err(e) => return Err(e),
             }
@@ -83,7 +99,11 @@ mod tests {
         assert_eq!(reader.read_line(soon()).unwrap().unwrap(), b"one");
         assert_eq!(reader.read_line(soon()).unwrap().unwrap(), b"two");
         assert_eq!(reader.read_line(soon()).unwrap().unwrap(), b"");
-        assert_eq!(reader.read_line(soon()).unwrap(), None, "unterminated last line is dropped");
+        assert_eq!(
+            reader.read_line(soon()).unwrap(),
+            None,
+            "unterminated last line is dropped"
+        );
     }
 
     #[test]
@@ -94,7 +114,10 @@ mod tests {
         let err = reader.read_line(soon()).unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::TimedOut);
         w.write_all(b"tial\":1}\n").unwrap();
-        assert_eq!(reader.read_line(soon()).unwrap().unwrap(), b"{\"partial\":1}");
+        assert_eq!(
+            reader.read_line(soon()).unwrap().unwrap(),
+            b"{\"partial\":1}"
+        );
     }
 
     #[test]

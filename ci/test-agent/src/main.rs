@@ -8,7 +8,10 @@ use std::process::ExitCode;
 use airlock_test_agent::serve;
 
 fn main() -> ExitCode {
-    let device = std::env::args_os().nth(1).map(PathBuf::from).unwrap_or_else(|| serve::DEFAULT_DEVICE.into());
+    let device = std::env::args_os()
+        .nth(1)
+        .map(PathBuf::from)
+        .unwrap_or_else(|| serve::DEFAULT_DEVICE.into());
     match serve::run_forever(&device) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

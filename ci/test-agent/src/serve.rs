@@ -33,10 +33,17 @@ pub fn serve(input: impl BufRead, output: impl Write, boot_id: &str) -> io::Resu
 /// away while the command ran. If so the reply is dropped and this returns:
 /// writing it would block until some host connects and then hand that host
 /// a stale reply instead of the `ready` it waits for.
-fn serve_port(mut input: impl BufRead, mut output: impl Write, boot_id: &str, host_left: impl Fn() -> bool) -> io::Result<()> {
+fn serve_port(
+    mut input: impl BufRead,
+    mut output: impl Write,
+    boot_id: &str,
+    host_left: impl Fn() -> bool,
+) -> io::Result<()> {
     // The leading newline ends any line a previous boot's agent left half written.
     let mut ready = b"\n".to_vec();
-    ready.extend(wire::encode(&Event::Ready { boot_id: boot_id.to_owned() }));
+    ready.extend(wire::encode(&Event::Ready {
+        boot_id: boot_id.to_owned(),
+    }));
     output.write_all(&ready)?;
     output.flush()?;
     let mut line = Vec::new();
@@ -71,7 +78,8 @@ pub fn handle_line(line: &[u8]) -> Reply {
 /// This boot's id, from `/proc/sys/kernel/random/boot_id`.
 pub fn read_boot_id() -> io::Result<String> {
     const PATH: &str = "/proc/sys/kernel/random/boot_id";
-    let text = std::fs::read_to_string(PATH).map_err(|e| io::Error::new(e.kind(), format!("reading {PATH}: {e}")))?;
+    let text = std::fs::read_to_string(PATH)
+        .map_err(|e| io::Error::new(e.kind(), format!("reading {PATH}: {e}")))?;
     Ok(text.trim().to_owned())
 }
 
@@ -106,7 +114,11 @@ fn open_port(device: &Path) -> io::Result<File> {
 /// connected; for a socket, the peer closed it.
 #[allow(unsafe_code)]
 fn hung_up(fd: BorrowedFd<'_>) -> bool {
-    let mut pfd = libc::pollfd { fd: fd.as_raw_fd(), events: 0, revents: 0 };
+    let mut pfd = libc::pollfd {
+        fd: fd.as_raw_fd(),
+        events: 0,
+        revents: 0,
+    };
     // SAFETY: `pfd` is one valid, initialised pollfd that outlives the call,
     // and `fd` is open for its duration (borrowed). Timeout 0: no blocking.
     let ready = unsafe { libc::poll(&mut pfd, 1, 0) };
@@ -121,7 +133,12 @@ mod tests {
 
     fn serve_lines(input: &str) -> Vec<Message> {
         let mut output = Vec::new();
-        serve(Cursor::new(input.as_bytes().to_vec()), &mut output, "boot-1").unwrap();
+        serve(
+            Cursor::new(input.as_bytes().to_vec()),
+            &mut output,
+            "boot-1",
+        )
+        .unwrap();
         output
             .split(|&b| b == b'\n')
             .filter(|l| !l.is_empty())
@@ -151,7 +168,12 @@ mod tests {
             "this is not json\n",
             "{\"id\":2,\"argv\":[\"echo\",\"two\"]}\n",
         ));
-        assert_eq!(messages[0], Message::Event(Event::Ready { boot_id: "boot-1".into() }));
+        assert_eq!(
+            messages[0],
+            Message::Event(Event::Ready {
+                boot_id: "boot-1".into()
+            })
+        );
         assert_eq!(response(&messages[1]).stdout, "one\n");
         assert!(matches!(&messages[2], Message::Error(e) if e.id.is_none()));
         assert_eq!(response(&messages[3]).id, 2);
@@ -169,9 +191,14 @@ mod tests {
     #[test]
     fn reply_is_dropped_when_the_host_left_during_the_command() {
         let mut output = Vec::new();
-        let input = Cursor::new(b"{\"id\":1,\"argv\":[\"true\"]}\n{\"id\":2,\"argv\":[\"true\"]}\n".to_vec());
+        let input = Cursor::new(
+            b"{\"id\":1,\"argv\":[\"true\"]}\n{\"id\":2,\"argv\":[\"true\"]}\n".to_vec(),
+        );
         serve_port(input, &mut output, "b", || true).unwrap();
-        assert_eq!(output, b"\n{\"event\":\"ready\",\"boot_id\":\"b\"}\n", "no reply, and request 2 never ran");
+        assert_eq!(
+            output, b"\n{\"event\":\"ready\",\"boot_id\":\"b\"}\n",
+            "no reply, and request 2 never ran"
+        );
     }
 
     #[test]

@@ -89,7 +89,10 @@ pub enum Reply {
 
 impl Reply {
     pub fn error(id: Option<u64>, error: impl Into<String>) -> Reply {
-        Reply::Error(ErrorResponse { id, error: error.into() })
+        Reply::Error(ErrorResponse {
+            id,
+            error: error.into(),
+        })
     }
 }
 
@@ -127,13 +130,20 @@ pub fn decode_message(line: &[u8]) -> Result<Message, serde_json::Error> {
 /// Decodes a request line (without its newline). On failure returns the
 /// error reply to send, carrying the request's id if the line had one.
 pub fn decode_request(line: &[u8]) -> Result<Request, ErrorResponse> {
-    let value: Value = serde_json::from_slice(line)
-        .map_err(|e| ErrorResponse { id: None, error: format!("request is not JSON: {e}") })?;
+    let value: Value = serde_json::from_slice(line).map_err(|e| ErrorResponse {
+        id: None,
+        error: format!("request is not JSON: {e}"),
+    })?;
     let id = value.get("id").and_then(Value::as_u64);
-    let request: Request = serde_json::from_value(value)
-        .map_err(|e| ErrorResponse { id, error: format!("malformed request: {e}") })?;
+    let request: Request = serde_json::from_value(value).map_err(|e| ErrorResponse {
+        id,
+        error: format!("malformed request: {e}"),
+    })?;
     if request.argv.is_empty() {
-        return Err(ErrorResponse { id, error: "malformed request: argv is empty".into() });
+        return Err(ErrorResponse {
+            id,
+            error: "malformed request: argv is empty".into(),
+        });
     }
     Ok(request)
 }
@@ -148,19 +158,34 @@ mod tests {
 
     #[test]
     fn ready_event_has_the_agreed_shape() {
-        let line = text(encode(&Event::Ready { boot_id: "b1".into() }));
+        let line = text(encode(&Event::Ready {
+            boot_id: "b1".into(),
+        }));
         assert_eq!(line, "{\"event\":\"ready\",\"boot_id\":\"b1\"}\n");
     }
 
     #[test]
     fn request_defaults_timeout_and_stdin() {
         let r = decode_request(br#"{"id":3,"argv":["true"]}"#).unwrap();
-        assert_eq!(r, Request { id: 3, argv: vec!["true".into()], timeout_ms: 60_000, stdin: None });
+        assert_eq!(
+            r,
+            Request {
+                id: 3,
+                argv: vec!["true".into()],
+                timeout_ms: 60_000,
+                stdin: None
+            }
+        );
     }
 
     #[test]
     fn request_round_trips() {
-        let r = Request { id: 9, argv: vec!["sh".into(), "-c".into(), "cat".into()], timeout_ms: 5, stdin: Some("x\n".into()) };
+        let r = Request {
+            id: 9,
+            argv: vec!["sh".into(), "-c".into(), "cat".into()],
+            timeout_ms: 5,
+            stdin: Some("x\n".into()),
+        };
         let line = encode(&r);
         assert!(line.ends_with(b"\n"));
         assert_eq!(decode_request(&line[..line.len() - 1]).unwrap(), r);
@@ -179,7 +204,11 @@ mod tests {
         for (line, id, needle) in cases {
             let err = decode_request(line).unwrap_err();
             assert_eq!(err.id, *id, "{}", String::from_utf8_lossy(line));
-            assert!(err.error.contains(needle), "{:?} lacks {needle:?}", err.error);
+            assert!(
+                err.error.contains(needle),
+                "{:?} lacks {needle:?}",
+                err.error
+            );
         }
     }
 
@@ -193,11 +222,16 @@ mod tests {
     fn messages_decode_by_their_keys() {
         assert_eq!(
             decode_message(br#"{"event":"ready","boot_id":"x"}"#).unwrap(),
-            Message::Event(Event::Ready { boot_id: "x".into() })
+            Message::Event(Event::Ready {
+                boot_id: "x".into()
+            })
         );
         assert_eq!(
             decode_message(br#"{"id":null,"error":"e"}"#).unwrap(),
-            Message::Error(ErrorResponse { id: None, error: "e".into() })
+            Message::Error(ErrorResponse {
+                id: None,
+                error: "e".into()
+            })
         );
         let response = Response {
             id: 1,
@@ -210,7 +244,10 @@ mod tests {
             truncated: false,
         };
         let line = encode(&response);
-        assert_eq!(decode_message(&line[..line.len() - 1]).unwrap(), Message::Response(response));
+        assert_eq!(
+            decode_message(&line[..line.len() - 1]).unwrap(),
+            Message::Response(response)
+        );
     }
 
     #[test]

@@ -12,19 +12,22 @@ fn main() -> ExitCode {
         eprintln!("usage: make-image DIR");
         return ExitCode::from(2);
     };
-    let result = std::fs::create_dir_all(&dir).map_err(|e| format!("creating {}: {e}", dir.display())).and_then(|()| {
-        let img = airlock_test_guest::image::prepare(&dir)?;
-        let vmlinuz = dir.join("vmlinuz");
-        std::fs::copy(&img.kernel.vmlinuz, &vmlinuz).map_err(|e| format!("copying {}: {e}", img.kernel.vmlinuz.display()))?;
-        Ok(format!(
-            "{} (kernel {} from {}; modules {:?}), {}",
-            vmlinuz.display(),
-            img.kernel.vmlinuz.display(),
-            img.kernel.source,
-            img.modules,
-            img.initrd.display()
-        ))
-    });
+    let result = std::fs::create_dir_all(&dir)
+        .map_err(|e| format!("creating {}: {e}", dir.display()))
+        .and_then(|()| {
+            let img = airlock_test_guest::image::prepare(&dir)?;
+            let vmlinuz = dir.join("vmlinuz");
+            std::fs::copy(&img.kernel.vmlinuz, &vmlinuz)
+                .map_err(|e| format!("copying {}: {e}", img.kernel.vmlinuz.display()))?;
+            Ok(format!(
+                "{} (kernel {} from {}; modules {:?}), {}",
+                vmlinuz.display(),
+                img.kernel.vmlinuz.display(),
+                img.kernel.source,
+                img.modules,
+                img.initrd.display()
+            ))
+        });
     match result {
         Ok(summary) => {
             println!("{summary}");

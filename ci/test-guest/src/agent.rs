@@ -86,12 +86,17 @@ impl Agent {
         self.host_caps = None;
         self.max_clipboard = None;
         self.host_grab = None;
-        vec![Message::AnnounceCapabilities { request: true, caps: capabilities() }]
+        vec![Message::AnnounceCapabilities {
+            request: true,
+            caps: capabilities(),
+        }]
     }
 
     /// True once the host announced `CLIPBOARD_BY_DEMAND`.
     fn clipboard_ready(&self) -> bool {
-        self.host_caps.as_ref().is_some_and(|c| c.has(cap::CLIPBOARD_BY_DEMAND))
+        self.host_caps
+            .as_ref()
+            .is_some_and(|c| c.has(cap::CLIPBOARD_BY_DEMAND))
     }
 
     /// Handles one message from the host; returns the guest's answers.
@@ -100,7 +105,14 @@ impl Agent {
         if let Message::AnnounceCapabilities { request, caps } = msg {
             self.host_caps = Some(caps);
             self.host_grab = None;
-            return if request { vec![Message::AnnounceCapabilities { request: false, caps: capabilities() }] } else { Vec::new() };
+            return if request {
+                vec![Message::AnnounceCapabilities {
+                    request: false,
+                    caps: capabilities(),
+                }]
+            } else {
+                Vec::new()
+            };
         }
         if !self.clipboard_ready() {
             return Vec::new();
@@ -123,9 +135,15 @@ impl Agent {
                 };
                 match &self.own {
                     Some((own_ty, data)) if *own_ty == ty && fits(data) => {
-                        vec![Message::Clipboard { ty, data: data.clone() }]
+                        vec![Message::Clipboard {
+                            ty,
+                            data: data.clone(),
+                        }]
                     }
-                    _ => vec![Message::Clipboard { ty: ClipboardType::None, data: Vec::new() }],
+                    _ => vec![Message::Clipboard {
+                        ty: ClipboardType::None,
+                        data: Vec::new(),
+                    }],
                 }
             }
             Message::Clipboard { ty, data } => {
@@ -146,7 +164,9 @@ impl Agent {
             DecodeError::UnknownType { msg_type, .. }
             | DecodeError::FileTransferRefused { msg_type, .. }
             | DecodeError::MessageTooLarge { msg_type, .. }
-            | DecodeError::BadPayload { msg_type, .. } => *self.rx.entry(*msg_type).or_default() += 1,
+            | DecodeError::BadPayload { msg_type, .. } => {
+                *self.rx.entry(*msg_type).or_default() += 1
+            }
             _ => {}
         }
     }
@@ -175,7 +195,9 @@ impl Agent {
     fn ready(&self) -> Result<(), String> {
         match &self.host_caps {
             None => Err("the host has not announced its capabilities".into()),
-            Some(_) if !self.clipboard_ready() => Err("the host did not announce clipboard-by-demand".into()),
+            Some(_) if !self.clipboard_ready() => {
+                Err("the host did not announce clipboard-by-demand".into())
+            }
             Some(_) => Ok(()),
         }
     }
@@ -184,7 +206,11 @@ impl Agent {
     pub fn received_line(&self) -> String {
         match &self.received {
             Some((ty, data)) if *ty != ClipboardType::None => {
-                format!("clip {} {}", protocol::clip_type_name(*ty), base64::engine::general_purpose::STANDARD.encode(data))
+                format!(
+                    "clip {} {}",
+                    protocol::clip_type_name(*ty),
+                    base64::engine::general_purpose::STANDARD.encode(data)
+                )
             }
             _ => "clip none".into(),
         }
@@ -194,7 +220,8 @@ impl Agent {
     pub fn grabs_line(&self) -> String {
         match &self.host_grab {
             Some(types) => {
-                let names: Vec<String> = types.iter().map(|t| protocol::clip_type_name(*t)).collect();
+                let names: Vec<String> =
+                    types.iter().map(|t| protocol::clip_type_name(*t)).collect();
                 format!("grabs {}", names.join(" "))
             }
             None => "grabs none".into(),
@@ -223,8 +250,14 @@ mod tests {
         a.start();
         let host = Capabilities::from_bits(&[cap::CLIPBOARD_BY_DEMAND, cap::MAX_CLIPBOARD]);
         assert_eq!(
-            a.on_message(Message::AnnounceCapabilities { request: true, caps: host }),
-            vec![Message::AnnounceCapabilities { request: false, caps: capabilities() }]
+            a.on_message(Message::AnnounceCapabilities {
+                request: true,
+                caps: host
+            }),
+            vec![Message::AnnounceCapabilities {
+                request: false,
+                caps: capabilities()
+            }]
         );
         a
     }
@@ -233,19 +266,37 @@ mod tests {
     fn announces_by_demand_and_max_clipboard_only() {
         let caps = capabilities();
         assert!(caps.has(cap::CLIPBOARD_BY_DEMAND) && caps.has(cap::MAX_CLIPBOARD));
-        assert!(!caps.has(cap::CLIPBOARD_SELECTION) && !caps.has(cap::CLIPBOARD_GRAB_SERIAL) && !caps.has(cap::CLIPBOARD));
+        assert!(
+            !caps.has(cap::CLIPBOARD_SELECTION)
+                && !caps.has(cap::CLIPBOARD_GRAB_SERIAL)
+                && !caps.has(cap::CLIPBOARD)
+        );
         assert_eq!(caps.0, vec![(1 << 5) | (1 << 10)]);
-        assert_eq!(Agent::new().start(), vec![Message::AnnounceCapabilities { request: true, caps }]);
+        assert_eq!(
+            Agent::new().start(),
+            vec![Message::AnnounceCapabilities {
+                request: true,
+                caps
+            }]
+        );
     }
 
     #[test]
     fn host_grab_and_data_are_kept() {
         let mut a = announced();
         assert_eq!(a.grabs_line(), "grabs none");
-        assert!(a.on_message(Message::ClipboardGrab(vec![ClipboardType::Utf8Text, ClipboardType::Png])).is_empty());
+        assert!(a
+            .on_message(Message::ClipboardGrab(vec![
+                ClipboardType::Utf8Text,
+                ClipboardType::Png
+            ]))
+            .is_empty());
         assert_eq!(a.grabs_line(), "grabs utf8 png");
         assert_eq!(a.received_line(), "clip none");
-        a.on_message(Message::Clipboard { ty: ClipboardType::Utf8Text, data: b"hi".to_vec() });
+        a.on_message(Message::Clipboard {
+            ty: ClipboardType::Utf8Text,
+            data: b"hi".to_vec(),
+        });
         assert_eq!(a.received_line(), "clip utf8 aGk=");
         a.on_message(Message::ClipboardRelease);
         assert_eq!(a.grabs_line(), "grabs none");
@@ -254,21 +305,47 @@ mod tests {
     #[test]
     fn requests_are_answered_with_own_data_or_none() {
         let mut a = announced();
-        let none = vec![Message::Clipboard { ty: ClipboardType::None, data: Vec::new() }];
-        assert_eq!(a.on_message(Message::ClipboardRequest(ClipboardType::Utf8Text)), none);
-        assert_eq!(a.grab(ClipboardType::Utf8Text, b"abc".to_vec()).unwrap(), vec![Message::ClipboardGrab(vec![ClipboardType::Utf8Text])]);
+        let none = vec![Message::Clipboard {
+            ty: ClipboardType::None,
+            data: Vec::new(),
+        }];
         assert_eq!(
             a.on_message(Message::ClipboardRequest(ClipboardType::Utf8Text)),
-            vec![Message::Clipboard { ty: ClipboardType::Utf8Text, data: b"abc".to_vec() }]
+            none
         );
-        assert_eq!(a.on_message(Message::ClipboardRequest(ClipboardType::Png)), none);
+        assert_eq!(
+            a.grab(ClipboardType::Utf8Text, b"abc".to_vec()).unwrap(),
+            vec![Message::ClipboardGrab(vec![ClipboardType::Utf8Text])]
+        );
+        assert_eq!(
+            a.on_message(Message::ClipboardRequest(ClipboardType::Utf8Text)),
+            vec![Message::Clipboard {
+                ty: ClipboardType::Utf8Text,
+                data: b"abc".to_vec()
+            }]
+        );
+        assert_eq!(
+            a.on_message(Message::ClipboardRequest(ClipboardType::Png)),
+            none
+        );
         a.on_message(Message::MaxClipboard(2));
-        assert_eq!(a.on_message(Message::ClipboardRequest(ClipboardType::Utf8Text)), none, "over the host's limit");
+        assert_eq!(
+            a.on_message(Message::ClipboardRequest(ClipboardType::Utf8Text)),
+            none,
+            "over the host's limit"
+        );
         a.on_message(Message::MaxClipboard(-1));
-        assert_eq!(a.on_message(Message::ClipboardRequest(ClipboardType::Utf8Text)).len(), 1);
+        assert_eq!(
+            a.on_message(Message::ClipboardRequest(ClipboardType::Utf8Text))
+                .len(),
+            1
+        );
         // A host grab takes the clipboard away from the guest.
         a.on_message(Message::ClipboardGrab(vec![ClipboardType::Png]));
-        assert_eq!(a.on_message(Message::ClipboardRequest(ClipboardType::Utf8Text)), none);
+        assert_eq!(
+            a.on_message(Message::ClipboardRequest(ClipboardType::Utf8Text)),
+            none
+        );
     }
 
     #[test]
@@ -276,10 +353,18 @@ mod tests {
         let mut a = Agent::new();
         a.start();
         assert!(a.grab(ClipboardType::Utf8Text, b"x".to_vec()).is_err());
-        a.on_message(Message::AnnounceCapabilities { request: false, caps: Capabilities::from_bits(&[cap::MAX_CLIPBOARD]) });
+        a.on_message(Message::AnnounceCapabilities {
+            request: false,
+            caps: Capabilities::from_bits(&[cap::MAX_CLIPBOARD]),
+        });
         assert!(a.request(ClipboardType::Utf8Text).is_err());
-        assert!(a.on_message(Message::ClipboardRequest(ClipboardType::Utf8Text)).is_empty());
-        a.on_message(Message::Clipboard { ty: ClipboardType::Utf8Text, data: b"x".to_vec() });
+        assert!(a
+            .on_message(Message::ClipboardRequest(ClipboardType::Utf8Text))
+            .is_empty());
+        a.on_message(Message::Clipboard {
+            ty: ClipboardType::Utf8Text,
+            data: b"x".to_vec(),
+        });
         assert_eq!(a.received_line(), "clip none");
         assert_eq!(a.log_line(false), "vdagent connected=no rx.clipboard=1 rx.announce-capabilities=1 rx.clipboard-request=1 errors=0");
     }
@@ -287,8 +372,14 @@ mod tests {
     #[test]
     fn log_counts_both_directions_and_refusals() {
         let mut a = announced();
-        a.sent(&Message::AnnounceCapabilities { request: true, caps: capabilities() });
-        a.on_refused(&DecodeError::FileTransferRefused { msg_type: 10, size: 5 });
+        a.sent(&Message::AnnounceCapabilities {
+            request: true,
+            caps: capabilities(),
+        });
+        a.on_refused(&DecodeError::FileTransferRefused {
+            msg_type: 10,
+            size: 5,
+        });
         a.on_refused(&DecodeError::EmptyChunk);
         assert_eq!(
             a.log_line(true),

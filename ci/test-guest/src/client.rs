@@ -20,10 +20,16 @@ impl Client {
             match UnixStream::connect(socket) {
                 Ok(stream) => {
                     let writer = stream.try_clone()?;
-                    return Ok(Client { reader: BufReader::new(stream), writer });
+                    return Ok(Client {
+                        reader: BufReader::new(stream),
+                        writer,
+                    });
                 }
                 Err(e) if Instant::now() >= deadline => {
-                    return Err(io::Error::new(e.kind(), format!("connecting to {}: {e}", socket.display())))
+                    return Err(io::Error::new(
+                        e.kind(),
+                        format!("connecting to {}: {e}", socket.display()),
+                    ))
                 }
                 Err(_) => std::thread::sleep(Duration::from_millis(100)),
             }
@@ -37,7 +43,9 @@ impl Client {
         self.writer.write_all(format!("{command}\n").as_bytes())?;
         let deadline = Instant::now() + timeout;
         loop {
-            let left = deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(1));
+            let left = deadline
+                .saturating_duration_since(Instant::now())
+                .max(Duration::from_millis(1));
             let line = self.read_reply(left)?;
             if command == "ping" || !line.starts_with("pong") {
                 return Ok(line);
@@ -49,7 +57,10 @@ impl Client {
         self.reader.get_ref().set_read_timeout(Some(timeout))?;
         let mut line = String::new();
         match self.reader.read_line(&mut line) {
-            Ok(0) => Err(io::Error::new(io::ErrorKind::UnexpectedEof, "the guest's port closed (QEMU exited?)")),
+            Ok(0) => Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "the guest's port closed (QEMU exited?)",
+            )),
             Ok(_) => Ok(line.trim_end().to_owned()),
             Err(e) => Err(e),
         }
@@ -64,11 +75,18 @@ impl Client {
             match self.read_reply(Duration::from_millis(1000)) {
                 Ok(line) if line.starts_with("pong") => return Ok(line),
                 Ok(_) => {}
-                Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {}
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                    ) => {}
                 Err(e) => return Err(e),
             }
             if Instant::now() >= deadline {
-                return Err(io::Error::new(io::ErrorKind::TimedOut, format!("the guest did not answer ping within {timeout:?}")));
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("the guest did not answer ping within {timeout:?}"),
+                ));
             }
         }
     }
@@ -82,7 +100,10 @@ pub fn qmp_execute(socket: &Path, command: &str, timeout: Duration) -> io::Resul
     let mut qmp = Client::connect(socket, timeout)?;
     let greeting = qmp.read_reply(timeout)?;
     if !greeting.starts_with("{\"QMP\"") {
-        return Err(io::Error::new(io::ErrorKind::InvalidData, format!("not a QMP greeting: {greeting}")));
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("not a QMP greeting: {greeting}"),
+        ));
     }
     let mut answer = |text: &str| -> io::Result<String> {
         qmp.writer.write_all(format!("{text}\n").as_bytes())?;
@@ -95,7 +116,9 @@ pub fn qmp_execute(socket: &Path, command: &str, timeout: Duration) -> io::Resul
     };
     let negotiated = answer(r#"{"execute": "qmp_capabilities"}"#)?;
     if !negotiated.starts_with("{\"return\"") {
-        return Err(io::Error::other(format!("qmp_capabilities refused: {negotiated}")));
+        return Err(io::Error::other(format!(
+            "qmp_capabilities refused: {negotiated}"
+        )));
     }
     answer(command)
 }
@@ -104,14 +127,19 @@ pub fn qmp_execute(socket: &Path, command: &str, timeout: Duration) -> io::Resul
 /// (`rx.clipboard-grab=1` → `"rx.clipboard-grab" → 1`); other words are
 /// left out.
 pub fn counters(line: &str) -> std::collections::BTreeMap<String, u64> {
-    line.split_whitespace().filter_map(|w| w.split_once('=')).filter_map(|(k, v)| Some((k.to_owned(), v.parse().ok()?))).collect()
+    line.split_whitespace()
+        .filter_map(|w| w.split_once('='))
+        .filter_map(|(k, v)| Some((k.to_owned(), v.parse().ok()?)))
+        .collect()
 }
 
 #[cfg(test)]
 mod tests {
     #[test]
     fn counters_are_parsed() {
-        let c = super::counters("vdagent connected=yes rx.clipboard=2 tx.announce-capabilities=1 errors=0");
+        let c = super::counters(
+            "vdagent connected=yes rx.clipboard=2 tx.announce-capabilities=1 errors=0",
+        );
         assert_eq!(c.len(), 3);
         assert_eq!(c["rx.clipboard"], 2);
         assert_eq!(c.get("connected"), None);

@@ -35,16 +35,31 @@ pub fn allow_ping_sockets() {
 }
 
 /// `<ip> <port> <timeout_ms>` from the command's words.
-fn target<'a>(words: &mut impl Iterator<Item = &'a str>, usage: &str) -> Result<(SocketAddr, Duration), String> {
-    let (Some(ip), Some(port), Some(ms)) = (words.next(), words.next(), words.next()) else { return Err(format!("usage: {usage}")) };
-    let ip: IpAddr = ip.parse().map_err(|_| format!("{ip:?} is not an IP address"))?;
-    let port: u16 = port.parse().map_err(|_| format!("{port:?} is not a port"))?;
-    let ms: u64 = ms.parse().ok().filter(|ms| *ms > 0).ok_or_else(|| format!("{ms:?} is not a timeout in ms"))?;
+fn target<'a>(
+    words: &mut impl Iterator<Item = &'a str>,
+    usage: &str,
+) -> Result<(SocketAddr, Duration), String> {
+    let (Some(ip), Some(port), Some(ms)) = (words.next(), words.next(), words.next()) else {
+        return Err(format!("usage: {usage}"));
+    };
+    let ip: IpAddr = ip
+        .parse()
+        .map_err(|_| format!("{ip:?} is not an IP address"))?;
+    let port: u16 = port
+        .parse()
+        .map_err(|_| format!("{port:?} is not a port"))?;
+    let ms: u64 = ms
+        .parse()
+        .ok()
+        .filter(|ms| *ms > 0)
+        .ok_or_else(|| format!("{ms:?} is not a timeout in ms"))?;
     Ok((SocketAddr::new(ip, port), Duration::from_millis(ms)))
 }
 
 fn port_arg<'a>(words: &mut impl Iterator<Item = &'a str>, usage: &str) -> Result<u16, String> {
-    let (Some(port), None) = (words.next(), words.next()) else { return Err(format!("usage: {usage}")) };
+    let (Some(port), None) = (words.next(), words.next()) else {
+        return Err(format!("usage: {usage}"));
+    };
     port.parse().map_err(|_| format!("{port:?} is not a port"))
 }
 
@@ -54,7 +69,13 @@ fn failure(e: &io::Error) -> String {
     match e.kind() {
         io::ErrorKind::ConnectionRefused => "refused".into(),
         io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock => "timeout".into(),
-        _ if matches!(e.raw_os_error(), Some(libc::EHOSTUNREACH | libc::ENETUNREACH)) => format!("error unreachable: {e}"),
+        _ if matches!(
+            e.raw_os_error(),
+            Some(libc::EHOSTUNREACH | libc::ENETUNREACH)
+        ) =>
+        {
+            format!("error unreachable: {e}")
+        }
         _ => format!("error {e}"),
     }
 }
@@ -79,17 +100,28 @@ pub fn handle(line: &str) -> Option<String> {
         protocol::NET_UP => net_up(words),
         protocol::NET_INFO => Ok(net_info()),
         protocol::NET_MAC => net_mac(words),
-        protocol::TCP_CONNECT => target(words, "tcp-connect <ip> <port> <timeout_ms>").map(|(to, t)| match TcpStream::connect_timeout(&to, t) {
-            Ok(s) => s.local_addr().map_or_else(|e| format!("error {e}"), |a| format!("connected {a}")),
-            Err(e) => failure(&e),
-        }),
-        protocol::TCP_FETCH => target(words, "tcp-fetch <ip> <port> <timeout_ms>").map(|(to, t)| tcp_fetch(to, t)),
+        protocol::TCP_CONNECT => {
+            target(words, "tcp-connect <ip> <port> <timeout_ms>").map(|(to, t)| {
+                match TcpStream::connect_timeout(&to, t) {
+                    Ok(s) => s
+                        .local_addr()
+                        .map_or_else(|e| format!("error {e}"), |a| format!("connected {a}")),
+                    Err(e) => failure(&e),
+                }
+            })
+        }
+        protocol::TCP_FETCH => {
+            target(words, "tcp-fetch <ip> <port> <timeout_ms>").map(|(to, t)| tcp_fetch(to, t))
+        }
         protocol::TCP_LISTEN => port_arg(words, "tcp-listen <port>").and_then(tcp_listen),
         protocol::UDP_SEND => udp_send(words, rest_after(line, 3)),
         protocol::UDP_LISTEN => port_arg(words, "udp-listen <port>").and_then(udp_listen),
         protocol::UDP_RECEIVED => {
             let log = lock(&UDP_LOG);
-            Ok(std::iter::once(format!("udp {}", log.0)).chain(log.1.iter().map(|d| d.to_string())).collect::<Vec<_>>().join(" "))
+            Ok(std::iter::once(format!("udp {}", log.0))
+                .chain(log.1.iter().map(|d| d.to_string()))
+                .collect::<Vec<_>>()
+                .join(" "))
         }
         protocol::UDP_FETCH => udp_fetch(words, rest_after(line, 4)),
         protocol::ICMP_PING => {
@@ -112,7 +144,9 @@ fn tcp_fetch(to: SocketAddr, timeout: Duration) -> String {
         Ok(s) => s,
         Err(e) => return failure(&e),
     };
-    let left = timeout.saturating_sub(start.elapsed()).max(Duration::from_millis(1));
+    let left = timeout
+        .saturating_sub(start.elapsed())
+        .max(Duration::from_millis(1));
     let _ = stream.set_read_timeout(Some(left));
     let mut line = Vec::new();
     let mut buf = [0u8; 512];
@@ -149,20 +183,32 @@ fn listen_once<S: Send + 'static>(
 }
 
 fn tcp_listen(port: u16) -> Result<String, String> {
-    listen_once(&TCP_PORTS, port, || TcpListener::bind(("0.0.0.0", port)), |listener| {
-        for mut stream in listener.incoming().flatten() {
-            if let (Ok(local), Ok(peer)) = (stream.local_addr(), stream.peer_addr()) {
-                let _ = stream.write_all(format!("{}\n", net::banner(local, peer)).as_bytes());
+    listen_once(
+        &TCP_PORTS,
+        port,
+        || TcpListener::bind(("0.0.0.0", port)),
+        |listener| {
+            for mut stream in listener.incoming().flatten() {
+                if let (Ok(local), Ok(peer)) = (stream.local_addr(), stream.peer_addr()) {
+                    let _ = stream.write_all(format!("{}\n", net::banner(local, peer)).as_bytes());
+                }
+                let _ = stream.shutdown(Shutdown::Both);
             }
-            let _ = stream.shutdown(Shutdown::Both);
-        }
-    })?;
+        },
+    )?;
     Ok(format!("ok listening {port}"))
 }
 
 fn udp_send<'a>(words: &mut impl Iterator<Item = &'a str>, text: &str) -> Result<String, String> {
-    let (Some(ip), Some(port)) = (words.next(), words.next()) else { return Err("usage: udp-send <ip> <port> <text>".into()) };
-    let to = SocketAddr::new(ip.parse().map_err(|_| format!("{ip:?} is not an IP address"))?, port.parse().map_err(|_| format!("{port:?} is not a port"))?);
+    let (Some(ip), Some(port)) = (words.next(), words.next()) else {
+        return Err("usage: udp-send <ip> <port> <text>".into());
+    };
+    let to = SocketAddr::new(
+        ip.parse()
+            .map_err(|_| format!("{ip:?} is not an IP address"))?,
+        port.parse()
+            .map_err(|_| format!("{port:?} is not a port"))?,
+    );
     let socket = UdpSocket::bind("0.0.0.0:0").map_err(|e| e.to_string())?;
     socket.connect(to).map_err(|e| failure(&e))?;
     let n = socket.send(text.as_bytes()).map_err(|e| e.to_string())?;
@@ -171,26 +217,39 @@ fn udp_send<'a>(words: &mut impl Iterator<Item = &'a str>, text: &str) -> Result
 }
 
 fn udp_listen(port: u16) -> Result<String, String> {
-    listen_once(&UDP_PORTS, port, || UdpSocket::bind(("0.0.0.0", port)), move |socket| {
-        let mut buf = vec![0u8; 65536];
-        loop {
-            let Ok((n, source)) = socket.recv_from(&mut buf) else {
-                std::thread::sleep(Duration::from_millis(10));
-                continue;
-            };
-            {
-                let mut log = lock(&UDP_LOG);
-                log.0 += 1;
-                log.1.push_back(Datagram { port, source, payload: buf[..n].to_vec() });
-                while log.1.len() > protocol::UDP_KEPT {
-                    log.1.pop_front();
+    listen_once(
+        &UDP_PORTS,
+        port,
+        || UdpSocket::bind(("0.0.0.0", port)),
+        move |socket| {
+            let mut buf = vec![0u8; 65536];
+            loop {
+                let Ok((n, source)) = socket.recv_from(&mut buf) else {
+                    std::thread::sleep(Duration::from_millis(10));
+                    continue;
+                };
+                {
+                    let mut log = lock(&UDP_LOG);
+                    log.0 += 1;
+                    log.1.push_back(Datagram {
+                        port,
+                        source,
+                        payload: buf[..n].to_vec(),
+                    });
+                    while log.1.len() > protocol::UDP_KEPT {
+                        log.1.pop_front();
+                    }
                 }
+                // The local address as the peer sees it: the one the route to it uses.
+                let local = local_address_towards(source)
+                    .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], port)));
+                let _ = socket.send_to(
+                    net::banner(SocketAddr::new(local.ip(), port), source).as_bytes(),
+                    source,
+                );
             }
-            // The local address as the peer sees it: the one the route to it uses.
-            let local = local_address_towards(source).unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], port)));
-            let _ = socket.send_to(net::banner(SocketAddr::new(local.ip(), port), source).as_bytes(), source);
-        }
-    })?;
+        },
+    )?;
     Ok(format!("ok listening udp {port}"))
 }
 
@@ -209,10 +268,17 @@ fn udp_fetch<'a>(words: &mut impl Iterator<Item = &'a str>, text: &str) -> Resul
         return Ok(failure(&e));
     }
     socket.send(text.as_bytes()).map_err(|e| failure(&e))?;
-    socket.set_read_timeout(Some(timeout)).map_err(|e| e.to_string())?;
+    socket
+        .set_read_timeout(Some(timeout))
+        .map_err(|e| e.to_string())?;
     let mut buf = vec![0u8; 65536];
     Ok(match socket.recv(&mut buf) {
-        Ok(n) => format!("reply {to} {}", String::from_utf8_lossy(&buf[..n]).trim_end().replace('\n', " ")),
+        Ok(n) => format!(
+            "reply {to} {}",
+            String::from_utf8_lossy(&buf[..n])
+                .trim_end()
+                .replace('\n', " ")
+        ),
         Err(e) => failure(&e),
     })
 }
@@ -223,7 +289,13 @@ fn udp_fetch<'a>(words: &mut impl Iterator<Item = &'a str>, text: &str) -> Resul
 fn icmp_ping(ip: Ipv4Addr, timeout: Duration) -> String {
     use std::os::fd::FromRawFd;
     // SAFETY: plain socket(2); the descriptor is checked and then owned by the UdpSocket.
-    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, libc::IPPROTO_ICMP) };
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_INET,
+            libc::SOCK_DGRAM | libc::SOCK_CLOEXEC,
+            libc::IPPROTO_ICMP,
+        )
+    };
     if fd < 0 {
         return format!("error icmp socket: {}", io::Error::last_os_error());
     }
@@ -247,8 +319,14 @@ fn icmp_ping(ip: Ipv4Addr, timeout: Duration) -> String {
         }
         let _ = socket.set_read_timeout(Some(left));
         match socket.recv_from(&mut buf) {
-            Ok((n, from)) if n >= 8 && buf[0] == ECHO_REPLY && buf[6..8] == sequence.to_be_bytes() => {
-                return format!("reply {:.2} from {}", start.elapsed().as_secs_f64() * 1000.0, from.ip());
+            Ok((n, from))
+                if n >= 8 && buf[0] == ECHO_REPLY && buf[6..8] == sequence.to_be_bytes() =>
+            {
+                return format!(
+                    "reply {:.2} from {}",
+                    start.elapsed().as_secs_f64() * 1000.0,
+                    from.ip()
+                );
             }
             Ok(_) => {}
             Err(e) => return failure(&e),
@@ -281,11 +359,19 @@ fn sockaddr(addr: Ipv4Addr) -> libc::sockaddr {
     for (d, o) in sa_data[2..6].iter_mut().zip(addr.octets()) {
         *d = o as libc::c_char;
     }
-    libc::sockaddr { sa_family: libc::AF_INET as libc::sa_family_t, sa_data }
+    libc::sockaddr {
+        sa_family: libc::AF_INET as libc::sa_family_t,
+        sa_data,
+    }
 }
 
 fn sockaddr_ip(sa: &libc::sockaddr) -> Ipv4Addr {
-    Ipv4Addr::new(sa.sa_data[2] as u8, sa.sa_data[3] as u8, sa.sa_data[4] as u8, sa.sa_data[5] as u8)
+    Ipv4Addr::new(
+        sa.sa_data[2] as u8,
+        sa.sa_data[3] as u8,
+        sa.sa_data[4] as u8,
+        sa.sa_data[5] as u8,
+    )
 }
 
 /// An `ifreq` for interface `name`, the rest zero.
@@ -293,7 +379,11 @@ fn sockaddr_ip(sa: &libc::sockaddr) -> Ipv4Addr {
 fn ifreq(name: &str) -> libc::ifreq {
     // SAFETY: ifreq is plain data (a name and a union of plain data); all zeros is valid.
     let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
-    for (d, s) in req.ifr_name.iter_mut().zip(name.bytes().take(libc::IFNAMSIZ - 1)) {
+    for (d, s) in req
+        .ifr_name
+        .iter_mut()
+        .zip(name.bytes().take(libc::IFNAMSIZ - 1))
+    {
         *d = s as libc::c_char;
     }
     req
@@ -301,7 +391,12 @@ fn ifreq(name: &str) -> libc::ifreq {
 
 /// ioctl(2) on `socket` with a pointer to `arg`.
 #[allow(unsafe_code)]
-fn ioctl<T>(socket: &UdpSocket, request: libc::c_ulong, arg: &mut T, what: &str) -> Result<(), io::Error> {
+fn ioctl<T>(
+    socket: &UdpSocket,
+    request: libc::c_ulong,
+    arg: &mut T,
+    what: &str,
+) -> Result<(), io::Error> {
     // SAFETY: `arg` is the structure `request` expects (ifreq or rtentry), valid for the call.
     let rc = unsafe { libc::ioctl(socket.as_raw_fd(), request, arg as *mut T) };
     if rc < 0 {
@@ -314,22 +409,39 @@ fn ioctl<T>(socket: &UdpSocket, request: libc::c_ulong, arg: &mut T, what: &str)
 #[allow(unsafe_code)]
 fn set_up(socket: &UdpSocket, name: &str) -> io::Result<()> {
     let mut req = ifreq(name);
-    ioctl(socket, libc::SIOCGIFFLAGS, &mut req, &format!("SIOCGIFFLAGS {name}"))?;
+    ioctl(
+        socket,
+        libc::SIOCGIFFLAGS,
+        &mut req,
+        &format!("SIOCGIFFLAGS {name}"),
+    )?;
     // SAFETY: SIOCGIFFLAGS filled the flags member.
     unsafe { req.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short };
-    ioctl(socket, libc::SIOCSIFFLAGS, &mut req, &format!("SIOCSIFFLAGS {name}"))
+    ioctl(
+        socket,
+        libc::SIOCSIFFLAGS,
+        &mut req,
+        &format!("SIOCSIFFLAGS {name}"),
+    )
 }
 
 /// Interface names in `/sys/class/net`, sorted.
 fn interfaces() -> Vec<String> {
-    let mut names: Vec<String> =
-        std::fs::read_dir("/sys/class/net").into_iter().flatten().flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect();
+    let mut names: Vec<String> = std::fs::read_dir("/sys/class/net")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
     names.sort();
     names
 }
 
 fn sys(name: &str, file: &str) -> String {
-    std::fs::read_to_string(format!("/sys/class/net/{name}/{file}")).unwrap_or_default().trim().to_owned()
+    std::fs::read_to_string(format!("/sys/class/net/{name}/{file}"))
+        .unwrap_or_default()
+        .trim()
+        .to_owned()
 }
 
 /// The first interface of type ethernet (`ARPHRD_ETHER`), waiting up to
@@ -352,17 +464,32 @@ fn net_up<'a>(words: &mut impl Iterator<Item = &'a str>) -> Result<String, Strin
         return Err("usage: net-up <address>/<prefix> <gateway>".into());
     };
     let (address, prefix) = net::parse_cidr(cidr)?;
-    let gateway: Ipv4Addr = gateway.parse().map_err(|_| format!("{gateway:?} is not an IPv4 address"))?;
-    let name = first_ethernet(Duration::from_secs(5)).ok_or("no ethernet interface (no virtio-net-pci NIC, or virtio_net not loaded)")?;
+    let gateway: Ipv4Addr = gateway
+        .parse()
+        .map_err(|_| format!("{gateway:?} is not an IPv4 address"))?;
+    let name = first_ethernet(Duration::from_secs(5))
+        .ok_or("no ethernet interface (no virtio-net-pci NIC, or virtio_net not loaded)")?;
     let e = |e: io::Error| e.to_string();
     let socket = UdpSocket::bind("0.0.0.0:0").map_err(e)?;
     set_up(&socket, "lo").map_err(e)?;
     let mut req = ifreq(&name);
     req.ifr_ifru.ifru_addr = sockaddr(address);
-    ioctl(&socket, libc::SIOCSIFADDR, &mut req, &format!("SIOCSIFADDR {name}")).map_err(e)?;
+    ioctl(
+        &socket,
+        libc::SIOCSIFADDR,
+        &mut req,
+        &format!("SIOCSIFADDR {name}"),
+    )
+    .map_err(e)?;
     let mut req = ifreq(&name);
     req.ifr_ifru.ifru_netmask = sockaddr(net::netmask(prefix));
-    ioctl(&socket, libc::SIOCSIFNETMASK, &mut req, &format!("SIOCSIFNETMASK {name}")).map_err(e)?;
+    ioctl(
+        &socket,
+        libc::SIOCSIFNETMASK,
+        &mut req,
+        &format!("SIOCSIFNETMASK {name}"),
+    )
+    .map_err(e)?;
     set_up(&socket, &name).map_err(e)?;
     let mut route = RtEntry {
         rt_pad1: 0,
@@ -381,17 +508,32 @@ fn net_up<'a>(words: &mut impl Iterator<Item = &'a str>) -> Result<String, Strin
     };
     // Replace any earlier default route (a second net-up).
     for _ in 0..8 {
-        let mut old = RtEntry { rt_gateway: sockaddr(Ipv4Addr::UNSPECIFIED), rt_flags: libc::RTF_UP, ..route };
+        let mut old = RtEntry {
+            rt_gateway: sockaddr(Ipv4Addr::UNSPECIFIED),
+            rt_flags: libc::RTF_UP,
+            ..route
+        };
         if ioctl(&socket, libc::SIOCDELRT, &mut old, "SIOCDELRT").is_err() {
             break;
         }
     }
-    ioctl(&socket, libc::SIOCADDRT, &mut route, &format!("SIOCADDRT default via {gateway}")).map_err(e)?;
-    Ok(format!("ok net {name} {} {address}/{prefix}", sys(&name, "address")))
+    ioctl(
+        &socket,
+        libc::SIOCADDRT,
+        &mut route,
+        &format!("SIOCADDRT default via {gateway}"),
+    )
+    .map_err(e)?;
+    Ok(format!(
+        "ok net {name} {} {address}/{prefix}",
+        sys(&name, "address")
+    ))
 }
 
 fn net_mac<'a>(words: &mut impl Iterator<Item = &'a str>) -> Result<String, String> {
-    let (Some(mac), None) = (words.next(), words.next()) else { return Err("usage: net-mac <mac>".into()) };
+    let (Some(mac), None) = (words.next(), words.next()) else {
+        return Err("usage: net-mac <mac>".into());
+    };
     let mac = net::parse_mac(mac)?;
     let name = first_ethernet(Duration::from_secs(5)).ok_or("no ethernet interface")?;
     let socket = UdpSocket::bind("0.0.0.0:0").map_err(|e| e.to_string())?;
@@ -400,8 +542,17 @@ fn net_mac<'a>(words: &mut impl Iterator<Item = &'a str>) -> Result<String, Stri
     for (d, b) in sa_data.iter_mut().zip(mac) {
         *d = b as libc::c_char;
     }
-    req.ifr_ifru.ifru_hwaddr = libc::sockaddr { sa_family: libc::ARPHRD_ETHER, sa_data };
-    ioctl(&socket, libc::SIOCSIFHWADDR, &mut req, &format!("SIOCSIFHWADDR {name}")).map_err(|e| e.to_string())?;
+    req.ifr_ifru.ifru_hwaddr = libc::sockaddr {
+        sa_family: libc::ARPHRD_ETHER,
+        sa_data,
+    };
+    ioctl(
+        &socket,
+        libc::SIOCSIFHWADDR,
+        &mut req,
+        &format!("SIOCSIFHWADDR {name}"),
+    )
+    .map_err(|e| e.to_string())?;
     Ok(format!("ok mac {name} {}", sys(&name, "address")))
 }
 
@@ -417,21 +568,37 @@ fn address_of(socket: &UdpSocket, name: &str) -> String {
     let mut req = ifreq(name);
     let prefix = match ioctl(socket, libc::SIOCGIFNETMASK, &mut req, "SIOCGIFNETMASK") {
         // SAFETY: SIOCGIFNETMASK filled the netmask member.
-        Ok(()) => net::prefix_len(sockaddr_ip(unsafe { &req.ifr_ifru.ifru_netmask })).map_or("?".into(), |p| p.to_string()),
+        Ok(()) => net::prefix_len(sockaddr_ip(unsafe { &req.ifr_ifru.ifru_netmask }))
+            .map_or("?".into(), |p| p.to_string()),
         Err(_) => "?".into(),
     };
     format!("{address}/{prefix}")
 }
 
 fn net_info() -> String {
-    let Ok(socket) = UdpSocket::bind("0.0.0.0:0") else { return "error no socket".into() };
+    let Ok(socket) = UdpSocket::bind("0.0.0.0:0") else {
+        return "error no socket".into();
+    };
     let mut words = vec!["net".to_owned()];
     for name in interfaces() {
-        let flags = u32::from_str_radix(sys(&name, "flags").trim_start_matches("0x"), 16).unwrap_or(0);
-        let state = if flags & libc::IFF_UP as u32 != 0 { "up" } else { "down" };
-        words.push(format!("iface={name},{},{state},{}", sys(&name, "address"), address_of(&socket, &name)));
+        let flags =
+            u32::from_str_radix(sys(&name, "flags").trim_start_matches("0x"), 16).unwrap_or(0);
+        let state = if flags & libc::IFF_UP as u32 != 0 {
+            "up"
+        } else {
+            "down"
+        };
+        words.push(format!(
+            "iface={name},{},{state},{}",
+            sys(&name, "address"),
+            address_of(&socket, &name)
+        ));
     }
     let routes = std::fs::read_to_string("/proc/net/route").unwrap_or_default();
-    words.extend(net::parse_proc_route(&routes).iter().map(|r| format!("route={r}")));
+    words.extend(
+        net::parse_proc_route(&routes)
+            .iter()
+            .map(|r| format!("route={r}")),
+    );
     words.join(" ")
 }

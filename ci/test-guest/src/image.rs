@@ -9,7 +9,8 @@ use crate::kernel::{self, Kernel};
 
 /// Modules `/init` loads so that an ACPI power-button press reaches it
 /// (without extension: trixie ships `.ko.xz`, bookworm plain `.ko`).
-pub const POWER_BUTTON_MODULES: &[&str] = &["kernel/drivers/acpi/button", "kernel/drivers/input/evdev"];
+pub const POWER_BUTTON_MODULES: &[&str] =
+    &["kernel/drivers/acpi/button", "kernel/drivers/input/evdev"];
 
 /// Modules for `keys` besides `evdev` (in [`POWER_BUTTON_MODULES`]): the
 /// driver of QEMU's `virtio-keyboard-pci` and `virtio-tablet-pci` (what the
@@ -39,7 +40,11 @@ pub const DISPLAY_MODULES: &[&str] = &[
 /// (`modules.dep`), in load order. IPv4, `af_packet` and virtio-PCI are
 /// built into Debian's kernel. About 66 KB compressed. Without a NIC they
 /// load and bind nothing.
-pub const NET_MODULES: &[&str] = &["kernel/net/core/failover", "kernel/drivers/net/net_failover", "kernel/drivers/net/virtio_net"];
+pub const NET_MODULES: &[&str] = &[
+    "kernel/net/core/failover",
+    "kernel/drivers/net/net_failover",
+    "kernel/drivers/net/virtio_net",
+];
 
 /// Module file name endings, in the order looked for.
 const MODULE_SUFFIXES: &[&str] = &[".ko.xz", ".ko.zst", ".ko.gz", ".ko"];
@@ -68,28 +73,61 @@ pub fn build_init() -> Result<PathBuf, String> {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let output = Command::new(&cargo)
         .current_dir(workspace())
-        .args(["build", "--release", "--quiet", "--locked", "-p", "airlock-test-guest", "--bin", "airlock-test-guest", "--target", "x86_64-unknown-linux-gnu", "--target-dir"])
+        .args([
+            "build",
+            "--release",
+            "--quiet",
+            "--locked",
+            "-p",
+            "airlock-test-guest",
+            "--bin",
+            "airlock-test-guest",
+            "--target",
+            "x86_64-unknown-linux-gnu",
+            "--target-dir",
+        ])
         .arg(&target_dir)
         .env("RUSTFLAGS", "-C target-feature=+crt-static")
         .output()
         .map_err(|e| format!("running {}: {e}", Path::new(&cargo).display()))?;
     if !output.status.success() {
-        return Err(format!("building the test guest's /init failed ({}): {}", output.status, String::from_utf8_lossy(&output.stderr)));
+        return Err(format!(
+            "building the test guest's /init failed ({}): {}",
+            output.status,
+            String::from_utf8_lossy(&output.stderr)
+        ));
     }
     Ok(target_dir.join("x86_64-unknown-linux-gnu/release/airlock-test-guest"))
 }
 
 /// Builds `/init`, finds a kernel and writes `dir/initrd.cpio`.
 pub fn prepare(dir: &Path) -> Result<GuestImage, String> {
-    let kernel = kernel::find().ok_or_else(|| format!("no kernel for the test guest; looked at {}", kernel::SEARCHED))?;
+    let kernel = kernel::find().ok_or_else(|| {
+        format!(
+            "no kernel for the test guest; looked at {}",
+            kernel::SEARCHED
+        )
+    })?;
     let init = build_init()?;
     let init = std::fs::read(&init).map_err(|e| format!("reading {}: {e}", init.display()))?;
     let mut modules = Vec::new();
-    for base in POWER_BUTTON_MODULES.iter().chain(INPUT_MODULES).chain(DISPLAY_MODULES).chain(NET_MODULES) {
-        let found = MODULE_SUFFIXES.iter().find_map(|suffix| kernel.module(&format!("{base}{suffix}")));
+    for base in POWER_BUTTON_MODULES
+        .iter()
+        .chain(INPUT_MODULES)
+        .chain(DISPLAY_MODULES)
+        .chain(NET_MODULES)
+    {
+        let found = MODULE_SUFFIXES
+            .iter()
+            .find_map(|suffix| kernel.module(&format!("{base}{suffix}")));
         if let Some(path) = found {
-            let data = std::fs::read(&path).map_err(|e| format!("reading {}: {e}", path.display()))?;
-            let name = path.file_name().expect("has a name").to_string_lossy().into_owned();
+            let data =
+                std::fs::read(&path).map_err(|e| format!("reading {}: {e}", path.display()))?;
+            let name = path
+                .file_name()
+                .expect("has a name")
+                .to_string_lossy()
+                .into_owned();
             modules.push((name, data));
         }
     }
@@ -97,5 +135,9 @@ pub fn prepare(dir: &Path) -> Result<GuestImage, String> {
     initramfs::test_guest(&init, &modules)
         .write_to(&initrd)
         .map_err(|e| format!("writing {}: {e}", initrd.display()))?;
-    Ok(GuestImage { kernel, initrd, modules: modules.into_iter().map(|(n, _)| n).collect() })
+    Ok(GuestImage {
+        kernel,
+        initrd,
+        modules: modules.into_iter().map(|(n, _)| n).collect(),
+    })
 }

@@ -8,9 +8,21 @@ use std::path::Path;
 /// One archive entry.
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Entry {
-    Dir { path: String, mode: u32 },
-    File { path: String, mode: u32, data: Vec<u8> },
-    CharDev { path: String, mode: u32, major: u32, minor: u32 },
+    Dir {
+        path: String,
+        mode: u32,
+    },
+    File {
+        path: String,
+        mode: u32,
+        data: Vec<u8>,
+    },
+    CharDev {
+        path: String,
+        mode: u32,
+        major: u32,
+        minor: u32,
+    },
 }
 
 /// An initramfs being put together.
@@ -30,17 +42,29 @@ impl Initramfs {
 
     /// A directory (parents must be added first).
     pub fn dir(&mut self, path: &str) -> &mut Self {
-        self.entries.push(Entry::Dir { path: path.to_owned(), mode: 0o755 });
+        self.entries.push(Entry::Dir {
+            path: path.to_owned(),
+            mode: 0o755,
+        });
         self
     }
 
     pub fn file(&mut self, path: &str, mode: u32, data: Vec<u8>) -> &mut Self {
-        self.entries.push(Entry::File { path: path.to_owned(), mode, data });
+        self.entries.push(Entry::File {
+            path: path.to_owned(),
+            mode,
+            data,
+        });
         self
     }
 
     pub fn char_dev(&mut self, path: &str, mode: u32, major: u32, minor: u32) -> &mut Self {
-        self.entries.push(Entry::CharDev { path: path.to_owned(), mode, major, minor });
+        self.entries.push(Entry::CharDev {
+            path: path.to_owned(),
+            mode,
+            major,
+            minor,
+        });
         self
     }
 
@@ -50,11 +74,34 @@ impl Initramfs {
         for (i, entry) in self.entries.iter().enumerate() {
             let ino = i as u32 + 1;
             match entry {
-                Entry::Dir { path, mode } => header(&mut out, ino, S_IFDIR | mode, 2, 0, (0, 0), path, &[]),
-                Entry::File { path, mode, data } => header(&mut out, ino, S_IFREG | mode, 1, data.len(), (0, 0), path, data),
-                Entry::CharDev { path, mode, major, minor } => {
-                    header(&mut out, ino, S_IFCHR | mode, 1, 0, (*major, *minor), path, &[])
+                Entry::Dir { path, mode } => {
+                    header(&mut out, ino, S_IFDIR | mode, 2, 0, (0, 0), path, &[])
                 }
+                Entry::File { path, mode, data } => header(
+                    &mut out,
+                    ino,
+                    S_IFREG | mode,
+                    1,
+                    data.len(),
+                    (0, 0),
+                    path,
+                    data,
+                ),
+                Entry::CharDev {
+                    path,
+                    mode,
+                    major,
+                    minor,
+                } => header(
+                    &mut out,
+                    ino,
+                    S_IFCHR | mode,
+                    1,
+                    0,
+                    (*major, *minor),
+                    path,
+                    &[],
+                ),
             }
         }
         header(&mut out, 0, 0, 1, 0, (0, 0), "TRAILER!!!", &[]);
@@ -69,8 +116,31 @@ impl Initramfs {
 }
 
 #[allow(clippy::too_many_arguments)]
-fn header(out: &mut Vec<u8>, ino: u32, mode: u32, nlink: u32, size: usize, rdev: (u32, u32), name: &str, data: &[u8]) {
-    let fields = [ino, mode, 0, 0, nlink, 0, size as u32, 0, 0, rdev.0, rdev.1, name.len() as u32 + 1, 0];
+fn header(
+    out: &mut Vec<u8>,
+    ino: u32,
+    mode: u32,
+    nlink: u32,
+    size: usize,
+    rdev: (u32, u32),
+    name: &str,
+    data: &[u8],
+) {
+    let fields = [
+        ino,
+        mode,
+        0,
+        0,
+        nlink,
+        0,
+        size as u32,
+        0,
+        0,
+        rdev.0,
+        rdev.1,
+        name.len() as u32 + 1,
+        0,
+    ];
     out.extend_from_slice(b"070701");
     for f in fields {
         out.extend_from_slice(format!("{f:08x}").as_bytes());
@@ -93,7 +163,12 @@ fn pad4(out: &mut Vec<u8>) {
 /// in `/lib/modules/` and loaded by `/init` in the order given.
 pub fn test_guest(init: &[u8], modules: &[(String, Vec<u8>)]) -> Initramfs {
     let mut fs = Initramfs::new();
-    fs.dir("dev").char_dev("dev/console", 0o600, 5, 1).dir("proc").dir("sys").dir("lib").dir("lib/modules");
+    fs.dir("dev")
+        .char_dev("dev/console", 0o600, 5, 1)
+        .dir("proc")
+        .dir("sys")
+        .dir("lib")
+        .dir("lib/modules");
     for (name, data) in modules {
         fs.file(&format!("lib/modules/{name}"), 0o644, data.clone());
     }
@@ -131,11 +206,19 @@ mod tests {
     fn test_guest_has_console_and_init() {
         let bytes = test_guest(b"ELF", &[("button.ko.xz".into(), vec![1, 2])]).to_bytes();
         let text = String::from_utf8_lossy(&bytes);
-        for name in ["dev/console", "lib/modules/button.ko.xz", "lib/modules/order", "init\0"] {
+        for name in [
+            "dev/console",
+            "lib/modules/button.ko.xz",
+            "lib/modules/order",
+            "init\0",
+        ] {
             assert!(text.contains(name), "{name}");
         }
         // mode, uid, gid, nlink, mtime, size, devmajor, devminor, rdevmajor, rdevminor
-        let console: String = [0o020600u32, 0, 0, 1, 0, 0, 0, 0, 5, 1].iter().map(|f| format!("{f:08x}")).collect();
+        let console: String = [0o020600u32, 0, 0, 1, 0, 0, 0, 0, 5, 1]
+            .iter()
+            .map(|f| format!("{f:08x}"))
+            .collect();
         assert!(text.contains(&console), "console is c 5:1 0600");
     }
 }

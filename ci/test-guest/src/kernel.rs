@@ -19,18 +19,31 @@ pub struct Kernel {
 
 impl Kernel {
     fn at(vmlinuz: PathBuf, source: String) -> Kernel {
-        let release = vmlinuz.file_name().and_then(|n| n.to_str()).and_then(|n| n.strip_prefix("vmlinuz-")).map(str::to_owned);
+        let release = vmlinuz
+            .file_name()
+            .and_then(|n| n.to_str())
+            .and_then(|n| n.strip_prefix("vmlinuz-"))
+            .map(str::to_owned);
         let root = vmlinuz.parent().and_then(Path::parent);
         let modules = match (root, release) {
-            (Some(root), Some(rel)) => Some(root.join("lib/modules").join(rel)).filter(|p| p.is_dir()),
+            (Some(root), Some(rel)) => {
+                Some(root.join("lib/modules").join(rel)).filter(|p| p.is_dir())
+            }
             _ => None,
         };
-        Kernel { vmlinuz, modules, source }
+        Kernel {
+            vmlinuz,
+            modules,
+            source,
+        }
     }
 
     /// A module's file (e.g. `kernel/drivers/acpi/button.ko.xz`), if present.
     pub fn module(&self, relative: &str) -> Option<PathBuf> {
-        self.modules.as_ref().map(|m| m.join(relative)).filter(|p| p.is_file())
+        self.modules
+            .as_ref()
+            .map(|m| m.join(relative))
+            .filter(|p| p.is_file())
     }
 }
 
@@ -46,7 +59,14 @@ fn kernels_in(dir: &Path) -> Vec<PathBuf> {
         .flatten()
         .filter(|e| e.file_name().to_string_lossy().starts_with("vmlinuz-"))
         .filter(|e| readable(&e.path()))
-        .map(|e| (e.metadata().and_then(|m| m.modified()).unwrap_or(std::time::UNIX_EPOCH), e.path()))
+        .map(|e| {
+            (
+                e.metadata()
+                    .and_then(|m| m.modified())
+                    .unwrap_or(std::time::UNIX_EPOCH),
+                e.path(),
+            )
+        })
         .collect();
     found.sort_by(|a, b| b.0.cmp(&a.0).then_with(|| a.1.cmp(&b.1)));
     found.into_iter().map(|(_, p)| p).collect()
@@ -76,7 +96,10 @@ pub fn find() -> Option<Kernel> {
     if let Some(k) = candidates.drain(..).next() {
         return Some(Kernel::at(k, "the builder's cached image tree".into()));
     }
-    kernels_in(Path::new("/boot")).into_iter().next().map(|k| Kernel::at(k, "the host's /boot".into()))
+    kernels_in(Path::new("/boot"))
+        .into_iter()
+        .next()
+        .map(|k| Kernel::at(k, "the host's /boot".into()))
 }
 
 #[cfg(test)]
@@ -89,7 +112,11 @@ mod tests {
         let boot = dir.join("boot");
         std::fs::create_dir_all(&boot).unwrap();
         std::fs::create_dir_all(dir.join("lib/modules/6.1.0-x/kernel/drivers/acpi")).unwrap();
-        std::fs::write(dir.join("lib/modules/6.1.0-x/kernel/drivers/acpi/button.ko.xz"), b"x").unwrap();
+        std::fs::write(
+            dir.join("lib/modules/6.1.0-x/kernel/drivers/acpi/button.ko.xz"),
+            b"x",
+        )
+        .unwrap();
         std::fs::write(boot.join("vmlinuz-6.1.0-x"), b"k").unwrap();
         let k = Kernel::at(boot.join("vmlinuz-6.1.0-x"), "t".into());
         assert_eq!(k.modules, Some(dir.join("lib/modules/6.1.0-x")));
@@ -100,7 +127,8 @@ mod tests {
     }
 
     fn tempfile_dir() -> PathBuf {
-        let dir = std::env::temp_dir().join(format!("airlock-test-guest-kernel-{}", std::process::id()));
+        let dir =
+            std::env::temp_dir().join(format!("airlock-test-guest-kernel-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         dir

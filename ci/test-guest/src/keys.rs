@@ -56,7 +56,10 @@ impl KeyLog {
     }
 
     pub const fn with_capacity(capacity: usize) -> KeyLog {
-        KeyLog { events: VecDeque::new(), capacity }
+        KeyLog {
+            events: VecDeque::new(),
+            capacity,
+        }
     }
 
     /// Adds `event` unless it is an autorepeat (or any value other than
@@ -104,7 +107,9 @@ pub fn parse_reply(line: &str) -> Result<Vec<KeyEvent>, String> {
     }
     words
         .map(|w| {
-            let (code, value) = w.split_once(':').ok_or_else(|| format!("bad key event {w:?} in {line:?}"))?;
+            let (code, value) = w
+                .split_once(':')
+                .ok_or_else(|| format!("bad key event {w:?} in {line:?}"))?;
             match (code.parse(), value.parse()) {
                 (Ok(code), Ok(value)) => Ok(KeyEvent { code, value }),
                 _ => Err(format!("bad key event {w:?} in {line:?}")),
@@ -151,7 +156,15 @@ mod tests {
     fn logs_presses_and_releases_without_repeats() {
         let mut log = KeyLog::new();
         assert_eq!(log.line(), "ok keys");
-        for (code, value) in [(30, 1), (30, 2), (30, 2), (30, 0), (48, 1), (48, 0), (48, 7)] {
+        for (code, value) in [
+            (30, 1),
+            (30, 2),
+            (30, 2),
+            (30, 0),
+            (48, 1),
+            (48, 0),
+            (48, 7),
+        ] {
             log.record(KeyEvent::new(code, value));
         }
         assert_eq!(log.line(), "ok keys 30:1 30:0 48:1 48:0");
@@ -181,12 +194,25 @@ mod tests {
     #[test]
     fn reply_round_trips() {
         let mut log = KeyLog::new();
-        let events = [KeyEvent::new(30, 1), KeyEvent::new(30, 0), KeyEvent::new(272, 1), KeyEvent::new(272, 0)];
+        let events = [
+            KeyEvent::new(30, 1),
+            KeyEvent::new(30, 0),
+            KeyEvent::new(272, 1),
+            KeyEvent::new(272, 0),
+        ];
         events.iter().for_each(|e| log.record(*e));
         assert_eq!(parse_reply(&log.line()), Ok(events.to_vec()));
         assert_eq!(parse_reply("ok keys"), Ok(vec![]));
         assert_eq!(parse_reply("ok keys  "), Ok(vec![]));
-        for bad in ["ok keys-clear", "error unknown command", "ok keys 30", "ok keys 30:x", "ok keys -1:1", "keys 30:1", ""] {
+        for bad in [
+            "ok keys-clear",
+            "error unknown command",
+            "ok keys 30",
+            "ok keys 30:x",
+            "ok keys -1:1",
+            "keys 30:1",
+            "",
+        ] {
             assert!(parse_reply(bad).is_err(), "{bad:?}");
         }
     }

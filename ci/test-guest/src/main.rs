@@ -46,7 +46,10 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 fn main() {
     if std::process::id() != 1 {
-        eprintln!("airlock-test-guest: this is a test guest's /init; refusing to run as pid {}", std::process::id());
+        eprintln!(
+            "airlock-test-guest: this is a test guest's /init; refusing to run as pid {}",
+            std::process::id()
+        );
         std::process::exit(2);
     }
     mount("devtmpfs", "/dev", "devtmpfs");
@@ -61,7 +64,10 @@ fn main() {
     loop {
         match find_port(protocol::PORT_NAME) {
             Some(port) => serve(&port),
-            None => println!("airlock-test-guest: port {} not found yet", protocol::PORT_NAME),
+            None => println!(
+                "airlock-test-guest: port {} not found yet",
+                protocol::PORT_NAME
+            ),
         }
         std::thread::sleep(Duration::from_secs(1));
     }
@@ -75,9 +81,20 @@ fn cstr(s: &str) -> CString {
 fn mount(source: &str, target: &str, fstype: &str) {
     let _ = std::fs::create_dir_all(target);
     // SAFETY: valid NUL-terminated strings; no data argument.
-    let rc = unsafe { libc::mount(cstr(source).as_ptr(), cstr(target).as_ptr(), cstr(fstype).as_ptr(), 0, std::ptr::null()) };
+    let rc = unsafe {
+        libc::mount(
+            cstr(source).as_ptr(),
+            cstr(target).as_ptr(),
+            cstr(fstype).as_ptr(),
+            0,
+            std::ptr::null(),
+        )
+    };
     if rc != 0 {
-        println!("airlock-test-guest: mount {target}: {}", std::io::Error::last_os_error());
+        println!(
+            "airlock-test-guest: mount {target}: {}",
+            std::io::Error::last_os_error()
+        );
     }
 }
 
@@ -92,13 +109,27 @@ fn load_modules() {
             println!("airlock-test-guest: {path} missing");
             continue;
         };
-        let flags = if name.ends_with(".xz") || name.ends_with(".zst") || name.ends_with(".gz") { MODULE_INIT_COMPRESSED_FILE } else { 0 };
+        let flags = if name.ends_with(".xz") || name.ends_with(".zst") || name.ends_with(".gz") {
+            MODULE_INIT_COMPRESSED_FILE
+        } else {
+            0
+        };
         use std::os::fd::AsRawFd;
         let empty = cstr("");
         // SAFETY: a valid open descriptor and NUL-terminated parameters.
-        let rc = unsafe { libc::syscall(libc::SYS_finit_module, file.as_raw_fd(), empty.as_ptr(), flags) };
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_finit_module,
+                file.as_raw_fd(),
+                empty.as_ptr(),
+                flags,
+            )
+        };
         if rc != 0 {
-            println!("airlock-test-guest: loading {name}: {}", std::io::Error::last_os_error());
+            println!(
+                "airlock-test-guest: loading {name}: {}",
+                std::io::Error::last_os_error()
+            );
         }
     }
 }
@@ -152,7 +183,11 @@ fn handle(line: &str) -> String {
     match words.next() {
         Some(protocol::PING) => {
             let uptime = std::fs::read_to_string("/proc/uptime").unwrap_or_default();
-            let secs: f64 = uptime.split_whitespace().next().and_then(|s| s.parse().ok()).unwrap_or(0.0);
+            let secs: f64 = uptime
+                .split_whitespace()
+                .next()
+                .and_then(|s| s.parse().ok())
+                .unwrap_or(0.0);
             format!("pong uptime_ms={}", (secs * 1000.0) as u64)
         }
         Some(protocol::POWEROFF) => "ok powering off".into(),
@@ -167,7 +202,13 @@ fn handle(line: &str) -> String {
                 .flatten()
                 .flatten()
                 .map(|e| {
-                    let read = |f: &str| std::fs::read_to_string(e.path().join(f)).unwrap_or_default().trim().trim_start_matches("0x").to_owned();
+                    let read = |f: &str| {
+                        std::fs::read_to_string(e.path().join(f))
+                            .unwrap_or_default()
+                            .trim()
+                            .trim_start_matches("0x")
+                            .to_owned()
+                    };
                     format!("{}:{}:{}", read("class"), read("vendor"), read("device"))
                 })
                 .collect();
@@ -176,10 +217,16 @@ fn handle(line: &str) -> String {
         }
 
         Some(protocol::BENCH) => {
-            let iterations: u64 = words.next().and_then(|w| w.parse().ok()).unwrap_or(50_000_000);
+            let iterations: u64 = words
+                .next()
+                .and_then(|w| w.parse().ok())
+                .unwrap_or(50_000_000);
             let start = Instant::now();
             let result = bench_work(iterations);
-            format!("bench iterations={iterations} elapsed_us={} result={result:x}", start.elapsed().as_micros())
+            format!(
+                "bench iterations={iterations} elapsed_us={} result={result:x}",
+                start.elapsed().as_micros()
+            )
         }
         Some(protocol::HOG) => {
             let n = |w: Option<&str>, d: u64| w.and_then(|w| w.parse().ok()).unwrap_or(d);
@@ -193,8 +240,12 @@ fn handle(line: &str) -> String {
             let (Some(ty), Some(b64), None) = (words.next(), words.next(), words.next()) else {
                 return "error usage: clip-set <type> <base64>".into();
             };
-            let Some(ty) = protocol::parse_clip_type(ty) else { return format!("error unknown clipboard type {ty:?}") };
-            let Ok(data) = base64::engine::general_purpose::STANDARD.decode(b64) else { return "error bad base64".into() };
+            let Some(ty) = protocol::parse_clip_type(ty) else {
+                return format!("error unknown clipboard type {ty:?}");
+            };
+            let Ok(data) = base64::engine::general_purpose::STANDARD.decode(b64) else {
+                return "error bad base64".into();
+            };
             let len = data.len();
             let grab = lock(&AGENT).grab(ty, data);
             match grab.and_then(|msgs| send_to_host(&msgs)) {
@@ -203,8 +254,12 @@ fn handle(line: &str) -> String {
             }
         }
         Some(protocol::CLIP_REQUEST) => {
-            let (Some(name), None) = (words.next(), words.next()) else { return "error usage: clip-request <type>".into() };
-            let Some(ty) = protocol::parse_clip_type(name) else { return format!("error unknown clipboard type {name:?}") };
+            let (Some(name), None) = (words.next(), words.next()) else {
+                return "error usage: clip-request <type>".into();
+            };
+            let Some(ty) = protocol::parse_clip_type(name) else {
+                return format!("error unknown clipboard type {name:?}");
+            };
             let request = lock(&AGENT).request(ty);
             match request.and_then(|msgs| send_to_host(&msgs)) {
                 Ok(()) => format!("ok requested {}", protocol::clip_type_name(ty)),
@@ -251,10 +306,16 @@ fn run_vdagent() {
     println!("airlock-test-guest: vdagent on {}", port.display());
     let mut buf = vec![0u8; 64 * 1024];
     loop {
-        let Ok(mut writer) = dev.try_clone() else { return };
+        let Ok(mut writer) = dev.try_clone() else {
+            return;
+        };
         let hello = lock(&AGENT).start();
         // Blocks until the host side connects.
-        if hello.iter().try_for_each(|m| writer.write_all(&encode(m))).is_err() {
+        if hello
+            .iter()
+            .try_for_each(|m| writer.write_all(&encode(m)))
+            .is_err()
+        {
             std::thread::sleep(Duration::from_millis(500));
             continue;
         }
@@ -292,9 +353,12 @@ fn run_vdagent() {
 /// [`encode`]) and counts them.
 fn send_to_host(msgs: &[Message]) -> Result<(), String> {
     let mut writer = lock(&AGENT_WRITER);
-    let Some(w) = writer.as_mut() else { return Err("the host is not connected".into()) };
+    let Some(w) = writer.as_mut() else {
+        return Err("the host is not connected".into());
+    };
     for m in msgs {
-        w.write_all(&encode(m)).map_err(|e| format!("writing to the host: {e}"))?;
+        w.write_all(&encode(m))
+            .map_err(|e| format!("writing to the host: {e}"))?;
         lock(&AGENT).sent(m);
     }
     Ok(())
@@ -313,7 +377,11 @@ const KD_GRAPHICS: libc::c_ulong = 1;
 fn draw(pattern: Pattern) -> Result<String, String> {
     use std::os::fd::AsRawFd;
     use std::os::unix::fs::FileExt;
-    let fb = OpenOptions::new().read(true).write(true).open("/dev/fb0").map_err(|e| format!("no framebuffer: /dev/fb0: {e}"))?;
+    let fb = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/fb0")
+        .map_err(|e| format!("no framebuffer: /dev/fb0: {e}"))?;
     // struct fb_var_screeninfo is 160 bytes, struct fb_fix_screeninfo 80 on x86-64.
     let mut var = [0u8; 160];
     let mut fix = [0u8; 80];
@@ -323,7 +391,10 @@ fn draw(pattern: Pattern) -> Result<String, String> {
             | libc::ioctl(fb.as_raw_fd(), FBIOGET_FSCREENINFO, fix.as_mut_ptr())
     };
     if rc != 0 {
-        return Err(format!("framebuffer ioctl: {}", std::io::Error::last_os_error()));
+        return Err(format!(
+            "framebuffer ioctl: {}",
+            std::io::Error::last_os_error()
+        ));
     }
     let u = |b: &[u8], at: usize| u32::from_ne_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]]);
     let layout = Layout {
@@ -341,9 +412,16 @@ fn draw(pattern: Pattern) -> Result<String, String> {
         // SAFETY: KDSETMODE takes an integer argument.
         unsafe { libc::ioctl(tty.as_raw_fd(), KDSETMODE, KD_GRAPHICS) };
     }
-    let start = u64::from(yoffset) * u64::from(layout.line_length) + u64::from(xoffset * layout.bits_per_pixel / 8);
-    fb.write_all_at(&pixels, start).map_err(|e| format!("writing /dev/fb0: {e}"))?;
-    Ok(format!("ok drew {} {}x{}", pattern.name(), layout.width, layout.height))
+    let start = u64::from(yoffset) * u64::from(layout.line_length)
+        + u64::from(xoffset * layout.bits_per_pixel / 8);
+    fb.write_all_at(&pixels, start)
+        .map_err(|e| format!("writing /dev/fb0: {e}"))?;
+    Ok(format!(
+        "ok drew {} {}x{}",
+        pattern.name(),
+        layout.width,
+        layout.height
+    ))
 }
 
 /// Busy threads and touched memory for `duration`, in the background.
@@ -351,7 +429,11 @@ fn hog(threads: u64, mib: u64, duration: Duration) {
     let end = Instant::now() + duration;
     for i in 0..threads {
         std::thread::spawn(move || {
-            let mut memory = if i == 0 { vec![0u8; (mib * 1024 * 1024) as usize] } else { Vec::new() };
+            let mut memory = if i == 0 {
+                vec![0u8; (mib * 1024 * 1024) as usize]
+            } else {
+                Vec::new()
+            };
             let mut x = i;
             while Instant::now() < end {
                 x = std::hint::black_box(bench_work(100_000).wrapping_add(x));
@@ -385,19 +467,32 @@ fn watch_inputs() {
 /// Others (no `EV_KEY`, or capabilities not readable yet) are looked at
 /// again next time.
 fn scan_inputs() {
-    for entry in std::fs::read_dir("/dev/input").into_iter().flatten().flatten() {
+    for entry in std::fs::read_dir("/dev/input")
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
         let name = entry.file_name().to_string_lossy().into_owned();
         let path = entry.path();
         if !name.starts_with("event") || lock(&INPUTS).contains(&path) {
             continue;
         }
-        let Ok(ev) = std::fs::read_to_string(format!("/sys/class/input/{name}/device/capabilities/ev")) else { continue };
+        let Ok(ev) =
+            std::fs::read_to_string(format!("/sys/class/input/{name}/device/capabilities/ev"))
+        else {
+            continue;
+        };
         if !keys::has_keys(&ev) {
             continue;
         }
         let Ok(dev) = File::open(&path) else { continue };
-        let device = std::fs::read_to_string(format!("/sys/class/input/{name}/device/name")).unwrap_or_default();
-        println!("airlock-test-guest: reading keys from {} ({})", path.display(), device.trim());
+        let device = std::fs::read_to_string(format!("/sys/class/input/{name}/device/name"))
+            .unwrap_or_default();
+        println!(
+            "airlock-test-guest: reading keys from {} ({})",
+            path.display(),
+            device.trim()
+        );
         lock(&INPUTS).push(path.clone());
         std::thread::spawn(move || {
             read_keys(dev);
@@ -412,7 +507,9 @@ fn read_keys(mut dev: File) {
     const KEY_POWER: u16 = 116;
     let mut raw = [0u8; keys::INPUT_EVENT_SIZE];
     while dev.read_exact(&mut raw).is_ok() {
-        let Some(event) = keys::decode(&raw) else { continue };
+        let Some(event) = keys::decode(&raw) else {
+            continue;
+        };
         lock(&KEYS).record(event);
         if event.code == KEY_POWER && event.value == keys::PRESSED {
             if IGNORE_POWER_BUTTON.load(Ordering::SeqCst) {
@@ -433,7 +530,10 @@ fn reboot() -> ! {
         libc::sync();
         libc::reboot(libc::LINUX_REBOOT_CMD_RESTART);
     }
-    println!("airlock-test-guest: reboot failed: {}", std::io::Error::last_os_error());
+    println!(
+        "airlock-test-guest: reboot failed: {}",
+        std::io::Error::last_os_error()
+    );
     loop {
         std::thread::sleep(Duration::from_secs(3600));
     }
@@ -448,7 +548,10 @@ fn power_off() -> ! {
         libc::reboot(libc::LINUX_REBOOT_CMD_POWER_OFF);
     }
     // reboot() only returns on failure.
-    println!("airlock-test-guest: power-off failed: {}", std::io::Error::last_os_error());
+    println!(
+        "airlock-test-guest: power-off failed: {}",
+        std::io::Error::last_os_error()
+    );
     loop {
         std::thread::sleep(Duration::from_secs(3600));
     }

@@ -7,9 +7,17 @@ use std::net::{Ipv4Addr, SocketAddr};
 
 /// `a.b.c.d/p` → (address, prefix).
 pub fn parse_cidr(text: &str) -> Result<(Ipv4Addr, u8), String> {
-    let (addr, prefix) = text.split_once('/').ok_or_else(|| format!("{text:?} is not <address>/<prefix>"))?;
-    let addr: Ipv4Addr = addr.parse().map_err(|_| format!("{addr:?} is not an IPv4 address"))?;
-    let prefix: u8 = prefix.parse().ok().filter(|p| *p <= 32).ok_or_else(|| format!("{prefix:?} is not a prefix length 0..=32"))?;
+    let (addr, prefix) = text
+        .split_once('/')
+        .ok_or_else(|| format!("{text:?} is not <address>/<prefix>"))?;
+    let addr: Ipv4Addr = addr
+        .parse()
+        .map_err(|_| format!("{addr:?} is not an IPv4 address"))?;
+    let prefix: u8 = prefix
+        .parse()
+        .ok()
+        .filter(|p| *p <= 32)
+        .ok_or_else(|| format!("{prefix:?} is not a prefix length 0..=32"))?;
     Ok((addr, prefix))
 }
 
@@ -35,7 +43,11 @@ pub fn parse_mac(text: &str) -> Result<[u8; 6], String> {
 
 /// The netmask of a prefix length (`24` → `255.255.255.0`).
 pub fn netmask(prefix: u8) -> Ipv4Addr {
-    Ipv4Addr::from(u32::MAX.checked_shl(32 - u32::from(prefix.min(32))).unwrap_or(0))
+    Ipv4Addr::from(
+        u32::MAX
+            .checked_shl(32 - u32::from(prefix.min(32)))
+            .unwrap_or(0),
+    )
 }
 
 /// The prefix length of a contiguous netmask, `None` otherwise.
@@ -65,13 +77,27 @@ impl std::fmt::Display for Route {
 /// The routes in `/proc/net/route` text (addresses in hex, in the host's
 /// byte order, little-endian on x86).
 pub fn parse_proc_route(text: &str) -> Vec<Route> {
-    let hex = |w: &str| u32::from_str_radix(w, 16).ok().map(|v| Ipv4Addr::from(v.to_le_bytes()));
+    let hex = |w: &str| {
+        u32::from_str_radix(w, 16)
+            .ok()
+            .map(|v| Ipv4Addr::from(v.to_le_bytes()))
+    };
     text.lines()
         .skip(1)
         .filter_map(|line| {
             let f: Vec<&str> = line.split_whitespace().collect();
-            let (dev, dest, gateway, mask) = (f.first()?, hex(f.get(1)?)?, hex(f.get(2)?)?, hex(f.get(7)?)?);
-            Some(Route { dest, prefix: prefix_len(mask)?, gateway: (!gateway.is_unspecified()).then_some(gateway), dev: dev.to_string() })
+            let (dev, dest, gateway, mask) = (
+                f.first()?,
+                hex(f.get(1)?)?,
+                hex(f.get(2)?)?,
+                hex(f.get(7)?)?,
+            );
+            Some(Route {
+                dest,
+                prefix: prefix_len(mask)?,
+                gateway: (!gateway.is_unspecified()).then_some(gateway),
+                dev: dev.to_string(),
+            })
         })
         .collect()
 }
@@ -80,7 +106,11 @@ pub fn parse_proc_route(text: &str) -> Vec<Route> {
 /// answered (its local address) on which port, and whom it saw (after NAT,
 /// the translated source).
 pub fn banner(local: SocketAddr, peer: SocketAddr) -> String {
-    format!("airlock-test-guest {} port {} peer {peer}", local.ip(), local.port())
+    format!(
+        "airlock-test-guest {} port {} peer {peer}",
+        local.ip(),
+        local.port()
+    )
 }
 
 /// A payload as one word: printable ASCII other than space and `\` as is,
@@ -88,7 +118,13 @@ pub fn banner(local: SocketAddr, peer: SocketAddr) -> String {
 pub fn escape(bytes: &[u8]) -> String {
     bytes
         .iter()
-        .map(|&b| if b.is_ascii_graphic() && b != b'\\' { (b as char).to_string() } else { format!("\\x{b:02x}") })
+        .map(|&b| {
+            if b.is_ascii_graphic() && b != b'\\' {
+                (b as char).to_string()
+            } else {
+                format!("\\x{b:02x}")
+            }
+        })
         .collect()
 }
 
@@ -128,14 +164,22 @@ impl std::fmt::Display for Datagram {
 /// A `udp-received` reply → (total since boot, the datagrams listed).
 pub fn parse_udp_received(line: &str) -> Result<(u64, Vec<Datagram>), String> {
     let mut words = line.split_whitespace();
-    let (Some("udp"), Some(total)) = (words.next(), words.next()) else { return Err(format!("not a udp-received reply: {line:?}")) };
-    let total = total.parse().map_err(|_| format!("bad total in {line:?}"))?;
+    let (Some("udp"), Some(total)) = (words.next(), words.next()) else {
+        return Err(format!("not a udp-received reply: {line:?}"));
+    };
+    let total = total
+        .parse()
+        .map_err(|_| format!("bad total in {line:?}"))?;
     let datagrams = words
         .map(|w| {
             let bad = || format!("bad datagram {w:?}");
             let (port, rest) = w.split_once(':').ok_or_else(bad)?;
             let (source, payload) = rest.split_once('/').ok_or_else(bad)?;
-            Ok(Datagram { port: port.parse().map_err(|_| bad())?, source: source.parse().map_err(|_| bad())?, payload: unescape(payload).ok_or_else(bad)? })
+            Ok(Datagram {
+                port: port.parse().map_err(|_| bad())?,
+                source: source.parse().map_err(|_| bad())?,
+                payload: unescape(payload).ok_or_else(bad)?,
+            })
         })
         .collect::<Result<_, String>>()?;
     Ok((total, datagrams))
@@ -147,7 +191,10 @@ mod tests {
 
     #[test]
     fn cidr_and_masks() {
-        assert_eq!(parse_cidr("10.10.1.2/24"), Ok((Ipv4Addr::new(10, 10, 1, 2), 24)));
+        assert_eq!(
+            parse_cidr("10.10.1.2/24"),
+            Ok((Ipv4Addr::new(10, 10, 1, 2), 24))
+        );
         assert!(parse_cidr("10.10.1.2").is_err());
         assert!(parse_cidr("10.10.1.2/33").is_err());
         assert!(parse_cidr("10.10.1/24").is_err());
@@ -163,16 +210,22 @@ mod tests {
 
     #[test]
     fn macs_parse() {
-        assert_eq!(parse_mac("52:54:00:a1:00:0f"), Ok([0x52, 0x54, 0, 0xa1, 0, 0x0f]));
+        assert_eq!(
+            parse_mac("52:54:00:a1:00:0f"),
+            Ok([0x52, 0x54, 0, 0xa1, 0, 0x0f])
+        );
         assert!(parse_mac("52:54:00:a1:00").is_err());
         assert!(parse_mac("52:54:00:a1:00:0g").is_err());
         assert!(parse_mac("52:54:00:a1:00:002").is_err());
-        assert!(parse_mac("01:00:5e:00:00:01").unwrap_err().contains("multicast"));
+        assert!(parse_mac("01:00:5e:00:00:01")
+            .unwrap_err()
+            .contains("multicast"));
     }
 
     #[test]
     fn proc_net_route_is_parsed() {
-        let text = "Iface\tDestination\tGateway \tFlags\tRefCnt\tUse\tMetric\tMask\t\tMTU\tWindow\tIRTT\n\
+        let text =
+            "Iface\tDestination\tGateway \tFlags\tRefCnt\tUse\tMetric\tMask\t\tMTU\tWindow\tIRTT\n\
                     eth0\t00000000\t010A0A0A\t0003\t0\t0\t0\t00000000\t0\t0\t0\n\
                     eth0\t000A0A0A\t00000000\t0001\t0\t0\t0\t00FFFFFF\t0\t0\t0\n";
         let routes = parse_proc_route(text);
@@ -189,7 +242,11 @@ mod tests {
         assert_eq!(word, "a\\x20b\\x5cc\\x0a\\xffz");
         assert_eq!(unescape(&word), Some(payload.clone()));
         assert_eq!(unescape("\\x4"), None);
-        let d = Datagram { port: 53, source: "10.0.0.1:40000".parse().unwrap(), payload };
+        let d = Datagram {
+            port: 53,
+            source: "10.0.0.1:40000".parse().unwrap(),
+            payload,
+        };
         let (total, got) = parse_udp_received(&format!("udp 9 {d}")).unwrap();
         assert_eq!((total, got), (9, vec![d]));
         assert_eq!(parse_udp_received("udp 0").unwrap(), (0, vec![]));
@@ -198,7 +255,13 @@ mod tests {
 
     #[test]
     fn banner_names_both_ends() {
-        let b = banner("10.0.0.2:7000".parse().unwrap(), "10.0.0.1:40001".parse().unwrap());
-        assert_eq!(b, "airlock-test-guest 10.0.0.2 port 7000 peer 10.0.0.1:40001");
+        let b = banner(
+            "10.0.0.2:7000".parse().unwrap(),
+            "10.0.0.1:40001".parse().unwrap(),
+        );
+        assert_eq!(
+            b,
+            "airlock-test-guest 10.0.0.2 port 7000 peer 10.0.0.1:40001"
+        );
     }
 }

@@ -32,7 +32,10 @@ impl Pattern {
                 let c = |i: usize| u8::from_str_radix(&hex[i..i + 2], 16).expect("checked hex");
                 Ok(Pattern::Solid([c(0), c(2), c(4)]))
             }
-            _ => Err(format!("usage: draw bars | draw solid <rrggbb>, got {:?}", words.join(" "))),
+            _ => Err(format!(
+                "usage: draw bars | draw solid <rrggbb>, got {:?}",
+                words.join(" ")
+            )),
         }
     }
 
@@ -47,7 +50,9 @@ impl Pattern {
     /// The colour at column `x` of a screen `width` pixels wide.
     pub fn colour_at(&self, x: u32, width: u32) -> [u8; 3] {
         match self {
-            Pattern::Bars => BARS[((x as u64 * BARS.len() as u64) / width.max(1) as u64).min(7) as usize],
+            Pattern::Bars => {
+                BARS[((x as u64 * BARS.len() as u64) / width.max(1) as u64).min(7) as usize]
+            }
             Pattern::Solid(c) => *c,
         }
     }
@@ -77,7 +82,10 @@ impl Layout {
         };
         let line = self.line_length as usize;
         if line < self.width as usize * bytes {
-            return Err(format!("line length {line} too short for {} pixels", self.width));
+            return Err(format!(
+                "line length {line} too short for {} pixels",
+                self.width
+            ));
         }
         let channel = |v: u8, (offset, len): (u32, u32)| -> u32 {
             if len == 0 || len > 8 {
@@ -104,9 +112,20 @@ mod tests {
     #[test]
     fn parses_patterns() {
         assert_eq!(Pattern::parse(&["bars"]), Ok(Pattern::Bars));
-        assert_eq!(Pattern::parse(&["solid", "12aBef"]), Ok(Pattern::Solid([0x12, 0xab, 0xef])));
-        assert_eq!(Pattern::parse(&["solid", "12aBef"]).unwrap().name(), "solid 12abef");
-        for bad in [&["solid", "12345"][..], &["solid", "zz0000"], &["dots"], &[]] {
+        assert_eq!(
+            Pattern::parse(&["solid", "12aBef"]),
+            Ok(Pattern::Solid([0x12, 0xab, 0xef]))
+        );
+        assert_eq!(
+            Pattern::parse(&["solid", "12aBef"]).unwrap().name(),
+            "solid 12abef"
+        );
+        for bad in [
+            &["solid", "12345"][..],
+            &["solid", "zz0000"],
+            &["dots"],
+            &[],
+        ] {
             assert!(Pattern::parse(bad).is_err(), "{bad:?}");
         }
     }
@@ -123,14 +142,39 @@ mod tests {
 
     #[test]
     fn packs_xrgb8888_and_rgb565() {
-        let xrgb = Layout { width: 2, height: 2, bits_per_pixel: 32, line_length: 12, red: (16, 8), green: (8, 8), blue: (0, 8) };
+        let xrgb = Layout {
+            width: 2,
+            height: 2,
+            bits_per_pixel: 32,
+            line_length: 12,
+            red: (16, 8),
+            green: (8, 8),
+            blue: (0, 8),
+        };
         let px = xrgb.render(Pattern::Solid([0x11, 0x22, 0x33])).unwrap();
         assert_eq!(px.len(), 24);
-        assert_eq!(&px[..12], &[0x33, 0x22, 0x11, 0, 0x33, 0x22, 0x11, 0, 0, 0, 0, 0]);
+        assert_eq!(
+            &px[..12],
+            &[0x33, 0x22, 0x11, 0, 0x33, 0x22, 0x11, 0, 0, 0, 0, 0]
+        );
         assert_eq!(&px[12..], &px[..12]);
-        let rgb565 = Layout { width: 1, height: 1, bits_per_pixel: 16, line_length: 2, red: (11, 5), green: (5, 6), blue: (0, 5) };
-        assert_eq!(rgb565.render(Pattern::Solid([255, 0, 255])).unwrap(), vec![0x1f, 0xf8]);
-        let bad = Layout { bits_per_pixel: 8, ..xrgb };
+        let rgb565 = Layout {
+            width: 1,
+            height: 1,
+            bits_per_pixel: 16,
+            line_length: 2,
+            red: (11, 5),
+            green: (5, 6),
+            blue: (0, 5),
+        };
+        assert_eq!(
+            rgb565.render(Pattern::Solid([255, 0, 255])).unwrap(),
+            vec![0x1f, 0xf8]
+        );
+        let bad = Layout {
+            bits_per_pixel: 8,
+            ..xrgb
+        };
         assert!(bad.render(Pattern::Bars).is_err());
     }
 }

@@ -12,7 +12,16 @@ use common::{Guest, Ppm, Qmp};
 
 /// `draw bars`, left to right (literal here, not taken from the crate, so a
 /// change of the pattern shows).
-const BARS: [[u8; 3]; 8] = [[255, 255, 255], [255, 255, 0], [0, 255, 255], [0, 255, 0], [255, 0, 255], [255, 0, 0], [0, 0, 255], [0, 0, 0]];
+const BARS: [[u8; 3]; 8] = [
+    [255, 255, 255],
+    [255, 255, 0],
+    [0, 255, 255],
+    [0, 255, 0],
+    [255, 0, 255],
+    [255, 0, 0],
+    [0, 0, 255],
+    [0, 0, 0],
+];
 
 /// Points to check for a screen of `w`×`h`: each bar's centre column on
 /// three rows (top, middle, bottom), with the colour expected there.
@@ -38,7 +47,11 @@ fn wait_for_screen(
 ) -> (Ppm, Vec<String>) {
     let deadline = Instant::now() + timeout;
     loop {
-        qmp.execute(&format!(r#"{{"execute": "screendump", "arguments": {{"filename": "{}"}}}}"#, path.display())).unwrap();
+        qmp.execute(&format!(
+            r#"{{"execute": "screendump", "arguments": {{"filename": "{}"}}}}"#,
+            path.display()
+        ))
+        .unwrap();
         let ppm = Ppm::parse(&std::fs::read(path).unwrap()).unwrap();
         let wrong: Vec<String> = points(ppm.width, ppm.height)
             .into_iter()
@@ -54,7 +67,9 @@ fn wait_for_screen(
 
 /// `ok drew <pattern> <w>x<h>` → (w, h).
 fn drawn_size(reply: &str, pattern: &str) -> (usize, usize) {
-    let size = reply.strip_prefix(&format!("ok drew {pattern} ")).unwrap_or_else(|| panic!("unexpected draw reply {reply:?}"));
+    let size = reply
+        .strip_prefix(&format!("ok drew {pattern} "))
+        .unwrap_or_else(|| panic!("unexpected draw reply {reply:?}"));
     let (w, h) = size.split_once('x').unwrap();
     (w.parse().unwrap(), h.parse().unwrap())
 }
@@ -62,7 +77,12 @@ fn drawn_size(reply: &str, pattern: &str) -> (usize, usize) {
 #[test]
 fn guest_draws_bars_and_solid_colour_on_vga() {
     let guest = Guest::boot(|dir| {
-        vec!["-device".into(), "VGA".into(), "-qmp".into(), format!("unix:{},server=on,wait=off", dir.join("qmp.sock").display()).into()]
+        vec![
+            "-device".into(),
+            "VGA".into(),
+            "-qmp".into(),
+            format!("unix:{},server=on,wait=off", dir.join("qmp.sock").display()).into(),
+        ]
     });
     let mut client = guest.client();
     let mut qmp = Qmp::connect(&guest.dir.path().join("qmp.sock")).unwrap();
@@ -73,7 +93,11 @@ fn guest_draws_bars_and_solid_colour_on_vga() {
     let (w, h) = drawn_size(&reply, "bars");
     assert!(w >= 640 && h >= 480, "{reply}");
     let (ppm, wrong) = wait_for_screen(&mut qmp, &shot, t, bar_points);
-    assert_eq!((ppm.width, ppm.height), (w, h), "the screendump has the size the guest drew");
+    assert_eq!(
+        (ppm.width, ppm.height),
+        (w, h),
+        "the screendump has the size the guest drew"
+    );
     assert!(wrong.is_empty(), "colour bars not on the screen: {wrong:?}");
     // The edges between bars are where the guest put them (± one pixel).
     for i in 1..BARS.len() {
@@ -85,13 +109,23 @@ fn guest_draws_bars_and_solid_colour_on_vga() {
     let reply = client.command("draw solid 336699", t).unwrap();
     assert_eq!(drawn_size(&reply, "solid 336699"), (w, h));
     let solid = |w: usize, h: usize| -> Vec<(usize, usize, [u8; 3])> {
-        [(0, 0), (w - 1, 0), (0, h - 1), (w - 1, h - 1), (w / 2, h / 2), (w / 3, 2 * h / 3)]
-            .into_iter()
-            .map(|(x, y)| (x, y, [0x33, 0x66, 0x99]))
-            .collect()
+        [
+            (0, 0),
+            (w - 1, 0),
+            (0, h - 1),
+            (w - 1, h - 1),
+            (w / 2, h / 2),
+            (w / 3, 2 * h / 3),
+        ]
+        .into_iter()
+        .map(|(x, y)| (x, y, [0x33, 0x66, 0x99]))
+        .collect()
     };
     let (_, wrong) = wait_for_screen(&mut qmp, &shot, t, solid);
-    assert!(wrong.is_empty(), "solid colour not on the screen: {wrong:?}");
+    assert!(
+        wrong.is_empty(),
+        "solid colour not on the screen: {wrong:?}"
+    );
 
     let reply = client.command("draw dots", t).unwrap();
     assert!(reply.starts_with("error usage: draw bars"), "{reply}");

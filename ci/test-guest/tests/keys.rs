@@ -30,7 +30,9 @@ fn send_key(qmp: &mut Qmp, qcode: &str, hold_ms: u64) {
 
 /// Polls `keys` until it reports `n` events (or 10 s pass); returns them.
 fn wait_keys(client: &mut airlock_test_guest::client::Client, n: usize) -> Vec<KeyEvent> {
-    let reply = poll(client, "keys", Duration::from_secs(10), |r| parse_reply(r).is_ok_and(|e| e.len() >= n));
+    let reply = poll(client, "keys", Duration::from_secs(10), |r| {
+        parse_reply(r).is_ok_and(|e| e.len() >= n)
+    });
     parse_reply(&reply).unwrap_or_else(|e| panic!("{e}"))
 }
 
@@ -55,9 +57,17 @@ fn guest_reports_keys_from_qmp_send_key() {
     send_key(&mut qmp, "a", 50);
     send_key(&mut qmp, "b", 50);
     let events = wait_keys(&mut client, 4);
-    let expected = [KeyEvent::new(KEY_A, 1), KeyEvent::new(KEY_A, 0), KeyEvent::new(KEY_B, 1), KeyEvent::new(KEY_B, 0)];
+    let expected = [
+        KeyEvent::new(KEY_A, 1),
+        KeyEvent::new(KEY_A, 0),
+        KeyEvent::new(KEY_B, 1),
+        KeyEvent::new(KEY_B, 0),
+    ];
     assert_eq!(events, expected, "keys a, b");
-    assert_eq!(client.command("keys", t).unwrap(), "ok keys 30:1 30:0 48:1 48:0");
+    assert_eq!(
+        client.command("keys", t).unwrap(),
+        "ok keys 30:1 30:0 48:1 48:0"
+    );
 
     assert_eq!(client.command("keys-clear", t).unwrap(), "ok keys-clear");
     assert_eq!(client.command("keys", t).unwrap(), "ok keys");
@@ -65,7 +75,11 @@ fn guest_reports_keys_from_qmp_send_key() {
     // Held for 800 ms: the kernel autorepeats it (value 2, from 250 ms on,
     // every 33 ms), the log leaves the repeats out.
     send_key(&mut qmp, "c", 800);
-    assert_eq!(wait_keys(&mut client, 2), [KeyEvent::new(KEY_C, 1), KeyEvent::new(KEY_C, 0)], "held key c");
+    assert_eq!(
+        wait_keys(&mut client, 2),
+        [KeyEvent::new(KEY_C, 1), KeyEvent::new(KEY_C, 0)],
+        "held key c"
+    );
     assert_eq!(client.command("keys-clear", t).unwrap(), "ok keys-clear");
 
     // A tablet button: a virtio input device, read since the guest found it.
@@ -75,17 +89,28 @@ fn guest_reports_keys_from_qmp_send_key() {
         ))
         .unwrap();
     }
-    assert_eq!(wait_keys(&mut client, 2), [KeyEvent::new(BTN_LEFT, 1), KeyEvent::new(BTN_LEFT, 0)], "tablet button");
+    assert_eq!(
+        wait_keys(&mut client, 2),
+        [KeyEvent::new(BTN_LEFT, 1), KeyEvent::new(BTN_LEFT, 0)],
+        "tablet button"
+    );
 
     // The ACPI power button is read by the same readers: QMP
     // `system_powerdown` still powers the guest off.
     qmp.execute(r#"{"execute": "system_powerdown"}"#).unwrap();
-    let status = guest.wait_exit(Duration::from_secs(30)).expect("QEMU still runs 30 s after system_powerdown");
-    assert!(status.success(), "QEMU ended with {status} after system_powerdown");
+    let status = guest
+        .wait_exit(Duration::from_secs(30))
+        .expect("QEMU still runs 30 s after system_powerdown");
+    assert!(
+        status.success(),
+        "QEMU ended with {status} after system_powerdown"
+    );
     let console = guest.console();
     assert!(console.contains("power button pressed"), "{console}");
     for device in ["AT Translated Set 2 keyboard", "QEMU Virtio Tablet"] {
-        assert!(console.contains(&format!("({device})")), "{device} not read:\n{console}");
+        assert!(
+            console.contains(&format!("({device})")),
+            "{device} not read:\n{console}"
+        );
     }
 }
-

@@ -18,7 +18,10 @@ use crate::Machine;
 #[derive(Debug, Clone, clap::Args)]
 pub struct BenchBootOptions {
     /// The production image (`cargo xtask acceptance` builds one).
-    #[arg(long, default_value = "target/acceptance/images/production/airlock_1.0.raw")]
+    #[arg(
+        long,
+        default_value = "target/acceptance/images/production/airlock_1.0.raw"
+    )]
     pub image: PathBuf,
     /// Manifest whose cached package tree the plain image is made from.
     #[arg(long, default_value = "examples/debian.toml")]
@@ -53,31 +56,54 @@ fn median(mut values: Vec<f64>) -> f64 {
 
 const BOOT_TIMEOUT: Duration = Duration::from_secs(600);
 
-fn measure(image: &std::path::Path, target_marker: &str, dir: &std::path::Path) -> Result<BootFigures> {
+fn measure(
+    image: &std::path::Path,
+    target_marker: &str,
+    dir: &std::path::Path,
+) -> Result<BootFigures> {
     let disk = private_copy(image, dir, "disk.raw")?;
     let vars = dir.join("OVMF_VARS.fd");
     let _ = std::fs::remove_file(&vars);
     let machine = Machine::new(&disk, &vars)?;
     let start = Instant::now();
     let vm = machine.boot()?;
-    let at = vm.wait_for_serial_from(0, "Linux version", BOOT_TIMEOUT).context("waiting for the kernel")?;
+    let at = vm
+        .wait_for_serial_from(0, "Linux version", BOOT_TIMEOUT)
+        .context("waiting for the kernel")?;
     let kernel = start.elapsed().as_secs_f64();
     // The initrd stays silent; "Welcome to …" comes from the real root's systemd.
-    vm.wait_for_serial_from(at, "Welcome to", BOOT_TIMEOUT).context("waiting for the real root's systemd")?;
+    vm.wait_for_serial_from(at, "Welcome to", BOOT_TIMEOUT)
+        .context("waiting for the real root's systemd")?;
     let userspace = start.elapsed().as_secs_f64();
-    vm.wait_for_serial_from(0, target_marker, BOOT_TIMEOUT).with_context(|| format!("waiting for `{target_marker}`"))?;
+    vm.wait_for_serial_from(0, target_marker, BOOT_TIMEOUT)
+        .with_context(|| format!("waiting for `{target_marker}`"))?;
     let target = start.elapsed().as_secs_f64();
-    Ok(BootFigures { kernel, userspace, target })
+    Ok(BootFigures {
+        kernel,
+        userspace,
+        target,
+    })
 }
 
 pub fn boot(opts: &BenchBootOptions) -> Result<()> {
-    let dir = tempfile::Builder::new().prefix("airlock-bench-").tempdir_in("/var/tmp")?;
+    let dir = tempfile::Builder::new()
+        .prefix("airlock-bench-")
+        .tempdir_in("/var/tmp")?;
     let source = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../.."));
     println!("bench boot: making the plain Debian image from the cached tree");
-    let plain = crate::plain::build_plain_image(&source, &opts.manifest, &opts.cache_dir, &dir.path().join("plain"))?;
+    let plain = crate::plain::build_plain_image(
+        &source,
+        &opts.manifest,
+        &opts.cache_dir,
+        &dir.path().join("plain"),
+    )?;
     let accel = Machine::new(&opts.image, &dir.path().join("probe-vars.fd"))?.accel();
     let kinds = [
-        ("airlock", opts.image.clone(), "Reached target airlock.target"),
+        (
+            "airlock",
+            opts.image.clone(),
+            "Reached target airlock.target",
+        ),
         ("plain Debian", plain, "Reached target multi-user.target"),
     ];
     let mut medians = Vec::new();
@@ -85,11 +111,18 @@ pub fn boot(opts: &BenchBootOptions) -> Result<()> {
         let mut figures = Vec::new();
         for run in 1..=opts.runs {
             let f = measure(image, marker, &dir.path().join("machine"))?;
-            println!("bench boot: {name} run {run}: kernel {:.1}s, userspace {:.1}s, target {:.1}s", f.kernel, f.userspace, f.target);
+            println!(
+                "bench boot: {name} run {run}: kernel {:.1}s, userspace {:.1}s, target {:.1}s",
+                f.kernel, f.userspace, f.target
+            );
             figures.push(f);
         }
         let m = |get: fn(&BootFigures) -> f64| median(figures.iter().map(get).collect());
-        let med = BootFigures { kernel: m(|f| f.kernel), userspace: m(|f| f.userspace), target: m(|f| f.target) };
+        let med = BootFigures {
+            kernel: m(|f| f.kernel),
+            userspace: m(|f| f.userspace),
+            target: m(|f| f.target),
+        };
         println!(
             "bench boot: {name}: median of {} ({accel:?}) from QEMU start: kernel {:.1}s, userspace {:.1}s, `{marker}` {:.1}s",
             figures.len(),

@@ -30,7 +30,10 @@ pub fn strip_escapes(raw: &[u8]) -> (Vec<u8>, Vec<usize>) {
             // OSC: ESC ] ... terminated by BEL or ESC \
             (ESC, Some(b']')) => {
                 i += 2;
-                while i < raw.len() && raw[i] != 0x07 && !(raw[i] == ESC && raw.get(i + 1) == Some(&b'\\')) {
+                while i < raw.len()
+                    && raw[i] != 0x07
+                    && !(raw[i] == ESC && raw.get(i + 1) == Some(&b'\\'))
+                {
                     i += 1;
                 }
                 i += if raw.get(i) == Some(&ESC) { 2 } else { 1 };
@@ -75,9 +78,11 @@ pub fn read_from(path: &Path, offset: u64) -> Result<Vec<u8>> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
         Err(e) => return Err(e).with_context(|| format!("opening {}", path.display())),
     };
-    file.seek(SeekFrom::Start(offset)).with_context(|| format!("seeking in {}", path.display()))?;
+    file.seek(SeekFrom::Start(offset))
+        .with_context(|| format!("seeking in {}", path.display()))?;
     let mut bytes = Vec::new();
-    file.read_to_end(&mut bytes).with_context(|| format!("reading {}", path.display()))?;
+    file.read_to_end(&mut bytes)
+        .with_context(|| format!("reading {}", path.display()))?;
     Ok(bytes)
 }
 
@@ -93,14 +98,22 @@ mod tests {
     fn strips_escapes_and_carriage_returns() {
         let cases: &[(&[u8], &str)] = &[
             (b"plain\r\n", "plain\n"),
-            (b"[\x1b[0;32m  OK  \x1b[0m] Started foo.", "[  OK  ] Started foo."),
+            (
+                b"[\x1b[0;32m  OK  \x1b[0m] Started foo.",
+                "[  OK  ] Started foo.",
+            ),
             (b"\x1b[2J\x1b[01;01H\x1b[=3hBdsDxe: x", "BdsDxe: x"),
             (b"\x1b]8;;file://x\x07link\x1b]8;;\x1b\\ text", "link text"),
             (b"a\x1bcb\x1b", "ab"),
             (b"cut \x1b[0;3", "cut "),
         ];
         for (raw, expected) in cases {
-            assert_eq!(stripped(raw), *expected, "{:?}", String::from_utf8_lossy(raw));
+            assert_eq!(
+                stripped(raw),
+                *expected,
+                "{:?}",
+                String::from_utf8_lossy(raw)
+            );
         }
     }
 

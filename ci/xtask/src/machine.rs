@@ -29,7 +29,12 @@ impl Machine {
             .context("generating the machine's SMBIOS UUID")?
             .trim()
             .to_owned();
-        Ok(Machine { disk: disk.to_owned(), firmware, accel: detect_accel(&qemu_binary()), uuid })
+        Ok(Machine {
+            disk: disk.to_owned(),
+            firmware,
+            accel: detect_accel(&qemu_binary()),
+            uuid,
+        })
     }
 
     pub fn disk(&self) -> &Path {

@@ -51,8 +51,20 @@ mod tests {
 
     #[test]
     fn boot_takes_a_guest_command_after_double_dash() {
-        let cli = Cli::try_parse_from(["xtask", "boot", "--disk", "a.raw", "--vga", "--", "systemctl", "is-system-running"]).unwrap();
-        let Cmd::Boot(opts) = cli.command else { panic!("not boot") };
+        let cli = Cli::try_parse_from([
+            "xtask",
+            "boot",
+            "--disk",
+            "a.raw",
+            "--vga",
+            "--",
+            "systemctl",
+            "is-system-running",
+        ])
+        .unwrap();
+        let Cmd::Boot(opts) = cli.command else {
+            panic!("not boot")
+        };
         assert_eq!(opts.disk, std::path::PathBuf::from("a.raw"));
         assert!(opts.vga);
         assert_eq!(opts.timeout, 600);

@@ -136,7 +136,11 @@ pub const LISTEN: &[(Proto, Ipv4Addr, u16)] = &[
 /// The line a listener answers with (TCP: one line, then it closes; UDP:
 /// one datagram).
 pub fn banner(local: SocketAddrV4, peer: SocketAddr) -> String {
-    format!("airlock-outside {} port {} peer {peer}", local.ip(), local.port())
+    format!(
+        "airlock-outside {} port {} peer {peer}",
+        local.ip(),
+        local.port()
+    )
 }
 
 /// The namespace name for the suite's process `pid`.
@@ -146,7 +150,11 @@ pub fn namespace_name(pid: u32) -> String {
 
 /// Of the names in `/run/netns`, the suite's namespaces to delete before
 /// making a new one: those whose process is gone, and any of our own pid.
-pub fn stale_namespaces<'a>(names: impl IntoIterator<Item = &'a str>, own_pid: u32, alive: impl Fn(u32) -> bool) -> Vec<String> {
+pub fn stale_namespaces<'a>(
+    names: impl IntoIterator<Item = &'a str>,
+    own_pid: u32,
+    alive: impl Fn(u32) -> bool,
+) -> Vec<String> {
     names
         .into_iter()
         .filter_map(|name| {
@@ -168,17 +176,34 @@ fn outcome(e: &std::io::Error) -> String {
 }
 
 fn ip(ns: &str, args: &[&str]) -> Result<()> {
-    let out = Command::new("ip").arg("-n").arg(ns).args(args).output().with_context(|| format!("running ip -n {ns} {}", args.join(" ")))?;
+    let out = Command::new("ip")
+        .arg("-n")
+        .arg(ns)
+        .args(args)
+        .output()
+        .with_context(|| format!("running ip -n {ns} {}", args.join(" ")))?;
     if !out.status.success() {
-        bail!("ip -n {ns} {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
+        bail!(
+            "ip -n {ns} {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
     }
     Ok(())
 }
 
 fn netns_command(args: &[&str]) -> Result<()> {
-    let out = Command::new("ip").arg("netns").args(args).output().with_context(|| format!("running ip netns {}", args.join(" ")))?;
+    let out = Command::new("ip")
+        .arg("netns")
+        .args(args)
+        .output()
+        .with_context(|| format!("running ip netns {}", args.join(" ")))?;
     if !out.status.success() {
-        bail!("ip netns {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
+        bail!(
+            "ip netns {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
     }
     Ok(())
 }
@@ -186,13 +211,20 @@ fn netns_command(args: &[&str]) -> Result<()> {
 /// Runs `f` on a thread of its own that has entered the network namespace
 /// at `path` (only that thread moves; sockets it makes stay there).
 #[allow(unsafe_code)]
-fn in_namespace<T: Send + 'static>(path: PathBuf, f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
+fn in_namespace<T: Send + 'static>(
+    path: PathBuf,
+    f: impl FnOnce() -> Result<T> + Send + 'static,
+) -> Result<T> {
     let ns = File::open(&path).with_context(|| format!("opening {}", path.display()))?;
     std::thread::spawn(move || {
         // SAFETY: setns(2) on a namespace fd we own; it changes only this
         // thread's network namespace.
         if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-            bail!("setns {}: {}", path.display(), std::io::Error::last_os_error());
+            bail!(
+                "setns {}: {}",
+                path.display(),
+                std::io::Error::last_os_error()
+            );
         }
         f()
     })
@@ -207,13 +239,21 @@ fn in_ns(ns: &str, args: &[&str], input: Option<&str>) -> Result<String> {
     let mut child = Command::new("ip")
         .args(["netns", "exec", ns])
         .args(args)
-        .stdin(if input.is_some() { Stdio::piped() } else { Stdio::null() })
+        .stdin(if input.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .with_context(|| format!("running {what}"))?;
     if let Some(text) = input {
-        child.stdin.take().context("stdin")?.write_all(text.as_bytes())?;
+        child
+            .stdin
+            .take()
+            .context("stdin")?
+            .write_all(text.as_bytes())?;
     }
     let out = child.wait_with_output()?;
     if !out.status.success() {
@@ -244,7 +284,9 @@ fn counters_ruleset() -> String {
 /// The packet count in `nft list counter …` output (`packets N bytes M`).
 fn counter_packets(listing: &str) -> Option<u64> {
     let w: Vec<&str> = listing.split_whitespace().collect();
-    w.windows(2).find(|p| p[0] == "packets").and_then(|p| p[1].parse().ok())
+    w.windows(2)
+        .find(|p| p[0] == "packets")
+        .and_then(|p| p[1].parse().ok())
 }
 
 /// Packets the outside received for the classified server, and tunnel
@@ -285,14 +327,23 @@ impl Outside {
     pub fn create() -> Result<Outside> {
         let own = std::process::id();
         let existing: Vec<String> = std::fs::read_dir("/run/netns")
-            .map(|d| d.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+            .map(|d| {
+                d.flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
             .unwrap_or_default();
-        for stale in stale_namespaces(existing.iter().map(String::as_str), own, |pid| PathBuf::from(format!("/proc/{pid}")).exists()) {
+        for stale in stale_namespaces(existing.iter().map(String::as_str), own, |pid| {
+            PathBuf::from(format!("/proc/{pid}")).exists()
+        }) {
             eprintln!("outside: deleting stale network namespace {stale}");
             // A killed run leaves its processes in it (its QEMU, the
             // tunnel's wireguard-go): they go first.
             if let Ok(out) = Command::new("ip").args(["netns", "pids", &stale]).output() {
-                for pid in String::from_utf8_lossy(&out.stdout).split_whitespace().filter_map(|p| p.parse::<i32>().ok()) {
+                for pid in String::from_utf8_lossy(&out.stdout)
+                    .split_whitespace()
+                    .filter_map(|p| p.parse::<i32>().ok())
+                {
                     // SAFETY: kill(2) on a pid `ip netns pids` listed; no memory involved.
                     #[allow(unsafe_code)]
                     unsafe {
@@ -303,8 +354,12 @@ impl Outside {
             let _ = netns_command(&["delete", &stale]);
         }
         let name = namespace_name(own);
-        netns_command(&["add", &name]).context("making the test machine's outside network namespace (needs root)")?;
-        let keys = tempfile::Builder::new().prefix("airlock-acc-keys.").tempdir().context("a directory for the tunnel keys")?;
+        netns_command(&["add", &name])
+            .context("making the test machine's outside network namespace (needs root)")?;
+        let keys = tempfile::Builder::new()
+            .prefix("airlock-acc-keys.")
+            .tempdir()
+            .context("a directory for the tunnel keys")?;
         let mut outside = Outside {
             name,
             stop: Arc::new(AtomicBool::new(false)),
@@ -314,7 +369,9 @@ impl Outside {
             appliance_public: String::new(),
             tunnel: None,
         };
-        outside.set_up().with_context(|| format!("setting up network namespace {}", outside.name))?;
+        outside
+            .set_up()
+            .with_context(|| format!("setting up network namespace {}", outside.name))?;
         Ok(outside)
     }
 
@@ -323,30 +380,70 @@ impl Outside {
         let ns = ns.as_str();
         // No IPv6 (no router advertisements or neighbour discovery towards
         // the appliance), and no forwarding between the two uplinks.
-        in_ns(ns, &["sysctl", "-q", "-w", "net.ipv6.conf.all.disable_ipv6=1", "net.ipv6.conf.default.disable_ipv6=1", "net.ipv4.ip_forward=0"], None)
-            .context("sysctl in the namespace")?;
+        in_ns(
+            ns,
+            &[
+                "sysctl",
+                "-q",
+                "-w",
+                "net.ipv6.conf.all.disable_ipv6=1",
+                "net.ipv6.conf.default.disable_ipv6=1",
+                "net.ipv4.ip_forward=0",
+            ],
+            None,
+        )
+        .context("sysctl in the namespace")?;
         ip(ns, &["link", "set", "dev", "lo", "up"])?;
         for host in [CLASSIFIED_SERVER, INTERNET] {
             ip(ns, &["address", "add", &format!("{host}/32"), "dev", "lo"])?;
         }
         for end in [CLASSIFIED_UPLINK, GENERAL_UPLINK] {
             ip(ns, &["tuntap", "add", "dev", end.tap, "mode", "tap"])?;
-            ip(ns, &["address", "add", &format!("{}/24", end.gateway), "dev", end.tap])?;
+            ip(
+                ns,
+                &[
+                    "address",
+                    "add",
+                    &format!("{}/24", end.gateway),
+                    "dev",
+                    end.tap,
+                ],
+            )?;
             ip(ns, &["link", "set", "dev", end.tap, "up"])?;
             // A hostile upstream routes the guest segments back to the appliance.
             // (`onlink`: the tap has no carrier until QEMU opens it.)
-            ip(ns, &["route", "add", end.segment, "via", &end.appliance.to_string(), "dev", end.tap, "onlink"])?;
+            ip(
+                ns,
+                &[
+                    "route",
+                    "add",
+                    end.segment,
+                    "via",
+                    &end.appliance.to_string(),
+                    "dev",
+                    end.tap,
+                    "onlink",
+                ],
+            )?;
         }
-        self.set_up_tunnel().context("the classified tunnel's far end")?;
-        in_ns(ns, &["nft", "-f", "-"], Some(&counters_ruleset())).context("the outside's packet counters")?;
+        self.set_up_tunnel()
+            .context("the classified tunnel's far end")?;
+        in_ns(ns, &["nft", "-f", "-"], Some(&counters_ruleset()))
+            .context("the outside's packet counters")?;
         let (tcp, udp) = in_namespace(self.path(), || {
             let mut tcp = Vec::new();
             let mut udp = Vec::new();
             for &(proto, addr, port) in LISTEN {
                 let at = SocketAddrV4::new(addr, port);
                 match proto {
-                    Proto::Tcp => tcp.push((at, TcpListener::bind(at).with_context(|| format!("tcp bind {at}"))?)),
-                    Proto::Udp => udp.push((at, UdpSocket::bind(at).with_context(|| format!("udp bind {at}"))?)),
+                    Proto::Tcp => tcp.push((
+                        at,
+                        TcpListener::bind(at).with_context(|| format!("tcp bind {at}"))?,
+                    )),
+                    Proto::Udp => udp.push((
+                        at,
+                        UdpSocket::bind(at).with_context(|| format!("udp bind {at}"))?,
+                    )),
                 }
             }
             Ok((tcp, udp))
@@ -361,7 +458,9 @@ impl Outside {
                             let line = banner(at, peer);
                             let _ = stream.set_nonblocking(false);
                             let _ = writeln!(stream, "{line}");
-                            seen.lock().unwrap_or_else(|p| p.into_inner()).push(format!("tcp {line}"));
+                            seen.lock()
+                                .unwrap_or_else(|p| p.into_inner())
+                                .push(format!("tcp {line}"));
                         }
                         Err(_) => std::thread::sleep(Duration::from_millis(20)),
                     }
@@ -377,7 +476,9 @@ impl Outside {
                     if let Ok((_, peer)) = socket.recv_from(&mut buf) {
                         let line = banner(at, peer);
                         let _ = socket.send_to(line.as_bytes(), peer);
-                        seen.lock().unwrap_or_else(|p| p.into_inner()).push(format!("udp {line}"));
+                        seen.lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .push(format!("udp {line}"));
                     }
                 }
             }));
@@ -393,13 +494,20 @@ impl Outside {
         let ns = self.name.clone();
         let write_key = |name: &str, text: &str| -> Result<PathBuf> {
             let path = self.keys.path().join(name);
-            let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&path)?;
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&path)?;
             f.write_all(text.as_bytes())?;
             Ok(path)
         };
-        let appliance_private = in_ns(&ns, &["wg", "genkey"], None).context("wg genkey (package wireguard-tools)")?;
+        let appliance_private =
+            in_ns(&ns, &["wg", "genkey"], None).context("wg genkey (package wireguard-tools)")?;
         write_key("appliance.key", &appliance_private)?;
-        self.appliance_public = in_ns(&ns, &["wg", "pubkey"], Some(&appliance_private))?.trim().to_owned();
+        self.appliance_public = in_ns(&ns, &["wg", "pubkey"], Some(&appliance_private))?
+            .trim()
+            .to_owned();
         let peer_key = write_key("peer.key", &format!("{PEER_PRIVATE_KEY}\n"))?;
         // wireguard-go's configuration socket is named after the device in
         // one directory for every namespace: clear a stale one first.
@@ -414,19 +522,53 @@ impl Outside {
             .context("starting wireguard-go (package wireguard-go)")?;
         self.tunnel = Some(child);
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while !(sock.exists() && in_ns(&ns, &["ip", "link", "show", "dev", TUNNEL_DEVICE], None).is_ok()) {
-            if let Some(status) = self.tunnel.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+        while !(sock.exists()
+            && in_ns(&ns, &["ip", "link", "show", "dev", TUNNEL_DEVICE], None).is_ok())
+        {
+            if let Some(status) = self
+                .tunnel
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
                 bail!("wireguard-go exited ({status}) before making {TUNNEL_DEVICE}");
             }
-            ensure!(std::time::Instant::now() < deadline, "wireguard-go made no {TUNNEL_DEVICE} in 10 s");
+            ensure!(
+                std::time::Instant::now() < deadline,
+                "wireguard-go made no {TUNNEL_DEVICE} in 10 s"
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
         let peer_key = peer_key.display().to_string();
         let port = TUNNEL_PORT.to_string();
         let allowed = format!("{TUNNEL_APPLIANCE}/32");
         let public = self.appliance_public.clone();
-        in_ns(&ns, &["wg", "set", TUNNEL_DEVICE, "private-key", &peer_key, "listen-port", &port, "peer", &public, "allowed-ips", &allowed], None)?;
-        ip(&ns, &["address", "add", &format!("{TUNNEL_PEER}/24"), "dev", TUNNEL_DEVICE])?;
+        in_ns(
+            &ns,
+            &[
+                "wg",
+                "set",
+                TUNNEL_DEVICE,
+                "private-key",
+                &peer_key,
+                "listen-port",
+                &port,
+                "peer",
+                &public,
+                "allowed-ips",
+                &allowed,
+            ],
+            None,
+        )?;
+        ip(
+            &ns,
+            &[
+                "address",
+                "add",
+                &format!("{TUNNEL_PEER}/24"),
+                "dev",
+                TUNNEL_DEVICE,
+            ],
+        )?;
         ip(&ns, &["link", "set", "dev", TUNNEL_DEVICE, "up"])?;
         Ok(())
     }
@@ -445,10 +587,18 @@ impl Outside {
     /// What the counters say so far.
     pub fn server_packets(&self) -> Result<ServerPackets> {
         let read = |name: &str| -> Result<u64> {
-            let listing = in_ns(&self.name, &["nft", "list", "counter", "inet", "acc", name], None)?;
+            let listing = in_ns(
+                &self.name,
+                &["nft", "list", "counter", "inet", "acc", name],
+                None,
+            )?;
             counter_packets(&listing).with_context(|| format!("no packet count in {listing:?}"))
         };
-        Ok(ServerPackets { plain: read("plain_to_server")?, tunnelled: read("tunnel_to_server")?, tunnel_outer: read("tunnel_outer")? })
+        Ok(ServerPackets {
+            plain: read("plain_to_server")?,
+            tunnelled: read("tunnel_to_server")?,
+            tunnel_outer: read("tunnel_outer")?,
+        })
     }
 
     /// `wg show acc-wg DUMP` at the far end: the peer's public key, endpoint,
@@ -457,10 +607,16 @@ impl Outside {
     pub fn tunnel_peer(&self) -> Result<(String, String, u64, u64, u64)> {
         let dump = in_ns(&self.name, &["wg", "show", TUNNEL_DEVICE, "dump"], None)?;
         // The first line is the device itself; the second the one peer.
-        let peer = dump.lines().nth(1).with_context(|| format!("no peer in {dump:?}"))?;
+        let peer = dump
+            .lines()
+            .nth(1)
+            .with_context(|| format!("no peer in {dump:?}"))?;
         let f: Vec<&str> = peer.split('\t').collect();
         ensure!(f.len() >= 7, "unexpected wg dump line {peer:?}");
-        let n = |i: usize| f[i].parse::<u64>().with_context(|| format!("field {i} of {peer:?}"));
+        let n = |i: usize| {
+            f[i].parse::<u64>()
+                .with_context(|| format!("field {i} of {peer:?}"))
+        };
         Ok((f[0].to_owned(), f[2].to_owned(), n(4)?, n(5)?, n(6)?))
     }
 
@@ -478,7 +634,10 @@ impl Outside {
     pub fn nics() -> Vec<Nic> {
         [CLASSIFIED_UPLINK, GENERAL_UPLINK]
             .iter()
-            .map(|end| Nic { netdev: format!("tap,ifname={},script=no,downscript=no", end.tap), mac: Some(end.mac.to_owned()) })
+            .map(|end| Nic {
+                netdev: format!("tap,ifname={},script=no,downscript=no", end.tap),
+                mac: Some(end.mac.to_owned()),
+            })
             .collect()
     }
 
@@ -492,7 +651,10 @@ impl Outside {
     pub fn tcp(&self, to: SocketAddrV4, timeout: Duration) -> Result<String> {
         in_namespace(self.path(), move || {
             Ok(match TcpStream::connect_timeout(&to.into(), timeout) {
-                Ok(s) => format!("connected {}", s.local_addr().map_or("?".into(), |a| a.to_string())),
+                Ok(s) => format!(
+                    "connected {}",
+                    s.local_addr().map_or("?".into(), |a| a.to_string())
+                ),
                 Err(e) => outcome(&e),
             })
         })
@@ -542,7 +704,14 @@ mod tests {
 
     #[test]
     fn stale_namespaces_are_ours_with_a_dead_pid_or_our_own() {
-        let names = ["airlock-acc-100", "airlock-acc-200", "airlock-acc-300", "airlock-acc-x", "other-400", "airlock-render-check"];
+        let names = [
+            "airlock-acc-100",
+            "airlock-acc-200",
+            "airlock-acc-300",
+            "airlock-acc-x",
+            "other-400",
+            "airlock-render-check",
+        ];
         let stale = stale_namespaces(names, 300, |pid| pid == 200);
         assert_eq!(stale, ["airlock-acc-100", "airlock-acc-300"]);
         assert!(stale_namespaces(["airlock-acc-7"], 1, |_| true).is_empty());
@@ -551,39 +720,71 @@ mod tests {
     #[test]
     fn names_and_banner() {
         assert_eq!(namespace_name(4242), "airlock-acc-4242");
-        let line = banner(SocketAddrV4::new(CLASSIFIED_SERVER, 443), "192.168.77.2:40000".parse().unwrap());
-        assert_eq!(line, "airlock-outside 10.20.0.10 port 443 peer 192.168.77.2:40000");
+        let line = banner(
+            SocketAddrV4::new(CLASSIFIED_SERVER, 443),
+            "192.168.77.2:40000".parse().unwrap(),
+        );
+        assert_eq!(
+            line,
+            "airlock-outside 10.20.0.10 port 443 peer 192.168.77.2:40000"
+        );
     }
 
     #[test]
     fn uplinks_do_not_overlap_and_each_gateway_is_on_its_link() {
         for end in [CLASSIFIED_UPLINK, GENERAL_UPLINK] {
-            assert_eq!(end.gateway.octets()[..3], end.appliance.octets()[..3], "{end:?}");
+            assert_eq!(
+                end.gateway.octets()[..3],
+                end.appliance.octets()[..3],
+                "{end:?}"
+            );
             assert_ne!(end.gateway, end.appliance);
             // Interface names: at most 15 bytes.
             assert!(end.tap.len() <= 15);
         }
-        assert_ne!(CLASSIFIED_UPLINK.gateway.octets()[..3], GENERAL_UPLINK.gateway.octets()[..3]);
+        assert_ne!(
+            CLASSIFIED_UPLINK.gateway.octets()[..3],
+            GENERAL_UPLINK.gateway.octets()[..3]
+        );
         assert_ne!(CLASSIFIED_UPLINK.mac, GENERAL_UPLINK.mac);
     }
 
     #[test]
     fn the_test_images_peer_key_is_the_public_half_of_ours() {
         let shipped = include_str!("../../test-agent/overlay/etc/airlock/appliance.toml");
-        let public = airlock::flash::wgkey::PrivateKey::parse(PEER_PRIVATE_KEY.as_bytes()).unwrap().public();
-        assert!(shipped.contains(&format!("peer_public_key = \"{public}\"")), "the test image's peer_public_key is not {public}");
-        assert!(shipped.contains(&format!("peer_endpoint = \"{}:{TUNNEL_PORT}\"", CLASSIFIED_UPLINK.gateway)));
+        let public = airlock::flash::wgkey::PrivateKey::parse(PEER_PRIVATE_KEY.as_bytes())
+            .unwrap()
+            .public();
+        assert!(
+            shipped.contains(&format!("peer_public_key = \"{public}\"")),
+            "the test image's peer_public_key is not {public}"
+        );
+        assert!(shipped.contains(&format!(
+            "peer_endpoint = \"{}:{TUNNEL_PORT}\"",
+            CLASSIFIED_UPLINK.gateway
+        )));
         let machine = include_str!("../../test-agent/machine.toml");
         assert!(machine.contains(&format!("address = \"{TUNNEL_APPLIANCE}/24\"")));
     }
 
     #[test]
     fn counters_parse_and_the_ruleset_names_the_devices() {
-        assert_eq!(counter_packets("table inet acc {\n\tcounter plain_to_server {\n\t\tpackets 12 bytes 760\n\t}\n}\n"), Some(12));
+        assert_eq!(
+            counter_packets(
+                "table inet acc {\n\tcounter plain_to_server {\n\t\tpackets 12 bytes 760\n\t}\n}\n"
+            ),
+            Some(12)
+        );
         assert_eq!(counter_packets("table inet acc { }"), None);
         let r = counters_ruleset();
-        assert!(r.contains("iifname \"acc-cls\" ip daddr 10.20.0.10 counter name plain_to_server"), "{r}");
-        assert!(r.contains("iifname \"acc-wg\" ip daddr 10.20.0.10 counter name tunnel_to_server"), "{r}");
+        assert!(
+            r.contains("iifname \"acc-cls\" ip daddr 10.20.0.10 counter name plain_to_server"),
+            "{r}"
+        );
+        assert!(
+            r.contains("iifname \"acc-wg\" ip daddr 10.20.0.10 counter name tunnel_to_server"),
+            "{r}"
+        );
     }
 
     #[test]

@@ -63,9 +63,18 @@ pub enum ImageFormat {
 /// One line from QEMU, classified.
 #[derive(Debug, Clone, PartialEq)]
 enum Incoming {
-    Greeting { version: String },
-    Return { id: Option<u64>, value: Value },
-    Error { id: Option<u64>, class: String, desc: String },
+    Greeting {
+        version: String,
+    },
+    Return {
+        id: Option<u64>,
+        value: Value,
+    },
+    Error {
+        id: Option<u64>,
+        class: String,
+        desc: String,
+    },
     Event(QmpEvent),
 }
 
@@ -77,12 +86,28 @@ fn parse_line(line: &[u8]) -> Result<Incoming> {
         let version = format!("{}.{}.{}", q["major"], q["minor"], q["micro"]);
         Ok(Incoming::Greeting { version })
     } else if let Some(value) = v.get("return") {
-        Ok(Incoming::Return { id, value: value.clone() })
+        Ok(Incoming::Return {
+            id,
+            value: value.clone(),
+        })
     } else if let Some(error) = v.get("error") {
-        let text = |k: &str| error.get(k).and_then(Value::as_str).unwrap_or_default().to_owned();
-        Ok(Incoming::Error { id, class: text("class"), desc: text("desc") })
+        let text = |k: &str| {
+            error
+                .get(k)
+                .and_then(Value::as_str)
+                .unwrap_or_default()
+                .to_owned()
+        };
+        Ok(Incoming::Error {
+            id,
+            class: text("class"),
+            desc: text("desc"),
+        })
     } else if let Some(name) = v.get("event").and_then(Value::as_str) {
-        Ok(Incoming::Event(QmpEvent { name: name.to_owned(), data: v.get("data").cloned().unwrap_or(Value::Null) }))
+        Ok(Incoming::Event(QmpEvent {
+            name: name.to_owned(),
+            data: v.get("data").cloned().unwrap_or(Value::Null),
+        }))
     } else {
         bail!("unexpected QMP message")
     }
@@ -91,7 +116,10 @@ fn parse_line(line: &[u8]) -> Result<Incoming> {
 /// The `send-key` arguments for keys pressed together (QEMU qcodes such as
 /// `ctrl`, `alt`, `delete`, `f2`, `ret`, `a`).
 fn send_key_args(keys: &[&str]) -> Value {
-    let keys: Vec<Value> = keys.iter().map(|k| json!({ "type": "qcode", "data": k })).collect();
+    let keys: Vec<Value> = keys
+        .iter()
+        .map(|k| json!({ "type": "qcode", "data": k }))
+        .collect();
     json!({ "keys": keys })
 }
 
@@ -123,12 +151,14 @@ impl Qmp {
             match UnixStream::connect(socket) {
                 Ok(stream) => break stream,
                 Err(e) if Instant::now() >= deadline => {
-                    return Err(e).with_context(|| format!("connecting to QMP socket {}", socket.display()))
+                    return Err(e)
+                        .with_context(|| format!("connecting to QMP socket {}", socket.display()))
                 }
                 Err(_) => thread::sleep(CONNECT_RETRY),
             }
         };
-        Self::handshake(stream, deadline).with_context(|| format!("QMP handshake on {}", socket.display()))
+        Self::handshake(stream, deadline)
+            .with_context(|| format!("QMP handshake on {}", socket.display()))
     }
 
     /// Greeting and `qmp_capabilities` on a connected stream.
@@ -144,12 +174,16 @@ impl Qmp {
             png: true,
         };
         // QEMU serves one QMP client at a time: a second one gets no greeting.
-        let line = qmp.read_line(deadline).context("waiting for the QMP greeting (is another client connected?)")?;
+        let line = qmp
+            .read_line(deadline)
+            .context("waiting for the QMP greeting (is another client connected?)")?;
         match parse_line(&line)? {
             Incoming::Greeting { version } => qmp.version = version,
             other => bail!("expected the QMP greeting, got {other:?}"),
         }
-        let remaining = deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(1));
+        let remaining = deadline
+            .saturating_duration_since(Instant::now())
+            .max(Duration::from_millis(1));
         qmp.execute_with_timeout("qmp_capabilities", None, remaining)?;
         Ok(qmp)
     }
@@ -165,14 +199,25 @@ impl Qmp {
     }
 
     /// [`execute`](Self::execute) with an explicit timeout.
-    pub fn execute_with_timeout(&mut self, command: &str, arguments: Option<Value>, timeout: Duration) -> Result<Value> {
-        self.exchange(command, arguments, timeout)?
-            .ok_or_else(|| anyhow!("QMP socket closed while waiting for the reply to `{command}` (QEMU exited?)"))
+    pub fn execute_with_timeout(
+        &mut self,
+        command: &str,
+        arguments: Option<Value>,
+        timeout: Duration,
+    ) -> Result<Value> {
+        self.exchange(command, arguments, timeout)?.ok_or_else(|| {
+            anyhow!("QMP socket closed while waiting for the reply to `{command}` (QEMU exited?)")
+        })
     }
 
     /// Sends `command` and waits for its reply; `None` if QEMU closed the
     /// socket first.
-    fn exchange(&mut self, command: &str, arguments: Option<Value>, timeout: Duration) -> Result<Option<Value>> {
+    fn exchange(
+        &mut self,
+        command: &str,
+        arguments: Option<Value>,
+        timeout: Duration,
+    ) -> Result<Option<Value>> {
         let id = self.next_id;
         self.next_id += 1;
         let mut message = json!({ "execute": command, "id": id });
@@ -195,14 +240,31 @@ impl Qmp {
                     bail!("no reply to QMP command `{command}` within {timeout:?}")
                 }
                 Err(e) if e.kind() == io::ErrorKind::ConnectionReset => return Ok(None),
-                Err(e) => return Err(e).with_context(|| format!("reading the reply to QMP command `{command}`")),
+                Err(e) => {
+                    return Err(e)
+                        .with_context(|| format!("reading the reply to QMP command `{command}`"))
+                }
             };
-            match parse_line(&line).with_context(|| format!("QMP sent {:?}", String::from_utf8_lossy(&line)))? {
+            match parse_line(&line)
+                .with_context(|| format!("QMP sent {:?}", String::from_utf8_lossy(&line)))?
+            {
                 Incoming::Event(event) => self.events.push(event),
-                Incoming::Return { id: Some(got), value } if got == id => return Ok(Some(value)),
+                Incoming::Return {
+                    id: Some(got),
+                    value,
+                } if got == id => return Ok(Some(value)),
                 // Errors about unparsable input carry no id; ours is the only command in flight.
-                Incoming::Error { id: got, class, desc } if got == Some(id) || got.is_none() => {
-                    return Err(QmpError { command: command.to_owned(), class, desc }.into())
+                Incoming::Error {
+                    id: got,
+                    class,
+                    desc,
+                } if got == Some(id) || got.is_none() => {
+                    return Err(QmpError {
+                        command: command.to_owned(),
+                        class,
+                        desc,
+                    }
+                    .into())
                 }
                 _ => {} // a late reply to a command given up on
             }
@@ -239,7 +301,10 @@ impl Qmp {
     pub fn wait_event(&mut self, name: &str, timeout: Duration) -> Result<QmpEvent> {
         let deadline = Instant::now() + timeout;
         loop {
-            if let Some(offset) = self.events[self.event_cursor..].iter().position(|e| e.name == name) {
+            if let Some(offset) = self.events[self.event_cursor..]
+                .iter()
+                .position(|e| e.name == name)
+            {
                 let index = self.event_cursor + offset;
                 self.event_cursor = index + 1;
                 return Ok(self.events[index].clone());
@@ -247,8 +312,12 @@ impl Qmp {
             self.event_cursor = self.events.len();
             let line = match self.reader.read_line(deadline) {
                 Ok(Some(line)) => line,
-                Ok(None) => bail!("QMP socket closed while waiting for event {name} (QEMU exited?)"),
-                Err(e) if e.kind() == io::ErrorKind::TimedOut => bail!("no QMP event {name} within {timeout:?}"),
+                Ok(None) => {
+                    bail!("QMP socket closed while waiting for event {name} (QEMU exited?)")
+                }
+                Err(e) if e.kind() == io::ErrorKind::TimedOut => {
+                    bail!("no QMP event {name} within {timeout:?}")
+                }
                 Err(e) => return Err(e).context("reading QMP events"),
             };
             if let Incoming::Event(event) = parse_line(&line)? {
@@ -259,19 +328,30 @@ impl Qmp {
 
     /// Presses `keys` together and releases them, e.g. `&["ctrl", "alt", "f2"]`.
     pub fn send_key(&mut self, keys: &[&str]) -> Result<()> {
-        self.execute("send-key", Some(send_key_args(keys))).map(drop)
+        self.execute("send-key", Some(send_key_args(keys)))
+            .map(drop)
     }
 
     /// Writes the guest's screen to `path` as PNG, or as PPM if this QEMU
     /// cannot write PNG; says which. Needs a display device (`Graphics::Std`).
     pub fn screendump(&mut self, path: &Path) -> Result<ImageFormat> {
-        let path = std::path::absolute(path).with_context(|| format!("resolving {}", path.display()))?;
-        let filename = path.to_str().with_context(|| format!("screendump path {} is not UTF-8", path.display()))?;
+        let path =
+            std::path::absolute(path).with_context(|| format!("resolving {}", path.display()))?;
+        let filename = path
+            .to_str()
+            .with_context(|| format!("screendump path {} is not UTF-8", path.display()))?;
         if self.png {
-            match self.execute("screendump", Some(json!({ "filename": filename, "format": "png" }))) {
+            match self.execute(
+                "screendump",
+                Some(json!({ "filename": filename, "format": "png" })),
+            ) {
                 Ok(_) => return Ok(ImageFormat::Png),
-                Err(e) if e.downcast_ref::<QmpError>().is_some_and(png_unsupported) => self.png = false,
-                Err(e) => return Err(e).with_context(|| format!("taking a screendump to {filename}")),
+                Err(e) if e.downcast_ref::<QmpError>().is_some_and(png_unsupported) => {
+                    self.png = false
+                }
+                Err(e) => {
+                    return Err(e).with_context(|| format!("taking a screendump to {filename}"))
+                }
             }
         }
         self.execute("screendump", Some(json!({ "filename": filename })))
@@ -310,19 +390,46 @@ mod tests {
         let cases: &[(&str, Incoming)] = &[
             (
                 r#"{"QMP": {"version": {"qemu": {"micro": 2, "minor": 0, "major": 10}, "package": ""}, "capabilities": ["oob"]}}"#,
-                Incoming::Greeting { version: "10.0.2".into() },
+                Incoming::Greeting {
+                    version: "10.0.2".into(),
+                },
             ),
-            (r#"{"return": {}, "id": 5}"#, Incoming::Return { id: Some(5), value: json!({}) }),
-            (r#"{"return": {"status": "running", "running": true}}"#, Incoming::Return { id: None, value: json!({"status": "running", "running": true}) }),
+            (
+                r#"{"return": {}, "id": 5}"#,
+                Incoming::Return {
+                    id: Some(5),
+                    value: json!({}),
+                },
+            ),
+            (
+                r#"{"return": {"status": "running", "running": true}}"#,
+                Incoming::Return {
+                    id: None,
+                    value: json!({"status": "running", "running": true}),
+                },
+            ),
             (
                 r#"{"error": {"class": "GenericError", "desc": "Parameter 'format' does not accept value 'bmp'"}, "id": 2}"#,
-                Incoming::Error { id: Some(2), class: "GenericError".into(), desc: "Parameter 'format' does not accept value 'bmp'".into() },
+                Incoming::Error {
+                    id: Some(2),
+                    class: "GenericError".into(),
+                    desc: "Parameter 'format' does not accept value 'bmp'".into(),
+                },
             ),
             (
                 r#"{"timestamp": {"seconds": 1, "microseconds": 2}, "event": "SHUTDOWN", "data": {"guest": false, "reason": "host-qmp-quit"}}"#,
-                Incoming::Event(QmpEvent { name: "SHUTDOWN".into(), data: json!({"guest": false, "reason": "host-qmp-quit"}) }),
+                Incoming::Event(QmpEvent {
+                    name: "SHUTDOWN".into(),
+                    data: json!({"guest": false, "reason": "host-qmp-quit"}),
+                }),
             ),
-            (r#"{"timestamp": {"seconds": 1, "microseconds": 2}, "event": "RESET"}"#, Incoming::Event(QmpEvent { name: "RESET".into(), data: Value::Null })),
+            (
+                r#"{"timestamp": {"seconds": 1, "microseconds": 2}, "event": "RESET"}"#,
+                Incoming::Event(QmpEvent {
+                    name: "RESET".into(),
+                    data: Value::Null,
+                }),
+            ),
         ];
         for (line, expected) in cases {
             assert_eq!(&parse_line(line.as_bytes()).unwrap(), expected, "{line}");
@@ -341,10 +448,18 @@ mod tests {
 
     #[test]
     fn png_fallback_only_for_format_errors() {
-        let err = |desc: &str| QmpError { command: "screendump".into(), class: "GenericError".into(), desc: desc.into() };
-        assert!(png_unsupported(&err("Parameter 'format' does not accept value 'png'")));
+        let err = |desc: &str| QmpError {
+            command: "screendump".into(),
+            class: "GenericError".into(),
+            desc: desc.into(),
+        };
+        assert!(png_unsupported(&err(
+            "Parameter 'format' does not accept value 'png'"
+        )));
         assert!(png_unsupported(&err("PNG support is disabled")));
-        assert!(!png_unsupported(&err("There is no QemuConsole I can screendump from.")));
+        assert!(!png_unsupported(&err(
+            "There is no QemuConsole I can screendump from."
+        )));
     }
 
     /// A fake QEMU on the other end of a socketpair, answering from a script.
@@ -354,8 +469,13 @@ mod tests {
             let mut writer = qemu.try_clone().unwrap();
             let mut reader = LineReader::new(qemu);
             writer.write_all(b"{\"QMP\": {\"version\": {\"qemu\": {\"micro\": 0, \"minor\": 0, \"major\": 10}}}}\n").unwrap();
-            let caps = reader.read_line(Instant::now() + Duration::from_secs(5)).unwrap().unwrap();
-            assert!(String::from_utf8(caps).unwrap().contains("qmp_capabilities"));
+            let caps = reader
+                .read_line(Instant::now() + Duration::from_secs(5))
+                .unwrap()
+                .unwrap();
+            assert!(String::from_utf8(caps)
+                .unwrap()
+                .contains("qmp_capabilities"));
             writer.write_all(b"{\"return\": {}, \"id\": 1}\n").unwrap();
             script(&mut reader, &mut writer);
         });
@@ -363,7 +483,13 @@ mod tests {
     }
 
     fn next_request(reader: &mut LineReader) -> Value {
-        serde_json::from_slice(&reader.read_line(Instant::now() + Duration::from_secs(5)).unwrap().unwrap()).unwrap()
+        serde_json::from_slice(
+            &reader
+                .read_line(Instant::now() + Duration::from_secs(5))
+                .unwrap()
+                .unwrap(),
+        )
+        .unwrap()
     }
 
     #[test]
@@ -372,13 +498,29 @@ mod tests {
             let request = next_request(reader);
             assert_eq!(request["execute"], "system_reset");
             writer.write_all(b"{\"return\": {}, \"id\": 999}\n{\"event\": \"RESET\", \"data\": {\"guest\": false}}\n").unwrap();
-            writer.write_all(format!("{{\"return\": {{}}, \"id\": {}}}\n", request["id"]).as_bytes()).unwrap();
+            writer
+                .write_all(format!("{{\"return\": {{}}, \"id\": {}}}\n", request["id"]).as_bytes())
+                .unwrap();
         });
         assert_eq!(qmp.version(), "10.0.0");
         qmp.system_reset().unwrap();
-        assert_eq!(qmp.events().iter().map(|e| e.name.as_str()).collect::<Vec<_>>(), ["RESET"]);
-        assert_eq!(qmp.wait_event("RESET", Duration::from_secs(1)).unwrap().data["guest"], false);
-        assert!(qmp.wait_event("RESET", Duration::from_millis(100)).is_err(), "each event is waited for once");
+        assert_eq!(
+            qmp.events()
+                .iter()
+                .map(|e| e.name.as_str())
+                .collect::<Vec<_>>(),
+            ["RESET"]
+        );
+        assert_eq!(
+            qmp.wait_event("RESET", Duration::from_secs(1))
+                .unwrap()
+                .data["guest"],
+            false
+        );
+        assert!(
+            qmp.wait_event("RESET", Duration::from_millis(100)).is_err(),
+            "each event is waited for once"
+        );
     }
 
     #[test]
@@ -387,9 +529,14 @@ mod tests {
             let id = next_request(reader)["id"].clone();
             writer.write_all(format!("{{\"error\": {{\"class\": \"DeviceNotFound\", \"desc\": \"nope\"}}, \"id\": {id}}}\n").as_bytes()).unwrap();
         });
-        let err = qmp.execute("device_del", Some(json!({"id": "x"}))).unwrap_err();
+        let err = qmp
+            .execute("device_del", Some(json!({"id": "x"})))
+            .unwrap_err();
         let qmp_err = err.downcast_ref::<QmpError>().unwrap();
-        assert_eq!((qmp_err.class.as_str(), qmp_err.desc.as_str()), ("DeviceNotFound", "nope"));
+        assert_eq!(
+            (qmp_err.class.as_str(), qmp_err.desc.as_str()),
+            ("DeviceNotFound", "nope")
+        );
     }
 
     #[test]

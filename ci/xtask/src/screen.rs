@@ -25,7 +25,10 @@ pub fn decode_image(bytes: &[u8]) -> Result<Image> {
     } else if bytes.starts_with(b"P6") {
         decode_ppm(bytes)
     } else {
-        bail!("neither PNG nor binary PPM (starts with {:02x?})", &bytes[..bytes.len().min(8)])
+        bail!(
+            "neither PNG nor binary PPM (starts with {:02x?})",
+            &bytes[..bytes.len().min(8)]
+        )
     }
 }
 
@@ -40,7 +43,13 @@ pub fn differing_pixels(a: &Image, b: &Image) -> Option<usize> {
     if (a.width, a.height) != (b.width, b.height) {
         return None;
     }
-    Some(a.rgba.chunks_exact(4).zip(b.rgba.chunks_exact(4)).filter(|(x, y)| x != y).count())
+    Some(
+        a.rgba
+            .chunks_exact(4)
+            .zip(b.rgba.chunks_exact(4))
+            .filter(|(x, y)| x != y)
+            .count(),
+    )
 }
 
 /// Whether the pictures in two image files differ in size or in any pixel.
@@ -53,20 +62,36 @@ fn decode_png(bytes: &[u8]) -> Result<Image> {
     let mut decoder = png::Decoder::new(Cursor::new(bytes));
     decoder.set_transformations(png::Transformations::normalize_to_color8());
     let mut reader = decoder.read_info().context("reading PNG header")?;
-    let size = reader.output_buffer_size().context("PNG too large for memory")?;
+    let size = reader
+        .output_buffer_size()
+        .context("PNG too large for memory")?;
     let mut buf = vec![0; size];
     let info = reader.next_frame(&mut buf).context("decoding PNG data")?;
     buf.truncate(info.buffer_size());
     let pixels = (info.width as usize) * (info.height as usize);
     let rgba = match info.color_type {
         png::ColorType::Rgba => buf,
-        png::ColorType::Rgb => buf.chunks_exact(3).flat_map(|p| [p[0], p[1], p[2], 255]).collect(),
+        png::ColorType::Rgb => buf
+            .chunks_exact(3)
+            .flat_map(|p| [p[0], p[1], p[2], 255])
+            .collect(),
         png::ColorType::Grayscale => buf.iter().flat_map(|&g| [g, g, g, 255]).collect(),
-        png::ColorType::GrayscaleAlpha => buf.chunks_exact(2).flat_map(|p| [p[0], p[0], p[0], p[1]]).collect(),
+        png::ColorType::GrayscaleAlpha => buf
+            .chunks_exact(2)
+            .flat_map(|p| [p[0], p[0], p[0], p[1]])
+            .collect(),
         png::ColorType::Indexed => bail!("PNG palette was not expanded"),
     };
-    ensure!(rgba.len() == pixels * 4, "PNG decoded to {} bytes for {pixels} pixels", rgba.len());
-    Ok(Image { width: info.width, height: info.height, rgba })
+    ensure!(
+        rgba.len() == pixels * 4,
+        "PNG decoded to {} bytes for {pixels} pixels",
+        rgba.len()
+    );
+    Ok(Image {
+        width: info.width,
+        height: info.height,
+        rgba,
+    })
 }
 
 /// Binary PPM: `P6`, width, height and maxval as ASCII numbers separated by
@@ -91,17 +116,36 @@ fn decode_ppm(bytes: &[u8]) -> Result<Image> {
             pos += 1;
         }
         let digits = std::str::from_utf8(&bytes[start..pos]).unwrap_or_default();
-        *field = digits.parse().with_context(|| format!("PPM header: expected a number at byte {start}"))?;
+        *field = digits
+            .parse()
+            .with_context(|| format!("PPM header: expected a number at byte {start}"))?;
     }
     let [width, height, maxval] = header;
-    ensure!(bytes.get(pos).is_some_and(u8::is_ascii_whitespace), "PPM header not followed by whitespace");
-    ensure!((1..=255).contains(&maxval), "PPM maxval {maxval} unsupported (only 8-bit samples)");
+    ensure!(
+        bytes.get(pos).is_some_and(u8::is_ascii_whitespace),
+        "PPM header not followed by whitespace"
+    );
+    ensure!(
+        (1..=255).contains(&maxval),
+        "PPM maxval {maxval} unsupported (only 8-bit samples)"
+    );
     let data = &bytes[pos + 1..];
     let samples = (width as usize) * (height as usize) * 3;
-    ensure!(data.len() >= samples, "PPM data truncated: {} of {samples} bytes", data.len());
+    ensure!(
+        data.len() >= samples,
+        "PPM data truncated: {} of {samples} bytes",
+        data.len()
+    );
     let scale = |v: u8| ((u32::from(v) * 255 + maxval / 2) / maxval).min(255) as u8;
-    let rgba = data[..samples].chunks_exact(3).flat_map(|p| [scale(p[0]), scale(p[1]), scale(p[2]), 255]).collect();
-    Ok(Image { width, height, rgba })
+    let rgba = data[..samples]
+        .chunks_exact(3)
+        .flat_map(|p| [scale(p[0]), scale(p[1]), scale(p[2]), 255])
+        .collect();
+    Ok(Image {
+        width,
+        height,
+        rgba,
+    })
 }
 
 #[cfg(test)]
@@ -164,22 +208,38 @@ mod tests {
 
     #[test]
     fn differing_pixels_counts_changes_and_rejects_other_sizes() {
-        let a = Image { width: 2, height: 1, rgba: vec![0; 8] };
+        let a = Image {
+            width: 2,
+            height: 1,
+            rgba: vec![0; 8],
+        };
         let mut b = a.clone();
         assert_eq!(differing_pixels(&a, &b), Some(0));
         b.rgba[5] = 1;
         assert_eq!(differing_pixels(&a, &b), Some(1));
-        let c = Image { width: 1, height: 2, rgba: vec![0; 8] };
+        let c = Image {
+            width: 1,
+            height: 2,
+            rgba: vec![0; 8],
+        };
         assert_eq!(differing_pixels(&a, &c), None);
     }
 
     #[test]
     fn images_differ_compares_pixels_not_file_bytes() {
         let dir = tempfile::tempdir().unwrap();
-        let (png_path, ppm_path, other) = (dir.path().join("a.png"), dir.path().join("a.ppm"), dir.path().join("b.png"));
+        let (png_path, ppm_path, other) = (
+            dir.path().join("a.png"),
+            dir.path().join("a.ppm"),
+            dir.path().join("b.png"),
+        );
         std::fs::write(&png_path, png_bytes(2, 1, png::ColorType::Rgb, &RED_BLUE)).unwrap();
         std::fs::write(&ppm_path, ppm_bytes("P6\n2 1\n255\n", &RED_BLUE)).unwrap();
-        std::fs::write(&other, png_bytes(2, 1, png::ColorType::Rgb, &[255, 0, 0, 0, 0, 254])).unwrap();
+        std::fs::write(
+            &other,
+            png_bytes(2, 1, png::ColorType::Rgb, &[255, 0, 0, 0, 0, 254]),
+        )
+        .unwrap();
         assert!(!images_differ(&png_path, &ppm_path).unwrap());
         assert!(images_differ(&png_path, &other).unwrap());
         let missing = images_differ(&png_path, &dir.path().join("none.png")).unwrap_err();

@@ -38,14 +38,22 @@ pub struct BootOptions {
 pub fn boot(opts: &BootOptions) -> Result<i32> {
     let timeout = Duration::from_secs(opts.timeout);
     let scratch = tempfile::tempdir().context("creating a scratch dir")?;
-    let vars = opts.vars.clone().unwrap_or_else(|| scratch.path().join("OVMF_VARS.fd"));
+    let vars = opts
+        .vars
+        .clone()
+        .unwrap_or_else(|| scratch.path().join("OVMF_VARS.fd"));
     let machine = Machine::new(&opts.disk, &vars)?;
     let mut cfg = machine.config();
     if opts.vga {
         cfg.graphics = Graphics::Std;
     }
     let mut vm = Vm::start(cfg)?;
-    eprintln!("xtask boot: QEMU pid {} ({:?}), files in {}", vm.pid(), machine.accel(), vm.dir().display());
+    eprintln!(
+        "xtask boot: QEMU pid {} ({:?}), files in {}",
+        vm.pid(),
+        machine.accel(),
+        vm.dir().display()
+    );
     if let Some(text) = &opts.wait_serial {
         vm.wait_for_serial(text, timeout)?;
         eprintln!("xtask boot: saw {text:?} on the serial console");
@@ -53,13 +61,20 @@ pub fn boot(opts: &BootOptions) -> Result<i32> {
     let mut code = 0;
     if !opts.command.is_empty() {
         let agent = vm.agent()?;
-        let boot_id = agent.wait_ready(timeout).context("waiting for the test agent")?;
+        let boot_id = agent
+            .wait_ready(timeout)
+            .context("waiting for the test agent")?;
         eprintln!("xtask boot: test agent ready, boot id {boot_id}");
         let argv: Vec<&str> = opts.command.iter().map(String::as_str).collect();
-        let out = agent.run(&argv, timeout).context("running the command in the guest")?;
+        let out = agent
+            .run(&argv, timeout)
+            .context("running the command in the guest")?;
         print!("{}", out.stdout);
         eprint!("{}", out.stderr);
-        eprintln!("xtask boot: exit code {:?}, signal {:?}, {} ms", out.exit_code, out.signal, out.duration_ms);
+        eprintln!(
+            "xtask boot: exit code {:?}, signal {:?}, {} ms",
+            out.exit_code, out.signal, out.duration_ms
+        );
         code = out.exit_code.unwrap_or(1);
     }
     vm.qmp()?.quit()?;

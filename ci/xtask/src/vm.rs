@@ -67,7 +67,10 @@ pub struct Vm {
 
 impl std::fmt::Debug for Vm {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Vm").field("pid", &self.pid).field("dir", &self.dir.path()).finish()
+        f.debug_struct("Vm")
+            .field("pid", &self.pid)
+            .field("dir", &self.dir.path())
+            .finish()
     }
 }
 
@@ -87,14 +90,18 @@ impl Vm {
     /// started it ends (`PR_SET_PDEATHSIG`): start it from the thread that
     /// owns the `Vm`.
     pub fn start_in_netns(mut cfg: VmConfig, netns: Option<&Path>) -> Result<Vm> {
-        let dir = tempfile::Builder::new().prefix("airlock-vm-").tempdir().context("creating the VM's temp dir")?;
+        let dir = tempfile::Builder::new()
+            .prefix("airlock-vm-")
+            .tempdir()
+            .context("creating the VM's temp dir")?;
         let serial = dir.path().join("serial.log");
         cfg.serial = Serial::File(serial.clone());
         cfg.qmp_socket = Some(dir.path().join("qmp.sock"));
         cfg.agent_socket = Some(dir.path().join("agent.sock"));
         File::create(&serial).with_context(|| format!("creating {}", serial.display()))?;
         let log_path = dir.path().join("qemu.log");
-        let mut log = File::create(&log_path).with_context(|| format!("creating {}", log_path.display()))?;
+        let mut log =
+            File::create(&log_path).with_context(|| format!("creating {}", log_path.display()))?;
 
         let qemu = qemu_binary();
         let mut args = qemu_args(&cfg);
@@ -110,7 +117,12 @@ impl Vm {
             writeln!(log, "# in network namespace {}", ns.display()).context("writing qemu.log")?;
         }
         let mut command = Command::new(&qemu);
-        let ns_file = netns.map(|ns| File::open(ns).with_context(|| format!("opening network namespace {}", ns.display()))).transpose()?;
+        let ns_file = netns
+            .map(|ns| {
+                File::open(ns)
+                    .with_context(|| format!("opening network namespace {}", ns.display()))
+            })
+            .transpose()?;
         if let Some(ns) = &ns_file {
             let fd = ns.as_raw_fd();
             // SAFETY: setns(2) and prctl(2) are async-signal-safe and touch
@@ -148,7 +160,16 @@ impl Vm {
                 _ => anyhow::Error::new(e).context(format!("starting {}", qemu.display())),
             })?;
         let pid = i32::try_from(child.id()).context("QEMU's pid does not fit a pid_t")?;
-        let mut vm = Vm { dir, pid, process: Mutex::new(Process { child, status: None }), qmp: None, agent: None };
+        let mut vm = Vm {
+            dir,
+            pid,
+            process: Mutex::new(Process {
+                child,
+                status: None,
+            }),
+            qmp: None,
+            agent: None,
+        };
         let hint = match cfg.accel {
             // detect_accel's probe can pass where the real boot does not.
             Accel::Kvm => " under KVM (AIRLOCK_ACCEL=tcg forces TCG)",
@@ -188,7 +209,13 @@ impl Vm {
             match UnixStream::connect(&socket) {
                 Ok(stream) => return Ok(stream),
                 Err(e) if !self.is_running() || Instant::now() >= deadline => {
-                    return Err(e).with_context(|| format!("connecting to {}; {}", socket.display(), self.describe_state()))
+                    return Err(e).with_context(|| {
+                        format!(
+                            "connecting to {}; {}",
+                            socket.display(),
+                            self.describe_state()
+                        )
+                    })
                 }
                 Err(_) => thread::sleep(Duration::from_millis(20)),
             }
@@ -294,7 +321,11 @@ impl Vm {
             }
             if exited || Instant::now() >= deadline {
                 let full = console::read_from(&self.serial_path(), 0).unwrap_or_default();
-                let why = if exited { "QEMU exited first".to_owned() } else { format!("timed out after {timeout:?}") };
+                let why = if exited {
+                    "QEMU exited first".to_owned()
+                } else {
+                    format!("timed out after {timeout:?}")
+                };
                 bail!(
                     "{why} waiting for {pattern:?} on the serial console; {}\nlast {SERIAL_TAIL} lines of {}:\n{}",
                     self.describe_state(),
@@ -311,7 +342,8 @@ impl Vm {
         if self.qmp.is_none() {
             let deadline = Instant::now() + CONNECT_TIMEOUT;
             let stream = self.connect_socket("qmp.sock", deadline)?;
-            self.qmp = Some(Qmp::handshake(stream, deadline).with_context(|| self.describe_state())?);
+            self.qmp =
+                Some(Qmp::handshake(stream, deadline).with_context(|| self.describe_state())?);
         }
         Ok(self.qmp.as_mut().expect("just connected"))
     }
@@ -321,7 +353,8 @@ impl Vm {
     pub fn agent(&mut self) -> Result<&mut AgentClient> {
         if self.agent.is_none() {
             let stream = self.connect_socket("agent.sock", Instant::now() + CONNECT_TIMEOUT)?;
-            self.agent = Some(AgentClient::from_stream(stream).context("setting up the test agent client")?);
+            self.agent =
+                Some(AgentClient::from_stream(stream).context("setting up the test agent client")?);
         }
         Ok(self.agent.as_mut().expect("just connected"))
     }
@@ -329,9 +362,14 @@ impl Vm {
     /// "QEMU is running", or how it ended and the end of its own log.
     fn describe_state(&self) -> String {
         match self.exit_status() {
-            None => format!("QEMU (pid {}) is still running; VM files in {}", self.pid, self.dir().display()),
+            None => format!(
+                "QEMU (pid {}) is still running; VM files in {}",
+                self.pid,
+                self.dir().display()
+            ),
             Some(status) => {
-                let log = console::read_from(&self.dir.path().join("qemu.log"), 0).unwrap_or_default();
+                let log =
+                    console::read_from(&self.dir.path().join("qemu.log"), 0).unwrap_or_default();
                 format!(
                     "QEMU exited ({}); VM files in {}; QEMU's output ends with:\n{}",
                     describe_status(status),
@@ -382,7 +420,9 @@ impl Vm {
     /// How many QMP events called `name` arrived so far (polls first; 0 when
     /// QMP is not connected).
     pub fn qmp_event_count(&mut self, name: &str) -> usize {
-        let Some(qmp) = self.qmp.as_mut() else { return 0 };
+        let Some(qmp) = self.qmp.as_mut() else {
+            return 0;
+        };
         let _ = qmp.poll_events();
         qmp.events().iter().filter(|e| e.name == name).count()
     }

@@ -20,7 +20,10 @@ const FIRMWARE_TIMEOUT: Duration = Duration::from_secs(90);
 
 fn require_qemu() {
     let qemu = xtask::vm::qemu_binary();
-    let ok = Command::new(&qemu).arg("--version").output().is_ok_and(|o| o.status.success());
+    let ok = Command::new(&qemu)
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
     assert!(
         ok,
         "{} is not installed or does not run: these tests need QEMU and OVMF (run ci/install-host-deps.sh as root)",
@@ -33,7 +36,10 @@ fn empty_machine(dir: &Path) -> Machine {
     require_qemu();
     let disk = dir.join("disk.raw");
     if !disk.exists() {
-        std::fs::File::create(&disk).unwrap().set_len(16 << 20).unwrap();
+        std::fs::File::create(&disk)
+            .unwrap()
+            .set_len(16 << 20)
+            .unwrap();
     }
     Machine::new(&disk, &dir.join("OVMF_VARS.fd")).expect("OVMF is needed (Debian package `ovmf`)")
 }
@@ -58,10 +64,19 @@ fn boot(machine: &Machine) -> Vm {
 fn group_members(pgid: i32) -> Vec<i32> {
     let mut members = Vec::new();
     for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else { continue };
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+            continue;
+        };
         // pid (comm) state ppid pgrp ...; comm may contain spaces.
-        let Some(after) = stat.rsplit_once(')').map(|(_, rest)| rest) else { continue };
-        if after.split_whitespace().nth(2).and_then(|p| p.parse::<i32>().ok()) == Some(pgid) {
+        let Some(after) = stat.rsplit_once(')').map(|(_, rest)| rest) else {
+            continue;
+        };
+        if after
+            .split_whitespace()
+            .nth(2)
+            .and_then(|p| p.parse::<i32>().ok())
+            == Some(pgid)
+        {
             members.push(entry.file_name().to_string_lossy().parse().unwrap_or(-1));
         }
     }
@@ -73,7 +88,11 @@ fn qemu_answers_qmp_and_is_running() {
     let dir = tempfile::tempdir().unwrap();
     let mut vm = boot(&empty_machine(dir.path()));
     let qmp = vm.qmp().unwrap();
-    assert!(qmp.version().starts_with(|c: char| c.is_ascii_digit()), "{}", qmp.version());
+    assert!(
+        qmp.version().starts_with(|c: char| c.is_ascii_digit()),
+        "{}",
+        qmp.version()
+    );
     let status = qmp.query_status().unwrap();
     assert_eq!((status.status.as_str(), status.running), ("running", true));
 }
@@ -86,7 +105,12 @@ fn screendump_writes_a_png_and_a_paused_screen_does_not_change() {
     let (a, b) = (dir.path().join("a.png"), dir.path().join("b.png"));
     assert_eq!(qmp.screendump(&a).unwrap(), ImageFormat::Png);
     let image = xtask::screen::load_image(&a).unwrap();
-    assert!(image.width >= 640 && image.height >= 400, "{}x{}", image.width, image.height);
+    assert!(
+        image.width >= 640 && image.height >= 400,
+        "{}x{}",
+        image.width,
+        image.height
+    );
     qmp.execute("stop", None).unwrap();
     qmp.screendump(&a).unwrap();
     qmp.screendump(&b).unwrap();
@@ -101,8 +125,15 @@ fn dropping_the_vm_kills_its_whole_process_group() {
     let pid = vm.pid();
     assert_eq!(group_members(pid), [pid]);
     drop(vm);
-    assert!(group_members(pid).is_empty(), "left behind: {:?}", group_members(pid));
-    assert!(!Path::new(&format!("/proc/{pid}")).exists(), "QEMU not reaped");
+    assert!(
+        group_members(pid).is_empty(),
+        "left behind: {:?}",
+        group_members(pid)
+    );
+    assert!(
+        !Path::new(&format!("/proc/{pid}")).exists(),
+        "QEMU not reaped"
+    );
 }
 
 #[test]
@@ -123,8 +154,15 @@ fn qmp_quit_ends_qemu_cleanly_and_is_recorded() {
     assert!(vm.wait_exit(Duration::from_millis(200)).unwrap().is_none());
     let qmp = vm.qmp().unwrap();
     qmp.quit().unwrap();
-    assert!(qmp.events().iter().any(|e| e.name == "SHUTDOWN"), "{:?}", qmp.events());
-    let status = vm.wait_exit(Duration::from_secs(10)).unwrap().expect("QEMU still running after quit");
+    assert!(
+        qmp.events().iter().any(|e| e.name == "SHUTDOWN"),
+        "{:?}",
+        qmp.events()
+    );
+    let status = vm
+        .wait_exit(Duration::from_secs(10))
+        .unwrap()
+        .expect("QEMU still running after quit");
     assert!(status.success(), "{status}");
 }
 
@@ -134,12 +172,22 @@ fn serial_console_shows_the_firmware_and_times_out_with_its_tail() {
     let vm = boot(&empty_machine(dir.path()));
     let started = Instant::now();
     // OVMF finds nothing on the empty disk and says so (escape sequences around it).
-    vm.wait_for_serial("BdsDxe: failed to load Boot0001", FIRMWARE_TIMEOUT).unwrap();
+    vm.wait_for_serial("BdsDxe: failed to load Boot0001", FIRMWARE_TIMEOUT)
+        .unwrap();
     eprintln!("firmware output after {:?}", started.elapsed());
     assert!(vm.serial_log().contains("BdsDxe"));
-    let err = vm.wait_for_serial("this is never printed", Duration::from_millis(300)).unwrap_err().to_string();
-    assert!(err.contains("timed out") && err.contains("still running"), "{err}");
-    assert!(err.contains("BdsDxe: failed to load Boot0001"), "the serial tail is quoted: {err}");
+    let err = vm
+        .wait_for_serial("this is never printed", Duration::from_millis(300))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("timed out") && err.contains("still running"),
+        "{err}"
+    );
+    assert!(
+        err.contains("BdsDxe: failed to load Boot0001"),
+        "the serial tail is quoted: {err}"
+    );
 }
 
 #[test]
@@ -148,9 +196,19 @@ fn waiting_for_the_console_of_a_dead_vm_fails_at_once() {
     let mut vm = boot(&empty_machine(dir.path()));
     vm.kill().unwrap();
     let started = Instant::now();
-    let err = vm.wait_for_serial("login:", Duration::from_secs(60)).unwrap_err().to_string();
-    assert!(started.elapsed() < Duration::from_secs(5), "took {:?}", started.elapsed());
-    assert!(err.contains("QEMU exited") && err.contains("signal 9"), "{err}");
+    let err = vm
+        .wait_for_serial("login:", Duration::from_secs(60))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        started.elapsed()
+    );
+    assert!(
+        err.contains("QEMU exited") && err.contains("signal 9"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -161,9 +219,16 @@ fn qemu_startup_errors_are_reported_with_its_output() {
     let mut cfg = small(&machine);
     cfg.disk = PathBuf::from("/nonexistent/disk.raw");
     let err = format!("{:#}", Vm::start(cfg).unwrap_err());
-    assert!(err.contains("QEMU exited") && err.contains("/nonexistent/disk.raw"), "{err}");
+    assert!(
+        err.contains("QEMU exited") && err.contains("/nonexistent/disk.raw"),
+        "{err}"
+    );
     // The VM's files are kept for a failed start; this test needs them no more.
-    let kept = err.split("VM files in ").nth(1).and_then(|rest| rest.split(';').next()).expect("names the VM dir");
+    let kept = err
+        .split("VM files in ")
+        .nth(1)
+        .and_then(|rest| rest.split(';').next())
+        .expect("names the VM dir");
     assert!(Path::new(kept).join("qemu.log").exists(), "{kept}");
     std::fs::remove_dir_all(kept).unwrap();
 }

@@ -21,16 +21,32 @@ pub struct Gateway {
 
 impl Gateway {
     pub fn start(dir: &Path, extra: &[&str]) -> Gateway {
-        Self::start_with_sockets(dir, &dir.join("general.sock"), &dir.join("classified.sock"), extra)
+        Self::start_with_sockets(
+            dir,
+            &dir.join("general.sock"),
+            &dir.join("classified.sock"),
+            extra,
+        )
     }
 
-    pub fn start_with_sockets(dir: &Path, general: &Path, classified: &Path, extra: &[&str]) -> Gateway {
+    pub fn start_with_sockets(
+        dir: &Path,
+        general: &Path,
+        classified: &Path,
+        extra: &[&str],
+    ) -> Gateway {
         let log = dir.join("gateway.stderr");
         let audit = dir.join("clipboard.log");
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_airlock-gateway"));
-        cmd.arg("--classified").arg(classified).arg("--general").arg(general).arg("--audit-log").arg(&audit);
+        cmd.arg("--classified")
+            .arg(classified)
+            .arg("--general")
+            .arg(general)
+            .arg("--audit-log")
+            .arg(&audit);
         if !extra.contains(&"--sanitiser") {
-            cmd.arg("--sanitiser").arg(env!("CARGO_BIN_EXE_airlock-sanitiser"));
+            cmd.arg("--sanitiser")
+                .arg(env!("CARGO_BIN_EXE_airlock-sanitiser"));
         }
         let child = cmd
             .args(extra)
@@ -47,7 +63,11 @@ impl Gateway {
     }
 
     pub fn audit_lines(&self) -> Vec<String> {
-        std::fs::read_to_string(&self.audit).unwrap_or_default().lines().map(String::from).collect()
+        std::fs::read_to_string(&self.audit)
+            .unwrap_or_default()
+            .lines()
+            .map(String::from)
+            .collect()
     }
 
     /// Waits until the audit log has more than `n` lines; returns line `n`.
@@ -58,7 +78,11 @@ impl Gateway {
             if lines.len() > n {
                 return lines[n].clone();
             }
-            assert!(Instant::now() < deadline, "no audit line {n}; gateway log:\n{}", self.stderr());
+            assert!(
+                Instant::now() < deadline,
+                "no audit line {n}; gateway log:\n{}",
+                self.stderr()
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -71,13 +95,21 @@ impl Gateway {
     pub fn wait_for_log(&self, needle: &str) {
         let deadline = Instant::now() + WAIT;
         while !self.stderr().contains(needle) {
-            assert!(Instant::now() < deadline, "gateway never logged {needle:?}; log:\n{}", self.stderr());
+            assert!(
+                Instant::now() < deadline,
+                "gateway never logged {needle:?}; log:\n{}",
+                self.stderr()
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
 
     pub fn assert_running(&mut self) {
-        assert!(self.child.try_wait().unwrap().is_none(), "gateway exited; log:\n{}", self.stderr());
+        assert!(
+            self.child.try_wait().unwrap().is_none(),
+            "gateway exited; log:\n{}",
+            self.stderr()
+        );
     }
 }
 
@@ -93,7 +125,16 @@ pub const LIMIT: &str = "65536";
 
 /// A scratch directory, both fake ports, the gateway started with `extra`
 /// arguments, and both agents connected (capabilities exchanged).
-pub fn setup(extra: &[&str]) -> (tempfile::TempDir, Gateway, FakePort, FakePort, FakeAgent, FakeAgent) {
+pub fn setup(
+    extra: &[&str],
+) -> (
+    tempfile::TempDir,
+    Gateway,
+    FakePort,
+    FakePort,
+    FakeAgent,
+    FakeAgent,
+) {
     let dir = tempfile::tempdir().unwrap();
     let gport = FakePort::bind(dir.path(), "general");
     let cport = FakePort::bind(dir.path(), "classified");
@@ -129,23 +170,39 @@ impl FakePort {
             match self.listener.accept() {
                 Ok((s, _)) => break s,
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                    assert!(Instant::now() < deadline, "{}: gateway never connected", self.name);
+                    assert!(
+                        Instant::now() < deadline,
+                        "{}: gateway never connected",
+                        self.name
+                    );
                     std::thread::sleep(Duration::from_millis(10));
                 }
                 Err(e) => panic!("accept: {e}"),
             }
         };
         stream.set_nonblocking(false).unwrap();
-        let mut agent = FakeAgent { stream, decoder: Decoder::new(64 << 20), inbox: vec![], raw: vec![], name: self.name };
+        let mut agent = FakeAgent {
+            stream,
+            decoder: Decoder::new(64 << 20),
+            inbox: vec![],
+            raw: vec![],
+            name: self.name,
+        };
         let first = agent.expect(|m| matches!(m, Message::AnnounceCapabilities { .. }));
         assert_eq!(
             first,
             Message::AnnounceCapabilities {
                 request: true,
-                caps: Capabilities::from_bits(&[airlock_vdagent::cap::CLIPBOARD_BY_DEMAND, airlock_vdagent::cap::MAX_CLIPBOARD])
+                caps: Capabilities::from_bits(&[
+                    airlock_vdagent::cap::CLIPBOARD_BY_DEMAND,
+                    airlock_vdagent::cap::MAX_CLIPBOARD
+                ])
             }
         );
-        agent.send(&Message::AnnounceCapabilities { request: false, caps: Capabilities(vec![0x0000_0420]) });
+        agent.send(&Message::AnnounceCapabilities {
+            request: false,
+            caps: Capabilities(vec![0x0000_0420]),
+        });
         agent
     }
 }
@@ -174,18 +231,29 @@ impl FakeAgent {
         if left.is_zero() {
             return false;
         }
-        self.stream.set_read_timeout(Some(left.min(Duration::from_millis(50)))).unwrap();
+        self.stream
+            .set_read_timeout(Some(left.min(Duration::from_millis(50))))
+            .unwrap();
         let mut buf = [0u8; 65536];
         match self.stream.read(&mut buf) {
             Ok(0) => false,
             Ok(n) => {
                 self.raw.extend_from_slice(&buf[..n]);
                 for r in self.decoder.feed(&buf[..n]) {
-                    self.inbox.push(r.unwrap_or_else(|e| panic!("{}: gateway sent bad bytes: {e}", self.name)));
+                    self.inbox.push(
+                        r.unwrap_or_else(|e| panic!("{}: gateway sent bad bytes: {e}", self.name)),
+                    );
                 }
                 true
             }
-            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => true,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                true
+            }
             Err(_) => false,
         }
     }
@@ -198,7 +266,12 @@ impl FakeAgent {
             if let Some(i) = self.inbox.iter().position(&pred) {
                 return self.inbox.remove(i);
             }
-            assert!(self.pump(deadline), "{}: expected message never came; inbox {:?}", self.name, self.inbox);
+            assert!(
+                self.pump(deadline),
+                "{}: expected message never came; inbox {:?}",
+                self.name,
+                self.inbox
+            );
         }
     }
 
@@ -213,12 +286,18 @@ impl FakeAgent {
     pub fn closed_within(&mut self, d: Duration) -> bool {
         let deadline = Instant::now() + d;
         loop {
-            self.stream.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
+            self.stream
+                .set_read_timeout(Some(Duration::from_millis(50)))
+                .unwrap();
             let mut buf = [0u8; 4096];
             match self.stream.read(&mut buf) {
                 Ok(0) => return true,
                 Ok(n) => self.raw.extend_from_slice(&buf[..n]),
-                Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) => {}
                 Err(_) => return true,
             }
             if Instant::now() > deadline {
@@ -231,13 +310,21 @@ impl FakeAgent {
 /// General copies `data` as `ty`; the gateway must request it at once.
 pub fn general_copies(general: &mut FakeAgent, ty: ClipboardType, data: &[u8]) {
     general.send(&Message::ClipboardGrab(vec![ty]));
-    assert_eq!(general.expect(|m| matches!(m, Message::ClipboardRequest(_))), Message::ClipboardRequest(ty));
-    general.send(&Message::Clipboard { ty, data: data.to_vec() });
+    assert_eq!(
+        general.expect(|m| matches!(m, Message::ClipboardRequest(_))),
+        Message::ClipboardRequest(ty)
+    );
+    general.send(&Message::Clipboard {
+        ty,
+        data: data.to_vec(),
+    });
 }
 
 /// Classified sees a grab, pastes, and gets the data: returns (type, data).
 pub fn classified_pastes(classified: &mut FakeAgent) -> (ClipboardType, Vec<u8>) {
-    let Message::ClipboardGrab(types) = classified.expect(|m| matches!(m, Message::ClipboardGrab(_))) else {
+    let Message::ClipboardGrab(types) =
+        classified.expect(|m| matches!(m, Message::ClipboardGrab(_)))
+    else {
         unreachable!()
     };
     assert_eq!(types.len(), 1, "gateway offers exactly one type");
@@ -250,7 +337,9 @@ pub fn classified_pastes(classified: &mut FakeAgent) -> (ClipboardType, Vec<u8>)
 
 /// A PNG of `w`×`h` with a gradient.
 pub fn png(w: u32, h: u32) -> Vec<u8> {
-    let img = image::RgbImage::from_fn(w, h, |x, y| image::Rgb([(x % 256) as u8, (y % 256) as u8, ((x ^ y) % 256) as u8]));
+    let img = image::RgbImage::from_fn(w, h, |x, y| {
+        image::Rgb([(x % 256) as u8, (y % 256) as u8, ((x ^ y) % 256) as u8])
+    });
     let mut out = Vec::new();
     image::DynamicImage::ImageRgb8(img)
         .write_to(&mut std::io::Cursor::new(&mut out), image::ImageFormat::Png)
@@ -261,7 +350,15 @@ pub fn png(w: u32, h: u32) -> Vec<u8> {
 /// One chunk holding one message, with any header values.
 pub fn raw_frame(port: u32, protocol: u32, msg_type: u32, data: &[u8]) -> Vec<u8> {
     let mut v = Vec::new();
-    for x in [port, 20 + data.len() as u32, protocol, msg_type, 0, 0, data.len() as u32] {
+    for x in [
+        port,
+        20 + data.len() as u32,
+        protocol,
+        msg_type,
+        0,
+        0,
+        data.len() as u32,
+    ] {
         v.extend_from_slice(&x.to_le_bytes());
     }
     v.extend_from_slice(data);

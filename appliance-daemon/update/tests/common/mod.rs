@@ -34,7 +34,14 @@ pub fn uuids(root_hash: &str) -> (String, String) {
 
 fn uuid_string(b: &[u8]) -> String {
     let h = hex::encode(b);
-    format!("{}-{}-{}-{}-{}", &h[..8], &h[8..12], &h[12..16], &h[16..20], &h[20..])
+    format!(
+        "{}-{}-{}-{}-{}",
+        &h[..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..]
+    )
 }
 
 /// Bytes that differ per version and kind, so a wrong copy shows.
@@ -88,19 +95,35 @@ pub struct Snapshot {
 
 impl Scene {
     pub fn new() -> Scene {
-        let s = Scene { dir: tempfile::tempdir().unwrap(), threshold: 1 };
+        let s = Scene {
+            dir: tempfile::tempdir().unwrap(),
+            threshold: 1,
+        };
         for key in ["alice", "bob", "mallory"] {
             let k = s.path(key);
-            ok(Command::new("ssh-keygen").args(["-q", "-t", "ed25519", "-N", "", "-C", key, "-f"]).arg(&k));
+            ok(Command::new("ssh-keygen")
+                .args(["-q", "-t", "ed25519", "-N", "", "-C", key, "-f"])
+                .arg(&k));
         }
         let allowed: String = ["alice", "bob"]
             .iter()
-            .map(|k| format!("{k}@example.org {}\n", std::fs::read_to_string(s.path(&format!("{k}.pub"))).unwrap().trim()))
+            .map(|k| {
+                format!(
+                    "{k}@example.org {}\n",
+                    std::fs::read_to_string(s.path(&format!("{k}.pub")))
+                        .unwrap()
+                        .trim()
+                )
+            })
             .collect();
         std::fs::write(s.path("allowed_signers"), allowed).unwrap();
         s.make_disk();
         std::fs::create_dir_all(s.path("esp/EFI/Linux")).unwrap();
-        std::fs::write(s.path("esp/EFI/Linux/airlock_1.0.efi"), content("1.0", "uki", 4096)).unwrap();
+        std::fs::write(
+            s.path("esp/EFI/Linux/airlock_1.0.efi"),
+            content("1.0", "uki", 4096),
+        )
+        .unwrap();
         s.boot("1.0", 1);
         s
     }
@@ -113,10 +136,27 @@ impl Scene {
     fn make_disk(&self) {
         let disk = self.path("disk.img");
         let total: u64 = SIZES.iter().sum::<u64>() * MIB + 2 * MIB;
-        std::fs::File::create(&disk).unwrap().set_len(total).unwrap();
+        std::fs::File::create(&disk)
+            .unwrap()
+            .set_len(total)
+            .unwrap();
         let (ra, va) = uuids(&root_hash_for("1.0"));
-        let types = ["c12a7328-f81f-11d2-ba4b-00a0c93ec93b", ROOT_TYPE, VERITY_TYPE, ROOT_TYPE, VERITY_TYPE, "4d21b016-b534-45c2-a9fb-5c16e091fd2d"];
-        let labels = ["esp", "root_airlock_1.0", "verity_airlock_1.0", "_empty", "_empty", "data"];
+        let types = [
+            "c12a7328-f81f-11d2-ba4b-00a0c93ec93b",
+            ROOT_TYPE,
+            VERITY_TYPE,
+            ROOT_TYPE,
+            VERITY_TYPE,
+            "4d21b016-b534-45c2-a9fb-5c16e091fd2d",
+        ];
+        let labels = [
+            "esp",
+            "root_airlock_1.0",
+            "verity_airlock_1.0",
+            "_empty",
+            "_empty",
+            "data",
+        ];
         let mut script = String::from("label: gpt\nunit: sectors\n");
         let mut start = MIB / 512;
         for i in 0..6 {
@@ -125,16 +165,34 @@ impl Scene {
                 2 => format!(", uuid={va}"),
                 _ => String::new(),
             };
-            script.push_str(&format!("start={start}, size={}, type={}{uuid}, name=\"{}\"\n", SIZES[i] * MIB / 512, types[i], labels[i]));
+            script.push_str(&format!(
+                "start={start}, size={}, type={}{uuid}, name=\"{}\"\n",
+                SIZES[i] * MIB / 512,
+                types[i],
+                labels[i]
+            ));
             start += SIZES[i] * MIB / 512;
         }
-        let mut child = Command::new("sfdisk").args(["--quiet", "--no-reread", "--no-tell-kernel"]).arg(&disk).stdin(std::process::Stdio::piped()).spawn().expect("sfdisk (util-linux) must be installed");
+        let mut child = Command::new("sfdisk")
+            .args(["--quiet", "--no-reread", "--no-tell-kernel"])
+            .arg(&disk)
+            .stdin(std::process::Stdio::piped())
+            .spawn()
+            .expect("sfdisk (util-linux) must be installed");
         std::io::Write::write_all(child.stdin.as_mut().unwrap(), script.as_bytes()).unwrap();
         assert!(child.wait().unwrap().success());
         let f = std::fs::OpenOptions::new().write(true).open(&disk).unwrap();
         use std::os::unix::fs::FileExt;
-        f.write_all_at(&content("1.0", "root", 2 * MIB as usize), self.partition("disk.img", 2).0).unwrap();
-        f.write_all_at(&content("1.0", "verity", MIB as usize), self.partition("disk.img", 3).0).unwrap();
+        f.write_all_at(
+            &content("1.0", "root", 2 * MIB as usize),
+            self.partition("disk.img", 2).0,
+        )
+        .unwrap();
+        f.write_all_at(
+            &content("1.0", "verity", MIB as usize),
+            self.partition("disk.img", 3).0,
+        )
+        .unwrap();
     }
 
     /// Pretends the machine runs `version` (os-release and roothash=).
@@ -144,24 +202,40 @@ impl Scene {
             format!("ID=debian\nIMAGE_ID=airlock\nIMAGE_VERSION={version}\nAIRLOCK_COMPATIBLE=airlock-debian-x86_64\nAIRLOCK_SECURITY_EPOCH={epoch}\n"),
         )
         .unwrap();
-        std::fs::write(self.path("cmdline"), format!("initrd=x roothash={} ro security=selinux enforcing=1\n", root_hash_for(version))).unwrap();
+        std::fs::write(
+            self.path("cmdline"),
+            format!(
+                "initrd=x roothash={} ro security=selinux enforcing=1\n",
+                root_hash_for(version)
+            ),
+        )
+        .unwrap();
     }
 
     /// (offset, size) in bytes of partition `n`, from sfdisk.
     pub fn partition(&self, disk: &str, n: u32) -> (u64, u64) {
         let p = &self.table(disk)[n as usize - 1];
-        (p["start"].as_u64().unwrap() * 512, p["size"].as_u64().unwrap() * 512)
+        (
+            p["start"].as_u64().unwrap() * 512,
+            p["size"].as_u64().unwrap() * 512,
+        )
     }
 
     pub fn table(&self, disk: &str) -> Vec<serde_json::Value> {
         let out = ok(Command::new("sfdisk").arg("--json").arg(self.path(disk)));
         let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-        v["partitiontable"]["partitions"].as_array().unwrap().clone()
+        v["partitiontable"]["partitions"]
+            .as_array()
+            .unwrap()
+            .clone()
     }
 
     pub fn label_and_uuid(&self, n: u32) -> (String, String) {
         let p = &self.table("disk.img")[n as usize - 1];
-        (p["name"].as_str().unwrap_or("").to_string(), p["uuid"].as_str().unwrap().to_ascii_lowercase())
+        (
+            p["name"].as_str().unwrap_or("").to_string(),
+            p["uuid"].as_str().unwrap().to_ascii_lowercase(),
+        )
     }
 
     /// sha256 of `len` bytes at the start of partition `n`.
@@ -176,7 +250,11 @@ impl Scene {
         let disk = self.path("disk.img");
         let mut esp = BTreeMap::new();
         for e in walk(&self.path("esp")) {
-            let rel = e.strip_prefix(self.path("esp")).unwrap().display().to_string();
+            let rel = e
+                .strip_prefix(self.path("esp"))
+                .unwrap()
+                .display()
+                .to_string();
             esp.insert(rel, hex::encode(Sha256::digest(std::fs::read(&e).unwrap())));
         }
         Snapshot {
@@ -189,11 +267,27 @@ impl Scene {
     /// The manifest and payload of a bundle, unsigned.
     pub fn manifest(&self, spec: &BundleSpec) -> (Manifest, Vec<u8>) {
         let parts = [
-            (ArtifactKind::Root, content(&spec.version, "root", spec.root_len)),
-            (ArtifactKind::Verity, content(&spec.version, "verity", spec.verity_len)),
-            (ArtifactKind::Uki, content(&spec.version, "uki", spec.uki_len)),
+            (
+                ArtifactKind::Root,
+                content(&spec.version, "root", spec.root_len),
+            ),
+            (
+                ArtifactKind::Verity,
+                content(&spec.version, "verity", spec.verity_len),
+            ),
+            (
+                ArtifactKind::Uki,
+                content(&spec.version, "uki", spec.uki_len),
+            ),
         ];
-        let artifacts = parts.iter().map(|(kind, b)| Artifact { kind: *kind, size: b.len() as u64, sha256: hex::encode(Sha256::digest(b)) }).collect();
+        let artifacts = parts
+            .iter()
+            .map(|(kind, b)| Artifact {
+                kind: *kind,
+                size: b.len() as u64,
+                sha256: hex::encode(Sha256::digest(b)),
+            })
+            .collect();
         let m = Manifest {
             name: spec.name.clone(),
             version: Version::parse(&spec.version).unwrap(),
@@ -214,7 +308,10 @@ impl Scene {
         std::fs::write(&file, manifest).unwrap();
         let sig = file.with_extension("sig");
         let _ = std::fs::remove_file(&sig);
-        ok(Command::new("ssh-keygen").args(["-q", "-Y", "sign", "-n", NAMESPACE, "-f"]).arg(self.path(key)).arg(&file));
+        ok(Command::new("ssh-keygen")
+            .args(["-q", "-Y", "sign", "-n", NAMESPACE, "-f"])
+            .arg(self.path(key))
+            .arg(&file));
         std::fs::read(&sig).unwrap()
     }
 
@@ -223,7 +320,12 @@ impl Scene {
         let (m, payload) = self.manifest(spec);
         let bytes = m.to_json();
         let signatures = keys.iter().map(|k| self.sign(&bytes, k)).collect();
-        let mut out = RawHeader { manifest: bytes, signatures }.encode().unwrap();
+        let mut out = RawHeader {
+            manifest: bytes,
+            signatures,
+        }
+        .encode()
+        .unwrap();
         out.extend_from_slice(&payload);
         let path = self.path(file);
         std::fs::write(&path, out).unwrap();
@@ -250,7 +352,12 @@ impl Scene {
     }
 
     pub fn apply(&self, bundle: &Path, extra: &[&str]) -> Output {
-        run(self.agent().arg("apply").arg("--file").arg(bundle).args(extra))
+        run(self
+            .agent()
+            .arg("apply")
+            .arg("--file")
+            .arg(bundle)
+            .args(extra))
     }
 }
 
@@ -274,10 +381,20 @@ pub fn run(cmd: &mut Command) -> Output {
 
 pub fn ok(cmd: &mut Command) -> Output {
     let out = run(cmd);
-    assert!(out.status.success(), "{cmd:?} failed: {}\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     out
 }
 
 pub fn text(out: &Output) -> String {
-    format!("exit {:?}\nstdout: {}\nstderr: {}", out.status.code(), String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
+    format!(
+        "exit {:?}\nstdout: {}\nstderr: {}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
 }

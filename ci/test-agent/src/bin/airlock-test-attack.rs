@@ -93,24 +93,43 @@ fn probe(own: &str, other: &str, disk: &str, slot: &str, only: Option<&str>) {
     // Control: its own side's disk image opens, so a denial below is the
     // policy at work, not a missing file or a broken harness.
     let own_disk = format!("/var/lib/airlock/{own}/disk/disk.img");
-    report(only, "own-disk-open-rw", &own_disk, || outcome(open_rw(&own_disk)));
+    report(only, "own-disk-open-rw", &own_disk, || {
+        outcome(open_rw(&own_disk))
+    });
 
     let other_disk = format!("/var/lib/airlock/{other}/disk/disk.img");
-    report(only, "other-disk-open-rw", &other_disk, || outcome(open_rw(&other_disk)));
+    report(only, "other-disk-open-rw", &other_disk, || {
+        outcome(open_rw(&other_disk))
+    });
     for socket in ["vdagent", "qmp", "display"] {
         let path = format!("/run/airlock/{other}/{socket}.sock");
-        report(only, &format!("other-{socket}-connect"), &path, || outcome(UnixStream::connect(&path)));
+        report(only, &format!("other-{socket}-connect"), &path, || {
+            outcome(UnixStream::connect(&path))
+        });
     }
     // /usr is on the read-only erofs root, so the kernel may refuse writes
     // there before SELinux is asked; the suite mounts a writable tmpfs
     // labelled usr_t on /usr/local so that the policy itself is tested.
     report(only, "usr-create", "/usr/local/airlock-attack", || {
-        outcome(OpenOptions::new().write(true).create_new(true).open("/usr/local/airlock-attack"))
+        outcome(
+            OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open("/usr/local/airlock-attack"),
+        )
     });
-    report(only, "usr-bin-write", "/usr/bin/sh", || outcome(OpenOptions::new().write(true).open("/usr/bin/sh")));
-    report(only, "exec-shell", "/bin/sh", || outcome(Command::new("/bin/sh").args(["-c", "true"]).status()));
-    report(only, "load-module", "init_module", || outcome(load_empty_module()));
-    report(only, "inet-socket", "127.0.0.1:0", || outcome(std::net::TcpListener::bind("127.0.0.1:0")));
+    report(only, "usr-bin-write", "/usr/bin/sh", || {
+        outcome(OpenOptions::new().write(true).open("/usr/bin/sh"))
+    });
+    report(only, "exec-shell", "/bin/sh", || {
+        outcome(Command::new("/bin/sh").args(["-c", "true"]).status())
+    });
+    report(only, "load-module", "init_module", || {
+        outcome(load_empty_module())
+    });
+    report(only, "inet-socket", "127.0.0.1:0", || {
+        outcome(std::net::TcpListener::bind("127.0.0.1:0"))
+    });
     report(only, "disk-device-write", disk, || outcome(open_rw(disk)));
     report(only, "slot-device-write", slot, || outcome(open_rw(slot)));
 }
@@ -123,7 +142,14 @@ fn load_empty_module() -> std::io::Result<()> {
     let params = c"";
     // SAFETY: the pointers are valid for the given (zero) length and the
     // parameter string is NUL-terminated; the kernel only reads them.
-    let rc = unsafe { libc::syscall(libc::SYS_init_module, image.as_ptr(), 0usize, params.as_ptr()) };
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_init_module,
+            image.as_ptr(),
+            0usize,
+            params.as_ptr(),
+        )
+    };
     if rc == 0 {
         Ok(())
     } else {

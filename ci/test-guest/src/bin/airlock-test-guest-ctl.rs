@@ -26,7 +26,8 @@ fn main() -> ExitCode {
     let result = if qmp {
         qmp_execute(socket, &command, Duration::from_secs(30))
     } else {
-        Client::connect(socket, Duration::from_secs(10)).and_then(|mut client| client.command(&command, Duration::from_secs(60)))
+        Client::connect(socket, Duration::from_secs(10))
+            .and_then(|mut client| client.command(&command, Duration::from_secs(60)))
     };
     match result {
         Ok(reply) => {

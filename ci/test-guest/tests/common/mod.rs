@@ -48,7 +48,20 @@ impl Guest {
         let extra = extra(dir.path());
         let started = Instant::now();
         let qemu = Command::new("qemu-system-x86_64")
-            .args(["-nodefaults", "-no-user-config", "-machine", "q35", "-accel", "tcg", "-cpu", "max", "-m", "192", "-smp", "1"])
+            .args([
+                "-nodefaults",
+                "-no-user-config",
+                "-machine",
+                "q35",
+                "-accel",
+                "tcg",
+                "-cpu",
+                "max",
+                "-m",
+                "192",
+                "-smp",
+                "1",
+            ])
             .args(["-no-reboot", "-display", "none", "-kernel"])
             .arg(&img.kernel.vmlinuz)
             .arg("-initrd")
@@ -57,22 +70,42 @@ impl Guest {
             .arg(format!("console=ttyS0 panic=-1 quiet {cmdline}").trim_end())
             .arg("-chardev")
             .arg(format!("file,id=con,path={}", serial.display()))
-            .args(["-serial", "chardev:con", "-device", "virtio-serial-pci,id=vser0"])
+            .args([
+                "-serial",
+                "chardev:con",
+                "-device",
+                "virtio-serial-pci,id=vser0",
+            ])
             .arg("-chardev")
-            .arg(format!("socket,id=test,path={},server=on,wait=off", test_socket.display()))
-            .args(["-device", "virtserialport,bus=vser0.0,chardev=test,name=org.airlock.test.0"])
+            .arg(format!(
+                "socket,id=test,path={},server=on,wait=off",
+                test_socket.display()
+            ))
+            .args([
+                "-device",
+                "virtserialport,bus=vser0.0,chardev=test,name=org.airlock.test.0",
+            ])
             .args(extra)
             .stdin(Stdio::null())
             .spawn()
             .expect("qemu-system-x86_64 runs (install qemu-system-x86)");
-        Guest { qemu, dir, serial, test_socket, started }
+        Guest {
+            qemu,
+            dir,
+            serial,
+            test_socket,
+            started,
+        }
     }
 
     /// A client of the test port, once the guest answers ping.
     pub fn client(&self) -> Client {
         let mut client = Client::connect(&self.test_socket, Duration::from_secs(10)).unwrap();
         let pong = client.wait_alive(Duration::from_secs(90)).unwrap();
-        eprintln!("alive after {:.1} s: {pong}", self.started.elapsed().as_secs_f64());
+        eprintln!(
+            "alive after {:.1} s: {pong}",
+            self.started.elapsed().as_secs_f64()
+        );
         client
     }
 
@@ -107,7 +140,12 @@ impl Drop for Guest {
 
 /// Sends `command` until the reply satisfies `done` or `timeout` passes
 /// (the guest handles its two ports on two threads); returns the last reply.
-pub fn poll(client: &mut Client, command: &str, timeout: Duration, done: impl Fn(&str) -> bool) -> String {
+pub fn poll(
+    client: &mut Client,
+    command: &str,
+    timeout: Duration,
+    done: impl Fn(&str) -> bool,
+) -> String {
     let deadline = Instant::now() + timeout;
     loop {
         let reply = client.command(command, Duration::from_secs(10)).unwrap();
@@ -137,7 +175,10 @@ impl Qmp {
             }
         };
         stream.set_read_timeout(Some(Duration::from_secs(30)))?;
-        let mut qmp = Qmp { reader: BufReader::new(stream.try_clone()?), writer: stream };
+        let mut qmp = Qmp {
+            reader: BufReader::new(stream.try_clone()?),
+            writer: stream,
+        };
         let mut greeting = String::new();
         qmp.reader.read_line(&mut greeting)?;
         if !greeting.contains("\"QMP\"") {
@@ -192,14 +233,21 @@ impl Ppm {
             }
             fields.push(String::from_utf8_lossy(&bytes[start..at]).into_owned());
         }
-        let num = |i: usize| fields[i].parse::<usize>().map_err(|e| format!("PPM header {fields:?}: {e}"));
+        let num = |i: usize| {
+            fields[i]
+                .parse::<usize>()
+                .map_err(|e| format!("PPM header {fields:?}: {e}"))
+        };
         if fields[0] != "P6" || num(3)? != 255 {
             return Err(format!("not a P6/255 PPM: {fields:?}"));
         }
         let (width, height) = (num(1)?, num(2)?);
         let rgb = bytes.get(at + 1..).unwrap_or_default().to_vec();
         if rgb.len() != width * height * 3 {
-            return Err(format!("PPM {width}x{height} has {} pixel bytes", rgb.len()));
+            return Err(format!(
+                "PPM {width}x{height} has {} pixel bytes",
+                rgb.len()
+            ));
         }
         Ok(Ppm { width, height, rgb })
     }

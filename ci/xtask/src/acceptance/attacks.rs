@@ -77,7 +77,9 @@ fn expected_denial(attempt: &str, other: &str) -> Option<(&'static str, String)>
     Some(match attempt {
         // Path lookup stops at the other side's directory, whose type is the other side's.
         "other-disk-open-rw" => ("", format!("airlock_{other}_")),
-        "other-vdagent-connect" | "other-qmp-connect" | "other-display-connect" => ("", format!("airlock_{other}_")),
+        "other-vdagent-connect" | "other-qmp-connect" | "other-display-connect" => {
+            ("", format!("airlock_{other}_"))
+        }
         "usr-create" => ("dir", ":usr_t:".into()),
         // Whatever the policy stops first (the symlink, or the file itself).
         "usr-bin-write" => ("", "tcontext=system_u:object_r:".into()),
@@ -98,11 +100,24 @@ fn avc_lines(vm: &mut Vm, domain: &str) -> Result<Vec<String>> {
 }
 
 /// Runs one attempt in `domain`; its outcome and the AVC records it caused.
-fn one_attempt(vm: &mut Vm, domain: &str, args: &str, attempt: &str) -> Result<(Attempt, Vec<String>)> {
+fn one_attempt(
+    vm: &mut Vm,
+    domain: &str,
+    args: &str,
+    attempt: &str,
+) -> Result<(Attempt, Vec<String>)> {
     let before = avc_lines(vm, domain)?.len();
-    let out = sh(vm, &format!("runcon -t {domain} -- {ATTACK} probe {args} {attempt}"))?;
-    let result: Attempt = serde_json::from_str(out.trim()).with_context(|| format!("attack program printed {out:?}"))?;
-    ensure!(result.attempt == attempt, "asked for {attempt}, the attack program reported {}", result.attempt);
+    let out = sh(
+        vm,
+        &format!("runcon -t {domain} -- {ATTACK} probe {args} {attempt}"),
+    )?;
+    let result: Attempt = serde_json::from_str(out.trim())
+        .with_context(|| format!("attack program printed {out:?}"))?;
+    ensure!(
+        result.attempt == attempt,
+        "asked for {attempt}, the attack program reported {}",
+        result.attempt
+    );
     // The kernel's audit records reach the journal asynchronously.
     let mut avcs = Vec::new();
     for _ in 0..10 {
@@ -126,29 +141,43 @@ fn attack_from(vm: &mut Vm, own: &str, other: &str, disk: &str, slot: &str) -> R
         let verdict = match name {
             "own-disk-open-rw" => {
                 if denied || !avcs.is_empty() {
-                    wrong.push(format!("control {name} on {}: {} {avcs:?}", a.target, a.result));
+                    wrong.push(format!(
+                        "control {name} on {}: {} {avcs:?}",
+                        a.target, a.result
+                    ));
                 }
                 "control".to_string()
             }
             // Refused either by SELinux (logged) or, if SELinux let it
             // through, by the read-only root (EROFS, which logs nothing).
-            "usr-bin-write" if a.result.starts_with("EROFS") => "refused by the read-only root (no AVC)".to_string(),
+            "usr-bin-write" if a.result.starts_with("EROFS") => {
+                "refused by the read-only root (no AVC)".to_string()
+            }
             _ => {
-                let (class, context) = expected_denial(name, other).with_context(|| format!("unknown attempt {name}"))?;
-                let logged = avcs
-                    .iter()
-                    .find(|l| (class.is_empty() || l.contains(&format!("tclass={class} "))) && context.split('|').any(|c| l.contains(c)));
+                let (class, context) = expected_denial(name, other)
+                    .with_context(|| format!("unknown attempt {name}"))?;
+                let logged = avcs.iter().find(|l| {
+                    (class.is_empty() || l.contains(&format!("tclass={class} ")))
+                        && context.split('|').any(|c| l.contains(c))
+                });
                 if !denied {
                     wrong.push(format!("{name} on {} SUCCEEDED", a.target));
                 } else if !(a.result.starts_with("EACCES") || a.result.starts_with("EPERM")) {
-                    wrong.push(format!("{name} on {} failed with {} (not a permission denial)", a.target, a.result));
+                    wrong.push(format!(
+                        "{name} on {} failed with {} (not a permission denial)",
+                        a.target, a.result
+                    ));
                 } else if logged.is_none() {
                     wrong.push(format!("{name} on {} denied ({}) but no AVC with tclass={class} and {context}: {avcs:?}", a.target, a.result));
                 }
                 logged.map(|l| avc_summary(l)).unwrap_or_default()
             }
         };
-        table.push(format!("{name:<22} {:<42} {:<7} {verdict}", a.target, a.result.split(' ').next().unwrap_or("")));
+        table.push(format!(
+            "{name:<22} {:<42} {:<7} {verdict}",
+            a.target,
+            a.result.split(' ').next().unwrap_or("")
+        ));
     }
     let detail = table.join("\n");
     ensure!(wrong.is_empty(), "{}\n{detail}", wrong.join("\n"));
@@ -157,8 +186,18 @@ fn attack_from(vm: &mut Vm, own: &str, other: &str, disk: &str, slot: &str) -> R
 
 /// `{ write } for pid=… comm=… tcontext=… tclass=…` → "{ write } tcontext tclass".
 fn avc_summary(line: &str) -> String {
-    let perms = line.split("denied").nth(1).and_then(|s| s.split(" for ").next()).unwrap_or("").trim();
-    let field = |key: &str| line.split_whitespace().find_map(|w| w.strip_prefix(key)).unwrap_or("").to_string();
+    let perms = line
+        .split("denied")
+        .nth(1)
+        .and_then(|s| s.split(" for ").next())
+        .unwrap_or("")
+        .trim();
+    let field = |key: &str| {
+        line.split_whitespace()
+            .find_map(|w| w.strip_prefix(key))
+            .unwrap_or("")
+            .to_string()
+    };
     let tcontext = field("tcontext=");
     let ttype = tcontext.split(':').nth(2).unwrap_or("");
     format!("AVC {perms} {ttype}:{}", field("tclass="))
@@ -169,9 +208,19 @@ pub fn attack_checks(suite: &mut Suite, vm: &mut Vm) {
         let listing = sh(vm, &SETUP.replace("ATTACK", ATTACK))?;
         // The whole disk and the ESP's partition node, by path: the attack
         // opens device nodes directly, not through /dev/disk symlinks.
-        let disk = sh(vm, "lsblk -dnpo NAME,TYPE | awk '$2==\"disk\"{print $1; exit}'")?.trim().to_string();
-        let slot = sh(vm, "readlink -f /dev/disk/by-partlabel/esp")?.trim().to_string();
-        ensure!(!disk.is_empty() && slot.starts_with("/dev/"), "disk {disk:?}, ESP {slot:?}");
+        let disk = sh(
+            vm,
+            "lsblk -dnpo NAME,TYPE | awk '$2==\"disk\"{print $1; exit}'",
+        )?
+        .trim()
+        .to_string();
+        let slot = sh(vm, "readlink -f /dev/disk/by-partlabel/esp")?
+            .trim()
+            .to_string();
+        ensure!(
+            !disk.is_empty() && slot.starts_with("/dev/"),
+            "disk {disk:?}, ESP {slot:?}"
+        );
         Ok((listing, disk, slot))
     })();
     let (listing, disk, slot) = match setup {
@@ -190,6 +239,10 @@ pub fn attack_checks(suite: &mut Suite, vm: &mut Vm) {
         ensure!(slot_label.contains(":airlock_slot_device_t:"), "the ESP node {slot} is {slot_label:?} (udev rule 90-airlock-slots.rules)");
         Ok(format!("{listing}{}", slot_label.trim()))
     });
-    suite.test(TESTS[1], || attack_from(vm, "general", "classified", &disk, &slot));
-    suite.test(TESTS[2], || attack_from(vm, "classified", "general", &disk, &slot));
+    suite.test(TESTS[1], || {
+        attack_from(vm, "general", "classified", &disk, &slot)
+    });
+    suite.test(TESTS[2], || {
+        attack_from(vm, "classified", "general", &disk, &slot)
+    });
 }

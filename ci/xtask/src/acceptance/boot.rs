@@ -86,8 +86,17 @@ pub fn test_image_boots(suite: &mut Suite, images: &Images, opts: &AcceptanceOpt
         // classified tunnel's far end); QEMU runs in that namespace, so its
         // taps are there too. Made first: it holds the PC's tunnel key.
         let outside = Outside::create()?;
-        let flashed = super::provision::flash_test_machine(images, opts, &dir, DISK_GROWTH, &outside.appliance_key())?;
-        println!("acceptance: test machine flashed and provisioned in {:.1}s", flashed.seconds);
+        let flashed = super::provision::flash_test_machine(
+            images,
+            opts,
+            &dir,
+            DISK_GROWTH,
+            &outside.appliance_key(),
+        )?;
+        println!(
+            "acceptance: test machine flashed and provisioned in {:.1}s",
+            flashed.seconds
+        );
         let disk = flashed.disk.clone();
         let vars = dir.join("OVMF_VARS.fd");
         let _ = std::fs::remove_file(&vars);
@@ -99,7 +108,10 @@ pub fn test_image_boots(suite: &mut Suite, images: &Images, opts: &AcceptanceOpt
         cfg.extra_netdevs = Outside::nics();
         let mut vm = Vm::start_in_netns(cfg, Some(&outside.path()))?;
         let boot_id = vm.agent()?.wait_ready(BOOT_TIMEOUT).map_err(|e| {
-            anyhow::anyhow!("{e}; serial console ends with:\n{}", tail(&vm.serial_log(), 30))
+            anyhow::anyhow!(
+                "{e}; serial console ends with:\n{}",
+                tail(&vm.serial_log(), 30)
+            )
         })?;
         Ok((machine, vm, boot_id, outside, flashed))
     };
@@ -114,21 +126,47 @@ pub fn test_image_boots(suite: &mut Suite, images: &Images, opts: &AcceptanceOpt
     // First the guests (they must be up before the AVC checks read the
     // journal, so that their start is covered too).
     let mut faults = Faults::read(&mut vm);
-    let mut group = |suite: &mut Suite, vm: &mut Vm, name: &str, checks: &dyn Fn(&mut Suite, &mut Vm)| {
-        run_group(suite, vm, &mut faults, name, checks)
-    };
-    group(suite, &mut vm, "supervisor:", &super::supervisor::supervisor_checks);
-    group(suite, &mut vm, "flash:", &|suite, vm| super::provision::provision_checks(suite, vm, &flashed));
-    group(suite, &mut vm, "clipboard:", &super::clipboard::clipboard_checks);
-    group(suite, &mut vm, "network:", &|suite, vm| super::network::network_checks(suite, vm, &outside));
+    let mut group =
+        |suite: &mut Suite, vm: &mut Vm, name: &str, checks: &dyn Fn(&mut Suite, &mut Vm)| {
+            run_group(suite, vm, &mut faults, name, checks)
+        };
+    group(
+        suite,
+        &mut vm,
+        "supervisor:",
+        &super::supervisor::supervisor_checks,
+    );
+    group(suite, &mut vm, "flash:", &|suite, vm| {
+        super::provision::provision_checks(suite, vm, &flashed)
+    });
+    group(
+        suite,
+        &mut vm,
+        "clipboard:",
+        &super::clipboard::clipboard_checks,
+    );
+    group(suite, &mut vm, "network:", &|suite, vm| {
+        super::network::network_checks(suite, vm, &outside)
+    });
     let screens = opts.work_dir.join("screens/kiosk");
-    group(suite, &mut vm, "kiosk:", &|suite, vm| super::kiosk::kiosk_checks(suite, vm, &screens));
-    group(suite, &mut vm, "boot:", &|suite, vm| boot_checks(suite, vm, &machine, images));
-    group(suite, &mut vm, "reboot:", &|suite, vm| reboot_checks(suite, vm, &first_boot));
+    group(suite, &mut vm, "kiosk:", &|suite, vm| {
+        super::kiosk::kiosk_checks(suite, vm, &screens)
+    });
+    group(suite, &mut vm, "boot:", &|suite, vm| {
+        boot_checks(suite, vm, &machine, images)
+    });
+    group(suite, &mut vm, "reboot:", &|suite, vm| {
+        reboot_checks(suite, vm, &first_boot)
+    });
     // Then the attacks: they leave AVC denials behind on purpose.
     group(suite, &mut vm, "attack:", &super::attacks::attack_checks);
     // Last: powers the machine off.
-    group(suite, &mut vm, "supervisor: power-off", &super::supervisor::poweroff_check);
+    group(
+        suite,
+        &mut vm,
+        "supervisor: power-off",
+        &super::supervisor::poweroff_check,
+    );
     if suite.failed() > failed_before {
         vm.keep_files();
     }
@@ -141,9 +179,17 @@ pub fn test_image_boots(suite: &mut Suite, images: &Images, opts: &AcceptanceOpt
 /// aside and it runs once more on a fresh boot; the summary says so. A
 /// failure without that evidence stands, and so does any failure of the
 /// second run.
-fn run_group(suite: &mut Suite, vm: &mut Vm, faults: &mut Faults, group: &str, checks: &dyn Fn(&mut Suite, &mut Vm)) {
+fn run_group(
+    suite: &mut Suite,
+    vm: &mut Vm,
+    faults: &mut Faults,
+    group: &str,
+    checks: &dyn Fn(&mut Suite, &mut Vm),
+) {
     if let Some(fault) = Faults::read(vm).since(faults) {
-        println!("acceptance: before the `{group}` tests: {fault}; waiting for the machine to settle");
+        println!(
+            "acceptance: before the `{group}` tests: {fault}; waiting for the machine to settle"
+        );
         if let Err(e) = emulator::recover(vm, fault, false) {
             println!("acceptance: {e:#}");
         }
@@ -154,8 +200,12 @@ fn run_group(suite: &mut Suite, vm: &mut Vm, faults: &mut Faults, group: &str, c
     let now = Faults::read(vm);
     let fault = now.since(faults);
     *faults = now;
-    let Some(fault) = fault.filter(|_| suite.failed_since(mark) > 0) else { return };
-    println!("acceptance: `{group}` tests failed while {fault}; running them again on a fresh boot");
+    let Some(fault) = fault.filter(|_| suite.failed_since(mark) > 0) else {
+        return;
+    };
+    println!(
+        "acceptance: `{group}` tests failed while {fault}; running them again on a fresh boot"
+    );
     if let Err(e) = emulator::recover(vm, fault, true) {
         // A second emulator fault while recovering (seen in a CI rehearsal:
         // the appliance triple-faulted while the suite waited for the
@@ -238,12 +288,27 @@ fn in_guest_checks(suite: &mut Suite, vm: &mut Vm) {
         let failed = sh(vm, "systemctl --failed --no-legend --plain")?;
         let default = sh(vm, "systemctl get-default")?;
         let active = sh(vm, "systemctl is-active airlock.target || true")?;
-        ensure!(default.trim() == "airlock.target", "default target is {}", default.trim());
-        ensure!(active.trim() == "active", "airlock.target is {}", active.trim());
+        ensure!(
+            default.trim() == "airlock.target",
+            "default target is {}",
+            default.trim()
+        );
+        ensure!(
+            active.trim() == "active",
+            "airlock.target is {}",
+            active.trim()
+        );
         ensure!(failed.trim().is_empty(), "failed units:\n{failed}");
-        ensure!(state.trim() == "running", "system state is {}", state.trim());
+        ensure!(
+            state.trim() == "running",
+            "system state is {}",
+            state.trim()
+        );
         let time = sh(vm, "systemd-analyze time 2>&1 | head -1 || true")?;
-        Ok(format!("state running, default airlock.target; {}", time.trim()))
+        Ok(format!(
+            "state running, default airlock.target; {}",
+            time.trim()
+        ))
     });
     suite.test(BOOT_TESTS[1], || {
         let enforce = sh(vm, "cat /sys/fs/selinux/enforce")?;
@@ -259,11 +324,21 @@ fn in_guest_checks(suite: &mut Suite, vm: &mut Vm) {
         // The kernel logs AVC denials as audit records into the journal
         // (no auditd); the agent's own domain is unconfined, so anything
         // found here comes from the appliance.
-        let denials = sh(vm, "journalctl -b -o cat --no-pager | grep 'avc:  denied' || true")?;
+        let denials = sh(
+            vm,
+            "journalctl -b -o cat --no-pager | grep 'avc:  denied' || true",
+        )?;
         let count = denials.lines().count();
-        ensure!(count == 0, "{count} AVC denials:\n{}", denials.lines().take(15).collect::<Vec<_>>().join("\n"));
+        ensure!(
+            count == 0,
+            "{count} AVC denials:\n{}",
+            denials.lines().take(15).collect::<Vec<_>>().join("\n")
+        );
         let lines = sh(vm, "journalctl -b -o cat --no-pager | wc -l")?;
-        Ok(format!("0 denials in {} journal lines of this boot", lines.trim()))
+        Ok(format!(
+            "0 denials in {} journal lines of this boot",
+            lines.trim()
+        ))
     });
     suite.test(BOOT_TESTS[3], || {
         let mount = sh(vm, "findmnt -n -o SOURCE,FSTYPE,OPTIONS /")?;
@@ -271,16 +346,37 @@ fn in_guest_checks(suite: &mut Suite, vm: &mut Vm) {
         ensure!(fields.len() == 3, "findmnt printed {mount:?}");
         ensure!(fields[0] == "/dev/mapper/root", "/ is on {}", fields[0]);
         ensure!(fields[1] == "erofs", "/ is {}", fields[1]);
-        ensure!(fields[2].split(',').any(|o| o == "ro"), "/ is mounted {}", fields[2]);
-        let uuid = sh(vm, "cat /sys/block/$(basename $(readlink -f /dev/mapper/root))/dm/uuid")?;
-        ensure!(uuid.starts_with("CRYPT-VERITY-"), "/dev/mapper/root is not a verity device (dm uuid {uuid:?})");
+        ensure!(
+            fields[2].split(',').any(|o| o == "ro"),
+            "/ is mounted {}",
+            fields[2]
+        );
+        let uuid = sh(
+            vm,
+            "cat /sys/block/$(basename $(readlink -f /dev/mapper/root))/dm/uuid",
+        )?;
+        ensure!(
+            uuid.starts_with("CRYPT-VERITY-"),
+            "/dev/mapper/root is not a verity device (dm uuid {uuid:?})"
+        );
         let table = sh(vm, "cat /proc/cmdline")?;
-        ensure!(table.contains("roothash="), "no roothash= on the command line");
-        Ok(format!("{} {} ro, dm uuid {}", fields[0], fields[1], uuid.trim()))
+        ensure!(
+            table.contains("roothash="),
+            "no roothash= on the command line"
+        );
+        Ok(format!(
+            "{} {} ro, dm uuid {}",
+            fields[0],
+            fields[1],
+            uuid.trim()
+        ))
     });
     suite.test(BOOT_TESTS[4], || {
         for (what, script) in [
-            ("create a file in /usr", "touch /usr/bin/airlock-write-probe"),
+            (
+                "create a file in /usr",
+                "touch /usr/bin/airlock-write-probe",
+            ),
             ("create a file in /etc", "touch /etc/airlock-write-probe"),
             ("remount / read-write", "mount -o remount,rw /"),
         ] {
@@ -290,7 +386,10 @@ fn in_guest_checks(suite: &mut Suite, vm: &mut Vm) {
         Ok("writes to /usr and /etc and a read-write remount all refused".into())
     });
     suite.test(BOOT_TESTS[5], || {
-        let found = sh(vm, "find / /var -xdev -context '*:unlabeled_t:*' 2>/dev/null | head -20")?;
+        let found = sh(
+            vm,
+            "find / /var -xdev -context '*:unlabeled_t:*' 2>/dev/null | head -20",
+        )?;
         ensure!(found.trim().is_empty(), "unlabeled_t files:\n{found}");
         let counted = sh(vm, "find / /var -xdev 2>/dev/null | wc -l")?;
         Ok(format!("0 of {} files on / and /var", counted.trim()))
@@ -312,7 +411,11 @@ fn in_guest_checks(suite: &mut Suite, vm: &mut Vm) {
         let shadow = sh(vm, "cat /etc/shadow")?;
         let open: Vec<&str> = shadow
             .lines()
-            .filter(|l| !l.split(':').nth(1).is_some_and(|p| p.starts_with('!') || p.starts_with('*')))
+            .filter(|l| {
+                !l.split(':')
+                    .nth(1)
+                    .is_some_and(|p| p.starts_with('!') || p.starts_with('*'))
+            })
             .collect();
         ensure!(open.is_empty(), "accounts with a usable password: {open:?}");
         Ok(format!("{} accounts, all locked", shadow.lines().count()))
@@ -332,10 +435,16 @@ fn in_guest_checks(suite: &mut Suite, vm: &mut Vm) {
     });
     suite.test(BOOT_TESTS[10], || {
         let mount = sh(vm, "findmnt -n -o SOURCE,FSTYPE,OPTIONS /var")?;
-        ensure!(mount.contains("ext4") && mount.contains("rw"), "/var is {mount}");
+        ensure!(
+            mount.contains("ext4") && mount.contains("rw"),
+            "/var is {mount}"
+        );
         let label = sh(vm, "ls -Zd /var | cut -d' ' -f1")?;
         ensure!(label.contains(":var_t:"), "/var is labelled {label}");
-        sh(vm, "touch /var/lib/airlock-write-probe && rm /var/lib/airlock-write-probe")?;
+        sh(
+            vm,
+            "touch /var/lib/airlock-write-probe && rm /var/lib/airlock-write-probe",
+        )?;
         Ok(format!("{} ({})", mount.trim(), label.trim()))
     });
 }
@@ -374,10 +483,17 @@ fn reboot_checks(suite: &mut Suite, vm: &mut Vm, first_boot: &str) {
         // (an emulator fault may have reset it since; seen once: a ready
         // announcement of that boot, still queued, was then taken for the
         // new boot while it was shutting down).
-        let asked_of = sh(vm, "cat /proc/sys/kernel/random/boot_id")?.trim().to_owned();
-        sh(vm, &format!("echo {marker} | systemd-cat -t airlock-acceptance && journalctl --flush"))?;
+        let asked_of = sh(vm, "cat /proc/sys/kernel/random/boot_id")?
+            .trim()
+            .to_owned();
+        sh(
+            vm,
+            &format!("echo {marker} | systemd-cat -t airlock-acceptance && journalctl --flush"),
+        )?;
         // The reply may or may not arrive before the agent is stopped.
-        let _ = vm.agent()?.run(&["systemctl", "reboot"], Duration::from_secs(20));
+        let _ = vm
+            .agent()?
+            .run(&["systemctl", "reboot"], Duration::from_secs(20));
         let deadline = Instant::now() + BOOT_TIMEOUT;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
@@ -417,15 +533,31 @@ fn reboot_checks(suite: &mut Suite, vm: &mut Vm, first_boot: &str) {
     });
     suite.test(REBOOT_TESTS[2], || {
         // Both the shutdown of the first boot and the whole second boot.
-        let denials = sh(vm, "journalctl -b 0 -o cat --no-pager | grep 'avc:  denied' || true")?;
-        let denials = format!("{denials}{}", sh(vm, "journalctl -b -1 -o cat --no-pager | grep 'avc:  denied' || true")?);
+        let denials = sh(
+            vm,
+            "journalctl -b 0 -o cat --no-pager | grep 'avc:  denied' || true",
+        )?;
+        let denials = format!(
+            "{denials}{}",
+            sh(
+                vm,
+                "journalctl -b -1 -o cat --no-pager | grep 'avc:  denied' || true"
+            )?
+        );
         let count = denials.lines().count();
-        ensure!(count == 0, "{count} AVC denials:\n{}", denials.lines().take(15).collect::<Vec<_>>().join("\n"));
+        ensure!(
+            count == 0,
+            "{count} AVC denials:\n{}",
+            denials.lines().take(15).collect::<Vec<_>>().join("\n")
+        );
         Ok("0 denials in the first boot's shutdown and the second boot".into())
     });
     suite.test(REBOOT_TESTS[1], || {
         let now = sh(vm, "cat /etc/machine-id")?;
-        ensure!(!machine_id.trim().is_empty() && now.trim() == machine_id.trim(), "machine ID {machine_id:?} became {now:?}");
+        ensure!(
+            !machine_id.trim().is_empty() && now.trim() == machine_id.trim(),
+            "machine ID {machine_id:?} became {now:?}"
+        );
         Ok(format!("machine ID {}", now.trim()))
     });
 }
@@ -459,7 +591,13 @@ mod tests {
     fn listening_sockets_finds_tcp_listen_and_any_udp() {
         let tables = "# tcp\n  sl  local_address rem_address   st tx_queue\n   0: 00000000:0016 00000000:0000 0A 00000000:00000000\n   1: 0100007F:0277 0100007F:D2C4 01 00000000:00000000\n# udp\n  sl  local_address rem_address   st\n   5: 00000000:0044 00000000:0000 07 00000000:00000000\n# raw\n  sl  local_address rem_address   st\n";
         let found = listening_sockets(tables);
-        assert_eq!(found, vec!["tcp local 00000000:0016 state 0A", "udp local 00000000:0044 state 07"]);
+        assert_eq!(
+            found,
+            vec![
+                "tcp local 00000000:0016 state 0A",
+                "udp local 00000000:0044 state 07"
+            ]
+        );
         assert!(listening_sockets("# tcp\n  sl  local_address rem_address   st\n").is_empty());
     }
 }

@@ -67,13 +67,25 @@ pub struct Faults {
 
 impl Faults {
     pub fn read(vm: &mut Vm) -> Faults {
-        let debug_log = std::fs::read_to_string(vm.dir().join("qemu-debug.log")).unwrap_or_default();
-        let appliance_triple_faults = debug_log.lines().filter(|l| l.trim() == "Triple fault").count();
+        let debug_log =
+            std::fs::read_to_string(vm.dir().join("qemu-debug.log")).unwrap_or_default();
+        let appliance_triple_faults = debug_log
+            .lines()
+            .filter(|l| l.trim() == "Triple fault")
+            .count();
         let console = vm.serial_log();
         let orderly = console.matches("reboot: Restarting system").count();
         // One per panic: not the closing `---[ end Kernel panic …` line.
-        let panics = console.lines().filter(|l| l.contains("Kernel panic - not syncing") && !l.contains("---[ end")).count();
-        let tcg = std::fs::read_to_string(vm.dir().join("qemu.log")).unwrap_or_default().lines().next().unwrap_or("").contains("-accel tcg");
+        let panics = console
+            .lines()
+            .filter(|l| l.contains("Kernel panic - not syncing") && !l.contains("---[ end"))
+            .count();
+        let tcg = std::fs::read_to_string(vm.dir().join("qemu.log"))
+            .unwrap_or_default()
+            .lines()
+            .next()
+            .unwrap_or("")
+            .contains("-accel tcg");
         let nested_svm_panics = if tcg { nested_svm_panics(&console) } else { 0 };
         let resets = vm.qmp_event_count("RESET");
         let watchdogs = vm.qmp_event_count("WATCHDOG");
@@ -81,7 +93,8 @@ impl Faults {
             appliance_triple_faults,
             // A triple fault also ends in a RESET event, and so does a panic
             // (`panic=10`): those are not "unasked".
-            appliance_unasked_resets: resets.saturating_sub(orderly + appliance_triple_faults + panics),
+            appliance_unasked_resets: resets
+                .saturating_sub(orderly + appliance_triple_faults + panics),
             appliance_own_resets: watchdogs + panics.saturating_sub(nested_svm_panics),
             nested_svm_panics,
             nested: nested_resets(vm).ok(),
@@ -94,16 +107,24 @@ impl Faults {
             return None;
         }
         if self.appliance_triple_faults > earlier.appliance_triple_faults {
-            return Some(Fault::ApplianceTripleFaulted(self.appliance_triple_faults - earlier.appliance_triple_faults));
+            return Some(Fault::ApplianceTripleFaulted(
+                self.appliance_triple_faults - earlier.appliance_triple_faults,
+            ));
         }
         if self.nested_svm_panics > earlier.nested_svm_panics {
-            return Some(Fault::NestedSvmPanic(self.nested_svm_panics - earlier.nested_svm_panics));
+            return Some(Fault::NestedSvmPanic(
+                self.nested_svm_panics - earlier.nested_svm_panics,
+            ));
         }
         if self.appliance_unasked_resets > earlier.appliance_unasked_resets {
-            return Some(Fault::ApplianceResetUnasked(self.appliance_unasked_resets - earlier.appliance_unasked_resets));
+            return Some(Fault::ApplianceResetUnasked(
+                self.appliance_unasked_resets - earlier.appliance_unasked_resets,
+            ));
         }
         match (&earlier.nested, &self.nested) {
-            (Some((boot_before, before)), Some((boot_now, now))) if boot_before == boot_now && now > before => {
+            (Some((boot_before, before)), Some((boot_now, now)))
+                if boot_before == boot_now && now > before =>
+            {
                 Some(Fault::NestedGuestReset(now - before))
             }
             _ => None,
@@ -133,8 +154,9 @@ pub fn nested_svm_panics(console: &str) -> usize {
     lines
         .windows(2)
         .filter(|w| {
-            w[0].contains("Kernel panic - not syncing: corrupted stack end detected inside scheduler")
-                && (w[1].contains(" Comm: qemu-classified ") || w[1].contains(" Comm: qemu-general "))
+            w[0].contains(
+                "Kernel panic - not syncing: corrupted stack end detected inside scheduler",
+            ) && (w[1].contains(" Comm: qemu-classified ") || w[1].contains(" Comm: qemu-general "))
         })
         .count()
 }
@@ -161,7 +183,8 @@ fn nested_resets(vm: &mut Vm) -> Result<(String, usize)> {
          cat /var/log/airlock/*/serial.log 2>/dev/null | grep -c 'Kernel panic' || true",
     )?;
     let mut lines = out.lines().map(str::trim);
-    let (Some(boot), Some(resets), Some(panics)) = (lines.next(), lines.next(), lines.next()) else {
+    let (Some(boot), Some(resets), Some(panics)) = (lines.next(), lines.next(), lines.next())
+    else {
         bail!("unexpected output {out:?}");
     };
     if panics != "0" {
@@ -178,9 +201,18 @@ pub fn recover(vm: &mut Vm, fault: Fault, fresh: bool) -> Result<String> {
     let reboot = matches!(fault, Fault::NestedGuestReset(_)) && fresh;
     if reboot {
         // The reply may or may not arrive before the agent is stopped.
-        let _ = vm.agent()?.run(&["systemctl", "reboot"], Duration::from_secs(20));
+        let _ = vm
+            .agent()?
+            .run(&["systemctl", "reboot"], Duration::from_secs(20));
     }
-    if reboot || matches!(fault, Fault::ApplianceTripleFaulted(_) | Fault::ApplianceResetUnasked(_) | Fault::NestedSvmPanic(_)) {
+    if reboot
+        || matches!(
+            fault,
+            Fault::ApplianceTripleFaulted(_)
+                | Fault::ApplianceResetUnasked(_)
+                | Fault::NestedSvmPanic(_)
+        )
+    {
         // Each reset announces a boot; take the newest one that answers.
         let mut answered = None;
         for _ in 0..4 {
@@ -204,44 +236,95 @@ mod tests {
     use super::*;
 
     fn faults(triple: usize, nested: Option<(&str, usize)>) -> Faults {
-        Faults { appliance_triple_faults: triple, appliance_unasked_resets: 0, appliance_own_resets: 0, nested_svm_panics: 0, nested: nested.map(|(b, n)| (b.to_owned(), n)) }
+        Faults {
+            appliance_triple_faults: triple,
+            appliance_unasked_resets: 0,
+            appliance_own_resets: 0,
+            nested_svm_panics: 0,
+            nested: nested.map(|(b, n)| (b.to_owned(), n)),
+        }
     }
 
     #[test]
     fn only_the_nested_svm_panic_signature_counts() {
         let nested = "[  294.956439] Kernel panic - not syncing: corrupted stack end detected inside scheduler\n[  294.959188] CPU: 0 UID: 989 PID: 661 Comm: qemu-classified Not tainted 6.12.117+deb13-amd64 #1  Debian 6.12.117-1\n";
         assert_eq!(nested_svm_panics(nested), 1);
-        assert_eq!(nested_svm_panics(&format!("{nested}{}", nested.replace("qemu-classified", "qemu-general"))), 2);
+        assert_eq!(
+            nested_svm_panics(&format!(
+                "{nested}{}",
+                nested.replace("qemu-classified", "qemu-general")
+            )),
+            2
+        );
         // The same message in any other task, or another panic in a QEMU thread: the appliance's own.
-        assert_eq!(nested_svm_panics(&nested.replace("qemu-classified", "airlockd")), 0);
-        assert_eq!(nested_svm_panics(&nested.replace("corrupted stack end detected inside scheduler", "Oops: general protection fault")), 0);
+        assert_eq!(
+            nested_svm_panics(&nested.replace("qemu-classified", "airlockd")),
+            0
+        );
+        assert_eq!(
+            nested_svm_panics(&nested.replace(
+                "corrupted stack end detected inside scheduler",
+                "Oops: general protection fault"
+            )),
+            0
+        );
         let before = faults(0, Some(("a", 0)));
-        let panicked = Faults { nested_svm_panics: 1, ..before.clone() };
+        let panicked = Faults {
+            nested_svm_panics: 1,
+            ..before.clone()
+        };
         assert_eq!(panicked.since(&before), Some(Fault::NestedSvmPanic(1)));
         // Any other panic in the same window keeps it the appliance's own.
-        let both = Faults { appliance_own_resets: 1, ..panicked };
+        let both = Faults {
+            appliance_own_resets: 1,
+            ..panicked
+        };
         assert_eq!(both.since(&before), None);
     }
 
     #[test]
     fn a_reset_after_a_watchdog_or_panic_is_the_appliances_own() {
         let before = faults(0, Some(("a", 0)));
-        let unasked = Faults { appliance_unasked_resets: 1, ..before.clone() };
-        assert_eq!(unasked.since(&before), Some(Fault::ApplianceResetUnasked(1)));
-        let watchdog = Faults { appliance_own_resets: 1, ..unasked.clone() };
+        let unasked = Faults {
+            appliance_unasked_resets: 1,
+            ..before.clone()
+        };
+        assert_eq!(
+            unasked.since(&before),
+            Some(Fault::ApplianceResetUnasked(1))
+        );
+        let watchdog = Faults {
+            appliance_own_resets: 1,
+            ..unasked.clone()
+        };
         assert_eq!(watchdog.since(&before), None);
         // Even a triple fault in the same window is not retried then.
-        let both = Faults { appliance_triple_faults: 1, ..watchdog };
+        let both = Faults {
+            appliance_triple_faults: 1,
+            ..watchdog
+        };
         assert_eq!(both.since(&before), None);
     }
 
     #[test]
     fn only_new_evidence_is_a_fault() {
-        assert_eq!(faults(0, Some(("a", 0))).since(&faults(0, Some(("a", 0)))), None);
-        assert_eq!(faults(1, None).since(&faults(0, Some(("a", 0)))), Some(Fault::ApplianceTripleFaulted(1)));
-        assert_eq!(faults(1, Some(("a", 2))).since(&faults(1, Some(("a", 0)))), Some(Fault::NestedGuestReset(2)));
+        assert_eq!(
+            faults(0, Some(("a", 0))).since(&faults(0, Some(("a", 0)))),
+            None
+        );
+        assert_eq!(
+            faults(1, None).since(&faults(0, Some(("a", 0)))),
+            Some(Fault::ApplianceTripleFaulted(1))
+        );
+        assert_eq!(
+            faults(1, Some(("a", 2))).since(&faults(1, Some(("a", 0)))),
+            Some(Fault::NestedGuestReset(2))
+        );
         // A new boot restarts airlockd's count: not comparable, no evidence.
-        assert_eq!(faults(0, Some(("b", 1))).since(&faults(0, Some(("a", 0)))), None);
+        assert_eq!(
+            faults(0, Some(("b", 1))).since(&faults(0, Some(("a", 0)))),
+            None
+        );
         // No answer from the agent (e.g. a panic on a guest console): no evidence.
         assert_eq!(faults(0, None).since(&faults(0, Some(("a", 0)))), None);
     }

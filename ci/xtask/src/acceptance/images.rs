@@ -36,9 +36,16 @@ fn test_guest_overlay(opts: &AcceptanceOptions) -> Result<PathBuf> {
     let root = opts.work_dir.join("test-guest-overlay");
     let dir = root.join("usr/lib/airlock/test-guest");
     std::fs::create_dir_all(&dir)?;
-    let image = airlock_test_guest::image::prepare(&dir).map_err(|e| anyhow::anyhow!("making the test guest: {e}"))?;
-    std::fs::copy(&image.kernel.vmlinuz, dir.join("vmlinuz")).with_context(|| format!("copying {}", image.kernel.vmlinuz.display()))?;
-    println!("acceptance: test guest: kernel {} ({}), modules {:?}", image.kernel.vmlinuz.display(), image.kernel.source, image.modules);
+    let image = airlock_test_guest::image::prepare(&dir)
+        .map_err(|e| anyhow::anyhow!("making the test guest: {e}"))?;
+    std::fs::copy(&image.kernel.vmlinuz, dir.join("vmlinuz"))
+        .with_context(|| format!("copying {}", image.kernel.vmlinuz.display()))?;
+    println!(
+        "acceptance: test guest: kernel {} ({}), modules {:?}",
+        image.kernel.vmlinuz.display(),
+        image.kernel.source,
+        image.modules
+    );
     Ok(root)
 }
 
@@ -52,7 +59,10 @@ pub struct UpdateKey {
 
 pub fn update_key(opts: &AcceptanceOptions) -> Result<UpdateKey> {
     let dir = std::path::absolute(opts.work_dir.join("update-key"))?;
-    let key = UpdateKey { private: dir.join("id_ed25519"), allowed_signers: dir.join("allowed_signers") };
+    let key = UpdateKey {
+        private: dir.join("id_ed25519"),
+        allowed_signers: dir.join("allowed_signers"),
+    };
     if key.private.is_file() && key.allowed_signers.is_file() {
         return Ok(key);
     }
@@ -61,11 +71,22 @@ pub fn update_key(opts: &AcceptanceOptions) -> Result<UpdateKey> {
     let _ = std::fs::remove_file(dir.join("id_ed25519.pub"));
     let sh = sh()?;
     let private = &key.private;
-    cmd!(sh, "ssh-keygen -q -t ed25519 -N '' -C airlock-acceptance -f {private}").quiet().run().context("making the suite's update key (ssh-keygen)")?;
+    cmd!(
+        sh,
+        "ssh-keygen -q -t ed25519 -N '' -C airlock-acceptance -f {private}"
+    )
+    .quiet()
+    .run()
+    .context("making the suite's update key (ssh-keygen)")?;
     let public = std::fs::read_to_string(dir.join("id_ed25519.pub"))?;
     let mut fields = public.split_whitespace();
-    let (Some(kind), Some(blob)) = (fields.next(), fields.next()) else { bail!("ssh-keygen wrote an odd public key: {public}") };
-    std::fs::write(&key.allowed_signers, format!("airlock-acceptance@ci {kind} {blob}\n"))?;
+    let (Some(kind), Some(blob)) = (fields.next(), fields.next()) else {
+        bail!("ssh-keygen wrote an odd public key: {public}")
+    };
+    std::fs::write(
+        &key.allowed_signers,
+        format!("airlock-acceptance@ci {kind} {blob}\n"),
+    )?;
     Ok(key)
 }
 
@@ -74,21 +95,32 @@ pub fn update_key(opts: &AcceptanceOptions) -> Result<UpdateKey> {
 /// next to the key.
 pub fn test_manifest(opts: &AcceptanceOptions, version: Option<&str>) -> Result<PathBuf> {
     let key = update_key(opts)?;
-    let text = std::fs::read_to_string(source_dir().join(MANIFEST)).with_context(|| format!("reading {MANIFEST}"))?;
+    let text = std::fs::read_to_string(source_dir().join(MANIFEST))
+        .with_context(|| format!("reading {MANIFEST}"))?;
     let mut replaced = 0;
     let lines: Vec<String> = text
         .lines()
         .map(|l| {
             if l.trim_start().starts_with("version =") && replaced == 0 {
                 replaced += 1;
-                version.map(|v| format!("version = \"{v}\"")).unwrap_or_else(|| l.to_owned())
+                version
+                    .map(|v| format!("version = \"{v}\""))
+                    .unwrap_or_else(|| l.to_owned())
             } else {
                 l.to_owned()
             }
         })
         .collect();
-    ensure!(replaced == 1, "{MANIFEST} has no top-level `version =` line");
-    let name = key.allowed_signers.file_name().context("key file name")?.to_string_lossy().into_owned();
+    ensure!(
+        replaced == 1,
+        "{MANIFEST} has no top-level `version =` line"
+    );
+    let name = key
+        .allowed_signers
+        .file_name()
+        .context("key file name")?
+        .to_string_lossy()
+        .into_owned();
     let out = format!(
         "# Made by the acceptance suite from {MANIFEST}: the test image trusts the suite's update key.\n{}\n\n[update]\nallowed_signers = \"{name}\"\nthreshold = 1\n",
         lines.join("\n")
@@ -106,14 +138,23 @@ pub fn test_manifest(opts: &AcceptanceOptions, version: Option<&str>) -> Result<
 
 /// Builds the test image of `version` (the suite's manifest copy) into
 /// `images/test-<version>` (reused when its inputs did not change).
-pub fn build_test_version(opts: &AcceptanceOptions, version: &str) -> Result<(PathBuf, Report, f64)> {
+pub fn build_test_version(
+    opts: &AcceptanceOptions,
+    version: &str,
+) -> Result<(PathBuf, Report, f64)> {
     let manifest = test_manifest(opts, Some(version))?;
     let output = opts.work_dir.join("images").join(format!("test-{version}"));
     let (report, seconds) = build(opts, Profile::Test, &manifest, &output, false)?;
     Ok((output, report, seconds))
 }
 
-fn build(opts: &AcceptanceOptions, profile: Profile, manifest: &Path, output: &Path, fresh: bool) -> Result<(Report, f64)> {
+fn build(
+    opts: &AcceptanceOptions,
+    profile: Profile,
+    manifest: &Path,
+    output: &Path,
+    fresh: bool,
+) -> Result<(Report, f64)> {
     let start = Instant::now();
     // A sabotaged run lays a flawed overlay over both images.
     let mut extra_overlays = match &opts.sabotage {
@@ -145,7 +186,10 @@ pub fn prepare(suite: &mut Suite, opts: &AcceptanceOptions) -> Result<Images> {
     let mut build_seconds = Vec::new();
     let mut built = Vec::new();
     for profile in [Profile::Test, Profile::Production] {
-        let name = format!("builder: {} image builds from {MANIFEST}", format!("{profile:?}").to_lowercase());
+        let name = format!(
+            "builder: {} image builds from {MANIFEST}",
+            format!("{profile:?}").to_lowercase()
+        );
         let variant = match &opts.sabotage {
             Some(flaw) => format!("{profile:?}-sabotage-{flaw}"),
             None => format!("{profile:?}"),
@@ -159,17 +203,28 @@ pub fn prepare(suite: &mut Suite, opts: &AcceptanceOptions) -> Result<Images> {
                 Profile::Production => source_dir().join(MANIFEST),
             };
             let (report, seconds) = build(opts, profile, &manifest, &output, false)?;
-            let detail = format!("{} in {seconds:.1}s, root hash {}", report.image, &report.root_hash[..16]);
+            let detail = format!(
+                "{} in {seconds:.1}s, root hash {}",
+                report.image,
+                &report.root_hash[..16]
+            );
             result = Some((report, seconds));
             Ok(detail)
         });
-        let (report, seconds) = result.with_context(|| format!("the {profile:?} image did not build; nothing to boot"))?;
+        let (report, seconds) = result
+            .with_context(|| format!("the {profile:?} image did not build; nothing to boot"))?;
         build_seconds.push((format!("{profile:?}"), seconds));
         built.push((output.join(&report.image), report));
     }
     let (production, production_report) = built.pop().expect("two builds");
     let (test, test_report) = built.pop().expect("two builds");
-    Ok(Images { test, test_report, production, production_report, build_seconds })
+    Ok(Images {
+        test,
+        test_report,
+        production,
+        production_report,
+        build_seconds,
+    })
 }
 
 fn sh() -> Result<Shell> {
@@ -178,62 +233,140 @@ fn sh() -> Result<Shell> {
 
 /// Checks on the image files.
 pub fn image_checks(suite: &mut Suite, images: &Images, opts: &AcceptanceOptions) {
-    suite.test("image: systemd-dissect finds ESP, root and root-verity for the root hash", || {
-        let sh = sh()?;
-        let image = &images.production;
-        let hash = &images.production_report.root_hash;
-        let hash_arg = format!("--root-hash={hash}");
-        let json = cmd!(sh, "systemd-dissect --json=short {hash_arg} {image}").quiet().read()?;
-        let v: serde_json::Value = serde_json::from_str(&json).context("parsing systemd-dissect --json")?;
-        let mounts = v["mounts"].as_array().context("no mounts in systemd-dissect output")?;
-        let find = |d: &str| mounts.iter().find(|m| m["designator"] == d);
-        let root = find("root").context("no root partition recognised")?;
-        ensure!(root["verity"] == "yes", "root not verity-protected according to systemd-dissect: {root}");
-        ensure!(root["fstype"] == "erofs", "root is {}, expected erofs", root["fstype"]);
-        find("root-verity").context("no root-verity partition recognised")?;
-        find("esp").context("no ESP recognised")?;
-        // A wrong root hash must be refused.
-        let wrong = format!("--root-hash={}", "0".repeat(64));
-        let refused = cmd!(sh, "systemd-dissect --json=short {wrong} {image}").quiet().ignore_stderr().read().is_err();
-        ensure!(refused, "systemd-dissect accepted the image with a wrong root hash");
-        Ok("root (erofs, verity), root-verity, esp; wrong hash refused".into())
-    });
-    suite.test("image: airlock inspect reads name, distro, root hash and partitions back", || {
-        let found = airlock::inspect::inspect(&images.production)?;
-        let report = &images.production_report;
-        ensure!(found.build.root_hash == report.root_hash, "inspect says root hash {}, report {}", found.build.root_hash, report.root_hash);
-        ensure!(found.build.kernel_cmdline == report.kernel_cmdline, "command lines differ");
-        ensure!(found.build.package_count == report.packages.len(), "package counts differ");
-        ensure!(found.partitions.len() == report.partitions.len(), "partition counts differ");
-        for (a, b) in found.partitions.iter().zip(&report.partitions) {
-            ensure!(a.uuid == b.uuid && a.type_uuid == b.type_uuid && a.label == b.label, "partition {} differs: {a:?} vs {b:?}", b.number);
-        }
-        Ok(format!("{} {} {} {}, {} partitions", found.build.name, found.build.version, found.build.distro, found.build.distro_release, found.partitions.len()))
-    });
+    suite.test(
+        "image: systemd-dissect finds ESP, root and root-verity for the root hash",
+        || {
+            let sh = sh()?;
+            let image = &images.production;
+            let hash = &images.production_report.root_hash;
+            let hash_arg = format!("--root-hash={hash}");
+            let json = cmd!(sh, "systemd-dissect --json=short {hash_arg} {image}")
+                .quiet()
+                .read()?;
+            let v: serde_json::Value =
+                serde_json::from_str(&json).context("parsing systemd-dissect --json")?;
+            let mounts = v["mounts"]
+                .as_array()
+                .context("no mounts in systemd-dissect output")?;
+            let find = |d: &str| mounts.iter().find(|m| m["designator"] == d);
+            let root = find("root").context("no root partition recognised")?;
+            ensure!(
+                root["verity"] == "yes",
+                "root not verity-protected according to systemd-dissect: {root}"
+            );
+            ensure!(
+                root["fstype"] == "erofs",
+                "root is {}, expected erofs",
+                root["fstype"]
+            );
+            find("root-verity").context("no root-verity partition recognised")?;
+            find("esp").context("no ESP recognised")?;
+            // A wrong root hash must be refused.
+            let wrong = format!("--root-hash={}", "0".repeat(64));
+            let refused = cmd!(sh, "systemd-dissect --json=short {wrong} {image}")
+                .quiet()
+                .ignore_stderr()
+                .read()
+                .is_err();
+            ensure!(
+                refused,
+                "systemd-dissect accepted the image with a wrong root hash"
+            );
+            Ok("root (erofs, verity), root-verity, esp; wrong hash refused".into())
+        },
+    );
+    suite.test(
+        "image: airlock inspect reads name, distro, root hash and partitions back",
+        || {
+            let found = airlock::inspect::inspect(&images.production)?;
+            let report = &images.production_report;
+            ensure!(
+                found.build.root_hash == report.root_hash,
+                "inspect says root hash {}, report {}",
+                found.build.root_hash,
+                report.root_hash
+            );
+            ensure!(
+                found.build.kernel_cmdline == report.kernel_cmdline,
+                "command lines differ"
+            );
+            ensure!(
+                found.build.package_count == report.packages.len(),
+                "package counts differ"
+            );
+            ensure!(
+                found.partitions.len() == report.partitions.len(),
+                "partition counts differ"
+            );
+            for (a, b) in found.partitions.iter().zip(&report.partitions) {
+                ensure!(
+                    a.uuid == b.uuid && a.type_uuid == b.type_uuid && a.label == b.label,
+                    "partition {} differs: {a:?} vs {b:?}",
+                    b.number
+                );
+            }
+            Ok(format!(
+                "{} {} {} {}, {} partitions",
+                found.build.name,
+                found.build.version,
+                found.build.distro,
+                found.build.distro_release,
+                found.partitions.len()
+            ))
+        },
+    );
     suite.test("image: sfdisk --verify finds no error", || {
         let sh = sh()?;
         let mut out = String::new();
         for image in [&images.production, &images.test] {
             let text = cmd!(sh, "sfdisk --verify {image}").quiet().read()?;
-            ensure!(text.contains("No errors detected"), "sfdisk --verify {}:\n{text}", image.display());
+            ensure!(
+                text.contains("No errors detected"),
+                "sfdisk --verify {}:\n{text}",
+                image.display()
+            );
             out = text.lines().next().unwrap_or("").to_string();
         }
         Ok(out)
     });
     suite.test("image: SHA256SUMS matches the image and report", || {
         let sh = sh()?;
-        let dir = images.production.parent().context("image has no directory")?;
+        let dir = images
+            .production
+            .parent()
+            .context("image has no directory")?;
         let _d = sh.push_dir(dir);
         let out = cmd!(sh, "sha256sum --check SHA256SUMS").quiet().read()?;
         Ok(out.replace('\n', "; "))
     });
     suite.test("image: the test agent is in the test image only", || {
-        let in_test = image_has_file(&images.test, &images.test_report, "/usr/lib/airlock/airlock-test-agent")?;
-        let in_production = image_has_file(&images.production, &images.production_report, "/usr/lib/airlock/airlock-test-agent")?;
-        ensure!(in_test, "the test image lacks the agent: the check itself is broken");
-        ensure!(!in_production, "the production image contains /usr/lib/airlock/airlock-test-agent");
-        let unit_in_production = image_has_file(&images.production, &images.production_report, "/etc/systemd/system/airlock-test-agent.service")?;
-        ensure!(!unit_in_production, "the production image contains the test agent's unit");
+        let in_test = image_has_file(
+            &images.test,
+            &images.test_report,
+            "/usr/lib/airlock/airlock-test-agent",
+        )?;
+        let in_production = image_has_file(
+            &images.production,
+            &images.production_report,
+            "/usr/lib/airlock/airlock-test-agent",
+        )?;
+        ensure!(
+            in_test,
+            "the test image lacks the agent: the check itself is broken"
+        );
+        ensure!(
+            !in_production,
+            "the production image contains /usr/lib/airlock/airlock-test-agent"
+        );
+        let unit_in_production = image_has_file(
+            &images.production,
+            &images.production_report,
+            "/etc/systemd/system/airlock-test-agent.service",
+        )?;
+        ensure!(
+            !unit_in_production,
+            "the production image contains the test agent's unit"
+        );
         Ok("test image: present; production image: absent (binary and unit)".into())
     });
     if !opts.skip_reproducibility {
@@ -279,7 +412,10 @@ pub fn image_has_file(image: &Path, report: &Report, path: &str) -> Result<bool>
     let arg = format!("--path={path}");
     // dump.erofs (1.5) exits 0 either way: it describes the inode when the
     // path exists and prints "read inode failed" when it does not.
-    let out = cmd!(sh, "dump.erofs {arg} {extracted}").quiet().ignore_status().output()?;
+    let out = cmd!(sh, "dump.erofs {arg} {extracted}")
+        .quiet()
+        .ignore_status()
+        .output()?;
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     if stdout.contains(&format!("File : {path}")) {
@@ -305,6 +441,8 @@ pub fn private_copy(image: &Path, dir: &Path, name: &str) -> Result<PathBuf> {
     std::fs::create_dir_all(dir)?;
     let target = dir.join(name);
     let sh = sh()?;
-    cmd!(sh, "cp --sparse=always {image} {target}").quiet().run()?;
+    cmd!(sh, "cp --sparse=always {image} {target}")
+        .quiet()
+        .run()?;
     Ok(target)
 }

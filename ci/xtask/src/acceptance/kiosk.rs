@@ -140,7 +140,8 @@ struct Screens {
 impl Screens {
     /// Empties `dir` first: every file in it is from this run.
     fn new(dir: &Path) -> Result<Screens> {
-        let dir = std::path::absolute(dir).with_context(|| format!("resolving {}", dir.display()))?;
+        let dir =
+            std::path::absolute(dir).with_context(|| format!("resolving {}", dir.display()))?;
         if dir.exists() {
             std::fs::remove_dir_all(&dir).with_context(|| format!("emptying {}", dir.display()))?;
         }
@@ -156,7 +157,8 @@ impl Screens {
         let format = vm.qmp()?.screendump(&raw)?;
         let image = load_image(&raw)?;
         match format {
-            ImageFormat::Png => std::fs::rename(&raw, &png).with_context(|| format!("renaming {} to {}", raw.display(), png.display()))?,
+            ImageFormat::Png => std::fs::rename(&raw, &png)
+                .with_context(|| format!("renaming {} to {}", raw.display(), png.display()))?,
             ImageFormat::Ppm => {
                 write_png(&image, &png)?;
                 std::fs::remove_file(&raw)?;
@@ -168,7 +170,13 @@ impl Screens {
     /// Takes screendumps as `<name>.png` until `want` accepts one; its
     /// path, what `want` said, and how long it took. On timeout the file
     /// holds the last screen seen, and the error says why it was refused.
-    fn wait(&self, vm: &mut Vm, name: &str, timeout: Duration, want: impl Fn(&Image) -> Result<String>) -> Result<(PathBuf, String, Duration)> {
+    fn wait(
+        &self,
+        vm: &mut Vm,
+        name: &str,
+        timeout: Duration,
+        want: impl Fn(&Image) -> Result<String>,
+    ) -> Result<(PathBuf, String, Duration)> {
         let start = Instant::now();
         loop {
             let (path, image) = self.take(vm, name)?;
@@ -176,7 +184,11 @@ impl Screens {
             match verdict {
                 Ok(said) => return Ok((path, said, start.elapsed())),
                 Err(e) if start.elapsed() >= timeout => {
-                    bail!("after {:.1}s the screen still does not match: {e:#}; last screendump {}", start.elapsed().as_secs_f64(), path.display())
+                    bail!(
+                        "after {:.1}s the screen still does not match: {e:#}; last screendump {}",
+                        start.elapsed().as_secs_f64(),
+                        path.display()
+                    )
                 }
                 Err(_) => thread::sleep(SCREEN_POLL),
             }
@@ -185,8 +197,11 @@ impl Screens {
 }
 
 pub fn write_png(image: &Image, path: &Path) -> Result<()> {
-    let buffer = image::RgbaImage::from_raw(image.width, image.height, image.rgba.clone()).context("screendump size does not match its pixels")?;
-    buffer.save_with_format(path, image::ImageFormat::Png).with_context(|| format!("writing {}", path.display()))
+    let buffer = image::RgbaImage::from_raw(image.width, image.height, image.rgba.clone())
+        .context("screendump size does not match its pixels")?;
+    buffer
+        .save_with_format(path, image::ImageFormat::Png)
+        .with_context(|| format!("writing {}", path.display()))
 }
 
 pub fn pixel(image: &Image, x: u32, y: u32) -> [u8; 3] {
@@ -253,7 +268,13 @@ pub fn read_strip(image: &Image) -> StripReading {
     } else {
         0.0
     };
-    StripReading { height, classified: classified as f64 / total, general: general as f64 / total, white: white as f64 / total, below }
+    StripReading {
+        height,
+        classified: classified as f64 / total,
+        general: general as f64 / total,
+        white: white as f64 / total,
+        below,
+    }
 }
 
 /// The side whose label strip is on screen, or why none is.
@@ -271,7 +292,11 @@ pub fn strip_side(reading: &StripReading) -> Result<&'static str> {
             STRIP_SHARE * 100.0
         );
     };
-    ensure!(reading.white >= LABEL_SHARE, "the {side} strip carries no white label text ({:.2}% white)", reading.white * 100.0);
+    ensure!(
+        reading.white >= LABEL_SHARE,
+        "the {side} strip carries no white label text ({:.2}% white)",
+        reading.white * 100.0
+    );
     ensure!(
         reading.below <= BELOW_STRIP_SHARE,
         "the strip is taller than {} rows ({:.0}% of row {} is strip colour)",
@@ -300,24 +325,44 @@ impl std::fmt::Display for Rect {
 /// Everything below the strip.
 pub fn guest_area(width: u32, height: u32) -> Rect {
     let strip = strip_height(height).min(height);
-    Rect { x: 0, y: strip, width, height: height - strip }
+    Rect {
+        x: 0,
+        y: strip,
+        width,
+        height: height - strip,
+    }
 }
 
 /// Where a `guest_width`×`guest_height` screen lands in `area`: scaled to
 /// fit, aspect kept, centred. (The kiosk may round a pixel differently;
 /// the checks keep a margin.)
 pub fn fit(area: Rect, guest_width: u32, guest_height: u32) -> Rect {
-    let (gw, gh) = (u64::from(guest_width.max(1)), u64::from(guest_height.max(1)));
+    let (gw, gh) = (
+        u64::from(guest_width.max(1)),
+        u64::from(guest_height.max(1)),
+    );
     let (aw, ah) = (u64::from(area.width), u64::from(area.height));
-    let (w, h) = if aw * gh <= ah * gw { (aw, gh * aw / gw) } else { (gw * ah / gh, ah) };
+    let (w, h) = if aw * gh <= ah * gw {
+        (aw, gh * aw / gw)
+    } else {
+        (gw * ah / gh, ah)
+    };
     let (w, h) = (w as u32, h as u32);
-    Rect { x: area.x + (area.width - w) / 2, y: area.y + (area.height - h) / 2, width: w, height: h }
+    Rect {
+        x: area.x + (area.width - w) / 2,
+        y: area.y + (area.height - h) / 2,
+        width: w,
+        height: h,
+    }
 }
 
 /// Share of the pixels of `area` within [`TOLERANCE`] of `colour`.
 pub fn colour_share(image: &Image, area: Rect, colour: [u8; 3]) -> f64 {
     let mut hits = 0u64;
-    let (x1, y1) = ((area.x + area.width).min(image.width), (area.y + area.height).min(image.height));
+    let (x1, y1) = (
+        (area.x + area.width).min(image.width),
+        (area.y + area.height).min(image.height),
+    );
     for y in area.y..y1 {
         for x in area.x..x1 {
             if near(pixel(image, x, y), colour, TOLERANCE) {
@@ -354,29 +399,59 @@ fn hex(c: [u8; 3]) -> String {
 /// Checks that the guest area shows a guest drawn in `colour`: its centre
 /// always; with the guest's size, also near the corners of where it must
 /// land ([`fit`]) and, where the aspects differ, black bands beside it.
-pub fn check_guest_area(image: &Image, colour: [u8; 3], guest_size: Option<(u32, u32)>) -> Result<String> {
+pub fn check_guest_area(
+    image: &Image,
+    colour: [u8; 3],
+    guest_size: Option<(u32, u32)>,
+) -> Result<String> {
     let area = guest_area(image.width, image.height);
-    ensure!(area.width > 2 * CENTRE_HALF && area.height > 2 * CENTRE_HALF, "screen {}x{} leaves no guest area", image.width, image.height);
-    let centre = mean_colour(image, area.x + area.width / 2, area.y + area.height / 2, CENTRE_HALF);
+    ensure!(
+        area.width > 2 * CENTRE_HALF && area.height > 2 * CENTRE_HALF,
+        "screen {}x{} leaves no guest area",
+        image.width,
+        image.height
+    );
+    let centre = mean_colour(
+        image,
+        area.x + area.width / 2,
+        area.y + area.height / 2,
+        CENTRE_HALF,
+    );
     if near(centre, NO_GUEST_RGB, 8) {
         bail!("the guest area shows no guest (grey {})", hex(centre));
     }
-    ensure!(near(centre, colour, TOLERANCE), "the centre of the guest area is {}, not the guest's {}", hex(centre), hex(colour));
+    ensure!(
+        near(centre, colour, TOLERANCE),
+        "the centre of the guest area is {}, not the guest's {}",
+        hex(centre),
+        hex(colour)
+    );
     let Some((gw, gh)) = guest_size else {
         return Ok(format!("guest area {area} centre {}", hex(centre)));
     };
     let placed = fit(area, gw, gh);
     // Well inside the expected rectangle: rounding and scaling cannot reach.
     let (mx, my) = ((placed.width / 50).max(4), (placed.height / 50).max(4));
-    ensure!(placed.width > 2 * mx && placed.height > 2 * my, "the guest's {gw}x{gh} screen would be {placed}: too small to check");
+    ensure!(
+        placed.width > 2 * mx && placed.height > 2 * my,
+        "the guest's {gw}x{gh} screen would be {placed}: too small to check"
+    );
     for (x, y) in [
         (placed.x + mx, placed.y + my),
         (placed.x + placed.width - 1 - mx, placed.y + my),
         (placed.x + mx, placed.y + placed.height - 1 - my),
-        (placed.x + placed.width - 1 - mx, placed.y + placed.height - 1 - my),
+        (
+            placed.x + placed.width - 1 - mx,
+            placed.y + placed.height - 1 - my,
+        ),
     ] {
         let p = pixel(image, x, y);
-        ensure!(near(p, colour, TOLERANCE), "pixel ({x}, {y}), inside where the {gw}x{gh} guest belongs ({placed}), is {} not {}", hex(p), hex(colour));
+        ensure!(
+            near(p, colour, TOLERANCE),
+            "pixel ({x}, {y}), inside where the {gw}x{gh} guest belongs ({placed}), is {} not {}",
+            hex(p),
+            hex(colour)
+        );
     }
     // The bands beside (or above and below) the scaled guest: black.
     let mut bands = Vec::new();
@@ -395,10 +470,21 @@ pub fn check_guest_area(image: &Image, colour: [u8; 3], guest_size: Option<(u32,
     for &(x, y) in &bands {
         if x < image.width && y < image.height {
             let p = pixel(image, x, y);
-            ensure!(near(p, [0, 0, 0], 16), "pixel ({x}, {y}), beside the scaled guest ({placed}), is {} not black", hex(p));
+            ensure!(
+                near(p, [0, 0, 0], 16),
+                "pixel ({x}, {y}), beside the scaled guest ({placed}), is {} not black",
+                hex(p)
+            );
         }
     }
-    Ok(format!("{gw}x{gh} guest at {placed}{}", if bands.is_empty() { String::new() } else { ", black beside it".into() }))
+    Ok(format!(
+        "{gw}x{gh} guest at {placed}{}",
+        if bands.is_empty() {
+            String::new()
+        } else {
+            ", black beside it".into()
+        }
+    ))
 }
 
 /// What a screen must show: the side's strip and, if given, its guest's colour.
@@ -412,11 +498,30 @@ struct Want {
 fn judge(image: &Image, want: &Want) -> Result<String> {
     let reading = read_strip(image);
     let side = strip_side(&reading)?;
-    ensure!(side == want.side, "the {side} strip is on screen, not the {}", want.side);
-    let share = if side == "classified" { reading.classified } else { reading.general };
-    let strip = format!("{}x{} screen, {side} strip {} rows ({:.0}% {}, {:.1}% white)", image.width, image.height, reading.height, share * 100.0, hex(strip_colour(side)), reading.white * 100.0);
+    ensure!(
+        side == want.side,
+        "the {side} strip is on screen, not the {}",
+        want.side
+    );
+    let share = if side == "classified" {
+        reading.classified
+    } else {
+        reading.general
+    };
+    let strip = format!(
+        "{}x{} screen, {side} strip {} rows ({:.0}% {}, {:.1}% white)",
+        image.width,
+        image.height,
+        reading.height,
+        share * 100.0,
+        hex(strip_colour(side)),
+        reading.white * 100.0
+    );
     match want.colour {
-        Some(colour) => Ok(format!("{strip}; {}", check_guest_area(image, colour, want.guest_size)?)),
+        Some(colour) => Ok(format!(
+            "{strip}; {}",
+            check_guest_area(image, colour, want.guest_size)?
+        )),
         None => Ok(strip),
     }
 }
@@ -426,12 +531,16 @@ fn judge(image: &Image, want: &Want) -> Result<String> {
 /// The kiosk's main pid; 0 when it does not run.
 fn main_pid(vm: &mut Vm) -> Result<u32> {
     let out = sh(vm, &format!("systemctl show -P MainPID {UNIT}"))?;
-    out.trim().parse().with_context(|| format!("MainPID of {UNIT}: {out:?}"))
+    out.trim()
+        .parse()
+        .with_context(|| format!("MainPID of {UNIT}: {out:?}"))
 }
 
 fn n_restarts(vm: &mut Vm) -> Result<u32> {
     let out = sh(vm, &format!("systemctl show -P NRestarts {UNIT}"))?;
-    out.trim().parse().with_context(|| format!("NRestarts of {UNIT}: {out:?}"))
+    out.trim()
+        .parse()
+        .with_context(|| format!("NRestarts of {UNIT}: {out:?}"))
 }
 
 /// Waits until the unit is active with a main pid; the pid.
@@ -445,7 +554,10 @@ fn wait_for_kiosk(vm: &mut Vm, timeout: Duration) -> Result<u32> {
         }
         if start.elapsed() >= timeout {
             let status = sh(vm, &format!("systemctl status --no-pager {UNIT} 2>&1 | head -n 15; journalctl -b -u {UNIT} -o cat --no-pager | tail -n 15")).unwrap_or_default();
-            bail!("{UNIT} is {} (MainPID {pid}) after {timeout:?}:\n{status}", state.trim());
+            bail!(
+                "{UNIT} is {} (MainPID {pid}) after {timeout:?}:\n{status}",
+                state.trim()
+            );
         }
         thread::sleep(Duration::from_secs(1));
     }
@@ -453,25 +565,42 @@ fn wait_for_kiosk(vm: &mut Vm, timeout: Duration) -> Result<u32> {
 
 /// The sides named by the kiosk's `showing` lines this boot, oldest first.
 fn showing(vm: &mut Vm) -> Result<Vec<String>> {
-    let out = sh(vm, &format!("journalctl -b -u {UNIT} -o cat --no-pager | grep -F '{SHOWING}' || true"))?;
+    let out = sh(
+        vm,
+        &format!("journalctl -b -u {UNIT} -o cat --no-pager | grep -F '{SHOWING}' || true"),
+    )?;
     Ok(showing_sides(&out))
 }
 
 /// The side after each `airlock-kiosk: showing ` in `log`.
 pub fn showing_sides(log: &str) -> Vec<String> {
-    log.lines().filter_map(|l| l.split_once(SHOWING)).map(|(_, rest)| rest.split_whitespace().next().unwrap_or("").to_string()).collect()
+    log.lines()
+        .filter_map(|l| l.split_once(SHOWING))
+        .map(|(_, rest)| rest.split_whitespace().next().unwrap_or("").to_string())
+        .collect()
 }
 
 /// Presses the switch key on the outer VM's keyboard.
 fn press_switch(vm: &mut Vm) -> Result<()> {
-    vm.qmp()?.send_key(&[SWITCH_KEY]).context("pressing the switch key")
+    vm.qmp()?
+        .send_key(&[SWITCH_KEY])
+        .context("pressing the switch key")
 }
 
 /// Makes sure `side` is on screen (pressing the switch key if the other
 /// side is); the screendump's path and what it showed. Not right after a
 /// switch key press: the screen may not show that switch yet.
-fn ensure_side(vm: &mut Vm, screens: &Screens, side: &'static str, name: &str) -> Result<(PathBuf, String)> {
-    let want = Want { side, colour: None, guest_size: None };
+fn ensure_side(
+    vm: &mut Vm,
+    screens: &Screens,
+    side: &'static str,
+    name: &str,
+) -> Result<(PathBuf, String)> {
+    let want = Want {
+        side,
+        colour: None,
+        guest_size: None,
+    };
     let (_, image) = screens.take(vm, name)?;
     if strip_side(&read_strip(&image)).is_ok_and(|s| s == other(side)) {
         press_switch(vm)?;
@@ -483,7 +612,8 @@ fn ensure_side(vm: &mut Vm, screens: &Screens, side: &'static str, name: &str) -
 /// `draw <pattern>` in the side's guest; the guest's screen size.
 fn draw(vm: &mut Vm, side: &str, pattern: &str) -> Result<(u32, u32)> {
     let reply = guest(vm, side, &format!("draw {pattern}"))?;
-    parse_drew(&reply).with_context(|| format!("the {side} guest answered `draw {pattern}` with {reply:?}"))
+    parse_drew(&reply)
+        .with_context(|| format!("the {side} guest answered `draw {pattern}` with {reply:?}"))
 }
 
 /// `ok drew solid 0000ff 1024x768` → (1024, 768).
@@ -498,11 +628,18 @@ pub fn parse_drew(reply: &str) -> Result<(u32, u32)> {
 
 /// `ok keys 30:1 30:0` → [(30, 1), (30, 0)]; `ok keys` → [].
 pub fn parse_keys(reply: &str) -> Result<Vec<(u16, u8)>> {
-    let rest = reply.strip_prefix("ok keys").with_context(|| format!("not an `ok keys` reply: {reply:?}"))?;
-    ensure!(rest.is_empty() || rest.starts_with(' '), "not an `ok keys` reply: {reply:?}");
+    let rest = reply
+        .strip_prefix("ok keys")
+        .with_context(|| format!("not an `ok keys` reply: {reply:?}"))?;
+    ensure!(
+        rest.is_empty() || rest.starts_with(' '),
+        "not an `ok keys` reply: {reply:?}"
+    );
     rest.split_whitespace()
         .map(|w| {
-            let (code, value) = w.split_once(':').with_context(|| format!("key event {w:?} is not code:value"))?;
+            let (code, value) = w
+                .split_once(':')
+                .with_context(|| format!("key event {w:?} is not code:value"))?;
             Ok((code.parse()?, value.parse()?))
         })
         .collect()
@@ -512,12 +649,17 @@ pub fn format_keys(keys: &[(u16, u8)]) -> String {
     if keys.is_empty() {
         return "nothing".into();
     }
-    keys.iter().map(|(c, v)| format!("{c}:{v}")).collect::<Vec<_>>().join(" ")
+    keys.iter()
+        .map(|(c, v)| format!("{c}:{v}"))
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 fn keys(vm: &mut Vm, side: &str) -> Result<Vec<(u16, u8)>> {
     let reply = guest(vm, side, "keys")?;
-    parse_keys(&reply).with_context(|| format!("the {side} test guest's `keys` (does it have the kiosk-keys commands?)"))
+    parse_keys(&reply).with_context(|| {
+        format!("the {side} test guest's `keys` (does it have the kiosk-keys commands?)")
+    })
 }
 
 fn keys_clear(vm: &mut Vm, side: &str) -> Result<()> {
@@ -528,7 +670,9 @@ fn keys_clear(vm: &mut Vm, side: &str) -> Result<()> {
 
 /// Types one key on the outer VM's keyboard (pressed, held 100 ms, released).
 fn type_key(vm: &mut Vm, qcode: &str) -> Result<()> {
-    vm.qmp()?.send_key(&[qcode]).with_context(|| format!("typing {qcode}"))
+    vm.qmp()?
+        .send_key(&[qcode])
+        .with_context(|| format!("typing {qcode}"))
 }
 
 /// Waits until the side's guest has received exactly `want`; how long it
@@ -540,8 +684,18 @@ fn wait_keys(vm: &mut Vm, side: &str, want: &[(u16, u8)]) -> Result<Duration> {
         if got == want {
             return Ok(start.elapsed());
         }
-        ensure!(want.starts_with(&got), "the {side} guest received {}, expected {}", format_keys(&got), format_keys(want));
-        ensure!(start.elapsed() < KEYS_TIMEOUT, "after {KEYS_TIMEOUT:?} the {side} guest has received {}, expected {}", format_keys(&got), format_keys(want));
+        ensure!(
+            want.starts_with(&got),
+            "the {side} guest received {}, expected {}",
+            format_keys(&got),
+            format_keys(want)
+        );
+        ensure!(
+            start.elapsed() < KEYS_TIMEOUT,
+            "after {KEYS_TIMEOUT:?} the {side} guest has received {}, expected {}",
+            format_keys(&got),
+            format_keys(want)
+        );
         thread::sleep(Duration::from_millis(300));
     }
 }
@@ -558,7 +712,11 @@ pub fn parse_holders(out: &str) -> Vec<(u32, String)> {
     out.lines()
         .filter_map(|l| {
             let (dir, target) = l.split_once(' ')?;
-            let pid = dir.strip_prefix("/proc/")?.strip_suffix("/fd")?.parse().ok()?;
+            let pid = dir
+                .strip_prefix("/proc/")?
+                .strip_suffix("/fd")?
+                .parse()
+                .ok()?;
             Some((pid, target.trim().to_string()))
         })
         .collect()
@@ -587,12 +745,29 @@ fn check_process(vm: &mut Vm) -> Result<String> {
     let pid = main_pid(vm)?;
     ensure!(pid != 0, "{UNIT} has no main process");
     let context = sh(vm, &format!("tr -d '\\0' < /proc/{pid}/attr/current"))?;
-    ensure!(context.contains(&format!(":{DOMAIN}:")), "the kiosk (pid {pid}) runs as {:?}", context.trim());
+    ensure!(
+        context.contains(&format!(":{DOMAIN}:")),
+        "the kiosk (pid {pid}) runs as {:?}",
+        context.trim()
+    );
     let exe = sh(vm, &format!("readlink /proc/{pid}/exe"))?;
-    ensure!(exe.trim() == EXECUTABLE, "the kiosk's main process (pid {pid}) is {}, not {EXECUTABLE}", exe.trim());
-    let uid: u32 = sh(vm, &format!("id -u {USER}"))?.trim().parse().context("uid of the kiosk's user")?;
+    ensure!(
+        exe.trim() == EXECUTABLE,
+        "the kiosk's main process (pid {pid}) is {}, not {EXECUTABLE}",
+        exe.trim()
+    );
+    let uid: u32 = sh(vm, &format!("id -u {USER}"))?
+        .trim()
+        .parse()
+        .context("uid of the kiosk's user")?;
     let status = sh(vm, &format!("cat /proc/{pid}/status"))?;
-    let field = |name: &str| status.lines().find_map(|l| l.strip_prefix(name)).map(|v| v.split_whitespace().collect::<Vec<_>>().join(" ")).unwrap_or_default();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .map(|v| v.split_whitespace().collect::<Vec<_>>().join(" "))
+            .unwrap_or_default()
+    };
     let uids = field("Uid:");
     ensure!(
         uids.split(' ').all(|u| u == uid.to_string()) && uids.split(' ').count() == 4,
@@ -602,17 +777,28 @@ fn check_process(vm: &mut Vm) -> Result<String> {
     // `find` doing the scan hold no display device, so they cannot match.
     let out = sh(vm, "find /proc/[0-9]*/fd -mindepth 1 -maxdepth 1 \\( -lname '/dev/dri/*' -o -lname '/dev/fb*' \\) -printf '%h %l\\n' 2>/dev/null || true")?;
     let holders = parse_holders(&out);
-    let own: Vec<&str> = holders.iter().filter(|(p, _)| *p == pid).map(|(_, t)| t.as_str()).collect();
-    ensure!(own.iter().any(|t| t.starts_with("/dev/dri/card")), "the kiosk (pid {pid}) has no /dev/dri/card* open; open display devices: {holders:?}");
+    let own: Vec<&str> = holders
+        .iter()
+        .filter(|(p, _)| *p == pid)
+        .map(|(_, t)| t.as_str())
+        .collect();
+    ensure!(
+        own.iter().any(|t| t.starts_with("/dev/dri/card")),
+        "the kiosk (pid {pid}) has no /dev/dri/card* open; open display devices: {holders:?}"
+    );
     let others: Vec<String> = holders
         .iter()
         .filter(|(p, _)| *p != pid)
         .map(|(p, t)| {
-            let comm = sh(vm, &format!("cat /proc/{p}/comm 2>/dev/null || true")).unwrap_or_default();
+            let comm =
+                sh(vm, &format!("cat /proc/{p}/comm 2>/dev/null || true")).unwrap_or_default();
             format!("pid {p} ({}) {t}", comm.trim())
         })
         .collect();
-    ensure!(others.is_empty(), "other processes hold display devices open: {others:?}");
+    ensure!(
+        others.is_empty(),
+        "other processes hold display devices open: {others:?}"
+    );
     let mut own_sorted = own.clone();
     own_sorted.sort_unstable();
     own_sorted.dedup();
@@ -629,16 +815,35 @@ fn check_process(vm: &mut Vm) -> Result<String> {
 fn check_screens(vm: &mut Vm, screens: &Screens) -> Result<String> {
     let classified_size = draw(vm, "classified", CLASSIFIED_PATTERN)?;
     let general_size = draw(vm, "general", GENERAL_PATTERN)?;
-    let classified = Want { side: "classified", colour: Some(CLASSIFIED_COLOUR), guest_size: Some(classified_size) };
-    let general = Want { side: "general", colour: Some(GENERAL_COLOUR), guest_size: Some(general_size) };
+    let classified = Want {
+        side: "classified",
+        colour: Some(CLASSIFIED_COLOUR),
+        guest_size: Some(classified_size),
+    };
+    let general = Want {
+        side: "general",
+        colour: Some(GENERAL_COLOUR),
+        guest_size: Some(general_size),
+    };
     // The classified side is shown first: no key is pressed before it shows.
-    let (first, first_said, first_took) = screens.wait(vm, "kiosk-classified", FIRST_SCREEN_TIMEOUT, |i| judge(i, &classified))?;
+    let (first, first_said, first_took) =
+        screens.wait(vm, "kiosk-classified", FIRST_SCREEN_TIMEOUT, |i| {
+            judge(i, &classified)
+        })?;
     let logged = showing(vm)?;
-    ensure!(logged.first().is_some_and(|s| s == "classified"), "the kiosk's first `{SHOWING}` line of this boot names {:?}, not classified", logged.first());
+    ensure!(
+        logged.first().is_some_and(|s| s == "classified"),
+        "the kiosk's first `{SHOWING}` line of this boot names {:?}, not classified",
+        logged.first()
+    );
     press_switch(vm)?;
-    let (second, second_said, to_general) = screens.wait(vm, "kiosk-general", SCREEN_TIMEOUT, |i| judge(i, &general))?;
+    let (second, second_said, to_general) =
+        screens.wait(vm, "kiosk-general", SCREEN_TIMEOUT, |i| judge(i, &general))?;
     press_switch(vm)?;
-    let (third, _, to_classified) = screens.wait(vm, "kiosk-classified-again", SCREEN_TIMEOUT, |i| judge(i, &classified))?;
+    let (third, _, to_classified) =
+        screens.wait(vm, "kiosk-classified-again", SCREEN_TIMEOUT, |i| {
+            judge(i, &classified)
+        })?;
     // Each switch logged, in order.
     let deadline = Instant::now() + Duration::from_secs(5);
     let mut now = showing(vm)?;
@@ -668,32 +873,76 @@ fn check_key_routing(vm: &mut Vm, screens: &Screens) -> Result<String> {
     for side in ["classified", "general"] {
         keys_clear(vm, side)?;
     }
-    let ab: Vec<(u16, u8)> = press_release(KEY_A).into_iter().chain(press_release(KEY_B)).collect();
+    let ab: Vec<(u16, u8)> = press_release(KEY_A)
+        .into_iter()
+        .chain(press_release(KEY_B))
+        .collect();
     let c: Vec<(u16, u8)> = press_release(KEY_C).to_vec();
     type_key(vm, "a")?;
     type_key(vm, "b")?;
     let ab_took = wait_keys(vm, "classified", &ab)?;
     thread::sleep(SETTLE);
     let general = keys(vm, "general")?;
-    ensure!(general.is_empty(), "the general guest, not on screen, received {}", format_keys(&general));
+    ensure!(
+        general.is_empty(),
+        "the general guest, not on screen, received {}",
+        format_keys(&general)
+    );
     press_switch(vm)?;
-    let (path, _, _) = screens.wait(vm, "kiosk-keys-general", SCREEN_TIMEOUT, |i| judge(i, &Want { side: "general", colour: None, guest_size: None }))?;
+    let (path, _, _) = screens.wait(vm, "kiosk-keys-general", SCREEN_TIMEOUT, |i| {
+        judge(
+            i,
+            &Want {
+                side: "general",
+                colour: None,
+                guest_size: None,
+            },
+        )
+    })?;
     type_key(vm, "c")?;
     let c_took = wait_keys(vm, "general", &c)?;
     thread::sleep(SETTLE);
     let classified = keys(vm, "classified")?;
-    ensure!(classified == ab, "the classified guest, no longer on screen, now has {} (had {})", format_keys(&classified), format_keys(&ab));
+    ensure!(
+        classified == ab,
+        "the classified guest, no longer on screen, now has {} (had {})",
+        format_keys(&classified),
+        format_keys(&ab)
+    );
     // Back to classified; the switch key's press and release go nowhere.
     press_switch(vm)?;
-    screens.wait(vm, "kiosk-keys-classified-again", SCREEN_TIMEOUT, |i| judge(i, &Want { side: "classified", colour: None, guest_size: None }))?;
+    screens.wait(vm, "kiosk-keys-classified-again", SCREEN_TIMEOUT, |i| {
+        judge(
+            i,
+            &Want {
+                side: "classified",
+                colour: None,
+                guest_size: None,
+            },
+        )
+    })?;
     thread::sleep(SETTLE);
     let classified = keys(vm, "classified")?;
     let general = keys(vm, "general")?;
     for (side, got) in [("classified", &classified), ("general", &general)] {
-        ensure!(!got.iter().any(|(code, _)| *code == KEY_SCROLLLOCK), "the {side} guest received the switch key: {}", format_keys(got));
+        ensure!(
+            !got.iter().any(|(code, _)| *code == KEY_SCROLLLOCK),
+            "the {side} guest received the switch key: {}",
+            format_keys(got)
+        );
     }
-    ensure!(classified == ab, "classified received {} in all, expected {}", format_keys(&classified), format_keys(&ab));
-    ensure!(general == c, "general received {} in all, expected {}", format_keys(&general), format_keys(&c));
+    ensure!(
+        classified == ab,
+        "classified received {} in all, expected {}",
+        format_keys(&classified),
+        format_keys(&ab)
+    );
+    ensure!(
+        general == c,
+        "general received {} in all, expected {}",
+        format_keys(&general),
+        format_keys(&c)
+    );
     Ok(format!(
         "classified on screen: a b → classified got {} in {:.1}s, general nothing; switch key, general on screen ({}): c → general got {} in {:.1}s, classified nothing new; two switches: key {KEY_SCROLLLOCK} reached neither guest",
         format_keys(&ab),
@@ -709,7 +958,8 @@ const BTN_LEFT: u16 = 0x110;
 
 /// One left click on the outer VM's mouse (PS/2), after a small move.
 fn click(vm: &mut Vm) -> Result<()> {
-    let event = |kind: &str, data: serde_json::Value| serde_json::json!({ "type": kind, "data": data });
+    let event =
+        |kind: &str, data: serde_json::Value| serde_json::json!({ "type": kind, "data": data });
     let qmp = vm.qmp()?;
     qmp.execute("input-send-event", Some(serde_json::json!({ "events": [event("rel", serde_json::json!({ "axis": "x", "value": 8 }))] })))?;
     qmp.execute("input-send-event", Some(serde_json::json!({ "events": [event("btn", serde_json::json!({ "down": true, "button": "left" }))] })))?;
@@ -729,16 +979,42 @@ fn check_pointer_routing(vm: &mut Vm, screens: &Screens) -> Result<String> {
     let classified_took = wait_keys(vm, "classified", &one_click)?;
     thread::sleep(SETTLE);
     let general = keys(vm, "general")?;
-    ensure!(general.is_empty(), "the general guest, not on screen, received {}", format_keys(&general));
+    ensure!(
+        general.is_empty(),
+        "the general guest, not on screen, received {}",
+        format_keys(&general)
+    );
     press_switch(vm)?;
-    screens.wait(vm, "kiosk-pointer-general", SCREEN_TIMEOUT, |i| judge(i, &Want { side: "general", colour: None, guest_size: None }))?;
+    screens.wait(vm, "kiosk-pointer-general", SCREEN_TIMEOUT, |i| {
+        judge(
+            i,
+            &Want {
+                side: "general",
+                colour: None,
+                guest_size: None,
+            },
+        )
+    })?;
     click(vm)?;
     let general_took = wait_keys(vm, "general", &one_click)?;
     thread::sleep(SETTLE);
     let classified = keys(vm, "classified")?;
-    ensure!(classified == one_click, "the classified guest, no longer on screen, now has {}", format_keys(&classified));
+    ensure!(
+        classified == one_click,
+        "the classified guest, no longer on screen, now has {}",
+        format_keys(&classified)
+    );
     press_switch(vm)?;
-    screens.wait(vm, "kiosk-pointer-classified-again", SCREEN_TIMEOUT, |i| judge(i, &Want { side: "classified", colour: None, guest_size: None }))?;
+    screens.wait(vm, "kiosk-pointer-classified-again", SCREEN_TIMEOUT, |i| {
+        judge(
+            i,
+            &Want {
+                side: "classified",
+                colour: None,
+                guest_size: None,
+            },
+        )
+    })?;
     Ok(format!(
         "click with classified on screen → classified got {} in {:.1}s, general nothing; after the switch → general got it in {:.1}s, classified nothing new",
         format_keys(&one_click),
@@ -789,18 +1065,35 @@ const CONSOLE_PROCESSES: &[&str] = &["agetty", "getty", "login", "sulogin", "bas
 
 fn console_processes(vm: &mut Vm) -> Result<Vec<String>> {
     let comms = sh(vm, "cat /proc/[0-9]*/comm 2>/dev/null || true")?;
-    Ok(comms.lines().map(str::trim).filter(|c| CONSOLE_PROCESSES.contains(c)).map(str::to_string).collect())
+    Ok(comms
+        .lines()
+        .map(str::trim)
+        .filter(|c| CONSOLE_PROCESSES.contains(c))
+        .map(str::to_string)
+        .collect())
 }
 
 fn resets(vm: &mut Vm) -> Result<usize> {
-    Ok(vm.qmp()?.poll_events()?.iter().filter(|e| e.name == "RESET" || e.name == "SHUTDOWN").count())
+    Ok(vm
+        .qmp()?
+        .poll_events()?
+        .iter()
+        .filter(|e| e.name == "RESET" || e.name == "SHUTDOWN")
+        .count())
 }
 
 fn check_console_keys(vm: &mut Vm, screens: &Screens) -> Result<String> {
     let size = draw(vm, "classified", CLASSIFIED_PATTERN)?;
     ensure_side(vm, screens, "classified", "kiosk-before-console-keys")?;
-    let want = Want { side: "classified", colour: Some(CLASSIFIED_COLOUR), guest_size: Some(size) };
-    let (before_path, _, _) = screens.wait(vm, "kiosk-before-console-keys", SCREEN_TIMEOUT, |i| judge(i, &want))?;
+    let want = Want {
+        side: "classified",
+        colour: Some(CLASSIFIED_COLOUR),
+        guest_size: Some(size),
+    };
+    let (before_path, _, _) =
+        screens.wait(vm, "kiosk-before-console-keys", SCREEN_TIMEOUT, |i| {
+            judge(i, &want)
+        })?;
     let before_image = load_image(&before_path)?;
     let pid = main_pid(vm)?;
     let restarts = n_restarts(vm)?;
@@ -810,32 +1103,67 @@ fn check_console_keys(vm: &mut Vm, screens: &Screens) -> Result<String> {
     let combos = console_combinations();
     for combo in &combos {
         let keys: Vec<&str> = combo.iter().map(String::as_str).collect();
-        vm.qmp()?.send_key(&keys).with_context(|| format!("sending {}", combo.join("-")))?;
+        vm.qmp()?
+            .send_key(&keys)
+            .with_context(|| format!("sending {}", combo.join("-")))?;
         thread::sleep(Duration::from_millis(400));
     }
     thread::sleep(Duration::from_secs(3));
     // The kiosk first, as the keys left it.
-    let strip_only = Want { side: "classified", colour: None, guest_size: None };
-    let (after_path, _, _) = screens.wait(vm, "kiosk-after-console-keys", SCREEN_TIMEOUT, |i| judge(i, &strip_only)).context("after the key combinations")?;
+    let strip_only = Want {
+        side: "classified",
+        colour: None,
+        guest_size: None,
+    };
+    let (after_path, _, _) = screens
+        .wait(vm, "kiosk-after-console-keys", SCREEN_TIMEOUT, |i| {
+            judge(i, &strip_only)
+        })
+        .context("after the key combinations")?;
     // Then the guest's picture through it: redrawn, in case a combination
     // changed what the test guest itself shows (its own VT), so that only
     // the kiosk's way to the guest's display is judged (Ctrl-Alt-N would
     // switch QEMU's VNC server to another console, if the guest's QEMU had one).
     draw(vm, "classified", CLASSIFIED_PATTERN)?;
-    let (redrawn_path, said, _) = screens.wait(vm, "kiosk-after-console-keys-redrawn", SCREEN_TIMEOUT, |i| judge(i, &want)).context("the guest on screen after the key combinations")?;
+    let (redrawn_path, said, _) = screens
+        .wait(
+            vm,
+            "kiosk-after-console-keys-redrawn",
+            SCREEN_TIMEOUT,
+            |i| judge(i, &want),
+        )
+        .context("the guest on screen after the key combinations")?;
     let after_image = load_image(&after_path)?;
     let pid_after = main_pid(vm)?;
-    ensure!(pid_after == pid, "the kiosk's main pid changed from {pid} to {pid_after}");
+    ensure!(
+        pid_after == pid,
+        "the kiosk's main pid changed from {pid} to {pid_after}"
+    );
     let restarts_after = n_restarts(vm)?;
-    ensure!(restarts_after == restarts, "{UNIT} restarted ({restarts} → {restarts_after} restarts)");
-    ensure!(resets(vm)? == resets_before, "the outer VM reset or shut down");
+    ensure!(
+        restarts_after == restarts,
+        "{UNIT} restarted ({restarts} → {restarts_after} restarts)"
+    );
+    ensure!(
+        resets(vm)? == resets_before,
+        "the outer VM reset or shut down"
+    );
     let vt_after = sh(vm, "cat /sys/class/tty/tty0/active")?;
-    ensure!(vt_after.trim() == vt.trim(), "the active VT changed from {} to {}", vt.trim(), vt_after.trim());
+    ensure!(
+        vt_after.trim() == vt.trim(),
+        "the active VT changed from {} to {}",
+        vt.trim(),
+        vt_after.trim()
+    );
     let consoles = console_processes(vm)?;
-    ensure!(consoles.is_empty(), "console processes appeared: {consoles:?}");
+    ensure!(
+        consoles.is_empty(),
+        "console processes appeared: {consoles:?}"
+    );
     let logged_after = showing(vm)?.len();
     ensure!(logged_after == logged, "the kiosk's `showing` lines went from {logged} to {logged_after} during the key combinations");
-    let changed = differing_pixels(&before_image, &after_image).map_or("a different size".to_string(), |n| format!("{n} pixels"));
+    let changed = differing_pixels(&before_image, &after_image)
+        .map_or("a different size".to_string(), |n| format!("{n} pixels"));
     Ok(format!(
         "{} combinations sent; classified strip still on screen, kiosk pid {pid} unchanged, no restart, no reset, active VT {} unchanged, no getty/login; guest redrawn: {said}; screen before → after the keys differs by {changed} ({} → {}; {})",
         combos.len(),
@@ -850,13 +1178,24 @@ fn figures(vm: &mut Vm) -> Result<String> {
     let pid = main_pid(vm)?;
     ensure!(pid != 0, "{UNIT} has no main process");
     let sample = |vm: &mut Vm| -> Result<(f64, u64)> {
-        let out = sh(vm, &format!("cut -d' ' -f1 /proc/uptime; cat /proc/{pid}/stat"))?;
-        let (uptime, stat) = out.split_once('\n').with_context(|| format!("unexpected output {out:?}"))?;
-        let uptime: f64 = uptime.trim().parse().with_context(|| format!("/proc/uptime: {uptime:?}"))?;
+        let out = sh(
+            vm,
+            &format!("cut -d' ' -f1 /proc/uptime; cat /proc/{pid}/stat"),
+        )?;
+        let (uptime, stat) = out
+            .split_once('\n')
+            .with_context(|| format!("unexpected output {out:?}"))?;
+        let uptime: f64 = uptime
+            .trim()
+            .parse()
+            .with_context(|| format!("/proc/uptime: {uptime:?}"))?;
         let ticks = cpu_ticks(stat).with_context(|| format!("/proc/{pid}/stat: {stat:?}"))?;
         Ok((uptime, ticks))
     };
-    let hz: f64 = sh(vm, "getconf CLK_TCK").ok().and_then(|s| s.trim().parse().ok()).unwrap_or(100.0);
+    let hz: f64 = sh(vm, "getconf CLK_TCK")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(100.0);
     let (t0, c0) = sample(vm)?;
     thread::sleep(Duration::from_secs(IDLE_SECONDS));
     let (t1, c1) = sample(vm)?;
@@ -869,13 +1208,23 @@ fn figures(vm: &mut Vm) -> Result<String> {
          {CTL} /run/airlock/classified/test.sock draw solid $c >/dev/null || exit 1; n=$((n + 1)); done; echo $n"
     );
     let (b0, d0) = sample(vm)?;
-    let frames: u32 = sh(vm, &redraws)?.trim().parse().context("counting the guest's redraws")?;
+    let frames: u32 = sh(vm, &redraws)?
+        .trim()
+        .parse()
+        .context("counting the guest's redraws")?;
     let (b1, d1) = sample(vm)?;
     let busy = (d1.saturating_sub(d0)) as f64 / hz / (b1 - b0).max(0.001) * 100.0;
     draw(vm, "classified", CLASSIFIED_PATTERN)?;
-    let rss = sh(vm, &format!("grep VmRSS /proc/{pid}/status | tr -s ' \\t' ' '"))?;
+    let rss = sh(
+        vm,
+        &format!("grep VmRSS /proc/{pid}/status | tr -s ' \\t' ' '"),
+    )?;
     let virt = sh(vm, "systemd-detect-virt || true")?;
-    let accel = if virt.trim() == "qemu" { "outer VM under TCG" } else { "outer VM accelerated" };
+    let accel = if virt.trim() == "qemu" {
+        "outer VM under TCG"
+    } else {
+        "outer VM accelerated"
+    };
     let first = sh(vm, &format!("journalctl -b -u {UNIT} -o short-monotonic --no-pager | grep -m1 -F '{SHOWING}' || true"))?;
     let first_frame = match monotonic_seconds(&first) {
         Some(s) => format!("first `showing` line (first frame) {s:.1}s after the kernel started"),
@@ -883,7 +1232,9 @@ fn figures(vm: &mut Vm) -> Result<String> {
     };
     let picture = sh(vm, &format!("journalctl -b -u {UNIT} -o short-monotonic --no-pager | grep -m1 -F 'classified display: first picture' || true"))?;
     let first_frame = match monotonic_seconds(&picture) {
-        Some(s) => format!("{first_frame}; the classified guest's first picture {s:.1}s after the kernel started"),
+        Some(s) => format!(
+            "{first_frame}; the classified guest's first picture {s:.1}s after the kernel started"
+        ),
         None => format!("{first_frame}; no first-picture line for the classified guest"),
     };
     let restarts = n_restarts(vm)?;
@@ -901,7 +1252,11 @@ fn check_restart(vm: &mut Vm, screens: &Screens) -> Result<String> {
     let old = main_pid(vm)?;
     ensure!(old != 0, "{UNIT} has no main process");
     let restarts = n_restarts(vm)?;
-    let strip_only = Want { side: "classified", colour: None, guest_size: None };
+    let strip_only = Want {
+        side: "classified",
+        colour: None,
+        guest_size: None,
+    };
     let start = Instant::now();
     sh(vm, &format!("kill -9 {old}"))?;
     let mut gone: Option<PathBuf> = None;
@@ -910,7 +1265,10 @@ fn check_restart(vm: &mut Vm, screens: &Screens) -> Result<String> {
     let mut last = String::new();
     let (took, pid) = loop {
         let elapsed = start.elapsed();
-        ensure!(elapsed < RESTART_TIMEOUT, "no new kiosk on screen {RESTART_TIMEOUT:?} after kill -9 {old}: {last}");
+        ensure!(
+            elapsed < RESTART_TIMEOUT,
+            "no new kiosk on screen {RESTART_TIMEOUT:?} after kill -9 {old}: {last}"
+        );
         // One round trip: the main pid, the unit's state, and whether that
         // process has logged its first `showing classified`.
         let out = sh(
@@ -922,15 +1280,27 @@ fn check_restart(vm: &mut Vm, screens: &Screens) -> Result<String> {
         let fields: Vec<&str> = out.split_whitespace().collect();
         let pid: u32 = fields.first().and_then(|p| p.parse().ok()).unwrap_or(0);
         let active = fields.get(1) == Some(&"active");
-        let logged = fields.get(2).and_then(|n| n.parse::<u32>().ok()).unwrap_or(0) > 0;
+        let logged = fields
+            .get(2)
+            .and_then(|n| n.parse::<u32>().ok())
+            .unwrap_or(0)
+            > 0;
         if pid != 0 && pid != old && active && logged {
             let (path, image) = screens.take(vm, "kiosk-restart")?;
             match judge(&image, &strip_only) {
                 Ok(_) => break (start.elapsed(), pid),
-                Err(e) => last = format!("new pid {pid} logged `showing classified`, but the screen: {e:#} ({})", path.display()),
+                Err(e) => {
+                    last = format!(
+                        "new pid {pid} logged `showing classified`, but the screen: {e:#} ({})",
+                        path.display()
+                    )
+                }
             }
         } else {
-            last = format!("MainPID {pid}, {}, `showing classified` logged by it: {logged}", fields.get(1).unwrap_or(&"?"));
+            last = format!(
+                "MainPID {pid}, {}, `showing classified` logged by it: {logged}",
+                fields.get(1).unwrap_or(&"?")
+            );
             if gone.is_none() && pid != old && looks_between < 3 {
                 looks_between += 1;
                 // While no kiosk runs: keep what the screen shows then.
@@ -944,10 +1314,19 @@ fn check_restart(vm: &mut Vm, screens: &Screens) -> Result<String> {
     };
     ensure!(took <= RESTART_BOUND, "the new kiosk (pid {pid}) showed the classified strip {:.1}s after kill -9, over the {RESTART_BOUND:?} bound", took.as_secs_f64());
     let restarts_after = n_restarts(vm)?;
-    ensure!(restarts_after > restarts, "NRestarts {restarts} → {restarts_after}: systemd did not count a restart");
+    ensure!(
+        restarts_after > restarts,
+        "NRestarts {restarts} → {restarts_after}: systemd did not count a restart"
+    );
     // The guest comes back too (the new kiosk reconnects to its display).
-    let want = Want { side: "classified", colour: Some(CLASSIFIED_COLOUR), guest_size: Some(size) };
-    let (path, said, guest_took) = screens.wait(vm, "kiosk-restarted", SCREEN_TIMEOUT, |i| judge(i, &want)).context("the classified guest after the restart")?;
+    let want = Want {
+        side: "classified",
+        colour: Some(CLASSIFIED_COLOUR),
+        guest_size: Some(size),
+    };
+    let (path, said, guest_took) = screens
+        .wait(vm, "kiosk-restarted", SCREEN_TIMEOUT, |i| judge(i, &want))
+        .context("the classified guest after the restart")?;
     let between = match gone {
         Some(p) => format!("screen without strip while no kiosk ran: {}", p.display()),
         None => "no screendump caught the screen without the strip".into(),
@@ -970,8 +1349,12 @@ const NO_DISK_TIMEOUT: Duration = Duration::from_secs(90);
 /// The general guest's state word from `airlockd status`.
 fn general_state(vm: &mut Vm) -> Result<String> {
     let status = sh(vm, "airlockd status")?;
-    let json: serde_json::Value = serde_json::from_str(status.trim()).with_context(|| format!("airlockd status: {status}"))?;
-    Ok(json["guests"]["general"]["state"].as_str().unwrap_or("?").to_owned())
+    let json: serde_json::Value = serde_json::from_str(status.trim())
+        .with_context(|| format!("airlockd status: {status}"))?;
+    Ok(json["guests"]["general"]["state"]
+        .as_str()
+        .unwrap_or("?")
+        .to_owned())
 }
 
 fn wait_general_state(vm: &mut Vm, want: &str) -> Result<Duration> {
@@ -981,7 +1364,10 @@ fn wait_general_state(vm: &mut Vm, want: &str) -> Result<Duration> {
         if state == want {
             return Ok(start.elapsed());
         }
-        ensure!(start.elapsed() < NO_DISK_TIMEOUT, "the general guest is {state:?} after {NO_DISK_TIMEOUT:?}, not {want:?}");
+        ensure!(
+            start.elapsed() < NO_DISK_TIMEOUT,
+            "the general guest is {state:?} after {NO_DISK_TIMEOUT:?}, not {want:?}"
+        );
         thread::sleep(Duration::from_secs(1));
     }
 }
@@ -996,32 +1382,69 @@ fn check_no_disk(vm: &mut Vm, screens: &Screens) -> Result<String> {
     sh(vm, &format!("mv {GENERAL_DISK} {away} && kill -9 {pid}"))?;
     let shown = (|| -> Result<String> {
         let noticed = wait_general_state(vm, "no-disk")?;
-        let line = format!("airlock-kiosk: message for IT: general: no guest disk at {GENERAL_DISK}");
+        let line =
+            format!("airlock-kiosk: message for IT: general: no guest disk at {GENERAL_DISK}");
         let start = Instant::now();
-        while !sh(vm, "journalctl -b -u airlock-kiosk.service -o cat --no-pager || true")?.contains(&line) {
-            ensure!(start.elapsed() < SCREEN_TIMEOUT, "the kiosk did not log {line:?}");
+        while !sh(
+            vm,
+            "journalctl -b -u airlock-kiosk.service -o cat --no-pager || true",
+        )?
+        .contains(&line)
+        {
+            ensure!(
+                start.elapsed() < SCREEN_TIMEOUT,
+                "the kiosk did not log {line:?}"
+            );
             thread::sleep(Duration::from_secs(1));
         }
         ensure_side(vm, screens, "general", "no-disk-switch")?;
         let (path, said, _) = screens.wait(vm, "no-disk-message", SCREEN_TIMEOUT, |image| {
-            judge(image, &Want { side: "general", colour: None, guest_size: None })?;
+            judge(
+                image,
+                &Want {
+                    side: "general",
+                    colour: None,
+                    guest_size: None,
+                },
+            )?;
             let share = colour_share(image, guest_area(image.width, image.height), MESSAGE_RGB);
-            ensure!(share >= MESSAGE_SHARE, "the message colour fills {:.0}% of the guest area", share * 100.0);
-            Ok(format!("message box {:.0}% of the guest area", share * 100.0))
+            ensure!(
+                share >= MESSAGE_SHARE,
+                "the message colour fills {:.0}% of the guest area",
+                share * 100.0
+            );
+            Ok(format!(
+                "message box {:.0}% of the guest area",
+                share * 100.0
+            ))
         })?;
-        Ok(format!("`no-disk` {:.0}s after kill -9 {pid}; logged `{line}`; general strip, {said} ({})", noticed.as_secs_f64(), path.display()))
+        Ok(format!(
+            "`no-disk` {:.0}s after kill -9 {pid}; logged `{line}`; general strip, {said} ({})",
+            noticed.as_secs_f64(),
+            path.display()
+        ))
     })();
     // Back in any case: later groups need the guest.
-    sh(vm, &format!("test -e {GENERAL_DISK} || mv {away} {GENERAL_DISK}"))?;
+    sh(
+        vm,
+        &format!("test -e {GENERAL_DISK} || mv {away} {GENERAL_DISK}"),
+    )?;
     let shown = shown?;
     let back = wait_general_state(vm, "running").context("after the disk was put back")?;
     let start = Instant::now();
     while guest(vm, "general", "ping").is_err() {
-        ensure!(start.elapsed() < NO_DISK_TIMEOUT, "the general guest does not answer {NO_DISK_TIMEOUT:?} after running again");
+        ensure!(
+            start.elapsed() < NO_DISK_TIMEOUT,
+            "the general guest does not answer {NO_DISK_TIMEOUT:?} after running again"
+        );
         thread::sleep(Duration::from_secs(2));
     }
     ensure_side(vm, screens, "classified", "no-disk-back")?;
-    Ok(format!("{shown}; disk back: running again {:.0}s later, answering after {:.0}s more", back.as_secs_f64(), start.elapsed().as_secs_f64()))
+    Ok(format!(
+        "{shown}; disk back: running again {:.0}s later, answering after {:.0}s more",
+        back.as_secs_f64(),
+        start.elapsed().as_secs_f64()
+    ))
 }
 
 #[cfg(test)]
@@ -1031,7 +1454,13 @@ mod tests {
     /// A screen as the kiosk draws it: the strip in `strip` with a white
     /// "label" block, black below, and a `guest`-sized screen of `colour`
     /// fitted into the area (or the no-guest grey if `colour` is None).
-    fn screen(width: u32, height: u32, strip: [u8; 3], guest: (u32, u32), colour: Option<[u8; 3]>) -> Image {
+    fn screen(
+        width: u32,
+        height: u32,
+        strip: [u8; 3],
+        guest: (u32, u32),
+        colour: Option<[u8; 3]>,
+    ) -> Image {
         let sh = strip_height(height);
         let area = guest_area(width, height);
         let placed = fit(area, guest.0, guest.1);
@@ -1048,14 +1477,25 @@ mod tests {
                 } else {
                     match colour {
                         None => NO_GUEST_RGB,
-                        Some(c) if x >= placed.x && x < placed.x + placed.width && y >= placed.y && y < placed.y + placed.height => c,
+                        Some(c)
+                            if x >= placed.x
+                                && x < placed.x + placed.width
+                                && y >= placed.y
+                                && y < placed.y + placed.height =>
+                        {
+                            c
+                        }
                         Some(_) => [0, 0, 0],
                     }
                 };
                 rgba.extend_from_slice(&[p[0], p[1], p[2], 255]);
             }
         }
-        Image { width, height, rgba }
+        Image {
+            width,
+            height,
+            rgba,
+        }
     }
 
     #[test]
@@ -1065,19 +1505,35 @@ mod tests {
         assert_eq!(NO_GUEST_RGB, airlock_kiosk::layout::NO_GUEST_RGB);
         assert_eq!(MESSAGE_RGB, airlock_kiosk::layout::MESSAGE_RGB);
         for h in [0, 200, 384, 600, 720, 768, 800, 1080, 1200, 2160] {
-            assert_eq!(strip_height(h), airlock_kiosk::layout::strip_height(h), "height {h}");
+            assert_eq!(
+                strip_height(h),
+                airlock_kiosk::layout::strip_height(h),
+                "height {h}"
+            );
         }
     }
 
     #[test]
     fn strips_are_told_apart() {
-        let red = screen(1024, 768, CLASSIFIED_RGB, (1024, 768), Some(CLASSIFIED_COLOUR));
+        let red = screen(
+            1024,
+            768,
+            CLASSIFIED_RGB,
+            (1024, 768),
+            Some(CLASSIFIED_COLOUR),
+        );
         let green = screen(1280, 800, GENERAL_RGB, (1024, 768), Some(GENERAL_COLOUR));
         assert_eq!(strip_side(&read_strip(&red)).unwrap(), "classified");
         assert_eq!(strip_side(&read_strip(&green)).unwrap(), "general");
         let reading = read_strip(&red);
         assert_eq!(reading.height, 48);
-        assert!(reading.classified > 0.9 && reading.general == 0.0 && reading.white > 0.0 && reading.below == 0.0, "{reading:?}");
+        assert!(
+            reading.classified > 0.9
+                && reading.general == 0.0
+                && reading.white > 0.0
+                && reading.below == 0.0,
+            "{reading:?}"
+        );
     }
 
     #[test]
@@ -1086,7 +1542,11 @@ mod tests {
         let console = screen(1024, 768, [0, 0, 0], (1024, 768), None);
         let err = strip_side(&read_strip(&console)).unwrap_err().to_string();
         assert!(err.contains("no label strip"), "{err}");
-        let blank = Image { width: 640, height: 480, rgba: vec![0; 640 * 480 * 4] };
+        let blank = Image {
+            width: 640,
+            height: 480,
+            rgba: vec![0; 640 * 480 * 4],
+        };
         assert!(strip_side(&read_strip(&blank)).is_err());
         // The strip colour without any label text is not the kiosk's strip.
         let mut unlabelled = screen(800, 600, GENERAL_RGB, (800, 600), Some(GENERAL_COLOUR));
@@ -1096,68 +1556,182 @@ mod tests {
                 unlabelled.rgba[i..i + 3].copy_from_slice(&GENERAL_RGB);
             }
         }
-        assert!(strip_side(&read_strip(&unlabelled)).unwrap_err().to_string().contains("no white label"));
+        assert!(strip_side(&read_strip(&unlabelled))
+            .unwrap_err()
+            .to_string()
+            .contains("no white label"));
     }
 
     #[test]
     fn a_strip_that_runs_into_the_guest_area_is_refused() {
         // Red down to row 100 on a 768-high screen, whose strip is 48 rows.
-        let mut tall = screen(1024, 768, CLASSIFIED_RGB, (1024, 768), Some(CLASSIFIED_COLOUR));
+        let mut tall = screen(
+            1024,
+            768,
+            CLASSIFIED_RGB,
+            (1024, 768),
+            Some(CLASSIFIED_COLOUR),
+        );
         for y in 48..100u32 {
             for x in 0..1024u32 {
                 let i = ((y * 1024 + x) * 4) as usize;
                 tall.rgba[i..i + 3].copy_from_slice(&CLASSIFIED_RGB);
             }
         }
-        assert!(strip_side(&read_strip(&tall)).unwrap_err().to_string().contains("taller"));
+        assert!(strip_side(&read_strip(&tall))
+            .unwrap_err()
+            .to_string()
+            .contains("taller"));
     }
 
     #[test]
     fn fit_keeps_the_aspect_and_centres() {
         // 1024x768 screen: strip 48, area 1024x720; a 4:3 guest is 960x720, 32 px bands.
         let area = guest_area(1024, 768);
-        assert_eq!(area, Rect { x: 0, y: 48, width: 1024, height: 720 });
-        assert_eq!(fit(area, 1024, 768), Rect { x: 32, y: 48, width: 960, height: 720 });
+        assert_eq!(
+            area,
+            Rect {
+                x: 0,
+                y: 48,
+                width: 1024,
+                height: 720
+            }
+        );
+        assert_eq!(
+            fit(area, 1024, 768),
+            Rect {
+                x: 32,
+                y: 48,
+                width: 960,
+                height: 720
+            }
+        );
         // A wide guest in a tall area: bands above and below.
-        assert_eq!(fit(Rect { x: 0, y: 50, width: 800, height: 750 }, 1600, 900), Rect { x: 0, y: 200, width: 800, height: 450 });
+        assert_eq!(
+            fit(
+                Rect {
+                    x: 0,
+                    y: 50,
+                    width: 800,
+                    height: 750
+                },
+                1600,
+                900
+            ),
+            Rect {
+                x: 0,
+                y: 200,
+                width: 800,
+                height: 450
+            }
+        );
         // Scaling up keeps the aspect too.
-        assert_eq!(fit(Rect { x: 0, y: 0, width: 1280, height: 960 }, 640, 480), Rect { x: 0, y: 0, width: 1280, height: 960 });
+        assert_eq!(
+            fit(
+                Rect {
+                    x: 0,
+                    y: 0,
+                    width: 1280,
+                    height: 960
+                },
+                640,
+                480
+            ),
+            Rect {
+                x: 0,
+                y: 0,
+                width: 1280,
+                height: 960
+            }
+        );
     }
 
     #[test]
     fn guest_area_checks_centre_corners_and_bands() {
         let good = screen(1280, 800, GENERAL_RGB, (1024, 768), Some(GENERAL_COLOUR));
-        let said = judge(&good, &Want { side: "general", colour: Some(GENERAL_COLOUR), guest_size: Some((1024, 768)) }).unwrap();
-        assert!(said.contains("general strip") && said.contains("black beside it"), "{said}");
+        let said = judge(
+            &good,
+            &Want {
+                side: "general",
+                colour: Some(GENERAL_COLOUR),
+                guest_size: Some((1024, 768)),
+            },
+        )
+        .unwrap();
+        assert!(
+            said.contains("general strip") && said.contains("black beside it"),
+            "{said}"
+        );
         // The right side, the wrong colour, no guest yet.
-        assert!(judge(&good, &Want { side: "classified", colour: None, guest_size: None }).unwrap_err().to_string().contains("not the classified"));
-        assert!(check_guest_area(&good, CLASSIFIED_COLOUR, None).unwrap_err().to_string().contains("not the guest's 0000ff"));
+        assert!(judge(
+            &good,
+            &Want {
+                side: "classified",
+                colour: None,
+                guest_size: None
+            }
+        )
+        .unwrap_err()
+        .to_string()
+        .contains("not the classified"));
+        assert!(check_guest_area(&good, CLASSIFIED_COLOUR, None)
+            .unwrap_err()
+            .to_string()
+            .contains("not the guest's 0000ff"));
         let grey = screen(1280, 800, GENERAL_RGB, (1024, 768), None);
-        assert!(check_guest_area(&grey, GENERAL_COLOUR, None).unwrap_err().to_string().contains("no guest"));
+        assert!(check_guest_area(&grey, GENERAL_COLOUR, None)
+            .unwrap_err()
+            .to_string()
+            .contains("no guest"));
         // Stretched to the whole area (aspect lost): the bands are not black.
         let stretched = screen(1280, 800, GENERAL_RGB, (1280, 750), Some(GENERAL_COLOUR));
-        assert!(check_guest_area(&stretched, GENERAL_COLOUR, Some((1024, 768))).unwrap_err().to_string().contains("not black"));
+        assert!(
+            check_guest_area(&stretched, GENERAL_COLOUR, Some((1024, 768)))
+                .unwrap_err()
+                .to_string()
+                .contains("not black")
+        );
         // Not scaled up (a 640x480 guest drawn 1:1 in the middle): a corner is black.
         let small = screen(1280, 800, GENERAL_RGB, (640, 480), Some(GENERAL_COLOUR));
         let mut unscaled = small.clone();
         let area = guest_area(1280, 800);
-        let at = Rect { x: (1280 - 640) / 2, y: area.y + (area.height - 480) / 2, width: 640, height: 480 };
+        let at = Rect {
+            x: (1280 - 640) / 2,
+            y: area.y + (area.height - 480) / 2,
+            width: 640,
+            height: 480,
+        };
         for y in area.y..800 {
             for x in 0..1280u32 {
                 let inside = x >= at.x && x < at.x + at.width && y >= at.y && y < at.y + at.height;
                 let i = ((y * 1280 + x) * 4) as usize;
-                unscaled.rgba[i..i + 3].copy_from_slice(if inside { &GENERAL_COLOUR } else { &[0, 0, 0] });
+                unscaled.rgba[i..i + 3].copy_from_slice(if inside {
+                    &GENERAL_COLOUR
+                } else {
+                    &[0, 0, 0]
+                });
             }
         }
         assert!(check_guest_area(&small, GENERAL_COLOUR, Some((640, 480))).is_ok());
-        assert!(check_guest_area(&unscaled, GENERAL_COLOUR, Some((640, 480))).unwrap_err().to_string().contains("inside where"));
+        assert!(
+            check_guest_area(&unscaled, GENERAL_COLOUR, Some((640, 480)))
+                .unwrap_err()
+                .to_string()
+                .contains("inside where")
+        );
     }
 
     #[test]
     fn near_and_mean_colour() {
         assert!(near([200, 10, 20], CLASSIFIED_RGB, TOLERANCE));
         assert!(!near([255, 255, 255], CLASSIFIED_RGB, TOLERANCE));
-        let img = screen(1024, 768, CLASSIFIED_RGB, (1024, 768), Some(CLASSIFIED_COLOUR));
+        let img = screen(
+            1024,
+            768,
+            CLASSIFIED_RGB,
+            (1024, 768),
+            Some(CLASSIFIED_COLOUR),
+        );
         assert_eq!(mean_colour(&img, 512, 400, CENTRE_HALF), CLASSIFIED_COLOUR);
         // Clipped at the edge, still an average of real pixels.
         assert_eq!(mean_colour(&img, 0, 0, CENTRE_HALF), CLASSIFIED_RGB);
@@ -1174,14 +1748,20 @@ mod tests {
 
     #[test]
     fn replies_parse() {
-        assert_eq!(parse_keys("ok keys 30:1 30:0 48:1 48:0").unwrap(), vec![(30, 1), (30, 0), (48, 1), (48, 0)]);
+        assert_eq!(
+            parse_keys("ok keys 30:1 30:0 48:1 48:0").unwrap(),
+            vec![(30, 1), (30, 0), (48, 1), (48, 0)]
+        );
         assert_eq!(parse_keys("ok keys").unwrap(), vec![]);
         assert!(parse_keys("ok keys-clear").is_err());
         assert!(parse_keys("error unknown command \"keys\"").is_err());
         assert!(parse_keys("ok keys 30").is_err());
         assert_eq!(format_keys(&[(46, 1), (46, 0)]), "46:1 46:0");
         assert_eq!(format_keys(&[]), "nothing");
-        assert_eq!(parse_drew("ok drew solid 0000ff 1024x768").unwrap(), (1024, 768));
+        assert_eq!(
+            parse_drew("ok drew solid 0000ff 1024x768").unwrap(),
+            (1024, 768)
+        );
         assert!(parse_drew("error no framebuffer: /dev/fb0: No such file").is_err());
         assert_eq!(showing_sides("airlock-kiosk: showing classified\nother\nairlock-kiosk: showing general (switch key)\n"), ["classified", "general"]);
     }
@@ -1189,11 +1769,23 @@ mod tests {
     #[test]
     fn proc_and_journal_lines_parse() {
         let holders = "/proc/812/fd /dev/dri/card0\n/proc/812/fd /dev/dri/card0\n/proc/90/fd /dev/fb0\ngarbage\n";
-        assert_eq!(parse_holders(holders), vec![(812, "/dev/dri/card0".into()), (812, "/dev/dri/card0".into()), (90, "/dev/fb0".into())]);
+        assert_eq!(
+            parse_holders(holders),
+            vec![
+                (812, "/dev/dri/card0".into()),
+                (812, "/dev/dri/card0".into()),
+                (90, "/dev/fb0".into())
+            ]
+        );
         let stat = "812 (airlock kiosk) (x) S 1 812 812 0 -1 4194560 1000 0 0 0 57 23 0 0 20 0 3 0 2500 100000 200";
         assert_eq!(cpu_ticks(stat), Some(80));
         assert_eq!(cpu_ticks("812 (k) S 1"), None);
-        assert_eq!(monotonic_seconds("[   23.456789] airlock airlock-kiosk[812]: airlock-kiosk: showing classified"), Some(23.456789));
+        assert_eq!(
+            monotonic_seconds(
+                "[   23.456789] airlock airlock-kiosk[812]: airlock-kiosk: showing classified"
+            ),
+            Some(23.456789)
+        );
         assert_eq!(monotonic_seconds(""), None);
     }
 
@@ -1203,7 +1795,10 @@ mod tests {
         assert!(combos.iter().any(|c| c == &["ctrl", "alt", "f12"]));
         assert!(combos.iter().any(|c| c == &["ctrl", "alt", "backspace"]));
         for bad in ["b", "o", "c", "k", "u", "e", "i", "delete"] {
-            assert!(!combos.iter().any(|c| c.last().is_some_and(|k| k == bad)), "{bad}");
+            assert!(
+                !combos.iter().any(|c| c.last().is_some_and(|k| k == bad)),
+                "{bad}"
+            );
         }
     }
 }

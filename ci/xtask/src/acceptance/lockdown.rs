@@ -10,8 +10,8 @@ use airlock::qemu::Graphics;
 use anyhow::{ensure, Context, Result};
 
 use super::boot::tail;
-use super::kiosk;
 use super::images::{private_copy, Images};
+use super::kiosk;
 use super::{AcceptanceOptions, Suite};
 use crate::{images_differ, Machine, Vm};
 
@@ -62,9 +62,21 @@ pub fn production_boot(suite: &mut Suite, images: &Images, opts: &AcceptanceOpti
         // Give anything that would spawn a getty time to do so.
         thread::sleep(Duration::from_secs(15));
         let log = vm.serial_log();
-        ensure!(!log.contains("login:"), "a login prompt appeared:\n{}", tail(&log, 20));
-        ensure!(!log.contains("Give root password") && !log.contains("emergency mode"), "a rescue prompt appeared:\n{}", tail(&log, 20));
-        Ok(format!("{} seen; no `login:` in {} lines of serial output", TARGET_REACHED, log.lines().count()))
+        ensure!(
+            !log.contains("login:"),
+            "a login prompt appeared:\n{}",
+            tail(&log, 20)
+        );
+        ensure!(
+            !log.contains("Give root password") && !log.contains("emergency mode"),
+            "a rescue prompt appeared:\n{}",
+            tail(&log, 20)
+        );
+        Ok(format!(
+            "{} seen; no `login:` in {} lines of serial output",
+            TARGET_REACHED,
+            log.lines().count()
+        ))
     });
     suite.test(PRODUCTION_TESTS[1], || {
         let agent = vm.agent()?;
@@ -138,10 +150,16 @@ pub fn production_boot(suite: &mut Suite, images: &Images, opts: &AcceptanceOpti
             std::fs::create_dir_all(&keep)?;
             std::fs::copy(&before, keep.join("before.png"))?;
             std::fs::copy(&after, keep.join("after.png"))?;
-            anyhow::bail!("the screen changed after Ctrl-Alt-F1..F6 / SysRq; screendumps kept in {}", keep.display());
+            anyhow::bail!(
+                "the screen changed after Ctrl-Alt-F1..F6 / SysRq; screendumps kept in {}",
+                keep.display()
+            );
         }
         let log = vm.serial_log();
-        ensure!(!log.contains("sysrq: HELP") && !log.contains("SysRq : HELP"), "SysRq-h printed its help");
+        ensure!(
+            !log.contains("sysrq: HELP") && !log.contains("SysRq : HELP"),
+            "SysRq-h printed its help"
+        );
         Ok("screendumps identical before and after; no SysRq output, no reset".into())
     });
     suite.test(PRODUCTION_TESTS[3], || {
@@ -153,12 +171,20 @@ pub fn production_boot(suite: &mut Suite, images: &Images, opts: &AcceptanceOpti
         }
         thread::sleep(Duration::from_secs(15));
         let qmp = vm.qmp()?;
-        ensure!(!qmp.saw_event("RESET")? && !qmp.saw_event("SHUTDOWN")?, "the VM reset or shut down after Ctrl-Alt-Del");
+        ensure!(
+            !qmp.saw_event("RESET")? && !qmp.saw_event("SHUTDOWN")?,
+            "the VM reset or shut down after Ctrl-Alt-Del"
+        );
         let status = qmp.query_status()?;
         let log = vm.serial_log();
         let since = &log[(before as usize).min(log.len())..];
-        ensure!(!since.contains("reboot") && !since.contains("Stopping"), "the console shows a shutdown starting:\n{since}");
-        Ok(format!("3× Ctrl-Alt-Del: no reset, VM {status:?}, nothing on the console"))
+        ensure!(
+            !since.contains("reboot") && !since.contains("Stopping"),
+            "the console shows a shutdown starting:\n{since}"
+        );
+        Ok(format!(
+            "3× Ctrl-Alt-Del: no reset, VM {status:?}, nothing on the console"
+        ))
     });
     // The partition table, read from the host once the machine is off.
     drop(vm);
@@ -207,18 +233,40 @@ pub fn tampered_root(suite: &mut Suite, images: &Images, opts: &AcceptanceOption
         let vm = Machine::new(&disk, &vars)?.boot()?;
         // The initrd opens verity, then mounting the root reads the
         // superblock: verification fails, the mount fails, the boot stops.
-        vm.wait_for_serial("verity", BOOT_TIMEOUT).context("no dm-verity error on the console")?;
+        vm.wait_for_serial("verity", BOOT_TIMEOUT)
+            .context("no dm-verity error on the console")?;
         thread::sleep(Duration::from_secs(45));
         let log = vm.serial_log();
-        ensure!(!log.contains(TARGET_REACHED), "the tampered image reached airlock.target:\n{}", tail(&log, 20));
-        let evidence: Vec<&str> = log.lines().filter(|l| l.contains("verity") && (l.contains("corrupt") || l.contains("fail") || l.contains("error"))).take(3).collect();
-        ensure!(!evidence.is_empty(), "no verity failure message on the console:\n{}", tail(&log, 30));
-        Ok(format!("byte at disk offset {at} flipped; {}", evidence.join(" | ")))
+        ensure!(
+            !log.contains(TARGET_REACHED),
+            "the tampered image reached airlock.target:\n{}",
+            tail(&log, 20)
+        );
+        let evidence: Vec<&str> = log
+            .lines()
+            .filter(|l| {
+                l.contains("verity")
+                    && (l.contains("corrupt") || l.contains("fail") || l.contains("error"))
+            })
+            .take(3)
+            .collect();
+        ensure!(
+            !evidence.is_empty(),
+            "no verity failure message on the console:\n{}",
+            tail(&log, 30)
+        );
+        Ok(format!(
+            "byte at disk offset {at} flipped; {}",
+            evidence.join(" | ")
+        ))
     });
 }
 
 fn flip_byte(path: &std::path::Path, offset: u64) -> Result<()> {
-    let mut f = std::fs::OpenOptions::new().read(true).write(true).open(path)?;
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)?;
     f.seek(SeekFrom::Start(offset))?;
     let mut b = [0u8; 1];
     f.read_exact(&mut b)?;

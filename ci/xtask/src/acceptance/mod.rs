@@ -11,13 +11,13 @@
 
 mod attacks;
 mod boot;
-pub mod images;
-pub mod policy;
-mod lockdown;
 mod clipboard;
 mod emulator;
+pub mod images;
 mod kiosk;
+mod lockdown;
 mod network;
+pub mod policy;
 mod provision;
 mod supervisor;
 mod update;
@@ -71,12 +71,18 @@ pub struct Suite {
 
 impl Suite {
     pub fn new(filter: Option<String>) -> Self {
-        Suite { filter, results: Vec::new(), reruns: Vec::new() }
+        Suite {
+            filter,
+            results: Vec::new(),
+            reruns: Vec::new(),
+        }
     }
 
     /// True when `name` is selected by the filter.
     pub fn wants(&self, name: &str) -> bool {
-        self.filter.as_deref().is_none_or(|f| f.split('|').any(|alt| name.contains(alt)))
+        self.filter
+            .as_deref()
+            .is_none_or(|f| f.split('|').any(|alt| name.contains(alt)))
     }
 
     /// True when any of `names` is selected (to decide whether to boot at all).
@@ -96,8 +102,17 @@ impl Suite {
             Ok(detail) => (true, detail),
             Err(e) => (false, format!("{e:#}")),
         };
-        println!("acceptance: {} {name} ({seconds:.1}s){}", if passed { "PASS" } else { "FAIL" }, indent_detail(&detail));
-        self.results.push(TestResult { name: name.into(), passed, detail, seconds });
+        println!(
+            "acceptance: {} {name} ({seconds:.1}s){}",
+            if passed { "PASS" } else { "FAIL" },
+            indent_detail(&detail)
+        );
+        self.results.push(TestResult {
+            name: name.into(),
+            passed,
+            detail,
+            seconds,
+        });
     }
 
     /// Like `test`, but runs `f` even when the filter deselects `name`
@@ -131,7 +146,11 @@ impl Suite {
     /// again after `why`; the summary still lists what failed the first time.
     pub fn set_aside(&mut self, mark: usize, group: &str, why: &str) {
         let first_run = self.results.split_off(mark);
-        let failed = first_run.into_iter().filter(|r| !r.passed).map(|r| r.name).collect();
+        let failed = first_run
+            .into_iter()
+            .filter(|r| !r.passed)
+            .map(|r| r.name)
+            .collect();
         self.reruns.push((group.to_owned(), why.to_owned(), failed));
     }
 
@@ -143,12 +162,20 @@ impl Suite {
         println!();
         println!("{:<58} {:>6} {:>9}", "test", "result", "seconds");
         for r in &self.results {
-            println!("{:<58} {:>6} {:>9.1}", r.name, if r.passed { "pass" } else { "FAIL" }, r.seconds);
+            println!(
+                "{:<58} {:>6} {:>9.1}",
+                r.name,
+                if r.passed { "pass" } else { "FAIL" },
+                r.seconds
+            );
         }
         let passed = self.results.len() - self.failed();
         println!("\n{passed} passed, {} failed", self.failed());
         for (group, why, failed) in &self.reruns {
-            println!("ran twice: `{group}` tests, because {why}; failed the first time: {}", failed.join("; "));
+            println!(
+                "ran twice: `{group}` tests, because {why}; failed the first time: {}",
+                failed.join("; ")
+            );
         }
     }
 }
@@ -195,7 +222,14 @@ mod tests {
         assert_eq!(suite.failed_since(mark), 1);
         suite.set_aside(mark, "b:", "a triple fault");
         assert_eq!(suite.failed(), 0);
-        assert_eq!(suite.reruns, vec![("b:".to_owned(), "a triple fault".to_owned(), vec!["b: one".to_owned()])]);
+        assert_eq!(
+            suite.reruns,
+            vec![(
+                "b:".to_owned(),
+                "a triple fault".to_owned(),
+                vec!["b: one".to_owned()]
+            )]
+        );
         // The second run's failures count.
         suite.test("b: one", || anyhow::bail!("real failure"));
         assert_eq!(suite.failed(), 1);

@@ -29,8 +29,20 @@ struct Row {
     allowed: bool,
 }
 
-const fn row(source: &'static str, target: &'static str, class: &'static str, permission: &'static str, allowed: bool) -> Row {
-    Row { source, target, class, permission, allowed }
+const fn row(
+    source: &'static str,
+    target: &'static str,
+    class: &'static str,
+    permission: &'static str,
+    allowed: bool,
+) -> Row {
+    Row {
+        source,
+        target,
+        class,
+        permission,
+        allowed,
+    }
 }
 
 const ALLOW: bool = true;
@@ -159,11 +171,17 @@ fn questions() -> Vec<(Access, bool)> {
     for (own, other) in [("classified", "general"), ("general", "classified")] {
         let fill = |s: &str| s.replace("{own}", own).replace("{other}", other);
         for r in MATRIX {
-            out.push((Access::new(&fill(r.source), &fill(r.target), r.class, r.permission), r.allowed));
+            out.push((
+                Access::new(&fill(r.source), &fill(r.target), r.class, r.permission),
+                r.allowed,
+            ));
         }
     }
     for r in SINGLE {
-        out.push((Access::new(r.source, r.target, r.class, r.permission), r.allowed));
+        out.push((
+            Access::new(r.source, r.target, r.class, r.permission),
+            r.allowed,
+        ));
     }
     out
 }
@@ -174,7 +192,10 @@ fn policy_file(image: &Path) -> Result<PathBuf> {
     let entries = std::fs::read_dir(&dir).with_context(|| format!("reading {}", dir.display()))?;
     for entry in entries {
         let path = entry?.path();
-        if path.file_name().is_some_and(|n| n.to_string_lossy().starts_with("policy.")) {
+        if path
+            .file_name()
+            .is_some_and(|n| n.to_string_lossy().starts_with("policy."))
+        {
             return Ok(path);
         }
     }
@@ -182,7 +203,8 @@ fn policy_file(image: &Path) -> Result<PathBuf> {
 }
 
 fn check_matrix(opts: &AcceptanceOptions, image: &Path) -> Result<String> {
-    let tools = policy_query::tools_tree(&source_dir(), &source_dir().join(MANIFEST), &opts.cache_dir)?;
+    let tools =
+        policy_query::tools_tree(&source_dir(), &source_dir().join(MANIFEST), &opts.cache_dir)?;
     let policy = policy_file(image)?;
     let rows = questions();
     let access: Vec<Access> = rows.iter().map(|(a, _)| a.clone()).collect();
@@ -191,12 +213,31 @@ fn check_matrix(opts: &AcceptanceOptions, image: &Path) -> Result<String> {
     for ((q, expected), got) in rows.iter().zip(&answers.access) {
         if got != expected {
             let say = |b: bool| if b { "allowed" } else { "denied" };
-            wrong.push(format!("{} → {}:{} {}: expected {}, policy says {}", q.source, q.target, q.class, q.permission, say(*expected), say(*got)));
+            wrong.push(format!(
+                "{} → {}:{} {}: expected {}, policy says {}",
+                q.source,
+                q.target,
+                q.class,
+                q.permission,
+                say(*expected),
+                say(*got)
+            ));
         }
     }
-    ensure!(wrong.is_empty(), "{} of {} rows differ:\n{}", wrong.len(), rows.len(), wrong.join("\n"));
+    ensure!(
+        wrong.is_empty(),
+        "{} of {} rows differ:\n{}",
+        wrong.len(),
+        rows.len(),
+        wrong.join("\n")
+    );
     let allowed = rows.iter().filter(|(_, e)| *e).count();
-    Ok(format!("{} rows ({allowed} allowed, {} denied) match {}", rows.len(), rows.len() - allowed, policy.display()))
+    Ok(format!(
+        "{} rows ({allowed} allowed, {} denied) match {}",
+        rows.len(),
+        rows.len() - allowed,
+        policy.display()
+    ))
 }
 
 /// Every `airlock_*` type named in README.md's tables (a backticked
@@ -204,8 +245,12 @@ fn check_matrix(opts: &AcceptanceOptions, image: &Path) -> Result<String> {
 pub fn documented_types(readme: &str) -> Vec<String> {
     let mut out = Vec::new();
     for line in readme.lines() {
-        let Some(cell) = line.strip_prefix("| `") else { continue };
-        let Some(name) = cell.split('`').next() else { continue };
+        let Some(cell) = line.strip_prefix("| `") else {
+            continue;
+        };
+        let Some(name) = cell.split('`').next() else {
+            continue;
+        };
         if !name.starts_with("airlock_") {
             continue;
         }
@@ -222,15 +267,30 @@ pub fn documented_types(readme: &str) -> Vec<String> {
 }
 
 fn check_readme(opts: &AcceptanceOptions, images: &Images) -> Result<String> {
-    let tools = policy_query::tools_tree(&source_dir(), &source_dir().join(MANIFEST), &opts.cache_dir)?;
+    let tools =
+        policy_query::tools_tree(&source_dir(), &source_dir().join(MANIFEST), &opts.cache_dir)?;
     let answers = policy_query::ask(&tools, &policy_file(&images.production)?, &[])?;
-    let in_policy: Vec<String> = answers.types.into_iter().filter(|t| t.starts_with("airlock_")).collect();
-    let readme = std::fs::read_to_string(source_dir().join("policy/README.md")).context("reading policy/README.md")?;
+    let in_policy: Vec<String> = answers
+        .types
+        .into_iter()
+        .filter(|t| t.starts_with("airlock_"))
+        .collect();
+    let readme = std::fs::read_to_string(source_dir().join("policy/README.md"))
+        .context("reading policy/README.md")?;
     let documented = documented_types(&readme);
-    let missing: Vec<&String> = in_policy.iter().filter(|t| !documented.contains(t)).collect();
-    let stale: Vec<&String> = documented.iter().filter(|t| !in_policy.contains(t)).collect();
+    let missing: Vec<&String> = in_policy
+        .iter()
+        .filter(|t| !documented.contains(t))
+        .collect();
+    let stale: Vec<&String> = documented
+        .iter()
+        .filter(|t| !in_policy.contains(t))
+        .collect();
     ensure!(missing.is_empty() && stale.is_empty(), "types in the policy but not in policy/README.md: {missing:?}; in the README but not in the policy: {stale:?}");
-    Ok(format!("{} airlock types, each in the README's tables", in_policy.len()))
+    Ok(format!(
+        "{} airlock types, each in the README's tables",
+        in_policy.len()
+    ))
 }
 
 fn sabotage_build(opts: &AcceptanceOptions) -> Result<String> {
@@ -257,11 +317,30 @@ fn sabotage_build(opts: &AcceptanceOptions) -> Result<String> {
         error.contains("neverallow check failed") && error.contains("airlock_sabotage_cross_side"),
         "the build failed, but not on a neverallow rule broken by the sabotage module:\n{error}"
     );
-    let left: Vec<_> = std::fs::read_dir(&output).map(|d| d.flatten().map(|e| e.file_name()).collect()).unwrap_or_default();
-    ensure!(left.iter().all(|n| !n.to_string_lossy().ends_with(".raw")), "an image was left in {}: {left:?}", output.display());
-    let rule = error.lines().find(|l| l.contains("(neverallow ")).unwrap_or_default().trim_start_matches([' ', '|']).trim();
-    let allow = error.lines().find(|l| l.contains("(allow airlock_vm_general_t")).unwrap_or_default().trim_start_matches([' ', '|']).trim();
-    Ok(format!("build refused by semodule:\n{}…\nbroken by {allow}", rule.chars().take(90).collect::<String>()))
+    let left: Vec<_> = std::fs::read_dir(&output)
+        .map(|d| d.flatten().map(|e| e.file_name()).collect())
+        .unwrap_or_default();
+    ensure!(
+        left.iter().all(|n| !n.to_string_lossy().ends_with(".raw")),
+        "an image was left in {}: {left:?}",
+        output.display()
+    );
+    let rule = error
+        .lines()
+        .find(|l| l.contains("(neverallow "))
+        .unwrap_or_default()
+        .trim_start_matches([' ', '|'])
+        .trim();
+    let allow = error
+        .lines()
+        .find(|l| l.contains("(allow airlock_vm_general_t"))
+        .unwrap_or_default()
+        .trim_start_matches([' ', '|'])
+        .trim();
+    Ok(format!(
+        "build refused by semodule:\n{}…\nbroken by {allow}",
+        rule.chars().take(90).collect::<String>()
+    ))
 }
 
 pub fn policy_checks(suite: &mut Suite, images: &Images, opts: &AcceptanceOptions) {
@@ -278,15 +357,28 @@ mod tests {
     #[test]
     fn readme_types_expand_sides() {
         let readme = "| type | what |\n|---|---|\n| `airlock_<side>_disk_t` | disk |\n| `airlock_conf_t` | conf |\n| `qemu_exec_t` | distro |\ntext `airlock_x_t`\n";
-        assert_eq!(documented_types(readme), ["airlock_classified_disk_t", "airlock_conf_t", "airlock_general_disk_t"]);
+        assert_eq!(
+            documented_types(readme),
+            [
+                "airlock_classified_disk_t",
+                "airlock_conf_t",
+                "airlock_general_disk_t"
+            ]
+        );
     }
 
     #[test]
     fn matrix_covers_both_sides_symmetrically() {
         let q = questions();
         assert_eq!(q.len(), 2 * MATRIX.len() + SINGLE.len());
-        assert!(q.iter().any(|(a, e)| a.source == "airlock_vm_general_t" && a.target == "airlock_classified_disk_t" && !e));
-        assert!(q.iter().any(|(a, e)| a.source == "airlock_vm_classified_t" && a.target == "airlock_general_disk_t" && !e));
-        assert!(q.iter().all(|(a, _)| !a.source.contains('{') && !a.target.contains('{')));
+        assert!(q.iter().any(|(a, e)| a.source == "airlock_vm_general_t"
+            && a.target == "airlock_classified_disk_t"
+            && !e));
+        assert!(q.iter().any(|(a, e)| a.source == "airlock_vm_classified_t"
+            && a.target == "airlock_general_disk_t"
+            && !e));
+        assert!(q
+            .iter()
+            .all(|(a, _)| !a.source.contains('{') && !a.target.contains('{')));
     }
 }

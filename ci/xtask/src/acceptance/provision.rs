@@ -48,7 +48,13 @@ pub struct Flashed {
 /// the tunnel key, through the `airlock flash` command line the IT guide gives.
 /// `tunnel_key` is the PC's WireGuard private key (`--wireguard-key`): the
 /// outside world's tunnel peer knows its public half.
-pub fn flash_test_machine(images: &Images, opts: &AcceptanceOptions, dir: &Path, extra: u64, tunnel_key: &Path) -> Result<Flashed> {
+pub fn flash_test_machine(
+    images: &Images,
+    opts: &AcceptanceOptions,
+    dir: &Path,
+    extra: u64,
+    tunnel_key: &Path,
+) -> Result<Flashed> {
     let inputs = opts.work_dir.join("provision");
     std::fs::create_dir_all(&inputs)?;
     std::fs::create_dir_all(dir)?;
@@ -70,10 +76,14 @@ pub fn flash_test_machine(images: &Images, opts: &AcceptanceOptions, dir: &Path,
         args.push(format!("{side}={}", file.display()));
         let sh = xshell::Shell::new()?;
         let sum = xshell::cmd!(sh, "sha256sum {file}").quiet().read()?;
-        guest_disks.push((side, sum.split_whitespace().next().unwrap_or_default().to_owned()));
+        guest_disks.push((
+            side,
+            sum.split_whitespace().next().unwrap_or_default().to_owned(),
+        ));
     }
     // The repository's file itself, as IT would pass theirs.
-    let machine = std::path::absolute(super::images::source_dir().join("ci/test-agent/machine.toml"))?;
+    let machine =
+        std::path::absolute(super::images::source_dir().join("ci/test-agent/machine.toml"))?;
     args.push("--machine".into());
     args.push(machine.display().to_string());
     args.push("--wireguard-key".into());
@@ -88,9 +98,14 @@ pub fn flash_test_machine(images: &Images, opts: &AcceptanceOptions, dir: &Path,
 
     println!("acceptance: {}", args.join(" "));
     let start = Instant::now();
-    let cli = <airlock::cli::Cli as clap::Parser>::try_parse_from(&args).context("the IT guide's airlock flash command line")?;
+    let cli = <airlock::cli::Cli as clap::Parser>::try_parse_from(&args)
+        .context("the IT guide's airlock flash command line")?;
     airlock::run(cli).context("airlock flash")?;
-    Ok(Flashed { disk, guest_disks, seconds: start.elapsed().as_secs_f64() })
+    Ok(Flashed {
+        disk,
+        guest_disks,
+        seconds: start.elapsed().as_secs_f64(),
+    })
 }
 
 /// The checks on the booted, flashed test machine.

@@ -19,7 +19,8 @@ pub const TESTS: &[&str] = &[
     "supervisor: QMP on the classified QEMU: no USB, sound or storage-media device beyond its disk (P11)",
     "supervisor: a CPU and memory hog in the general guest leaves the classified guest's benchmark within 1.5x (P14)",
 ];
-pub const POWEROFF_TEST: &str = "supervisor: both guests powering off powers the appliance off (P5)";
+pub const POWEROFF_TEST: &str =
+    "supervisor: both guests powering off powers the appliance off (P5)";
 
 pub const CTL: &str = "/usr/lib/airlock/airlock-test-guest-ctl";
 /// Nested KVM under TCG boots a test guest in seconds; nested TCG (where
@@ -27,23 +28,38 @@ pub const CTL: &str = "/usr/lib/airlock/airlock-test-guest-ctl";
 const GUEST_TIMEOUT: Duration = Duration::from_secs(300);
 
 pub fn guest(vm: &mut Vm, side: &str, command: &str) -> Result<String> {
-    Ok(sh(vm, &format!("{CTL} /run/airlock/{side}/test.sock {command}"))?.trim().to_string())
+    Ok(sh(
+        vm,
+        &format!("{CTL} /run/airlock/{side}/test.sock {command}"),
+    )?
+    .trim()
+    .to_string())
 }
 
 /// The pid of the side's QEMU, as the supervisor reports it. (Not a grep
 /// over /proc/*/cmdline: that also matches the grep itself.)
 pub fn qemu_pid(vm: &mut Vm, side: &str) -> Result<String> {
     let status = sh(vm, "airlockd status")?;
-    let json: serde_json::Value = serde_json::from_str(status.trim()).with_context(|| format!("airlockd status: {status}"))?;
-    let pid = json["guests"][side]["pid"].as_i64().with_context(|| format!("no QEMU pid for the {side} guest; airlockd status: {status}"))?;
+    let json: serde_json::Value = serde_json::from_str(status.trim())
+        .with_context(|| format!("airlockd status: {status}"))?;
+    let pid = json["guests"][side]["pid"]
+        .as_i64()
+        .with_context(|| format!("no QEMU pid for the {side} guest; airlockd status: {status}"))?;
     Ok(pid.to_string())
 }
 
 /// One QMP command on the side's test-only monitor; QEMU's `return` value.
 pub fn qmp(vm: &mut Vm, side: &str, execute: &str) -> Result<serde_json::Value> {
-    let line = sh(vm, &format!("{CTL} --qmp /run/airlock/{side}/qmp-test.sock '{{\"execute\": \"{execute}\"}}'"))?;
-    let answer: serde_json::Value = serde_json::from_str(line.trim()).with_context(|| format!("QMP {execute} answered {line:?}"))?;
-    answer.get("return").cloned().with_context(|| format!("QMP {execute} failed: {answer}"))
+    let line = sh(
+        vm,
+        &format!("{CTL} --qmp /run/airlock/{side}/qmp-test.sock '{{\"execute\": \"{execute}\"}}'"),
+    )?;
+    let answer: serde_json::Value = serde_json::from_str(line.trim())
+        .with_context(|| format!("QMP {execute} answered {line:?}"))?;
+    answer
+        .get("return")
+        .cloned()
+        .with_context(|| format!("QMP {execute} failed: {answer}"))
 }
 
 /// Waits until both guests answer `ping`; seconds since the appliance booted.
@@ -51,18 +67,26 @@ pub fn wait_for_guests(vm: &mut Vm) -> Result<String> {
     let start = Instant::now();
     let mut last = String::new();
     while start.elapsed() < GUEST_TIMEOUT {
-        let both = ["classified", "general"].iter().all(|side| match guest(vm, side, "ping") {
-            Ok(reply) => reply.starts_with("pong"),
-            Err(e) => {
-                last = format!("{side}: {e:#}");
-                false
-            }
-        });
+        let both = ["classified", "general"]
+            .iter()
+            .all(|side| match guest(vm, side, "ping") {
+                Ok(reply) => reply.starts_with("pong"),
+                Err(e) => {
+                    last = format!("{side}: {e:#}");
+                    false
+                }
+            });
         if both {
             let uptime = sh(vm, "cut -d' ' -f1 /proc/uptime")?;
             let status = sh(vm, "airlockd status || true")?;
-            let kvm = sh(vm, "test -c /dev/kvm && echo 'nested KVM' || echo 'no /dev/kvm'")?;
-            let rss = sh(vm, "grep VmRSS /proc/$(systemctl show -P MainPID airlockd)/status | tr -s ' \t' ' '")?;
+            let kvm = sh(
+                vm,
+                "test -c /dev/kvm && echo 'nested KVM' || echo 'no /dev/kvm'",
+            )?;
+            let rss = sh(
+                vm,
+                "grep VmRSS /proc/$(systemctl show -P MainPID airlockd)/status | tr -s ' \t' ' '",
+            )?;
             return Ok(format!(
                 "both answer {:.0}s after the appliance's kernel started ({}); airlockd {}; {}",
                 uptime.trim().parse::<f64>().unwrap_or(0.0),
@@ -73,7 +97,11 @@ pub fn wait_for_guests(vm: &mut Vm) -> Result<String> {
         }
         std::thread::sleep(Duration::from_secs(2));
     }
-    let journal = sh(vm, "journalctl -b -u airlockd -o cat --no-pager | tail -n 30").unwrap_or_default();
+    let journal = sh(
+        vm,
+        "journalctl -b -u airlockd -o cat --no-pager | tail -n 30",
+    )
+    .unwrap_or_default();
     bail!("the test guests did not both answer within {GUEST_TIMEOUT:?} (last: {last}); airlockd's journal:\n{journal}")
 }
 
@@ -82,37 +110,86 @@ fn check_processes(vm: &mut Vm) -> Result<String> {
     for side in ["classified", "general"] {
         let pid = qemu_pid(vm, side)?;
         let context = sh(vm, &format!("tr -d '\\0' < /proc/{pid}/attr/current"))?;
-        ensure!(context.contains(&format!(":airlock_vm_{side}_t:")), "{side} QEMU (pid {pid}) runs as {context:?}");
-        let user = sh(vm, &format!("stat -c %U /proc/{pid}"))?.trim().to_string();
-        ensure!(user == format!("airlock-{side}"), "{side} QEMU runs as user {user}");
-        let cgroup = sh(vm, &format!("cut -d: -f3 /proc/{pid}/cgroup"))?.trim().to_string();
-        ensure!(cgroup.ends_with(&format!("/guest-{side}")), "{side} QEMU is in cgroup {cgroup}");
-        let cpu = sh(vm, &format!("cat /sys/fs/cgroup{cgroup}/cpu.max"))?.trim().to_string();
-        let memory = sh(vm, &format!("cat /sys/fs/cgroup{cgroup}/memory.max"))?.trim().to_string();
+        ensure!(
+            context.contains(&format!(":airlock_vm_{side}_t:")),
+            "{side} QEMU (pid {pid}) runs as {context:?}"
+        );
+        let user = sh(vm, &format!("stat -c %U /proc/{pid}"))?
+            .trim()
+            .to_string();
+        ensure!(
+            user == format!("airlock-{side}"),
+            "{side} QEMU runs as user {user}"
+        );
+        let cgroup = sh(vm, &format!("cut -d: -f3 /proc/{pid}/cgroup"))?
+            .trim()
+            .to_string();
+        ensure!(
+            cgroup.ends_with(&format!("/guest-{side}")),
+            "{side} QEMU is in cgroup {cgroup}"
+        );
+        let cpu = sh(vm, &format!("cat /sys/fs/cgroup{cgroup}/cpu.max"))?
+            .trim()
+            .to_string();
+        let memory = sh(vm, &format!("cat /sys/fs/cgroup{cgroup}/memory.max"))?
+            .trim()
+            .to_string();
         // appliance.toml of the test profile: classified 100 % and 512 MiB, general 50 % and 512 MiB.
-        let expected_cpu = if side == "classified" { "100000 100000" } else { "50000 100000" };
-        ensure!(cpu == expected_cpu, "{side}: cpu.max {cpu:?}, configured {expected_cpu:?}");
-        ensure!(memory == (512u64 << 20).to_string(), "{side}: memory.max {memory}, configured 512 MiB");
-        lines.push(format!("{side}: pid {pid} user {user} {} cgroup {cgroup} cpu.max {cpu} memory.max {memory}", context.trim()));
+        let expected_cpu = if side == "classified" {
+            "100000 100000"
+        } else {
+            "50000 100000"
+        };
+        ensure!(
+            cpu == expected_cpu,
+            "{side}: cpu.max {cpu:?}, configured {expected_cpu:?}"
+        );
+        ensure!(
+            memory == (512u64 << 20).to_string(),
+            "{side}: memory.max {memory}, configured 512 MiB"
+        );
+        lines.push(format!(
+            "{side}: pid {pid} user {user} {} cgroup {cgroup} cpu.max {cpu} memory.max {memory}",
+            context.trim()
+        ));
     }
     Ok(lines.join("\n"))
 }
 
 /// PCI classes (from the guest's own sysfs) that must not appear in the
 /// classified guest: USB controllers, audio, IDE, floppy.
-const FORBIDDEN_PCI_CLASSES: &[(&str, &str)] =
-    &[("0c03", "USB controller"), ("0401", "audio"), ("0403", "audio (HDA)"), ("0101", "IDE"), ("0102", "floppy")];
+const FORBIDDEN_PCI_CLASSES: &[(&str, &str)] = &[
+    ("0c03", "USB controller"),
+    ("0401", "audio"),
+    ("0403", "audio (HDA)"),
+    ("0101", "IDE"),
+    ("0102", "floppy"),
+];
 
 fn check_classified_devices(vm: &mut Vm) -> Result<String> {
     let reply = guest(vm, "classified", "pci")?;
-    let devices: Vec<&str> = reply.strip_prefix("pci").context("unexpected reply to pci")?.split_whitespace().collect();
-    ensure!(!devices.is_empty(), "the classified guest lists no PCI device at all: {reply}");
+    let devices: Vec<&str> = reply
+        .strip_prefix("pci")
+        .context("unexpected reply to pci")?
+        .split_whitespace()
+        .collect();
+    ensure!(
+        !devices.is_empty(),
+        "the classified guest lists no PCI device at all: {reply}"
+    );
     for device in &devices {
         for (class, what) in FORBIDDEN_PCI_CLASSES {
-            ensure!(!device.starts_with(class), "the classified guest has a {what} ({device}): {reply}");
+            ensure!(
+                !device.starts_with(class),
+                "the classified guest has a {what} ({device}): {reply}"
+            );
         }
     }
-    Ok(format!("{} PCI devices: {}", devices.len(), devices.join(" ")))
+    Ok(format!(
+        "{} PCI devices: {}",
+        devices.len(),
+        devices.join(" ")
+    ))
 }
 
 /// PCI class codes QEMU reports as `class_info.class` (decimal in QMP).
@@ -130,31 +207,79 @@ fn check_classified_qmp(vm: &mut Vm) -> Result<String> {
     let buses = qmp(vm, "classified", "query-pci")?;
     let mut devices = Vec::new();
     let mut storage = Vec::new();
-    for device in buses.as_array().into_iter().flatten().flat_map(|bus| bus["devices"].as_array().into_iter().flatten()) {
-        let class = device["class_info"]["class"].as_u64().context("query-pci: a device without class")?;
+    for device in buses
+        .as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|bus| bus["devices"].as_array().into_iter().flatten())
+    {
+        let class = device["class_info"]["class"]
+            .as_u64()
+            .context("query-pci: a device without class")?;
         let desc = device["class_info"]["desc"].as_str().unwrap_or("?");
         let id = device["qdev_id"].as_str().unwrap_or("");
-        let name = format!("{class:04x} {desc}{}", if id.is_empty() { String::new() } else { format!(" ({id})") });
-        ensure!(class != PCI_CLASS_USB, "the classified QEMU has a USB controller: {name}");
-        ensure!(class >> 8 != PCI_CLASS_MULTIMEDIA, "the classified QEMU has a multimedia device: {name}");
+        let name = format!(
+            "{class:04x} {desc}{}",
+            if id.is_empty() {
+                String::new()
+            } else {
+                format!(" ({id})")
+            }
+        );
+        ensure!(
+            class != PCI_CLASS_USB,
+            "the classified QEMU has a USB controller: {name}"
+        );
+        ensure!(
+            class >> 8 != PCI_CLASS_MULTIMEDIA,
+            "the classified QEMU has a multimedia device: {name}"
+        );
         if class >> 8 == PCI_CLASS_STORAGE {
-            ensure!(class == PCI_CLASS_SATA || class == PCI_CLASS_SCSI, "unexpected storage controller: {name}");
+            ensure!(
+                class == PCI_CLASS_SATA || class == PCI_CLASS_SCSI,
+                "unexpected storage controller: {name}"
+            );
             storage.push(name.clone());
         }
         devices.push(name);
     }
     ensure!(!devices.is_empty(), "query-pci listed no device: {buses}");
-    let disks = storage.iter().filter(|n| n.starts_with(&format!("{PCI_CLASS_SCSI:04x}"))).count();
-    ensure!(disks == 1, "expected one virtio disk controller, found {disks}: {storage:?}");
+    let disks = storage
+        .iter()
+        .filter(|n| n.starts_with(&format!("{PCI_CLASS_SCSI:04x}")))
+        .count();
+    ensure!(
+        disks == 1,
+        "expected one virtio disk controller, found {disks}: {storage:?}"
+    );
     let blocks = qmp(vm, "classified", "query-block")?;
     let blocks: Vec<&serde_json::Value> = blocks.as_array().into_iter().flatten().collect();
     let names: Vec<String> = blocks
         .iter()
-        .map(|b| format!("{} removable={} inserted={}", b["device"].as_str().unwrap_or("?"), b["removable"], b.get("inserted").is_some()))
+        .map(|b| {
+            format!(
+                "{} removable={} inserted={}",
+                b["device"].as_str().unwrap_or("?"),
+                b["removable"],
+                b.get("inserted").is_some()
+            )
+        })
         .collect();
-    ensure!(blocks.len() == 1, "the classified QEMU has {} block devices, only its disk expected: {names:?}", blocks.len());
-    ensure!(blocks[0]["removable"] == false, "the classified disk is removable media: {names:?}");
-    Ok(format!("{} PCI functions, storage: {}; block devices: {}", devices.len(), storage.join(", "), names.join(", ")))
+    ensure!(
+        blocks.len() == 1,
+        "the classified QEMU has {} block devices, only its disk expected: {names:?}",
+        blocks.len()
+    );
+    ensure!(
+        blocks[0]["removable"] == false,
+        "the classified disk is removable media: {names:?}"
+    );
+    Ok(format!(
+        "{} PCI functions, storage: {}; block devices: {}",
+        devices.len(),
+        storage.join(", "),
+        names.join(", ")
+    ))
 }
 
 /// Median benchmark time (µs) of three runs in the side's guest.
@@ -187,24 +312,39 @@ const HOG_BOUND: f64 = 1.5;
 /// general guest's cgroup must show it was throttled (the cap did the work).
 fn check_cpu_hog(vm: &mut Vm) -> Result<String> {
     let throttled = |vm: &mut Vm| -> Result<u64> {
-        let stat = sh(vm, "cat /sys/fs/cgroup/system.slice/airlockd.service/guest-general/cpu.stat")?;
-        stat.lines().find_map(|l| l.strip_prefix("nr_throttled ")).and_then(|v| v.trim().parse().ok()).with_context(|| format!("no nr_throttled in cpu.stat: {stat}"))
+        let stat = sh(
+            vm,
+            "cat /sys/fs/cgroup/system.slice/airlockd.service/guest-general/cpu.stat",
+        )?;
+        stat.lines()
+            .find_map(|l| l.strip_prefix("nr_throttled "))
+            .and_then(|v| v.trim().parse().ok())
+            .with_context(|| format!("no nr_throttled in cpu.stat: {stat}"))
     };
     let quiet = bench_median(vm, "classified")?;
     let throttled_before = throttled(vm)?;
     let hog = format!("hog {HOG_THREADS_MIB} {HOG_SECONDS}");
     let reply = guest(vm, "general", &hog)?;
     let hog_started = Instant::now();
-    ensure!(reply.starts_with("ok hog"), "the general guest refused the hog: {reply}");
+    ensure!(
+        reply.starts_with("ok hog"),
+        "the general guest refused the hog: {reply}"
+    );
     std::thread::sleep(Duration::from_secs(3));
     let hogged = bench_median(vm, "classified")?;
     let throttled_after = throttled(vm)?;
-    ensure!(hog_started.elapsed() < Duration::from_secs(HOG_SECONDS), "the benchmark outlasted the hog ({HOG_SECONDS} s): raise HOG_SECONDS");
+    ensure!(
+        hog_started.elapsed() < Duration::from_secs(HOG_SECONDS),
+        "the benchmark outlasted the hog ({HOG_SECONDS} s): raise HOG_SECONDS"
+    );
     // The next tests start from a quiet general guest.
     std::thread::sleep(Duration::from_secs(HOG_SECONDS + 2).saturating_sub(hog_started.elapsed()));
     // The hog may not have ended the guest: it must still answer.
     let alive = guest(vm, "general", "ping")?;
-    ensure!(alive.starts_with("pong"), "the general guest stopped answering under its own hog: {alive}");
+    ensure!(
+        alive.starts_with("pong"),
+        "the general guest stopped answering under its own hog: {alive}"
+    );
     let ratio = hogged as f64 / quiet as f64;
     ensure!(throttled_after > throttled_before, "the general guest's cgroup was never throttled during the hog (nr_throttled {throttled_before} → {throttled_after}): the CPU cap did not act");
     ensure!(ratio <= HOG_BOUND, "classified benchmark {quiet} µs quiet, {hogged} µs with the general hog: ratio {ratio:.2} > {HOG_BOUND}");
@@ -221,7 +361,10 @@ pub fn supervisor_checks(suite: &mut Suite, vm: &mut Vm) {
     let ok = up.is_ok();
     suite.test(TESTS[0], || up);
     if !ok {
-        return suite.fail_all(&TESTS[1..], &anyhow::anyhow!("the test guests are not running"));
+        return suite.fail_all(
+            &TESTS[1..],
+            &anyhow::anyhow!("the test guests are not running"),
+        );
     }
     suite.test(TESTS[1], || check_processes(vm));
     suite.test(TESTS[2], || check_classified_devices(vm));

@@ -112,7 +112,9 @@ pub fn update_checks(suite: &mut Suite, images: &Images, opts: &AcceptanceOption
         Err(e) => return suite.fail_all(TESTS, &e),
     };
     let mark = suite.mark();
-    let Some(faults) = run_timeline(suite, images, opts, &prepared, &outside) else { return };
+    let Some(faults) = run_timeline(suite, images, opts, &prepared, &outside) else {
+        return;
+    };
     // As the test machine's groups (`boot::run_group`): failures while the
     // emulator faulted set the first run aside; a fresh machine runs the
     // whole timeline once more, and its results stand.
@@ -127,7 +129,13 @@ pub fn update_checks(suite: &mut Suite, images: &Images, opts: &AcceptanceOption
 
 /// Flashes the update machine and runs every step; the emulator faults
 /// seen on the way (`None` if the machine never came up).
-fn run_timeline(suite: &mut Suite, images: &Images, opts: &AcceptanceOptions, prepared: &Prepared, outside: &Outside) -> Option<Vec<String>> {
+fn run_timeline(
+    suite: &mut Suite,
+    images: &Images,
+    opts: &AcceptanceOptions,
+    prepared: &Prepared,
+    outside: &Outside,
+) -> Option<Vec<String>> {
     let mut run = match Timeline::start(images, opts, prepared, outside) {
         Ok(r) => r,
         Err(e) => {
@@ -142,7 +150,10 @@ fn run_timeline(suite: &mut Suite, images: &Images, opts: &AcceptanceOptions, pr
         if let Some(vm) = run.vm.as_mut() {
             vm.keep_files();
         }
-        println!("acceptance: update machine disk kept in {}", run.machine.disk().display());
+        println!(
+            "acceptance: update machine disk kept in {}",
+            run.machine.disk().display()
+        );
     }
     Some(run.faults)
 }
@@ -153,13 +164,17 @@ fn run_timeline(suite: &mut Suite, images: &Images, opts: &AcceptanceOptions, pr
 fn prepare(images: &Images, opts: &AcceptanceOptions) -> Result<Prepared> {
     let next_version = format!("{}.1", images.test_report.version);
     let (dir, next, seconds) = images::build_test_version(opts, &next_version)?;
-    println!("acceptance: update: {} {} built in {seconds:.1}s", next.name, next.version);
+    println!(
+        "acceptance: update: {} {} built in {seconds:.1}s",
+        next.name, next.version
+    );
     let work = opts.work_dir.join("update");
     std::fs::create_dir_all(&work)?;
     let key = images::update_key(opts)?;
     let bundle_name = next.bundle.clone();
     let signed = work.join(&bundle_name);
-    std::fs::copy(dir.join(&next.bundle), &signed).with_context(|| format!("copying {}", next.bundle))?;
+    std::fs::copy(dir.join(&next.bundle), &signed)
+        .with_context(|| format!("copying {}", next.bundle))?;
     airlock::bundle::sign_bundle(&signed, airlock::bundle::Signer::Key(&key.private))?;
 
     // One payload byte flipped, in the middle of the root filesystem.
@@ -167,7 +182,9 @@ fn prepare(images: &Images, opts: &AcceptanceOptions) -> Result<Prepared> {
     std::fs::copy(&signed, &flipped)?;
     let payload_offset = {
         let mut f = std::io::BufReader::new(std::fs::File::open(&flipped)?);
-        airlock_bundle::format::RawHeader::read(&mut f).map_err(|e| anyhow::anyhow!("{e}"))?.payload_offset()
+        airlock_bundle::format::RawHeader::read(&mut f)
+            .map_err(|e| anyhow::anyhow!("{e}"))?
+            .payload_offset()
     };
     flip_byte(&flipped, payload_offset + next.root_fs_bytes / 2)?;
 
@@ -177,20 +194,38 @@ fn prepare(images: &Images, opts: &AcceptanceOptions) -> Result<Prepared> {
     let other = tempfile::tempdir()?;
     let other_key = other.path().join("id_ed25519");
     let sh = Shell::new()?;
-    cmd!(sh, "ssh-keygen -q -t ed25519 -N '' -C untrusted -f {other_key}").quiet().run()?;
+    cmd!(
+        sh,
+        "ssh-keygen -q -t ed25519 -N '' -C untrusted -f {other_key}"
+    )
+    .quiet()
+    .run()?;
     airlock::bundle::sign_bundle(&untrusted, airlock::bundle::Signer::Key(&other_key))?;
 
-    let files = [(&signed, bundle_name.as_str()), (&flipped, "flipped.airlock"), (&untrusted, "untrusted.airlock")];
-    let total: u64 = files.iter().map(|(p, _)| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0)).sum();
+    let files = [
+        (&signed, bundle_name.as_str()),
+        (&flipped, "flipped.airlock"),
+        (&untrusted, "untrusted.airlock"),
+    ];
+    let total: u64 = files
+        .iter()
+        .map(|(p, _)| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0))
+        .sum();
     let stick = work.join("usb-stick.img");
     let _ = std::fs::remove_file(&stick);
     let kib = (total + (64 << 20)) / 1024;
     let kib = kib.to_string();
-    cmd!(sh, "mkfs.vfat -F 32 -n AIRLOCKUSB -C {stick} {kib}").quiet().run().context("making the USB stick's filesystem (mkfs.vfat)")?;
+    cmd!(sh, "mkfs.vfat -F 32 -n AIRLOCKUSB -C {stick} {kib}")
+        .quiet()
+        .run()
+        .context("making the USB stick's filesystem (mkfs.vfat)")?;
     let _env = sh.push_env("MTOOLS_SKIP_CHECK", "1");
     for (path, name) in files {
         let target = format!("::/{name}");
-        cmd!(sh, "mcopy -i {stick} {path} {target}").quiet().run().context("copying a bundle onto the USB stick (mcopy)")?;
+        cmd!(sh, "mcopy -i {stick} {path} {target}")
+            .quiet()
+            .run()
+            .context("copying a bundle onto the USB stick (mcopy)")?;
     }
     let payload_bytes = std::fs::metadata(&signed)?.len() - payload_offset;
 
@@ -198,15 +233,31 @@ fn prepare(images: &Images, opts: &AcceptanceOptions) -> Result<Prepared> {
     // file of a stick's size) and `airlock flash BUNDLE DISK`.
     let update_stick = work.join("update-stick.raw");
     let _ = std::fs::remove_file(&update_stick);
-    std::fs::File::create(&update_stick)?.set_len((std::fs::metadata(&signed)?.len() + (64 << 20)).next_multiple_of(1 << 20))?;
-    let args = ["airlock".as_ref(), "flash".as_ref(), signed.as_os_str(), update_stick.as_os_str()];
-    let cli = <airlock::cli::Cli as clap::Parser>::try_parse_from(args).context("the IT guide's update stick command line")?;
+    std::fs::File::create(&update_stick)?
+        .set_len((std::fs::metadata(&signed)?.len() + (64 << 20)).next_multiple_of(1 << 20))?;
+    let args = [
+        "airlock".as_ref(),
+        "flash".as_ref(),
+        signed.as_os_str(),
+        update_stick.as_os_str(),
+    ];
+    let cli = <airlock::cli::Cli as clap::Parser>::try_parse_from(args)
+        .context("the IT guide's update stick command line")?;
     airlock::run(cli).context("airlock flash BUNDLE STICK")?;
-    Ok(Prepared { next, bundle_name, stick, update_stick, payload_bytes })
+    Ok(Prepared {
+        next,
+        bundle_name,
+        stick,
+        update_stick,
+        payload_bytes,
+    })
 }
 
 fn flip_byte(path: &Path, at: u64) -> Result<()> {
-    let mut f = std::fs::OpenOptions::new().read(true).write(true).open(path)?;
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)?;
     let mut b = [0u8; 1];
     f.seek(SeekFrom::Start(at))?;
     f.read_exact(&mut b)?;
@@ -257,11 +308,18 @@ struct Booted {
 }
 
 impl<'a> Timeline<'a> {
-    fn start(images: &'a Images, opts: &AcceptanceOptions, prepared: &Prepared, outside: &'a Outside) -> Result<Timeline<'a>> {
+    fn start(
+        images: &'a Images,
+        opts: &AcceptanceOptions,
+        prepared: &Prepared,
+        outside: &'a Outside,
+    ) -> Result<Timeline<'a>> {
         let dir = opts.work_dir.join("machines/update");
         // Flashed and provisioned like the test machine (the health gate
         // wants both guests and the host network up), same size as the image.
-        let disk = super::provision::flash_test_machine(images, opts, &dir, 0, &outside.appliance_key())?.disk;
+        let disk =
+            super::provision::flash_test_machine(images, opts, &dir, 0, &outside.appliance_key())?
+                .disk;
         let vars = dir.join("OVMF_VARS.fd");
         let _ = std::fs::remove_file(&vars);
         let machine = Machine::new(&disk, &vars)?;
@@ -322,9 +380,14 @@ impl<'a> Timeline<'a> {
     fn reboot(&mut self) -> Result<()> {
         let start = Instant::now();
         let vm = self.vm()?;
-        let _ = vm.agent()?.run(&["systemctl", "reboot"], Duration::from_secs(20));
+        let _ = vm
+            .agent()?
+            .run(&["systemctl", "reboot"], Duration::from_secs(20));
         if let Err(e) = vm.agent()?.wait_ready(BOOT_TIMEOUT) {
-            bail!("rebooting the update machine: {e}; serial console ends with:\n{}", tail(&vm.serial_log(), 30));
+            bail!(
+                "rebooting the update machine: {e}; serial console ends with:\n{}",
+                tail(&vm.serial_log(), 30)
+            );
         }
         self.booted_now(start)
     }
@@ -376,12 +439,31 @@ impl<'a> Timeline<'a> {
         let found = (|| -> Result<String> {
             let vm = self.vm()?;
             let files = sh(vm, "cat /var/lib/airlock/classified/disk/acceptance-marker /var/lib/airlock/general/disk/acceptance-marker")?;
-            ensure!(files.lines().filter(|l| *l == marker).count() == 2, "guest disk directories hold {files:?}, not the marker {marker:?}");
-            let journal = sh(vm, "journalctl -t airlock-acceptance-update -o cat --no-pager")?;
-            ensure!(journal.contains(&marker), "the first boot's journal entry is gone");
-            let boots = sh(vm, "journalctl --list-boots --no-pager | tail -n +2 | wc -l")?;
-            let disks = sh(vm, "ls /var/lib/airlock/classified/disk /var/lib/airlock/general/disk | tr '\\n' ' '")?;
-            Ok(format!("boot {boot}: markers in both guest disk directories ({}), journal of {} boots", disks.trim(), boots.trim()))
+            ensure!(
+                files.lines().filter(|l| *l == marker).count() == 2,
+                "guest disk directories hold {files:?}, not the marker {marker:?}"
+            );
+            let journal = sh(
+                vm,
+                "journalctl -t airlock-acceptance-update -o cat --no-pager",
+            )?;
+            ensure!(
+                journal.contains(&marker),
+                "the first boot's journal entry is gone"
+            );
+            let boots = sh(
+                vm,
+                "journalctl --list-boots --no-pager | tail -n +2 | wc -l",
+            )?;
+            let disks = sh(
+                vm,
+                "ls /var/lib/airlock/classified/disk /var/lib/airlock/general/disk | tr '\\n' ' '",
+            )?;
+            Ok(format!(
+                "boot {boot}: markers in both guest disk directories ({}), journal of {} boots",
+                disks.trim(),
+                boots.trim()
+            ))
         })();
         match found {
             Ok(s) => self.data.push(s),
@@ -395,12 +477,21 @@ impl<'a> Timeline<'a> {
         let boot = self.boots;
         let found = (|| -> Result<String> {
             let vm = self.vm()?;
-            sh(vm, "journalctl -b -o cat --no-pager | grep 'avc:  denied' || true")
+            sh(
+                vm,
+                "journalctl -b -o cat --no-pager | grep 'avc:  denied' || true",
+            )
         })();
         match found {
             Ok(d) if d.trim().is_empty() => self.avc.push(format!("boot {boot} ({what}): 0")),
-            Ok(d) => self.avc_problems.push(format!("boot {boot} ({what}): {} denials:\n{}", d.lines().count(), d.lines().take(10).collect::<Vec<_>>().join("\n"))),
-            Err(e) => self.avc_problems.push(format!("boot {boot} ({what}): {e:#}")),
+            Ok(d) => self.avc_problems.push(format!(
+                "boot {boot} ({what}): {} denials:\n{}",
+                d.lines().count(),
+                d.lines().take(10).collect::<Vec<_>>().join("\n")
+            )),
+            Err(e) => self
+                .avc_problems
+                .push(format!("boot {boot} ({what}): {e:#}")),
         }
     }
 
@@ -408,8 +499,14 @@ impl<'a> Timeline<'a> {
         let vm = self.vm()?;
         let os = sh(vm, "sed -n 's/^IMAGE_VERSION=//p' /etc/os-release")?;
         let cmdline = sh(vm, "cat /proc/cmdline")?;
-        let root_hash = cmdline.split_whitespace().find_map(|a| a.strip_prefix("roothash=")).context("no roothash= on the command line")?;
-        Ok(Booted { version: os.trim().trim_matches('"').to_owned(), root_hash: root_hash.to_owned() })
+        let root_hash = cmdline
+            .split_whitespace()
+            .find_map(|a| a.strip_prefix("roothash="))
+            .context("no roothash= on the command line")?;
+        Ok(Booted {
+            version: os.trim().trim_matches('"').to_owned(),
+            root_hash: root_hash.to_owned(),
+        })
     }
 
     /// The entry systemd-boot booted (`LoaderEntrySelected`), and whether
@@ -426,7 +523,10 @@ impl<'a> Timeline<'a> {
     }
 
     fn esp_listing(&mut self) -> Result<String> {
-        Ok(sh(self.vm()?, "ls -1 /efi/EFI/Linux")?.split_whitespace().collect::<Vec<_>>().join(" "))
+        Ok(sh(self.vm()?, "ls -1 /efi/EFI/Linux")?
+            .split_whitespace()
+            .collect::<Vec<_>>()
+            .join(" "))
     }
 
     /// `airlock-update ARGS` started by systemd as a unit of its own (so
@@ -438,14 +538,30 @@ impl<'a> Timeline<'a> {
         let unit = format!("airlock-update-acceptance-{}", self.runs);
         let start = Instant::now();
         let vm = self.vm()?;
-        sh(vm, &format!("systemd-run --quiet --unit={unit} --service-type=exec {AGENT} {args}"))?;
+        sh(
+            vm,
+            &format!("systemd-run --quiet --unit={unit} --service-type=exec {AGENT} {args}"),
+        )?;
         let exit = loop {
-            let show = sh(vm, &format!("systemctl show {unit} -p ActiveState -p ExecMainStatus"))?;
-            let field = |k: &str| show.lines().find_map(|l| l.strip_prefix(k)?.strip_prefix('=')).unwrap_or("").trim().to_owned();
+            let show = sh(
+                vm,
+                &format!("systemctl show {unit} -p ActiveState -p ExecMainStatus"),
+            )?;
+            let field = |k: &str| {
+                show.lines()
+                    .find_map(|l| l.strip_prefix(k)?.strip_prefix('='))
+                    .unwrap_or("")
+                    .trim()
+                    .to_owned()
+            };
             match field("ActiveState").as_str() {
                 // A unit that exited 0 is unloaded at once: inactive, status 0.
                 "inactive" => break 0,
-                "failed" => break field("ExecMainStatus").parse().with_context(|| format!("{unit}: {show}"))?,
+                "failed" => {
+                    break field("ExecMainStatus")
+                        .parse()
+                        .with_context(|| format!("{unit}: {show}"))?
+                }
                 _ if start.elapsed() > timeout => bail!("{unit} still runs after {timeout:?}"),
                 _ => std::thread::sleep(Duration::from_millis(500)),
             }
@@ -466,29 +582,53 @@ impl<'a> Timeline<'a> {
         let qmp = vm.qmp()?;
         qmp.execute(
             "blockdev-add",
-            Some(serde_json::json!({"driver": "raw", "node-name": "update-stick", "read-only": true,
-                "file": {"driver": "file", "filename": path, "read-only": true}})),
+            Some(
+                serde_json::json!({"driver": "raw", "node-name": "update-stick", "read-only": true,
+                "file": {"driver": "file", "filename": path, "read-only": true}}),
+            ),
         )?;
         qmp.execute("device_add", Some(serde_json::json!({"driver": "usb-storage", "id": "update-stick", "bus": "usb.0", "drive": "update-stick", "removable": true})))?;
         loop {
             let (unit, log, state) = match stick_unit(vm)? {
                 Some(unit) => {
-                    let log = sh(vm, &format!("journalctl --sync; journalctl -b -u {unit} -o cat --no-pager"))?;
-                    let state = sh(vm, &format!("systemctl show -P ActiveState {unit}"))?.trim().to_owned();
+                    let log = sh(
+                        vm,
+                        &format!("journalctl --sync; journalctl -b -u {unit} -o cat --no-pager"),
+                    )?;
+                    let state = sh(vm, &format!("systemctl show -P ActiveState {unit}"))?
+                        .trim()
+                        .to_owned();
                     (unit, log, state)
                 }
                 None => ("(no USB disk yet)".to_owned(), String::new(), String::new()),
             };
             // Ended: a oneshot that succeeded goes inactive, one that did not, failed.
-            let ended = log.contains("reboot pending") || log.contains("airlock-update: refused") || log.contains("airlock-update: error");
+            let ended = log.contains("reboot pending")
+                || log.contains("airlock-update: refused")
+                || log.contains("airlock-update: error");
             if ended && state != "activating" {
                 let seconds = start.elapsed().as_secs_f64();
-                ensure!(log.contains("reboot pending") && state != "failed", "the stick's apply did not succeed ({unit} {state}):\n{log}");
+                ensure!(
+                    log.contains("reboot pending") && state != "failed",
+                    "the stick's apply did not succeed ({unit} {state}):\n{log}"
+                );
                 let domain = logged_domain(vm, &unit);
-                return Ok((format!("{} (udev started {unit}, in {domain})\n{log}", log.lines().find(|l| l.contains("update stick with")).unwrap_or("").trim()), seconds));
+                return Ok((
+                    format!(
+                        "{} (udev started {unit}, in {domain})\n{log}",
+                        log.lines()
+                            .find(|l| l.contains("update stick with"))
+                            .unwrap_or("")
+                            .trim()
+                    ),
+                    seconds,
+                ));
             }
             if start.elapsed() > APPLY_TIMEOUT {
-                bail!("no end of the stick's apply {:?} after the plug ({unit} {state}):\n{log}", APPLY_TIMEOUT);
+                bail!(
+                    "no end of the stick's apply {:?} after the plug ({unit} {state}):\n{log}",
+                    APPLY_TIMEOUT
+                );
             }
             std::thread::sleep(Duration::from_secs(2));
         }
@@ -496,7 +636,12 @@ impl<'a> Timeline<'a> {
 
     /// The first MiB of slot B's root partition, as it is on the disk file.
     fn slot_b_head(&self) -> Result<Vec<u8>> {
-        let p = self.base.partitions.iter().find(|p| p.number == 4).context("the report has no partition 4 (slot B)")?;
+        let p = self
+            .base
+            .partitions
+            .iter()
+            .find(|p| p.number == 4)
+            .context("the report has no partition 4 (slot B)")?;
         let mut f = std::fs::File::open(self.machine.disk())?;
         f.seek(SeekFrom::Start(p.offset))?;
         let mut buf = vec![0u8; 1 << 20];
@@ -507,7 +652,12 @@ impl<'a> Timeline<'a> {
     /// 1 MiB from the middle of slot B's root area as far as `root_bytes`
     /// (the next image's root filesystem) reaches.
     fn slot_b_root_middle(&self, root_bytes: u64) -> Result<Vec<u8>> {
-        let p = self.base.partitions.iter().find(|p| p.number == 4).context("the report has no partition 4 (slot B)")?;
+        let p = self
+            .base
+            .partitions
+            .iter()
+            .find(|p| p.number == 4)
+            .context("the report has no partition 4 (slot B)")?;
         let mut f = std::fs::File::open(self.machine.disk())?;
         f.seek(SeekFrom::Start(p.offset + ((root_bytes / 2) & !0xfffff)))?;
         let mut buf = vec![0u8; 1 << 20];
@@ -520,13 +670,30 @@ impl<'a> Timeline<'a> {
     /// reach the disk (the guest's page cache holds writes a while; at most
     /// 120 s after the write began). The cut must come before the new
     /// entry is on the ESP. Returns what happened, for the test's detail.
-    fn cut_during_apply(&mut self, unit: &str, bundle: &str, what: &str, landed: &dyn Fn(&Self) -> Result<bool>) -> Result<String> {
-        let new_version_entry = bundle.rsplit('/').next().unwrap_or(bundle).trim_end_matches(".airlock").to_owned();
+    fn cut_during_apply(
+        &mut self,
+        unit: &str,
+        bundle: &str,
+        what: &str,
+        landed: &dyn Fn(&Self) -> Result<bool>,
+    ) -> Result<String> {
+        let new_version_entry = bundle
+            .rsplit('/')
+            .next()
+            .unwrap_or(bundle)
+            .trim_end_matches(".airlock")
+            .to_owned();
         let vm = self.vm()?;
-        sh(vm, &format!("systemd-run --quiet --collect --unit={unit} {AGENT} apply --file {bundle}"))?;
+        sh(
+            vm,
+            &format!("systemd-run --quiet --collect --unit={unit} {AGENT} apply --file {bundle}"),
+        )?;
         let start = Instant::now();
         loop {
-            ensure!(start.elapsed() < APPLY_TIMEOUT, "the apply never started writing slot B");
+            ensure!(
+                start.elapsed() < APPLY_TIMEOUT,
+                "the apply never started writing slot B"
+            );
             let log = sh(vm, &format!("journalctl -u {unit} -o cat --no-pager"))?;
             if log.contains("installed") || log.contains("error") || log.contains("refused") {
                 bail!("the apply ended before the power cut:\n{log}");
@@ -551,7 +718,10 @@ impl<'a> Timeline<'a> {
         self.power_cut()?;
         ensure!(reached, "the write never reached the disk at that point within 120 s; QEMU killed at {cut_at:.1}s");
         let esp = esp_from_host(self.machine.disk(), self.base)?;
-        ensure!(!esp.contains(&new_version_entry), "the new entry is already on the ESP: the cut came after the slot write ({esp})");
+        ensure!(
+            !esp.contains(&new_version_entry),
+            "the new entry is already on the ESP: the cut came after the slot write ({esp})"
+        );
         let gpt = slot_b_labels(self.machine.disk())?;
         Ok(format!("apply started by systemd in {label}; slot B write began {writing_after:.1}s after the start; QEMU killed at {cut_at:.1}s, {what}; on disk then: slot B labels {gpt}, ESP {esp}"))
     }
@@ -562,8 +732,16 @@ impl<'a> Timeline<'a> {
         let disk = self.machine.disk();
         let mut f = std::fs::File::open(disk)?;
         let len = f.metadata()?.len();
-        let b: Vec<_> = self.base.partitions.iter().filter(|p| p.number == 4 || p.number == 5).collect();
-        ensure!(b.len() == 2, "the report has no partitions 4 and 5 (slot B)");
+        let b: Vec<_> = self
+            .base
+            .partitions
+            .iter()
+            .filter(|p| p.number == 4 || p.number == 5)
+            .collect();
+        ensure!(
+            b.len() == 2,
+            "the report has no partitions 4 and 5 (slot B)"
+        );
         let mut ranges = vec![(0, 1 << 20), (len - 33 * 512, 33 * 512)];
         ranges.extend(b.iter().map(|p| (p.offset, p.size)));
         let mut h = std::collections::hash_map::DefaultHasher::new();
@@ -589,7 +767,9 @@ impl<'a> Timeline<'a> {
         let mut verification = None;
 
         // Boot 1, slot A: the refusals.
-        let before = self.slot_b_digest().and_then(|d| Ok((d, self.esp_listing()?)));
+        let before = self
+            .slot_b_digest()
+            .and_then(|d| Ok((d, self.esp_listing()?)));
         for (test, file, code, words) in [
             (TESTS[0], "flipped.airlock", 19, "is corrupted: sha256"),
             (TESTS[1], "untrusted.airlock", 16, "by a trusted key"),
@@ -614,7 +794,14 @@ impl<'a> Timeline<'a> {
         let refused_page = match &before {
             Ok(_) => {
                 let image = format!("image:       {} {} |", self.base.name, self.base.version);
-                self.info_page("info-refused", &[&image, "host name:   airlock-test-pc", "last update: refused (apply)"])
+                self.info_page(
+                    "info-refused",
+                    &[
+                        &image,
+                        "host name:   airlock-test-pc",
+                        "last update: refused (apply)",
+                    ],
+                )
             }
             Err(e) => Err(anyhow::anyhow!("{e:#}")),
         };
@@ -624,7 +811,9 @@ impl<'a> Timeline<'a> {
         let cut = (|| -> Result<String> {
             let clean = self.slot_b_head()?;
             let what = "once slot B's first MiB had reached the disk";
-            self.cut_during_apply("airlock-update-cut", &bundle, what, &|t: &Self| Ok(t.slot_b_head()? != clean))
+            self.cut_during_apply("airlock-update-cut", &bundle, what, &|t: &Self| {
+                Ok(t.slot_b_head()? != clean)
+            })
         })();
         // Boot 2: still slot A.
         let boot2 = match &cut {
@@ -635,9 +824,19 @@ impl<'a> Timeline<'a> {
             boot2.as_ref().map_err(|e| anyhow::anyhow!("{e:#}"))?;
             let cut_detail = cut.as_ref().map_err(|e| anyhow::anyhow!("{e:#}"))?;
             let b = self.booted()?;
-            ensure!(b.root_hash == a_hash && b.version == self.base.version, "booted {} (root hash {}) instead of slot A's {}", b.version, &b.root_hash[..16], self.base.version);
+            ensure!(
+                b.root_hash == a_hash && b.version == self.base.version,
+                "booted {} (root hash {}) instead of slot A's {}",
+                b.version,
+                &b.root_hash[..16],
+                self.base.version
+            );
             let esp = self.esp_listing()?;
-            Ok(format!("{cut_detail}; next boot: {} from slot A (root hash {}), ESP: {esp}", b.version, &b.root_hash[..16]))
+            Ok(format!(
+                "{cut_detail}; next boot: {} from slot A (root hash {}), ESP: {esp}",
+                b.version,
+                &b.root_hash[..16]
+            ))
         });
 
         // Boot 2: a second cut, half-way through the root partition (still
@@ -646,7 +845,9 @@ impl<'a> Timeline<'a> {
             Ok(()) => (|| -> Result<String> {
                 let middle = self.slot_b_root_middle(p.next.root_fs_bytes)?;
                 let what = "once the middle of slot B's root had reached the disk";
-                self.cut_during_apply("airlock-update-cut2", &bundle, what, &|t: &Self| Ok(t.slot_b_root_middle(p.next.root_fs_bytes)? != middle))
+                self.cut_during_apply("airlock-update-cut2", &bundle, what, &|t: &Self| {
+                    Ok(t.slot_b_root_middle(p.next.root_fs_bytes)? != middle)
+                })
             })(),
             Err(e) => Err(anyhow::anyhow!("no boot after the first cut: {e:#}")),
         };
@@ -659,9 +860,19 @@ impl<'a> Timeline<'a> {
             boot3.as_ref().map_err(|e| anyhow::anyhow!("{e:#}"))?;
             let cut_detail = cut2.as_ref().map_err(|e| anyhow::anyhow!("{e:#}"))?;
             let b = self.booted()?;
-            ensure!(b.root_hash == a_hash && b.version == self.base.version, "booted {} (root hash {}) instead of slot A's {}", b.version, &b.root_hash[..16], self.base.version);
+            ensure!(
+                b.root_hash == a_hash && b.version == self.base.version,
+                "booted {} (root hash {}) instead of slot A's {}",
+                b.version,
+                &b.root_hash[..16],
+                self.base.version
+            );
             let esp = self.esp_listing()?;
-            Ok(format!("{cut_detail}; next boot: {} from slot A (root hash {}), ESP: {esp}", b.version, &b.root_hash[..16]))
+            Ok(format!(
+                "{cut_detail}; next boot: {} from slot A (root hash {}), ESP: {esp}",
+                b.version,
+                &b.root_hash[..16]
+            ))
         });
 
         // Boot 3: apply again, one try, with the unhealthy marker set.
@@ -768,11 +979,20 @@ impl<'a> Timeline<'a> {
         });
 
         suite.test(TESTS[9], || {
-            let refused = refused_page.as_ref().map_err(|e| anyhow::anyhow!("after the refusals: {e:#}"))?;
+            let refused = refused_page
+                .as_ref()
+                .map_err(|e| anyhow::anyhow!("after the refusals: {e:#}"))?;
             let image = format!("image:       {} {new_version} |", p.next.name);
             let healthy = format!("  {} {new_version} passed the health gate", p.next.name);
-            let blessed = self.info_page("info-blessed", &[&image, "last update: healthy (health)", &healthy]).context("after the blessed update")?;
-            Ok(format!("after the refusals: {refused}\nafter the update: {blessed}"))
+            let blessed = self
+                .info_page(
+                    "info-blessed",
+                    &[&image, "last update: healthy (health)", &healthy],
+                )
+                .context("after the blessed update")?;
+            Ok(format!(
+                "after the refusals: {refused}\nafter the update: {blessed}"
+            ))
         });
 
         let (data, data_problems) = (self.data.join("\n"), self.data_problems.join("\n"));
@@ -786,8 +1006,16 @@ impl<'a> Timeline<'a> {
             ensure!(avc_problems.is_empty(), "{avc_problems}");
             Ok(format!("denials per boot: {avc}"))
         });
-        let boots: Vec<String> = self.boot_seconds.iter().map(|s| format!("{s:.0}")).collect();
-        println!("acceptance: update machine: {} boots, seconds to the agent: {}", self.boots, boots.join(", "));
+        let boots: Vec<String> = self
+            .boot_seconds
+            .iter()
+            .map(|s| format!("{s:.0}"))
+            .collect();
+        println!(
+            "acceptance: update machine: {} boots, seconds to the agent: {}",
+            self.boots,
+            boots.join(", ")
+        );
     }
 
     /// IT's info page: Ctrl+Scroll Lock opens it, the kiosk logs what it
@@ -809,18 +1037,30 @@ impl<'a> Timeline<'a> {
                 if matching.len() > seen {
                     return Ok(matching[matching.len() - 1].to_owned());
                 }
-                ensure!(start.elapsed() < deadline, "the kiosk logged no new {word:?} line in {deadline:?}; its lines:\n{lines}");
+                ensure!(
+                    start.elapsed() < deadline,
+                    "the kiosk logged no new {word:?} line in {deadline:?}; its lines:\n{lines}"
+                );
                 std::thread::sleep(Duration::from_secs(1));
             }
         };
-        let count = |t: &mut Self, word: &str| -> Result<usize> { Ok(sh(t.vm()?, LOGGED)?.lines().filter(|l| l.contains(word)).count()) };
+        let count = |t: &mut Self, word: &str| -> Result<usize> {
+            Ok(sh(t.vm()?, LOGGED)?
+                .lines()
+                .filter(|l| l.contains(word))
+                .count())
+        };
         // The amber share of the guest area, polled until `done` says so.
         let screen = |t: &mut Self, done: &dyn Fn(f64) -> bool| -> Result<f64> {
             let start = Instant::now();
             loop {
                 t.vm()?.qmp()?.screendump(&shot)?;
                 let image = crate::screen::load_image(&shot)?;
-                let share = kiosk::colour_share(&image, kiosk::guest_area(image.width, image.height), kiosk::MESSAGE_RGB);
+                let share = kiosk::colour_share(
+                    &image,
+                    kiosk::guest_area(image.width, image.height),
+                    kiosk::MESSAGE_RGB,
+                );
                 if done(share) {
                     kiosk::write_png(&image, &png)?;
                     return Ok(share);
@@ -831,7 +1071,10 @@ impl<'a> Timeline<'a> {
         };
 
         let (opened, closed) = (count(self, "info page:")?, count(self, "info page closed")?);
-        self.vm()?.qmp()?.send_key(&["ctrl", "scroll_lock"]).context("pressing Ctrl+Scroll Lock")?;
+        self.vm()?
+            .qmp()?
+            .send_key(&["ctrl", "scroll_lock"])
+            .context("pressing Ctrl+Scroll Lock")?;
         let page = wait_logged(self, opened, "info page:")?;
         for e in expected {
             ensure!(page.contains(e), "the info page does not say {e:?}: {page}");
@@ -839,10 +1082,16 @@ impl<'a> Timeline<'a> {
         let shown = screen(self, &|share| share >= kiosk::MESSAGE_SHARE)?;
         let shown_png = self.screens.join(format!("{name}-open.png"));
         std::fs::rename(&png, &shown_png)?;
-        self.vm()?.qmp()?.send_key(&["scroll_lock"]).context("pressing Scroll Lock")?;
+        self.vm()?
+            .qmp()?
+            .send_key(&["scroll_lock"])
+            .context("pressing Scroll Lock")?;
         wait_logged(self, closed, "info page closed")?;
         let after = screen(self, &|share| share < 0.05)?;
-        let text = page.split_once("info page: ").map_or(page.as_str(), |(_, t)| t).to_owned();
+        let text = page
+            .split_once("info page: ")
+            .map_or(page.as_str(), |(_, t)| t)
+            .to_owned();
         Ok(format!(
             "{text}; amber box {:.0}% of the guest area (screenshot {}), after Scroll Lock {:.0}%",
             shown * 100.0,
@@ -855,7 +1104,9 @@ impl<'a> Timeline<'a> {
     fn wait_unit_settled(&mut self, unit: &str) -> Result<String> {
         let start = Instant::now();
         loop {
-            let state = sh(self.vm()?, &format!("systemctl is-active {unit} || true"))?.trim().to_owned();
+            let state = sh(self.vm()?, &format!("systemctl is-active {unit} || true"))?
+                .trim()
+                .to_owned();
             if state != "activating" && state != "inactive" {
                 return Ok(state);
             }
@@ -874,7 +1125,10 @@ impl<'a> Timeline<'a> {
 /// to add filter for units: No data available") while the unit's lines
 /// were there.
 fn stick_unit(vm: &mut Vm) -> Result<Option<String>> {
-    let name = sh(vm, "lsblk -dn -o NAME,TRAN | awk '$2 == \"usb\" {print $1; exit}'")?;
+    let name = sh(
+        vm,
+        "lsblk -dn -o NAME,TRAN | awk '$2 == \"usb\" {print $1; exit}'",
+    )?;
     let name = name.trim();
     Ok((!name.is_empty()).then(|| format!("airlock-update-stick@{name}.service")))
 }
@@ -884,7 +1138,11 @@ fn stick_unit(vm: &mut Vm) -> Result<Option<String>> {
 fn logged_domain(vm: &mut Vm, unit: &str) -> String {
     // `_SYSTEMD_UNIT=`: lines of the unit's own processes, not systemd's
     // "Starting …" (which would name init_t).
-    let unit = if unit.ends_with(".service") { unit.to_owned() } else { format!("{unit}.service") };
+    let unit = if unit.ends_with(".service") {
+        unit.to_owned()
+    } else {
+        format!("{unit}.service")
+    };
     let context = sh(vm, &format!("journalctl -b _SYSTEMD_UNIT={unit} -o verbose --no-pager | awk -F= '/_SELINUX_CONTEXT=/ {{print $2; exit}}'")).unwrap_or_default();
     match context.trim() {
         "" => "an unknown domain (no _SELINUX_CONTEXT in its journal)".into(),
@@ -894,12 +1152,20 @@ fn logged_domain(vm: &mut Vm, unit: &str) -> String {
 
 /// The ESP's `EFI/Linux` as it is on the disk file (mtools, no mount).
 fn esp_from_host(disk: &Path, report: &Report) -> Result<String> {
-    let esp = report.partitions.iter().find(|p| p.label == "esp").context("no ESP in the report")?;
+    let esp = report
+        .partitions
+        .iter()
+        .find(|p| p.label == "esp")
+        .context("no ESP in the report")?;
     let sh = Shell::new()?;
     let _env = sh.push_env("MTOOLS_SKIP_CHECK", "1");
     let image = format!("{}@@{}", disk.display(), esp.offset);
     let out = cmd!(sh, "mdir -b -i {image} ::/EFI/Linux").quiet().read()?;
-    Ok(out.lines().map(|l| l.trim_start_matches("::/EFI/Linux/")).collect::<Vec<_>>().join(" "))
+    Ok(out
+        .lines()
+        .map(|l| l.trim_start_matches("::/EFI/Linux/"))
+        .collect::<Vec<_>>()
+        .join(" "))
 }
 
 /// The GPT names of partitions 4 and 5 (slot B) on the disk file.
@@ -907,7 +1173,14 @@ fn slot_b_labels(disk: &Path) -> Result<String> {
     let sh = Shell::new()?;
     let json = cmd!(sh, "sfdisk --json {disk}").quiet().read()?;
     let v: serde_json::Value = serde_json::from_str(&json).context("sfdisk --json")?;
-    let parts = v["partitiontable"]["partitions"].as_array().context("no partitions in sfdisk --json")?;
-    let names: Vec<String> = parts.iter().skip(3).take(2).map(|p| p["name"].as_str().unwrap_or("").to_owned()).collect();
+    let parts = v["partitiontable"]["partitions"]
+        .as_array()
+        .context("no partitions in sfdisk --json")?;
+    let names: Vec<String> = parts
+        .iter()
+        .skip(3)
+        .take(2)
+        .map(|p| p["name"].as_str().unwrap_or("").to_owned())
+        .collect();
     Ok(names.join("/"))
 }
