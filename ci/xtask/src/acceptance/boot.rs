@@ -176,9 +176,9 @@ pub fn test_image_boots(suite: &mut Suite, images: &Images, opts: &AcceptanceOpt
 /// record when the last group ended. An emulator fault since then (see
 /// [`super::emulator`]) is recovered from before the group starts. If a test
 /// of the group fails while the emulator faults, the group's results are set
-/// aside and it runs once more on a fresh boot; the summary says so. A
-/// failure without that evidence stands, and so does any failure of the
-/// second run.
+/// aside and it runs again on a fresh boot (at most `emulator::MAX_RUNS`
+/// runs); the summary says so. A failure without that evidence stands, and
+/// so does any failure of the last run.
 fn run_group(
     suite: &mut Suite,
     vm: &mut Vm,
@@ -195,36 +195,38 @@ fn run_group(
         }
         *faults = Faults::read(vm);
     }
-    let mark = suite.mark();
-    checks(suite, vm);
-    let now = Faults::read(vm);
-    let fault = now.since(faults);
-    *faults = now;
-    let Some(fault) = fault.filter(|_| suite.failed_since(mark) > 0) else {
-        return;
-    };
-    println!(
-        "acceptance: `{group}` tests failed while {fault}; running them again on a fresh boot"
-    );
-    if let Err(e) = emulator::recover(vm, fault, true) {
-        // A second emulator fault while recovering (seen in a CI rehearsal:
-        // the appliance triple-faulted while the suite waited for the
-        // guests after the reboot) gets one more recovery; anything else
-        // ends it.
-        let Some(second) = Faults::read(vm).since(faults) else {
-            println!("acceptance: {e:#}; the failures stand");
+    for run in 1..=emulator::MAX_RUNS {
+        let mark = suite.mark();
+        checks(suite, vm);
+        let now = Faults::read(vm);
+        let fault = now.since(faults);
+        *faults = now;
+        let Some(fault) = fault.filter(|_| suite.failed_since(mark) > 0) else {
             return;
         };
-        println!("acceptance: while recovering: {second}; recovering once more");
-        if let Err(e) = emulator::recover(vm, second, true) {
-            println!("acceptance: {e:#}; the failures stand");
+        if run == emulator::MAX_RUNS {
+            println!("acceptance: `{group}` tests failed while {fault}, in each of {run} runs; the failures stand");
             return;
         }
+        println!("acceptance: `{group}` tests failed while {fault}; running them again on a fresh boot (run {} of at most {})", run + 1, emulator::MAX_RUNS);
+        if let Err(e) = emulator::recover(vm, fault, true) {
+            // A second emulator fault while recovering (seen in a CI rehearsal:
+            // the appliance triple-faulted while the suite waited for the
+            // guests after the reboot) gets one more recovery; anything else
+            // ends it.
+            let Some(second) = Faults::read(vm).since(faults) else {
+                println!("acceptance: {e:#}; the failures stand");
+                return;
+            };
+            println!("acceptance: while recovering: {second}; recovering once more");
+            if let Err(e) = emulator::recover(vm, second, true) {
+                println!("acceptance: {e:#}; the failures stand");
+                return;
+            }
+        }
+        *faults = Faults::read(vm);
+        suite.set_aside(mark, group, &fault.to_string());
     }
-    *faults = Faults::read(vm);
-    suite.set_aside(mark, group, &fault.to_string());
-    checks(suite, vm);
-    *faults = Faults::read(vm);
 }
 
 /// The checks of the booted system itself (after the guests' groups, so

@@ -64,8 +64,8 @@ pub struct TestResult {
 pub struct Suite {
     filter: Option<String>,
     results: Vec<TestResult>,
-    /// Groups that ran twice because the emulator faulted during the first
-    /// run: the group, the fault, and the first run's failed tests.
+    /// Runs set aside because the emulator faulted during them: the group,
+    /// the fault, and that run's failed tests.
     reruns: Vec<(String, String, Vec<String>)>,
 }
 
@@ -173,7 +173,7 @@ impl Suite {
         println!("\n{passed} passed, {} failed", self.failed());
         for (group, why, failed) in &self.reruns {
             println!(
-                "ran twice: `{group}` tests, because {why}; failed the first time: {}",
+                "ran again: `{group}` tests, because {why}; failed in the run set aside: {}",
                 failed.join("; ")
             );
         }
