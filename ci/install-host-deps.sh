@@ -39,13 +39,18 @@ packages=(
   openssh-client
   # airlock flash: grows the data filesystem (e2fsck, resize2fs)
   e2fsprogs
+  # airlock genkeys --secure-boot and signed builds
+  openssl
 )
 echo "install-host-deps: apt-get update"
 apt-get update -qq
 echo "install-host-deps: installing ${packages[*]}"
 apt-get install -y -qq --no-install-recommends "${packages[@]}" >/dev/null
 # qemu-utils: qemu-img, which `airlock flash` uses to read guest images.
-echo "install-host-deps: installing qemu-system-x86 and qemu-utils from bookworm-backports"
-apt-get install -y -qq --no-install-recommends -t bookworm-backports qemu-system-x86 qemu-utils >/dev/null
+# python3-virt-firmware: virt-fw-vars enrols the Secure Boot keys into an
+# OVMF variable store (`airlock qemu --secure-boot-keys`, the acceptance
+# suite's production machine); bookworm has it in backports only.
+echo "install-host-deps: installing qemu-system-x86, qemu-utils and python3-virt-firmware from bookworm-backports"
+apt-get install -y -qq --no-install-recommends -t bookworm-backports qemu-system-x86 qemu-utils python3-virt-firmware >/dev/null
 
 echo "install-host-deps: done"

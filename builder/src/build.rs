@@ -182,7 +182,20 @@ pub struct BuildOptions {
     pub extra_overlays: Vec<PathBuf>,
     /// Further SELinux module directories, installed after the profile's.
     pub extra_policy_dirs: Vec<PathBuf>,
+    /// Sign systemd-boot and the UKI for Secure Boot: (db key, db certificate).
+    pub secure_boot: Option<(PathBuf, PathBuf)>,
     pub verbose: bool,
+}
+
+/// How the boot files were signed (`Report::secure_boot`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SecureBootSigning {
+    /// Subject of the db certificate that signed them.
+    pub certificate_subject: String,
+    /// sha256 of that certificate's DER bytes.
+    pub certificate_sha256: String,
+    /// The files on the ESP that carry the signature.
+    pub signed: Vec<String>,
 }
 
 /// The build report, `<name>_<version>.report.json`.
@@ -217,6 +230,9 @@ pub struct Report {
     pub packages: BTreeMap<String, String>,
     pub labels: BTreeMap<String, usize>,
     pub trees_reused: bool,
+    /// `None`: the boot files are unsigned (Secure Boot refuses them).
+    #[serde(default)]
+    pub secure_boot: Option<SecureBootSigning>,
     pub stages: Vec<StageTiming>,
     pub total_seconds: f64,
 }
@@ -365,6 +381,21 @@ pub fn build(opts: &BuildOptions) -> Result<Report> {
         // The keys are an input too (the manifest only names their file).
         digest_text.push_str(&keys.text);
     }
+    let signing_key = match &opts.secure_boot {
+        Some((key, cert)) => {
+            doctor::require(&[Need::SecureBoot])?;
+            Some(crate::secureboot::load_signing_key(key, cert)?)
+        }
+        None => None,
+    };
+    if let Some(key) = &signing_key {
+        // Which key signs is an input (the same image signed by another key
+        // is another image); the key itself is not written anywhere.
+        digest_text.push_str(&format!(
+            "\nsecure-boot-certificate-sha256={}\n",
+            key.cert_sha256
+        ));
+    }
     let digest = input_digest(opts, &digest_text, &inputs)?;
 
     if opts.reuse_output {
@@ -416,6 +447,7 @@ pub fn build(opts: &BuildOptions) -> Result<Report> {
         opts,
         &manifest,
         trusted_keys.as_ref(),
+        signing_key.as_ref(),
         &inputs,
         &names,
         &digest,
@@ -438,6 +470,7 @@ fn run_stages(
     opts: &BuildOptions,
     manifest: &Manifest,
     trusted_keys: Option<&crate::manifest::TrustedKeys>,
+    signing_key: Option<&crate::secureboot::SigningKey>,
     inputs: &ProfileInputs,
     names: &Outputs,
     digest: &str,
@@ -577,6 +610,35 @@ fn run_stages(
             &os_release,
         )
     })?;
+    let unsigned_boot_efi = trees
+        .tools
+        .join("usr/lib/systemd/boot/efi/systemd-bootx64.efi");
+    let (boot_efi, uki) = match signing_key {
+        Some(key) => stages.run(
+            "sign",
+            &format!(
+                "Secure Boot: systemd-boot and the UKI, signed by {}",
+                key.subject
+            ),
+            || {
+                let signed = crate::secureboot::sign_efi_binaries(
+                    runner,
+                    &trees.tools,
+                    scratch,
+                    key,
+                    &[
+                        (&unsigned_boot_efi, "BOOTX64.signed.efi"),
+                        (&uki, "uki.signed.efi"),
+                    ],
+                )?;
+                Ok((signed[0].clone(), signed[1].clone()))
+            },
+        )?,
+        None => {
+            println!("airlock: not signed for Secure Boot (no --secure-boot-key): a PC with Secure Boot on will refuse this image");
+            (unsigned_boot_efi, uki)
+        }
+    };
 
     // disk
     let layout = disk::plan_layout(&manifest, &root_hash)?;
@@ -623,9 +685,6 @@ fn run_stages(
         },
     ];
     stages.run("disk", "ESP, data filesystem, GPT", || {
-        let boot_efi = trees
-            .tools
-            .join("usr/lib/systemd/boot/efi/systemd-bootx64.efi");
         let build_info = serde_json::to_string_pretty(&info)?;
         let esp = seal::EspContents {
             boot_efi: &boot_efi,
@@ -710,6 +769,14 @@ fn run_stages(
             packages: packages.iter().cloned().collect(),
             labels: labels.clone(),
             trees_reused: trees.reused,
+            secure_boot: signing_key.map(|key| SecureBootSigning {
+                certificate_subject: key.subject.clone(),
+                certificate_sha256: key.cert_sha256.clone(),
+                signed: vec![
+                    "/EFI/BOOT/BOOTX64.EFI".into(),
+                    format!("/EFI/Linux/{}", seal::uki_name(&manifest)),
+                ],
+            }),
             stages: Vec::new(),
             total_seconds: 0.0,
         })
@@ -801,6 +868,15 @@ fn print_summary(report: &Report, output: &Path) {
         "airlock:   update bundle {} (unsigned: airlock sign --key KEY …)",
         output.join(&report.bundle).display()
     );
+    match &report.secure_boot {
+        Some(sb) => println!(
+            "airlock:   Secure Boot: {} signed by {} (certificate sha256 {})",
+            sb.signed.join(" and "),
+            sb.certificate_subject,
+            sb.certificate_sha256
+        ),
+        None => println!("airlock:   Secure Boot: NOT signed (a PC with Secure Boot on refuses this image; --secure-boot-key)"),
+    }
     println!(
         "airlock:   {} packages, kernel {}, SELinux policy {} (enforcing)",
         report.packages.len(),

@@ -24,6 +24,7 @@ pub enum Command {
     Qemu(QemuArgs),
     Flash(FlashArgs),
     Doctor,
+    Genkeys(GenkeysArgs),
     Sign(SignArgs),
     Verify(VerifyArgs),
     #[command(subcommand)]
@@ -110,9 +111,40 @@ pub struct BuildArgs {
     /// the neverallow rules of `policy/`, or the build fails.
     #[arg(long = "extra-policy")]
     pub extra_policy_dirs: Vec<PathBuf>,
+    /// Sign systemd-boot and the UKI for Secure Boot with this db private
+    /// key (PEM, unencrypted; `airlock genkeys --secure-boot` makes one).
+    /// Without it the boot files are unsigned and a PC with Secure Boot on
+    /// refuses them.
+    #[arg(long, requires = "secure_boot_cert", value_name = "DB_KEY")]
+    pub secure_boot_key: Option<PathBuf>,
+    /// The db certificate (PEM) of --secure-boot-key.
+    #[arg(long, requires = "secure_boot_key", value_name = "DB_CERT")]
+    pub secure_boot_cert: Option<PathBuf>,
     /// Print every command and its output.
     #[arg(long, short)]
     pub verbose: bool,
+}
+
+/// Make signing keys IT keeps. With --secure-boot: the UEFI Secure Boot
+/// key pairs PK, KEK and db (`.key` private, `.crt` PEM and `.cer` DER
+/// certificates) and an owner GUID. Refuses to overwrite any key.
+///
+/// Enrol db.cer, KEK.cer and PK.cer in each PC's firmware setup (PK last);
+/// sign builds with `airlock build --secure-boot-key DIR/db.key
+/// --secure-boot-cert DIR/db.crt`. Keep PK.key and KEK.key offline.
+#[derive(Debug, clap::Args)]
+#[command(verbatim_doc_comment)]
+pub struct GenkeysArgs {
+    /// Make the Secure Boot keys (the only kind so far: update-signing keys
+    /// are OpenSSH keys, `ssh-keygen -t ed25519`).
+    #[arg(long, required = true)]
+    pub secure_boot: bool,
+    /// Directory for the keys (made 0700; must not hold keys already).
+    #[arg(long)]
+    pub output: PathBuf,
+    /// Name in the certificates' subjects (`CN=<name> Secure Boot db`).
+    #[arg(long, default_value = "airlock")]
+    pub name: String,
 }
 
 /// Write an image onto a disk or an image file, and provision the machine.
@@ -184,6 +216,10 @@ pub struct QemuArgs {
     /// Guest memory in MiB.
     #[arg(long, default_value_t = 2048)]
     pub memory: u32,
+    /// Boot with Secure Boot on and the keys of this directory (`airlock
+    /// genkeys --secure-boot`) enrolled, as on a PC set up by IT.
+    #[arg(long, value_name = "DIR")]
+    pub secure_boot_keys: Option<PathBuf>,
 }
 
 #[cfg(test)]

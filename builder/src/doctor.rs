@@ -21,6 +21,11 @@ pub enum Need {
     Boot,
     /// `airlock flash` (with `sfdisk`, listed for builds).
     Flash,
+    /// `airlock genkeys --secure-boot` and signed builds.
+    SecureBoot,
+    /// `airlock qemu --secure-boot-keys` and the acceptance suite: an OVMF
+    /// variable store with the keys enrolled.
+    SecureBootVm,
 }
 
 /// A host tool and the packages that provide it.
@@ -67,6 +72,13 @@ pub const TOOLS: &[Tool] = &[
     tool("e2fsck", "e2fsprogs", "e2fsprogs", Need::Flash),
     tool("resize2fs", "e2fsprogs", "e2fsprogs", Need::Flash),
     tool("qemu-img", "qemu-utils", "qemu-img", Need::Flash),
+    tool("openssl", "openssl", "openssl", Need::SecureBoot),
+    tool(
+        "virt-fw-vars",
+        "python3-virt-firmware (from bookworm-backports on Debian 12)",
+        "python3-virt-firmware",
+        Need::SecureBootVm,
+    ),
     tool(
         "qemu-system-x86_64",
         "qemu-system-x86 (from bookworm-backports on Debian 12)",
@@ -137,6 +149,8 @@ pub fn report() -> bool {
             Need::Fedora => "fedora",
             Need::Boot => "boot",
             Need::Flash => "flash",
+            Need::SecureBoot => "sboot",
+            Need::SecureBootVm => "sb-vm",
         };
         match found {
             Some(path) => println!("ok       {:<20} {:<7} {}", t.program, scope, path.display()),

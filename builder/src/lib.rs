@@ -1,7 +1,8 @@
 //! airlock: builds immutable two-domain appliance images.
 //!
 //! The pipeline (`build::build`) is a flat list of stages: rootfs →
-//! overlay → policy → label → seal → uki → disk → bundle → report.
+//! overlay → policy → label → seal → uki → sign (with a Secure Boot key) →
+//! disk → bundle → report.
 pub mod build;
 pub mod bundle;
 pub mod cli;
@@ -16,6 +17,7 @@ pub mod progress;
 pub mod qemu;
 pub mod rootfs;
 pub mod seal;
+pub mod secureboot;
 pub mod tree;
 
 use anyhow::{bail, Context, Result};
@@ -34,6 +36,7 @@ pub fn run(cli: cli::Cli) -> Result<()> {
                 reuse_output: a.reuse,
                 extra_overlays: a.extra_overlays,
                 extra_policy_dirs: a.extra_policy_dirs,
+                secure_boot: a.secure_boot_key.zip(a.secure_boot_cert),
                 verbose: a.verbose,
             })?;
             Ok(())
@@ -132,6 +135,25 @@ pub fn run(cli: cli::Cli) -> Result<()> {
                 bail!("some host tools are missing (see above)")
             }
         }
+        cli::Command::Genkeys(a) => {
+            debug_assert!(a.secure_boot);
+            doctor::require(&[doctor::Need::SecureBoot])?;
+            let written = secureboot::genkeys(&a.output, &a.name)?;
+            for file in &written {
+                println!("airlock: wrote {}", file.display());
+            }
+            let key =
+                secureboot::load_signing_key(&a.output.join("db.key"), &a.output.join("db.crt"))?;
+            println!(
+                "airlock: db certificate {} (sha256 {})",
+                key.subject, key.cert_sha256
+            );
+            println!(
+                "airlock: sign builds with --secure-boot-key {0}/db.key --secure-boot-cert {0}/db.crt; enrol db.cer, KEK.cer, then PK.cer in each PC's firmware; keep PK.key and KEK.key offline",
+                a.output.display()
+            );
+            Ok(())
+        }
     }
 }
 
@@ -140,12 +162,20 @@ fn boot(a: &cli::QemuArgs) -> Result<()> {
     let qemu_bin =
         exec::find_program("qemu-system-x86_64").context("qemu-system-x86_64 not found")?;
     let dir = tempfile::tempdir().context("creating a directory for the firmware variables")?;
-    let firmware = qemu::prepare_firmware(&dir.path().join("OVMF_VARS.fd"))?;
+    let vars = dir.path().join("OVMF_VARS.fd");
+    let firmware = match &a.secure_boot_keys {
+        Some(keys) => {
+            doctor::require(&[doctor::Need::SecureBootVm])?;
+            qemu::prepare_secure_boot_firmware(&vars, keys)?
+        }
+        None => qemu::prepare_firmware(&vars)?,
+    };
     let accel = qemu::detect_accel(&qemu_bin);
+    let firmware_secure = firmware.secure_boot;
     let mut cfg = qemu::VmConfig::new(a.image.clone(), firmware, accel);
     cfg.snapshot = a.snapshot;
     cfg.memory_mib = a.memory;
-    eprintln!("airlock: booting {} with {:?} (serial console on this terminal; quit with `poweroff` in the guest or kill QEMU)", a.image.display(), accel);
+    eprintln!("airlock: booting {} with {:?}{} (serial console on this terminal; quit with `poweroff` in the guest or kill QEMU)", a.image.display(), accel, if firmware_secure { ", Secure Boot on" } else { "" });
     let status = std::process::Command::new(&qemu_bin)
         .args(qemu::qemu_args(&cfg))
         .status()

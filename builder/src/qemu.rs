@@ -42,6 +42,9 @@ pub enum Graphics {
 pub struct Firmware {
     pub code: PathBuf,
     pub vars: PathBuf,
+    /// The Secure Boot build of OVMF: its flash is writable from SMM only
+    /// (QEMU `cfi.pflash01` `secure=on`), so the OS cannot change the keys.
+    pub secure_boot: bool,
 }
 
 /// Everything that decides a QEMU command line.
@@ -134,6 +137,12 @@ pub fn qemu_args(cfg: &VmConfig) -> Vec<OsString> {
             &cfg.cpus.to_string(),
         ],
     );
+    if cfg.firmware.secure_boot {
+        arg(
+            &mut a,
+            &["-global", "driver=cfi.pflash01,property=secure,value=on"],
+        );
+    }
     a.push("-drive".into());
     a.push(path_opt(
         "if=pflash,format=raw,unit=0,readonly=on,file=",
@@ -273,6 +282,65 @@ pub fn prepare_firmware(vars: &Path) -> Result<Firmware> {
     Ok(Firmware {
         code,
         vars: vars.to_path_buf(),
+        secure_boot: false,
+    })
+}
+
+/// Well-known places of OVMF's Secure Boot build and its empty variable
+/// store (no keys enrolled: setup mode).
+const OVMF_SECURE_BOOT_CANDIDATES: &[(&str, &str)] = &[
+    (
+        "/usr/share/OVMF/OVMF_CODE_4M.secboot.fd",
+        "/usr/share/OVMF/OVMF_VARS_4M.fd",
+    ),
+    (
+        "/usr/share/edk2/ovmf/OVMF_CODE.secboot.fd",
+        "/usr/share/edk2/ovmf/OVMF_VARS.fd",
+    ),
+];
+
+/// OVMF with Secure Boot on and the keys of `airlock genkeys --secure-boot`
+/// (directory `keys`) enrolled: PK, KEK and db, with the directory's owner
+/// GUID, written into `vars` by `virt-fw-vars` (python3-virt-firmware) —
+/// unless `vars` exists, as for [`prepare_firmware`]. A PC's firmware set
+/// up the same way boots only what the db key signed.
+pub fn prepare_secure_boot_firmware(vars: &Path, keys: &Path) -> Result<Firmware> {
+    let (code, template) = OVMF_SECURE_BOOT_CANDIDATES
+        .iter()
+        .find(|(code, vars)| Path::new(code).exists() && Path::new(vars).exists())
+        .map(|(code, vars)| (PathBuf::from(code), PathBuf::from(vars)))
+        .with_context(|| {
+            format!(
+                "no Secure Boot OVMF found (looked for {}); install Debian package `ovmf` or Fedora package `edk2-ovmf`",
+                OVMF_SECURE_BOOT_CANDIDATES.iter().map(|c| c.0).collect::<Vec<_>>().join(", ")
+            )
+        })?;
+    if !vars.exists() {
+        let guid = crate::secureboot::read_guid(keys)?.to_string();
+        let cert = |role: &str| keys.join(format!("{role}.crt"));
+        let (pk, kek, db) = (cert("PK"), cert("KEK"), cert("db"));
+        let partial = vars.with_extension("partial");
+        let sh = xshell::Shell::new()?;
+        xshell::cmd!(
+            sh,
+            "virt-fw-vars --input {template} --set-pk {guid} {pk} --add-kek {guid} {kek} --add-db {guid} {db} --sb --output {partial}"
+        )
+        .quiet()
+        .ignore_stdout()
+        .run()
+        .with_context(|| {
+            format!(
+                "enrolling the Secure Boot keys of {} into {} (virt-fw-vars: Debian package python3-virt-firmware from bookworm-backports, or `pip install virt-firmware`)",
+                keys.display(),
+                vars.display()
+            )
+        })?;
+        std::fs::rename(&partial, vars)?;
+    }
+    Ok(Firmware {
+        code,
+        vars: vars.to_path_buf(),
+        secure_boot: true,
     })
 }
 
@@ -361,6 +429,7 @@ mod tests {
             Firmware {
                 code: "/fw/code.fd".into(),
                 vars: "/tmp/vars.fd".into(),
+                secure_boot: false,
             },
             Accel::Tcg,
         )
@@ -423,6 +492,19 @@ mod tests {
         assert!(args.contains("-netdev tap,ifname=a,script=no,downscript=no,id=net0 -device virtio-net-pci,netdev=net0,mac=52:54:00:77:00:02 "), "{args}");
         assert!(
             args.contains("-netdev user,id=net1 -device virtio-net-pci,netdev=net1 "),
+            "{args}"
+        );
+    }
+
+    #[test]
+    fn secure_boot_firmware_locks_its_flash_to_smm() {
+        assert!(!joined(&base()).contains("secure=on"));
+        let mut cfg = base();
+        cfg.firmware.secure_boot = true;
+        let args = joined(&cfg);
+        assert!(args.contains("-machine q35,smm=on"), "{args}");
+        assert!(
+            args.contains("-global driver=cfi.pflash01,property=secure,value=on -drive if=pflash"),
             "{args}"
         );
     }

@@ -1357,14 +1357,16 @@ fn resolve_guest(layers: &[Layer], side: Side, sup: &Supervisor) -> Result<Guest
     };
     let memory_max_mib = match pick(layers, |l| lim(l, side)?.memory_max_mib.as_ref()) {
         None => memory_mib + DEFAULT_MEMORY_HEADROOM_MIB,
-        Some(f) if *f.value < memory_mib + QEMU_OVERHEAD_MIB => return Err(f.invalid(
-            &key("limits.memory_max_mib"),
-            format!(
+        Some(f) if *f.value < memory_mib + QEMU_OVERHEAD_MIB => {
+            return Err(f.invalid(
+                &key("limits.memory_max_mib"),
+                format!(
                 "{} MiB leaves QEMU no room above the guest's {memory_mib} MiB (needs at least {})",
                 f.value,
                 memory_mib + QEMU_OVERHEAD_MIB
             ),
-        )),
+            ))
+        }
         Some(f) => *f.value,
     };
     let io_limit = |name: &str,

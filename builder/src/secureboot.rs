@@ -1,0 +1,322 @@
+//! Secure Boot with keys IT owns.
+//!
+//! `airlock genkeys --secure-boot DIR` makes the three UEFI key pairs: the
+//! platform key (PK, owns the machine's key database), the key-exchange key
+//! (KEK, may change the databases) and the signature-database key (db, signs
+//! what boots). `airlock build --secure-boot-key db.key --secure-boot-cert
+//! db.crt` signs systemd-boot (`BOOTX64.EFI`) and the UKI with the db key,
+//! using the tools tree's `systemd-sbsign`, so a firmware with these keys
+//! enrolled boots the image and refuses a changed kernel, initrd or command
+//! line (all three are inside the signed UKI).
+//!
+//! The keys are made and checked with the `openssl` command, as mkosi and
+//! sbctl users do; RSA 2048, because that is what every firmware's db
+//! verification supports.
+
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, ensure, Context, Result};
+use sha2::{Digest, Sha256};
+use xshell::{cmd, Shell};
+
+use crate::exec::Runner;
+
+/// The UEFI key roles, in the order a firmware enrols them (db and KEK
+/// first, PK last: enrolling PK leaves setup mode).
+pub const ROLES: [&str; 3] = ["db", "KEK", "PK"];
+
+/// File holding the owner GUID that goes with each enrolled certificate.
+pub const GUID_FILE: &str = "GUID";
+
+/// Days a certificate is valid. UEFI does not check expiry; some tools warn
+/// on expired certificates, so ten years.
+const VALID_DAYS: &str = "3650";
+
+/// Files `genkeys` writes for one role: private key, PEM and DER certificate.
+fn role_files(dir: &Path, role: &str) -> [PathBuf; 3] {
+    [
+        dir.join(format!("{role}.key")),
+        dir.join(format!("{role}.crt")),
+        dir.join(format!("{role}.cer")),
+    ]
+}
+
+/// Makes PK, KEK and db key pairs and an owner GUID in `dir`. Refuses, before
+/// writing anything, if any of the files is there already (keys are never
+/// overwritten). Returns the files written.
+pub fn genkeys(dir: &Path, common_name: &str) -> Result<Vec<PathBuf>> {
+    ensure!(
+        !common_name.is_empty() && !common_name.contains(['/', '=', '\n']),
+        "--name {common_name:?}: must be non-empty, without '/', '=' or line breaks"
+    );
+    let mut planned: Vec<PathBuf> = ROLES.iter().flat_map(|r| role_files(dir, r)).collect();
+    planned.push(dir.join(GUID_FILE));
+    let existing: Vec<String> = planned
+        .iter()
+        .filter(|p| p.exists())
+        .map(|p| p.display().to_string())
+        .collect();
+    if !existing.is_empty() {
+        bail!(
+            "{} already holds Secure Boot keys ({}); nothing was written. Keys are never overwritten: move them away first, or build with the ones there",
+            dir.display(),
+            existing.join(", ")
+        );
+    }
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+        .with_context(|| format!("making {} private (0700)", dir.display()))?;
+    let sh = Shell::new()?;
+    for role in ROLES {
+        let [key, crt, cer] = role_files(dir, role);
+        // The private key file exists, 0600, before openssl writes into it.
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&key)
+            .with_context(|| format!("creating {}", key.display()))?;
+        let subject = format!("/CN={common_name} Secure Boot {role}/");
+        cmd!(
+            sh,
+            "openssl req -new -x509 -newkey rsa:2048 -nodes -sha256 -days {VALID_DAYS} -subj {subject} -keyout {key} -out {crt}"
+        )
+        .quiet()
+        .ignore_stderr()
+        .run()
+        .with_context(|| format!("making the {role} key pair with openssl"))?;
+        cmd!(sh, "openssl x509 -in {crt} -outform DER -out {cer}")
+            .quiet()
+            .run()
+            .with_context(|| format!("writing {} (DER)", cer.display()))?;
+    }
+    std::fs::write(dir.join(GUID_FILE), format!("{}\n", uuid::Uuid::new_v4()))?;
+    Ok(planned)
+}
+
+/// The owner GUID written by `genkeys`.
+pub fn read_guid(dir: &Path) -> Result<uuid::Uuid> {
+    let path = dir.join(GUID_FILE);
+    let text =
+        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    uuid::Uuid::parse_str(text.trim()).with_context(|| format!("{}: not a GUID", path.display()))
+}
+
+/// The db key a build signs with, checked.
+#[derive(Debug, Clone)]
+pub struct SigningKey {
+    pub key: PathBuf,
+    pub cert: PathBuf,
+    /// The certificate's subject, as openssl prints it (`CN=…`).
+    pub subject: String,
+    /// sha256 of the certificate's DER bytes (what a firmware's db holds).
+    pub cert_sha256: String,
+}
+
+/// Checks `--secure-boot-key` and `--secure-boot-cert` before a build starts:
+/// the certificate parses, the key parses without a passphrase, and both
+/// hold the same public key.
+pub fn load_signing_key(key: &Path, cert: &Path) -> Result<SigningKey> {
+    let sh = Shell::new()?;
+    for (option, path) in [("--secure-boot-key", key), ("--secure-boot-cert", cert)] {
+        ensure!(path.is_file(), "{option} {}: no such file", path.display());
+    }
+    let cert_der = cmd!(sh, "openssl x509 -in {cert} -outform DER")
+        .quiet()
+        .ignore_stderr()
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| o.stdout)
+        .with_context(|| {
+            format!(
+                "--secure-boot-cert {}: not a PEM X.509 certificate",
+                cert.display()
+            )
+        })?;
+    let subject = cmd!(
+        sh,
+        "openssl x509 -in {cert} -noout -subject -nameopt RFC2253"
+    )
+    .quiet()
+    .read()?
+    .trim()
+    .trim_start_matches("subject=")
+    .to_string();
+    let cert_public = cmd!(sh, "openssl x509 -in {cert} -noout -pubkey")
+        .quiet()
+        .read()?;
+    // `-passin pass:` makes a passphrase-protected key fail at once instead
+    // of asking on a terminal the build does not have.
+    let key_public = cmd!(sh, "openssl pkey -in {key} -passin pass: -pubout")
+        .quiet()
+        .ignore_stderr()
+        .read()
+        .map_err(|_| {
+            anyhow::anyhow!(
+                "--secure-boot-key {}: not an unencrypted PEM private key (a passphrase-protected key cannot be used by an unattended build)",
+                key.display()
+            )
+        })?;
+    ensure!(
+        cert_public.trim() == key_public.trim(),
+        "--secure-boot-key {} does not belong to --secure-boot-cert {} ({}): their public keys differ",
+        key.display(),
+        cert.display(),
+        subject
+    );
+    Ok(SigningKey {
+        key: key.to_path_buf(),
+        cert: cert.to_path_buf(),
+        subject,
+        cert_sha256: hex::encode(Sha256::digest(&cert_der)),
+    })
+}
+
+/// Signs each `(input, output file name)` with `systemd-sbsign` from the
+/// tools tree; the outputs go to `scratch`. The key is copied into the
+/// scratch directory (the chroot's `/run/airlock`) only for the signing and
+/// removed right after, whatever happened.
+pub fn sign_efi_binaries(
+    runner: &Runner,
+    tools_tree: &Path,
+    scratch: &Path,
+    key: &SigningKey,
+    binaries: &[(&Path, &str)],
+) -> Result<Vec<PathBuf>> {
+    let dir = scratch.join("secure-boot");
+    std::fs::create_dir(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))?;
+    let result = (|| {
+        std::fs::copy(&key.key, dir.join("db.key")).context("copying the signing key")?;
+        std::fs::copy(&key.cert, dir.join("db.crt")).context("copying the certificate")?;
+        let mut signed = Vec::new();
+        for (i, (input, output)) in binaries.iter().enumerate() {
+            let unsigned = format!("unsigned-{i}.efi");
+            std::fs::copy(input, dir.join(&unsigned))
+                .with_context(|| format!("copying {}", input.display()))?;
+            runner.in_tree(
+                &format!("signing {output} for Secure Boot (systemd-sbsign)"),
+                tools_tree,
+                scratch,
+                [
+                    "/usr/lib/systemd/systemd-sbsign",
+                    "sign",
+                    "--private-key=/run/airlock/secure-boot/db.key",
+                    "--certificate=/run/airlock/secure-boot/db.crt",
+                    &format!("--output=/run/airlock/{output}"),
+                    &format!("/run/airlock/secure-boot/{unsigned}"),
+                ],
+            )?;
+            signed.push(scratch.join(output));
+        }
+        Ok(signed)
+    })();
+    std::fs::remove_dir_all(&dir)
+        .with_context(|| format!("removing the key copy in {}", dir.display()))?;
+    result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn have_openssl() -> bool {
+        crate::exec::find_program("openssl").is_some()
+    }
+
+    #[test]
+    fn genkeys_makes_three_pairs_that_load_and_never_overwrites() {
+        if !have_openssl() {
+            panic!("openssl is needed (ci/install-host-deps.sh installs it)");
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let keys = dir.path().join("sb");
+        let written = genkeys(&keys, "airlock test").unwrap();
+        assert_eq!(written.len(), 10);
+        assert_eq!(
+            std::fs::metadata(&keys).unwrap().permissions().mode() & 0o777,
+            0o700
+        );
+        for role in ROLES {
+            let [key, crt, cer] = role_files(&keys, role);
+            assert_eq!(
+                std::fs::metadata(&key).unwrap().permissions().mode() & 0o777,
+                0o600,
+                "{role}"
+            );
+            let loaded = load_signing_key(&key, &crt).unwrap();
+            assert_eq!(
+                loaded.subject,
+                format!("CN=airlock test Secure Boot {role}")
+            );
+            // The DER file is the certificate whose hash we report.
+            assert_eq!(
+                hex::encode(Sha256::digest(std::fs::read(&cer).unwrap())),
+                loaded.cert_sha256
+            );
+        }
+        read_guid(&keys).unwrap();
+        let before = std::fs::read(keys.join("db.key")).unwrap();
+        let err = genkeys(&keys, "airlock test").unwrap_err().to_string();
+        assert!(
+            err.contains("already holds Secure Boot keys") && err.contains("db.key"),
+            "{err}"
+        );
+        assert_eq!(std::fs::read(keys.join("db.key")).unwrap(), before);
+    }
+
+    #[test]
+    fn a_key_of_another_certificate_or_no_certificate_is_refused() {
+        if !have_openssl() {
+            panic!("openssl is needed (ci/install-host-deps.sh installs it)");
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let keys = dir.path().join("sb");
+        genkeys(&keys, "airlock").unwrap();
+        let err = load_signing_key(&keys.join("KEK.key"), &keys.join("db.crt"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("does not belong to --secure-boot-cert")
+                && err.contains("CN=airlock Secure Boot db"),
+            "{err}"
+        );
+        let err = load_signing_key(&keys.join("db.key"), &keys.join("db.key"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("--secure-boot-cert") && err.contains("not a PEM X.509 certificate"),
+            "{err}"
+        );
+        let err = load_signing_key(&keys.join("db.crt"), &keys.join("db.crt"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("--secure-boot-key") && err.contains("not an unencrypted PEM private key"),
+            "{err}"
+        );
+        let err = load_signing_key(&keys.join("nope.key"), &keys.join("db.crt"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("--secure-boot-key") && err.contains("no such file"),
+            "{err}"
+        );
+        // A passphrase-protected key fails at once (no prompt).
+        let sh = Shell::new().unwrap();
+        let (plain, locked) = (keys.join("db.key"), dir.path().join("locked.key"));
+        cmd!(
+            sh,
+            "openssl pkey -in {plain} -aes256 -passout pass:secret -out {locked}"
+        )
+        .quiet()
+        .run()
+        .unwrap();
+        let err = load_signing_key(&locked, &keys.join("db.crt"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("passphrase-protected"), "{err}");
+    }
+}
