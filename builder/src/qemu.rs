@@ -321,20 +321,24 @@ pub fn prepare_secure_boot_firmware(vars: &Path, keys: &Path) -> Result<Firmware
         let (pk, kek, db) = (cert("PK"), cert("KEK"), cert("db"));
         let partial = vars.with_extension("partial");
         let sh = xshell::Shell::new()?;
-        xshell::cmd!(
+        // virt-fw-vars logs every step on stderr: shown only if it fails.
+        let out = xshell::cmd!(
             sh,
             "virt-fw-vars --input {template} --set-pk {guid} {pk} --add-kek {guid} {kek} --add-db {guid} {db} --sb --output {partial}"
         )
         .quiet()
-        .ignore_stdout()
-        .run()
-        .with_context(|| {
-            format!(
-                "enrolling the Secure Boot keys of {} into {} (virt-fw-vars: Debian package python3-virt-firmware from bookworm-backports, or `pip install virt-firmware`)",
+        .ignore_status()
+        .output()
+        .context("running virt-fw-vars (Debian package python3-virt-firmware from bookworm-backports, or `pip install virt-firmware`)")?;
+        if !out.status.success() {
+            anyhow::bail!(
+                "enrolling the Secure Boot keys of {} into {}: virt-fw-vars {}: {}",
                 keys.display(),
-                vars.display()
-            )
-        })?;
+                vars.display(),
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
         std::fs::rename(&partial, vars)?;
     }
     Ok(Firmware {

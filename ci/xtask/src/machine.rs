@@ -5,7 +5,9 @@
 
 use std::path::{Path, PathBuf};
 
-use airlock::qemu::{detect_accel, prepare_firmware, Accel, Firmware, VmConfig};
+use airlock::qemu::{
+    detect_accel, prepare_firmware, prepare_secure_boot_firmware, Accel, Firmware, VmConfig,
+};
 use anyhow::{Context, Result};
 
 use crate::vm::{qemu_binary, Vm};
@@ -24,7 +26,16 @@ impl Machine {
     /// from OVMF's template if `vars` does not exist, used as it is if it
     /// does (a later run continues where an earlier one left the firmware).
     pub fn new(disk: &Path, vars: &Path) -> Result<Machine> {
-        let firmware = prepare_firmware(vars)?;
+        Machine::with_firmware(disk, prepare_firmware(vars)?)
+    }
+
+    /// Like [`new`](Self::new), with Secure Boot on and the keys of
+    /// `keys` (`airlock genkeys --secure-boot`) enrolled in a fresh `vars`.
+    pub fn with_secure_boot(disk: &Path, vars: &Path, keys: &Path) -> Result<Machine> {
+        Machine::with_firmware(disk, prepare_secure_boot_firmware(vars, keys)?)
+    }
+
+    fn with_firmware(disk: &Path, firmware: Firmware) -> Result<Machine> {
         let uuid = std::fs::read_to_string("/proc/sys/kernel/random/uuid")
             .context("generating the machine's SMBIOS UUID")?
             .trim()

@@ -49,6 +49,27 @@ fn test_guest_overlay(opts: &AcceptanceOptions) -> Result<PathBuf> {
     Ok(root)
 }
 
+/// The suite's Secure Boot keys (`airlock genkeys --secure-boot`, made on
+/// the first run and kept in the work directory: never committed). The
+/// production image is signed with their db key; the production machine's
+/// firmware has them enrolled.
+pub fn secure_boot_keys(opts: &AcceptanceOptions) -> Result<PathBuf> {
+    let dir = std::path::absolute(opts.work_dir.join("secure-boot-keys"))?;
+    let complete = airlock::secureboot::ROLES
+        .iter()
+        .all(|r| dir.join(format!("{r}.key")).is_file() && dir.join(format!("{r}.crt")).is_file())
+        && dir.join(airlock::secureboot::GUID_FILE).is_file();
+    if !complete {
+        // A run killed half-way through genkeys: start again.
+        if dir.exists() {
+            std::fs::remove_dir_all(&dir)?;
+        }
+        airlock::secureboot::genkeys(&dir, "airlock acceptance")
+            .context("making the suite's Secure Boot keys")?;
+    }
+    Ok(dir)
+}
+
 /// The suite's update signing key (ed25519, made with `ssh-keygen` on the
 /// first run and kept in the work directory: never committed) and the
 /// `allowed_signers` file that the test image trusts.
@@ -174,6 +195,15 @@ fn build(
         reuse_output: !fresh,
         extra_overlays,
         extra_policy_dirs: Vec::new(),
+        // What ships is signed for Secure Boot; the test image is not (its
+        // machines boot with Secure Boot off).
+        secure_boot: match profile {
+            Profile::Production => {
+                let keys = secure_boot_keys(opts)?;
+                Some((keys.join("db.key"), keys.join("db.crt")))
+            }
+            Profile::Test => None,
+        },
         verbose: false,
     })
     .with_context(|| format!("building the {profile:?} image"))?;

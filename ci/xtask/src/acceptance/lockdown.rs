@@ -10,7 +10,7 @@ use airlock::qemu::Graphics;
 use anyhow::{ensure, Context, Result};
 
 use super::boot::tail;
-use super::images::{private_copy, Images};
+use super::images::{private_copy, secure_boot_keys, Images};
 use super::kiosk;
 use super::{AcceptanceOptions, Suite};
 use crate::{images_differ, Machine, Vm};
@@ -26,6 +26,7 @@ const PRODUCTION_TESTS: &[&str] = &[
     "production: Ctrl-Alt-Del does not reboot",
     "production: written raw onto a larger disk, the first boot grows the data partition to the disk's end (systemd-repart)",
     "production: a PC without guest disks or machine settings shows IT's message on screen, no console",
+    "production: boots with Secure Boot on and only IT's keys enrolled (signed boot loader and UKI); the kernel is locked down",
 ];
 
 const MESSAGE_TIMEOUT: Duration = Duration::from_secs(60);
@@ -47,7 +48,9 @@ pub fn production_boot(suite: &mut Suite, images: &Images, opts: &AcceptanceOpti
         file.set_len(file.metadata()?.len() + DISK_GROWTH)?;
         let vars = dir.join("OVMF_VARS.fd");
         let _ = std::fs::remove_file(&vars);
-        let machine = Machine::new(&disk, &vars)?;
+        // As IT sets a PC up: Secure Boot on, the firmware holding only the
+        // keys of `airlock genkeys --secure-boot` (no Microsoft keys).
+        let machine = Machine::with_secure_boot(&disk, &vars, &secure_boot_keys(opts)?)?;
         let mut cfg = machine.config();
         cfg.graphics = Graphics::Std;
         let vm = Vm::start(cfg)?;
@@ -76,6 +79,42 @@ pub fn production_boot(suite: &mut Suite, images: &Images, opts: &AcceptanceOpti
             "{} seen; no `login:` in {} lines of serial output",
             TARGET_REACHED,
             log.lines().count()
+        ))
+    });
+    suite.test(PRODUCTION_TESTS[6], || {
+        let signed = images
+            .production_report
+            .secure_boot
+            .as_ref()
+            .context("the production report says the image is not signed")?;
+        let keys = secure_boot_keys(opts)?;
+        let enrolled_db =
+            airlock::secureboot::load_signing_key(&keys.join("db.key"), &keys.join("db.crt"))?
+                .cert_sha256;
+        ensure!(
+            signed.certificate_sha256 == enrolled_db,
+            "signed by certificate {} ({}), but the firmware's db holds {enrolled_db}",
+            signed.certificate_sha256,
+            signed.certificate_subject
+        );
+        let log = vm.serial_log();
+        let lines: Vec<&str> = [
+            "secureboot: Secure boot enabled",
+            "Kernel is locked down from EFI Secure Boot",
+        ]
+        .iter()
+        .map(|want| {
+            log.lines()
+                .find(|l| l.contains(want))
+                .map(str::trim)
+                .with_context(|| format!("no `{want}` on the console"))
+        })
+        .collect::<Result<_>>()?;
+        Ok(format!(
+            "{} signed by {}; console: {}",
+            signed.signed.join(", "),
+            signed.certificate_subject,
+            lines.join(" | ")
         ))
     });
     suite.test(PRODUCTION_TESTS[1], || {

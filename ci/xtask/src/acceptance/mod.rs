@@ -19,6 +19,7 @@ mod lockdown;
 mod network;
 pub mod policy;
 mod provision;
+mod secureboot;
 mod supervisor;
 mod update;
 
@@ -199,6 +200,7 @@ pub fn run(opts: &AcceptanceOptions) -> Result<bool> {
     // A machine of its own, after the test machine is off.
     update::update_checks(&mut suite, &images, opts);
     lockdown::production_boot(&mut suite, &images, opts);
+    secureboot::refusal_checks(&mut suite, &images, opts);
     lockdown::tampered_root(&mut suite, &images, opts);
     suite.print_summary();
     println!("acceptance: total {:.0}s", started.elapsed().as_secs_f64());

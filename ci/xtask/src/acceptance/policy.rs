@@ -305,6 +305,7 @@ fn sabotage_build(opts: &AcceptanceOptions) -> Result<String> {
         reuse_output: false,
         extra_overlays: Vec::new(),
         extra_policy_dirs: vec![source_dir().join("ci/xtask/sabotage/policy-cross-side")],
+        secure_boot: None,
         verbose: false,
     });
     let error = match result {
