@@ -233,6 +233,11 @@ pub struct Report {
     /// `None`: the boot files are unsigned (Secure Boot refuses them).
     #[serde(default)]
     pub secure_boot: Option<SecureBootSigning>,
+    /// PCR 11 (sha256) after each boot phase, as a TPM will hold it when
+    /// this image's UKI boots (`ukify --measure`; what a TPM policy on
+    /// PCR 11 must match).
+    #[serde(default)]
+    pub pcr11: Vec<crate::seal::PhasePcr>,
     pub stages: Vec<StageTiming>,
     pub total_seconds: f64,
 }
@@ -613,6 +618,8 @@ fn run_stages(
     let unsigned_boot_efi = trees
         .tools
         .join("usr/lib/systemd/boot/efi/systemd-bootx64.efi");
+    let pcr11 = uki.pcr11;
+    let uki = uki.path;
     let (boot_efi, uki) = match signing_key {
         Some(key) => stages.run(
             "sign",
@@ -769,6 +776,7 @@ fn run_stages(
             packages: packages.iter().cloned().collect(),
             labels: labels.clone(),
             trees_reused: trees.reused,
+            pcr11: pcr11.clone(),
             secure_boot: signing_key.map(|key| SecureBootSigning {
                 certificate_subject: key.subject.clone(),
                 certificate_sha256: key.cert_sha256.clone(),
@@ -876,6 +884,12 @@ fn print_summary(report: &Report, output: &Path) {
             sb.certificate_sha256
         ),
         None => println!("airlock:   Secure Boot: NOT signed (a PC with Secure Boot on refuses this image; --secure-boot-key)"),
+    }
+    if let Some(last) = report.pcr11.last() {
+        println!(
+            "airlock:   TPM PCR 11 once booted ({}): {}",
+            last.phase, last.sha256
+        );
     }
     println!(
         "airlock:   {} packages, kernel {}, SELinux policy {} (enforcing)",

@@ -59,6 +59,11 @@ impl Runner {
     /// Runs `cmd`, returns its stdout. `what` says what the command is for,
     /// e.g. "bootstrapping the root tree".
     pub fn run(&self, what: &str, cmd: Cmd<'_>) -> Result<String> {
+        self.run_both(what, cmd).map(|(stdout, _)| stdout)
+    }
+
+    /// Like [`run`](Self::run), returning stdout and stderr.
+    pub fn run_both(&self, what: &str, cmd: Cmd<'_>) -> Result<(String, String)> {
         let line = cmd.to_string();
         self.note(&format!("$ {line}"));
         let output = cmd
@@ -80,7 +85,7 @@ impl Runner {
                 tail(&stderr, &stdout)
             );
         }
-        Ok(stdout)
+        Ok((stdout, stderr))
     }
 
     /// Runs `argv` inside `tree` (a chroot in its own mount and PID
@@ -92,13 +97,29 @@ impl Runner {
         I: IntoIterator<Item = S>,
         S: AsRef<OsStr>,
     {
+        self.in_tree_both(what, tree, work, argv)
+            .map(|(stdout, _)| stdout)
+    }
+
+    /// Like [`in_tree`](Self::in_tree), returning stdout and stderr.
+    pub fn in_tree_both<I, S>(
+        &self,
+        what: &str,
+        tree: &Path,
+        work: &Path,
+        argv: I,
+    ) -> Result<(String, String)>
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
         let command = in_clean_env(argv);
         let sh = &self.sh;
         let cmd = cmd!(
             sh,
             "unshare --mount --fork --pid --mount-proc sh -euc {CHROOT_SCRIPT} airlock-chroot {tree} {work} {command...}"
         );
-        self.run(what, cmd)
+        self.run_both(what, cmd)
     }
 
     /// Like `in_tree` but without any mounts: a plain chroot, for tools that

@@ -73,6 +73,9 @@ pub struct VmConfig {
     /// An empty USB 3 controller (`qemu-xhci`, id `usb`), for USB disks
     /// plugged in later through QMP (bus `usb.0`).
     pub usb_controller: bool,
+    /// A TPM 2.0 (`tpm-crb`, as on PCs) backed by the swtpm whose control
+    /// socket this is (`swtpm socket --tpm2 --ctrl type=unixio,path=…`).
+    pub tpm_socket: Option<PathBuf>,
 }
 
 /// One NIC: its `-netdev` backend (without `id=`), and a fixed MAC address
@@ -101,6 +104,7 @@ impl VmConfig {
             extra_disks: Vec::new(),
             extra_netdevs: Vec::new(),
             usb_controller: false,
+            tpm_socket: None,
         }
     }
 }
@@ -176,6 +180,19 @@ pub fn qemu_args(cfg: &VmConfig) -> Vec<OsString> {
     }
     if cfg.usb_controller {
         arg(&mut a, &["-device", "qemu-xhci,id=usb"]);
+    }
+    if let Some(socket) = &cfg.tpm_socket {
+        a.push("-chardev".into());
+        a.push(path_opt("socket,id=chrtpm,path=", socket));
+        arg(
+            &mut a,
+            &[
+                "-tpmdev",
+                "emulator,id=tpm0,chardev=chrtpm",
+                "-device",
+                "tpm-crb,tpmdev=tpm0",
+            ],
+        );
     }
     for (i, nic) in cfg.extra_netdevs.iter().enumerate() {
         arg(&mut a, &["-netdev", &format!("{},id=net{i}", nic.netdev)]);
@@ -511,6 +528,14 @@ mod tests {
             args.contains("-global driver=cfi.pflash01,property=secure,value=on -drive if=pflash"),
             "{args}"
         );
+    }
+
+    #[test]
+    fn a_tpm_only_when_asked_and_then_on_the_crb_interface() {
+        assert!(!joined(&base()).contains("tpm"));
+        let mut cfg = base();
+        cfg.tpm_socket = Some("/run/t/swtpm.sock".into());
+        assert!(joined(&cfg).contains("-chardev socket,id=chrtpm,path=/run/t/swtpm.sock -tpmdev emulator,id=tpm0,chardev=chrtpm -device tpm-crb,tpmdev=tpm0"));
     }
 
     #[test]

@@ -108,7 +108,10 @@ pub fn make_verity(
 /// dracut modules of the initrd: enough to find the disk, open verity and
 /// switch root. No SELinux config in the initrd (the real root loads the
 /// policy; an initrd with /etc/selinux but no policy freezes the boot).
-const DRACUT_MODULES: &str = "systemd systemd-initrd systemd-udevd systemd-journald systemd-tmpfiles systemd-modules-load systemd-sysctl systemd-veritysetup dracut-systemd udev-rules dm kernel-modules base fs-lib rootfs-block shutdown";
+/// `systemd-pcrphase` measures the initrd's boot phases into PCR 11
+/// (`enter-initrd`, `leave-initrd`); `tpm2-tss` brings the TPM drivers and
+/// libraries it needs.
+const DRACUT_MODULES: &str = "systemd systemd-initrd systemd-udevd systemd-journald systemd-tmpfiles systemd-modules-load systemd-sysctl systemd-veritysetup systemd-pcrphase tpm2-tss dracut-systemd udev-rules dm kernel-modules base fs-lib rootfs-block shutdown";
 const DRACUT_DRIVERS: &str = "virtio_blk virtio_pci virtio_scsi nvme ahci sd_mod erofs ext4 dm-verity dm-mod bochs virtio_gpu";
 
 /// Digest of what decides the initrd besides the tools tree itself.
@@ -159,8 +162,27 @@ pub fn make_initrd(
     Ok(out)
 }
 
+/// The PCR 11 value a TPM will hold after each boot phase of a UKI, as
+/// `ukify build --measure` predicts it (sha256 bank): systemd-stub measures
+/// the UKI's sections, then systemd-pcrphase extends the phase names
+/// (`enter-initrd`, `…:leave-initrd`, `…:sysinit`, `…:ready`).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct PhasePcr {
+    /// The phases measured so far, colon-separated.
+    pub phase: String,
+    /// PCR 11, sha256 bank, lower-case hex.
+    pub sha256: String,
+}
+
+/// A UKI made by [`make_uki`], and its predicted PCR 11 values.
+pub struct Uki {
+    pub path: PathBuf,
+    pub pcr11: Vec<PhasePcr>,
+}
+
 /// Builds the UKI (systemd-stub + kernel + initrd + command line +
-/// os-release) with the tools tree's ukify; returns its path.
+/// os-release) with the tools tree's ukify, which also predicts PCR 11
+/// (`--measure`).
 pub fn make_uki(
     runner: &Runner,
     tools_tree: &Path,
@@ -169,10 +191,10 @@ pub fn make_uki(
     kernel_version: &str,
     cmdline: &str,
     os_release: &str,
-) -> Result<PathBuf> {
+) -> Result<Uki> {
     std::fs::copy(kernel, scratch.join("vmlinuz")).context("copying kernel")?;
     std::fs::write(scratch.join("os-release"), os_release)?;
-    runner.in_tree(
+    let (values, phases) = runner.in_tree_both(
         "making the UKI (ukify)",
         tools_tree,
         scratch,
@@ -184,10 +206,52 @@ pub fn make_uki(
             &format!("--cmdline={cmdline}"),
             &format!("--uname={kernel_version}"),
             "--os-release=@/run/airlock/os-release",
+            "--measure",
+            "--pcr-banks=sha256",
             "--output=/run/airlock/uki.efi",
         ],
     )?;
-    Ok(scratch.join("uki.efi"))
+    let pcr11 = parse_measure(&phases, &values)?;
+    Ok(Uki {
+        path: scratch.join("uki.efi"),
+        pcr11,
+    })
+}
+
+/// Reads `ukify --measure`'s output: its `systemd-measure` writes one
+/// `# PCR[11] Phase <PHASES>` line per phase to stderr and that phase's
+/// `11:sha256=HEX` to stdout, in the same order (the streams are read
+/// separately, so the n-th value belongs to the n-th phase line).
+pub fn parse_measure(stderr: &str, stdout: &str) -> Result<Vec<PhasePcr>> {
+    let phases: Vec<&str> = stderr
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("# PCR[11] Phase <"))
+        .map(|p| p.trim_end_matches('>'))
+        .collect();
+    let values: Vec<&str> = stdout
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("11:sha256="))
+        .collect();
+    anyhow::ensure!(
+        !phases.is_empty() && phases.len() == values.len(),
+        "ukify --measure printed {} phase(s) and {} sha256 value(s) for PCR 11:\n{stderr}\n{stdout}",
+        phases.len(),
+        values.len()
+    );
+    phases
+        .into_iter()
+        .zip(values)
+        .map(|(phase, hex)| {
+            anyhow::ensure!(
+                hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_hexdigit()),
+                "ukify --measure printed {hex:?} for phase {phase}: not a sha256"
+            );
+            Ok(PhasePcr {
+                phase: phase.to_owned(),
+                sha256: hex.to_ascii_lowercase(),
+            })
+        })
+        .collect()
 }
 
 /// The image's os-release: the distro's, plus IMAGE_ID and IMAGE_VERSION
@@ -372,6 +436,28 @@ mod tests {
             "t",
         )
         .unwrap()
+    }
+
+    #[test]
+    fn measure_output_gives_one_value_per_phase() {
+        let stderr = "Using config file: none\n+ /usr/lib/systemd/systemd-measure calculate …\n# PCR[11] Phase <enter-initrd>\n# PCR[11] Phase <enter-initrd:leave-initrd>\n";
+        let stdout = "11:sha256=851524836F4FB8A19D3EAA563ACE1418EEDD37AA41E9490ACB13A2553C6F175B\n11:sha256=b24a0126bb34aa72e201ffd8238328a03885ecc251357e4b3af22830aa960c5c\nWrote unsigned /run/airlock/uki.efi\n";
+        let values = parse_measure(stderr, stdout).unwrap();
+        assert_eq!(values.len(), 2);
+        assert_eq!(values[0].phase, "enter-initrd");
+        assert_eq!(
+            values[0].sha256,
+            "851524836f4fb8a19d3eaa563ace1418eedd37aa41e9490acb13a2553c6f175b"
+        );
+        assert_eq!(values[1].phase, "enter-initrd:leave-initrd");
+        // A value missing, a value that is no sha256, nothing at all.
+        assert!(parse_measure(
+            stderr,
+            "11:sha256=851524836f4fb8a19d3eaa563ace1418eedd37aa41e9490acb13a2553c6f175b\n"
+        )
+        .is_err());
+        assert!(parse_measure("# PCR[11] Phase <enter-initrd>\n", "11:sha256=00\n").is_err());
+        assert!(parse_measure("", "").is_err());
     }
 
     #[test]

@@ -21,6 +21,7 @@ pub mod outside;
 pub mod plain;
 pub mod qmp;
 pub mod screen;
+pub mod swtpm;
 pub mod try_boot;
 pub mod vm;
 

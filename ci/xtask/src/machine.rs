@@ -19,6 +19,8 @@ pub struct Machine {
     firmware: Firmware,
     accel: Accel,
     uuid: String,
+    /// The TPM's state directory, if the machine has a TPM.
+    tpm: Option<PathBuf>,
 }
 
 impl Machine {
@@ -45,7 +47,16 @@ impl Machine {
             firmware,
             accel: detect_accel(&qemu_binary()),
             uuid,
+            tpm: None,
         })
+    }
+
+    /// Gives the machine a TPM 2.0 (an swtpm started with each boot, see
+    /// `Vm::start`) whose state lives in `state`: kept across boots like a
+    /// PC's TPM chip; a new directory is a new PC.
+    pub fn with_tpm(mut self, state: &Path) -> Machine {
+        self.tpm = Some(state.to_path_buf());
+        self
     }
 
     pub fn disk(&self) -> &Path {
@@ -67,6 +78,7 @@ impl Machine {
     pub fn config(&self) -> VmConfig {
         let mut cfg = VmConfig::new(self.disk.clone(), self.firmware.clone(), self.accel);
         cfg.uuid = Some(self.uuid.clone());
+        cfg.tpm_socket = self.tpm.as_ref().map(|state| state.join("swtpm.sock"));
         cfg
     }
 

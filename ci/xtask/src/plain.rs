@@ -65,7 +65,8 @@ pub fn build_plain_image(
         &kernel_version,
         &cmdline,
         &os_release,
-    )?;
+    )?
+    .path;
     let esp_img = scratch.join("esp.img");
     let boot_efi = trees
         .tools

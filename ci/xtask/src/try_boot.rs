@@ -20,6 +20,10 @@ pub struct BootOptions {
     /// missing. Default: a fresh copy, discarded afterwards.
     #[arg(long)]
     pub vars: Option<PathBuf>,
+    /// Give the VM a TPM 2.0: an swtpm with its state in this directory
+    /// (kept; the same directory is the same TPM next time).
+    #[arg(long, value_name = "DIR")]
+    pub tpm: Option<PathBuf>,
     /// Give the VM a standard VGA card (needed for screendumps).
     #[arg(long)]
     pub vga: bool,
@@ -42,7 +46,10 @@ pub fn boot(opts: &BootOptions) -> Result<i32> {
         .vars
         .clone()
         .unwrap_or_else(|| scratch.path().join("OVMF_VARS.fd"));
-    let machine = Machine::new(&opts.disk, &vars)?;
+    let mut machine = Machine::new(&opts.disk, &vars)?;
+    if let Some(state) = &opts.tpm {
+        machine = machine.with_tpm(&std::path::absolute(state)?);
+    }
     let mut cfg = machine.config();
     if opts.vga {
         cfg.graphics = Graphics::Std;

@@ -63,6 +63,8 @@ pub struct Vm {
     process: Mutex<Process>,
     qmp: Option<Qmp>,
     agent: Option<AgentClient>,
+    /// The machine's TPM, if it has one; stopped after QEMU (field order).
+    _tpm: Option<crate::swtpm::Swtpm>,
 }
 
 impl std::fmt::Debug for Vm {
@@ -116,6 +118,14 @@ impl Vm {
         if let Some(ns) = netns {
             writeln!(log, "# in network namespace {}", ns.display()).context("writing qemu.log")?;
         }
+        // A TPM: its swtpm keeps its state in the socket's directory
+        // (`Machine::with_tpm`) and must listen before QEMU connects.
+        let tpm = match &cfg.tpm_socket {
+            Some(socket) => Some(crate::swtpm::Swtpm::start(
+                socket.parent().context("TPM socket without a directory")?,
+            )?),
+            None => None,
+        };
         let mut command = Command::new(&qemu);
         let ns_file = netns
             .map(|ns| {
@@ -169,6 +179,7 @@ impl Vm {
             }),
             qmp: None,
             agent: None,
+            _tpm: tpm,
         };
         let hint = match cfg.accel {
             // detect_accel's probe can pass where the real boot does not.

@@ -31,6 +31,7 @@ const BOOT_TESTS: &[&str] = &[
     "boot: the data partition is /var, labelled and writable",
     "boot: the data partition fills the larger disk the image was flashed onto",
     "boot: units of ours score MEDIUM exposure or better (systemd-analyze security)",
+    "boot: measured boot: the TPM's PCR 11 holds the value the build report predicted for a completed boot",
 ];
 
 /// Units of ours that are exempt from the exposure check, and why.
@@ -100,7 +101,8 @@ pub fn test_image_boots(suite: &mut Suite, images: &Images, opts: &AcceptanceOpt
         let disk = flashed.disk.clone();
         let vars = dir.join("OVMF_VARS.fd");
         let _ = std::fs::remove_file(&vars);
-        let machine = Machine::new(&disk, &vars)?;
+        // A TPM, as every PC has (measured boot; the TPM units' AVCs count).
+        let machine = Machine::new(&disk, &vars)?.with_tpm(&super::fresh_tpm(&dir)?);
         // A display, as on a real PC: the kiosk drives it (bochs-drm) and
         // the `kiosk:` tests take screendumps of it.
         let mut cfg = machine.config();
@@ -233,6 +235,20 @@ fn run_group(
 /// that the AVC check covers their start).
 fn boot_checks(suite: &mut Suite, vm: &mut Vm, machine: &Machine, images: &Images) {
     in_guest_checks(suite, vm);
+    suite.test(BOOT_TESTS[13], || {
+        // systemd-stub measured the UKI's sections, systemd-pcrphase the
+        // phases (initrd: enter-initrd, leave-initrd; then sysinit, ready).
+        let predicted = &images.test_report.pcr11;
+        let ready = predicted.last().context("the build report predicts no PCR 11 value")?;
+        ensure!(ready.phase.ends_with(":ready"), "the report's last phase is {}, not a completed boot", ready.phase);
+        let read = sh(vm, "cat /sys/class/tpm/tpm0/pcr-sha256/11")?.trim().to_ascii_lowercase();
+        let phases = sh(vm, "systemctl show -P ActiveState systemd-pcrphase-sysinit.service systemd-pcrphase.service | tr '\\n' ' '")?;
+        if read != ready.sha256 {
+            let matched = predicted.iter().find(|p| p.sha256 == read).map_or("no phase the report predicts".to_owned(), |p| format!("the value after `{}` only", p.phase));
+            bail!("PCR 11 is {read}: {matched}; the report predicts {} after `{}` (pcrphase units: {phases})", ready.sha256, ready.phase);
+        }
+        Ok(format!("PCR 11 (sha256) = {read} = the report's value after `{}` ({} phases predicted); systemd-pcrphase-sysinit and systemd-pcrphase: {}", ready.phase, predicted.len(), phases.trim()))
+    });
     suite.test(BOOT_TESTS[12], || {
         // Ours: every service unit the image ships in /etc/systemd/system
         // (the overlay) or as /usr/lib/systemd/system/airlock*.

@@ -49,8 +49,9 @@ pub fn production_boot(suite: &mut Suite, images: &Images, opts: &AcceptanceOpti
         let vars = dir.join("OVMF_VARS.fd");
         let _ = std::fs::remove_file(&vars);
         // As IT sets a PC up: Secure Boot on, the firmware holding only the
-        // keys of `airlock genkeys --secure-boot` (no Microsoft keys).
-        let machine = Machine::with_secure_boot(&disk, &vars, &secure_boot_keys(opts)?)?;
+        // keys of `airlock genkeys --secure-boot` (no Microsoft keys); a TPM.
+        let machine = Machine::with_secure_boot(&disk, &vars, &secure_boot_keys(opts)?)?
+            .with_tpm(&super::fresh_tpm(&dir)?);
         let mut cfg = machine.config();
         cfg.graphics = Graphics::Std;
         let vm = Vm::start(cfg)?;

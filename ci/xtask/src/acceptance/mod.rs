@@ -181,6 +181,16 @@ impl Suite {
     }
 }
 
+/// A new TPM for a machine in `dir` (state `dir/tpm`, emptied): a TPM that
+/// has never seen a boot, as in a new PC.
+pub fn fresh_tpm(dir: &std::path::Path) -> Result<std::path::PathBuf> {
+    let state = std::path::absolute(dir.join("tpm"))?;
+    if state.exists() {
+        std::fs::remove_dir_all(&state)?;
+    }
+    Ok(state)
+}
+
 fn indent_detail(detail: &str) -> String {
     if detail.is_empty() {
         String::new()

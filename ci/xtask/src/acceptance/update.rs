@@ -328,7 +328,9 @@ impl<'a> Timeline<'a> {
                 .disk;
         let vars = dir.join("OVMF_VARS.fd");
         let _ = std::fs::remove_file(&vars);
-        let machine = Machine::new(&disk, &vars)?;
+        // With a TPM, as the test machine: it stays the same TPM across the
+        // timeline's boots and power cuts, as a PC's chip does.
+        let machine = Machine::new(&disk, &vars)?.with_tpm(&super::fresh_tpm(&dir)?);
         let mut t = Timeline {
             machine,
             outside,
