@@ -184,6 +184,8 @@ pub struct BuildOptions {
     pub extra_policy_dirs: Vec<PathBuf>,
     /// Sign systemd-boot and the UKI for Secure Boot: (db key, db certificate).
     pub secure_boot: Option<(PathBuf, PathBuf)>,
+    /// Sign the UKI's PCR 11 policy with this key (`.pcrsig`, `.pcrpkey`).
+    pub tpm_policy_key: Option<PathBuf>,
     pub verbose: bool,
 }
 
@@ -233,6 +235,10 @@ pub struct Report {
     /// `None`: the boot files are unsigned (Secure Boot refuses them).
     #[serde(default)]
     pub secure_boot: Option<SecureBootSigning>,
+    /// sha256 of the public key whose signature of the PCR 11 policy the
+    /// UKI carries (`.pcrsig`); `None`: no signed policy.
+    #[serde(default)]
+    pub tpm_policy_public_key_sha256: Option<String>,
     /// PCR 11 (sha256) after each boot phase, as a TPM will hold it when
     /// this image's UKI boots (`ukify --measure`; what a TPM policy on
     /// PCR 11 must match).
@@ -401,6 +407,19 @@ pub fn build(opts: &BuildOptions) -> Result<Report> {
             key.cert_sha256
         ));
     }
+    let pcr_policy_key = match &opts.tpm_policy_key {
+        Some(key) => {
+            doctor::require(&[Need::SecureBoot])?;
+            Some(crate::secureboot::load_pcr_policy_key(key)?)
+        }
+        None => None,
+    };
+    if let Some(key) = &pcr_policy_key {
+        digest_text.push_str(&format!(
+            "\ntpm-policy-public-key-sha256={}\n",
+            key.public_sha256
+        ));
+    }
     let digest = input_digest(opts, &digest_text, &inputs)?;
 
     if opts.reuse_output {
@@ -453,6 +472,7 @@ pub fn build(opts: &BuildOptions) -> Result<Report> {
         &manifest,
         trusted_keys.as_ref(),
         signing_key.as_ref(),
+        pcr_policy_key.as_ref(),
         &inputs,
         &names,
         &digest,
@@ -476,6 +496,7 @@ fn run_stages(
     manifest: &Manifest,
     trusted_keys: Option<&crate::manifest::TrustedKeys>,
     signing_key: Option<&crate::secureboot::SigningKey>,
+    pcr_policy_key: Option<&crate::secureboot::PcrPolicyKey>,
     inputs: &ProfileInputs,
     names: &Outputs,
     digest: &str,
@@ -613,6 +634,7 @@ fn run_stages(
             &kernel_version,
             &cmdline,
             &os_release,
+            pcr_policy_key,
         )
     })?;
     let unsigned_boot_efi = trees
@@ -777,6 +799,7 @@ fn run_stages(
             labels: labels.clone(),
             trees_reused: trees.reused,
             pcr11: pcr11.clone(),
+            tpm_policy_public_key_sha256: pcr_policy_key.map(|k| k.public_sha256.clone()),
             secure_boot: signing_key.map(|key| SecureBootSigning {
                 certificate_subject: key.subject.clone(),
                 certificate_sha256: key.cert_sha256.clone(),
@@ -890,6 +913,12 @@ fn print_summary(report: &Report, output: &Path) {
             "airlock:   TPM PCR 11 once booted ({}): {}",
             last.phase, last.sha256
         );
+    }
+    match &report.tpm_policy_public_key_sha256 {
+        Some(key) => println!(
+            "airlock:   PCR 11 policy signed for each boot phase by the key with sha256 {key}"
+        ),
+        None => println!("airlock:   PCR 11 policy: NOT signed (--tpm-policy-key)"),
     }
     println!(
         "airlock:   {} packages, kernel {}, SELinux policy {} (enforcing)",

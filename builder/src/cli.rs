@@ -120,6 +120,12 @@ pub struct BuildArgs {
     /// The db certificate (PEM) of --secure-boot-key.
     #[arg(long, requires = "secure_boot_key", value_name = "DB_CERT")]
     pub secure_boot_cert: Option<PathBuf>,
+    /// Sign the UKI's PCR 11 policy for each boot phase with this private
+    /// key (PEM, unencrypted; `airlock genkeys --secure-boot` writes
+    /// tpm2-pcr-private-key.pem): secrets sealed to it in a PC's TPM unseal
+    /// under every image signed with it, and under no other.
+    #[arg(long, value_name = "KEY")]
+    pub tpm_policy_key: Option<PathBuf>,
     /// Print every command and its output.
     #[arg(long, short)]
     pub verbose: bool,
@@ -127,7 +133,8 @@ pub struct BuildArgs {
 
 /// Make signing keys IT keeps. With --secure-boot: the UEFI Secure Boot
 /// key pairs PK, KEK and db (`.key` private, `.crt` PEM and `.cer` DER
-/// certificates) and an owner GUID. Refuses to overwrite any key.
+/// certificates), an owner GUID, and the TPM PCR policy key pair
+/// (tpm2-pcr-{private,public}-key.pem). Refuses to overwrite any key.
 ///
 /// Enrol db.cer, KEK.cer and PK.cer in each PC's firmware setup (PK last);
 /// sign builds with `airlock build --secure-boot-key DIR/db.key

@@ -37,6 +37,7 @@ pub fn run(cli: cli::Cli) -> Result<()> {
                 extra_overlays: a.extra_overlays,
                 extra_policy_dirs: a.extra_policy_dirs,
                 secure_boot: a.secure_boot_key.zip(a.secure_boot_cert),
+                tpm_policy_key: a.tpm_policy_key,
                 verbose: a.verbose,
             })?;
             Ok(())
@@ -149,7 +150,7 @@ pub fn run(cli: cli::Cli) -> Result<()> {
                 key.subject, key.cert_sha256
             );
             println!(
-                "airlock: sign builds with --secure-boot-key {0}/db.key --secure-boot-cert {0}/db.crt; enrol db.cer, KEK.cer, then PK.cer in each PC's firmware; keep PK.key and KEK.key offline",
+                "airlock: sign builds with --secure-boot-key {0}/db.key --secure-boot-cert {0}/db.crt --tpm-policy-key {0}/tpm2-pcr-private-key.pem; enrol db.cer, KEK.cer, then PK.cer in each PC's firmware; keep PK.key and KEK.key offline",
                 a.output.display()
             );
             Ok(())

@@ -191,26 +191,46 @@ pub fn make_uki(
     kernel_version: &str,
     cmdline: &str,
     os_release: &str,
+    pcr_policy_key: Option<&crate::secureboot::PcrPolicyKey>,
 ) -> Result<Uki> {
     std::fs::copy(kernel, scratch.join("vmlinuz")).context("copying kernel")?;
     std::fs::write(scratch.join("os-release"), os_release)?;
-    let (values, phases) = runner.in_tree_both(
-        "making the UKI (ukify)",
-        tools_tree,
-        scratch,
-        [
-            "ukify",
-            "build",
-            "--linux=/run/airlock/vmlinuz",
-            "--initrd=/run/airlock/initrd.img",
-            &format!("--cmdline={cmdline}"),
-            &format!("--uname={kernel_version}"),
-            "--os-release=@/run/airlock/os-release",
-            "--measure",
-            "--pcr-banks=sha256",
-            "--output=/run/airlock/uki.efi",
-        ],
-    )?;
+    let mut argv: Vec<String> = [
+        "ukify",
+        "build",
+        "--linux=/run/airlock/vmlinuz",
+        "--initrd=/run/airlock/initrd.img",
+        &format!("--cmdline={cmdline}"),
+        &format!("--uname={kernel_version}"),
+        "--os-release=@/run/airlock/os-release",
+        "--measure",
+        "--pcr-banks=sha256",
+        "--output=/run/airlock/uki.efi",
+    ]
+    .map(String::from)
+    .to_vec();
+    // With a policy key: `.pcrpkey` (its public half) and `.pcrsig` (PCR 11
+    // signed for each boot phase). The private key is in the chroot's
+    // /run/airlock only while ukify runs.
+    let key_dir = scratch.join("pcr-policy-key");
+    if let Some(key) = pcr_policy_key {
+        std::fs::create_dir(&key_dir).with_context(|| format!("creating {}", key_dir.display()))?;
+        std::fs::set_permissions(
+            &key_dir,
+            std::os::unix::fs::PermissionsExt::from_mode(0o700),
+        )?;
+        std::fs::copy(&key.key, key_dir.join("private.pem"))
+            .context("copying the PCR policy key")?;
+        std::fs::write(key_dir.join("public.pem"), &key.public_pem)?;
+        argv.push("--pcr-private-key=/run/airlock/pcr-policy-key/private.pem".into());
+        argv.push("--pcr-public-key=/run/airlock/pcr-policy-key/public.pem".into());
+    }
+    let made = runner.in_tree_both("making the UKI (ukify)", tools_tree, scratch, &argv);
+    if key_dir.exists() {
+        std::fs::remove_dir_all(&key_dir)
+            .with_context(|| format!("removing the key copy in {}", key_dir.display()))?;
+    }
+    let (values, phases) = made?;
     let pcr11 = parse_measure(&phases, &values)?;
     Ok(Uki {
         path: scratch.join("uki.efi"),

@@ -29,6 +29,13 @@ pub const ROLES: [&str; 3] = ["db", "KEK", "PK"];
 /// File holding the owner GUID that goes with each enrolled certificate.
 pub const GUID_FILE: &str = "GUID";
 
+/// The key that signs the UKI's PCR 11 policy (`.pcrsig`), and its public
+/// half (`.pcrpkey`), under systemd's own names. A TPM secret sealed to
+/// "PCR 11 as signed by this key" unseals under every image IT builds with
+/// it, and under nothing else: updates need no re-sealing.
+pub const PCR_PRIVATE_KEY: &str = "tpm2-pcr-private-key.pem";
+pub const PCR_PUBLIC_KEY: &str = "tpm2-pcr-public-key.pem";
+
 /// Days a certificate is valid. UEFI does not check expiry; some tools warn
 /// on expired certificates, so ten years.
 const VALID_DAYS: &str = "3650";
@@ -52,6 +59,8 @@ pub fn genkeys(dir: &Path, common_name: &str) -> Result<Vec<PathBuf>> {
     );
     let mut planned: Vec<PathBuf> = ROLES.iter().flat_map(|r| role_files(dir, r)).collect();
     planned.push(dir.join(GUID_FILE));
+    planned.push(dir.join(PCR_PRIVATE_KEY));
+    planned.push(dir.join(PCR_PUBLIC_KEY));
     let existing: Vec<String> = planned
         .iter()
         .filter(|p| p.exists())
@@ -92,6 +101,25 @@ pub fn genkeys(dir: &Path, common_name: &str) -> Result<Vec<PathBuf>> {
             .with_context(|| format!("writing {} (DER)", cer.display()))?;
     }
     std::fs::write(dir.join(GUID_FILE), format!("{}\n", uuid::Uuid::new_v4()))?;
+    let (private, public) = (dir.join(PCR_PRIVATE_KEY), dir.join(PCR_PUBLIC_KEY));
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&private)
+        .with_context(|| format!("creating {}", private.display()))?;
+    cmd!(
+        sh,
+        "openssl genpkey -algorithm RSA -pkeyopt rsa_keygen_bits:2048 -out {private}"
+    )
+    .quiet()
+    .ignore_stderr()
+    .run()
+    .context("making the PCR policy key with openssl")?;
+    cmd!(sh, "openssl pkey -in {private} -pubout -out {public}")
+        .quiet()
+        .run()
+        .context("writing the PCR policy public key")?;
     Ok(planned)
 }
 
@@ -174,6 +202,52 @@ pub fn load_signing_key(key: &Path, cert: &Path) -> Result<SigningKey> {
     })
 }
 
+/// The key a build signs the PCR 11 policy with, checked.
+#[derive(Debug, Clone)]
+pub struct PcrPolicyKey {
+    pub key: PathBuf,
+    /// Its public half, PEM (what the UKI's `.pcrpkey` carries).
+    pub public_pem: String,
+    /// sha256 of the public key's DER (SubjectPublicKeyInfo).
+    pub public_sha256: String,
+}
+
+/// Checks `--tpm-policy-key` before a build starts: an unencrypted PEM
+/// private key (RSA or EC, as systemd-measure takes).
+pub fn load_pcr_policy_key(key: &Path) -> Result<PcrPolicyKey> {
+    ensure!(
+        key.is_file(),
+        "--tpm-policy-key {}: no such file",
+        key.display()
+    );
+    let sh = Shell::new()?;
+    let bad = || {
+        anyhow::anyhow!(
+            "--tpm-policy-key {}: not an unencrypted PEM private key (`airlock genkeys --secure-boot` writes {PCR_PRIVATE_KEY})",
+            key.display()
+        )
+    };
+    let public_pem = cmd!(sh, "openssl pkey -in {key} -passin pass: -pubout")
+        .quiet()
+        .ignore_stderr()
+        .read()
+        .map_err(|_| bad())?;
+    let der = cmd!(
+        sh,
+        "openssl pkey -in {key} -passin pass: -pubout -outform DER"
+    )
+    .quiet()
+    .ignore_stderr()
+    .output()
+    .map_err(|_| bad())?
+    .stdout;
+    Ok(PcrPolicyKey {
+        key: key.to_path_buf(),
+        public_pem: format!("{}\n", public_pem.trim()),
+        public_sha256: hex::encode(Sha256::digest(&der)),
+    })
+}
+
 /// Signs each `(input, output file name)` with `systemd-sbsign` from the
 /// tools tree; the outputs go to `scratch`. The key is copied into the
 /// scratch directory (the chroot's `/run/airlock`) only for the signing and
@@ -234,7 +308,27 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let keys = dir.path().join("sb");
         let written = genkeys(&keys, "airlock test").unwrap();
-        assert_eq!(written.len(), 10);
+        assert_eq!(written.len(), 12);
+        let pcr = load_pcr_policy_key(&keys.join(PCR_PRIVATE_KEY)).unwrap();
+        assert_eq!(
+            pcr.public_pem,
+            std::fs::read_to_string(keys.join(PCR_PUBLIC_KEY)).unwrap()
+        );
+        assert_eq!(
+            std::fs::metadata(keys.join(PCR_PRIVATE_KEY))
+                .unwrap()
+                .permissions()
+                .mode()
+                & 0o777,
+            0o600
+        );
+        let err = load_pcr_policy_key(&keys.join("db.crt"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("--tpm-policy-key") && err.contains("not an unencrypted PEM private key"),
+            "{err}"
+        );
         assert_eq!(
             std::fs::metadata(&keys).unwrap().permissions().mode() & 0o777,
             0o700

@@ -65,6 +65,7 @@ pub fn build_plain_image(
         &kernel_version,
         &cmdline,
         &os_release,
+        None,
     )?
     .path;
     let esp_img = scratch.join("esp.img");

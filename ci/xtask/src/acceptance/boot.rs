@@ -32,6 +32,7 @@ const BOOT_TESTS: &[&str] = &[
     "boot: the data partition fills the larger disk the image was flashed onto",
     "boot: units of ours score MEDIUM exposure or better (systemd-analyze security)",
     "boot: measured boot: the TPM's PCR 11 holds the value the build report predicted for a completed boot",
+    "boot: measured boot: a secret sealed to IT's signed PCR 11 policy unseals, and no longer once PCR 11 is extended by anything else",
 ];
 
 /// Units of ours that are exempt from the exposure check, and why.
@@ -155,7 +156,7 @@ pub fn test_image_boots(suite: &mut Suite, images: &Images, opts: &AcceptanceOpt
         super::kiosk::kiosk_checks(suite, vm, &screens)
     });
     group(suite, &mut vm, "boot:", &|suite, vm| {
-        boot_checks(suite, vm, &machine, images)
+        boot_checks(suite, vm, &machine, images, opts)
     });
     group(suite, &mut vm, "reboot:", &|suite, vm| {
         reboot_checks(suite, vm, &first_boot)
@@ -233,7 +234,13 @@ fn run_group(
 
 /// The checks of the booted system itself (after the guests' groups, so
 /// that the AVC check covers their start).
-fn boot_checks(suite: &mut Suite, vm: &mut Vm, machine: &Machine, images: &Images) {
+fn boot_checks(
+    suite: &mut Suite,
+    vm: &mut Vm,
+    machine: &Machine,
+    images: &Images,
+    opts: &AcceptanceOptions,
+) {
     in_guest_checks(suite, vm);
     suite.test(BOOT_TESTS[13], || {
         // systemd-stub measured the UKI's sections, systemd-pcrphase the
@@ -296,6 +303,30 @@ fn boot_checks(suite: &mut Suite, vm: &mut Vm, machine: &Machine, images: &Image
             bytes >> 20,
             initial >> 20,
             if log.trim().is_empty() { "nothing to grow" } else { log.trim() }
+        ))
+    });
+    // Last: it extends PCR 11, which stays so until the next boot.
+    suite.test(BOOT_TESTS[14], || {
+        let keys = super::images::secure_boot_keys(opts)?;
+        let expected_key = std::fs::read_to_string(keys.join(airlock::secureboot::PCR_PRIVATE_KEY).with_file_name(airlock::secureboot::PCR_PUBLIC_KEY))?;
+        ensure!(images.test_report.tpm_policy_public_key_sha256.is_some(), "the test image's report has no signed PCR policy");
+        // systemd-stub hands the UKI's .pcrpkey and .pcrsig to the system.
+        let booted_key = sh(vm, "cat /run/systemd/tpm2-pcr-public-key.pem")?;
+        ensure!(booted_key.trim() == expected_key.trim(), "/run/systemd/tpm2-pcr-public-key.pem is not IT's policy key:\n{booted_key}");
+        let signature = sh(vm, "head -c 200 /run/systemd/tpm2-pcr-signature.json")?;
+        let secret = format!("airlock-acceptance-{}", std::process::id());
+        let sealed = sh(vm, &format!("printf %s {secret} | systemd-creds encrypt --with-key=tpm2-with-public-key --name=acceptance - /run/acceptance.cred && systemd-creds decrypt --name=acceptance /run/acceptance.cred -"))?;
+        ensure!(sealed == secret, "unsealed {sealed:?}, sealed {secret:?}");
+        // What a changed boot chain would do: PCR 11 no longer matches any
+        // value the policy key signed.
+        sh(vm, "/usr/lib/systemd/systemd-pcrextend --pcr=11 airlock-acceptance-not-signed")?;
+        let after = vm.agent()?.run(&["systemd-creds", "decrypt", "--name=acceptance", "/run/acceptance.cred", "-"], COMMAND_TIMEOUT)?;
+        ensure!(after.exit_code != Some(0), "still unsealed after PCR 11 was extended: {:?}", after.stdout);
+        Ok(format!(
+            "booted .pcrpkey = IT's key; signature {}…; sealed and unsealed {secret:?}; after extending PCR 11: exit {:?}, {}",
+            signature.chars().take(60).collect::<String>(),
+            after.exit_code,
+            after.stderr.lines().last().unwrap_or("").trim()
         ))
     });
 }

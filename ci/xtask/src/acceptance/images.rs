@@ -58,7 +58,8 @@ pub fn secure_boot_keys(opts: &AcceptanceOptions) -> Result<PathBuf> {
     let complete = airlock::secureboot::ROLES
         .iter()
         .all(|r| dir.join(format!("{r}.key")).is_file() && dir.join(format!("{r}.crt")).is_file())
-        && dir.join(airlock::secureboot::GUID_FILE).is_file();
+        && dir.join(airlock::secureboot::GUID_FILE).is_file()
+        && dir.join(airlock::secureboot::PCR_PRIVATE_KEY).is_file();
     if !complete {
         // A run killed half-way through genkeys: start again.
         if dir.exists() {
@@ -204,6 +205,8 @@ fn build(
             }
             Profile::Test => None,
         },
+        // Both profiles: the test machine checks the signed policy.
+        tpm_policy_key: Some(secure_boot_keys(opts)?.join(airlock::secureboot::PCR_PRIVATE_KEY)),
         verbose: false,
     })
     .with_context(|| format!("building the {profile:?} image"))?;

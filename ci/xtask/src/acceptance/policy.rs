@@ -306,6 +306,7 @@ fn sabotage_build(opts: &AcceptanceOptions) -> Result<String> {
         extra_overlays: Vec::new(),
         extra_policy_dirs: vec![source_dir().join("ci/xtask/sabotage/policy-cross-side")],
         secure_boot: None,
+        tpm_policy_key: None,
         verbose: false,
     });
     let error = match result {
