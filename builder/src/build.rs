@@ -630,11 +630,13 @@ fn run_stages(
             runner,
             &trees.tools,
             scratch,
-            &kernel_image,
-            &kernel_version,
-            &cmdline,
-            &os_release,
-            pcr_policy_key,
+            &seal::UkiInputs {
+                kernel: &kernel_image,
+                kernel_version: &kernel_version,
+                cmdline: &cmdline,
+                os_release: &os_release,
+                pcr_policy_key,
+            },
         )
     })?;
     let unsigned_boot_efi = trees

@@ -180,6 +180,16 @@ pub struct Uki {
     pub pcr11: Vec<PhasePcr>,
 }
 
+/// What goes into a UKI besides the initrd (`scratch/initrd.img`).
+pub struct UkiInputs<'a> {
+    pub kernel: &'a Path,
+    pub kernel_version: &'a str,
+    pub cmdline: &'a str,
+    pub os_release: &'a str,
+    /// Signs the PCR 11 policy (`.pcrsig`, `.pcrpkey`) when given.
+    pub pcr_policy_key: Option<&'a crate::secureboot::PcrPolicyKey>,
+}
+
 /// Builds the UKI (systemd-stub + kernel + initrd + command line +
 /// os-release) with the tools tree's ukify, which also predicts PCR 11
 /// (`--measure`).
@@ -187,12 +197,15 @@ pub fn make_uki(
     runner: &Runner,
     tools_tree: &Path,
     scratch: &Path,
-    kernel: &Path,
-    kernel_version: &str,
-    cmdline: &str,
-    os_release: &str,
-    pcr_policy_key: Option<&crate::secureboot::PcrPolicyKey>,
+    inputs: &UkiInputs,
 ) -> Result<Uki> {
+    let UkiInputs {
+        kernel,
+        kernel_version,
+        cmdline,
+        os_release,
+        pcr_policy_key,
+    } = *inputs;
     std::fs::copy(kernel, scratch.join("vmlinuz")).context("copying kernel")?;
     std::fs::write(scratch.join("os-release"), os_release)?;
     let mut argv: Vec<String> = [

@@ -61,11 +61,13 @@ pub fn build_plain_image(
         &runner,
         &trees.tools,
         scratch,
-        &kernel,
-        &kernel_version,
-        &cmdline,
-        &os_release,
-        None,
+        &seal::UkiInputs {
+            kernel: &kernel,
+            kernel_version: &kernel_version,
+            cmdline: &cmdline,
+            os_release: &os_release,
+            pcr_policy_key: None,
+        },
     )?
     .path;
     let esp_img = scratch.join("esp.img");
