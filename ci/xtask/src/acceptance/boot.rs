@@ -129,6 +129,12 @@ pub fn test_image_boots(suite: &mut Suite, images: &Images, opts: &AcceptanceOpt
     // First the guests (they must be up before the AVC checks read the
     // journal, so that their start is covered too).
     let mut faults = Faults::read(&mut vm);
+    // A fault while the machine first came up is no group's, but its
+    // aftermath can show in their checks (a panic's pstore record is
+    // archived at the next boot): say so.
+    if let Some(fault) = faults.since(&Faults::default()) {
+        println!("acceptance: before the test machine's agent first answered (boot {first_boot}): {fault}");
+    }
     let mut group =
         |suite: &mut Suite, vm: &mut Vm, name: &str, checks: &dyn Fn(&mut Suite, &mut Vm)| {
             run_group(suite, vm, &mut faults, name, checks)
