@@ -33,6 +33,7 @@ const BOOT_TESTS: &[&str] = &[
     "boot: units of ours score MEDIUM exposure or better (systemd-analyze security)",
     "boot: measured boot: the TPM's PCR 11 holds the value the build report predicted for a completed boot",
     "boot: measured boot: a secret sealed to IT's signed PCR 11 policy unseals, and no longer once PCR 11 is extended by anything else",
+    "boot: Secure Boot is on (IT's keys) and the kernel is locked down (integrity)",
 ];
 
 /// Units of ours that are exempt from the exposure check, and why.
@@ -102,8 +103,12 @@ pub fn test_image_boots(suite: &mut Suite, images: &Images, opts: &AcceptanceOpt
         let disk = flashed.disk.clone();
         let vars = dir.join("OVMF_VARS.fd");
         let _ = std::fs::remove_file(&vars);
-        // A TPM, as every PC has (measured boot; the TPM units' AVCs count).
-        let machine = Machine::new(&disk, &vars)?.with_tpm(&super::fresh_tpm(&dir)?);
+        // As a PC set up by IT: Secure Boot on with the suite's keys (the
+        // test image is signed like the production one), and a TPM
+        // (measured boot; the TPM units' AVCs count).
+        let keys = super::images::secure_boot_keys(opts)?;
+        let machine =
+            Machine::with_secure_boot(&disk, &vars, &keys)?.with_tpm(&super::fresh_tpm(&dir)?);
         // A display, as on a real PC: the kiosk drives it (bochs-drm) and
         // the `kiosk:` tests take screendumps of it.
         let mut cfg = machine.config();
@@ -248,6 +253,28 @@ fn boot_checks(
     opts: &AcceptanceOptions,
 ) {
     in_guest_checks(suite, vm);
+    suite.test(BOOT_TESTS[15], || {
+        let lockdown = sh(vm, "cat /sys/kernel/security/lockdown")?;
+        let secure_boot = sh(
+            vm,
+            "journalctl -k -b -o cat | grep -m1 'secureboot:' || true",
+        )?;
+        ensure!(
+            secure_boot.contains("Secure boot enabled"),
+            "the kernel says: {:?}",
+            secure_boot.trim()
+        );
+        ensure!(
+            lockdown.contains("[integrity]"),
+            "/sys/kernel/security/lockdown: {}",
+            lockdown.trim()
+        );
+        Ok(format!(
+            "{}; lockdown: {}",
+            secure_boot.trim(),
+            lockdown.trim()
+        ))
+    });
     suite.test(BOOT_TESTS[13], || {
         // systemd-stub measured the UKI's sections, systemd-pcrphase the
         // phases (initrd: enter-initrd, leave-initrd; then sysinit, ready).

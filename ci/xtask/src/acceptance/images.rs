@@ -196,14 +196,11 @@ fn build(
         reuse_output: !fresh,
         extra_overlays,
         extra_policy_dirs: Vec::new(),
-        // What ships is signed for Secure Boot; the test image is not (its
-        // machines boot with Secure Boot off).
-        secure_boot: match profile {
-            Profile::Production => {
-                let keys = secure_boot_keys(opts)?;
-                Some((keys.join("db.key"), keys.join("db.crt")))
-            }
-            Profile::Test => None,
+        // Both signed for Secure Boot: every machine of the suite boots as
+        // a PC set up by IT does (Secure Boot on, kernel lockdown).
+        secure_boot: {
+            let keys = secure_boot_keys(opts)?;
+            Some((keys.join("db.key"), keys.join("db.crt")))
         },
         // Both profiles: the test machine checks the signed policy.
         tpm_policy_key: Some(secure_boot_keys(opts)?.join(airlock::secureboot::PCR_PRIVATE_KEY)),

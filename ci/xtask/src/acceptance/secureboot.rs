@@ -19,7 +19,7 @@ use crate::Machine;
 
 pub const TESTS: &[&str] = &[
     "secure boot: a signed UKI with one byte changed is refused by the firmware; no kernel starts",
-    "secure boot: an unsigned UKI behind the signed boot loader is refused; no kernel starts",
+    "secure boot: the same UKI with its signature removed is refused behind the signed boot loader; no kernel starts",
     "secure boot: a UKI with another command line, signed by a key that is not enrolled, is refused; no kernel starts",
 ];
 
@@ -78,18 +78,13 @@ pub fn refusal_checks(suite: &mut Suite, images: &Images, opts: &AcceptanceOptio
         let dir = machines.join("secure-boot-unsigned");
         let disk = private_copy(&images.production, &dir, "disk.raw")?;
         let esp = Esp::of(&disk, images)?;
-        // The test image is built without a Secure Boot key: its UKI is
-        // what the builder makes unsigned.
-        ensure!(
-            images.test_report.secure_boot.is_none(),
-            "the test image is signed; the test needs an unsigned UKI"
-        );
-        let unsigned =
-            Esp::of(&images.test, images)?.read(&only_uki(&images.test, images)?, &dir)?;
+        let signed = esp.read(&uki, &dir)?;
+        let unsigned = without_signature(&signed)?;
         esp.write(&uki, &unsigned, &dir)?;
         let refusal = boot_expecting_refusal(&dir, &disk, &keys)?;
         Ok(format!(
-            "{uki} replaced by the test image's unsigned UKI ({} bytes); {refusal}",
+            "{uki}: its signature ({} bytes) removed, {} bytes left; {refusal}",
+            signed.len() - unsigned.len(),
             unsigned.len()
         ))
     });
@@ -98,7 +93,11 @@ pub fn refusal_checks(suite: &mut Suite, images: &Images, opts: &AcceptanceOptio
         let dir = machines.join("secure-boot-foreign-key");
         let disk = private_copy(&images.production, &dir, "disk.raw")?;
         let esp = Esp::of(&disk, images)?;
-        let unsigned = Esp::of(&images.test, images)?.read(&only_uki(&images.test, images)?, &dir)?;
+        let test_uki = Esp::of(&images.test, images)?.read(&only_uki(&images.test, images)?, &dir)?;
+        let unsigned = match images.test_report.secure_boot {
+            Some(_) => without_signature(&test_uki)?,
+            None => test_uki,
+        };
         // A key pair of its own, as an attacker would make: never enrolled.
         let foreign = dir.join("foreign-keys");
         if foreign.exists() {
@@ -165,6 +164,32 @@ fn boot_expecting_refusal(dir: &Path, disk: &Path, keys: &Path) -> Result<String
         }
         thread::sleep(Duration::from_secs(1));
     }
+}
+
+/// A PE image without its Authenticode signature, as `sbattach --remove`
+/// makes it: the certificate table (data directory 4 of the PE32+
+/// optional header) cut off the end of the file and its entry zeroed.
+fn without_signature(pe: &[u8]) -> Result<Vec<u8>> {
+    let bytes = |at: usize, n: usize| pe.get(at..at + n).context("not a PE image: too short");
+    let u32_at =
+        |at: usize| -> Result<usize> { Ok(u32::from_le_bytes(bytes(at, 4)?.try_into()?) as usize) };
+    let header = u32_at(0x3c)?;
+    ensure!(
+        bytes(header, 4)? == b"PE\0\0",
+        "not a PE image: no PE signature at {header:#x}"
+    );
+    let optional = header + 4 + 20;
+    ensure!(bytes(optional, 2)? == [0x0b, 0x02], "not a PE32+ image");
+    let entry = optional + 112 + 4 * 8;
+    let (offset, size) = (u32_at(entry)?, u32_at(entry + 4)?);
+    ensure!(size > 0, "the image carries no signature");
+    ensure!(
+        offset + size <= pe.len(),
+        "the certificate table ({offset:#x}, {size} bytes) runs past the end of the file"
+    );
+    let mut out = pe[..offset].to_vec();
+    out[entry..entry + 8].fill(0);
+    Ok(out)
 }
 
 /// An image's ESP, reached with mtools at its offset in the disk file.
@@ -244,5 +269,44 @@ fn only_uki(disk: &Path, images: &Images) -> Result<String> {
             "expected one UKI on the ESP of {}, found {ukis:?}",
             disk.display()
         ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A minimal PE32+ header with a certificate table of `size` bytes at
+    /// the end of a file of `len` bytes.
+    fn pe_with_table(len: usize, size: usize) -> Vec<u8> {
+        let mut pe = vec![0u8; len];
+        pe[0x3c..0x40].copy_from_slice(&0x80u32.to_le_bytes());
+        pe[0x80..0x84].copy_from_slice(b"PE\0\0");
+        let optional = 0x80 + 24;
+        pe[optional..optional + 2].copy_from_slice(&[0x0b, 0x02]);
+        let entry = optional + 144;
+        pe[entry..entry + 4].copy_from_slice(&((len - size) as u32).to_le_bytes());
+        pe[entry + 4..entry + 8].copy_from_slice(&(size as u32).to_le_bytes());
+        pe
+    }
+
+    #[test]
+    fn removing_the_signature_cuts_the_table_and_clears_its_entry() {
+        let pe = pe_with_table(4096, 1024);
+        let out = without_signature(&pe).unwrap();
+        assert_eq!(out.len(), 3072);
+        let entry = 0x80 + 24 + 144;
+        assert_eq!(&out[entry..entry + 8], &[0u8; 8]);
+        assert!(without_signature(&out)
+            .unwrap_err()
+            .to_string()
+            .contains("no signature"));
+        assert!(without_signature(b"MZ").is_err());
+        let mut odd = pe_with_table(4096, 1024);
+        odd[0x80] = b'X';
+        assert!(without_signature(&odd)
+            .unwrap_err()
+            .to_string()
+            .contains("not a PE image"));
     }
 }

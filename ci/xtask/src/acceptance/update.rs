@@ -330,7 +330,10 @@ impl<'a> Timeline<'a> {
         let _ = std::fs::remove_file(&vars);
         // With a TPM, as the test machine: it stays the same TPM across the
         // timeline's boots and power cuts, as a PC's chip does.
-        let machine = Machine::new(&disk, &vars)?.with_tpm(&super::fresh_tpm(&dir)?);
+        // Secure Boot on: each version's UKI must be signed to boot.
+        let keys = super::images::secure_boot_keys(opts)?;
+        let machine =
+            Machine::with_secure_boot(&disk, &vars, &keys)?.with_tpm(&super::fresh_tpm(&dir)?);
         let mut t = Timeline {
             machine,
             outside,
