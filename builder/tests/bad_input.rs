@@ -366,3 +366,68 @@ fn doctor_lists_every_tool_and_names_the_package_of_a_missing_one() {
         .unwrap_or("");
     assert!(line.starts_with("ok "), "the sfdisk line: {line:?}");
 }
+
+/// The IT guide's `airlock genkeys --secure-boot` (twice: the second run
+/// refuses and changes nothing), then builds given a db key of another
+/// certificate, or a certificate as the PCR policy key: refused before any
+/// work, the output directory untouched, the option named.
+#[test]
+fn genkeys_never_overwrites_and_a_build_refuses_mismatched_signing_keys() {
+    let scene = Scene::new(VALID_DEBIAN);
+    let keys = scene.dir.path().join("sb-keys");
+    let genkeys = || {
+        Command::new(env!("CARGO_BIN_EXE_airlock"))
+            .args(["genkeys", "--secure-boot", "--output"])
+            .arg(&keys)
+            .stdin(std::process::Stdio::null())
+            .output()
+            .expect("starting airlock")
+    };
+    let first = genkeys();
+    let stdout = String::from_utf8_lossy(&first.stdout);
+    assert!(
+        first.status.success(),
+        "genkeys failed: {}",
+        String::from_utf8_lossy(&first.stderr)
+    );
+    assert!(
+        stdout.contains("db certificate CN=airlock Secure Boot db")
+            && stdout.contains("--tpm-policy-key"),
+        "{stdout}"
+    );
+    let db_key = std::fs::read(keys.join("db.key")).unwrap();
+    let second = genkeys();
+    assert!(!second.status.success());
+    assert!(String::from_utf8_lossy(&second.stderr).contains("already holds Secure Boot keys"));
+    assert_eq!(
+        std::fs::read(keys.join("db.key")).unwrap(),
+        db_key,
+        "the second genkeys changed db.key"
+    );
+
+    let mut cmd = scene.build(&scene.output());
+    cmd.arg("--secure-boot-key")
+        .arg(keys.join("KEK.key"))
+        .arg("--secure-boot-cert")
+        .arg(keys.join("db.crt"));
+    assert_refused(
+        cmd,
+        &scene.output(),
+        &[
+            "--secure-boot-key",
+            "does not belong to --secure-boot-cert",
+            "CN=airlock Secure Boot db",
+        ],
+    );
+    let mut cmd = scene.build(&scene.output());
+    cmd.arg("--tpm-policy-key").arg(keys.join("db.crt"));
+    assert_refused(
+        cmd,
+        &scene.output(),
+        &["--tpm-policy-key", "not an unencrypted PEM private key"],
+    );
+    // Half a pair is a usage error.
+    let mut cmd = scene.build(&scene.output());
+    cmd.arg("--secure-boot-key").arg(keys.join("db.key"));
+    assert_refused(cmd, &scene.output(), &["--secure-boot-cert"]);
+}
