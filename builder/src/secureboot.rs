@@ -49,14 +49,18 @@ fn role_files(dir: &Path, role: &str) -> [PathBuf; 3] {
     ]
 }
 
-/// Makes PK, KEK and db key pairs and an owner GUID in `dir`. Refuses, before
-/// writing anything, if any of the files is there already (keys are never
-/// overwritten). Returns the files written.
+/// Makes PK, KEK and db key pairs, an owner GUID and the PCR policy key pair
+/// in `dir`. Refuses, before writing anything, if any of the files is there
+/// already (keys are never overwritten). If making one fails, the files this
+/// call wrote are removed, so a second try starts clean. Returns the files
+/// written.
 pub fn genkeys(dir: &Path, common_name: &str) -> Result<Vec<PathBuf>> {
     ensure!(
         !common_name.is_empty() && !common_name.contains(['/', '=', '\n']),
         "--name {common_name:?}: must be non-empty, without '/', '=' or line breaks"
     );
+    // X.509 limits a common name to 64 characters; ours end in " Secure Boot KEK".
+    ensure!(common_name.chars().count() <= 48, "--name {common_name:?}: at most 48 characters (the certificates' common name is \"<name> Secure Boot KEK\", 64 at most)");
     let mut planned: Vec<PathBuf> = ROLES.iter().flat_map(|r| role_files(dir, r)).collect();
     planned.push(dir.join(GUID_FILE));
     planned.push(dir.join(PCR_PRIVATE_KEY));
@@ -76,6 +80,18 @@ pub fn genkeys(dir: &Path, common_name: &str) -> Result<Vec<PathBuf>> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
         .with_context(|| format!("making {} private (0700)", dir.display()))?;
+    let made = write_keys(dir, common_name);
+    if made.is_err() {
+        // None of them existed before (checked above): all are this call's.
+        for file in planned.iter().filter(|p| p.exists()) {
+            let _ = std::fs::remove_file(file);
+        }
+    }
+    made.map(|()| planned)
+}
+
+/// The key files of [`genkeys`], written into an existing private `dir`.
+fn write_keys(dir: &Path, common_name: &str) -> Result<()> {
     let sh = Shell::new()?;
     for role in ROLES {
         let [key, crt, cer] = role_files(dir, role);
@@ -87,14 +103,21 @@ pub fn genkeys(dir: &Path, common_name: &str) -> Result<Vec<PathBuf>> {
             .open(&key)
             .with_context(|| format!("creating {}", key.display()))?;
         let subject = format!("/CN={common_name} Secure Boot {role}/");
-        cmd!(
+        // openssl prints its progress on stderr: shown only if it fails.
+        let out = cmd!(
             sh,
             "openssl req -new -x509 -newkey rsa:2048 -nodes -sha256 -days {VALID_DAYS} -subj {subject} -keyout {key} -out {crt}"
         )
         .quiet()
-        .ignore_stderr()
-        .run()
-        .with_context(|| format!("making the {role} key pair with openssl"))?;
+        .ignore_status()
+        .output()
+        .context("running openssl")?;
+        if !out.status.success() {
+            bail!(
+                "making the {role} key pair with openssl: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
         cmd!(sh, "openssl x509 -in {crt} -outform DER -out {cer}")
             .quiet()
             .run()
@@ -120,7 +143,7 @@ pub fn genkeys(dir: &Path, common_name: &str) -> Result<Vec<PathBuf>> {
         .quiet()
         .run()
         .context("writing the PCR policy public key")?;
-    Ok(planned)
+    Ok(())
 }
 
 /// The owner GUID written by `genkeys`.
@@ -352,6 +375,15 @@ mod tests {
             );
         }
         read_guid(&keys).unwrap();
+        let long = "x".repeat(49);
+        assert!(genkeys(&dir.path().join("long"), &long)
+            .unwrap_err()
+            .to_string()
+            .contains("at most 48 characters"));
+        assert!(
+            !dir.path().join("long").exists(),
+            "a refused name wrote something"
+        );
         let before = std::fs::read(keys.join("db.key")).unwrap();
         let err = genkeys(&keys, "airlock test").unwrap_err().to_string();
         assert!(
