@@ -270,14 +270,19 @@ const OVMF_CANDIDATES: &[(&str, &str)] = &[
 
 /// The installed OVMF pair: (code, variable-store template).
 pub fn find_ovmf() -> Result<(PathBuf, PathBuf)> {
-    OVMF_CANDIDATES
+    find_firmware(OVMF_CANDIDATES, "OVMF firmware")
+}
+
+/// The first of `candidates` (code, variable-store template) installed.
+fn find_firmware(candidates: &[(&str, &str)], what: &str) -> Result<(PathBuf, PathBuf)> {
+    candidates
         .iter()
         .find(|(code, vars)| Path::new(code).exists() && Path::new(vars).exists())
         .map(|(code, vars)| (PathBuf::from(code), PathBuf::from(vars)))
         .with_context(|| {
             format!(
-                "no OVMF firmware found (looked for {}); install Debian package `ovmf` or Fedora package `edk2-ovmf`",
-                OVMF_CANDIDATES.iter().map(|c| c.0).collect::<Vec<_>>().join(", ")
+                "no {what} found (looked for {}); install Debian package `ovmf` or Fedora package `edk2-ovmf`",
+                candidates.iter().map(|c| c.0).collect::<Vec<_>>().join(", ")
             )
         })
 }
@@ -322,16 +327,7 @@ const OVMF_SECURE_BOOT_CANDIDATES: &[(&str, &str)] = &[
 /// unless `vars` exists, as for [`prepare_firmware`]. A PC's firmware set
 /// up the same way boots only what the db key signed.
 pub fn prepare_secure_boot_firmware(vars: &Path, keys: &Path) -> Result<Firmware> {
-    let (code, template) = OVMF_SECURE_BOOT_CANDIDATES
-        .iter()
-        .find(|(code, vars)| Path::new(code).exists() && Path::new(vars).exists())
-        .map(|(code, vars)| (PathBuf::from(code), PathBuf::from(vars)))
-        .with_context(|| {
-            format!(
-                "no Secure Boot OVMF found (looked for {}); install Debian package `ovmf` or Fedora package `edk2-ovmf`",
-                OVMF_SECURE_BOOT_CANDIDATES.iter().map(|c| c.0).collect::<Vec<_>>().join(", ")
-            )
-        })?;
+    let (code, template) = find_firmware(OVMF_SECURE_BOOT_CANDIDATES, "Secure Boot OVMF")?;
     if !vars.exists() {
         let guid = crate::secureboot::read_guid(keys)?.to_string();
         let cert = |role: &str| keys.join(format!("{role}.crt"));

@@ -222,28 +222,25 @@ pub fn make_uki(
     ]
     .map(String::from)
     .to_vec();
+    let ukify =
+        |argv: &[String]| runner.in_tree_both("making the UKI (ukify)", tools_tree, scratch, argv);
     // With a policy key: `.pcrpkey` (its public half) and `.pcrsig` (PCR 11
-    // signed for each boot phase). The private key is in the chroot's
-    // /run/airlock only while ukify runs.
-    let key_dir = scratch.join("pcr-policy-key");
-    if let Some(key) = pcr_policy_key {
-        std::fs::create_dir(&key_dir).with_context(|| format!("creating {}", key_dir.display()))?;
-        std::fs::set_permissions(
-            &key_dir,
-            std::os::unix::fs::PermissionsExt::from_mode(0o700),
-        )?;
-        std::fs::copy(&key.key, key_dir.join("private.pem"))
-            .context("copying the PCR policy key")?;
-        std::fs::write(key_dir.join("public.pem"), &key.public_pem)?;
-        argv.push("--pcr-private-key=/run/airlock/pcr-policy-key/private.pem".into());
-        argv.push("--pcr-public-key=/run/airlock/pcr-policy-key/public.pem".into());
-    }
-    let made = runner.in_tree_both("making the UKI (ukify)", tools_tree, scratch, &argv);
-    if key_dir.exists() {
-        std::fs::remove_dir_all(&key_dir)
-            .with_context(|| format!("removing the key copy in {}", key_dir.display()))?;
-    }
-    let (values, phases) = made?;
+    // signed for each boot phase).
+    let (values, phases) = match pcr_policy_key {
+        Some(key) => {
+            let private = std::fs::read(&key.key).context("reading the PCR policy key")?;
+            let files: [(&str, &[u8]); 2] = [
+                ("private.pem", &private),
+                ("public.pem", key.public_pem.as_bytes()),
+            ];
+            crate::secureboot::with_private_files(scratch, "pcr-policy-key", &files, |_| {
+                argv.push("--pcr-private-key=/run/airlock/pcr-policy-key/private.pem".into());
+                argv.push("--pcr-public-key=/run/airlock/pcr-policy-key/public.pem".into());
+                ukify(&argv)
+            })?
+        }
+        None => ukify(&argv)?,
+    };
     let pcr11 = parse_measure(&phases, &values)?;
     Ok(Uki {
         path: scratch.join("uki.efi"),

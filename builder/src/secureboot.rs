@@ -198,18 +198,13 @@ pub fn load_signing_key(key: &Path, cert: &Path) -> Result<SigningKey> {
     let cert_public = cmd!(sh, "openssl x509 -in {cert} -noout -pubkey")
         .quiet()
         .read()?;
-    // `-passin pass:` makes a passphrase-protected key fail at once instead
-    // of asking on a terminal the build does not have.
-    let key_public = cmd!(sh, "openssl pkey -in {key} -passin pass: -pubout")
-        .quiet()
-        .ignore_stderr()
-        .read()
-        .map_err(|_| {
-            anyhow::anyhow!(
-                "--secure-boot-key {}: not an unencrypted PEM private key (a passphrase-protected key cannot be used by an unattended build)",
-                key.display()
-            )
-        })?;
+    let key_public = public_half(key, "PEM").with_context(|| {
+        format!(
+            "--secure-boot-key {}: not an unencrypted PEM private key (a passphrase-protected key cannot be used by an unattended build)",
+            key.display()
+        )
+    })?;
+    let key_public = String::from_utf8_lossy(&key_public);
     ensure!(
         cert_public.trim() == key_public.trim(),
         "--secure-boot-key {} does not belong to --secure-boot-cert {} ({}): their public keys differ",
@@ -243,32 +238,71 @@ pub fn load_pcr_policy_key(key: &Path) -> Result<PcrPolicyKey> {
         "--tpm-policy-key {}: no such file",
         key.display()
     );
-    let sh = Shell::new()?;
     let bad = || {
-        anyhow::anyhow!(
+        format!(
             "--tpm-policy-key {}: not an unencrypted PEM private key (`airlock genkeys --secure-boot` writes {PCR_PRIVATE_KEY})",
             key.display()
         )
     };
-    let public_pem = cmd!(sh, "openssl pkey -in {key} -passin pass: -pubout")
-        .quiet()
-        .ignore_stderr()
-        .read()
-        .map_err(|_| bad())?;
-    let der = cmd!(
+    let public_pem = public_half(key, "PEM").with_context(bad)?;
+    let der = public_half(key, "DER").with_context(bad)?;
+    Ok(PcrPolicyKey {
+        key: key.to_path_buf(),
+        public_pem: format!("{}\n", String::from_utf8_lossy(&public_pem).trim()),
+        public_sha256: hex::encode(Sha256::digest(&der)),
+    })
+}
+
+/// The public half of the unencrypted private key `key`, in openssl's
+/// `form` (`PEM` or `DER`); `None` if openssl cannot read the key.
+/// `-passin pass:` makes a passphrase-protected key fail at once instead of
+/// asking on a terminal the build does not have.
+fn public_half(key: &Path, form: &str) -> Option<Vec<u8>> {
+    let sh = Shell::new().ok()?;
+    cmd!(
         sh,
-        "openssl pkey -in {key} -passin pass: -pubout -outform DER"
+        "openssl pkey -in {key} -passin pass: -pubout -outform {form}"
     )
     .quiet()
     .ignore_stderr()
     .output()
-    .map_err(|_| bad())?
-    .stdout;
-    Ok(PcrPolicyKey {
-        key: key.to_path_buf(),
-        public_pem: format!("{}\n", public_pem.trim()),
-        public_sha256: hex::encode(Sha256::digest(&der)),
-    })
+    .ok()
+    .filter(|o| o.status.success() && !o.stdout.is_empty())
+    .map(|o| o.stdout)
+}
+
+/// Runs `f` with `files` (name, contents; mode 0600) in the private
+/// directory `scratch/<name>` (0700: the chroot's `/run/airlock/<name>`),
+/// and removes that directory afterwards, whatever happened: a private key
+/// is on the build's scratch space only while a signing tool runs.
+pub fn with_private_files<T>(
+    scratch: &Path,
+    name: &str,
+    files: &[(&str, &[u8])],
+    f: impl FnOnce(&Path) -> Result<T>,
+) -> Result<T> {
+    let dir = scratch.join(name);
+    std::fs::create_dir(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let result = std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))
+        .map_err(anyhow::Error::from)
+        .and_then(|()| {
+            for (file, contents) in files {
+                let path = dir.join(file);
+                std::io::Write::write_all(
+                    &mut std::fs::OpenOptions::new()
+                        .write(true)
+                        .create_new(true)
+                        .mode(0o600)
+                        .open(&path)?,
+                    contents,
+                )
+                .with_context(|| format!("writing {}", path.display()))?;
+            }
+            f(&dir)
+        });
+    std::fs::remove_dir_all(&dir)
+        .with_context(|| format!("removing the key copy in {}", dir.display()))?;
+    result
 }
 
 /// Signs each `(input, output file name)` with `systemd-sbsign` from the
@@ -282,12 +316,10 @@ pub fn sign_efi_binaries(
     key: &SigningKey,
     binaries: &[(&Path, &str)],
 ) -> Result<Vec<PathBuf>> {
-    let dir = scratch.join("secure-boot");
-    std::fs::create_dir(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))?;
-    let result = (|| {
-        std::fs::copy(&key.key, dir.join("db.key")).context("copying the signing key")?;
-        std::fs::copy(&key.cert, dir.join("db.crt")).context("copying the certificate")?;
+    let private = std::fs::read(&key.key).context("reading the signing key")?;
+    let cert = std::fs::read(&key.cert).context("reading the certificate")?;
+    let files: [(&str, &[u8]); 2] = [("db.key", &private), ("db.crt", &cert)];
+    with_private_files(scratch, "secure-boot", &files, |dir| {
         let mut signed = Vec::new();
         for (i, (input, output)) in binaries.iter().enumerate() {
             let unsigned = format!("unsigned-{i}.efi");
@@ -309,10 +341,7 @@ pub fn sign_efi_binaries(
             signed.push(scratch.join(output));
         }
         Ok(signed)
-    })();
-    std::fs::remove_dir_all(&dir)
-        .with_context(|| format!("removing the key copy in {}", dir.display()))?;
-    result
+    })
 }
 
 #[cfg(test)]
