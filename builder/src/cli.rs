@@ -199,6 +199,11 @@ pub struct FlashArgs {
     /// server. Needs --machine (the tunnel address is per PC).
     #[arg(long, value_name = "FILE")]
     pub wireguard_key: Option<PathBuf>,
+    /// Write the data partition's recovery key to this new file (0600)
+    /// instead of printing it. It is never stored on the PC; it unlocks
+    /// /var when the PC's TPM will not (a moved disk, a new mainboard).
+    #[arg(long, value_name = "FILE")]
+    pub recovery_key_out: Option<PathBuf>,
     /// Print every command and its output.
     #[arg(long, short)]
     pub verbose: bool,

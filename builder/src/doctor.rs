@@ -71,6 +71,8 @@ pub const TOOLS: &[Tool] = &[
     tool("blockdev", "util-linux", "util-linux", Need::Flash),
     tool("e2fsck", "e2fsprogs", "e2fsprogs", Need::Flash),
     tool("resize2fs", "e2fsprogs", "e2fsprogs", Need::Flash),
+    tool("dumpe2fs", "e2fsprogs", "e2fsprogs", Need::Flash),
+    tool("cryptsetup", "cryptsetup-bin", "cryptsetup", Need::Flash),
     tool("qemu-img", "qemu-utils", "qemu-img", Need::Flash),
     tool("openssl", "openssl", "openssl", Need::SecureBoot),
     tool(

@@ -63,6 +63,7 @@ pub fn run(cli: cli::Cli) -> Result<()> {
                 guests: a.guests,
                 machine: a.machine,
                 wireguard_key: a.wireguard_key,
+                recovery_key_out: a.recovery_key_out,
                 verbose: a.verbose,
             })?;
             for line in &report.provisioned {

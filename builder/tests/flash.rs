@@ -8,7 +8,8 @@
 //!
 //! Each test checks what an administrator would: the bytes read back, the
 //! table with `sfdisk --verify`, the backup GPT at the disk's end, the data
-//! filesystem with `e2fsck`, provisioned files with their owners, modes and
+//! partition a LUKS2 container that the printed recovery key opens and whose
+//! filesystem `e2fsck` finds clean, provisioned files with their owners, modes and
 //! `security.selinux` xattrs; and for a refusal, one line naming the problem
 //! and a target whose bytes did not change.
 
@@ -80,7 +81,7 @@ impl Drop for LoopDev {
     fn drop(&mut self) {
         let _ = Command::new("umount")
             .arg("-R")
-            .arg(format!("{}p6", self.0))
+            .arg(format!("{}p2", self.0))
             .output();
         let _ = Command::new("losetup").arg("-d").arg(&self.0).status();
     }
@@ -172,7 +173,7 @@ impl Fixture {
                 "-d",
                 var.to_str().unwrap(),
                 data_img.to_str().unwrap(),
-                "16M",
+                "40M",
             ],
         );
 
@@ -187,14 +188,14 @@ impl Fixture {
             };
         let layout = Layout {
             disk_uuid: uuid::Uuid::from_u128(0x1000).to_string(),
-            size: 38 * MIB,
+            size: 61 * MIB,
             partitions: vec![
                 part(1, labels::ESP, types::ESP, 1, 1),
                 part(2, "root_airlock_1.0", types::ROOT_X86_64, 2, 8),
                 part(3, "verity_airlock_1.0", types::ROOT_X86_64_VERITY, 10, 1),
                 part(4, labels::EMPTY, types::ROOT_X86_64, 11, 8),
                 part(5, labels::EMPTY, types::ROOT_X86_64_VERITY, 19, 1),
-                part(6, labels::DATA, types::VAR, 20, 17),
+                part(6, labels::DATA, types::VAR, 20, 40),
             ],
         };
         // The ESP: FAT with the build information `airlock inspect` reads.
@@ -379,13 +380,39 @@ fn check_partitions_as_image(fx: &Fixture, disk: &Path) {
     }
 }
 
-/// e2fsck finds the data filesystem clean, and it fills its partition.
-fn check_data_fs(disk: &Path, table: &airlock::flash::Table) {
+/// The recovery key `airlock flash` printed.
+fn recovery_key(stdout: &str) -> String {
+    let after = stdout
+        .split_once("RECOVERY KEY for /var")
+        .unwrap_or_else(|| panic!("no recovery key printed:\n{stdout}"))
+        .1;
+    let key = after
+        .lines()
+        .map(str::trim)
+        .find(|l| l.len() == 71 && l.split('-').count() == 8)
+        .unwrap_or_else(|| panic!("no recovery key line:\n{stdout}"));
+    key.to_owned()
+}
+
+/// The data partition opened as IT would with the recovery key: `cryptsetup`
+/// gives the volume key for it (no device-mapper on this host, so the data
+/// segment is then decrypted into a file, with the XTS flash wrote it with;
+/// flash's unit tests check that against the IEEE 1619 vectors). Checks the
+/// header on the way: LUKS2, two keyslots, the empty passphrase in one.
+fn open_data(
+    disk: &Path,
+    table: &airlock::flash::Table,
+    stdout: &str,
+) -> (tempfile::TempDir, PathBuf) {
+    use airlock::flash::luks;
     let data = table
         .partitions
         .iter()
         .find(|p| p.label == labels::DATA)
         .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let key_file = dir.path().join("recovery");
+    std::fs::write(&key_file, recovery_key(stdout)).unwrap();
     let lo = LoopDev::attach(&[
         "--read-only",
         "--offset",
@@ -394,8 +421,58 @@ fn check_data_fs(disk: &Path, table: &airlock::flash::Table) {
         &data.size.to_string(),
         disk.to_str().unwrap(),
     ]);
-    run("e2fsck", &["-f", "-n", &lo.0]);
-    let header = run("dumpe2fs", &["-h", &lo.0]);
+    let json = run("cryptsetup", &["luksDump", "--dump-json-metadata", &lo.0]);
+    let segment = luks::parse_metadata(&json).unwrap();
+    luks::check_segment(&segment).unwrap();
+    assert_eq!(segment.keyslots, 2, "{json}");
+    let empty = dir.path().join("empty");
+    std::fs::write(&empty, b"").unwrap();
+    run(
+        "cryptsetup",
+        &[
+            "open",
+            "--test-passphrase",
+            "--key-file",
+            empty.to_str().unwrap(),
+            &lo.0,
+        ],
+    );
+    let vk_file = dir.path().join("vk");
+    run(
+        "cryptsetup",
+        &[
+            "luksDump",
+            "-q",
+            "--dump-volume-key",
+            "--key-file",
+            key_file.to_str().unwrap(),
+            "--volume-key-file",
+            vk_file.to_str().unwrap(),
+            &lo.0,
+        ],
+    );
+    drop(lo);
+    let key = luks::VolumeKey::from_bytes(&std::fs::read(&vk_file).unwrap()).unwrap();
+    let cipher = luks::SegmentCipher::new(&key, segment.iv_tweak);
+    let len = data.size - segment.offset;
+    let mut bytes = luks::read_at(disk, data.start + segment.offset, len as usize).unwrap();
+    cipher.decrypt(&mut bytes, 0);
+    let plain = dir.path().join("var.ext4");
+    std::fs::write(&plain, bytes).unwrap();
+    (dir, plain)
+}
+
+/// The data partition: LUKS2, opened by the recovery key; e2fsck finds its
+/// filesystem clean, and it fills the partition less the LUKS2 header.
+fn check_data_fs(disk: &Path, table: &airlock::flash::Table, stdout: &str) {
+    let data = table
+        .partitions
+        .iter()
+        .find(|p| p.label == labels::DATA)
+        .unwrap();
+    let (_dir, plain) = open_data(disk, table, stdout);
+    run("e2fsck", &["-f", "-n", plain.to_str().unwrap()]);
+    let header = run("dumpe2fs", &["-h", plain.to_str().unwrap()]);
     let field = |name: &str| -> u64 {
         header
             .lines()
@@ -404,11 +481,30 @@ fn check_data_fs(disk: &Path, table: &airlock::flash::Table) {
             .unwrap_or_else(|| panic!("{name} in dumpe2fs"))
     };
     let fs_bytes = field("Block count:") * field("Block size:");
+    let room = data.size - airlock::flash::luks::DATA_OFFSET;
     assert!(
-        fs_bytes <= data.size && data.size - fs_bytes < 4 * MIB,
+        fs_bytes <= room && room - fs_bytes < 4 * MIB,
         "ext4 {fs_bytes} bytes in a {} byte partition",
         data.size
     );
+}
+
+/// The data filesystem (opened with the recovery key) mounted read-only at
+/// `at` (created); undone when dropped.
+fn mount_data(
+    disk: &Path,
+    table: &airlock::flash::Table,
+    stdout: &str,
+    at: &Path,
+) -> (MountAt, LoopDev, tempfile::TempDir) {
+    let (dir, plain) = open_data(disk, table, stdout);
+    let lo = LoopDev::attach(&["--read-only", plain.to_str().unwrap()]);
+    std::fs::create_dir(at).unwrap();
+    run(
+        "mount",
+        &["-t", "ext4", "-o", "ro", &lo.0, at.to_str().unwrap()],
+    );
+    (MountAt(at.to_path_buf()), lo, dir)
 }
 
 #[test]
@@ -417,14 +513,15 @@ fn flash_into_an_image_file_of_the_same_size() {
     let target = fx.target("same.raw", fx.layout.size);
     let stdout = ok(&fx.flash(&target, &[]));
     assert!(stdout.contains("matches the image"), "{stdout}");
+    let data_start = fx.layout.partitions[5].offset;
     assert_eq!(
-        sha256(&target),
-        sha256(&fx.image),
-        "the target is the image, byte for byte"
+        sha256_range(&target, 0, data_start),
+        sha256_range(&fx.image, 0, data_start),
+        "the target is the image, byte for byte, up to the data partition"
     );
     let table = check_table(&target);
     check_backup_gpt_at_end(&target, fx.layout.size);
-    check_data_fs(&target, &table);
+    check_data_fs(&target, &table, &stdout);
 }
 
 /// A disk the image's size has no room to grow, but a machine file fits.
@@ -439,7 +536,7 @@ fn a_same_size_disk_takes_a_machine_file() {
         stdout.contains("provisioned /var/lib/airlock/provision/appliance.toml"),
         "{stdout}"
     );
-    check_data_fs(&target, &check_table(&target));
+    check_data_fs(&target, &check_table(&target), &stdout);
 }
 
 #[test]
@@ -474,7 +571,7 @@ fn flash_into_a_larger_image_file_moves_the_backup_gpt_and_grows_the_data_partit
     // A whole number of MiB: systemd-repart at first boot rounds partitions
     // up to 4 KiB and fails when that rounding does not fit.
     assert_eq!(data.size % MIB, 0, "data partition of {} bytes", data.size);
-    check_data_fs(&target, &table);
+    check_data_fs(&target, &table, &stdout);
     // The bytes between the image's end and the disk's end carry nothing stale.
     assert!(
         stdout.contains(&format!("{} MiB of a 200 MiB disk", data.size / MIB)),
@@ -496,7 +593,7 @@ fn flash_onto_a_block_device() {
     let table = check_table(&dev);
     check_backup_gpt_at_end(&dev, 96 * MIB);
     check_partitions_as_image(&fx, &dev);
-    check_data_fs(&dev, &table);
+    check_data_fs(&dev, &table, &stdout);
     // IT guide §9: `airlock inspect /dev/sdX` on a PC's disk.
     let out = Command::new(env!("CARGO_BIN_EXE_airlock"))
         .args(["inspect", lo.0.as_str()])
@@ -526,10 +623,11 @@ fn a_mounted_or_attached_target_is_refused_and_untouched() {
         e.contains("is in use") && e.contains(&format!("attached to {}", lo.0)),
         "{e}"
     );
-    // A partition mounted: refused as a file, and as the block device.
+    // A partition mounted (the root, erofs; the data partition is LUKS2):
+    // refused as a file, and as the block device.
     let mnt = fx.path("mnt");
     std::fs::create_dir(&mnt).unwrap();
-    let mut part = format!("{}p6", lo.0);
+    let mut part = format!("{}p2", lo.0);
     for _ in 0..50 {
         if Path::new(&part).exists() {
             break;
@@ -537,7 +635,7 @@ fn a_mounted_or_attached_target_is_refused_and_untouched() {
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
     if !Path::new(&part).exists() {
-        part = format!("{}p6", lo.0);
+        part = format!("{}p2", lo.0);
         run("partx", &["--add", &lo.0]);
     }
     run("mount", &["-o", "ro", &part, mnt.to_str().unwrap()]);
@@ -657,15 +755,10 @@ fn provisioning_places_guests_and_machine_with_owners_modes_and_labels() {
         "{stdout}"
     );
     let table = check_table(&target);
-    check_data_fs(&target, &table);
+    check_data_fs(&target, &table, &stdout);
 
-    let data = table
-        .partitions
-        .iter()
-        .find(|p| p.label == labels::DATA)
-        .unwrap();
     let mnt = fx.path("data");
-    let _mounted = mount_partition(&target, data, &mnt, "ext4");
+    let _mounted = mount_data(&target, &table, &stdout, &mnt);
     let label = |p: &Path| {
         String::from_utf8(xattr::get(p, "security.selinux").unwrap().expect("a label")).unwrap()
     };
@@ -1134,13 +1227,8 @@ fn per_pc_wireguard_key_and_address_are_provisioned_and_checked() {
         "the private key was printed:\n{stdout}"
     );
     let table = check_table(&target);
-    let data = table
-        .partitions
-        .iter()
-        .find(|p| p.label == labels::DATA)
-        .unwrap();
     let mnt = fx.path("data");
-    let _mounted = mount_partition(&target, data, &mnt, "ext4");
+    let _mounted = mount_data(&target, &table, &stdout, &mnt);
     let placed = mnt.join("lib/airlock/provision/wg-classified.key");
     let meta = std::fs::metadata(&placed).unwrap();
     assert_eq!(
@@ -1260,7 +1348,7 @@ fn a_built_image_flashes_and_provisions_with_its_own_labels() {
     );
     let table = check_table(&target);
     check_backup_gpt_at_end(&target, size);
-    check_data_fs(&target, &table);
+    check_data_fs(&target, &table, &stdout);
 
     let part = |label_prefix: &str| {
         table
@@ -1270,7 +1358,7 @@ fn a_built_image_flashes_and_provisions_with_its_own_labels() {
             .unwrap()
             .clone()
     };
-    let (root, data) = (part("root_"), part(labels::DATA));
+    let root = part("root_");
     let root_mnt = dir.path().join("root");
     let _root = mount_partition(&target, &root, &root_mnt, "erofs");
     let passwd = std::fs::read_to_string(root_mnt.join("etc/passwd")).unwrap();
@@ -1279,7 +1367,7 @@ fn a_built_image_flashes_and_provisions_with_its_own_labels() {
         .0;
 
     let mnt = dir.path().join("data");
-    let _data = mount_partition(&target, &data, &mnt, "ext4");
+    let _data = mount_data(&target, &table, &stdout, &mnt);
     let label = |rel: &str| {
         String::from_utf8(
             xattr::get(mnt.join(rel), "security.selinux")
@@ -1404,4 +1492,70 @@ fn a_bundle_makes_an_update_stick_written_raw_and_read_back() {
     let e = refused(&fx.flash_file(&bundle, &backing, &[]));
     assert!(e.contains("is in use"), "{e}");
     assert_eq!(sha256(&backing), before, "a refused stick was written");
+}
+
+/// Issue 11: what flash puts on /var reaches the disk only encrypted, and
+/// the recovery key goes where IT says, never over another.
+#[test]
+fn var_reaches_the_disk_encrypted_and_the_recovery_key_only_where_it_was_asked() {
+    let fx = Fixture::new();
+    let (raw, qcow2) = guests(&fx);
+    // A marker in the classified guest's disk, past its partition table.
+    let marker = b"airlock-flash-test plain text marker 7f3a";
+    let mut bytes = std::fs::read(&raw).unwrap();
+    bytes[3 * MIB as usize..3 * MIB as usize + marker.len()].copy_from_slice(marker);
+    std::fs::write(&raw, &bytes).unwrap();
+    let machine = fx.path("pc.toml");
+    std::fs::write(&machine, MACHINE).unwrap();
+    let key_out = fx.path("pc-0042.recovery");
+    let target = fx.target("pc.raw", 160 * MIB);
+    let args = [
+        "--guest".to_string(),
+        format!("classified={}", raw.display()),
+        "--guest".to_string(),
+        format!("general={}", qcow2.display()),
+        "--machine".to_string(),
+        machine.display().to_string(),
+        "--recovery-key-out".to_string(),
+        key_out.display().to_string(),
+    ];
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let stdout = ok(&fx.flash(&target, &args));
+    let key = std::fs::read_to_string(&key_out).unwrap();
+    let key = key.trim();
+    assert_eq!(
+        std::fs::metadata(&key_out).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    assert!(
+        !stdout.contains(key) && !stdout.contains("RECOVERY KEY"),
+        "the key was printed as well:\n{stdout}"
+    );
+    let disk = std::fs::read(&target).unwrap();
+    assert!(
+        !disk.windows(marker.len()).any(|w| w == marker),
+        "the marker is on the target in plain text"
+    );
+    assert!(
+        !disk.windows(key.len()).any(|w| w == key.as_bytes()),
+        "the recovery key is on the target"
+    );
+    // The key opens /var, and the guest's disk is there, byte for byte.
+    let table = check_table(&target);
+    let as_printed = format!("RECOVERY KEY for /var on it:\n\n    {key}\n");
+    let mnt = fx.path("data");
+    let _data = mount_data(&target, &table, &as_printed, &mnt);
+    let placed = std::fs::read(mnt.join("lib/airlock/classified/disk/windows.img")).unwrap();
+    assert!(placed == bytes, "the provisioned guest disk differs");
+    drop(_data);
+
+    // Asked again with the same file: refused before anything is written.
+    let before = sha256(&target);
+    let e = refused(&fx.flash(&target, &args));
+    assert!(
+        e.contains("--recovery-key-out") && e.contains("exists"),
+        "{e}"
+    );
+    assert_eq!(sha256(&target), before, "the target changed");
+    assert_eq!(std::fs::read_to_string(&key_out).unwrap().trim(), key);
 }

@@ -15,14 +15,20 @@
 //! 4. the image is written ([`copy::write_image`]), synced, read back and
 //!    its sha256 compared;
 //! 5. on a larger target: the backup GPT moved to the disk's end
-//!    (`sfdisk --relocate gpt-bak-std`), the data partition grown to the end
-//!    of the disk (`sfdisk -N`) and its ext4 with it (`e2fsck -f`,
-//!    `resize2fs`, on a loop device over the partition's bytes) — at flash
-//!    time rather than leaving it to systemd-repart on first boot, because
-//!    the guest disks (tens of GiB) must land on it now; systemd-repart and
-//!    systemd-growfs then find nothing to do;
-//! 6. provisioning ([`provision::apply`]): the data partition mounted, files
-//!    written with the run-time contract's owners, modes and SELinux labels.
+//!    (`sfdisk --relocate gpt-bak-std`) and the data partition grown to the
+//!    end of the disk (`sfdisk -N`) — at flash time rather than leaving it
+//!    to systemd-repart on first boot, because the guest disks (tens of
+//!    GiB) must land on it now;
+//! 6. `/var` staged in plain text **on this host** ([`stage_var`]): the
+//!    image's data filesystem copied into a sparse file, checked and fitted
+//!    to the partition less the LUKS2 header (`e2fsck -f`, `resize2fs`),
+//!    then provisioned ([`provision::apply`]): files written with the
+//!    run-time contract's owners, modes and SELinux labels;
+//! 7. the data partition made a LUKS2 container with a fresh volume key,
+//!    the staged filesystem written into it encrypted, read back
+//!    ([`luks`]); the recovery key printed (or written to
+//!    `--recovery-key-out`), never stored on the PC. The PC's first boot
+//!    replaces the one-time empty passphrase by its TPM.
 //!
 //! Slot B is never touched: it stays `_empty` (checked after the write).
 //!
@@ -33,11 +39,14 @@
 //! mounts nothing).
 
 pub mod copy;
+pub mod luks;
 pub mod provision;
 pub mod selabel;
 pub mod target;
 pub mod wgkey;
 
+use std::io::Write;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
@@ -63,6 +72,9 @@ pub struct FlashOptions {
     pub machine: Option<PathBuf>,
     /// `--wireguard-key FILE`: the PC's own tunnel key, if the image uses one.
     pub wireguard_key: Option<PathBuf>,
+    /// `--recovery-key-out FILE`: where the recovery key goes (a new file,
+    /// 0600) instead of standard output.
+    pub recovery_key_out: Option<PathBuf>,
     pub verbose: bool,
 }
 
@@ -78,6 +90,8 @@ pub struct FlashReport {
     /// For an update stick: the bundle's name and version, as its manifest
     /// says (unverified here: every PC verifies before it writes a byte).
     pub stick: Option<String>,
+    /// For a disk: the data partition's LUKS2 recovery key (none for a stick).
+    pub recovery_key: Option<String>,
 }
 
 /// The target, checked ([`target::probe`]) and at least `size` bytes.
@@ -115,8 +129,12 @@ pub fn is_bundle(file: &Path) -> Result<bool> {
 /// `airlock flash BUNDLE TARGET`: the update stick.
 fn flash_stick(opts: &FlashOptions, bundle_size: u64) -> Result<FlashReport> {
     let bundle = &opts.image;
-    if !opts.guests.is_empty() || opts.machine.is_some() || opts.wireguard_key.is_some() {
-        bail!("{} is an update bundle: it makes an update stick, which provisions nothing (--guest, --machine and --wireguard-key are for disk images)", bundle.display());
+    if !opts.guests.is_empty()
+        || opts.machine.is_some()
+        || opts.wireguard_key.is_some()
+        || opts.recovery_key_out.is_some()
+    {
+        bail!("{} is an update bundle: it makes an update stick, which provisions nothing (--guest, --machine, --wireguard-key and --recovery-key-out are for disk images)", bundle.display());
     }
     let header = airlock_bundle::format::RawHeader::read(&mut std::io::BufReader::new(
         std::fs::File::open(bundle)?,
@@ -150,6 +168,7 @@ fn flash_stick(opts: &FlashOptions, bundle_size: u64) -> Result<FlashReport> {
         data_size: 0,
         provisioned: Vec::new(),
         stick: Some(stick),
+        recovery_key: None,
     })
 }
 
@@ -404,6 +423,131 @@ fn data_used_bytes(runner: &Runner, image: &Path, data: &TablePartition) -> Resu
     Ok(stat.f_blocks.saturating_sub(stat.f_bfree) * stat.f_frsize)
 }
 
+/// `/var` in plain text in a sparse file on this host, removed when dropped.
+pub struct StagedVar {
+    _dir: tempfile::TempDir,
+    pub file: PathBuf,
+    /// The filesystem's size: the data partition less the LUKS2 header.
+    pub size: u64,
+}
+
+/// Copies the image's data filesystem into a staging file (in `$TMPDIR`,
+/// holes kept), checks it and fits it to a data partition of
+/// `partition_size` bytes less the LUKS2 header.
+pub fn stage_var(
+    runner: &Runner,
+    image: &Path,
+    data: &TablePartition,
+    partition_size: u64,
+) -> Result<StagedVar> {
+    use std::io::{Read, Seek, SeekFrom, Write};
+    let size = partition_size
+        .checked_sub(luks::DATA_OFFSET)
+        .map(|s| s / luks::SECTOR * luks::SECTOR)
+        .filter(|&s| s >= 16 * MIB)
+        .with_context(|| {
+            format!(
+                "the data partition ({} MiB) is too small for /var and its LUKS2 header",
+                partition_size / MIB
+            )
+        })?;
+    let dir = tempfile::Builder::new()
+        .prefix("airlock-flash-var-")
+        .tempdir()
+        .context("creating the staging directory for /var (set TMPDIR to a disk with room)")?;
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700))?;
+    let free = rustix::fs::statvfs(dir.path())
+        .map(|s| s.f_bavail * s.f_frsize)
+        .unwrap_or(u64::MAX);
+    println!(
+        "airlock: staging /var in plain text in {} (this host only; removed afterwards; {} MiB free there)",
+        dir.path().display(),
+        free / MIB
+    );
+    let file = dir.path().join("var.ext4");
+    let mut input = std::fs::File::open(image)?;
+    let mut out = std::fs::File::create(&file)?;
+    input.seek(SeekFrom::Start(data.start))?;
+    let mut left = data.size;
+    let mut buf = vec![0u8; MIB as usize];
+    let mut pos = 0u64;
+    while left > 0 {
+        let n = left.min(MIB) as usize;
+        input
+            .read_exact(&mut buf[..n])
+            .with_context(|| format!("reading the data partition of {}", image.display()))?;
+        if buf[..n].iter().any(|&b| b != 0) {
+            out.seek(SeekFrom::Start(pos))?;
+            out.write_all(&buf[..n]).with_context(|| {
+                format!(
+                    "writing {} (is {} full?)",
+                    file.display(),
+                    dir.path().display()
+                )
+            })?;
+        }
+        pos += n as u64;
+        left -= n as u64;
+    }
+    out.set_len(size.max(data.size))?;
+    out.sync_all()?;
+    drop(out);
+    let var_loop = Loop::attach(runner, &file, 0, size.max(data.size), false)?;
+    let dev = &var_loop.device;
+    let sh = runner.sh();
+    runner.run(
+        "checking the data filesystem (e2fsck)",
+        cmd!(sh, "e2fsck -f -p {dev}"),
+    )?;
+    let kib = format!("{}K", size / 1024);
+    runner.run(
+        "fitting the data filesystem to the partition (resize2fs)",
+        cmd!(sh, "resize2fs {dev} {kib}"),
+    )?;
+    var_loop.close()?;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&file)?
+        .set_len(size)?;
+    Ok(StagedVar {
+        _dir: dir,
+        file,
+        size,
+    })
+}
+
+/// Makes the target's data partition a LUKS2 container with a fresh volume
+/// key and writes the staged `/var` into it, encrypted. Returns the recovery key.
+fn seal_var(
+    runner: &Runner,
+    target: &target::Target,
+    data: &TablePartition,
+    staging: &StagedVar,
+) -> Result<String> {
+    let ranges = luks::filesystem_used_ranges(runner, &staging.file)?;
+    let key = luks::VolumeKey::random()?;
+    let recovery_key = luks::random_recovery_key()?;
+    let data_loop = Loop::attach(runner, &target.path, data.start, data.size, false)?;
+    let segment = luks::format(runner, &data_loop.device, &key, &recovery_key);
+    data_loop.close()?;
+    let segment = segment?;
+    let mut out = copy::open_for_write(target)?;
+    luks::write_encrypted(
+        &staging.file,
+        &ranges,
+        &luks::SegmentCipher::new(&key, segment.iv_tweak),
+        &mut out,
+        &target.path,
+        data.start + segment.offset,
+    )?;
+    println!(
+        "airlock: /var is LUKS2 ({}), {} MiB; sealed to this PC's TPM at its first boot",
+        luks::CIPHER,
+        staging.size / MIB
+    );
+    Ok(recovery_key)
+}
+
 /// Flashes (and provisions) as `opts` says.
 pub fn flash(opts: &FlashOptions) -> Result<FlashReport> {
     let runner = Runner::new(opts.verbose)?;
@@ -454,7 +598,7 @@ pub fn flash(opts: &FlashOptions) -> Result<FlashReport> {
         root_loop.close()?;
         let plan = plan?;
         let used = data_used_bytes(&runner, image, &layout.data)?;
-        let needed = used + plan.bytes_needed();
+        let needed = used + plan.bytes_needed() + luks::DATA_OFFSET;
         if needed > grown_data_size {
             bail!(
                 "{}: no room for the provisioned files: they need {} MiB on the data partition (with the {} MiB the image uses there), which can grow to {} MiB on this target; use a larger disk",
@@ -467,13 +611,22 @@ pub fn flash(opts: &FlashOptions) -> Result<FlashReport> {
         Some(plan)
     };
 
+    // Nothing may be written before every refusal: the recovery key's file too.
+    if let Some(out) = &opts.recovery_key_out {
+        if out.exists() {
+            bail!(
+                "--recovery-key-out {}: the file exists; a recovery key is never written over another",
+                out.display()
+            );
+        }
+    }
+
     // 4. Write, sync, read back.
     let image_sha256 = write_verified(image, image_size, &target, "image")?;
 
     // 5. Fit the disk.
     let sh = runner.sh();
     let tpath = &target.path;
-    let mut data_size = layout.data.size;
     if target.size > image_size {
         // `sfdisk -N` below would also write the backup header at the end
         // when it saves the table; relocating first says so explicitly and
@@ -497,27 +650,9 @@ pub fn flash(opts: &FlashOptions) -> Result<FlashReport> {
             )
             .stdin(size),
         )?;
-        let table = read_table(&runner, tpath)?;
-        let data = table
-            .partitions
-            .iter()
-            .find(|p| p.number == layout.data.number)
-            .context("the data partition vanished")?;
-        data_size = data.size;
-        let data_loop = Loop::attach(&runner, tpath, data.start, data.size, false)?;
-        let dev = &data_loop.device;
-        runner.run(
-            "checking the data filesystem (e2fsck)",
-            cmd!(sh, "e2fsck -f -p {dev}"),
-        )?;
-        runner.run(
-            "growing the data filesystem (resize2fs)",
-            cmd!(sh, "resize2fs {dev}"),
-        )?;
-        data_loop.close()?;
         println!(
             "airlock: data partition grown to {} MiB (backup GPT at the end of the disk)",
-            data_size / MIB
+            grown_data_size / MIB
         );
     }
     let table = read_table(&runner, tpath)?;
@@ -526,21 +661,46 @@ pub fn flash(opts: &FlashOptions) -> Result<FlashReport> {
         "checking the partition table (sfdisk --verify)",
         cmd!(sh, "sfdisk --verify {tpath}"),
     )?;
+    let data = table
+        .partitions
+        .iter()
+        .find(|p| p.number == layout.data.number)
+        .context("the data partition vanished")?
+        .clone();
 
-    // 6. Provision.
+    // 6. /var in plain text, on this host only, and provisioned.
+    let staging = stage_var(&runner, image, &layout.data, data.size)?;
     let mut provisioned = Vec::new();
     if let Some(plan) = plan {
-        let data = table
-            .partitions
-            .iter()
-            .find(|p| p.number == layout.data.number)
-            .context("the data partition vanished")?;
-        let data_loop = Loop::attach(&runner, tpath, data.start, data.size, false)?;
-        let mounted = Mounted::mount(&runner, &data_loop.device, "ext4", "nodev,nosuid,noexec")?;
+        let var_loop = Loop::attach(&runner, &staging.file, 0, staging.size, false)?;
+        let mounted = Mounted::mount(&runner, &var_loop.device, "ext4", "nodev,nosuid,noexec")?;
         let applied = provision::apply(&plan, mounted.path());
         mounted.close()?;
-        data_loop.close()?;
+        var_loop.close()?;
         provisioned = applied?;
+    }
+
+    // 7. The LUKS2 container, and /var written into it encrypted.
+    let recovery_key = seal_var(&runner, &target, &data, &staging)?;
+    drop(staging);
+    match &opts.recovery_key_out {
+        Some(out) => {
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(out)
+                .and_then(|mut f| f.write_all(format!("{recovery_key}\n").as_bytes()))
+                .with_context(|| format!("writing the recovery key to {}", out.display()))?;
+            println!(
+                "airlock: recovery key for /var written to {} (keep it with IT, away from the PC)",
+                out.display()
+            );
+        }
+        None => println!(
+            "airlock: RECOVERY KEY for /var on {} (write it down and keep it with IT; it is not stored on the PC):\n\n    {recovery_key}\n",
+            tpath.display()
+        ),
     }
     if target.kind == target::Kind::Block {
         // The kernel learns the new table; failing that, the next boot reads it.
@@ -554,9 +714,10 @@ pub fn flash(opts: &FlashOptions) -> Result<FlashReport> {
     Ok(FlashReport {
         image_sha256,
         target_size: target.size,
-        data_size,
+        data_size: data.size,
         provisioned,
         stick: None,
+        recovery_key: Some(recovery_key),
     })
 }
 
