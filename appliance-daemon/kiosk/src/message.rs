@@ -28,6 +28,9 @@ pub enum Message {
     NoDisk { path: String },
     /// No supervisor answers and the machine settings file is absent.
     NotProvisioned,
+    /// No supervisor answers and `/var` is the empty stand-in of
+    /// `airlock-var-locked.service`: the data partition stayed closed.
+    DataLocked,
     /// The info page IT asks for (Ctrl + the switch key): what this PC
     /// runs and what its last update did ([`crate::info::page`]); the lines
     /// are already printable ASCII.
@@ -41,6 +44,27 @@ const FLASH: [&str; 3] = [
     "    --guest classified=FILE --guest general=FILE",
     "(IT guide, section 6: Flash and provision a PC)",
 ];
+
+/// Why /var stays closed, and what IT does (`docs/it-guide.md`, "Data locked").
+const LOCKED: [&str; 7] = [
+    "This PC's data partition did not open, so no guest",
+    "starts. Its disk was moved to another PC, the system",
+    "was changed, or it was written without airlock flash.",
+    "",
+    "IT: open it with the recovery key airlock flash",
+    "printed, or flash the PC again",
+    "(IT guide, section 10: Data locked)",
+];
+
+/// statfs(2)'s magic number of a tmpfs.
+const TMPFS_MAGIC: i64 = 0x0102_1994;
+
+/// Whether `/var` (`path`) is a tmpfs: the stand-in that
+/// `airlock-var-locked.service` mounts when the data partition stays
+/// closed. The real /var is ext4 on the opened LUKS2 container.
+pub fn var_is_locked(path: &Path) -> bool {
+    rustix::fs::statfs(path).is_ok_and(|s| s.f_type as i64 == TMPFS_MAGIC)
+}
 
 impl Message {
     /// The message for `side` from the supervisor's state word and the
@@ -56,6 +80,7 @@ impl Message {
         match self {
             Message::NoDisk { .. } => "NO GUEST DISK",
             Message::NotProvisioned => "THIS PC IS NOT PROVISIONED",
+            Message::DataLocked => "DATA LOCKED",
             Message::Info { .. } => "THIS PC",
         }
     }
@@ -79,6 +104,7 @@ impl Message {
                 "IT: flash it with its machine file and guest disks:".to_owned(),
             ],
             Message::Info { lines } => return lines.clone(),
+            Message::DataLocked => return LOCKED.iter().map(|l| (*l).to_owned()).collect(),
         };
         lines.extend(FLASH.iter().map(|l| (*l).to_owned()));
         lines
@@ -96,6 +122,9 @@ impl Message {
                 )
             }
             Message::Info { lines } => format!("{LOG_PREFIX}info page: {}", lines.join(" | ")),
+            Message::DataLocked => format!(
+                "{LOG_PREFIX}data locked: /var did not open (TPM refused or not flashed); no guest starts"
+            ),
         }
     }
 }
@@ -202,6 +231,11 @@ mod tests {
         assert!(lines[0].contains("CLASSIFIED"), "{lines:?}");
         assert!(lines.contains(&"/var/lib/airlock/classified/disk/w.qcow2".to_owned()));
         assert!(lines.iter().any(|l| l.contains("--guest classified=FILE")));
+        let locked = Message::DataLocked.lines(Side::General);
+        assert!(
+            locked.iter().any(|l| l.contains("recovery key")),
+            "{locked:?}"
+        );
         let lines = Message::NotProvisioned.lines(Side::General);
         assert!(lines.contains(&MACHINE_FILE.to_owned()));
         assert!(lines
@@ -210,6 +244,7 @@ mod tests {
         for line in Message::NotProvisioned
             .lines(Side::General)
             .iter()
+            .chain(&locked)
             .chain(&m.lines(Side::General))
         {
             assert!(

@@ -64,12 +64,21 @@ pub fn parse_status(line: &str) -> Option<(GuestReport, GuestReport)> {
 }
 
 /// What both guests show while no supervisor answers, after `failures`
-/// failed connections in a row: [`NO_SUPERVISOR`], and
-/// [`Message::NotProvisioned`] once that lasts and `machine_file` is
-/// absent.
-pub fn without_supervisor(failures: u32, machine_file: &Path) -> GuestReport {
-    let message = (failures >= NOT_PROVISIONED_AFTER && message::machine_file_absent(machine_file))
-        .then_some(Message::NotProvisioned);
+/// failed connections in a row: [`NO_SUPERVISOR`], and once that lasts,
+/// [`Message::DataLocked`] if `var_locked` says /var stayed closed, else
+/// [`Message::NotProvisioned`] if `machine_file` is absent.
+pub fn without_supervisor(
+    failures: u32,
+    machine_file: &Path,
+    var_locked: impl Fn() -> bool,
+) -> GuestReport {
+    let message = if failures < NOT_PROVISIONED_AFTER {
+        None
+    } else if var_locked() {
+        Some(Message::DataLocked)
+    } else {
+        message::machine_file_absent(machine_file).then_some(Message::NotProvisioned)
+    };
     GuestReport::new(NO_SUPERVISOR, message)
 }
 
@@ -101,7 +110,9 @@ pub fn follow(socket: &Path, machine_file: &Path, updates: Sender<Event>) {
                 failures = failures.saturating_add(1);
             }
         }
-        let report = without_supervisor(failures, machine_file);
+        let report = without_supervisor(failures, machine_file, || {
+            message::var_is_locked(Path::new("/var"))
+        });
         if updates.send(Event::Status(report.clone(), report)).is_err() {
             return;
         }
@@ -180,17 +191,21 @@ mod tests {
         let file = dir.path().join("appliance.toml");
         for failures in 0..NOT_PROVISIONED_AFTER {
             assert_eq!(
-                without_supervisor(failures, &file),
+                without_supervisor(failures, &file, || true),
                 GuestReport::new(NO_SUPERVISOR, None)
             );
         }
         assert_eq!(
-            without_supervisor(NOT_PROVISIONED_AFTER, &file),
+            without_supervisor(NOT_PROVISIONED_AFTER, &file, || false),
             GuestReport::new(NO_SUPERVISOR, Some(Message::NotProvisioned))
+        );
+        assert_eq!(
+            without_supervisor(NOT_PROVISIONED_AFTER, &file, || true),
+            GuestReport::new(NO_SUPERVISOR, Some(Message::DataLocked))
         );
         std::fs::write(&file, "").unwrap();
         assert_eq!(
-            without_supervisor(100, &file),
+            without_supervisor(100, &file, || false),
             GuestReport::new(NO_SUPERVISOR, None)
         );
     }
