@@ -152,3 +152,144 @@ mod tests {
         assert_eq!(median(vec![4.0, 1.0, 2.0, 3.0]), 2.5);
     }
 }
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct BenchSealedOptions {
+    /// The test image (`cargo xtask acceptance` builds one, signed with the
+    /// suite's Secure Boot and PCR policy keys in `--keys`).
+    #[arg(long, default_value = "target/acceptance/images/test/airlock_1.0.raw")]
+    pub image: PathBuf,
+    /// The suite's Secure Boot keys (`airlock genkeys --secure-boot`).
+    #[arg(long, default_value = "target/acceptance/secure-boot-keys")]
+    pub keys: PathBuf,
+    /// Boots after the first (each one opens /var with the TPM).
+    #[arg(long, default_value_t = 3)]
+    pub runs: usize,
+    /// MiB read and written by each throughput figure.
+    #[arg(long, default_value_t = 256)]
+    pub mib: u64,
+}
+
+/// Seconds a unit took to start in this boot (inactive → active), from
+/// systemd's monotonic timestamps; `None` if it did not start.
+fn unit_start_seconds(vm: &mut crate::Vm, unit: &str) -> Result<Option<f64>> {
+    let out = crate::acceptance::boot_sh(
+        vm,
+        &format!("systemctl show -p InactiveExitTimestampMonotonic -p ActiveEnterTimestampMonotonic --value {unit}"),
+    )?;
+    let values: Vec<u64> = out
+        .split_whitespace()
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    Ok(match values.as_slice() {
+        [exit, enter] if *exit > 0 && *enter >= *exit => Some((enter - exit) as f64 / 1e6),
+        _ => None,
+    })
+}
+
+/// `dd`'s throughput line (the last line of its stderr, merged), in MB/s.
+fn dd_mb_per_s(vm: &mut crate::Vm, args: &str) -> Result<f64> {
+    let out = crate::acceptance::boot_sh(
+        vm,
+        &format!("dd {args} status=none; dd {args} 2>&1 | tail -n 1"),
+    )?;
+    let line = out.lines().last().unwrap_or_default();
+    // "268435456 bytes (268 MB, 256 MiB) copied, 1.23 s, 218 MB/s"
+    let seconds: f64 = line
+        .split(", ")
+        .find_map(|f| f.strip_suffix(" s"))
+        .and_then(|s| s.trim().parse().ok())
+        .with_context(|| format!("dd printed {line:?}"))?;
+    let bytes: f64 = line
+        .split_whitespace()
+        .next()
+        .and_then(|b| b.parse().ok())
+        .with_context(|| format!("dd printed {line:?}"))?;
+    Ok(bytes / seconds / 1e6)
+}
+
+/// `cargo xtask bench sealed`: the cost of the sealed /var under this
+/// emulator. The test image is flashed (`airlock flash`, no provisioning)
+/// and booted with Secure Boot and a fresh TPM: the first boot opens /var
+/// with the one-time empty passphrase (no TPM step) and seals it; each
+/// later boot opens it with the TPM. Printed: systemd-cryptsetup@var's
+/// start time per boot, airlock-seal's, their medians; then, in the last
+/// boot, reads through dm-crypt against reads of the raw partition, and
+/// writes through dm-crypt against writes to the unused slot B partition
+/// (O_DIRECT, same disk), and the ratios. Nothing is asserted.
+pub fn sealed(opts: &BenchSealedOptions) -> Result<()> {
+    let dir = tempfile::Builder::new()
+        .prefix("airlock-bench-sealed-")
+        .tempdir_in("/var/tmp")?;
+    let (disk, _recovery) = crate::acceptance::flash_unprovisioned(&opts.image, dir.path())?;
+    let vars = dir.path().join("OVMF_VARS.fd");
+    let keys = std::path::absolute(&opts.keys)?;
+    let tpm = dir.path().join("tpm");
+    std::fs::create_dir_all(&tpm)?;
+    let machine = Machine::with_secure_boot(&disk, &vars, &keys)?.with_tpm(&tpm);
+    let accel = machine.accel();
+    let mut vm = machine.boot()?;
+    let mut boot_id = vm.agent()?.wait_ready(BOOT_TIMEOUT)?;
+    let first = unit_start_seconds(&mut vm, "systemd-cryptsetup@var.service")?
+        .context("systemd-cryptsetup@var did not start in the first boot")?;
+    let seal = unit_start_seconds(&mut vm, "airlock-seal.service")?
+        .context("airlock-seal did not run in the first boot")?;
+    println!("bench sealed: boot 1 (empty passphrase, no TPM step): systemd-cryptsetup@var {first:.2}s; airlock-seal (enrol the TPM) {seal:.2}s");
+    let mut tpm_unlocks = Vec::new();
+    for run in 1..=opts.runs {
+        let _ = vm
+            .agent()?
+            .run(&["systemctl", "reboot"], Duration::from_secs(20));
+        let deadline = Instant::now() + BOOT_TIMEOUT;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            anyhow::ensure!(!left.is_zero(), "no new boot after the reboot");
+            match vm.agent()?.wait_ready(left) {
+                Ok(id) if id != boot_id => {
+                    boot_id = id;
+                    break;
+                }
+                _ => std::thread::sleep(Duration::from_millis(200)),
+            }
+        }
+        let t = unit_start_seconds(&mut vm, "systemd-cryptsetup@var.service")?
+            .context("systemd-cryptsetup@var did not start")?;
+        println!(
+            "bench sealed: boot {} (TPM): systemd-cryptsetup@var {t:.2}s",
+            run + 1
+        );
+        tpm_unlocks.push(t);
+    }
+    let tpm_median = median(tpm_unlocks.clone());
+    println!(
+        "bench sealed: systemd-cryptsetup@var ({accel:?}): empty passphrase {first:.2}s (one boot), TPM median {tpm_median:.2}s of {}; TPM / empty {:.2}",
+        tpm_unlocks.len(),
+        tpm_median / first
+    );
+    let mib = opts.mib;
+    // Reads: the same bytes, decrypted by dm-crypt or raw (the data segment
+    // starts 16 MiB into the partition).
+    let crypt_read = dd_mb_per_s(
+        &mut vm,
+        &format!("if=/dev/mapper/var of=/dev/null bs=1M count={mib} iflag=direct"),
+    )?;
+    let raw_read = dd_mb_per_s(
+        &mut vm,
+        &format!(
+            "if=/dev/disk/by-partlabel/data of=/dev/null bs=1M count={mib} skip=16 iflag=direct"
+        ),
+    )?;
+    // Writes: a file on /var (ext4 on dm-crypt) against the raw, unused
+    // slot B root partition of this throwaway disk.
+    let crypt_write = dd_mb_per_s(
+        &mut vm,
+        &format!(
+            "if=/dev/zero of=/var/tmp/airlock-bench bs=1M count={mib} oflag=direct conv=fsync"
+        ),
+    )?;
+    let raw_write = dd_mb_per_s(&mut vm, &format!("if=/dev/zero of=$(readlink -f /dev/disk/by-partlabel/_empty) bs=1M count={mib} oflag=direct conv=fsync"))?;
+    println!("bench sealed: read {mib} MiB: dm-crypt {crypt_read:.0} MB/s, raw partition {raw_read:.0} MB/s; encrypted / plain {:.2}", crypt_read / raw_read);
+    println!("bench sealed: write {mib} MiB: file on /var (dm-crypt) {crypt_write:.0} MB/s, raw slot B partition {raw_write:.0} MB/s; encrypted / plain {:.2}", crypt_write / raw_write);
+    println!("bench sealed: each dd ran twice (the first warms the cache); figures from the second; one machine, {accel:?}; quote ratios, not absolutes");
+    Ok(())
+}

@@ -27,6 +27,9 @@ enum Cmd {
 enum BenchCmd {
     /// Boot the test image several times and print boot-time medians.
     Boot(xtask::bench::BenchBootOptions),
+    /// Unlock time of the sealed /var (empty passphrase vs TPM) and
+    /// encrypted vs plain I/O throughput, in a booted test image.
+    Sealed(xtask::bench::BenchSealedOptions),
 }
 
 fn main() -> ExitCode {
@@ -34,6 +37,7 @@ fn main() -> ExitCode {
     let result = match &cli.command {
         Cmd::Acceptance(opts) => xtask::acceptance::run(opts).map(|ok| if ok { 0 } else { 1 }),
         Cmd::Bench(BenchCmd::Boot(opts)) => xtask::bench::boot(opts).map(|()| 0),
+        Cmd::Bench(BenchCmd::Sealed(opts)) => xtask::bench::sealed(opts).map(|()| 0),
         Cmd::Boot(opts) => xtask::try_boot::boot(opts),
     };
     match result {

@@ -52,6 +52,7 @@ const REBOOT_TESTS: &[&str] = &[
     "reboot: journal of the first boot survives a reboot",
     "reboot: machine ID stays the same across boots",
     "reboot: zero AVC denials over the reboot and second boot",
+    super::sealed::REBOOT_TEST,
 ];
 
 /// Runs `script` with `sh -c` in the guest; its stdout, or an error with its stderr.
@@ -74,6 +75,8 @@ pub fn test_image_boots(suite: &mut Suite, images: &Images, opts: &AcceptanceOpt
         .chain(super::kiosk::TESTS)
         .chain(super::attacks::TESTS)
         .chain(super::provision::TESTS)
+        .chain(super::sealed::TESTS)
+        .chain(super::sealed::SECOND_PC_TESTS)
         .chain([&super::supervisor::POWEROFF_TEST])
         .copied()
         .collect();
@@ -169,6 +172,9 @@ pub fn test_image_boots(suite: &mut Suite, images: &Images, opts: &AcceptanceOpt
     group(suite, &mut vm, "boot:", &|suite, vm| {
         boot_checks(suite, vm, &machine, images, opts)
     });
+    group(suite, &mut vm, "sealed:", &|suite, vm| {
+        super::sealed::sealed_checks(suite, vm, &flashed)
+    });
     group(suite, &mut vm, "reboot:", &|suite, vm| {
         reboot_checks(suite, vm, &first_boot)
     });
@@ -184,6 +190,9 @@ pub fn test_image_boots(suite: &mut Suite, images: &Images, opts: &AcceptanceOpt
     if suite.failed() > failed_before {
         vm.keep_files();
     }
+    drop(vm);
+    // The powered-off disk, moved to another PC.
+    super::sealed::second_pc(suite, images, opts, &flashed);
 }
 
 /// Runs one group of checks on the test machine. `faults` is what was on
@@ -324,7 +333,8 @@ fn boot_checks(
         let bytes: u64 = bytes.trim().parse().with_context(|| format!("df printed {bytes:?}"))?;
         let initial = images.test_report.partitions.last().map(|p| p.size).unwrap_or(0);
         ensure!(bytes > initial + DISK_GROWTH / 2, "/var is {} MiB; the partition was {} MiB and the disk is {} MiB larger than the image", bytes >> 20, initial >> 20, DISK_GROWTH >> 20);
-        // airlock flash grew it: systemd-repart has nothing left to do.
+        // airlock flash grew it (the image has no repart.d: a disk written
+        // with dd instead keeps /var closed anyway, being no LUKS2).
         let log = sh(vm, "journalctl -b -u systemd-repart.service -o cat --no-pager | grep -i 'growing' || true")?;
         // The backup GPT must be at the end of the disk.
         let sh_host = xshell::Shell::new()?;
@@ -633,6 +643,9 @@ fn reboot_checks(suite: &mut Suite, vm: &mut Vm, first_boot: &str) {
             denials.lines().take(15).collect::<Vec<_>>().join("\n")
         );
         Ok("0 denials in the first boot's shutdown and the second boot".into())
+    });
+    suite.test(REBOOT_TESTS[3], || {
+        super::sealed::tpm_unlock_after_reboot(vm)
     });
     suite.test(REBOOT_TESTS[1], || {
         let now = sh(vm, "cat /etc/machine-id")?;

@@ -24,15 +24,14 @@ const PRODUCTION_TESTS: &[&str] = &[
     "production: no test agent answers",
     "production: Ctrl-Alt-F1..F6 and SysRq show no console (screen unchanged)",
     "production: Ctrl-Alt-Del does not reboot",
-    "production: written raw onto a larger disk, the first boot grows the data partition to the disk's end (systemd-repart)",
+    "production: its first boot sealed /var to the PC's TPM (read from the host after power-off: a systemd-tpm2 token, no empty passphrase; the recovery key still opens it)",
     "production: a PC without guest disks or machine settings shows IT's message on screen, no console",
     "production: boots with Secure Boot on and only IT's keys enrolled (signed boot loader and UKI); the kernel is locked down",
 ];
 
 const MESSAGE_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// How much larger than the image the production machine's disk is (as
-/// when IT copies the image with `dd` instead of `airlock flash`).
+/// How much larger than the image the production machine's disk is.
 const DISK_GROWTH: u64 = 512 << 20;
 
 const TAMPER_TEST: &str = "verity: one flipped byte in the root partition stops the boot";
@@ -42,10 +41,17 @@ pub fn production_boot(suite: &mut Suite, images: &Images, opts: &AcceptanceOpti
         return;
     }
     let dir = opts.work_dir.join("machines/production");
+    let recovery_key = std::cell::RefCell::new(String::new());
     let booted = (|| -> Result<Vm> {
-        let disk = private_copy(&images.production, &dir, "disk.raw")?;
-        let file = std::fs::OpenOptions::new().write(true).open(&disk)?;
-        file.set_len(file.metadata()?.len() + DISK_GROWTH)?;
+        // Flashed as IT does, without provisioning (no guest disks, no
+        // machine file): the kiosk's message for IT.
+        let (disk, key) = super::provision::flash(
+            &images.production,
+            &dir,
+            DISK_GROWTH,
+            vec!["airlock".into(), "flash".into()],
+        )?;
+        *recovery_key.borrow_mut() = key;
         let vars = dir.join("OVMF_VARS.fd");
         let _ = std::fs::remove_file(&vars);
         // As IT sets a PC up: Secure Boot on, the firmware holding only the
@@ -230,24 +236,7 @@ pub fn production_boot(suite: &mut Suite, images: &Images, opts: &AcceptanceOpti
     drop(vm);
     suite.test(PRODUCTION_TESTS[4], || {
         let disk = dir.join("disk.raw");
-        let image_data = images.production_report.partitions.last().context("no partitions in the report")?;
-        let sh = xshell::Shell::new()?;
-        let table = airlock::flash::parse_sfdisk_json(&xshell::cmd!(sh, "sfdisk --json {disk}").quiet().read()?)?;
-        let data = table.partitions.last().context("no partitions on the disk")?;
-        ensure!(data.label == image_data.label, "the last partition is {:?}, not the data partition {:?}", data.label, image_data.label);
-        let end = data.start + data.size;
-        let usable_end = (table.last_lba + 1) * 512;
-        ensure!(
-            data.size >= image_data.size + DISK_GROWTH / 2 && usable_end - end < (1 << 20),
-            "the data partition is {} MiB ending {} KiB before the disk's last usable sector; the image's was {} MiB and the disk is {} MiB larger",
-            data.size >> 20,
-            (usable_end - end) >> 10,
-            image_data.size >> 20,
-            DISK_GROWTH >> 20
-        );
-        let verify = xshell::cmd!(sh, "sfdisk --verify {disk}").quiet().read()?;
-        ensure!(verify.contains("No errors detected"), "sfdisk --verify after growth:\n{verify}");
-        Ok(format!("{} {} MiB → {} MiB, ends at the disk's last usable sector; sfdisk --verify clean", data.label, image_data.size >> 20, data.size >> 20))
+        super::sealed::sealed_on_disk(&disk, &recovery_key.borrow())
     });
 }
 

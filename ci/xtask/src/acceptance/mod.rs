@@ -19,6 +19,7 @@ mod lockdown;
 mod network;
 pub mod policy;
 mod provision;
+mod sealed;
 mod secureboot;
 mod supervisor;
 mod update;
@@ -179,6 +180,20 @@ impl Suite {
             );
         }
     }
+}
+
+/// For the benches: runs `script` with `sh -c` in the guest ([`boot::sh`]).
+pub fn boot_sh(vm: &mut crate::Vm, script: &str) -> Result<String> {
+    boot::sh(vm, script)
+}
+
+/// For the benches: `airlock flash IMAGE dir/disk.raw` without
+/// provisioning; the disk and its recovery key.
+pub fn flash_unprovisioned(
+    image: &std::path::Path,
+    dir: &std::path::Path,
+) -> Result<(std::path::PathBuf, String)> {
+    provision::flash(image, dir, 0, vec!["airlock".into(), "flash".into()])
 }
 
 /// A new TPM for a machine in `dir` (state `dir/tpm`, emptied): a TPM that

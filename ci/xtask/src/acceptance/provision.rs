@@ -40,6 +40,8 @@ pub struct Flashed {
     /// Each side's provisioned guest disk: its sha256 (each file is unique
     /// to the run: a marker in its first bytes).
     pub guest_disks: Vec<(&'static str, String)>,
+    /// The data partition's recovery key (`--recovery-key-out`).
+    pub recovery_key: String,
     pub seconds: f64,
 }
 
@@ -89,23 +91,46 @@ pub fn flash_test_machine(
     args.push("--wireguard-key".into());
     args.push(tunnel_key.display().to_string());
 
-    let disk = dir.join("disk.raw");
-    let _ = std::fs::remove_file(&disk);
-    let image_bytes = std::fs::metadata(&images.test)?.len();
-    std::fs::File::create(&disk)?.set_len(image_bytes + extra)?;
-    args.push(images.test.display().to_string());
-    args.push(disk.display().to_string());
-
-    println!("acceptance: {}", args.join(" "));
     let start = Instant::now();
-    let cli = <airlock::cli::Cli as clap::Parser>::try_parse_from(&args)
-        .context("the IT guide's airlock flash command line")?;
-    airlock::run(cli).context("airlock flash")?;
+    let (disk, recovery_key) = flash(&images.test, dir, extra, args)?;
     Ok(Flashed {
         disk,
         guest_disks,
+        recovery_key,
         seconds: start.elapsed().as_secs_f64(),
     })
+}
+
+/// `airlock flash` (`args`: the command line up to the options) of `image`
+/// onto `dir/disk.raw`, a fresh file `extra` bytes larger than the image,
+/// the recovery key written to a file of IT's (`--recovery-key-out`), never
+/// the PC's. Returns the disk and the recovery key.
+pub fn flash(
+    image: &Path,
+    dir: &Path,
+    extra: u64,
+    mut args: Vec<String>,
+) -> Result<(PathBuf, String)> {
+    std::fs::create_dir_all(dir)?;
+    let recovery_key_file = dir.join("recovery.key");
+    let _ = std::fs::remove_file(&recovery_key_file);
+    args.push("--recovery-key-out".into());
+    args.push(recovery_key_file.display().to_string());
+    let disk = dir.join("disk.raw");
+    let _ = std::fs::remove_file(&disk);
+    let image_bytes = std::fs::metadata(image)?.len();
+    std::fs::File::create(&disk)?.set_len(image_bytes + extra)?;
+    args.push(image.display().to_string());
+    args.push(disk.display().to_string());
+    println!("acceptance: {}", args.join(" "));
+    let cli = <airlock::cli::Cli as clap::Parser>::try_parse_from(&args)
+        .context("the IT guide's airlock flash command line")?;
+    airlock::run(cli).context("airlock flash")?;
+    let recovery_key = std::fs::read_to_string(&recovery_key_file)
+        .context("the recovery key airlock flash wrote")?
+        .trim()
+        .to_owned();
+    Ok((disk, recovery_key))
 }
 
 /// The checks on the booted, flashed test machine.

@@ -57,6 +57,7 @@ pub const TESTS: &[&str] = &[
     "update: the data partition (guest disks, journal) is intact after every step",
     "update: zero AVC denials in every boot of the update machine",
     "update: IT's info page (Ctrl+Scroll Lock) shows the running version, the host name and the last update: the refusal with its reason, later the blessed update",
+    "update: slot B's new UKI (same signed PCR policy) opens /var with the TPM alone: no re-sealing, no re-enrolment",
 ];
 /// Made before the machine boots; the tests above need it.
 const PREPARE: &str = "update: the next version is built, signed, and put on a USB stick";
@@ -987,6 +988,17 @@ impl<'a> Timeline<'a> {
                 again.lines().last().unwrap_or("").trim(),
                 status.trim()
             ))
+        });
+
+        suite.test(TESTS[10], || {
+            let b = self.booted()?;
+            ensure!(
+                b.version == new_version,
+                "running {}, not slot B's {new_version}",
+                b.version
+            );
+            let unlocked = super::sealed::tpm_unlock_after_reboot(self.vm()?)?;
+            Ok(format!("{} from slot B: {unlocked}", b.version))
         });
 
         suite.test(TESTS[9], || {
