@@ -405,12 +405,13 @@ mod tests {
         );
     }
 
-    fn messages() -> [Message; 2] {
+    fn messages() -> [Message; 3] {
         [
             Message::NoDisk {
                 path: "/var/lib/airlock/classified/disk/windows.qcow2".into(),
             },
             Message::NotProvisioned,
+            Message::DataLocked,
         ]
     }
 

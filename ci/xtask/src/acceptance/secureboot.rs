@@ -193,13 +193,13 @@ fn without_signature(pe: &[u8]) -> Result<Vec<u8>> {
 }
 
 /// An image's ESP, reached with mtools at its offset in the disk file.
-struct Esp {
+pub(super) struct Esp {
     disk: PathBuf,
     offset: u64,
 }
 
 impl Esp {
-    fn of(disk: &Path, images: &Images) -> Result<Esp> {
+    pub(super) fn of(disk: &Path, images: &Images) -> Result<Esp> {
         // Both images have the same layout (one manifest); the production
         // report's ESP offset holds for the test image too, and is checked.
         let offset = [&images.production_report, &images.test_report]
@@ -226,7 +226,7 @@ impl Esp {
         format!("{}@@{}", self.disk.display(), self.offset)
     }
 
-    fn read(&self, path: &str, scratch: &Path) -> Result<Vec<u8>> {
+    pub(super) fn read(&self, path: &str, scratch: &Path) -> Result<Vec<u8>> {
         let sh = Shell::new()?;
         let (image, tmp) = (self.image(), scratch.join("esp-read.efi"));
         let _ = std::fs::remove_file(&tmp);
@@ -239,7 +239,7 @@ impl Esp {
         Ok(bytes)
     }
 
-    fn write(&self, path: &str, bytes: &[u8], scratch: &Path) -> Result<()> {
+    pub(super) fn write(&self, path: &str, bytes: &[u8], scratch: &Path) -> Result<()> {
         let sh = Shell::new()?;
         let (image, tmp) = (self.image(), scratch.join("esp-write.efi"));
         std::fs::write(&tmp, bytes)?;
@@ -253,7 +253,7 @@ impl Esp {
 }
 
 /// The one UKI on an image's ESP (`/EFI/Linux/*.efi`).
-fn only_uki(disk: &Path, images: &Images) -> Result<String> {
+pub(super) fn only_uki(disk: &Path, images: &Images) -> Result<String> {
     let esp = Esp::of(disk, images)?;
     let sh = Shell::new()?;
     let image = esp.image();
