@@ -205,6 +205,7 @@ fn dd_mb_per_s(vm: &mut crate::Vm, args: &str) -> Result<f64> {
         .next()
         .and_then(|b| b.parse().ok())
         .with_context(|| format!("dd printed {line:?}"))?;
+    anyhow::ensure!(bytes > 0.0, "dd copied nothing: {line:?}");
     Ok(bytes / seconds / 1e6)
 }
 
@@ -279,16 +280,16 @@ pub fn sealed(opts: &BenchSealedOptions) -> Result<()> {
         ),
     )?;
     println!("bench sealed: read {mib} MiB: dm-crypt {crypt_read:.0} MB/s, raw partition {raw_read:.0} MB/s; encrypted / plain {:.2}", crypt_read / raw_read);
-    // Writes: the same blocks, through dm-crypt and raw, 1 GiB into the
+    // Writes: the same blocks, through dm-crypt and raw, 64 MiB into the
     // segment (this throwaway disk's /var is overwritten: the last step).
     // Slot B is no plain target: only the update agent may write it.
     let crypt_write = dd_mb_per_s(
         &mut vm,
         &format!(
-            "if=/dev/zero of=/dev/mapper/var bs=1M count={mib} seek=1024 oflag=direct conv=fsync"
+            "if=/dev/zero of=/dev/mapper/var bs=1M count={mib} seek=64 oflag=direct conv=fsync"
         ),
     )?;
-    let raw_write = dd_mb_per_s(&mut vm, &format!("if=/dev/zero of=/dev/disk/by-partlabel/data bs=1M count={mib} seek=1040 oflag=direct conv=fsync"))?;
+    let raw_write = dd_mb_per_s(&mut vm, &format!("if=/dev/zero of=/dev/disk/by-partlabel/data bs=1M count={mib} seek=80 oflag=direct conv=fsync"))?;
     println!("bench sealed: write {mib} MiB: dm-crypt {crypt_write:.0} MB/s, raw partition {raw_write:.0} MB/s; encrypted / plain {:.2}", crypt_write / raw_write);
     println!("bench sealed: each dd ran twice (the first warms the cache); figures from the second; one machine, {accel:?}; quote ratios, not absolutes");
     Ok(())

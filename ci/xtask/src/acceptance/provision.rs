@@ -42,6 +42,8 @@ pub struct Flashed {
     pub guest_disks: Vec<(&'static str, String)>,
     /// The data partition's recovery key (`--recovery-key-out`).
     pub recovery_key: String,
+    /// Each side's marker, the first bytes of its provisioned guest disk.
+    pub guest_markers: Vec<(&'static str, String)>,
     pub seconds: f64,
 }
 
@@ -62,9 +64,11 @@ pub fn flash_test_machine(
     std::fs::create_dir_all(dir)?;
     let run = std::process::id();
     let mut guest_disks = Vec::new();
+    let mut guest_markers = Vec::new();
     let mut args: Vec<String> = vec!["airlock".into(), "flash".into()];
     for side in SIDES {
         let marker = format!("airlock-acceptance {side} guest disk, run {run}\n");
+        guest_markers.push((side, marker.trim_end().to_owned()));
         let file = inputs.join(format!("{side}.raw"));
         // A disk as a Windows installation leaves it, as far as flash can
         // tell: a partition table's boot signature at byte 510 (an empty
@@ -97,6 +101,7 @@ pub fn flash_test_machine(
         disk,
         guest_disks,
         recovery_key,
+        guest_markers,
         seconds: start.elapsed().as_secs_f64(),
     })
 }

@@ -29,7 +29,7 @@ use crate::{Machine, Vm};
 
 pub const TESTS: &[&str] = &[
     "sealed: /var is the data partition's LUKS2 container (dm-crypt aes-xts-plain64, 4096-byte sectors), sealed to this PC's TPM at its first boot: a TPM2 slot and the recovery key's, the empty passphrase gone",
-    "sealed: a marker the PC writes to /var is nowhere on the raw disk in plain text; decrypted with the recovery key, it is there",
+    "sealed: a marker the PC writes to /var, and the guests' disk markers, are nowhere on the raw disk in plain text; decrypted with the recovery key, they are there",
 ];
 
 pub const SECOND_PC_TESTS: &[&str] = &[
@@ -117,20 +117,28 @@ pub fn sealed_checks(suite: &mut Suite, vm: &mut Vm, flashed: &Flashed) {
         )?;
         let started = Instant::now();
         let disk = &flashed.disk;
-        let plain = find_in(disk, 0, std::fs::metadata(disk)?.len(), marker.as_bytes(), None)?;
-        ensure!(
-            plain.is_none(),
-            "the marker is in plain text on the raw disk at byte {}",
-            plain.unwrap_or_default()
-        );
+        // And what a guest keeps on /var: each provisioned guest disk
+        // starts with a marker of its own.
+        let mut needles: Vec<(String, &[u8])> = vec![(MARKER_FILE.to_owned(), marker.as_bytes())];
+        for (side, text) in &flashed.guest_markers {
+            needles.push((format!("{side}'s guest disk marker"), text.as_bytes()));
+        }
+        let bytes: Vec<&[u8]> = needles.iter().map(|(_, b)| *b).collect();
+        let plain = find_in(disk, 0, std::fs::metadata(disk)?.len(), &bytes, None)?;
+        for ((what, _), at) in needles.iter().zip(&plain) {
+            ensure!(at.is_none(), "{what} is in plain text on the raw disk at byte {}", at.unwrap_or_default());
+        }
         let (start, len, cipher) = open_with_recovery_key(disk, &flashed.recovery_key)?;
-        let found = find_in(disk, start, len, marker.as_bytes(), Some(&cipher))?;
-        let at = found.context(
-            "the marker is not in the decrypted data partition either: the scan proves nothing",
-        )?;
+        let decrypted = find_in(disk, start, len, &bytes, Some(&cipher))?;
+        for ((what, _), at) in needles.iter().zip(&decrypted) {
+            ensure!(at.is_some(), "{what} is not in the decrypted data partition either: the scan proves nothing");
+        }
+        let names: Vec<&str> = needles.iter().map(|(w, _)| w.as_str()).collect();
         Ok(format!(
-            "{MARKER_FILE} written and synced; raw disk ({} MiB): not found; data segment decrypted with the recovery key: found at byte {at} of it ({:.1}s)",
+            "{MARKER_FILE} written and synced; raw disk ({} MiB) scanned for it and for {}: none found; the data segment decrypted with the recovery key holds all {} ({:.1}s)",
             std::fs::metadata(disk)?.len() >> 20,
+            names[1..].join(", "),
+            names.len(),
             started.elapsed().as_secs_f64()
         ))
     });
@@ -540,24 +548,26 @@ fn open_with_recovery_key(
     ))
 }
 
-/// Byte offset (from `start`) of `needle` in `len` bytes of `file` from
-/// `start`, decrypted by `cipher` first if given (then `start` is the data
-/// segment's first byte and chunks stay sector-aligned).
+/// For each of `needles`, its first byte offset (from `start`) in `len`
+/// bytes of `file` from `start`, decrypted by `cipher` first if given (then
+/// `start` is the data segment's first byte and chunks stay sector-aligned).
 fn find_in(
     file: &Path,
     start: u64,
     len: u64,
-    needle: &[u8],
+    needles: &[&[u8]],
     cipher: Option<&luks::SegmentCipher>,
-) -> Result<Option<u64>> {
+) -> Result<Vec<Option<u64>>> {
     use std::io::{Seek, SeekFrom};
     let mut f = std::fs::File::open(file)?;
     f.seek(SeekFrom::Start(start))?;
     let mut buf = vec![0u8; CHUNK];
+    let mut found: Vec<Option<u64>> = vec![None; needles.len()];
+    let longest = needles.iter().map(|n| n.len()).max().unwrap_or(1);
     // The previous chunk's last bytes, so a needle across two chunks is found.
     let mut carry: Vec<u8> = Vec::new();
     let mut pos = 0u64;
-    while pos < len {
+    while pos < len && found.iter().any(Option::is_none) {
         let n = (len - pos).min(CHUNK as u64) as usize;
         f.read_exact(&mut buf[..n])?;
         if let Some(c) = cipher {
@@ -567,12 +577,14 @@ fn find_in(
         let mut window = std::mem::take(&mut carry);
         let window_start = pos - window.len() as u64;
         window.extend_from_slice(&buf[..n]);
-        if let Some(i) = memchr::memmem::find(&window, needle) {
-            return Ok(Some(window_start + i as u64));
+        for (needle, at) in needles.iter().zip(found.iter_mut()) {
+            if at.is_none() {
+                *at = memchr::memmem::find(&window, needle).map(|i| window_start + i as u64);
+            }
         }
-        let keep = needle.len().saturating_sub(1).min(window.len());
+        let keep = longest.saturating_sub(1).min(window.len());
         carry = window[window.len() - keep..].to_vec();
         pos += n as u64;
     }
-    Ok(None)
+    Ok(found)
 }
