@@ -1559,3 +1559,49 @@ fn var_reaches_the_disk_encrypted_and_the_recovery_key_only_where_it_was_asked()
     assert_eq!(sha256(&target), before, "the target changed");
     assert_eq!(std::fs::read_to_string(&key_out).unwrap().trim(), key);
 }
+
+/// /var is staged on the flashing host: too little room there (TMPDIR on a
+/// 4 MiB tmpfs, a 6 MiB guest disk) is refused before the target is touched.
+#[test]
+fn too_little_room_to_stage_var_is_refused_before_anything_is_written() {
+    let fx = Fixture::new();
+    let (raw, qcow2) = guests(&fx);
+    let machine = fx.path("m.toml");
+    std::fs::write(&machine, MACHINE).unwrap();
+    let target = fx.target("pc.raw", 160 * MIB);
+    let before = sha256(&target);
+    let small = fx.path("small-tmp");
+    std::fs::create_dir(&small).unwrap();
+    run(
+        "mount",
+        &[
+            "-t",
+            "tmpfs",
+            "-o",
+            "size=4m",
+            "tmpfs",
+            small.to_str().unwrap(),
+        ],
+    );
+    let _mounted = MountAt(small.clone());
+    let out = Command::new(env!("CARGO_BIN_EXE_airlock"))
+        .env("TMPDIR", &small)
+        .args([
+            "flash",
+            fx.image.to_str().unwrap(),
+            target.to_str().unwrap(),
+            "--guest",
+        ])
+        .arg(format!("classified={}", raw.display()))
+        .arg("--guest")
+        .arg(format!("general={}", qcow2.display()))
+        .args(["--machine", machine.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let e = refused(&out);
+    assert!(
+        e.contains("no room to stage /var on this host") && e.contains("TMPDIR"),
+        "{e}"
+    );
+    assert_eq!(sha256(&target), before, "the target changed");
+}

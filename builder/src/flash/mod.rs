@@ -608,6 +608,21 @@ pub fn flash(opts: &FlashOptions) -> Result<FlashReport> {
                 grown_data_size / MIB
             );
         }
+        // /var is staged on this host first: the guest disks land there
+        // before they are encrypted onto the target.
+        let staging_dir = std::env::temp_dir();
+        let free = rustix::fs::statvfs(&staging_dir)
+            .map(|s| s.f_bavail * s.f_frsize)
+            .with_context(|| format!("statvfs of {}", staging_dir.display()))?;
+        let staged = used + plan.bytes_needed();
+        if staged > free {
+            bail!(
+                "{}: no room to stage /var on this host: it needs {} MiB there (the provisioned files and what the image keeps on /var), {} MiB are free; set TMPDIR to a directory on a disk with room",
+                staging_dir.display(),
+                staged.div_ceil(MIB),
+                free / MIB
+            );
+        }
         Some(plan)
     };
 
