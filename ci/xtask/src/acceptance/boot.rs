@@ -104,14 +104,10 @@ pub fn test_image_boots(suite: &mut Suite, images: &Images, opts: &AcceptanceOpt
             flashed.seconds
         );
         let disk = flashed.disk.clone();
-        let vars = dir.join("OVMF_VARS.fd");
-        let _ = std::fs::remove_file(&vars);
         // As a PC set up by IT: Secure Boot on with the suite's keys (the
         // test image is signed like the production one), and a TPM
         // (measured boot; the TPM units' AVCs count).
-        let keys = super::images::secure_boot_keys(opts)?;
-        let machine =
-            Machine::with_secure_boot(&disk, &vars, &keys)?.with_tpm(&super::fresh_tpm(&dir)?);
+        let machine = super::pc_as_it_sets_it_up(&disk, &dir, opts)?;
         // A display, as on a real PC: the kiosk drives it (bochs-drm) and
         // the `kiosk:` tests take screendumps of it.
         let mut cfg = machine.config();

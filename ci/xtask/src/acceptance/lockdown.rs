@@ -52,12 +52,9 @@ pub fn production_boot(suite: &mut Suite, images: &Images, opts: &AcceptanceOpti
             vec!["airlock".into(), "flash".into()],
         )?;
         *recovery_key.borrow_mut() = key;
-        let vars = dir.join("OVMF_VARS.fd");
-        let _ = std::fs::remove_file(&vars);
         // As IT sets a PC up: Secure Boot on, the firmware holding only the
         // keys of `airlock genkeys --secure-boot` (no Microsoft keys); a TPM.
-        let machine = Machine::with_secure_boot(&disk, &vars, &secure_boot_keys(opts)?)?
-            .with_tpm(&super::fresh_tpm(&dir)?);
+        let machine = super::pc_as_it_sets_it_up(&disk, &dir, opts)?;
         let mut cfg = machine.config();
         cfg.graphics = Graphics::Std;
         let vm = Vm::start(cfg)?;

@@ -182,6 +182,20 @@ impl Suite {
     }
 }
 
+/// A machine for `disk` as IT sets a PC up: Secure Boot on with only the
+/// suite's keys enrolled (a fresh variable store `dir/OVMF_VARS.fd`) and a
+/// TPM that has never seen a boot ([`fresh_tpm`]).
+pub fn pc_as_it_sets_it_up(
+    disk: &std::path::Path,
+    dir: &std::path::Path,
+    opts: &AcceptanceOptions,
+) -> Result<crate::Machine> {
+    let vars = dir.join("OVMF_VARS.fd");
+    let _ = std::fs::remove_file(&vars);
+    let keys = images::secure_boot_keys(opts)?;
+    Ok(crate::Machine::with_secure_boot(disk, &vars, &keys)?.with_tpm(&fresh_tpm(dir)?))
+}
+
 /// For the benches: runs `script` with `sh -c` in the guest ([`boot::sh`]).
 pub fn boot_sh(vm: &mut crate::Vm, script: &str) -> Result<String> {
     boot::sh(vm, script)

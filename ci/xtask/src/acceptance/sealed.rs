@@ -191,11 +191,7 @@ pub fn second_pc(suite: &mut Suite, images: &Images, opts: &AcceptanceOptions, f
     let dir = opts.work_dir.join("machines/second-pc");
     let booted = (|| -> Result<Vm> {
         let disk = super::images::private_copy(&flashed.disk, &dir, "disk.raw")?;
-        let vars = dir.join("OVMF_VARS.fd");
-        let _ = std::fs::remove_file(&vars);
-        let keys = super::images::secure_boot_keys(opts)?;
-        let machine =
-            Machine::with_secure_boot(&disk, &vars, &keys)?.with_tpm(&super::fresh_tpm(&dir)?);
+        let machine = super::pc_as_it_sets_it_up(&disk, &dir, opts)?;
         let mut cfg = machine.config();
         cfg.graphics = Graphics::Std;
         let mut vm = Vm::start(cfg)?;

@@ -327,14 +327,10 @@ impl<'a> Timeline<'a> {
         let disk =
             super::provision::flash_test_machine(images, opts, &dir, 0, &outside.appliance_key())?
                 .disk;
-        let vars = dir.join("OVMF_VARS.fd");
-        let _ = std::fs::remove_file(&vars);
         // With a TPM, as the test machine: it stays the same TPM across the
         // timeline's boots and power cuts, as a PC's chip does.
         // Secure Boot on: each version's UKI must be signed to boot.
-        let keys = super::images::secure_boot_keys(opts)?;
-        let machine =
-            Machine::with_secure_boot(&disk, &vars, &keys)?.with_tpm(&super::fresh_tpm(&dir)?);
+        let machine = super::pc_as_it_sets_it_up(&disk, &dir, opts)?;
         let mut t = Timeline {
             machine,
             outside,
