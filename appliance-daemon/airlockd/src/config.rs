@@ -1050,11 +1050,13 @@ fn match_network(
 
 /// The provisioning file may only set machine-specific values.
 fn check_provisioning_keys(layer: &Layer) -> Result<(), ConfigError> {
-    let only_shipped = "may only be set in the shipped configuration (the provisioning file on /var may set machine.hostname, a guest's disk, disk_format, memory_mib, vcpus, limits and network.mac, the network uplinks and network.classified.wireguard.address)";
+    let only_shipped = "may only be set in the shipped configuration (the provisioning file on /var may set machine.hostname, a guest's disk, disk_format, memory_mib, vcpus, limits and network.mac, the network uplinks, the update server network.update and network.classified.wireguard.address)";
     if let Some(toml::Value::Table(net)) = &layer.raw.network {
         for (key, value) in net {
             let allowed = match (key.as_str(), value) {
-                ("uplink", _) => true,
+                // The uplinks, and the update server (a site may give
+                // PCs different servers, e.g. a pilot group first).
+                ("uplink" | "update", _) => true,
                 ("classified" | "general", toml::Value::Table(t)) => {
                     // Per PC: the side's uplink, and the classified tunnel's
                     // own address (the peer, its key and the allow-list are
@@ -2027,6 +2029,29 @@ disk = "/var/lib/airlock/general/disk/windows.qcow2"
             .unwrap_err()
             .to_string()
             .contains("colour"));
+    }
+
+    #[test]
+    fn the_update_server_is_a_machine_setting_and_checked() {
+        let text = with_network();
+        assert_eq!(
+            parse("shipped", &text).unwrap().network.unwrap().update,
+            None
+        );
+        let over = "[network.update]\nurl = \"http://203.0.113.80:8080/airlock/current.airlock\"\nuplink = \"general\"\n";
+        let c = parse_layers(&[("shipped", &text, false), ("prov", over, true)]).unwrap();
+        let u = c.network.unwrap().update.unwrap();
+        assert_eq!(u.url, "http://203.0.113.80:8080/airlock/current.airlock");
+        assert_eq!(u.address.to_string(), "203.0.113.80:8080");
+        let bad = "# pc-0042\n[network.update]\nurl = \"http://updates.example/x.airlock\"\nuplink = \"general\"\n";
+        let err = parse_layers(&[("shipped", &text, false), ("prov", bad, true)])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("prov, line 3: `network.update.url`")
+                && err.contains("not an IPv4 address"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -215,6 +215,14 @@ struct RawNetwork {
     uplink: Option<RawUplink>,
     classified: RawClassified,
     general: RawGeneral,
+    update: Option<RawUpdate>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawUpdate {
+    url: String,
+    uplink: Side,
 }
 
 #[derive(Debug, Deserialize)]
@@ -298,6 +306,8 @@ pub struct NetworkConfig {
     pub uplinks: Uplinks,
     pub classified: Classified,
     pub general: General,
+    /// The server the host's update agent fetches bundles from, if any.
+    pub update: Option<UpdateServer>,
 }
 
 /// One physical NIC shared by both sides, or one per side (P14, §5.2 (3)).
@@ -384,6 +394,78 @@ pub struct Wireguard {
     pub peer_public_key: String,
     pub peer_endpoint: SocketAddrV4,
     pub persistent_keepalive: Option<u16>,
+}
+
+/// The update server (`[network.update]`): the one place the host itself
+/// opens a connection to, besides the tunnel's peer. The bundle it serves
+/// is trusted for its signatures, not for where it came from, so plain
+/// `http://` is enough.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpdateServer {
+    /// `http://ADDRESS[:PORT]/PATH` (or `https://`), as the agent fetches it.
+    pub url: String,
+    /// The server's address and port, from the URL: the ruleset lets the
+    /// host open TCP connections to exactly this.
+    pub address: SocketAddrV4,
+    /// The uplink that leads to it.
+    pub uplink: Side,
+}
+
+/// Ports the update agent's SELinux domain may connect to (`http_port_t`
+/// 80, 443, 8443 and `http_cache_port_t` 8080 in the distribution's policy;
+/// policy/airlock.te).
+pub const UPDATE_SERVER_PORTS: [u16; 4] = [80, 443, 8080, 8443];
+
+/// Validates `[network.update] url`: an `http` or `https` URL whose host is
+/// an IPv4 address (the appliance has no resolver: the ruleset needs the
+/// address) and whose port is one of [`UPDATE_SERVER_PORTS`].
+pub fn update_url(key: &str, url: &str) -> Result<SocketAddrV4, ConfigError> {
+    let bad = |why: String| invalid(key, format!("{url:?}: {why}"));
+    if url.chars().any(|c| c.is_whitespace() || c.is_control()) || url.len() > 1024 {
+        return Err(bad(
+            "spaces, control characters or more than 1024 characters".into(),
+        ));
+    }
+    let (scheme, rest) = url
+        .split_once("://")
+        .ok_or_else(|| bad("not a URL (http://ADDRESS[:PORT]/PATH)".into()))?;
+    let default_port = match scheme {
+        "http" => 80,
+        "https" => 443,
+        other => return Err(bad(format!("{other}:// is not http:// or https://"))),
+    };
+    let (authority, path) = rest.split_once('/').unwrap_or((rest, ""));
+    if path.is_empty() || path.ends_with('/') || path.contains(['?', '#']) {
+        return Err(bad(
+            "give the bundle's own path (…/NAME.airlock), without query or fragment".into(),
+        ));
+    }
+    if authority.contains('@') {
+        return Err(bad("no user or password in the URL".into()));
+    }
+    let address = match authority.parse::<SocketAddrV4>() {
+        Ok(a) => a,
+        Err(_) => SocketAddrV4::new(
+            authority.parse::<Ipv4Addr>().map_err(|_| {
+                bad(format!(
+                    "{authority:?} is not an IPv4 address (and port): the appliance has no DNS resolver, and its firewall opens exactly this address"
+                ))
+            })?,
+            default_port,
+        ),
+    };
+    if !UPDATE_SERVER_PORTS.contains(&address.port()) {
+        return Err(bad(format!(
+            "port {} is not a web port the update agent may connect to ({})",
+            address.port(),
+            UPDATE_SERVER_PORTS.map(|p| p.to_string()).join(", ")
+        )));
+    }
+    let ip = *address.ip();
+    if ip.is_unspecified() || ip.is_loopback() || ip.is_multicast() || ip.is_broadcast() {
+        return Err(bad(format!("{ip} is not a server's address")));
+    }
+    Ok(address)
 }
 
 /// Where `airlock flash --wireguard-key` puts the PC's own tunnel key: on
@@ -887,8 +969,33 @@ impl TryFrom<RawNetwork> for NetworkConfig {
             }
         }
 
+        let update = match raw.update.take() {
+            None => None,
+            Some(u) => {
+                let address = update_url("network.update.url", &u.url)?;
+                for seg in [&cseg, &gseg] {
+                    if seg.host_address.contains(*address.ip()) {
+                        return Err(invalid(
+                            "network.update.url",
+                            format!(
+                                "{} is in a guest segment ({}); the update server is outside",
+                                address.ip(),
+                                seg.host_address.network()
+                            ),
+                        ));
+                    }
+                }
+                Some(UpdateServer {
+                    url: u.url,
+                    address,
+                    uplink: u.uplink,
+                })
+            }
+        };
+
         Ok(NetworkConfig {
             uplinks,
+            update,
             classified: Classified {
                 segment: cseg,
                 dns,

@@ -14,7 +14,8 @@
 //!   bridges and only replies on the uplinks, P7), `forward` (default drop;
 //!   classified → allow-listed servers, general → not the classified side,
 //!   P8–P10; general rate limits, P14; tunnel-only with WireGuard, P15),
-//!   `output` (the host starts nothing towards a guest) and `postrouting`
+//!   `output` (the host starts nothing towards a guest, and on the uplinks
+//!   only the tunnel and connections to the update server) and `postrouting`
 //!   (source NAT to the uplink or tunnel address).
 
 use std::fmt::Write as _;
@@ -199,15 +200,24 @@ pub fn render(cfg: &NetworkConfig) -> String {
     o.push_str("\t}\n\n");
 
     // output
-    o.push_str("\t# The host starts nothing towards a guest; errors about their flows pass.\n");
+    o.push_str("\t# The host starts nothing towards a guest, and on its uplinks only the\n");
+    o.push_str("\t# tunnel and the update agent's fetches; errors about flows pass.\n");
     o.push_str("\tchain output {\n\t\ttype filter hook output priority filter; policy accept;\n");
     let _ = writeln!(
         o,
         "\t\toifname {{ \"{cbr}\", \"{gbr}\" }} ct state established,related accept"
     );
     let _ = writeln!(o, "\t\toifname {{ \"{cbr}\", \"{gbr}\" }} counter drop");
+    let mut outward = vec![cup.as_str(), gup.as_str(), cout];
+    outward.sort();
+    outward.dedup();
+    let outward = outward
+        .iter()
+        .map(|i| format!("\"{i}\""))
+        .collect::<Vec<_>>()
+        .join(", ");
     if let Some(w) = &c.wireguard {
-        // The tunnel itself must leave by the classified uplink.
+        // The tunnel itself, and only by the classified uplink.
         let ep = w.peer_endpoint;
         let _ = writeln!(
             o,
@@ -215,7 +225,30 @@ pub fn render(cfg: &NetworkConfig) -> String {
             ep.ip(),
             ep.port()
         );
+        let _ = writeln!(
+            o,
+            "\t\toifname \"{cup}\" ip daddr {} udp dport {} accept",
+            ep.ip(),
+            ep.port()
+        );
     }
+    let _ = writeln!(
+        o,
+        "\t\toifname {{ {outward} }} ct state established,related accept"
+    );
+    if let Some(u) = &cfg.update {
+        let up = &cfg.uplink(u.uplink).interface;
+        let _ = writeln!(
+            o,
+            "\t\toifname \"{up}\" ip daddr {} tcp dport {} ct state new accept comment \"update server\"",
+            u.address.ip(),
+            u.address.port()
+        );
+    }
+    let _ = writeln!(
+        o,
+        "\t\toifname {{ {outward} }} counter drop comment \"the host starts nothing else\""
+    );
     o.push_str("\t}\n\n");
 
     // NAT

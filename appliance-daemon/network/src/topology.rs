@@ -171,6 +171,22 @@ pub fn render_topology(cfg: &NetworkConfig) -> Vec<Step> {
         s.push(step(Link, &format!("ip link set dev {} up", w.interface)));
     }
 
+    // The update server, for the host's own update agent (the main table
+    // has no default route: the host reaches nothing else off its links).
+    if let Some(u) = &cfg.update {
+        let server = Ipv4Cidr {
+            addr: *u.address.ip(),
+            len: 32,
+        };
+        s.push(step(
+            Route,
+            &format!(
+                "ip route replace {server} {}",
+                next_hop(cfg.uplink(u.uplink), server)
+            ),
+        ));
+    }
+
     // Policy routing: forwarded traffic from each bridge uses its side's
     // table. The classified table holds routes to the allow-listed servers
     // only, and a blackhole for everything else; the general table a default

@@ -552,3 +552,84 @@ fn boot_plan_loads_the_ruleset_first_and_enables_forwarding_last() {
         "sysctl -q -w net.ipv4.ip_forward=1"
     );
 }
+
+/// The host's own connections on its uplinks: replies, the tunnel to its
+/// peer, and new TCP connections to the update server; nothing else.
+#[test]
+fn host_opens_connections_only_to_the_update_server_and_the_tunnel() {
+    let r = render(&cfg(PER_SIDE));
+    assert_eq!(
+        block(&r, "inet airlock", "chain output"),
+        [
+            "type filter hook output priority filter; policy accept;",
+            "oifname { \"br-classified\", \"br-general\" } ct state established,related accept",
+            "oifname { \"br-classified\", \"br-general\" } counter drop",
+            "oifname { \"up-cls\", \"up-gen\" } ct state established,related accept",
+            "oifname \"up-gen\" ip daddr 203.0.113.10 tcp dport 80 ct state new accept comment \"update server\"",
+            "oifname { \"up-cls\", \"up-gen\" } counter drop comment \"the host starts nothing else\"",
+        ]
+    );
+    let u = cfg(PER_SIDE)
+        .update
+        .expect("the per-side fixture has an update server");
+    assert_eq!(u.address.to_string(), "203.0.113.10:80");
+    let route: Vec<String> = render_topology(&cfg(PER_SIDE))
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    assert!(
+        route.contains(&"ip route replace 203.0.113.10/32 via 198.51.101.1 dev up-gen".to_string()),
+        "{route:?}"
+    );
+    // Without one: no route, no hole.
+    let r = render(&cfg(SHARED));
+    assert!(!r.contains("tcp dport 80 ct state new accept"), "{r}");
+    assert!(r.contains("oifname { \"up0\" } counter drop comment \"the host starts nothing else\""));
+    // With a tunnel: its packets leave by the classified uplink only, and
+    // the tunnel device is closed to the host's own traffic too.
+    let r = render(&cfg(PER_SIDE_WG));
+    let out = block(&r, "inet airlock", "chain output");
+    assert!(
+        out.contains(&"oifname \"up-cls\" ip daddr 198.51.100.7 udp dport 51820 accept"),
+        "{out:?}"
+    );
+    assert!(out.contains(&"oifname { \"up-cls\", \"up-gen\", \"wg0\" } counter drop comment \"the host starts nothing else\""), "{out:?}");
+}
+
+#[test]
+fn update_server_errors_name_the_key() {
+    let base =
+        "[update]\nurl = \"http://203.0.113.10/airlock/current.airlock\"\nuplink = \"general\"";
+    assert!(PER_SIDE.contains(base));
+    for (to, want) in [
+        ("url = \"http://updates.example/airlock/current.airlock\"", "network.update.url: \"http://updates.example/airlock/current.airlock\": \"updates.example\" is not an IPv4 address"),
+        ("url = \"ftp://203.0.113.10/a.airlock\"", "ftp:// is not http:// or https://"),
+        ("url = \"http://203.0.113.10/\"", "give the bundle's own path"),
+        ("url = \"http://203.0.113.10:2222/a.airlock\"", "port 2222 is not a web port the update agent may connect to (80, 443, 8080, 8443)"),
+        ("url = \"http://user:pw@203.0.113.10/a.airlock\"", "no user or password"),
+        ("url = \"http://10.10.2.7/a.airlock\"", "network.update.url: 10.10.2.7 is in a guest segment"),
+        ("url = \"http://127.0.0.1/a.airlock\"", "127.0.0.1 is not a server's address"),
+    ] {
+        let text = PER_SIDE.replacen(
+            "url = \"http://203.0.113.10/airlock/current.airlock\"",
+            to,
+            1,
+        );
+        let msg = NetworkConfig::from_toml(&text).expect_err(to).to_string();
+        assert!(msg.contains(want), "for {to:?}:\n  got  {msg}\n  want {want}");
+    }
+    let text = PER_SIDE.replacen("uplink = \"general\"", "uplink = \"both\"", 1);
+    let msg = NetworkConfig::from_toml(&text)
+        .expect_err("both")
+        .to_string();
+    assert!(msg.contains("unknown variant `both`"), "{msg}");
+    let ok = PER_SIDE.replacen(
+        "url = \"http://203.0.113.10/airlock/current.airlock\"",
+        "url = \"https://203.0.113.10:8443/a/b.airlock\"",
+        1,
+    );
+    assert_eq!(
+        cfg(&ok).update.unwrap().address.to_string(),
+        "203.0.113.10:8443"
+    );
+}

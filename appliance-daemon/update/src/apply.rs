@@ -139,6 +139,58 @@ pub fn fetch(
     }
 }
 
+/// Before downloading from `url`: the bundle the server offers, verified
+/// from its header. `Some("name version")` when that is the running image
+/// (nothing to download or write), `None` when it is worth downloading.
+/// A refusal or an unreachable server is recorded, as an apply's would be,
+/// so that IT's info page shows it.
+pub fn check_server(
+    cfg: &Config,
+    url: &str,
+    http: &HttpOptions,
+    log: &mut dyn FnMut(String),
+) -> Result<Option<String>> {
+    let offered = load_trust(cfg)
+        .and_then(|trust| source::offered_at(url, &trust, http))
+        .and_then(|v| Ok((v, system::load_root_hash(&cfg.cmdline)?)));
+    match offered {
+        Ok((v, booted)) => {
+            let m = &v.manifest;
+            log(format!(
+                "{url}: offers {} {} signed by {}",
+                m.name,
+                m.version,
+                v.signers.join(", ")
+            ));
+            Ok((m.root_hash == booted).then(|| format!("{} {}", m.name, m.version)))
+        }
+        Err(e) => {
+            let e = if crate::refusal::refused(&e).is_some() {
+                e
+            } else {
+                e.context(Failure::Source)
+            };
+            record(cfg, url, &e, log);
+            Err(e)
+        }
+    }
+}
+
+/// Records a refusal or failure of `what` as the last result.
+fn record(cfg: &Config, what: &str, e: &anyhow::Error, log: &mut dyn FnMut(String)) {
+    let result = if crate::refusal::refused(e).is_some() {
+        "refused"
+    } else {
+        "failed"
+    };
+    if let Err(w) = system::record_outcome(
+        cfg,
+        LastResult::now("apply", result, format!("{what}: {e:#}")),
+    ) {
+        log(format!("warning: recording the result: {w:#}"));
+    }
+}
+
 /// `apply`: fetch, check, write; records the outcome in the state file.
 /// A dropped bundle is renamed `*.applied` or `*.refused` afterwards.
 pub fn apply(
@@ -150,26 +202,38 @@ pub fn apply(
     std::fs::create_dir_all(&cfg.state_dir)
         .with_context(|| format!("creating {}", cfg.state_dir.display()))?;
     let _lock = lock(&cfg.state_dir.join("lock"))?;
-    let (path, dropped) = fetch(cfg, src, &opts.http, log)?;
-    let result = check_and_write(cfg, &path, opts, log);
-    let last = match &result {
-        Ok(a) => LastResult::now(
-            "apply",
-            "applied",
-            format!(
-                "{} written to slot {} ({}), reboot pending",
-                a.version, a.slot, a.entry
-            ),
-        ),
-        Err(e) if crate::refusal::refused(e).is_some() => {
-            LastResult::now("apply", "refused", format!("{}: {e:#}", path.display()))
+    let (path, dropped) = match fetch(cfg, src, &opts.http, log) {
+        Ok(fetched) => fetched,
+        // A download that did not complete is IT's business too (the
+        // other sources' failures are on the spot: a stick, a file).
+        Err(e) => {
+            if let Source::Url(url) = src {
+                record(cfg, url, &e, log);
+            }
+            return Err(e);
         }
-        Err(e) => LastResult::now("apply", "failed", format!("{}: {e:#}", path.display())),
     };
-    let refused = last.result == "refused";
-    if let Err(e) = system::record_outcome(cfg, last) {
-        log(format!("warning: recording the result: {e:#}"));
+    let result = check_and_write(cfg, &path, opts, log);
+    match &result {
+        Ok(a) => {
+            let last = LastResult::now(
+                "apply",
+                "applied",
+                format!(
+                    "{} written to slot {} ({}), reboot pending",
+                    a.version, a.slot, a.entry
+                ),
+            );
+            if let Err(e) = system::record_outcome(cfg, last) {
+                log(format!("warning: recording the result: {e:#}"));
+            }
+        }
+        Err(e) => record(cfg, &path.display().to_string(), e, log),
     }
+    let refused = result
+        .as_ref()
+        .err()
+        .is_some_and(|e| crate::refusal::refused(e).is_some());
     if let Some(d) = dropped {
         if result.is_ok() || refused {
             if let Err(e) = source::retire_dropped(&d, if refused { "refused" } else { "applied" })

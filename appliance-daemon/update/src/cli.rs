@@ -1,9 +1,9 @@
 //! The command line (clap derive); `main.rs` only calls [`main`].
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 
 use crate::apply::{ApplyOptions, FailPoints};
@@ -91,6 +91,11 @@ pub struct SourceArgs {
     /// An http(s) URL, downloaded to the staging directory with resume.
     #[arg(long, value_name = "URL", group = "source")]
     pub url: Option<String>,
+    /// The update server of the appliance configuration (`[network.update]
+    /// url`, usually a machine setting), as the periodic check runs it
+    /// (airlock-update-fetch.timer). Nothing configured: nothing to do.
+    #[arg(long, group = "source")]
+    pub update_server: bool,
 }
 
 #[derive(Debug, Args)]
@@ -103,6 +108,12 @@ pub struct ApplyArgs {
     /// Seconds between download attempts.
     #[arg(long, default_value_t = 5, value_name = "SECS")]
     pub retry_delay: u64,
+    /// With --update-server: the shipped appliance configuration.
+    #[arg(long, value_name = "FILE", default_value = airlockd::config::SHIPPED_CONFIG)]
+    pub appliance_config: PathBuf,
+    /// With --update-server: the machine settings (skipped if missing).
+    #[arg(long, value_name = "FILE", default_value = airlockd::config::PROVISION_CONFIG)]
+    pub machine_settings: PathBuf,
     /// Test hook: stop the slot write after N payload bytes.
     #[arg(long, hide = true, value_name = "N")]
     pub fail_slot_write_after: Option<u64>,
@@ -171,21 +182,47 @@ pub fn main(cli: Cli) -> u8 {
     }
 }
 
+/// `[network.update] url` of the appliance configuration (the image's file
+/// and the machine settings, validated as the supervisor reads them).
+fn update_server(shipped: &Path, machine: &Path) -> Result<Option<String>> {
+    let appliance = airlockd::config::load(shipped, Some(machine)).with_context(|| {
+        format!(
+            "reading the update server from {} and {}",
+            shipped.display(),
+            machine.display()
+        )
+    })?;
+    Ok(appliance.network.and_then(|n| n.update).map(|u| u.url))
+}
+
 fn run(cli: Cli) -> Result<()> {
     let cfg = cli.paths.config()?;
     match cli.command {
         Cmd::Apply(a) => {
+            let configured = if a.source.update_server {
+                match update_server(&a.appliance_config, &a.machine_settings)? {
+                    Some(url) => Some(url),
+                    None => {
+                        println!("no update server in the appliance configuration ([network.update] url in the machine settings); nothing to do");
+                        return Ok(());
+                    }
+                }
+            } else {
+                None
+            };
             let src = match (
                 a.source.file,
                 a.source.drop_dir,
                 a.source.stick,
-                a.source.url,
+                a.source.url.or(configured),
             ) {
                 (Some(f), ..) => Source::File(f),
                 (_, Some(d), ..) => Source::DropDir(d.unwrap_or_else(|| cfg.drop_dir.clone())),
                 (_, _, Some(s), _) => Source::Stick(s),
                 (.., Some(u)) => Source::Url(u),
-                _ => anyhow::bail!("no source given (--file, --drop-dir, --stick or --url)"),
+                _ => anyhow::bail!(
+                    "no source given (--file, --drop-dir, --stick, --url or --update-server)"
+                ),
             };
             if let Source::Stick(disk) = &src {
                 // Every USB disk plugged in starts the agent (udev): one
@@ -207,11 +244,21 @@ fn run(cli: Cli) -> Result<()> {
                     return Ok(());
                 }
             }
+            let http = HttpOptions {
+                retry_delay: Duration::from_secs(a.retry_delay),
+                ..HttpOptions::default()
+            };
+            if let Source::Url(url) = &src {
+                // The server's bundle header first: its version may run
+                // already (a periodic check then downloads nothing), and an
+                // untrusted bundle is refused before its payload.
+                if let Some(running) = crate::apply::check_server(&cfg, url, &http, &mut log)? {
+                    println!("{url}: offers {running}, which is running already; nothing to do");
+                    return Ok(());
+                }
+            }
             let opts = ApplyOptions {
-                http: HttpOptions {
-                    retry_delay: Duration::from_secs(a.retry_delay),
-                    ..HttpOptions::default()
-                },
+                http,
                 fail: FailPoints {
                     stop_slot_write_after: a.fail_slot_write_after,
                     stop_before_uki: a.fail_before_uki,

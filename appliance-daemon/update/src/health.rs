@@ -118,11 +118,13 @@ impl Check for UnitActive {
     }
 }
 
-/// The update stick's units (`airlock-update-stick@sdX.service`).
-const STICK_UNIT_PREFIX: &str = "airlock-update-stick@";
+/// The units that bring bundles: the update stick's
+/// (`airlock-update-stick@sdX.service`) and the update server's periodic
+/// check (`airlock-update-fetch.service`).
+const BUNDLE_SOURCE_UNITS: [&str; 2] = ["airlock-update-stick@", "airlock-update-fetch.service"];
 
-/// No unit has failed (`systemctl list-units --state=failed`), but for an
-/// update stick's.
+/// No unit has failed (`systemctl list-units --state=failed`), but for the
+/// units that bring bundles.
 pub struct NoFailedUnits {
     pub systemctl: PathBuf,
 }
@@ -158,11 +160,13 @@ impl Check for NoFailedUnits {
                 String::from_utf8_lossy(&out.stderr).trim()
             );
         }
-        // A stick somebody plugged in and the agent refused says nothing
-        // about the new slot (its refusal is in `status` and the journal).
+        // A stick somebody plugged in and the agent refused, or an update
+        // server that was down or offered a bundle the agent refused, says
+        // nothing about the new slot (the result is in `status`, on IT's
+        // info page and in the journal).
         let failed: Vec<String> = failed_units(&String::from_utf8_lossy(&out.stdout))
             .into_iter()
-            .filter(|u| !u.starts_with(STICK_UNIT_PREFIX))
+            .filter(|u| !BUNDLE_SOURCE_UNITS.iter().any(|p| u.starts_with(p)))
             .collect();
         if failed.is_empty() {
             Ok("no failed unit".into())
@@ -436,6 +440,17 @@ mod tests {
             "a refused stick is not the slot's failure"
         );
         assert!(units("airlock-update-stick@sda.service loaded failed failed X\nx.service loaded failed failed X\n", 0).run().is_err());
+        assert!(
+            units("airlock-update-fetch.service loaded failed failed X\n", 0)
+                .run()
+                .is_ok(),
+            "an update server that was down is not the slot's failure"
+        );
+        assert!(
+            units("airlock-update-fetch.timer loaded failed failed X\n", 0)
+                .run()
+                .is_err()
+        );
     }
 
     #[test]

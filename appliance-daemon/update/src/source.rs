@@ -214,6 +214,37 @@ pub fn staging_name(url: &str) -> String {
     }
 }
 
+fn http_agent(opts: &HttpOptions) -> ureq::Agent {
+    ureq::AgentBuilder::new()
+        .timeout_connect(opts.timeout)
+        .timeout_read(opts.timeout)
+        .redirects(5)
+        .build()
+}
+
+/// What the server at `url` offers, from the bundle's first bytes only: its
+/// header and signed manifest, verified against `trust`. An untrusted or
+/// malformed bundle is refused here, before its payload is downloaded; the
+/// connection is closed once the header is read (a periodic check costs a
+/// few KiB when there is nothing new).
+pub fn offered_at(
+    url: &str,
+    trust: &airlock_bundle::Trust,
+    opts: &HttpOptions,
+) -> Result<airlock_bundle::VerifiedManifest> {
+    if !(url.starts_with("https://") || url.starts_with("http://")) {
+        bail!("{url}: only http:// and https:// URLs are supported");
+    }
+    let response = http_agent(opts).get(url).call().map_err(|e| match e {
+        ureq::Error::Status(code, _) => anyhow::anyhow!("{url}: HTTP {code}"),
+        other => anyhow::Error::new(other).context(format!("asking {url} for its bundle")),
+    })?;
+    let mut header = std::io::BufReader::new(response.into_reader());
+    airlock_bundle::open(&mut header, trust)
+        .map_err(crate::apply::bundle_error)
+        .map_err(|e| e.context(format!("the bundle at {url}")))
+}
+
 /// Downloads `url` into `staging` and returns the complete file. A partial
 /// `<name>.part` from an earlier run or attempt is resumed with a Range
 /// request; the server's validator (ETag or Last-Modified, kept in
@@ -234,11 +265,7 @@ pub fn download(
     let done = staging.join(&name);
     let part = staging.join(format!("{name}.part"));
     let validator_file = staging.join(format!("{name}.part.validator"));
-    let agent = ureq::AgentBuilder::new()
-        .timeout_connect(opts.timeout)
-        .timeout_read(opts.timeout)
-        .redirects(5)
-        .build();
+    let agent = http_agent(opts);
     let mut last_error = None;
     for attempt in 1..=opts.attempts.max(1) {
         if attempt > 1 {

@@ -1,7 +1,10 @@
-//! The URL source against a tiny HTTP server in the test: the first
-//! response announces the whole bundle and drops the connection half-way;
-//! the agent resumes with a Range request (If-Range on the ETag) and
-//! installs the bundle. A changed file (new ETag) is fetched whole.
+//! The URL source against a tiny HTTP server in the test. The agent first
+//! reads the offered bundle's header (one request, closed after the header:
+//! the running version, or an untrusted bundle, ends there). Then the
+//! download: a response that announces the whole bundle and drops the
+//! connection half-way is resumed with a Range request (If-Range on the
+//! ETag) and the bundle installed. A changed file (new ETag) is fetched
+//! whole.
 
 mod common;
 
@@ -78,18 +81,21 @@ fn download_resumes_after_a_dropped_connection_and_installs() {
     let s = Scene::new();
     let bundle =
         std::fs::read(s.bundle("src.airlock", &BundleSpec::new("1.1"), &["alice"])).unwrap();
-    let server = serve(bundle.clone(), "\"v1\"", 1);
+    // Two dropped responses: the header check's (it needs only the
+    // header), then the download's first.
+    let server = serve(bundle.clone(), "\"v1\"", 2);
     let out = run(s
         .agent()
         .args(["apply", "--retry-delay", "0", "--url", &server.url]));
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
     assert!(String::from_utf8_lossy(&out.stdout).contains("reboot pending"));
     let reqs = server.requests.lock().unwrap().clone();
-    assert_eq!(reqs.len(), 2, "{reqs:?}");
+    assert_eq!(reqs.len(), 3, "{reqs:?}");
     assert_eq!(reqs[0], ("-".to_string(), "-".to_string()));
+    assert_eq!(reqs[1], ("-".to_string(), "-".to_string()));
     let half = bundle.len() / 2;
     assert_eq!(
-        reqs[1],
+        reqs[2],
         (format!("bytes={half}-"), "\"v1\"".to_string()),
         "resume must ask for the rest only"
     );
@@ -135,7 +141,7 @@ fn a_partial_download_is_resumed_by_the_next_run_or_restarted_if_the_file_change
         .agent()
         .args(["apply", "--retry-delay", "0", "--url", &same.url]));
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
-    assert_eq!(same.requests.lock().unwrap()[0].0, format!("bytes={have}-"));
+    assert_eq!(same.requests.lock().unwrap()[1].0, format!("bytes={have}-"));
 
     // A changed file (other ETag) is sent whole, not spliced onto the part.
     let s = Scene::new();
@@ -164,7 +170,7 @@ fn a_partial_download_is_resumed_by_the_next_run_or_restarted_if_the_file_change
         .args(["apply", "--retry-delay", "0", "--url", &changed.url]));
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
     let reqs = changed.requests.lock().unwrap().clone();
-    assert_eq!(reqs[0].1, "\"v1\"", "the old validator goes in If-Range");
+    assert_eq!(reqs[1].1, "\"v1\"", "the old validator goes in If-Range");
     assert!(String::from_utf8_lossy(&out.stdout).contains("signed by bob@example.org"));
 }
 
@@ -188,6 +194,107 @@ fn a_missing_file_fails_at_once() {
     assert_eq!(out.status.code(), Some(31), "{}", text(&out));
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("HTTP 404"),
+        "{}",
+        text(&out)
+    );
+}
+
+/// The periodic check when the server offers what runs already: one
+/// request, closed after the header; nothing downloaded or written.
+#[test]
+fn the_running_version_on_the_server_is_left_alone_after_its_header() {
+    let s = Scene::new();
+    let bundle =
+        std::fs::read(s.bundle("src.airlock", &BundleSpec::new("1.1"), &["alice"])).unwrap();
+    s.boot("1.1", 1);
+    let before = s.snapshot();
+    let server = serve(bundle, "\"v1\"", 0);
+    let out = run(s
+        .agent()
+        .args(["apply", "--retry-delay", "0", "--url", &server.url]));
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stdout)
+            .contains("offers airlock 1.1, which is running already; nothing to do"),
+        "{}",
+        text(&out)
+    );
+    assert_eq!(server.requests.lock().unwrap().len(), 1);
+    assert_eq!(s.snapshot(), before, "something was written");
+    assert!(!s.path("state/staging").exists(), "something was staged");
+}
+
+/// A bundle on the server signed by nobody trusted is refused from its
+/// header: its payload is never downloaded, nothing is written, and the
+/// refusal is the last result (IT's info page).
+#[test]
+fn an_untrusted_bundle_on_the_server_is_refused_before_its_payload() {
+    let s = Scene::new();
+    let bundle =
+        std::fs::read(s.bundle("src.airlock", &BundleSpec::new("1.1"), &["mallory"])).unwrap();
+    let before = s.snapshot();
+    let server = serve(bundle, "\"v1\"", 0);
+    let out = run(s
+        .agent()
+        .args(["apply", "--retry-delay", "0", "--url", &server.url]));
+    assert_eq!(out.status.code(), Some(16), "{}", text(&out));
+    assert_eq!(
+        server.requests.lock().unwrap().len(),
+        1,
+        "downloaded after all"
+    );
+    assert_eq!(s.snapshot(), before, "something was written");
+    assert!(!s.path("state/staging").exists(), "something was staged");
+    let status = ok(s.agent().args(["status", "--json"]));
+    let status: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+    let last = &status["last"];
+    assert_eq!(last["result"], "refused", "{status}");
+    assert!(
+        last["message"].as_str().unwrap_or("").contains(&server.url),
+        "{status}"
+    );
+}
+
+/// `--update-server` takes the URL from the appliance configuration; with
+/// none configured there is nothing to do, and a bad one is named.
+#[test]
+fn the_update_server_comes_from_the_appliance_configuration() {
+    let s = Scene::new();
+    let shipped = s.path("appliance.toml");
+    std::fs::write(
+        &shipped,
+        include_str!("../../../ci/test-agent/overlay/etc/airlock/appliance.toml"),
+    )
+    .unwrap();
+    let machine = s.path("machine.toml");
+    let agent = |s: &Scene| {
+        let mut c = s.agent();
+        c.args(["apply", "--update-server", "--appliance-config"])
+            .arg(&shipped)
+            .arg("--machine-settings")
+            .arg(&machine);
+        c
+    };
+    // The test PC's machine file without its update server.
+    let test_pc = include_str!("../../../ci/test-agent/machine.toml");
+    let without = test_pc.split("[network.update]").next().unwrap();
+    std::fs::write(&machine, without).unwrap();
+    let out = ok(&mut agent(&s));
+    assert!(
+        String::from_utf8_lossy(&out.stdout)
+            .contains("no update server in the appliance configuration"),
+        "{}",
+        text(&out)
+    );
+    std::fs::write(
+        &machine,
+        format!("{without}\n[network.update]\nurl = \"http://updates.example/airlock/current.airlock\"\nuplink = \"general\"\n"),
+    )
+    .unwrap();
+    let out = run(&mut agent(&s));
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("network.update.url"),
         "{}",
         text(&out)
     );
