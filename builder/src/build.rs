@@ -97,6 +97,14 @@ const APPLIANCE_FILES: &[DistFile] = &[
         destination: "/usr/lib/systemd/system/airlock-update-drop.service",
     },
     DistFile {
+        source: "appliance-daemon/update/dist/airlock-update-fetch.service",
+        destination: "/usr/lib/systemd/system/airlock-update-fetch.service",
+    },
+    DistFile {
+        source: "appliance-daemon/update/dist/airlock-update-fetch.timer",
+        destination: "/usr/lib/systemd/system/airlock-update-fetch.timer",
+    },
+    DistFile {
         source: "appliance-daemon/update/dist/airlock-update-stick@.service",
         destination: "/usr/lib/systemd/system/airlock-update-stick@.service",
     },
@@ -949,6 +957,7 @@ mod tests {
         for link in [
             "overlay/etc/systemd/system/boot-complete.target.requires/airlock-update-health.service",
             "overlay/etc/systemd/system/airlock.target.wants/airlock-update-drop.path",
+            "overlay/etc/systemd/system/airlock.target.wants/airlock-update-fetch.timer",
         ] {
             let target = std::fs::read_link(source.join(link)).unwrap_or_else(|e| panic!("{link}: {e}"));
             let name = target.file_name().unwrap().to_string_lossy().into_owned();
