@@ -28,6 +28,11 @@
 //!   that the suite gives `airlock flash --wireguard-key`. Classified
 //!   traffic therefore reaches the classified server from 10.99.0.2, the
 //!   PC's tunnel address (ci/test-agent/machine.toml);
+//! * the PCs' update server 203.0.113.80, tcp 8080 ([`UPDATE_SERVER`]): a
+//!   small HTTP/1.1 file server ([`Outside::serve_update`]) that serves one
+//!   bundle at `/airlock/current.airlock` (or 404) and records each request
+//!   with the bytes it managed to send; the test machine's `[network.update]`
+//!   (ci/test-agent/machine.toml) names it, by the general uplink;
 //! * nftables counters on its input: packets for the classified server that
 //!   came in plain by the classified uplink (there must be none), and those
 //!   that came out of the tunnel ([`Outside::server_packets`]).
@@ -110,6 +115,24 @@ pub const TUNNEL_PORT: u16 = 51820;
 /// used nowhere else; its public half is the test image's
 /// `peer_public_key` (a unit test below checks that they match).
 pub const PEER_PRIVATE_KEY: &str = "aEsmmOJjiHTqmfIBzr2cbdyfl7lWh6Mf0SgdTBmZ4nA=";
+
+/// The update server (`[network.update] url` in ci/test-agent/machine.toml).
+pub const UPDATE_SERVER: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(203, 0, 113, 80), 8080);
+/// The one path it serves.
+pub const UPDATE_PATH: &str = "/airlock/current.airlock";
+
+/// One request the update server answered.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpdateRequest {
+    pub peer: SocketAddr,
+    /// `GET /airlock/current.airlock`, and its `Range` header if any.
+    pub request: String,
+    pub status: u16,
+    /// Body bytes written before the client closed or the body ended.
+    pub body_bytes: u64,
+    /// The body's full length (what a complete download is).
+    pub body_len: u64,
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Proto {
@@ -314,6 +337,10 @@ pub struct Outside {
     appliance_public: String,
     /// The tunnel's far end (`wireguard-go -f`), killed on drop.
     tunnel: Option<std::process::Child>,
+    /// What the update server serves at [`UPDATE_PATH`] (`None`: 404).
+    update_file: Arc<Mutex<Option<PathBuf>>>,
+    /// Every request it answered.
+    update_requests: Arc<Mutex<Vec<UpdateRequest>>>,
 }
 
 impl std::fmt::Debug for Outside {
@@ -368,6 +395,8 @@ impl Outside {
             keys,
             appliance_public: String::new(),
             tunnel: None,
+            update_file: Arc::new(Mutex::new(None)),
+            update_requests: Arc::new(Mutex::new(Vec::new())),
         };
         outside
             .set_up()
@@ -394,7 +423,7 @@ impl Outside {
         )
         .context("sysctl in the namespace")?;
         ip(ns, &["link", "set", "dev", "lo", "up"])?;
-        for host in [CLASSIFIED_SERVER, INTERNET] {
+        for host in [CLASSIFIED_SERVER, INTERNET, *UPDATE_SERVER.ip()] {
             ip(ns, &["address", "add", &format!("{host}/32"), "dev", "lo"])?;
         }
         for end in [CLASSIFIED_UPLINK, GENERAL_UPLINK] {
@@ -430,7 +459,7 @@ impl Outside {
             .context("the classified tunnel's far end")?;
         in_ns(ns, &["nft", "-f", "-"], Some(&counters_ruleset()))
             .context("the outside's packet counters")?;
-        let (tcp, udp) = in_namespace(self.path(), || {
+        let (tcp, udp, update) = in_namespace(self.path(), || {
             let mut tcp = Vec::new();
             let mut udp = Vec::new();
             for &(proto, addr, port) in LISTEN {
@@ -446,8 +475,33 @@ impl Outside {
                     )),
                 }
             }
-            Ok((tcp, udp))
+            let update = TcpListener::bind(UPDATE_SERVER)
+                .with_context(|| format!("tcp bind {UPDATE_SERVER}"))?;
+            Ok((tcp, udp, update))
         })?;
+        update.set_nonblocking(true)?;
+        let (stop, file, log) = (
+            self.stop.clone(),
+            self.update_file.clone(),
+            self.update_requests.clone(),
+        );
+        self.threads.push(std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                match update.accept() {
+                    Ok((stream, peer)) => {
+                        let served = file.lock().unwrap_or_else(|p| p.into_inner()).clone();
+                        let log = log.clone();
+                        // A connection of its own: a download may take minutes.
+                        std::thread::spawn(move || {
+                            if let Some(r) = serve_update_request(stream, peer, served.as_deref()) {
+                                log.lock().unwrap_or_else(|p| p.into_inner()).push(r);
+                            }
+                        });
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(20)),
+                }
+            }
+        }));
         for (at, listener) in tcp {
             listener.set_nonblocking(true)?;
             let (stop, seen) = (self.stop.clone(), self.seen.clone());
@@ -677,6 +731,100 @@ impl Outside {
             })
         })
     }
+}
+
+impl Outside {
+    /// What the update server serves from now on (`None`: 404).
+    pub fn serve_update(&self, file: Option<PathBuf>) {
+        *self.update_file.lock().unwrap_or_else(|p| p.into_inner()) = file;
+    }
+
+    /// The update server's requests so far (each once the response ended).
+    pub fn update_requests(&self) -> Vec<UpdateRequest> {
+        self.update_requests
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+}
+
+/// Answers one HTTP/1.1 request on the update server: `GET UPDATE_PATH`
+/// with the served file (from `Range: bytes=N-` on: 206), else 404.
+fn serve_update_request(
+    stream: TcpStream,
+    peer: SocketAddr,
+    served: Option<&std::path::Path>,
+) -> Option<UpdateRequest> {
+    use std::io::{BufRead, BufReader, Read, Seek, SeekFrom};
+    stream.set_nonblocking(false).ok()?;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .ok()?;
+    let mut reader = BufReader::new(stream.try_clone().ok()?);
+    let mut first = String::new();
+    reader.read_line(&mut first).ok()?;
+    let mut range_start = None;
+    let mut range = String::new();
+    loop {
+        let mut line = String::new();
+        if reader.read_line(&mut line).ok()? == 0 || line == "\r\n" {
+            break;
+        }
+        if let Some(v) = line.to_ascii_lowercase().strip_prefix("range:") {
+            range = format!(" ({})", v.trim());
+            range_start = v
+                .trim()
+                .strip_prefix("bytes=")
+                .and_then(|r| r.strip_suffix('-'))
+                .and_then(|n| n.parse::<u64>().ok());
+        }
+    }
+    let mut words = first.split_whitespace();
+    let (method, path) = (words.next().unwrap_or(""), words.next().unwrap_or(""));
+    let request = format!("{method} {path}{range}");
+    let mut out = stream;
+    let file = served.filter(|_| method == "GET" && path == UPDATE_PATH);
+    let Some(mut file) = file.and_then(|p| std::fs::File::open(p).ok()) else {
+        let _ = out
+            .write_all(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+        return Some(UpdateRequest {
+            peer,
+            request,
+            status: 404,
+            body_bytes: 0,
+            body_len: 0,
+        });
+    };
+    let len = file.metadata().ok()?.len();
+    let start = range_start.filter(|s| *s < len).unwrap_or(0);
+    let head = if start > 0 {
+        format!("HTTP/1.1 206 Partial Content\r\nContent-Length: {}\r\nContent-Range: bytes {start}-{}/{len}\r\nConnection: close\r\n\r\n", len - start, len - 1)
+    } else {
+        format!("HTTP/1.1 200 OK\r\nContent-Length: {len}\r\nConnection: close\r\n\r\n")
+    };
+    let status = if start > 0 { 206 } else { 200 };
+    let mut sent = 0u64;
+    if out.write_all(head.as_bytes()).is_ok() && file.seek(SeekFrom::Start(start)).is_ok() {
+        let mut buf = vec![0u8; 1 << 20];
+        loop {
+            let n = match file.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => n,
+            };
+            if out.write_all(&buf[..n]).is_err() {
+                break;
+            }
+            sent += n as u64;
+        }
+    }
+    let _ = out.flush();
+    Some(UpdateRequest {
+        peer,
+        request,
+        status,
+        body_bytes: sent,
+        body_len: len - start,
+    })
 }
 
 impl Drop for Outside {

@@ -11,8 +11,10 @@
 //! 2. the machine still boots slot A; a second apply is cut off once the
 //!    middle of slot B's root is on disk;
 //! 3. the machine still boots slot A; applying again succeeds (one boot
-//!    try), with a marker on the data partition that makes a test-only unit
-//!    fail at the next boot;
+//!    try), the bundle fetched from the update server the machine file
+//!    names (`airlock-update apply --update-server`, through the host's
+//!    firewall by the general uplink), with a marker on the data partition
+//!    that makes a test-only unit fail at the next boot;
 //! 4. slot B boots, the health gate fails (on that unit), the entry is not
 //!    blessed;
 //! 5. the try used up, the firmware's boot loader falls back to slot A by
@@ -20,7 +22,10 @@
 //!    STICK`, as the IT guide makes it) is plugged in through QMP and the
 //!    agent udev starts for it applies it (three tries);
 //! 6. slot B boots, passes the health gate, and systemd-bless-boot blesses
-//!    its entry; the stick, still in, is left alone (its version runs).
+//!    its entry; the stick, still in, is left alone (its version runs);
+//!    the periodic check's unit (what airlock-update-fetch.timer starts)
+//!    finds its own version on the update server and stops after the
+//!    header, then refuses an untrusted bundle before its payload.
 //!
 //! Steps 1–5 take their bundles from a FAT image made on the host with
 //! mtools, attached as a second disk and mounted by the test agent;
@@ -51,13 +56,14 @@ pub const TESTS: &[&str] = &[
     "update: a bundle signed by an untrusted key is refused, with its reason; nothing is written",
     "update: a power cut during the slot write still boots slot A",
     "update: a second power cut, half-way through the root partition, still boots slot A",
-    "update: after the power cuts, applying the update again succeeds",
+    "update: after the power cuts, applying the update again succeeds, fetched from the update server of the machine settings ([network.update], through the host's firewall)",
     "update: a new slot whose health gate fails falls back to slot A by itself",
     "update: A → B from an update stick (airlock flash BUNDLE STICK): plugged in, the PC applies it by itself; the new version boots from slot B and its entry is blessed",
     "update: the data partition (guest disks, journal) is intact after every step",
     "update: zero AVC denials in every boot of the update machine",
     "update: IT's info page (Ctrl+Scroll Lock) shows the running version, the host name and the last update: the refusal with its reason, later the blessed update",
     "update: slot B's new UKI (same signed PCR policy) opens /var with the TPM alone: no re-sealing, no re-enrolment",
+    "update: the PC's periodic check (airlock-update-fetch.timer) asks the update server: the version it runs is left alone after its header, an untrusted bundle is refused before its payload, nothing is written",
 ];
 /// Made before the machine boots; the tests above need it.
 const PREPARE: &str = "update: the next version is built, signed, and put on a USB stick";
@@ -81,6 +87,10 @@ struct Prepared {
     next: Report,
     /// Signed bundle of the next version, and its name on the stick.
     bundle_name: String,
+    /// That bundle on the host (the update server serves it), and the same
+    /// signed by a key the image does not trust.
+    signed: PathBuf,
+    untrusted: PathBuf,
     stick: PathBuf,
     /// The signed bundle written raw by `airlock flash BUNDLE STICK` (the
     /// IT guide's update stick), plugged in as a USB disk later.
@@ -254,6 +264,8 @@ fn prepare(images: &Images, opts: &AcceptanceOptions) -> Result<Prepared> {
     Ok(Prepared {
         next,
         bundle_name,
+        signed,
+        untrusted,
         stick,
         update_stick,
         payload_bytes,
@@ -736,6 +748,12 @@ impl<'a> Timeline<'a> {
 
     /// Slot B's partitions and both GPT copies, hashed from the host.
     fn slot_b_digest(&self) -> Result<String> {
+        self.slots_digest(&[4, 5])
+    }
+
+    /// A digest of both GPT copies and of the partitions `numbers` (slot A
+    /// is 2 and 3, slot B 4 and 5), read from the host.
+    fn slots_digest(&self, numbers: &[u32]) -> Result<String> {
         use std::hash::Hasher;
         let disk = self.machine.disk();
         let mut f = std::fs::File::open(disk)?;
@@ -744,11 +762,11 @@ impl<'a> Timeline<'a> {
             .base
             .partitions
             .iter()
-            .filter(|p| p.number == 4 || p.number == 5)
+            .filter(|p| numbers.contains(&p.number))
             .collect();
         ensure!(
-            b.len() == 2,
-            "the report has no partitions 4 and 5 (slot B)"
+            b.len() == numbers.len(),
+            "the report has no partitions {numbers:?}"
         );
         let mut ranges = vec![(0, 1 << 20), (len - 33 * 512, 33 * 512)];
         ranges.extend(b.iter().map(|p| (p.offset, p.size)));
@@ -887,8 +905,32 @@ impl<'a> Timeline<'a> {
         let mut applied = false;
         suite.test(TESTS[4], || {
             boot3.as_ref().map_err(|e| anyhow::anyhow!("{e:#}"))?;
-            let (out, seconds) = self.update_agent(&format!("--tries 1 apply --file {bundle}"), APPLY_TIMEOUT)?;
+            // The bundle comes from the update server the machine file
+            // names, as the PC's periodic check fetches it (one boot try
+            // instead of three, for the fallback below).
+            let asked = self.outside.update_requests().len();
+            self.outside.serve_update(Some(p.signed.clone()));
+            let fetched = self.update_agent("--tries 1 apply --update-server", APPLY_TIMEOUT);
+            self.outside.serve_update(None);
+            let (out, seconds) = fetched?;
             ensure!(out.exit == 0, "apply failed: exit {}\n{}", out.exit, out.output);
+            let requests = self.outside.update_requests().split_off(asked);
+            let size = std::fs::metadata(&p.signed)?.len();
+            let general = std::net::IpAddr::V4(crate::outside::GENERAL_UPLINK.appliance);
+            ensure!(
+                requests.iter().all(|r| r.peer.ip() == general),
+                "requests did not all come from the general uplink's address {general}: {requests:?}"
+            );
+            ensure!(
+                requests.iter().any(|r| r.status == 200 && r.body_bytes == size),
+                "the update server never sent the whole bundle ({size} bytes): {requests:?}"
+            );
+            let server = format!(
+                "update server {}: {} request(s) from {general} ({})",
+                crate::outside::UPDATE_SERVER,
+                requests.len(),
+                requests.iter().map(|r| format!("{} {} → {} of {} bytes", r.request, r.status, r.body_bytes, r.body_len)).collect::<Vec<_>>().join("; ")
+            );
             let summary = out.output.lines().find(|l| l.contains("reboot pending") && !l.starts_with("airlock-update:")).unwrap_or("").to_owned();
             ensure!(!summary.is_empty(), "apply did not say \"reboot pending\":\n{}", out.output);
             let esp = self.esp_listing()?;
@@ -899,7 +941,7 @@ impl<'a> Timeline<'a> {
             let mb = p.payload_bytes as f64 / 1e6;
             let verify = verification.map(|v| format!("; verification alone (the flipped bundle's refusal): {v:.1}s, {:.1} MB/s", mb / v)).unwrap_or_default();
             Ok(format!(
-                "{} ({seconds:.1}s for {mb:.0} MB of payload, {:.1} MB/s end to end: verify, write, read back{verify}); ESP: {esp}",
+                "{} ({seconds:.1}s for {mb:.0} MB of payload, {:.1} MB/s end to end: download, verify, write, read back{verify}); {server}; ESP: {esp}",
                 summary.trim(),
                 mb / seconds
             ))
@@ -1011,6 +1053,54 @@ impl<'a> Timeline<'a> {
                 .context("after the blessed update")?;
             Ok(format!(
                 "after the refusals: {refused}\nafter the update: {blessed}"
+            ))
+        });
+
+        // Slot B, blessed (after the info page's check, which wants the
+        // health gate's result): the periodic check, as its timer starts it.
+        suite.test(TESTS[11], || {
+            let vm = self.vm()?;
+            let timer = sh(vm, "systemctl show airlock-update-fetch.timer -p ActiveState -p SubState -p Unit -p NextElapseUSecMonotonic")?;
+            ensure!(
+                timer.contains("ActiveState=active") && timer.contains("Unit=airlock-update-fetch.service"),
+                "the timer is not waiting to start the check:\n{timer}"
+            );
+            // Running slot B: slot A is the one an apply would write.
+            let before = (self.slots_digest(&[2, 3])?, self.esp_listing()?);
+            let mut details = Vec::new();
+            for (file, want) in [
+                (&p.signed, "which is running already; nothing to do"),
+                (&p.untrusted, "by a trusted key"),
+            ] {
+                let asked = self.outside.update_requests().len();
+                self.outside.serve_update(Some(file.clone()));
+                let vm = self.vm()?;
+                // As the timer does: the unit itself, in its own domain.
+                let started = sh(vm, "systemctl start airlock-update-fetch.service; echo \"exit $?\"");
+                self.outside.serve_update(None);
+                let started = started?;
+                let vm = self.vm()?;
+                let journal = sh(vm, "journalctl --sync; journalctl -b -u airlock-update-fetch.service -o cat --no-pager | tail -n 6; systemctl reset-failed airlock-update-fetch.service 2>/dev/null; true")?;
+                let last = journal.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("").to_owned();
+                ensure!(journal.contains(want), "the check did not say {want:?} ({}):\n{journal}", started.trim());
+                let requests = self.outside.update_requests().split_off(asked);
+                let size = std::fs::metadata(file)?.len();
+                ensure!(requests.len() == 1, "expected the one header request, got {requests:?}");
+                ensure!(
+                    requests[0].body_bytes < size / 4,
+                    "the server sent {} of {size} bytes: the payload was downloaded ({requests:?})",
+                    requests[0].body_bytes
+                );
+                details.push(format!("{}: {} ({}, the server sent {} of {size} bytes before the agent closed)", file.file_name().unwrap_or_default().to_string_lossy(), last.trim(), started.trim(), requests[0].body_bytes));
+            }
+            let after = (self.slots_digest(&[2, 3])?, self.esp_listing()?);
+            ensure!(after == before, "slot A, the GPT or the ESP changed: {before:?} → {after:?}");
+            self.check_avc("slot B, the update server's checks");
+            Ok(format!(
+                "timer: {}; {}; slot A (the inactive one), GPT and ESP unchanged ({})",
+                timer.split_whitespace().collect::<Vec<_>>().join(" "),
+                details.join("; "),
+                after.1
             ))
         });
 
