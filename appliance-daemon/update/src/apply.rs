@@ -150,6 +150,10 @@ pub fn check_server(
     http: &HttpOptions,
     log: &mut dyn FnMut(String),
 ) -> Result<Option<String>> {
+    // Held while this may record a result: one writer of the state at a time.
+    std::fs::create_dir_all(&cfg.state_dir)
+        .with_context(|| format!("creating {}", cfg.state_dir.display()))?;
+    let _lock = lock(&cfg.state_dir.join("lock"))?;
     let offered = load_trust(cfg)
         .and_then(|trust| source::offered_at(url, &trust, http))
         .and_then(|v| Ok((v, system::load_root_hash(&cfg.cmdline)?)));

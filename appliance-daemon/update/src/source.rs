@@ -235,10 +235,24 @@ pub fn offered_at(
     if !(url.starts_with("https://") || url.starts_with("http://")) {
         bail!("{url}: only http:// and https:// URLs are supported");
     }
-    let response = http_agent(opts).get(url).call().map_err(|e| match e {
-        ureq::Error::Status(code, _) => anyhow::anyhow!("{url}: HTTP {code}"),
-        other => anyhow::Error::new(other).context(format!("asking {url} for its bundle")),
-    })?;
+    // A network that is not there yet, or a server restarting, is worth the
+    // download's attempts; an HTTP error status is the server's answer.
+    let agent = http_agent(opts);
+    let mut attempt = 1;
+    let response = loop {
+        match agent.get(url).call() {
+            Ok(r) => break r,
+            Err(ureq::Error::Status(code, _)) => bail!("{url}: HTTP {code}"),
+            Err(e) if attempt >= opts.attempts.max(1) => {
+                return Err(anyhow::Error::new(e)
+                    .context(format!("asking {url} for its bundle ({attempt} attempts)")))
+            }
+            Err(_) => {
+                attempt += 1;
+                std::thread::sleep(opts.retry_delay);
+            }
+        }
+    };
     let mut header = std::io::BufReader::new(response.into_reader());
     airlock_bundle::open(&mut header, trust)
         .map_err(crate::apply::bundle_error)

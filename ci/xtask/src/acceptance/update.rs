@@ -908,12 +908,19 @@ impl<'a> Timeline<'a> {
             // The bundle comes from the update server the machine file
             // names, as the PC's periodic check fetches it (one boot try
             // instead of three, for the fallback below).
+            // As the fetch unit is ordered: after the host network is set
+            // up (the suite's agent answers before that, early in a boot).
+            let network = self.wait_unit_settled("airlock-network.service")?;
+            ensure!(network == "active", "airlock-network.service ended {network}");
             let asked = self.outside.update_requests().len();
             self.outside.serve_update(Some(p.signed.clone()));
             let fetched = self.update_agent("--tries 1 apply --update-server", APPLY_TIMEOUT);
             self.outside.serve_update(None);
             let (out, seconds) = fetched?;
-            ensure!(out.exit == 0, "apply failed: exit {}\n{}", out.exit, out.output);
+            if out.exit != 0 {
+                let routes = sh(self.vm()?, "ip -4 route; journalctl -b -u airlock-network.service -o short-monotonic --no-pager | tail -n 5")?;
+                bail!("apply failed: exit {}\n{}\nhost routes and the network set-up:\n{routes}", out.exit, out.output);
+            }
             let requests = self.outside.update_requests().split_off(asked);
             let size = std::fs::metadata(&p.signed)?.len();
             let general = std::net::IpAddr::V4(crate::outside::GENERAL_UPLINK.appliance);
