@@ -128,7 +128,7 @@ pub struct UpdateRequest {
     /// `GET /airlock/current.airlock`, and its `Range` header if any.
     pub request: String,
     pub status: u16,
-    /// Body bytes written before the client closed or the body ended.
+    /// Body bytes the socket took before the client closed or the body ended.
     pub body_bytes: u64,
     /// The body's full length (what a complete download is).
     pub body_len: u64,
@@ -811,10 +811,22 @@ fn serve_update_request(
                 Ok(0) | Err(_) => break,
                 Ok(n) => n,
             };
-            if out.write_all(&buf[..n]).is_err() {
+            // Counted as the socket takes it: a client that closes after
+            // the header has taken only what it read and what fits in the
+            // socket buffers.
+            let mut chunk = &buf[..n];
+            while !chunk.is_empty() {
+                match out.write(chunk) {
+                    Ok(0) | Err(_) => break,
+                    Ok(w) => {
+                        sent += w as u64;
+                        chunk = &chunk[w..];
+                    }
+                }
+            }
+            if !chunk.is_empty() {
                 break;
             }
-            sent += n as u64;
         }
     }
     let _ = out.flush();

@@ -1088,7 +1088,7 @@ impl<'a> Timeline<'a> {
                 let started = started?;
                 let vm = self.vm()?;
                 let journal = sh(vm, "journalctl --sync; journalctl -b -u airlock-update-fetch.service -o cat --no-pager | tail -n 6; systemctl reset-failed airlock-update-fetch.service 2>/dev/null; true")?;
-                let last = journal.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("").to_owned();
+                let said = journal.lines().rev().find(|l| l.contains(want)).unwrap_or("").to_owned();
                 ensure!(journal.contains(want), "the check did not say {want:?} ({}):\n{journal}", started.trim());
                 let requests = self.outside.update_requests().split_off(asked);
                 let size = std::fs::metadata(file)?.len();
@@ -1098,7 +1098,7 @@ impl<'a> Timeline<'a> {
                     "the server sent {} of {size} bytes: the payload was downloaded ({requests:?})",
                     requests[0].body_bytes
                 );
-                details.push(format!("{}: {} ({}, the server sent {} of {size} bytes before the agent closed)", file.file_name().unwrap_or_default().to_string_lossy(), last.trim(), started.trim(), requests[0].body_bytes));
+                details.push(format!("{}: {} (systemctl start: {}; the server's socket took {} of {size} bytes before the agent closed)", file.file_name().unwrap_or_default().to_string_lossy(), said.trim(), started.trim(), requests[0].body_bytes));
             }
             let after = (self.slots_digest(&[2, 3])?, self.esp_listing()?);
             ensure!(after == before, "slot A, the GPT or the ESP changed: {before:?} → {after:?}");
