@@ -154,11 +154,10 @@ pub fn check_server(
     std::fs::create_dir_all(&cfg.state_dir)
         .with_context(|| format!("creating {}", cfg.state_dir.display()))?;
     let _lock = lock(&cfg.state_dir.join("lock"))?;
-    let offered = load_trust(cfg)
-        .and_then(|trust| source::offered_at(url, &trust, http))
-        .and_then(|v| Ok((v, system::load_root_hash(&cfg.cmdline)?)));
-    match offered {
-        Ok((v, booted)) => {
+    let trust = load_trust(cfg)?;
+    let booted = system::load_root_hash(&cfg.cmdline)?;
+    match source::offered_at(url, &trust, http) {
+        Ok(v) => {
             let m = &v.manifest;
             log(format!(
                 "{url}: offers {} {} signed by {}",
