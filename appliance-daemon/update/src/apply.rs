@@ -140,10 +140,13 @@ pub fn fetch(
 }
 
 /// Before downloading from `url`: the bundle the server offers, verified
-/// from its header. `Some("name version")` when that is the running image
-/// (nothing to download or write), `None` when it is worth downloading.
-/// A refusal or an unreachable server is recorded, as an apply's would be,
-/// so that IT's info page shows it.
+/// from its header. `Some(why)` when there is nothing to download or write:
+/// it is the running image, or its entry is on the ESP already, waiting
+/// for the next start or marked bad by a failed health gate on this PC (a
+/// periodic check does not retry a version that failed here: IT publishes
+/// a newer one); `None` when it is worth downloading. A refusal or an
+/// unreachable server is recorded, as an apply's would be, so that IT's
+/// info page shows it.
 pub fn check_server(
     cfg: &Config,
     url: &str,
@@ -165,7 +168,37 @@ pub fn check_server(
                 m.version,
                 v.signers.join(", ")
             ));
-            Ok((m.root_hash == booted).then(|| format!("{} {}", m.name, m.version)))
+            let stem = format!("{}_{}", m.name, m.version);
+            if m.root_hash == booted {
+                return Ok(Some(format!(
+                    "offers {} {}, which is running already",
+                    m.name, m.version
+                )));
+            }
+            let installed = Esp::open(&cfg.esp).and_then(|esp| esp.entries_for(&stem))?;
+            let pending = installed.iter().find_map(|e| match e.blessing() {
+                Blessing::Trying { .. } => Some(format!(
+                    "offers {} {}, which is installed already ({}) and starts at the next power-on",
+                    m.name, m.version, e.file
+                )),
+                Blessing::Bad { done } => Some(format!(
+                    "offers {} {}, which failed its health gate on this PC ({}, {done} tries): not installed again; publish a newer version",
+                    m.name, m.version, e.file
+                )),
+                Blessing::Good => None,
+            });
+            if pending.is_some() {
+                return Ok(pending);
+            }
+            // An older or foreign bundle is refused from its header too
+            // (the slot sizes are checked once the bundle is here).
+            let image = system::load_os_release(&cfg.os_release)?;
+            let state = system::load_state(&cfg.state_file())?;
+            if let Err(e) = check_against_running(m, &image, &state, None) {
+                record(cfg, url, &e, log);
+                return Err(e);
+            }
+            Ok(None)
         }
         Err(e) => {
             let e = if crate::refusal::refused(&e).is_some() {
@@ -192,6 +225,33 @@ fn record(cfg: &Config, what: &str, e: &anyhow::Error, log: &mut dyn FnMut(Strin
     ) {
         log(format!("warning: recording the result: {w:#}"));
     }
+}
+
+/// The bundle's manifest against the running image: the same image, a
+/// compatible, newer version at a security epoch not below the stored one
+/// and, when the inactive slot is known, artifacts that fit it.
+fn check_against_running(
+    m: &Manifest,
+    image: &Image,
+    state: &system::State,
+    inactive: Option<&Slot>,
+) -> Result<()> {
+    if m.name != image.name {
+        return Err(Refused::WrongImage {
+            bundle: m.name.clone(),
+            running: image.name.clone(),
+        }
+        .into());
+    }
+    let running = RunningSystem {
+        compatible: image.compatible.clone(),
+        version: image.version.clone(),
+        stored_epoch: state.security_epoch.max(image.security_epoch),
+        root_slot_bytes: inactive.map(|s| s.root.size),
+        verity_slot_bytes: inactive.map(|s| s.verity.size),
+    };
+    check_policy(m, &running).map_err(Refused::from)?;
+    Ok(())
 }
 
 /// `apply`: fetch, check, write; records the outcome in the state file.
@@ -289,21 +349,7 @@ fn check(cfg: &Config, bundle: &Path, log: &mut dyn FnMut(String)) -> Result<Pla
     ));
 
     // 2. The running system.
-    if m.name != image.name {
-        return Err(Refused::WrongImage {
-            bundle: m.name.clone(),
-            running: image.name.clone(),
-        }
-        .into());
-    }
-    let running = RunningSystem {
-        compatible: image.compatible.clone(),
-        version: image.version.clone(),
-        stored_epoch: state.security_epoch.max(image.security_epoch),
-        root_slot_bytes: Some(inactive.root.size),
-        verity_slot_bytes: Some(inactive.verity.size),
-    };
-    check_policy(m, &running).map_err(Refused::from)?;
+    check_against_running(m, &image, &state, Some(&inactive))?;
     if m.root_hash == root_hash {
         return Err(Refused::SameRoot.into());
     }

@@ -252,8 +252,8 @@ fn run(cli: Cli) -> Result<()> {
                 // The server's bundle header first: its version may run
                 // already (a periodic check then downloads nothing), and an
                 // untrusted bundle is refused before its payload.
-                if let Some(running) = crate::apply::check_server(&cfg, url, &http, &mut log)? {
-                    println!("{url}: offers {running}, which is running already; nothing to do");
+                if let Some(why) = crate::apply::check_server(&cfg, url, &http, &mut log)? {
+                    println!("{url}: {why}; nothing to do");
                     return Ok(());
                 }
             }

@@ -299,3 +299,75 @@ fn the_update_server_comes_from_the_appliance_configuration() {
         text(&out)
     );
 }
+
+/// A version installed already (waiting for the next start), or marked bad
+/// by a failed health gate on this PC, is not downloaded again; an older
+/// one is refused from its header. One request each, nothing written.
+#[test]
+fn installed_failed_or_older_versions_end_at_the_header() {
+    let s = Scene::new();
+    let bundle =
+        std::fs::read(s.bundle("src.airlock", &BundleSpec::new("1.1"), &["alice"])).unwrap();
+    let server = serve(bundle, "\"v1\"", 0);
+    let apply = |s: &Scene| {
+        run(s
+            .agent()
+            .args(["apply", "--retry-delay", "0", "--url", &server.url]))
+    };
+    let out = apply(&s);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert!(s.path("esp/EFI/Linux/airlock_1.1+3.efi").exists());
+    let requests = || server.requests.lock().unwrap().len();
+    let asked = requests();
+
+    // Installed, not yet started.
+    let before = s.snapshot();
+    let out = apply(&s);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains(
+            "offers airlock 1.1, which is installed already (airlock_1.1+3.efi) and starts at the next power-on; nothing to do"
+        ),
+        "{}",
+        text(&out)
+    );
+    assert_eq!(requests(), asked + 1);
+    assert_eq!(s.snapshot(), before);
+
+    // Its tries used up by failed health gates: not installed again.
+    std::fs::rename(
+        s.path("esp/EFI/Linux/airlock_1.1+3.efi"),
+        s.path("esp/EFI/Linux/airlock_1.1+0-3.efi"),
+    )
+    .unwrap();
+    let before = s.snapshot();
+    let out = apply(&s);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stdout)
+            .contains("which failed its health gate on this PC (airlock_1.1+0-3.efi, 3 tries)"),
+        "{}",
+        text(&out)
+    );
+    assert_eq!(requests(), asked + 2);
+    assert_eq!(s.snapshot(), before);
+
+    // A PC that runs a newer version: refused from the header.
+    let s = Scene::new();
+    let older =
+        std::fs::read(s.bundle("src.airlock", &BundleSpec::new("1.1"), &["alice"])).unwrap();
+    let server = serve(older, "\"v1\"", 0);
+    s.boot("1.2", 1);
+    let before = s.snapshot();
+    let out = run(s
+        .agent()
+        .args(["apply", "--retry-delay", "0", "--url", &server.url]));
+    assert_eq!(out.status.code(), Some(21), "{}", text(&out));
+    assert_eq!(
+        server.requests.lock().unwrap().len(),
+        1,
+        "downloaded after all"
+    );
+    assert_eq!(s.snapshot(), before);
+    assert!(!s.path("state/staging").exists(), "something was staged");
+}
