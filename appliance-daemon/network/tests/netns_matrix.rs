@@ -990,13 +990,29 @@ fn general_rate_limits_hold() {
     assert!(classified > general * 2.0, "the unlimited path ({classified:.1}) should be far faster than the limited one ({general:.1})");
 }
 
+/// In a world of `shape` whose host has no ruleset, every one of `rows`
+/// gets through.
+fn assert_open_without_the_ruleset(shape: Shape, rows: &[&Row]) {
+    let mut w = world(shape);
+    w.host.exec("nft flush ruleset").unwrap();
+    w.listen(rows).unwrap();
+    let got = run_matrix(&w, rows);
+    for (row, got) in rows.iter().zip(got) {
+        assert!(
+            got,
+            "without a ruleset {:?} -> {} {} should get through",
+            row.0,
+            Ipv4Addr::from(row.1),
+            row.2
+        );
+    }
+}
+
 /// The probes can see a path when there is one: without the ruleset, rows
 /// that the ruleset must block do get through. (Guards against a matrix
 /// that passes because the probes never reach anything.)
 #[test]
 fn probes_detect_open_paths_without_the_ruleset() {
-    let mut w = world(Shape::Shared);
-    w.host.exec("nft flush ruleset").unwrap();
     let rows: Vec<&Row> = vec![
         &(Who::Cls, [10, 10, 1, 1], Probe::Tcp(22), [Y, Y, Y]),
         &(Who::Gen, [10, 10, 2, 1], Probe::Udp(67), [Y, Y, Y]),
@@ -1016,40 +1032,19 @@ fn probes_detect_open_paths_without_the_ruleset() {
         ),
         &(Who::Inet, [10, 10, 2, 2], Probe::Tcp(445), [Y, Y, Y]),
     ];
-    w.listen(&rows).unwrap();
-    let got = run_matrix(&w, &rows);
-    for (row, got) in rows.iter().zip(got) {
-        assert!(
-            got,
-            "without a ruleset {:?} -> {} {} should get through",
-            row.0,
-            Ipv4Addr::from(row.1),
-            row.2
-        );
-    }
+    assert_open_without_the_ruleset(Shape::Shared, &rows);
 }
 
 /// The host-side rows above are the ruleset's doing: without it, the host
 /// reaches its gateway and the update server's other ports.
 #[test]
 fn without_the_ruleset_the_host_reaches_more_than_the_update_server() {
-    let mut w = world(Shape::PerSide);
-    w.host.exec("nft flush ruleset").unwrap();
     let rows: Vec<&Row> = vec![
         &(Who::Host, [203, 0, 113, 10], Probe::Tcp(8080), [Y, Y, Y]),
         &(Who::Host, [198, 51, 101, 1], Probe::Tcp(22), [Y, Y, Y]),
         &(Who::Host, [198, 51, 100, 1], Probe::Udp(53), [Y, Y, Y]),
     ];
-    w.listen(&rows).unwrap();
-    let got = run_matrix(&w, &rows);
-    for (row, got) in rows.iter().zip(got) {
-        assert!(
-            got,
-            "without a ruleset the host -> {} {} should get through",
-            Ipv4Addr::from(row.1),
-            row.2
-        );
-    }
+    assert_open_without_the_ruleset(Shape::PerSide, &rows);
 }
 
 /// P14: the general guest holds at most `max_connections` connections at

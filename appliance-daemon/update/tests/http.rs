@@ -76,6 +76,13 @@ fn serve(body: Vec<u8>, etag: &'static str, drops: usize) -> Server {
     Server { url, requests }
 }
 
+/// `airlock-update apply --url URL` on `s`, no pause between attempts.
+fn apply_from(s: &Scene, url: &str) -> std::process::Output {
+    run(s
+        .agent()
+        .args(["apply", "--retry-delay", "0", "--url", url]))
+}
+
 #[test]
 fn download_resumes_after_a_dropped_connection_and_installs() {
     let s = Scene::new();
@@ -84,9 +91,7 @@ fn download_resumes_after_a_dropped_connection_and_installs() {
     // Two dropped responses: the header check's (it needs only the
     // header), then the download's first.
     let server = serve(bundle.clone(), "\"v1\"", 2);
-    let out = run(s
-        .agent()
-        .args(["apply", "--retry-delay", "0", "--url", &server.url]));
+    let out = apply_from(&s, &server.url);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
     assert!(String::from_utf8_lossy(&out.stdout).contains("reboot pending"));
     let reqs = server.requests.lock().unwrap().clone();
@@ -113,9 +118,7 @@ fn a_partial_download_is_resumed_by_the_next_run_or_restarted_if_the_file_change
         std::fs::read(s.bundle("src.airlock", &BundleSpec::new("1.1"), &["alice"])).unwrap();
     // The server drops every response: the run gives up, keeping the part file.
     let server = serve(bundle.clone(), "\"v1\"", usize::MAX);
-    let out = run(s
-        .agent()
-        .args(["apply", "--retry-delay", "0", "--url", &server.url]));
+    let out = apply_from(&s, &server.url);
     assert_eq!(out.status.code(), Some(31), "{}", text(&out));
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("gave up after"),
@@ -137,9 +140,7 @@ fn a_partial_download_is_resumed_by_the_next_run_or_restarted_if_the_file_change
 
     // Another server with the same file resumes where the part ends.
     let same = serve(bundle.clone(), "\"v1\"", 0);
-    let out = run(s
-        .agent()
-        .args(["apply", "--retry-delay", "0", "--url", &same.url]));
+    let out = apply_from(&s, &same.url);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
     assert_eq!(same.requests.lock().unwrap()[1].0, format!("bytes={have}-"));
 
@@ -147,14 +148,7 @@ fn a_partial_download_is_resumed_by_the_next_run_or_restarted_if_the_file_change
     let s = Scene::new();
     let v1 = std::fs::read(s.bundle("v1.airlock", &BundleSpec::new("1.1"), &["alice"])).unwrap();
     let first = serve(v1, "\"v1\"", usize::MAX);
-    assert_eq!(
-        run(s
-            .agent()
-            .args(["apply", "--retry-delay", "0", "--url", &first.url]))
-        .status
-        .code(),
-        Some(31)
-    );
+    assert_eq!(apply_from(&s, &first.url).status.code(), Some(31));
     let v2 = std::fs::read(s.bundle(
         "v2.airlock",
         &BundleSpec {
@@ -165,9 +159,7 @@ fn a_partial_download_is_resumed_by_the_next_run_or_restarted_if_the_file_change
     ))
     .unwrap();
     let changed = serve(v2, "\"v2\"", 0);
-    let out = run(s
-        .agent()
-        .args(["apply", "--retry-delay", "0", "--url", &changed.url]));
+    let out = apply_from(&s, &changed.url);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
     let reqs = changed.requests.lock().unwrap().clone();
     assert_eq!(reqs[1].1, "\"v1\"", "the old validator goes in If-Range");
@@ -188,9 +180,7 @@ fn a_missing_file_fails_at_once() {
             );
         }
     });
-    let out = run(s
-        .agent()
-        .args(["apply", "--retry-delay", "0", "--url", &url]));
+    let out = apply_from(&s, &url);
     assert_eq!(out.status.code(), Some(31), "{}", text(&out));
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("HTTP 404"),
@@ -209,9 +199,7 @@ fn the_running_version_on_the_server_is_left_alone_after_its_header() {
     s.boot("1.1", 1);
     let before = s.snapshot();
     let server = serve(bundle, "\"v1\"", 0);
-    let out = run(s
-        .agent()
-        .args(["apply", "--retry-delay", "0", "--url", &server.url]));
+    let out = apply_from(&s, &server.url);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
     assert!(
         String::from_utf8_lossy(&out.stdout)
@@ -234,9 +222,7 @@ fn an_untrusted_bundle_on_the_server_is_refused_before_its_payload() {
         std::fs::read(s.bundle("src.airlock", &BundleSpec::new("1.1"), &["mallory"])).unwrap();
     let before = s.snapshot();
     let server = serve(bundle, "\"v1\"", 0);
-    let out = run(s
-        .agent()
-        .args(["apply", "--retry-delay", "0", "--url", &server.url]));
+    let out = apply_from(&s, &server.url);
     assert_eq!(out.status.code(), Some(16), "{}", text(&out));
     assert_eq!(
         server.requests.lock().unwrap().len(),
@@ -309,11 +295,7 @@ fn installed_failed_or_older_versions_end_at_the_header() {
     let bundle =
         std::fs::read(s.bundle("src.airlock", &BundleSpec::new("1.1"), &["alice"])).unwrap();
     let server = serve(bundle, "\"v1\"", 0);
-    let apply = |s: &Scene| {
-        run(s
-            .agent()
-            .args(["apply", "--retry-delay", "0", "--url", &server.url]))
-    };
+    let apply = |s: &Scene| apply_from(s, &server.url);
     let out = apply(&s);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
     assert!(s.path("esp/EFI/Linux/airlock_1.1+3.efi").exists());
@@ -359,9 +341,7 @@ fn installed_failed_or_older_versions_end_at_the_header() {
     let server = serve(older, "\"v1\"", 0);
     s.boot("1.2", 1);
     let before = s.snapshot();
-    let out = run(s
-        .agent()
-        .args(["apply", "--retry-delay", "0", "--url", &server.url]));
+    let out = apply_from(&s, &server.url);
     assert_eq!(out.status.code(), Some(21), "{}", text(&out));
     assert_eq!(
         server.requests.lock().unwrap().len(),
