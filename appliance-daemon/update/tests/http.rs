@@ -351,3 +351,21 @@ fn installed_failed_or_older_versions_end_at_the_header() {
     assert_eq!(s.snapshot(), before);
     assert!(!s.path("state/staging").exists(), "something was staged");
 }
+
+/// A server that serves something else than a bundle (an error page, a
+/// truncated upload): refused from its first bytes, nothing written.
+#[test]
+fn garbage_on_the_server_is_refused_from_its_first_bytes() {
+    let s = Scene::new();
+    let before = s.snapshot();
+    let server = serve(
+        b"<html>503 Service Unavailable</html>\n".to_vec(),
+        "\"x\"",
+        0,
+    );
+    let out = apply_from(&s, &server.url);
+    assert_eq!(out.status.code(), Some(10), "{}", text(&out));
+    assert_eq!(server.requests.lock().unwrap().len(), 1);
+    assert_eq!(s.snapshot(), before, "something was written");
+    assert!(!s.path("state/staging").exists(), "something was staged");
+}
